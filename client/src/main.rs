@@ -1,0 +1,137 @@
+//! `hsmctl`: the command line for officers, auditors and performance engineers.
+//!
+//! Every subcommand takes the same connection flags (`--endpoint`, `--ca`, `--cert`,
+//! `--key`, or their `HSMCTL_*` environment variables); the defaults find the dev
+//! service and its `login-service` certificate under `.hsm-dev/`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use hsm_client::proto::GetStatusRequest;
+use hsm_client::{ClientConfig, ClientError, HsmClient};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "hsmctl", version, about = "Command line for hsm-service")]
+struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Connection {
+    /// Service endpoint.
+    #[arg(long, global = true, env = "HSMCTL_ENDPOINT", default_value = hsm_client::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// CA certificate (PEM) of the server.
+    #[arg(long, global = true, env = "HSMCTL_CA", default_value = ".hsm-dev/pki/ca.crt")]
+    ca: PathBuf,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, env = "HSMCTL_CERT", default_value = ".hsm-dev/pki/login-service.crt")]
+    cert: PathBuf,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "HSMCTL_KEY", default_value = ".hsm-dev/pki/login-service.key")]
+    key: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ask the standard health service; exits 0 only when SERVING.
+    Health {
+        /// One service's status instead of the server's.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Token, pool and caller information (role officer or auditor).
+    Status,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            if cli.json {
+                let code = match &e {
+                    ClientError::Status(s) => format!("{:?}", s.code()),
+                    _ => "Unavailable".to_owned(),
+                };
+                println!("{}", json!({ "error": { "code": code, "message": e.to_string() } }));
+            } else {
+                eprintln!("hsmctl: {e}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn connect(conn: &Connection) -> Result<HsmClient, ClientError> {
+    ClientConfig {
+        endpoint: conn.endpoint.clone(),
+        ca: conn.ca.clone(),
+        cert: conn.cert.clone(),
+        key: conn.key.clone(),
+    }
+    .connect()
+    .await
+}
+
+async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
+    let client = connect(&cli.conn).await?;
+    match &cli.command {
+        Command::Health { service } => {
+            let status = client.health_of(service).await?;
+            let name = status.as_str_name();
+            if cli.json {
+                println!("{}", json!({ "service": service, "status": name }));
+            } else {
+                println!("{name}");
+            }
+            Ok(if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Status => {
+            let s = client.admin().get_status(GetStatusRequest {}).await?.into_inner();
+            let token = s.token.unwrap_or_default();
+            let pool = s.pool.unwrap_or_default();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "version": s.version,
+                        "uptime_seconds": s.uptime_seconds,
+                        "caller": { "role": s.caller_role, "subject": s.caller_subject },
+                        "token": {
+                            "label": token.label, "serial_number": token.serial_number,
+                            "manufacturer": token.manufacturer, "model": token.model,
+                            "library": token.library, "logged_in": token.logged_in,
+                        },
+                        "pool": {
+                            "sessions": pool.sessions, "queue_capacity": pool.queue_capacity,
+                            "queued": pool.queued, "completed": pool.completed,
+                            "rejected_busy": pool.rejected_busy, "sessions_replaced": pool.sessions_replaced,
+                        },
+                    })
+                );
+            } else {
+                println!("hsm-service {} (up {} s)", s.version, s.uptime_seconds);
+                println!("caller:  {} ({})", s.caller_subject, s.caller_role);
+                println!(
+                    "token:   {} serial {} ({} {}), {}, logged in: {}",
+                    token.label, token.serial_number, token.manufacturer, token.model, token.library, token.logged_in
+                );
+                println!(
+                    "pool:    {} sessions, queue {}/{}, {} done, {} refused busy, {} sessions replaced",
+                    pool.sessions, pool.queued, pool.queue_capacity, pool.completed, pool.rejected_busy, pool.sessions_replaced
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! tonic services: proto <-> domain, errors -> status. Thin on purpose: every decision
+//! lives in a domain module, every check of the caller in `auth`.
+
+pub mod admin;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::Authorizer;
+use crate::hsm::Hsm;
+
+/// What every service handler shares.
+pub struct AppState {
+    /// The token.
+    pub hsm: Hsm,
+    /// Certificate -> role.
+    pub authorizer: Authorizer,
+    /// Process start, for uptime.
+    pub started: Instant,
+}
+
+/// Shared handle to the state.
+pub type State = Arc<AppState>;

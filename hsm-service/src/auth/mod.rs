@@ -1,0 +1,163 @@
+//! Who is calling: verified client certificate -> identity -> role.
+//!
+//! The TLS layer has already checked the chain against the configured client CA (a
+//! connection without such a certificate never reaches a handler). Here the leaf is
+//! mapped to a role by the config's `[[client]]` table. The role never comes from a
+//! request field.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use x509_cert::der::Decode;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::Certificate;
+
+use crate::config::ClientRule;
+use crate::error::Error;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// An upstream login service: credentials, assertions, public keys, events.
+    LoginService,
+    /// A security officer: ceremonies, key inventory, credential unlock.
+    Officer,
+    /// An auditor: reads and verifies the audit trail.
+    Auditor,
+}
+
+impl Role {
+    /// The name used in config files and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::LoginService => "login-service",
+            Role::Officer => "officer",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Subject common name of the client certificate (empty when it has none).
+    pub subject: String,
+    /// SHA-256 of the certificate DER, lower-case hex.
+    pub fingerprint: String,
+    /// The role the certificate maps to.
+    pub role: Role,
+}
+
+/// Maps certificates to identities, with a small cache so that the DER is parsed once
+/// per client certificate rather than once per call.
+pub struct Authorizer {
+    rules: Vec<ClientRule>,
+    cache: Mutex<HashMap<[u8; 32], Result<Identity, String>>>,
+}
+
+/// Distinct client certificates remembered; beyond it the cache starts over.
+const CACHE_LIMIT: usize = 4096;
+
+impl Authorizer {
+    /// An authorizer for the config's client table.
+    pub fn new(rules: Vec<ClientRule>) -> Authorizer {
+        Authorizer {
+            rules,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The identity of the leaf certificate `der`, or PERMISSION_DENIED when no rule
+    /// maps it to a role.
+    pub fn identify(&self, der: &[u8]) -> Result<Identity, Error> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(&key) {
+            return hit.clone().map_err(Error::PermissionDenied);
+        }
+        let outcome = self.map(der, &key);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, outcome.clone());
+        outcome.map_err(Error::PermissionDenied)
+    }
+
+    fn map(&self, der: &[u8], fingerprint: &[u8; 32]) -> Result<Identity, String> {
+        let cert = Certificate::from_der(der).map_err(|_| "unparsable client certificate".to_owned())?;
+        let tbs = cert.tbs_certificate();
+        let subject = tbs
+            .subject()
+            .common_name()
+            .ok()
+            .flatten()
+            .map(String::from)
+            .unwrap_or_default();
+        let uris: Vec<String> = match tbs.get_extension::<SubjectAltName>() {
+            Ok(Some((_, san))) => san
+                .0
+                .into_iter()
+                .filter_map(|n| match n {
+                    GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let rule = self.rules.iter().find(|r| match (&r.cn, &r.uri) {
+            (Some(cn), _) => !subject.is_empty() && *cn == subject,
+            (None, Some(uri)) => uris.iter().any(|u| u == uri),
+            (None, None) => false,
+        });
+        match rule {
+            Some(rule) => Ok(Identity {
+                subject,
+                fingerprint: hex(fingerprint),
+                role: rule.role,
+            }),
+            None => Err(format!("client certificate {subject:?} is not mapped to a role")),
+        }
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The caller of `request`, required to hold one of `allowed`.
+pub fn authorize<T>(
+    authorizer: &Authorizer,
+    request: &tonic::Request<T>,
+    allowed: &[Role],
+) -> Result<Identity, Error> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
+    let identity = authorizer.identify(leaf.as_ref())?;
+    if allowed.contains(&identity.role) {
+        Ok(identity)
+    } else {
+        tracing::warn!(
+            subject = %identity.subject,
+            role = identity.role.as_str(),
+            "caller's role lacks the permission"
+        );
+        Err(Error::PermissionDenied(format!(
+            "role {} may not call this method",
+            identity.role.as_str()
+        )))
+    }
+}

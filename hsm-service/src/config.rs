@@ -1,0 +1,269 @@
+//! The service configuration file (TOML).
+//!
+//! Every struct denies unknown keys: a typo in a security setting must stop the service,
+//! not be ignored. Relative paths are relative to the directory of the config file, so a
+//! data directory can be moved as a whole. `config.example.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the service keeps its state (store, audit log).
+    pub data_dir: PathBuf,
+    /// gRPC listener and TLS material.
+    pub server: ServerConfig,
+    /// The PKCS#11 module and token.
+    pub hsm: HsmConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Client certificate to role mapping; first match wins.
+    #[serde(default, rename = "client")]
+    pub clients: Vec<ClientRule>,
+}
+
+/// Listener and TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Server private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// Seconds that in-flight calls get to finish after SIGTERM.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+/// PKCS#11 module, token and session pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 library.
+    pub module: PathBuf,
+    /// Token label (exactly one of `token_label`, `token_serial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_label: Option<String>,
+    /// Token serial number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_serial: Option<String>,
+    /// File holding the user PIN (exactly one of `user_pin_file`, `user_pin_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_pin_env: Option<String>,
+    /// Logged-in sessions, each on its own thread.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+    /// Requests that may wait for a session; beyond it callers get RESOURCE_EXHAUSTED.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// SoftHSM only: the softhsm2.conf to use (sets SOFTHSM2_CONF before loading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softhsm2_conf: Option<PathBuf>,
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+fn default_queue() -> usize {
+    4096
+}
+
+/// Log output.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `hsm_service=debug` (RUST_LOG wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Maps a verified client certificate to a role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRule {
+    /// Match the subject common name exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
+    /// Match a URI subject alternative name exactly (e.g. a SPIFFE id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// The role granted.
+    pub role: Role,
+}
+
+/// Why a config cannot be used. Each message is one line that says what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Config path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid for this schema.
+    #[error("config {path}, line {line}: {message}")]
+    Parse {
+        /// Config path.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is inconsistent or a referenced file is missing.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// Config path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read, parse, resolve relative paths and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e
+                .span()
+                .map_or(1, |s| text[..s.start].matches('\n').count() + 1),
+            message: e.message().trim().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Make relative paths absolute against `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.server.cert);
+        fix(&mut self.server.key);
+        fix(&mut self.server.client_ca);
+        if let Some(p) = self.hsm.user_pin_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.hsm.softhsm2_conf.as_mut() {
+            fix(p);
+        }
+    }
+
+    /// Consistency checks that the schema cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let files = [
+            ("server.cert", Some(&self.server.cert)),
+            ("server.key", Some(&self.server.key)),
+            ("server.client_ca", Some(&self.server.client_ca)),
+            ("hsm.module", Some(&self.hsm.module)),
+            ("hsm.user_pin_file", self.hsm.user_pin_file.as_ref()),
+            ("hsm.softhsm2_conf", self.hsm.softhsm2_conf.as_ref()),
+        ];
+        for (key, path) in files {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return Err(format!("{key}: file {} does not exist", p.display()));
+                }
+            }
+        }
+        match (&self.hsm.token_label, &self.hsm.token_serial) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err("set exactly one of hsm.token_label and hsm.token_serial".into()),
+        }
+        match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err("set exactly one of hsm.user_pin_file and hsm.user_pin_env".into()),
+        }
+        if self.hsm.sessions == 0 || self.hsm.sessions > 256 {
+            return Err("hsm.sessions must be between 1 and 256".into());
+        }
+        if self.hsm.queue_capacity == 0 {
+            return Err("hsm.queue_capacity must be at least 1".into());
+        }
+        for (i, rule) in self.clients.iter().enumerate() {
+            match (&rule.cn, &rule.uri) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => return Err(format!("client[{i}]: set exactly one of cn and uri")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The token selector this config names.
+    pub fn token(&self) -> crate::hsm::TokenSelector {
+        match (&self.hsm.token_label, &self.hsm.token_serial) {
+            (Some(l), _) => crate::hsm::TokenSelector::Label(l.clone()),
+            (None, Some(s)) => crate::hsm::TokenSelector::Serial(s.clone()),
+            (None, None) => crate::hsm::TokenSelector::Label(String::new()),
+        }
+    }
+
+    /// Read the user PIN from its file or environment variable. Surrounding whitespace
+    /// (a trailing newline from `echo`) is not part of the PIN.
+    pub fn user_pin(&self) -> Result<secrecy::SecretString, String> {
+        let raw = match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
+            (Some(file), _) => zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                format!("hsm.user_pin_file {}: {e}", file.display())
+            })?),
+            (None, Some(var)) => zeroize::Zeroizing::new(
+                std::env::var(var)
+                    .map_err(|_| format!("hsm.user_pin_env: environment variable {var} is not set"))?,
+            ),
+            (None, None) => return Err("no user PIN source configured".into()),
+        };
+        let pin = raw.trim();
+        if pin.is_empty() {
+            return Err("the user PIN is empty".into());
+        }
+        Ok(secrecy::SecretString::from(pin.to_owned()))
+    }
+}

@@ -1,0 +1,293 @@
+//! Dev mode: everything a first run needs, created under one data directory.
+//!
+//! `hsm-service dev` creates (once) a SoftHSM configuration whose token directory is
+//! inside the data directory (the system token directory is never touched), a token with
+//! random SO and user PINs (files with mode 0600: dev only), a development PKI, and a
+//! `config.toml`; a second run reuses all of it. Tests use the same code with a
+//! throw-away directory, so what the tests run is what a developer runs.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use secrecy::SecretString;
+
+use crate::auth::Role;
+use crate::config::{ClientRule, Config, HsmConfig, LogConfig, ServerConfig};
+use crate::hsm::{module, TokenSelector};
+
+/// Client certificates the dev PKI issues, and the role each maps to.
+pub const DEV_CLIENTS: [(&str, Role); 5] = [
+    ("login-service", Role::LoginService),
+    ("officer-1", Role::Officer),
+    ("officer-2", Role::Officer),
+    ("officer-3", Role::Officer),
+    ("auditor", Role::Auditor),
+];
+
+/// Default data directory of dev mode.
+pub const DEFAULT_DATA_DIR: &str = ".hsm-dev";
+/// Default token label of dev mode.
+pub const DEFAULT_TOKEN_LABEL: &str = "hsm-dev";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// What `hsm-service dev` was asked for.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// The data directory (created if missing).
+    pub data_dir: PathBuf,
+    /// Listen address; overrides the one in an existing config.
+    pub listen: Option<SocketAddr>,
+    /// Token label.
+    pub token_label: String,
+    /// Use this softhsm2.conf instead of writing one into the data directory. A process
+    /// can use only one SoftHSM configuration, so tests that run several services in
+    /// one process share one, with one token each.
+    pub softhsm2_conf: Option<PathBuf>,
+}
+
+impl DevOptions {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> DevOptions {
+        DevOptions {
+            data_dir: data_dir.into(),
+            listen: None,
+            token_label: DEFAULT_TOKEN_LABEL.to_owned(),
+            softhsm2_conf: None,
+        }
+    }
+}
+
+/// Where SoftHSM's PKCS#11 library is: `HSM_PKCS11_MODULE` if set, else the usual
+/// Debian, Ubuntu and Fedora locations.
+pub fn softhsm_module() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("HSM_PKCS11_MODULE") {
+        return Ok(PathBuf::from(p));
+    }
+    const CANDIDATES: [&str; 5] = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib64/pkcs11/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ];
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "SoftHSM2 is not installed (no libsofthsm2.so found); run softhsm-config/setup.sh \
+             or set HSM_PKCS11_MODULE"
+                .to_owned()
+        })
+}
+
+/// Point SoftHSM at `conf` (sets `SOFTHSM2_CONF`). Must happen before the library is
+/// initialized, and before other threads read the environment: `main` calls it before
+/// the runtime starts; tests call it once per process through `testing`.
+pub fn point_softhsm_at(conf: &Path) -> Result<(), String> {
+    match std::env::var_os("SOFTHSM2_CONF") {
+        Some(current) if Path::new(&current) == conf => Ok(()),
+        _ => {
+            std::env::set_var("SOFTHSM2_CONF", conf);
+            Ok(())
+        }
+    }
+}
+
+/// Create whatever is missing under the data directory and return the config to run.
+/// Blocking (token initialization, key generation): call before serving.
+pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
+    let dir = &opts.data_dir;
+    create_private_dir(dir)?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+
+    let conf = match &opts.softhsm2_conf {
+        Some(shared) => shared.clone(),
+        None => write_softhsm_conf(&dir)?,
+    };
+    point_softhsm_at(&conf)?;
+    let module_path = softhsm_module()?;
+
+    let so_pin = pin_file(&dir.join("so.pin"))?;
+    let user_pin = pin_file(&dir.join("user.pin"))?;
+    ensure_token(&module_path, &opts.token_label, &so_pin, &user_pin)?;
+    ensure_pki(&dir.join("pki"))?;
+
+    let config_path = dir.join("config.toml");
+    if !config_path.exists() {
+        let listen = opts
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+        let config = dev_config(&module_path, &opts.token_label, listen, opts.softhsm2_conf.is_none().then_some(conf.as_path()));
+        let text = toml::to_string_pretty(&config).map_err(|e| format!("config: {e}"))?;
+        let header = "# Written by `hsm-service dev` on first run; edit freely, it is reused.\n\
+                      # Every key is explained in hsm-service/config.example.toml.\n\n";
+        write_file(&config_path, format!("{header}{text}").as_bytes(), 0o600)?;
+    }
+    let mut config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    if let Some(listen) = opts.listen {
+        config.server.listen = listen;
+    }
+    Ok(config)
+}
+
+fn dev_config(module: &Path, label: &str, listen: SocketAddr, softhsm_conf: Option<&Path>) -> Config {
+    Config {
+        data_dir: PathBuf::from("."),
+        server: ServerConfig {
+            listen,
+            cert: "pki/server.crt".into(),
+            key: "pki/server.key".into(),
+            client_ca: "pki/ca.crt".into(),
+            shutdown_grace_seconds: 10,
+        },
+        hsm: HsmConfig {
+            module: module.to_owned(),
+            token_label: Some(label.to_owned()),
+            token_serial: None,
+            user_pin_file: Some("user.pin".into()),
+            user_pin_env: None,
+            sessions: 4,
+            queue_capacity: 4096,
+            softhsm2_conf: softhsm_conf.map(|_| PathBuf::from("softhsm2.conf")),
+        },
+        log: LogConfig::default(),
+        clients: DEV_CLIENTS
+            .iter()
+            .map(|(cn, role)| ClientRule {
+                cn: Some((*cn).to_owned()),
+                uri: None,
+                role: *role,
+            })
+            .collect(),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// A softhsm2.conf whose tokens live in `<dir>/tokens`.
+fn write_softhsm_conf(dir: &Path) -> Result<PathBuf, String> {
+    let conf = dir.join("softhsm2.conf");
+    let tokens = dir.join("tokens");
+    create_private_dir(&tokens)?;
+    if !conf.exists() {
+        let template = include_str!("../../softhsm-config/softhsm2.conf.template");
+        let text = template.replace("@TOKEN_DIR@", &tokens.display().to_string());
+        write_file(&conf, text.as_bytes(), 0o600)?;
+    }
+    Ok(conf)
+}
+
+/// The PIN in `path`, generating a random one (hex of 16 bytes) the first time.
+fn pin_file(path: &Path) -> Result<SecretString, String> {
+    if !path.exists() {
+        let mut bytes = zeroize::Zeroizing::new([0u8; 16]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), bytes.as_mut())
+            .map_err(|_| "system RNG failed".to_owned())?;
+        let pin = zeroize::Zeroizing::new(crate::auth::hex(bytes.as_ref()));
+        write_file(path, pin.as_bytes(), 0o600)?;
+    }
+    let text = zeroize::Zeroizing::new(
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+fn ensure_token(module_path: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<(), String> {
+    let ctx = module::load(module_path).map_err(|e| e.to_string())?;
+    match module::find_token(&ctx, &TokenSelector::Label(label.to_owned())) {
+        Ok(_) => Ok(()),
+        Err(crate::hsm::Error::TokenNotFound(_)) => {
+            module::init_token(&ctx, label, so_pin, user_pin).map_err(|e| e.to_string())?;
+            tracing::info!(label, "initialized a new SoftHSM token");
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The dev PKI: a CA, a server certificate for localhost, and one client certificate per
+/// entry of [`DEV_CLIENTS`]. Made as a whole when `ca.crt` is missing.
+fn ensure_pki(dir: &Path) -> Result<(), String> {
+    if dir.join("ca.crt").exists() {
+        return Ok(());
+    }
+    create_private_dir(dir)?;
+    let err = |e: rcgen::Error| format!("dev PKI: {e}");
+
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.distinguished_name = name("hsm-service dev CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca_params);
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
+    write_file(&dir.join("ca.crt"), ca_cert.pem().as_bytes(), 0o644)?;
+    write_file(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let leaf = |cn: &str, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose| -> Result<(String, String), String> {
+        let key = KeyPair::generate().map_err(err)?;
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        p.distinguished_name = name(cn);
+        p.subject_alt_names = sans;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![eku];
+        validity(&mut p);
+        let cert = p.signed_by(&key, &issuer).map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+
+    let server_sans = vec![
+        SanType::DnsName("localhost".try_into().map_err(err)?),
+        SanType::IpAddress([127, 0, 0, 1].into()),
+        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+    ];
+    let (crt, key) = leaf("localhost", server_sans, ExtendedKeyUsagePurpose::ServerAuth)?;
+    write_file(&dir.join("server.crt"), crt.as_bytes(), 0o644)?;
+    write_file(&dir.join("server.key"), key.as_bytes(), 0o600)?;
+    for (cn, _) in DEV_CLIENTS {
+        let (crt, key) = leaf(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+        write_file(&dir.join(format!("{cn}.crt")), crt.as_bytes(), 0o644)?;
+        write_file(&dir.join(format!("{cn}.key")), key.as_bytes(), 0o600)?;
+    }
+    Ok(())
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationName, "hsm-service dev");
+    dn
+}
+
+fn validity(p: &mut CertificateParams) {
+    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2035, 12, 31);
+}

@@ -1,0 +1,35 @@
+//! The service's error type: what a handler can fail with, before it becomes a gRPC
+//! status in `api::status` (the one place that decides codes and caller-visible text).
+
+use crate::hsm;
+
+/// A domain error. Messages of the caller-facing variants are shown to the caller;
+/// the others are logged and replaced by a generic message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed; the message says which field and why.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The caller's role does not allow this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The object is in a state that forbids the operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] hsm::Error),
+    /// A bug or an unexpected state; detail goes to the log only.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,176 @@
+//! The PKCS#11 boundary: the only module that imports `cryptoki`.
+//!
+//! Layout follows the PKCS#11 function groups: [`module`] (library, slots, tokens),
+//! [`pool`] (sessions and the threads that own them), [`random`] and [`objects`]
+//! (object search with a handle cache), and [`error`], the one place where return
+//! values become error kinds. Operation families that later features add (MACs,
+//! wrapping, signing) get a file each.
+//!
+//! Nothing outside this module sees a cryptoki type; nothing inside sees proto or store
+//! types.
+
+pub mod error;
+pub mod module;
+mod objects;
+mod pool;
+mod random;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::session::SessionState;
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+
+pub use error::{Error, ErrorKind, Result};
+pub use module::TokenSelector;
+pub use pool::PoolStats;
+
+use objects::HandleCache;
+use pool::Pool;
+
+/// How to reach the token.
+#[derive(Debug, Clone)]
+pub struct HsmSettings {
+    /// Path of the PKCS#11 library.
+    pub module: PathBuf,
+    /// Which token.
+    pub token: TokenSelector,
+    /// Logged-in sessions, one thread each.
+    pub sessions: usize,
+    /// Requests that may wait for a session before new ones are refused as busy.
+    pub queue_capacity: usize,
+}
+
+/// Facts about the token, for status and logs.
+#[derive(Debug, Clone)]
+pub struct TokenFacts {
+    /// Token label.
+    pub label: String,
+    /// Token serial number.
+    pub serial_number: String,
+    /// Token manufacturer.
+    pub manufacturer: String,
+    /// Token model.
+    pub model: String,
+    /// PKCS#11 library description and version.
+    pub library: String,
+}
+
+/// A handle to the token: a pool of logged-in sessions and the caches around it.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    handles: HandleCache,
+    facts: TokenFacts,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm").field("token", &self.inner.facts.label).finish()
+    }
+}
+
+impl Hsm {
+    /// Load the module, find the token, open and log in every session. Blocking: call it
+    /// before serving (or from `spawn_blocking`).
+    pub fn open(settings: &HsmSettings, user_pin: SecretString) -> Result<Hsm> {
+        if settings.sessions == 0 || settings.queue_capacity == 0 {
+            return Err(Error::Invalid(
+                "hsm.sessions and hsm.queue_capacity must be at least 1".into(),
+            ));
+        }
+        let ctx = module::load(&settings.module)?;
+        let slot = module::find_token(&ctx, &settings.token)?;
+        let facts = token_facts(&ctx, slot)?;
+        let pool = Pool::start(
+            ctx,
+            slot,
+            user_pin,
+            settings.sessions,
+            settings.queue_capacity,
+        )?;
+        Ok(Hsm {
+            inner: Arc::new(Inner {
+                pool,
+                handles: HandleCache::default(),
+                facts,
+            }),
+        })
+    }
+
+    /// Token facts read at start.
+    pub fn facts(&self) -> &TokenFacts {
+        &self.inner.facts
+    }
+
+    /// Pool counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.pool.stats
+    }
+
+    /// Sessions in the pool.
+    pub fn sessions(&self) -> usize {
+        self.inner.pool.sessions()
+    }
+
+    /// Capacity of the request queue.
+    pub fn queue_capacity(&self) -> usize {
+        self.inner.pool.capacity()
+    }
+
+    /// Requests waiting for a session right now.
+    pub fn queued(&self) -> usize {
+        self.inner.pool.queued()
+    }
+
+    /// Operations completed since start.
+    pub fn completed(&self) -> u64 {
+        self.stats().completed.load(Ordering::Relaxed)
+    }
+
+    /// True when a session of the pool reports the user logged in (`C_GetSessionInfo`).
+    pub async fn is_logged_in(&self) -> bool {
+        self.inner
+            .pool
+            .submit(|w| {
+                w.run(true, |s, _| {
+                    let state = s.get_session_info()?.session_state();
+                    Ok(matches!(
+                        state,
+                        SessionState::RwUser | SessionState::RoUser
+                    ))
+                })
+            })
+            .await
+            .unwrap_or(false)
+    }
+}
+
+fn token_facts(ctx: &Pkcs11, slot: Slot) -> Result<TokenFacts> {
+    let t = ctx.get_token_info(slot)?;
+    let lib = ctx.get_library_info()?;
+    let v = lib.library_version();
+    Ok(TokenFacts {
+        label: t.label().trim_end().to_owned(),
+        serial_number: t.serial_number().trim_end().to_owned(),
+        manufacturer: t.manufacturer_id().trim_end().to_owned(),
+        model: t.model().trim_end().to_owned(),
+        library: format!(
+            "{} {}.{}",
+            lib.library_description().trim_end(),
+            v.major(),
+            v.minor()
+        ),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,206 @@
+//! A fixed pool of logged-in sessions, each owned by one dedicated thread.
+//!
+//! Why threads and not `spawn_blocking`: a `cryptoki::Session` is `Send` but not `Sync`,
+//! PKCS#11 calls block, and session objects (unwrapped seeds, later) belong to the
+//! session that made them. A thread that owns its session for life needs no lock around
+//! it and keeps PKCS#11 off the tokio workers.
+//!
+//! Requests reach the threads through one bounded MPMC queue. A full queue answers
+//! [`Error::Busy`] at once instead of letting latency pile up behind the HSM.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+
+use super::error::{Error, Result};
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+/// Pool counters, for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Operations run to completion (successfully or not).
+    pub completed: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub rejected_busy: AtomicU64,
+    /// Sessions dropped and reopened after a session or device error.
+    pub sessions_replaced: AtomicU64,
+}
+
+/// The queue and the threads behind it.
+pub(crate) struct Pool {
+    tx: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+    capacity: usize,
+    pub(crate) stats: Arc<PoolStats>,
+}
+
+/// What a worker thread owns.
+pub(crate) struct Worker {
+    ctx: Pkcs11,
+    slot: Slot,
+    pin: Arc<SecretString>,
+    session: Option<Session>,
+    /// Bumped on every new session, so that per-session state (session objects) can
+    /// tell that it belongs to a session that no longer exists.
+    pub(crate) generation: u64,
+    stats: Arc<PoolStats>,
+}
+
+impl Worker {
+    fn open(&mut self) -> Result<()> {
+        if self.session.is_none() {
+            let session = self.ctx.open_rw_session(self.slot)?;
+            match session.login(UserType::User, Some(&self.pin)) {
+                // Login state is per application: another worker logged in already.
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.session = Some(session);
+            self.generation += 1;
+        }
+        Ok(())
+    }
+
+    /// Open a session if there is none, then call `op` with it and its generation.
+    fn call<T>(&mut self, op: &mut impl FnMut(&Session, u64) -> Result<T>) -> Result<T> {
+        self.open()?;
+        match &self.session {
+            Some(session) => op(session, self.generation),
+            None => Err(Error::ShutDown),
+        }
+    }
+
+    /// Run `op` on this worker's session. On a session or device error the session is
+    /// dropped (a new one is opened for the next operation) and, when `retry` is set,
+    /// `op` runs once more on the new session.
+    pub(crate) fn run<T>(&mut self, retry: bool, mut op: impl FnMut(&Session, u64) -> Result<T>) -> Result<T> {
+        let first = self.call(&mut op);
+        match first {
+            Err(e) if e.is_session_lost() => {
+                tracing::warn!(error = %e, "HSM session lost; opening a new one");
+                self.session = None;
+                self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
+                if !retry {
+                    return Err(e);
+                }
+                self.call(&mut op)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Pool {
+    /// Start `sessions` worker threads, each with its own logged-in session. Returns
+    /// only when every session is open and logged in, so that a wrong PIN or a missing
+    /// token stops the service at start rather than at the first request.
+    pub(crate) fn start(
+        ctx: Pkcs11,
+        slot: Slot,
+        pin: SecretString,
+        sessions: usize,
+        capacity: usize,
+    ) -> Result<Pool> {
+        let (tx, rx) = bounded::<Job>(capacity);
+        let stats = Arc::new(PoolStats::default());
+        let pin = Arc::new(pin);
+        let mut pool = Pool {
+            tx: Some(tx),
+            threads: Vec::with_capacity(sessions),
+            capacity,
+            stats: stats.clone(),
+        };
+        for i in 0..sessions {
+            let mut worker = Worker {
+                ctx: ctx.clone(),
+                slot,
+                pin: pin.clone(),
+                session: None,
+                generation: 0,
+                stats: stats.clone(),
+            };
+            let rx: Receiver<Job> = rx.clone();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("hsm-session-{i}"))
+                .spawn(move || {
+                    let opened = worker.open();
+                    let ok = opened.is_ok();
+                    let _ = ready_tx.send(opened);
+                    if ok {
+                        for job in rx {
+                            job(&mut worker);
+                        }
+                    }
+                })
+                .map_err(|e| Error::Binding(format!("cannot start HSM session thread: {e}")))?;
+            pool.threads.push(thread);
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::Binding("HSM session thread died at start".into())),
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Queue `job` for the next free worker and wait for its answer.
+    pub(crate) async fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Worker) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let stats = self.stats.clone();
+        let boxed: Job = Box::new(move |worker: &mut Worker| {
+            let out = job(worker);
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            // The caller may have gone away (cancelled RPC): nothing to do then.
+            let _ = reply_tx.send(out);
+        });
+        let tx = self.tx.as_ref().ok_or(Error::ShutDown)?;
+        match tx.try_send(boxed) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Busy);
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(Error::ShutDown),
+        }
+        reply_rx.await.map_err(|_| Error::ShutDown)?
+    }
+
+    /// Requests waiting in the queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.tx.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// Queue capacity.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of sessions (threads).
+    pub(crate) fn sessions(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for Pool {
+    /// Close the queue, let the workers finish what is queued, and join them, so that
+    /// every session is closed before the process exits.
+    fn drop(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

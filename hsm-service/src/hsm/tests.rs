@@ -1,0 +1,165 @@
+//! Pool and boundary tests against a real SoftHSM token.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cryptoki::object::{Attribute, ObjectClass};
+
+use super::*;
+use crate::testing::DevEnv;
+
+fn open(env: &DevEnv, sessions: usize, queue: usize) -> Hsm {
+    let settings = HsmSettings {
+        module: env.config.hsm.module.clone(),
+        token: env.config.token(),
+        sessions,
+        queue_capacity: queue,
+    };
+    Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open")
+}
+
+#[tokio::test]
+async fn random_through_the_pool() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 2, 16);
+    let a = hsm.random(16).await.expect("random");
+    let b = hsm.random(16).await.expect("random");
+    assert_eq!(a.len(), 16);
+    assert_ne!(*a, *b);
+    assert!(hsm.is_logged_in().await);
+    assert_eq!(hsm.completed(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_busy() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 1);
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    // Occupy the only worker, then fill the one queue slot.
+    let blocker = {
+        let hsm = hsm.clone();
+        tokio::spawn(async move {
+            hsm.inner
+                .pool
+                .submit(move |_| {
+                    started_tx.send(()).ok();
+                    release_rx.recv().ok();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || started_rx.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("join")
+        .expect("worker busy");
+    let queued = {
+        let hsm = hsm.clone();
+        tokio::spawn(async move { hsm.random(8).await.map(|r| r.len()) })
+    };
+    while hsm.queued() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = hsm.random(8).await;
+    assert!(matches!(refused, Err(Error::Busy)), "{refused:?}");
+    assert_eq!(hsm.stats().rejected_busy.load(Ordering::Relaxed), 1);
+    release_tx.send(()).expect("release");
+    blocker.await.expect("join").expect("blocker");
+    assert_eq!(queued.await.expect("join").expect("queued"), 8);
+}
+
+#[tokio::test]
+async fn lost_login_is_recovered_on_a_new_session() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 4);
+    // A private token object: finding it needs a logged-in session.
+    let label = "recover-me";
+    hsm.inner
+        .pool
+        .submit(move |w| {
+            w.run(false, |s, _| {
+                s.create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Value(vec![1, 2, 3]),
+                ])?;
+                // Simulate the token dropping the login (as after a device reset).
+                s.logout()?;
+                Ok(())
+            })
+        })
+        .await
+        .expect("setup");
+    assert!(!hsm.is_logged_in().await);
+    // An operation that needs the login fails once with CKR_USER_NOT_LOGGED_IN, the worker
+    // replaces its session (logging in again) and the retry succeeds.
+    hsm.inner
+        .pool
+        .submit(|w| {
+            w.run(true, |s, _| {
+                if !matches!(
+                    s.get_session_info()?.session_state(),
+                    cryptoki::session::SessionState::RwUser
+                ) {
+                    return Err(Error::Pkcs11 {
+                        function: cryptoki::context::Function::FindObjects,
+                        rv: cryptoki::error::RvError::UserNotLoggedIn,
+                    });
+                }
+                Ok(())
+            })
+        })
+        .await
+        .expect("retried on a new session");
+    assert_eq!(hsm.stats().sessions_replaced.load(Ordering::Relaxed), 1);
+    assert!(hsm.is_logged_in().await);
+}
+
+#[tokio::test]
+async fn handles_are_searched_once() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 2, 16);
+    hsm.inner
+        .pool
+        .submit(|w| {
+            w.run(false, |s, _| {
+                s.create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(b"cached".to_vec()),
+                    Attribute::Value(vec![7]),
+                ])?;
+                Ok(())
+            })
+        })
+        .await
+        .expect("create");
+    let first = hsm.find_object(ObjectClass::DATA, "cached").await.expect("find");
+    let second = hsm.find_object(ObjectClass::DATA, "cached").await.expect("find");
+    assert!(first.is_some());
+    assert_eq!(first, second);
+    assert_eq!(hsm.object_searches(), 1);
+    assert_eq!(hsm.find_object(ObjectClass::DATA, "absent").await.expect("find"), None);
+    assert_eq!(hsm.object_searches(), 2);
+}
+
+#[test]
+fn wrong_pin_and_missing_token_fail_at_open() {
+    let env = DevEnv::new();
+    let mut settings = HsmSettings {
+        module: env.config.hsm.module.clone(),
+        token: env.config.token(),
+        sessions: 1,
+        queue_capacity: 1,
+    };
+    let err = Hsm::open(&settings, SecretString::from("wrong-pin".to_owned())).expect_err("wrong PIN");
+    assert_eq!(err.kind(), ErrorKind::Authentication, "{err}");
+    assert!(err.to_string().contains("C_Login failed: CKR_PIN_INCORRECT"), "{err}");
+    settings.token = TokenSelector::Label("no-such-token".into());
+    let err = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect_err("no token");
+    assert!(matches!(err, Error::TokenNotFound(_)), "{err}");
+}

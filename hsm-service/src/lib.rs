@@ -1,0 +1,22 @@
+//! hsm-service: the only component allowed to talk to the HSM behind a national eID's
+//! logins. It keeps authenticator seeds and signing keys in a PKCS#11 token, verifies
+//! one-time codes, signs assertions, and runs key ceremonies under an officer quorum.
+//!
+//! Data flows one way: `api -> {credentials, signing, ceremony} -> {otp, store, audit,
+//! hsm}`. Domain modules never see proto types; `hsm` never sees proto or store types.
+//! See the README's design section for why things are the way they are.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod hsm;
+pub mod logging;
+pub mod otp;
+pub mod server;
+#[doc(hidden)]
+pub mod testing;
+
+pub use error::{Error, Result};

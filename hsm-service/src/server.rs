@@ -1,0 +1,278 @@
+//! Start-up, serving and shutdown.
+//!
+//! Start-up checks everything that can be checked before the first request (TLS files,
+//! that the server key matches its certificate, the token, the PIN) and fails with one
+//! line that says what is wrong. Serving is mTLS only; health reports SERVING only while
+//! the token's sessions are logged in. Shutdown stops accepting, lets in-flight calls
+//! finish, then closes the HSM sessions.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hsm_proto::v1::admin_service_server::AdminServiceServer;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::api::{admin::Admin, AppState, State};
+use crate::auth::Authorizer;
+use crate::config::Config;
+use crate::hsm::{Hsm, HsmSettings};
+
+/// Why the service did not start. One line each, naming what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// TLS material is missing, unreadable or inconsistent.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The token could not be opened or logged in to.
+    #[error("HSM: {0}")]
+    Hsm(String),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else at start.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How often the health monitor asks the token whether it is still logged in.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A running server.
+pub struct RunningServer {
+    addr: SocketAddr,
+    grace: Duration,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    state: State,
+}
+
+impl RunningServer {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state, for tests and benches in the same process.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Stop accepting, let in-flight calls finish, and wait.
+    pub async fn shutdown(self) -> Result<(), String> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Wait until the server stops (after [`RunningServer::shutdown`] or a fatal error).
+    pub async fn wait(self) -> Result<(), String> {
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("server failed: {e}")),
+            Err(e) => Err(format!("server task failed: {e}")),
+        }
+    }
+
+    /// A sender that stops the server when `true` is sent.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Check the config's TLS files, open the token, bind, and serve in a background task.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let tls = load_tls(&config)?;
+    let pin = config.user_pin().map_err(StartError::Hsm)?;
+    let settings = HsmSettings {
+        module: config.hsm.module.clone(),
+        token: config.token(),
+        sessions: config.hsm.sessions,
+        queue_capacity: config.hsm.queue_capacity,
+    };
+    let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings, pin))
+        .await
+        .map_err(|e| StartError::Other(format!("HSM start-up task failed: {e}")))?
+        .map_err(|e| StartError::Hsm(hsm_start_message(&e)))?;
+    tracing::info!(
+        token = %hsm.facts().label,
+        serial = %hsm.facts().serial_number,
+        library = %hsm.facts().library,
+        sessions = hsm.sessions(),
+        "HSM token opened"
+    );
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Other(format!("local address: {e}")))?;
+
+    let state: State = Arc::new(AppState {
+        hsm: hsm.clone(),
+        authorizer: Authorizer::new(config.clients.clone()),
+        started: Instant::now(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hsm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(monitor_health(hsm.clone(), health, shutdown_rx.clone()));
+
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())));
+
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let task = tokio::spawn(async move {
+        let mut rx = shutdown_rx;
+        let signal = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: finishing in-flight calls");
+        };
+        let result = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .await;
+        // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
+        drop(hsm);
+        result
+    });
+    tracing::info!(%addr, "serving gRPC over mutual TLS");
+    Ok(RunningServer {
+        addr,
+        grace,
+        shutdown: shutdown_tx,
+        task,
+        state,
+    })
+}
+
+/// Serve until `signal` resolves, then shut down gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>, on_ready: impl FnOnce(SocketAddr)) -> Result<(), String> {
+    let server = start(config).await.map_err(|e| e.to_string())?;
+    on_ready(server.local_addr());
+    let stop = server.shutdown_handle();
+    let grace = server.grace;
+    tokio::select! {
+        () = signal => { let _ = stop.send(true); }
+        _ = stop.closed() => {}
+    }
+    match tokio::time::timeout(grace, server.wait()).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight calls did not finish in time; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+fn hsm_start_message(e: &crate::hsm::Error) -> String {
+    use crate::hsm::ErrorKind;
+    match e.kind() {
+        ErrorKind::Authentication => format!("{e} (is the user PIN right?)"),
+        _ => e.to_string(),
+    }
+}
+
+/// Keep the health service in step with the token: SERVING only while logged in.
+async fn monitor_health(hsm: Hsm, health: tonic_health::server::HealthReporter, mut stop: watch::Receiver<bool>) {
+    let mut last = None;
+    loop {
+        let status = if hsm.is_logged_in().await {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            if status == ServingStatus::NotServing {
+                tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
+            }
+            health.set_service_status("", status).await;
+            for name in ["hsm.v1.AdminService"] {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => false,
+            changed = stop.changed() => changed.is_err() || *stop.borrow_and_update(),
+        };
+        if stopping {
+            health.set_service_status("", ServingStatus::NotServing).await;
+            return;
+        }
+    }
+}
+
+fn read(what: &str, path: &Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|e| StartError::Tls(format!("{what} {}: {e}", path.display())))
+}
+
+/// Read the TLS files and check that the server key belongs to the server certificate.
+fn load_tls(config: &Config) -> Result<ServerTlsConfig, StartError> {
+    let cert_pem = read("server.cert", &config.server.cert)?;
+    let key_pem = read("server.key", &config.server.key)?;
+    let ca_pem = read("server.client_ca", &config.server.client_ca)?;
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| StartError::Tls(format!("server.cert {}: {e}", config.server.cert.display())))?;
+    if chain.is_empty() {
+        return Err(StartError::Tls(format!(
+            "server.cert {}: no certificate in the file",
+            config.server.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
+    certified.keys_match().map_err(|_| {
+        StartError::Tls(format!(
+            "server.key {} does not match the certificate in server.cert {}",
+            config.server.key.display(),
+            config.server.cert.display()
+        ))
+    })?;
+    let ca_count = CertificateDer::pem_slice_iter(&ca_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("server.client_ca {}: {e}", config.server.client_ca.display())))?
+        .len();
+    if ca_count == 0 {
+        return Err(StartError::Tls(format!(
+            "server.client_ca {}: no certificate in the file",
+            config.server.client_ca.display()
+        )));
+    }
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .client_ca_root(Certificate::from_pem(ca_pem))
+        .timeout(Duration::from_secs(10)))
+}

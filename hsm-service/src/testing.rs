@@ -1,0 +1,86 @@
+//! Test and bench support: a throw-away dev service, exactly as `hsm-service dev` makes
+//! it, in a temporary directory.
+//!
+//! A process can load SoftHSM with one configuration only, so every service started in
+//! one process shares one temporary token directory and gets a token of its own (a
+//! unique label). Nothing here touches `.hsm-dev/` or the system token directory.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use crate::config::Config;
+use crate::dev::{self, DevOptions};
+use crate::server::{self, RunningServer};
+
+struct SharedSoftHsm {
+    _dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+fn shared_softhsm() -> &'static SharedSoftHsm {
+    static SHARED: OnceLock<SharedSoftHsm> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("hsm-test-softhsm-")
+            .tempdir()
+            .expect("temporary directory");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir_all(&tokens).expect("token directory");
+        let conf = dir.path().join("softhsm2.conf");
+        let template = include_str!("../../softhsm-config/softhsm2.conf.template");
+        std::fs::write(&conf, template.replace("@TOKEN_DIR@", &tokens.display().to_string()))
+            .expect("softhsm2.conf");
+        dev::point_softhsm_at(&conf).expect("SOFTHSM2_CONF");
+        SharedSoftHsm { _dir: dir, conf }
+    })
+}
+
+/// A dev data directory with its own token, PKI and config.
+pub struct DevEnv {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The config `hsm-service dev` would run with (listening on 127.0.0.1:0).
+    pub config: Config,
+}
+
+impl DevEnv {
+    /// Create one. Blocking.
+    pub fn new() -> DevEnv {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let shared = shared_softhsm();
+        let dir = tempfile::Builder::new()
+            .prefix("hsm-test-data-")
+            .tempdir()
+            .expect("temporary directory");
+        let label = format!(
+            "t{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut opts = DevOptions::new(dir.path());
+        opts.listen = Some("127.0.0.1:0".parse().expect("address"));
+        opts.token_label = label;
+        opts.softhsm2_conf = Some(shared.conf.clone());
+        let config = dev::prepare(&opts).expect("dev bootstrap");
+        DevEnv { dir, config }
+    }
+
+    /// Path of a file of the dev PKI, e.g. `pki("officer-1.crt")`.
+    pub fn pki(&self, file: &str) -> PathBuf {
+        self.dir.path().join("pki").join(file)
+    }
+
+    /// Start the service on 127.0.0.1:0.
+    pub async fn start(&self) -> RunningServer {
+        server::start(self.config.clone())
+            .await
+            .expect("server starts")
+    }
+}
+
+impl Default for DevEnv {
+    fn default() -> Self {
+        DevEnv::new()
+    }
+}
