@@ -100,7 +100,8 @@ impl ClientConfig {
             endpoint: self.endpoint.clone(),
             detail,
         };
-        let uri: tonic::codegen::http::Uri = self.endpoint.parse().map_err(|e| bad(format!("{e}")))?;
+        let uri: tonic::codegen::http::Uri =
+            self.endpoint.parse().map_err(|e| bad(format!("{e}")))?;
         if uri.scheme_str() != Some("https") {
             return Err(bad("the scheme must be https".into()));
         }

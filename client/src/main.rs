@@ -30,13 +30,28 @@ struct Connection {
     #[arg(long, global = true, env = "HSMCTL_ENDPOINT", default_value = hsm_client::DEFAULT_ENDPOINT)]
     endpoint: String,
     /// CA certificate (PEM) of the server.
-    #[arg(long, global = true, env = "HSMCTL_CA", default_value = ".hsm-dev/pki/ca.crt")]
+    #[arg(
+        long,
+        global = true,
+        env = "HSMCTL_CA",
+        default_value = ".hsm-dev/pki/ca.crt"
+    )]
     ca: PathBuf,
     /// Client certificate (PEM).
-    #[arg(long, global = true, env = "HSMCTL_CERT", default_value = ".hsm-dev/pki/login-service.crt")]
+    #[arg(
+        long,
+        global = true,
+        env = "HSMCTL_CERT",
+        default_value = ".hsm-dev/pki/login-service.crt"
+    )]
     cert: PathBuf,
     /// Client private key (PEM).
-    #[arg(long, global = true, env = "HSMCTL_KEY", default_value = ".hsm-dev/pki/login-service.key")]
+    #[arg(
+        long,
+        global = true,
+        env = "HSMCTL_KEY",
+        default_value = ".hsm-dev/pki/login-service.key"
+    )]
     key: PathBuf,
 }
 
@@ -63,7 +78,10 @@ async fn main() -> ExitCode {
                     ClientError::Status(s) => format!("{:?}", s.code()),
                     _ => "Unavailable".to_owned(),
                 };
-                println!("{}", json!({ "error": { "code": code, "message": e.to_string() } }));
+                println!(
+                    "{}",
+                    json!({ "error": { "code": code, "message": e.to_string() } })
+                );
             } else {
                 eprintln!("hsmctl: {e}");
             }
@@ -94,10 +112,18 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             } else {
                 println!("{name}");
             }
-            Ok(if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if name == "SERVING" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Status => {
-            let s = client.admin().get_status(GetStatusRequest {}).await?.into_inner();
+            let s = client
+                .admin()
+                .get_status(GetStatusRequest {})
+                .await?
+                .into_inner();
             let token = s.token.unwrap_or_default();
             let pool = s.pool.unwrap_or_default();
             if cli.json {
@@ -124,7 +150,12 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("caller:  {} ({})", s.caller_subject, s.caller_role);
                 println!(
                     "token:   {} serial {} ({} {}), {}, logged in: {}",
-                    token.label, token.serial_number, token.manufacturer, token.model, token.library, token.logged_in
+                    token.label,
+                    token.serial_number,
+                    token.manufacturer,
+                    token.model,
+                    token.library,
+                    token.logged_in
                 );
                 println!(
                     "pool:    {} sessions, queue {}/{}, {} done, {} refused busy, {} sessions replaced",

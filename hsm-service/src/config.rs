@@ -250,16 +250,17 @@ impl Config {
     /// Read the user PIN from its file or environment variable. Surrounding whitespace
     /// (a trailing newline from `echo`) is not part of the PIN.
     pub fn user_pin(&self) -> Result<secrecy::SecretString, String> {
-        let raw = match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
-            (Some(file), _) => zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
-                format!("hsm.user_pin_file {}: {e}", file.display())
-            })?),
-            (None, Some(var)) => zeroize::Zeroizing::new(
-                std::env::var(var)
-                    .map_err(|_| format!("hsm.user_pin_env: environment variable {var} is not set"))?,
-            ),
-            (None, None) => return Err("no user PIN source configured".into()),
-        };
+        let raw =
+            match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
+                (Some(file), _) => zeroize::Zeroizing::new(
+                    std::fs::read_to_string(file)
+                        .map_err(|e| format!("hsm.user_pin_file {}: {e}", file.display()))?,
+                ),
+                (None, Some(var)) => zeroize::Zeroizing::new(std::env::var(var).map_err(|_| {
+                    format!("hsm.user_pin_env: environment variable {var} is not set")
+                })?),
+                (None, None) => return Err("no user PIN source configured".into()),
+            };
         let pin = raw.trim();
         if pin.is_empty() {
             return Err("the user PIN is empty".into());

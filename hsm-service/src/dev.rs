@@ -125,10 +125,14 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
 
     let config_path = dir.join("config.toml");
     if !config_path.exists() {
-        let listen = opts
-            .listen
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
-        let config = dev_config(&module_path, &opts.token_label, listen, opts.softhsm2_conf.is_none().then_some(conf.as_path()));
+        // The file gets the default address; --listen overrides it per run.
+        let listen = DEFAULT_LISTEN.parse().expect("valid default address");
+        let config = dev_config(
+            &module_path,
+            &opts.token_label,
+            listen,
+            opts.softhsm2_conf.is_none().then_some(conf.as_path()),
+        );
         let text = toml::to_string_pretty(&config).map_err(|e| format!("config: {e}"))?;
         let header = "# Written by `hsm-service dev` on first run; edit freely, it is reused.\n\
                       # Every key is explained in hsm-service/config.example.toml.\n\n";
@@ -141,7 +145,12 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
     Ok(config)
 }
 
-fn dev_config(module: &Path, label: &str, listen: SocketAddr, softhsm_conf: Option<&Path>) -> Config {
+fn dev_config(
+    module: &Path,
+    label: &str,
+    listen: SocketAddr,
+    softhsm_conf: Option<&Path>,
+) -> Config {
     Config {
         data_dir: PathBuf::from("."),
         server: ServerConfig {
@@ -219,7 +228,12 @@ fn pin_file(path: &Path) -> Result<SecretString, String> {
     Ok(SecretString::from(text.trim().to_owned()))
 }
 
-fn ensure_token(module_path: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<(), String> {
+fn ensure_token(
+    module_path: &Path,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<(), String> {
     let ctx = module::load(module_path).map_err(|e| e.to_string())?;
     match module::find_token(&ctx, &TokenSelector::Label(label.to_owned())) {
         Ok(_) => Ok(()),
@@ -249,10 +263,17 @@ fn ensure_pki(dir: &Path) -> Result<(), String> {
     validity(&mut ca_params);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
     write_file(&dir.join("ca.crt"), ca_cert.pem().as_bytes(), 0o644)?;
-    write_file(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(
+        &dir.join("ca.key"),
+        ca_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let leaf = |cn: &str, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose| -> Result<(String, String), String> {
+    let leaf = |cn: &str,
+                sans: Vec<SanType>,
+                eku: ExtendedKeyUsagePurpose|
+     -> Result<(String, String), String> {
         let key = KeyPair::generate().map_err(err)?;
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
         p.distinguished_name = name(cn);
@@ -269,7 +290,11 @@ fn ensure_pki(dir: &Path) -> Result<(), String> {
         SanType::IpAddress([127, 0, 0, 1].into()),
         SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
     ];
-    let (crt, key) = leaf("localhost", server_sans, ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (crt, key) = leaf(
+        "localhost",
+        server_sans,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
     write_file(&dir.join("server.crt"), crt.as_bytes(), 0o644)?;
     write_file(&dir.join("server.key"), key.as_bytes(), 0o600)?;
     for (cn, _) in DEV_CLIENTS {

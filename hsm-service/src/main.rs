@@ -11,7 +11,11 @@ use hsm_service::dev::{self, DevOptions};
 use hsm_service::{logging, server};
 
 #[derive(Parser)]
-#[command(name = "hsm-service", version, about = "HSM-backed credential and signing service")]
+#[command(
+    name = "hsm-service",
+    version,
+    about = "HSM-backed credential and signing service"
+)]
 struct Cli {
     /// Log format (overrides the config file).
     #[arg(long, global = true, value_enum)]
@@ -54,21 +58,28 @@ fn main() -> ExitCode {
         cli.log_format.unwrap_or(config.log.format),
         config.log.filter.as_deref(),
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hsm-service: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(server::run(config, shutdown_signal(), |addr| {
+    let result = runtime.block_on(async {
+        let signal = shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        server::run(config, signal, |addr| {
         println!("hsm-service listening on {addr} (gRPC, mutual TLS)");
         if let Some(dir) = &dev_dir {
             let pki = dir.join("pki");
             println!("dev PKI: {} (ca.crt; login-service, officer-1..3, auditor .crt/.key)", pki.display());
             println!("try:     cargo run -p hsm-client --bin hsmctl -- health --endpoint https://{addr}");
         }
-    }));
+        })
+        .await
+    });
     match result {
         Ok(()) => {
             tracing::info!("stopped");
@@ -99,23 +110,17 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
     }
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives right after the
+/// "listening" line is not lost to the default action.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }

@@ -154,7 +154,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let mut rx = shutdown_rx;
         let signal = async move {
             let _ = rx.wait_for(|stop| *stop).await;
-            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: finishing in-flight calls");
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "shutting down: finishing in-flight calls"
+            );
         };
         let result = router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
@@ -174,7 +177,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 }
 
 /// Serve until `signal` resolves, then shut down gracefully.
-pub async fn run(config: Config, signal: impl Future<Output = ()>, on_ready: impl FnOnce(SocketAddr)) -> Result<(), String> {
+pub async fn run(
+    config: Config,
+    signal: impl Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), String> {
     let server = start(config).await.map_err(|e| e.to_string())?;
     on_ready(server.local_addr());
     let stop = server.shutdown_handle();
@@ -186,7 +193,10 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>, on_ready: imp
     match tokio::time::timeout(grace, server.wait()).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight calls did not finish in time; stopping anyway");
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "in-flight calls did not finish in time; stopping anyway"
+            );
             Ok(())
         }
     }
@@ -201,7 +211,11 @@ fn hsm_start_message(e: &crate::hsm::Error) -> String {
 }
 
 /// Keep the health service in step with the token: SERVING only while logged in.
-async fn monitor_health(hsm: Hsm, health: tonic_health::server::HealthReporter, mut stop: watch::Receiver<bool>) {
+async fn monitor_health(
+    hsm: Hsm,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last = None;
     loop {
         let status = if hsm.is_logged_in().await {
@@ -224,7 +238,9 @@ async fn monitor_health(hsm: Hsm, health: tonic_health::server::HealthReporter, 
             changed = stop.changed() => changed.is_err() || *stop.borrow_and_update(),
         };
         if stopping {
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             return;
         }
     }
@@ -242,7 +258,9 @@ fn load_tls(config: &Config) -> Result<ServerTlsConfig, StartError> {
 
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| StartError::Tls(format!("server.cert {}: {e}", config.server.cert.display())))?;
+        .map_err(|e| {
+            StartError::Tls(format!("server.cert {}: {e}", config.server.cert.display()))
+        })?;
     if chain.is_empty() {
         return Err(StartError::Tls(format!(
             "server.cert {}: no certificate in the file",
@@ -252,18 +270,27 @@ fn load_tls(config: &Config) -> Result<ServerTlsConfig, StartError> {
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
         .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
-    certified.keys_match().map_err(|_| {
-        StartError::Tls(format!(
-            "server.key {} does not match the certificate in server.cert {}",
-            config.server.key.display(),
-            config.server.cert.display()
-        ))
-    })?;
+    rustls::sign::CertifiedKey::new(chain, signing_key)
+        .keys_match()
+        .map_err(|_| {
+            StartError::Tls(format!(
+                "server.key {} does not match the certificate in server.cert {}",
+                config.server.key.display(),
+                config.server.cert.display()
+            ))
+        })?;
     let ca_count = CertificateDer::pem_slice_iter(&ca_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Tls(format!("server.client_ca {}: {e}", config.server.client_ca.display())))?
+        .map_err(|e| {
+            StartError::Tls(format!(
+                "server.client_ca {}: {e}",
+                config.server.client_ca.display()
+            ))
+        })?
         .len();
     if ca_count == 0 {
         return Err(StartError::Tls(format!(

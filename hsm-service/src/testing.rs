@@ -29,8 +29,11 @@ fn shared_softhsm() -> &'static SharedSoftHsm {
         std::fs::create_dir_all(&tokens).expect("token directory");
         let conf = dir.path().join("softhsm2.conf");
         let template = include_str!("../../softhsm-config/softhsm2.conf.template");
-        std::fs::write(&conf, template.replace("@TOKEN_DIR@", &tokens.display().to_string()))
-            .expect("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            template.replace("@TOKEN_DIR@", &tokens.display().to_string()),
+        )
+        .expect("softhsm2.conf");
         dev::point_softhsm_at(&conf).expect("SOFTHSM2_CONF");
         SharedSoftHsm { _dir: dir, conf }
     })

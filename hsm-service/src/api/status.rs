@@ -46,13 +46,41 @@ mod tests {
     #[test]
     fn codes_and_visible_text() {
         let cases: Vec<(Error, Code, &str)> = vec![
-            (Error::InvalidArgument("code: 6 digits".into()), Code::InvalidArgument, "code: 6 digits"),
-            (Error::NotFound("no credential x".into()), Code::NotFound, "no credential x"),
-            (Error::PermissionDenied("role".into()), Code::PermissionDenied, "role"),
-            (Error::Hsm(hsm::Error::Busy), Code::ResourceExhausted, "HSM is busy; retry later"),
-            (Error::Hsm(hsm::Error::ShutDown), Code::Unavailable, "HSM unavailable; retry later"),
-            (Error::Hsm(hsm::Error::Invalid("detail".into())), Code::Internal, "HSM operation failed"),
-            (Error::Internal("secret detail".into()), Code::Internal, "internal error"),
+            (
+                Error::InvalidArgument("code: 6 digits".into()),
+                Code::InvalidArgument,
+                "code: 6 digits",
+            ),
+            (
+                Error::NotFound("no credential x".into()),
+                Code::NotFound,
+                "no credential x",
+            ),
+            (
+                Error::PermissionDenied("role".into()),
+                Code::PermissionDenied,
+                "role",
+            ),
+            (
+                Error::Hsm(hsm::Error::Busy),
+                Code::ResourceExhausted,
+                "HSM is busy; retry later",
+            ),
+            (
+                Error::Hsm(hsm::Error::ShutDown),
+                Code::Unavailable,
+                "HSM unavailable; retry later",
+            ),
+            (
+                Error::Hsm(hsm::Error::Invalid("detail".into())),
+                Code::Internal,
+                "HSM operation failed",
+            ),
+            (
+                Error::Internal("secret detail".into()),
+                Code::Internal,
+                "internal error",
+            ),
         ];
         for (e, code, text) in cases {
             let s = Status::from(e);

@@ -89,7 +89,8 @@ impl Authorizer {
     }
 
     fn map(&self, der: &[u8], fingerprint: &[u8; 32]) -> Result<Identity, String> {
-        let cert = Certificate::from_der(der).map_err(|_| "unparsable client certificate".to_owned())?;
+        let cert =
+            Certificate::from_der(der).map_err(|_| "unparsable client certificate".to_owned())?;
         let tbs = cert.tbs_certificate();
         let subject = tbs
             .subject()
@@ -120,7 +121,9 @@ impl Authorizer {
                 fingerprint: hex(fingerprint),
                 role: rule.role,
             }),
-            None => Err(format!("client certificate {subject:?} is not mapped to a role")),
+            None => Err(format!(
+                "client certificate {subject:?} is not mapped to a role"
+            )),
         }
     }
 }
@@ -128,10 +131,12 @@ impl Authorizer {
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The caller of `request`, required to hold one of `allowed`.

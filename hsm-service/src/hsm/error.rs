@@ -99,7 +99,7 @@ impl Error {
     }
 
     /// True when a cached object handle is no longer valid.
-    pub(crate) fn is_stale_handle(&self) -> bool {
+    pub fn is_stale_handle(&self) -> bool {
         matches!(
             self,
             Error::Pkcs11 {
@@ -139,12 +139,30 @@ pub(crate) fn rv_name(rv: RvError) -> String {
 fn kind_of(rv: RvError) -> ErrorKind {
     use RvError::*;
     match rv {
-        SessionHandleInvalid | SessionClosed | SessionCount | DeviceError | DeviceRemoved
-        | DeviceMemory | HostMemory | TokenNotPresent | TokenNotRecognized | UserNotLoggedIn
-        | CryptokiNotInitialized | FunctionCanceled | OperationActive => ErrorKind::Unavailable,
-        DataLenRange | DataInvalid | EncryptedDataInvalid | EncryptedDataLenRange
-        | KeySizeRange | SignatureInvalid | SignatureLenRange | WrappedKeyInvalid
-        | WrappedKeyLenRange | MechanismParamInvalid | ArgumentsBad => ErrorKind::InvalidInput,
+        SessionHandleInvalid
+        | SessionClosed
+        | SessionCount
+        | DeviceError
+        | DeviceRemoved
+        | DeviceMemory
+        | HostMemory
+        | TokenNotPresent
+        | TokenNotRecognized
+        | UserNotLoggedIn
+        | CryptokiNotInitialized
+        | FunctionCanceled
+        | OperationActive => ErrorKind::Unavailable,
+        DataLenRange
+        | DataInvalid
+        | EncryptedDataInvalid
+        | EncryptedDataLenRange
+        | KeySizeRange
+        | SignatureInvalid
+        | SignatureLenRange
+        | WrappedKeyInvalid
+        | WrappedKeyLenRange
+        | MechanismParamInvalid
+        | ArgumentsBad => ErrorKind::InvalidInput,
         ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::NotFound,
         PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked => {
             ErrorKind::Authentication

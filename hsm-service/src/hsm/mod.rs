@@ -11,7 +11,7 @@
 
 pub mod error;
 pub mod module;
-mod objects;
+pub mod objects;
 mod pool;
 mod random;
 
@@ -74,7 +74,9 @@ struct Inner {
 
 impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hsm").field("token", &self.inner.facts.label).finish()
+        f.debug_struct("Hsm")
+            .field("token", &self.inner.facts.label)
+            .finish()
     }
 }
 
@@ -143,10 +145,7 @@ impl Hsm {
             .submit(|w| {
                 w.run(true, |s, _| {
                     let state = s.get_session_info()?.session_state();
-                    Ok(matches!(
-                        state,
-                        SessionState::RwUser | SessionState::RoUser
-                    ))
+                    Ok(matches!(state, SessionState::RwUser | SessionState::RoUser))
                 })
             })
             .await

@@ -79,7 +79,12 @@ pub fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
 
 /// Initialize a fresh token called `label` on a free slot and set its user PIN. For dev
 /// mode and tests: production tokens are initialized by their operators.
-pub fn init_token(ctx: &Pkcs11, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<Slot> {
+pub fn init_token(
+    ctx: &Pkcs11,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<Slot> {
     // Two threads must not pick the same free slot.
     static INIT: Mutex<()> = Mutex::new(());
     let _one_at_a_time = INIT.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+pub use cryptoki::object::{ObjectClass, ObjectHandle};
+use cryptoki::object::Attribute;
 use cryptoki::session::Session;
 
 use super::{Error, Hsm, Result};
@@ -32,7 +33,7 @@ impl HandleCache {
         map.insert((class_key(class), label.to_owned()), handle);
     }
 
-    pub(crate) fn forget(&self, class: ObjectClass, label: &str) {
+    fn forget(&self, class: ObjectClass, label: &str) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         map.remove(&(class_key(class), label.to_owned()));
     }
@@ -40,11 +41,15 @@ impl HandleCache {
 
 fn class_key(class: ObjectClass) -> u64 {
     // CK_OBJECT_CLASS is a CK_ULONG: at most 64 bits on every supported target.
-    *class as u64
+    *class
 }
 
 /// Search the token for the one object of `class` called `label`.
-pub(crate) fn search(session: &Session, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>> {
+pub(crate) fn search(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Option<ObjectHandle>> {
     let found = session.find_objects(&[
         Attribute::Class(class),
         Attribute::Label(label.as_bytes().to_vec()),
@@ -62,7 +67,11 @@ pub(crate) fn search(session: &Session, class: ObjectClass, label: &str) -> Resu
 impl Hsm {
     /// The handle of the object of `class` labelled `label`, from the cache or, the first
     /// time, from a search. `Ok(None)` when the token has no such object.
-    pub(crate) async fn find_object(&self, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>> {
+    pub async fn find_object(
+        &self,
+        class: ObjectClass,
+        label: &str,
+    ) -> Result<Option<ObjectHandle>> {
         if let Some(h) = self.inner.handles.get(class, label) {
             return Ok(Some(h));
         }
@@ -77,6 +86,12 @@ impl Hsm {
             self.inner.handles.put(class, label, h);
         }
         Ok(found)
+    }
+
+    /// Drop a cached handle (after the token said it is stale, or the object was
+    /// destroyed), so that the next lookup searches again.
+    pub fn forget_object(&self, class: ObjectClass, label: &str) {
+        self.inner.handles.forget(class, label);
     }
 
     /// Number of object searches that reached the token since start.

@@ -82,7 +82,11 @@ impl Worker {
     /// Run `op` on this worker's session. On a session or device error the session is
     /// dropped (a new one is opened for the next operation) and, when `retry` is set,
     /// `op` runs once more on the new session.
-    pub(crate) fn run<T>(&mut self, retry: bool, mut op: impl FnMut(&Session, u64) -> Result<T>) -> Result<T> {
+    pub(crate) fn run<T>(
+        &mut self,
+        retry: bool,
+        mut op: impl FnMut(&Session, u64) -> Result<T>,
+    ) -> Result<T> {
         let first = self.call(&mut op);
         match first {
             Err(e) if e.is_session_lost() => {

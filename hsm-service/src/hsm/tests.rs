@@ -138,12 +138,23 @@ async fn handles_are_searched_once() {
         })
         .await
         .expect("create");
-    let first = hsm.find_object(ObjectClass::DATA, "cached").await.expect("find");
-    let second = hsm.find_object(ObjectClass::DATA, "cached").await.expect("find");
+    let first = hsm
+        .find_object(ObjectClass::DATA, "cached")
+        .await
+        .expect("find");
+    let second = hsm
+        .find_object(ObjectClass::DATA, "cached")
+        .await
+        .expect("find");
     assert!(first.is_some());
     assert_eq!(first, second);
     assert_eq!(hsm.object_searches(), 1);
-    assert_eq!(hsm.find_object(ObjectClass::DATA, "absent").await.expect("find"), None);
+    assert_eq!(
+        hsm.find_object(ObjectClass::DATA, "absent")
+            .await
+            .expect("find"),
+        None
+    );
     assert_eq!(hsm.object_searches(), 2);
 }
 
@@ -156,9 +167,14 @@ fn wrong_pin_and_missing_token_fail_at_open() {
         sessions: 1,
         queue_capacity: 1,
     };
-    let err = Hsm::open(&settings, SecretString::from("wrong-pin".to_owned())).expect_err("wrong PIN");
+    let err =
+        Hsm::open(&settings, SecretString::from("wrong-pin".to_owned())).expect_err("wrong PIN");
     assert_eq!(err.kind(), ErrorKind::Authentication, "{err}");
-    assert!(err.to_string().contains("C_Login failed: CKR_PIN_INCORRECT"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("C_Login failed: CKR_PIN_INCORRECT"),
+        "{err}"
+    );
     settings.token = TokenSelector::Label("no-such-token".into());
     let err = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect_err("no token");
     assert!(matches!(err, Error::TokenNotFound(_)), "{err}");
