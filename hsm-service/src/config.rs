@@ -268,3 +268,61 @@ impl Config {
         Ok(secrecy::SecretString::from(pin.to_owned()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference config parses with the same schema the service uses, so a key added
+    /// to one and not the other fails here.
+    #[test]
+    fn reference_config_parses() {
+        let text = include_str!("../config.example.toml");
+        let config: Config = toml::from_str(text).expect("config.example.toml parses");
+        assert_eq!(config.hsm.sessions, 4);
+        assert_eq!(config.clients.len(), 3);
+        assert_eq!(config.clients[0].role, Role::LoginService);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_line_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        let text = include_str!("../config.example.toml").replace("sessions = 4", "sessions = 4\nsesions = 5");
+        std::fs::write(&path, text).expect("write");
+        let err = Config::load(&path).expect_err("typo").to_string();
+        assert!(err.contains("unknown field `sesions`"), "{err}");
+        assert!(err.contains("line "), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn validation_table() {
+        let base: Config = toml::from_str(include_str!("../config.example.toml")).expect("parses");
+        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>, &str)> = vec![
+            ("both token selectors", Box::new(|c| c.hsm.token_serial = Some("x".into())), "exactly one of hsm.token_label"),
+            ("no token selector", Box::new(|c| c.hsm.token_label = None), "exactly one of hsm.token_label"),
+            ("two PIN sources", Box::new(|c| c.hsm.user_pin_env = Some("X".into())), "exactly one of hsm.user_pin_file"),
+            ("zero sessions", Box::new(|c| c.hsm.sessions = 0), "hsm.sessions"),
+            ("rule with cn and uri", Box::new(|c| c.clients[1].uri = Some("u".into())), "client[1]"),
+        ];
+        for (name, mutate, expected) in cases {
+            let mut c = base.clone();
+            // Point every file at one that exists so only the case under test fails.
+            let existing = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+            c.server.cert = existing.clone();
+            c.server.key = existing.clone();
+            c.server.client_ca = existing.clone();
+            c.hsm.module = existing.clone();
+            c.hsm.user_pin_file = Some(existing);
+            assert!(c.validate().is_ok(), "base config must be valid");
+            mutate(&mut c);
+            if c.hsm.user_pin_env.is_some() && c.hsm.user_pin_file.is_none() {
+                unreachable!();
+            }
+            let err = c.validate().expect_err(name);
+            assert!(err.contains(expected), "{name}: {err}");
+        }
+    }
+}
