@@ -16,6 +16,7 @@ pub mod hsm;
 pub mod logging;
 pub mod otp;
 pub mod server;
+pub mod store;
 #[doc(hidden)]
 pub mod testing;
 

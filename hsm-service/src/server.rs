@@ -26,6 +26,7 @@ use crate::api::{admin::Admin, AppState, State};
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmSettings};
+use crate::store::{EmbeddedStore, StoreOptions};
 
 /// Why the service did not start. One line each, naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,9 @@ pub enum StartError {
     /// The token could not be opened or logged in to.
     #[error("HSM: {0}")]
     Hsm(String),
+    /// The durable store could not be opened.
+    #[error("store: {0}")]
+    Store(String),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -116,6 +120,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "HSM token opened"
     );
 
+    let store = open_store(&config).await?;
+
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -128,6 +134,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
     let state: State = Arc::new(AppState {
         hsm: hsm.clone(),
+        store,
         authorizer: Authorizer::new(config.clients.clone()),
         started: Instant::now(),
     });
@@ -200,6 +207,23 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// File name of the embedded store under the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+async fn open_store(config: &Config) -> Result<Arc<EmbeddedStore>, StartError> {
+    let dir = config.data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StartError::Store(format!("data_dir {}: {e}", dir.display())))?;
+        let path = dir.join(STORE_FILE);
+        EmbeddedStore::open(&path, StoreOptions::default())
+            .map(Arc::new)
+            .map_err(|e| StartError::Store(format!("{}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| StartError::Other(format!("store start-up task failed: {e}")))?
 }
 
 fn hsm_start_message(e: &crate::hsm::Error) -> String {

@@ -9,11 +9,14 @@ use std::time::Instant;
 
 use crate::auth::Authorizer;
 use crate::hsm::Hsm;
+use crate::store::EmbeddedStore;
 
 /// What every service handler shares.
 pub struct AppState {
     /// The token.
     pub hsm: Hsm,
+    /// Durable state.
+    pub store: Arc<EmbeddedStore>,
     /// Certificate -> role.
     pub authorizer: Authorizer,
     /// Process start, for uptime.

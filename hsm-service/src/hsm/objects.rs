@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-pub use cryptoki::object::{ObjectClass, ObjectHandle};
 use cryptoki::object::Attribute;
+pub use cryptoki::object::{ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::{Error, Hsm, Result};

@@ -1,0 +1,271 @@
+//! Group commit: one committer thread turns many concurrent writes into few
+//! fsyncs.
+//!
+//! Callers send boxed jobs over a bounded channel (bounded so that a slow disk
+//! pushes back on callers through `send().await` instead of growing memory).
+//! The committer takes the first job, drains whatever else is already queued
+//! (up to `max_batch`, optionally waiting `max_batch_delay` for more), runs the
+//! jobs in arrival order inside ONE write transaction, commits once, and only
+//! then answers every job. Later jobs see earlier jobs' writes because they
+//! share the transaction.
+//!
+//! Failure rules (nothing is ever reported done unless its commit succeeded):
+//! * commit fails: every job of the batch gets the commit error;
+//! * a job returns `Err(Rollback)` or panics: the transaction is aborted, that
+//!   job gets its error, jobs that already ran get [`StoreError::Aborted`],
+//!   and jobs not yet run stay queued for the next transaction.
+//!
+//! Panics: each job runs under `catch_unwind`, because a job may have written
+//! part of its changes before panicking and the only safe reaction is to roll
+//! back the batch; the committer itself survives. The store's own update path
+//! additionally runs the caller's closure on a detached copy before writing,
+//! so a panicking verification closure costs only its own call (see
+//! `ops::update`). If the binary is built with `panic = "abort"`, a panic
+//! aborts the process instead; nothing of the open batch was committed then.
+//!
+//! It is a `std::thread`, not a tokio task: commit blocks on fsync for
+//! milliseconds, which must not stall a runtime worker.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Rollback, StoreError};
+
+/// Counters shared between the committer and the store handle.
+#[derive(Default)]
+pub(super) struct Shared {
+    pub(super) commits: AtomicU64,
+    pub(super) committed_jobs: AtomicU64,
+    pub(super) failed_batches: AtomicU64,
+    /// Test hook: fail this many upcoming commits as if redb's commit failed
+    /// (redb offers no way to make a real commit fail on demand).
+    #[cfg(test)]
+    pub(super) fail_next_commits: std::sync::atomic::AtomicU32,
+}
+
+/// A type-erased write job.
+pub(super) trait Job: Send {
+    /// Runs the job inside the batch transaction; `Err` rolls the batch back.
+    fn run(&mut self, txn: &WriteTransaction) -> Result<(), StoreError>;
+    /// Answers the caller: `Ok` only after the batch committed.
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+/// The boxed job the channel carries.
+pub(super) type BoxedJob = Box<dyn Job>;
+
+struct TypedJob<T, F> {
+    f: Option<F>,
+    out: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for TypedJob<T, F>
+where
+    T: Send,
+    F: FnOnce(&WriteTransaction) -> Result<T, Rollback> + Send,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let f = self
+            .f
+            .take()
+            .ok_or_else(|| StoreError::Aborted("write job ran twice".into()))?;
+        // AssertUnwindSafe: after a panic the transaction is aborted and the
+        // job's state dropped, so no broken invariant is observed later.
+        match catch_unwind(AssertUnwindSafe(|| f(txn))) {
+            Ok(Ok(v)) => {
+                self.out = Some(v);
+                Ok(())
+            }
+            Ok(Err(Rollback(e))) => Err(e),
+            Err(_) => {
+                // The payload is not logged: it could quote caller data.
+                tracing::error!("store write job panicked; rolling back its batch");
+                Err(StoreError::Aborted(
+                    "write job panicked; its batch was rolled back".into(),
+                ))
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let TypedJob { out, reply, .. } = *self;
+        let answer = outcome.and_then(|()| {
+            out.ok_or_else(|| StoreError::Aborted("write job produced no result".into()))
+        });
+        // The caller may have gone away (cancelled future); its write still
+        // stands, there is just nobody left to tell.
+        let _ = reply.send(answer);
+    }
+}
+
+/// Boxes a closure as a job and returns the receiver of its answer.
+pub(super) fn job<T, F>(f: F) -> (BoxedJob, oneshot::Receiver<Result<T, StoreError>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<T, Rollback> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    let job = TypedJob {
+        f: Some(f),
+        out: None,
+        reply,
+    };
+    (Box::new(job), rx)
+}
+
+/// Committer settings, taken from the store options.
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub(super) max_batch: usize,
+    pub(super) max_batch_delay: Duration,
+    pub(super) durable: bool,
+    pub(super) quick_repair: bool,
+}
+
+/// The committer's main loop; returns when the channel is closed and every
+/// queued job has been answered.
+pub(super) fn run(
+    db: Arc<Database>,
+    mut rx: mpsc::Receiver<BoxedJob>,
+    cfg: Config,
+    shared: Arc<Shared>,
+) {
+    let mut pending: VecDeque<BoxedJob> = VecDeque::new();
+    let mut channel_open = true;
+    loop {
+        if pending.is_empty() {
+            if !channel_open {
+                break;
+            }
+            match rx.blocking_recv() {
+                Some(j) => pending.push_back(j),
+                None => break,
+            }
+        }
+        if channel_open {
+            channel_open = fill(&mut rx, &mut pending, &cfg);
+        }
+        let n = pending.len().min(cfg.max_batch);
+        commit_batch(&db, &mut pending, n, &cfg, &shared);
+    }
+    tracing::debug!("store committer stopped");
+}
+
+/// Drains already-queued jobs into `pending` (up to `max_batch`), waiting up
+/// to `max_batch_delay` for more. Returns false once the channel is closed.
+fn fill(rx: &mut mpsc::Receiver<BoxedJob>, pending: &mut VecDeque<BoxedJob>, cfg: &Config) -> bool {
+    let deadline = Instant::now() + cfg.max_batch_delay;
+    while pending.len() < cfg.max_batch {
+        match rx.try_recv() {
+            Ok(j) => pending.push_back(j),
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                // Short naps: the window is meant to be sub-millisecond.
+                std::thread::sleep((deadline - now).min(Duration::from_micros(50)));
+            }
+        }
+    }
+    true
+}
+
+/// Runs the first `n` pending jobs in one transaction and answers them.
+fn commit_batch(
+    db: &Database,
+    pending: &mut VecDeque<BoxedJob>,
+    n: usize,
+    cfg: &Config,
+    shared: &Shared,
+) {
+    let fail_all = |pending: &mut VecDeque<BoxedJob>, e: StoreError| {
+        shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %e, jobs = n, "store batch failed");
+        for j in pending.drain(..n) {
+            j.finish(Err(e.clone()));
+        }
+    };
+    let txn = match begin(db, cfg) {
+        Ok(t) => t,
+        Err(e) => return fail_all(pending, e),
+    };
+
+    let mut done: Vec<BoxedJob> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Some(mut j) = pending.pop_front() else {
+            break;
+        };
+        if let Err(e) = j.run(&txn) {
+            // Roll back everything this batch did; the jobs after `j` never
+            // ran and stay at the front of `pending` for the next batch.
+            if let Err(ae) = txn.abort() {
+                tracing::warn!(error = %ae, "store: aborting the batch transaction failed");
+            }
+            shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, rolled_back = done.len(), "store write job failed; batch rolled back");
+            j.finish(Err(e));
+            for d in done {
+                d.finish(Err(StoreError::Aborted(
+                    "another write in the same commit batch failed; nothing was written".into(),
+                )));
+            }
+            return;
+        }
+        done.push(j);
+    }
+
+    #[cfg(test)]
+    {
+        let hook = &shared.fail_next_commits;
+        if hook
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok()
+        {
+            let _ = txn.abort();
+            shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+            let e = StoreError::Backend("commit failed: injected test failure".into());
+            for d in done {
+                d.finish(Err(e.clone()));
+            }
+            return;
+        }
+    }
+
+    match txn.commit() {
+        Ok(()) => {
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+            shared
+                .committed_jobs
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            for d in done {
+                d.finish(Ok(()));
+            }
+        }
+        Err(e) => {
+            shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+            let e = StoreError::Backend(format!("commit failed: {e}"));
+            tracing::error!(error = %e, jobs = done.len(), "store commit failed");
+            for d in done {
+                d.finish(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn begin(db: &Database, cfg: &Config) -> Result<WriteTransaction, StoreError> {
+    let mut txn = db.begin_write()?;
+    if !cfg.durable {
+        txn.set_durability(Durability::None)?;
+    }
+    txn.set_quick_repair(cfg.quick_repair);
+    Ok(txn)
+}

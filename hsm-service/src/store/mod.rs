@@ -1,0 +1,98 @@
+//! Durable credential state.
+//!
+//! [`CredentialStore`] is the backend-neutral interface (a PostgreSQL backend
+//! can follow); [`EmbeddedStore`] implements it on one embedded ACID file
+//! (redb) in the data directory.
+//!
+//! Every write is durable (fsync) before its future resolves. Concurrent
+//! writes share one commit through a group-commit committer thread, so the
+//! fsync cost is paid once per batch, not once per verification. Reads run on
+//! MVCC snapshots and never wait for writes.
+//!
+//! Other modules that need durable state (audit log, signing key metadata)
+//! define their tables in [`tables`], write through [`EmbeddedStore::write`]
+//! (optionally together with [`ops`] calls, atomically) and read through
+//! [`EmbeddedStore::read`].
+
+use std::future::Future;
+
+mod error;
+mod group_commit;
+pub mod ops;
+mod record;
+mod redb_store;
+pub mod tables;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{Rollback, StoreError, TxnResult};
+pub use record::{CredentialRecord, MAX_ID_LEN};
+pub use redb_store::{EmbeddedStore, StoreOptions, StoreStats};
+
+/// What an update closure decided; the payload is returned to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update<R> {
+    /// Store the modified record.
+    Write(R),
+    /// Change nothing (modifications made to the record are discarded).
+    Keep(R),
+    /// Remove the record.
+    Delete(R),
+}
+
+/// Durable credential state, backend-neutral.
+///
+/// Methods return `Send` futures so tonic handlers can await them. The trait
+/// uses return-position `impl Future`, so it is not object safe: make callers
+/// generic over `S: CredentialStore`.
+///
+/// Cancellation: dropping a write's future after the write was queued does
+/// not cancel it; it may still commit. Callers must not assume "no answer"
+/// means "not applied" (for OTPs this is the safe direction: a code may be
+/// consumed without the client learning so).
+pub trait CredentialStore: Send + Sync + 'static {
+    /// Inserts a new record; [`StoreError::AlreadyExists`] if the id is
+    /// taken. Durable before returning.
+    fn insert(&self, rec: CredentialRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the committed record.
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<CredentialRecord>, StoreError>> + Send;
+
+    /// Pages through records in id order (bytewise): those with id > `after`,
+    /// at most `limit`. An empty page means the end.
+    fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<CredentialRecord>, StoreError>> + Send;
+
+    /// Atomic read-modify-write of one record, durable before returning.
+    ///
+    /// The closure sees the latest state (including earlier writes of the same
+    /// group-commit batch) and decides through [`Update`]. Its answer is
+    /// returned only after the commit succeeded, so a caller never acts on a
+    /// state that was not made durable. [`StoreError::NotFound`] if missing.
+    /// The closure must be quick and non-blocking (it runs on the committer).
+    fn update<R, F>(&self, id: &str, f: F) -> impl Future<Output = Result<R, StoreError>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static;
+
+    /// Deletes a record; `true` if it existed. Durable before returning.
+    fn delete(&self, id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Number of credentials.
+    fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Inserts all records in one transaction, or none of them
+    /// ([`StoreError::AlreadyExists`] if any id is taken or repeated). For
+    /// imports; callers chunk large sets.
+    fn insert_many(
+        &self,
+        recs: Vec<CredentialRecord>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

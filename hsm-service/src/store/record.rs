@@ -1,0 +1,239 @@
+//! The credential record and its on-disk encoding.
+//!
+//! Encoding: one format-version byte, then postcard of a private struct with
+//! the enums as `u8` codes. The id is the table key and is not repeated in the
+//! value. A new format gets a new version byte and a new private struct; old
+//! versions stay decodable.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::StoreError;
+use crate::otp::{HashAlgorithm, OtpKind};
+
+/// Longest accepted credential id, in bytes. Keeps keys (and so B-tree pages)
+/// small; generated ids are far shorter.
+pub const MAX_ID_LEN: usize = 256;
+
+/// First byte of every encoded record in format 1.
+const FORMAT_V1: u8 = 1;
+
+/// One credential's durable state.
+///
+/// `Debug` never prints `wrapped_seed`, only its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    /// Unique id; the store key. Immutable once inserted.
+    pub id: String,
+    /// HOTP or TOTP.
+    pub kind: OtpKind,
+    /// HMAC hash.
+    pub algorithm: HashAlgorithm,
+    /// Number of OTP digits.
+    pub digits: u8,
+    /// TOTP time step in seconds.
+    pub period_seconds: u32,
+    /// TOTP epoch (unix seconds).
+    pub t0: u64,
+    /// Seed wrapped under the HSM master key (AES key wrap with padding);
+    /// useless without the HSM.
+    pub wrapped_seed: Vec<u8>,
+    /// Which master key version wrapped `wrapped_seed`.
+    pub master_key_version: u32,
+    /// Issuer shown in authenticator apps.
+    pub issuer: String,
+    /// Account name shown in authenticator apps.
+    pub account_name: String,
+    /// TOTP: last accepted step; HOTP: last accepted counter. A code is a
+    /// replay unless strictly beyond it.
+    pub last_accepted: Option<u64>,
+    /// HOTP: where the look-ahead window starts.
+    pub next_counter: u64,
+    /// TOTP drift (in steps) recorded by resync.
+    pub drift_steps: i64,
+    /// Consecutive failed verifications.
+    pub failures: u32,
+    /// Unix seconds until which the credential is temporarily locked.
+    pub locked_until: u64,
+    /// Locked until an officer unlocks it.
+    pub hard_locked: bool,
+    /// Administratively disabled.
+    pub disabled: bool,
+    /// Unix seconds of creation.
+    pub created_at: u64,
+    /// Unix seconds of the last change (maintained by the caller: the store
+    /// has no clock of its own so that tests and replays stay deterministic).
+    pub updated_at: u64,
+}
+
+impl std::fmt::Debug for CredentialRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRecord")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("algorithm", &self.algorithm)
+            .field("digits", &self.digits)
+            .field("period_seconds", &self.period_seconds)
+            .field("t0", &self.t0)
+            .field(
+                "wrapped_seed",
+                &format_args!("<{} bytes>", self.wrapped_seed.len()),
+            )
+            .field("master_key_version", &self.master_key_version)
+            .field("issuer", &self.issuer)
+            .field("account_name", &self.account_name)
+            .field("last_accepted", &self.last_accepted)
+            .field("next_counter", &self.next_counter)
+            .field("drift_steps", &self.drift_steps)
+            .field("failures", &self.failures)
+            .field("locked_until", &self.locked_until)
+            .field("hard_locked", &self.hard_locked)
+            .field("disabled", &self.disabled)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
+/// Format 1 as stored. Field order is the wire format: never reorder, only
+/// add a new format version.
+#[derive(Serialize, Deserialize)]
+struct RecordV1<'a> {
+    kind: u8,
+    algorithm: u8,
+    digits: u8,
+    period_seconds: u32,
+    t0: u64,
+    #[serde(borrow)]
+    wrapped_seed: &'a [u8],
+    master_key_version: u32,
+    #[serde(borrow)]
+    issuer: &'a str,
+    #[serde(borrow)]
+    account_name: &'a str,
+    last_accepted: Option<u64>,
+    next_counter: u64,
+    drift_steps: i64,
+    failures: u32,
+    locked_until: u64,
+    hard_locked: bool,
+    disabled: bool,
+    created_at: u64,
+    updated_at: u64,
+}
+
+// Codes start at 1 so that zeroed bytes never decode as a valid record.
+fn kind_code(k: OtpKind) -> u8 {
+    match k {
+        OtpKind::Hotp => 1,
+        OtpKind::Totp => 2,
+    }
+}
+
+fn kind_from(c: u8) -> Option<OtpKind> {
+    match c {
+        1 => Some(OtpKind::Hotp),
+        2 => Some(OtpKind::Totp),
+        _ => None,
+    }
+}
+
+fn alg_code(a: HashAlgorithm) -> u8 {
+    match a {
+        HashAlgorithm::Sha1 => 1,
+        HashAlgorithm::Sha256 => 2,
+        HashAlgorithm::Sha512 => 3,
+    }
+}
+
+fn alg_from(c: u8) -> Option<HashAlgorithm> {
+    match c {
+        1 => Some(HashAlgorithm::Sha1),
+        2 => Some(HashAlgorithm::Sha256),
+        3 => Some(HashAlgorithm::Sha512),
+        _ => None,
+    }
+}
+
+/// Checks an id before it becomes a key.
+pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
+    if id.is_empty() {
+        return Err(StoreError::Invalid("empty credential id".into()));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(StoreError::Invalid(format!(
+            "credential id longer than {MAX_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes a record's value (everything but the id). The buffer is zeroized
+/// on drop because it holds a copy of the wrapped seed.
+pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
+    let v = RecordV1 {
+        kind: kind_code(rec.kind),
+        algorithm: alg_code(rec.algorithm),
+        digits: rec.digits,
+        period_seconds: rec.period_seconds,
+        t0: rec.t0,
+        wrapped_seed: &rec.wrapped_seed,
+        master_key_version: rec.master_key_version,
+        issuer: &rec.issuer,
+        account_name: &rec.account_name,
+        last_accepted: rec.last_accepted,
+        next_counter: rec.next_counter,
+        drift_steps: rec.drift_steps,
+        failures: rec.failures,
+        locked_until: rec.locked_until,
+        hard_locked: rec.hard_locked,
+        disabled: rec.disabled,
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
+    };
+    // Upper bound (varints <= 10 bytes, 3 length prefixes) so the Vec never
+    // reallocates, which would leave an unzeroized copy of the seed behind.
+    let cap = 1 + 16 * 10 + rec.wrapped_seed.len() + rec.issuer.len() + rec.account_name.len();
+    let mut buf = Vec::with_capacity(cap);
+    buf.push(FORMAT_V1);
+    // Serializing plain integers, bools and slices into a Vec cannot fail.
+    let buf = postcard::to_extend(&v, buf).expect("postcard encoding into a Vec is infallible");
+    Zeroizing::new(buf)
+}
+
+/// Decodes the value stored under `id`. Errors name the id and the defect,
+/// never the bytes.
+pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
+    let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
+    if version != FORMAT_V1 {
+        return Err(corrupt(&format!("unknown record format version {version}")));
+    }
+    let (v, rest): (RecordV1<'_>, _) =
+        postcard::take_from_bytes(body).map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+    if !rest.is_empty() {
+        return Err(corrupt("trailing bytes after record"));
+    }
+    Ok(CredentialRecord {
+        id: id.to_owned(),
+        kind: kind_from(v.kind).ok_or_else(|| corrupt(&format!("unknown kind code {}", v.kind)))?,
+        algorithm: alg_from(v.algorithm)
+            .ok_or_else(|| corrupt(&format!("unknown algorithm code {}", v.algorithm)))?,
+        digits: v.digits,
+        period_seconds: v.period_seconds,
+        t0: v.t0,
+        wrapped_seed: v.wrapped_seed.to_vec(),
+        master_key_version: v.master_key_version,
+        issuer: v.issuer.to_owned(),
+        account_name: v.account_name.to_owned(),
+        last_accepted: v.last_accepted,
+        next_counter: v.next_counter,
+        drift_steps: v.drift_steps,
+        failures: v.failures,
+        locked_until: v.locked_until,
+        hard_locked: v.hard_locked,
+        disabled: v.disabled,
+        created_at: v.created_at,
+        updated_at: v.updated_at,
+    })
+}

@@ -1,0 +1,32 @@
+//! Every redb table of the data file, in one place.
+//!
+//! Later modules (audit log, signing key metadata) add their definitions
+//! here, create them in `create_all`, and bump
+//! [`SCHEMA_VERSION`] if an older build could misread the file.
+
+use redb::TableDefinition;
+
+/// Credential records: id -> encoded [`super::CredentialRecord`] (without id).
+pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+
+/// Small key-value settings: key -> opaque bytes. Keys starting with
+/// [`RESERVED_META_PREFIX`] belong to the store itself.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Meta keys with this prefix are written only by the store.
+pub const RESERVED_META_PREFIX: &str = "store.";
+
+/// Meta key of the schema version (u32, little endian).
+pub const SCHEMA_VERSION_KEY: &str = "store.schema_version";
+
+/// Schema version this build writes and understands. A file with a higher
+/// version is refused at open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Creates every table in `txn` (redb creates a table on first write-open),
+/// so read transactions never see "table does not exist".
+pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+    txn.open_table(CREDENTIALS)?;
+    txn.open_table(META)?;
+    Ok(())
+}
