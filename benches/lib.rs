@@ -26,6 +26,7 @@ impl Bench {
             token: env.config.token(),
             sessions,
             queue_capacity: 4096,
+            seed_cache_capacity: 100_000,
         };
         let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open HSM");
         Bench { env, hsm }

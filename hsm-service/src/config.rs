@@ -24,6 +24,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Verification policy.
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
     /// Client certificate to role mapping; first match wins.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientRule>,
@@ -74,6 +77,9 @@ pub struct HsmConfig {
     /// Requests that may wait for a session; beyond it callers get RESOURCE_EXHAUSTED.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Unwrapped seeds kept in the HSM as session objects for fast verification.
+    #[serde(default = "default_seed_cache")]
+    pub seed_cache_capacity: usize,
     /// SoftHSM only: the softhsm2.conf to use (sets SOFTHSM2_CONF before loading).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
@@ -85,6 +91,53 @@ fn default_sessions() -> usize {
 
 fn default_queue() -> usize {
     4096
+}
+
+fn default_seed_cache() -> usize {
+    100_000
+}
+
+/// Verification policy of HOTP/TOTP credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// TOTP: steps accepted either side of the current one.
+    pub totp_window: u32,
+    /// HOTP: counters looked ahead of the expected one.
+    pub hotp_look_ahead: u32,
+    /// Consecutive failures after which the credential locks with back-off.
+    pub lockout_threshold: u32,
+    /// Consecutive failures after which it stays locked until an officer unlocks it.
+    pub hard_lockout_threshold: u32,
+    /// Back-off of the first lock in seconds; doubles with each further failure.
+    pub base_backoff_seconds: u32,
+    /// Longest back-off in seconds.
+    pub max_backoff_seconds: u32,
+    /// HOTP resync: counters searched ahead for two consecutive codes.
+    pub resync_hotp_look_ahead: u32,
+    /// TOTP resync: steps searched either side of the current one.
+    pub resync_totp_window: u32,
+    /// TOTP epoch T0 in unix seconds.
+    pub totp_t0: u64,
+    /// Issuer put in provisioning URIs when a request gives none.
+    pub default_issuer: String,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            totp_window: 1,
+            hotp_look_ahead: 10,
+            lockout_threshold: 5,
+            hard_lockout_threshold: 20,
+            base_backoff_seconds: 30,
+            max_backoff_seconds: 86_400,
+            resync_hotp_look_ahead: 1000,
+            resync_totp_window: 10,
+            totp_t0: 0,
+            default_issuer: String::new(),
+        }
+    }
 }
 
 /// Log output.
@@ -228,6 +281,31 @@ impl Config {
         }
         if self.hsm.queue_capacity == 0 {
             return Err("hsm.queue_capacity must be at least 1".into());
+        }
+        let c = &self.credentials;
+        if c.totp_window > 10 {
+            return Err("credentials.totp_window must be at most 10".into());
+        }
+        if c.hotp_look_ahead > 100 {
+            return Err("credentials.hotp_look_ahead must be at most 100".into());
+        }
+        if c.lockout_threshold == 0 || c.hard_lockout_threshold < c.lockout_threshold {
+            return Err(
+                "credentials: need 1 <= lockout_threshold <= hard_lockout_threshold".into(),
+            );
+        }
+        if c.base_backoff_seconds == 0 || c.max_backoff_seconds < c.base_backoff_seconds {
+            return Err(
+                "credentials: need 1 <= base_backoff_seconds <= max_backoff_seconds".into(),
+            );
+        }
+        if c.resync_hotp_look_ahead > 10_000 || c.resync_totp_window > 100 {
+            return Err(
+                "credentials: resync windows are at most 10000 (HOTP) and 100 (TOTP)".into(),
+            );
+        }
+        if self.hsm.seed_cache_capacity == 0 {
+            return Err("hsm.seed_cache_capacity must be at least 1".into());
         }
         for (i, rule) in self.clients.iter().enumerate() {
             match (&rule.cn, &rule.uri) {

@@ -19,7 +19,7 @@ use rcgen::{
 use secrecy::SecretString;
 
 use crate::auth::Role;
-use crate::config::{ClientRule, Config, HsmConfig, LogConfig, ServerConfig};
+use crate::config::{ClientRule, Config, CredentialsConfig, HsmConfig, LogConfig, ServerConfig};
 use crate::hsm::{module, TokenSelector};
 
 /// Client certificates the dev PKI issues, and the role each maps to.
@@ -168,9 +168,11 @@ fn dev_config(
             user_pin_env: None,
             sessions: 4,
             queue_capacity: 4096,
+            seed_cache_capacity: 100_000,
             softhsm2_conf: softhsm_conf.map(|_| PathBuf::from("softhsm2.conf")),
         },
         log: LogConfig::default(),
+        credentials: CredentialsConfig::default(),
         clients: DEV_CLIENTS
             .iter()
             .map(|(cn, role)| ClientRule {

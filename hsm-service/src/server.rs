@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
+use hsm_proto::v1::credential_service_server::CredentialServiceServer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -22,9 +23,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::api::{admin::Admin, AppState, State};
+use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
 use crate::auth::Authorizer;
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::hsm::{Hsm, HsmSettings};
 use crate::store::{EmbeddedStore, StoreOptions};
 
@@ -107,6 +109,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         token: config.token(),
         sessions: config.hsm.sessions,
         queue_capacity: config.hsm.queue_capacity,
+        seed_cache_capacity: config.hsm.seed_cache_capacity,
     };
     let hsm = tokio::task::spawn_blocking(move || Hsm::open(&settings, pin))
         .await
@@ -121,6 +124,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     );
 
     let store = open_store(&config).await?;
+    let clock = crate::credentials::system_clock();
+    let credentials = open_credentials(&config, &hsm, &store, clock.clone()).await?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -135,6 +140,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let state: State = Arc::new(AppState {
         hsm: hsm.clone(),
         store,
+        credentials,
+        clock,
         authorizer: Authorizer::new(config.clients.clone()),
         started: Instant::now(),
     });
@@ -154,7 +161,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Tls(e.to_string()))?
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AdminServiceServer::new(Admin::new(state.clone())));
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())))
+        .add_service(CredentialServiceServer::new(CredentialApi::new(
+            state.clone(),
+        )));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let task = tokio::spawn(async move {
@@ -209,6 +219,47 @@ pub async fn run(
     }
 }
 
+/// The hsm.v1 services, as the health service names them.
+pub const SERVICES: [&str; 2] = ["hsm.v1.AdminService", "hsm.v1.CredentialService"];
+
+/// Read the master key version from the store (1 on first start), make sure the key is
+/// on the token, and build the credential service.
+async fn open_credentials(
+    config: &Config,
+    hsm: &Hsm,
+    store: &Arc<EmbeddedStore>,
+    clock: crate::credentials::Clock,
+) -> Result<Credentials<EmbeddedStore>, StartError> {
+    use crate::credentials::MASTER_KEY_VERSION_META;
+    let version = match store.get_meta(MASTER_KEY_VERSION_META) {
+        Ok(Some(bytes)) => {
+            let arr: [u8; 4] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StartError::Store(format!("{MASTER_KEY_VERSION_META} is corrupt")))?;
+            u32::from_be_bytes(arr)
+        }
+        Ok(None) => {
+            store
+                .put_meta(MASTER_KEY_VERSION_META, 1u32.to_be_bytes().to_vec())
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            1
+        }
+        Err(e) => return Err(StartError::Store(e.to_string())),
+    };
+    crate::credentials::ensure_master_key(hsm, store.as_ref(), version)
+        .await
+        .map_err(|e| StartError::Hsm(format!("seed master key: {e}")))?;
+    Ok(Credentials::new(
+        hsm.clone(),
+        store.clone(),
+        config.credentials.clone(),
+        version,
+        clock,
+    ))
+}
+
 /// File name of the embedded store under the data directory.
 pub const STORE_FILE: &str = "store.redb";
 
@@ -252,7 +303,7 @@ async fn monitor_health(
                 tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
             }
             health.set_service_status("", status).await;
-            for name in ["hsm.v1.AdminService"] {
+            for name in SERVICES {
                 health.set_service_status(name, status).await;
             }
             last = Some(status);

@@ -2,12 +2,14 @@
 //! lives in a domain module, every check of the caller in `auth`.
 
 pub mod admin;
+pub mod credentials;
 pub mod status;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::Authorizer;
+use crate::credentials::{Clock, Credentials};
 use crate::hsm::Hsm;
 use crate::store::EmbeddedStore;
 
@@ -17,6 +19,10 @@ pub struct AppState {
     pub hsm: Hsm,
     /// Durable state.
     pub store: Arc<EmbeddedStore>,
+    /// HOTP/TOTP credentials.
+    pub credentials: Credentials<EmbeddedStore>,
+    /// The clock the service runs on.
+    pub clock: Clock,
     /// Certificate -> role.
     pub authorizer: Authorizer,
     /// Process start, for uptime.

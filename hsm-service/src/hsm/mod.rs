@@ -14,6 +14,7 @@ pub mod module;
 pub mod objects;
 mod pool;
 mod random;
+pub mod seeds;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -42,6 +43,8 @@ pub struct HsmSettings {
     pub sessions: usize,
     /// Requests that may wait for a session before new ones are refused as busy.
     pub queue_capacity: usize,
+    /// Unwrapped seeds kept as session objects (least recently used are destroyed).
+    pub seed_cache_capacity: usize,
 }
 
 /// Facts about the token, for status and logs.
@@ -68,6 +71,7 @@ pub struct Hsm {
 
 struct Inner {
     pool: Pool,
+    seeds: seeds::SeedCache,
     handles: HandleCache,
     facts: TokenFacts,
 }
@@ -102,6 +106,7 @@ impl Hsm {
         Ok(Hsm {
             inner: Arc::new(Inner {
                 pool,
+                seeds: seeds::SeedCache::new(settings.seed_cache_capacity),
                 handles: HandleCache::default(),
                 facts,
             }),

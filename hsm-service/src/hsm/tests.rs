@@ -14,6 +14,7 @@ fn open(env: &DevEnv, sessions: usize, queue: usize) -> Hsm {
         token: env.config.token(),
         sessions,
         queue_capacity: queue,
+        seed_cache_capacity: 16,
     };
     Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open")
 }
@@ -166,6 +167,7 @@ fn wrong_pin_and_missing_token_fail_at_open() {
         token: env.config.token(),
         sessions: 1,
         queue_capacity: 1,
+        seed_cache_capacity: 16,
     };
     let err =
         Hsm::open(&settings, SecretString::from("wrong-pin".to_owned())).expect_err("wrong PIN");

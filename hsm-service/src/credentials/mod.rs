@@ -1,0 +1,512 @@
+//! Credential lifecycle and verification: enrolment (seed generated in the HSM or
+//! imported, kept only wrapped), constant-time verification with replay protection and
+//! lockout, resync, state changes.
+//!
+//! The verification hot path, in order:
+//! 1. read the record (a few µs, no lock);
+//! 2. refuse at once, without HSM work, when disabled or locked;
+//! 3. compute the HMAC of every candidate in the window in the HSM, always all of them;
+//! 4. truncate each and compare with the submitted code in constant time (`subtle`),
+//!    folding without an early exit;
+//! 5. decide in one atomic, durable store update (group commit): accept only a
+//!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
+
+pub mod policy;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::hsm::Hsm;
+use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
+use crate::store::{CredentialRecord, CredentialStore, StoreError, Update};
+pub use policy::{Outcome, Policy, Verdict};
+
+/// Seconds since the Unix epoch; injectable so tests can stand at any time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+/// Store meta key holding the current seed master key version.
+pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
+
+/// Longest credential id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Import seeds: at least 80 bits (the shortest seeds in circulation), at most 64 bytes.
+pub const SEED_LEN: std::ops::RangeInclusive<usize> = 10..=64;
+
+/// A credential to enrol, validated by [`Credentials::create`].
+pub struct NewCredential {
+    /// Caller's id; `None` to generate one.
+    pub id: Option<String>,
+    /// HOTP or TOTP.
+    pub kind: OtpKind,
+    /// HMAC hash.
+    pub algorithm: HashAlgorithm,
+    /// Code length, 6..8.
+    pub digits: u32,
+    /// TOTP step in seconds (0 = 30); must be 0 for HOTP.
+    pub period_seconds: u32,
+    /// Seed to import; `None` to have the HSM generate one.
+    pub seed: Option<Zeroizing<Vec<u8>>>,
+    /// Return the provisioning URI (generated seeds only).
+    pub reveal_seed: bool,
+    /// Issuer for authenticator apps.
+    pub issuer: String,
+    /// Account name for authenticator apps.
+    pub account_name: String,
+    /// HOTP: the token's current counter.
+    pub initial_counter: u64,
+}
+
+impl std::fmt::Debug for NewCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewCredential")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("algorithm", &self.algorithm)
+            .field("digits", &self.digits)
+            .field("seed", &self.seed.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An enrolled credential.
+pub struct Created {
+    /// The stored record (its seed wrapped).
+    pub record: CredentialRecord,
+    /// The otpauth:// URI, when a reveal was asked for.
+    pub provisioning_uri: Option<Zeroizing<String>>,
+}
+
+/// State changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Verify codes again.
+    Enable,
+    /// Refuse every code.
+    Disable,
+    /// Lift any lock and reset the failure count.
+    Unlock,
+}
+
+/// The credential service.
+pub struct Credentials<S: CredentialStore> {
+    hsm: Hsm,
+    store: Arc<S>,
+    policy: Policy,
+    master_key_version: u32,
+    clock: Clock,
+}
+
+impl<S: CredentialStore> Credentials<S> {
+    /// Wire the service. `master_key_version` must exist on the token (see
+    /// [`ensure_master_key`]).
+    pub fn new(
+        hsm: Hsm,
+        store: Arc<S>,
+        policy: Policy,
+        master_key_version: u32,
+        clock: Clock,
+    ) -> Self {
+        Credentials {
+            hsm,
+            store,
+            policy,
+            master_key_version,
+            clock,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Enrol a credential.
+    pub async fn create(&self, new: NewCredential) -> Result<Created> {
+        let digits = Digits::new(new.digits).map_err(|_| invalid("digits must be 6, 7 or 8"))?;
+        let period_seconds = match (new.kind, new.period_seconds) {
+            (OtpKind::Totp, 0) => 30,
+            (OtpKind::Totp, p @ 1..=300) => p,
+            (OtpKind::Totp, _) => {
+                return Err(invalid("period_seconds must be 1..300 (0 means 30)"))
+            }
+            (OtpKind::Hotp, 0) => 0,
+            (OtpKind::Hotp, _) => return Err(invalid("period_seconds is for TOTP only")),
+        };
+        if new.kind == OtpKind::Totp && new.initial_counter != 0 {
+            return Err(invalid("initial_counter is for HOTP only"));
+        }
+        if new.initial_counter == u64::MAX {
+            return Err(invalid("initial_counter is out of range"));
+        }
+        check_label("issuer", &new.issuer, 64)?;
+        check_label("account_name", &new.account_name, 128)?;
+        if let Some(seed) = &new.seed {
+            if !SEED_LEN.contains(&seed.len()) {
+                return Err(invalid(format!(
+                    "seed must be {} to {} bytes, got {}",
+                    SEED_LEN.start(),
+                    SEED_LEN.end(),
+                    seed.len()
+                )));
+            }
+            if new.reveal_seed {
+                return Err(invalid("reveal_seed is for generated seeds only"));
+            }
+        }
+        let id = match new.id {
+            Some(id) => {
+                check_id(&id)?;
+                id
+            }
+            None => generated_id(&self.hsm).await?,
+        };
+        let issuer = if new.issuer.is_empty() {
+            self.policy.default_issuer.clone()
+        } else {
+            new.issuer
+        };
+
+        let version = self.master_key_version;
+        let alg = new.algorithm;
+        let (wrapped_seed, provisioning_uri) = match (new.seed, new.reveal_seed) {
+            (Some(seed), _) => (
+                self.hsm
+                    .wrap_seed(version, otp::pad_seed(&seed, alg))
+                    .await?,
+                None,
+            ),
+            (None, false) => (
+                self.hsm
+                    .generate_wrapped_seed(version, alg.digest_len())
+                    .await?,
+                None,
+            ),
+            (None, true) => {
+                // The one moment a generated seed is in host memory: the enrolment reveal.
+                let seed = self.hsm.random(alg.digest_len()).await?;
+                let uri = otp::provisioning_uri(
+                    &seed,
+                    &ProvisioningParams {
+                        kind: new.kind,
+                        algorithm: alg,
+                        digits,
+                        period: period_seconds,
+                        counter: new.initial_counter,
+                        issuer: &issuer,
+                        account_name: &new.account_name,
+                    },
+                );
+                let wrapped = self
+                    .hsm
+                    .wrap_seed(version, otp::pad_seed(&seed, alg))
+                    .await?;
+                (wrapped, Some(uri))
+            }
+        };
+        let now = (self.clock)();
+        let record = CredentialRecord {
+            id,
+            kind: new.kind,
+            algorithm: alg,
+            digits: digits.get(),
+            period_seconds,
+            t0: self.policy.totp_t0,
+            wrapped_seed,
+            master_key_version: version,
+            issuer,
+            account_name: new.account_name,
+            last_accepted: None,
+            next_counter: new.initial_counter,
+            drift_steps: 0,
+            failures: 0,
+            locked_until: 0,
+            hard_locked: false,
+            disabled: false,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store
+            .insert(record.clone())
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => {
+                    Error::AlreadyExists(format!("credential {:?} exists", record.id))
+                }
+                other => store_error(other),
+            })?;
+        tracing::info!(credential = %record.id, kind = ?record.kind, "credential created");
+        Ok(Created {
+            record,
+            provisioning_uri,
+        })
+    }
+
+    /// Verify a code.
+    pub async fn verify(&self, id: &str, code: &str) -> Result<Outcome> {
+        let rec = self.get(id).await?;
+        let digits = Digits::new(u32::from(rec.digits))
+            .map_err(|_| Error::Internal("stored digits out of range".into()))?;
+        let submitted = otp::parse_code(code, digits)
+            .map_err(|_| invalid(format!("code must be exactly {} digits", digits.get())))?;
+        let now = (self.clock)();
+        if let Some(refused) = policy::gate(&rec, now, &self.policy) {
+            return Ok(refused);
+        }
+        let window = policy::verify_window(&rec, now, &self.policy).map_err(otp_state)?;
+        let codes = self.codes(&rec, window.clone(), digits).await?;
+        let matched =
+            ct_to_option(otp::find_match(submitted, &codes)).map(|i| window.start() + u64::from(i));
+        let policy = self.policy.clone();
+        let seed = rec.wrapped_seed;
+        let outcome = self
+            .store
+            .update(id, move |r| {
+                if r.wrapped_seed != seed {
+                    return Update::Keep(None);
+                }
+                match policy::apply_verify(r, matched, now, &policy) {
+                    Update::Write(o) => Update::Write(Some(o)),
+                    Update::Keep(o) => Update::Keep(Some(o)),
+                    Update::Delete(o) => Update::Delete(Some(o)),
+                }
+            })
+            .await
+            .map_err(|e| not_found_or(e, id))?
+            .ok_or_else(changed)?;
+        if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
+            tracing::warn!(
+                credential = id,
+                "credential hard-locked after repeated failures"
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// Resynchronise from two consecutive codes.
+    pub async fn resync(
+        &self,
+        id: &str,
+        code1: &str,
+        code2: &str,
+    ) -> Result<(Outcome, CredentialRecord)> {
+        let rec = self.get(id).await?;
+        let digits = Digits::new(u32::from(rec.digits))
+            .map_err(|_| Error::Internal("stored digits out of range".into()))?;
+        let c1 = otp::parse_code(code1, digits)
+            .map_err(|_| invalid(format!("code1 must be exactly {} digits", digits.get())))?;
+        let c2 = otp::parse_code(code2, digits)
+            .map_err(|_| invalid(format!("code2 must be exactly {} digits", digits.get())))?;
+        let now = (self.clock)();
+        if let Some(refused) = policy::gate(&rec, now, &self.policy) {
+            return Ok((refused, rec));
+        }
+        let window = policy::resync_window(&rec, now, &self.policy).map_err(otp_state)?;
+        let current_step = match rec.kind {
+            OtpKind::Totp => otp::totp_step(now, rec.t0, rec.period_seconds).map_err(otp_state)?,
+            OtpKind::Hotp => 0,
+        };
+        let codes = self.codes(&rec, window.clone(), digits).await?;
+        let matched = ct_to_option(otp::find_consecutive(c1, c2, &codes))
+            .map(|i| window.start() + u64::from(i) + 1);
+        let policy = self.policy.clone();
+        let seed = rec.wrapped_seed;
+        let result = self
+            .store
+            .update(id, move |r| {
+                if r.wrapped_seed != seed {
+                    return Update::Keep(None);
+                }
+                let decided = policy::apply_resync(r, matched, current_step, now, &policy);
+                let snapshot = r.clone();
+                match decided {
+                    Update::Write(o) => Update::Write(Some((o, snapshot))),
+                    Update::Keep(o) => Update::Keep(Some((o, snapshot))),
+                    Update::Delete(o) => Update::Delete(Some((o, snapshot))),
+                }
+            })
+            .await
+            .map_err(|e| not_found_or(e, id))?
+            .ok_or_else(changed)?;
+        if result.0.verdict == Verdict::Accepted {
+            tracing::info!(credential = id, "credential resynchronised");
+        }
+        Ok(result)
+    }
+
+    /// One credential.
+    pub async fn get(&self, id: &str) -> Result<CredentialRecord> {
+        check_id(id)?;
+        self.store
+            .get(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::NotFound(format!("no credential {id:?}")))
+    }
+
+    /// A page of credentials after `after`, and whether more may follow.
+    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<CredentialRecord>> {
+        self.store.list(after, limit).await.map_err(store_error)
+    }
+
+    /// Enable, disable or unlock.
+    pub async fn update_state(&self, id: &str, action: Action) -> Result<CredentialRecord> {
+        check_id(id)?;
+        let now = (self.clock)();
+        let rec = self
+            .store
+            .update(id, move |r| {
+                match action {
+                    Action::Enable => r.disabled = false,
+                    Action::Disable => r.disabled = true,
+                    Action::Unlock => {
+                        r.hard_locked = false;
+                        r.locked_until = 0;
+                        r.failures = 0;
+                    }
+                }
+                r.updated_at = now;
+                Update::Write(r.clone())
+            })
+            .await
+            .map_err(|e| not_found_or(e, id))?;
+        tracing::info!(credential = id, ?action, "credential state changed");
+        Ok(rec)
+    }
+
+    /// Remove a credential (its wrapped seed goes with it).
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        check_id(id)?;
+        if self.store.delete(id).await.map_err(store_error)? {
+            tracing::info!(credential = id, "credential deleted");
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("no credential {id:?}")))
+        }
+    }
+
+    /// Candidate codes for every factor of `window`, all computed by the HSM.
+    async fn codes(
+        &self,
+        rec: &CredentialRecord,
+        window: std::ops::RangeInclusive<u64>,
+        digits: Digits,
+    ) -> Result<Vec<u32>> {
+        let factors: Vec<[u8; 8]> = window.map(otp::moving_factor).collect();
+        let len = rec.algorithm.digest_len();
+        let macs = self
+            .hsm
+            .seed_macs(
+                rec.master_key_version,
+                Arc::from(rec.wrapped_seed.as_slice()),
+                rec.algorithm,
+                factors,
+            )
+            .await?;
+        Ok(macs
+            .chunks_exact(len)
+            .map(|mac| otp::truncate(mac, digits))
+            .collect())
+    }
+}
+
+/// Make sure the store's seed master key exists on the token, creating it on first start.
+/// Refuses when the store holds credentials but the token lacks their master key (a
+/// wrong token): creating a new key then would make every stored seed unusable.
+pub async fn ensure_master_key<S: CredentialStore>(
+    hsm: &Hsm,
+    store: &S,
+    version: u32,
+) -> Result<()> {
+    let label = crate::hsm::seeds::master_key_label(version);
+    let present = hsm
+        .find_object(crate::hsm::objects::ObjectClass::SECRET_KEY, &label)
+        .await?
+        .is_some();
+    if !present {
+        let count = store.count().await.map_err(store_error)?;
+        if count > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "the token has no {label} but the store holds {count} credentials wrapped under it: wrong token?"
+            )));
+        }
+        hsm.ensure_seed_master_key(version).await?;
+    }
+    Ok(())
+}
+
+fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {
+    Option::from(c)
+}
+
+fn invalid(m: impl Into<String>) -> Error {
+    Error::InvalidArgument(m.into())
+}
+
+fn changed() -> Error {
+    Error::FailedPrecondition("the credential changed during verification; retry".into())
+}
+
+fn otp_state(e: otp::OtpError) -> Error {
+    Error::FailedPrecondition(format!("credential cannot verify: {e}"))
+}
+
+fn not_found_or(e: StoreError, id: &str) -> Error {
+    match e {
+        StoreError::NotFound => Error::NotFound(format!("no credential {id:?}")),
+        other => store_error(other),
+    }
+}
+
+/// Store failures are the service's problem, not the caller's: detail to the log.
+pub(crate) fn store_error(e: StoreError) -> Error {
+    Error::Internal(format!("store: {e}"))
+}
+
+/// Ids: 1..128 characters from `[A-Za-z0-9._:@-]`, so they are safe in logs and URIs.
+pub fn check_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(invalid(format!(
+            "credential_id must be 1 to {MAX_ID_LEN} characters"
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err(invalid(
+            "credential_id may contain only A-Z a-z 0-9 . _ : @ -",
+        ));
+    }
+    Ok(())
+}
+
+fn check_label(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.chars().count() > max {
+        return Err(invalid(format!("{field} must be at most {max} characters")));
+    }
+    if value.contains(':') || value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{field} may not contain ':' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn generated_id(hsm: &Hsm) -> Result<String> {
+    let bytes = hsm.random(16).await?;
+    Ok(crate::auth::hex(&bytes))
+}

@@ -1,0 +1,751 @@
+//! Policy tables (pure) and the service against a real SoftHSM token with a settable
+//! clock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::policy::{self, backoff_seconds};
+use super::*;
+use crate::hsm::{Hsm, HsmSettings};
+use crate::otp::rfc_vectors;
+use crate::store::{EmbeddedStore, StoreOptions};
+use crate::testing::DevEnv;
+
+fn record(kind: OtpKind) -> CredentialRecord {
+    CredentialRecord {
+        id: "c".into(),
+        kind,
+        algorithm: HashAlgorithm::Sha1,
+        digits: 6,
+        period_seconds: if kind == OtpKind::Totp { 30 } else { 0 },
+        t0: 0,
+        wrapped_seed: vec![1; 40],
+        master_key_version: 1,
+        issuer: String::new(),
+        account_name: String::new(),
+        last_accepted: None,
+        next_counter: 0,
+        drift_steps: 0,
+        failures: 0,
+        locked_until: 0,
+        hard_locked: false,
+        disabled: false,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn outcome(u: Update<Outcome>) -> Outcome {
+    match u {
+        Update::Write(o) | Update::Keep(o) | Update::Delete(o) => o,
+    }
+}
+
+#[test]
+fn lockout_table_with_default_policy() {
+    let p = Policy::default();
+    let mut rec = record(OtpKind::Totp);
+    let mut now = 1_000_000;
+    // (failure number, remaining after it, retry_after, hard locked)
+    let table: [(u32, u32, u32, bool); 8] = [
+        (1, 4, 0, false),
+        (4, 1, 0, false),
+        (5, 15, 30, false),
+        (6, 14, 60, false),
+        (7, 13, 120, false),
+        (10, 10, 960, false),
+        (19, 1, 86_400, false),
+        (20, 0, 0, true),
+    ];
+    let mut expected = table.iter().peekable();
+    for n in 1..=20u32 {
+        let o = outcome(policy::apply_verify(&mut rec, None, now, &p));
+        assert_eq!(o.verdict, Verdict::Rejected, "failure {n}");
+        if let Some(&&(at, remaining, retry, hard)) = expected.peek() {
+            if at == n {
+                assert_eq!(
+                    o.remaining_attempts, remaining,
+                    "remaining after failure {n}"
+                );
+                assert_eq!(o.retry_after_seconds, retry, "back-off after failure {n}");
+                assert_eq!(rec.hard_locked, hard, "hard lock after failure {n}");
+                expected.next();
+            }
+        }
+        // While locked, attempts are refused without counting.
+        if rec.locked_until > now {
+            let before = rec.failures;
+            let o = outcome(policy::apply_verify(&mut rec, Some(99), now, &p));
+            assert_eq!(o.verdict, Verdict::Locked);
+            assert_eq!(o.retry_after_seconds as u64, rec.locked_until - now);
+            assert_eq!(rec.failures, before);
+            now = rec.locked_until;
+        }
+    }
+    assert!(expected.next().is_none());
+    let o = outcome(policy::apply_verify(&mut rec, Some(1), now + 1_000_000, &p));
+    assert_eq!(
+        (o.verdict, o.retry_after_seconds),
+        (Verdict::Locked, 0),
+        "hard lock never expires"
+    );
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    let p = Policy {
+        base_backoff_seconds: 10,
+        max_backoff_seconds: 100,
+        ..Policy::default()
+    };
+    let got: Vec<u32> = (5..=10).map(|f| backoff_seconds(f, &p)).collect();
+    assert_eq!(got, vec![10, 20, 40, 80, 100, 100]);
+    assert_eq!(backoff_seconds(u32::MAX, &p), 100);
+}
+
+#[test]
+fn success_resets_failures_and_replay_is_not_counted() {
+    let p = Policy::default();
+    let mut rec = record(OtpKind::Totp);
+    for _ in 0..3 {
+        policy::apply_verify(&mut rec, None, 100, &p);
+    }
+    assert_eq!(rec.failures, 3);
+    let o = outcome(policy::apply_verify(&mut rec, Some(7), 100, &p));
+    assert_eq!(o.verdict, Verdict::Accepted);
+    assert_eq!((rec.failures, rec.last_accepted), (0, Some(7)));
+    for step in [7, 6] {
+        let u = policy::apply_verify(&mut rec, Some(step), 100, &p);
+        assert!(
+            matches!(
+                u,
+                Update::Keep(Outcome {
+                    verdict: Verdict::Replayed,
+                    ..
+                })
+            ),
+            "step {step}"
+        );
+    }
+    assert_eq!(rec.failures, 0);
+    assert_eq!(
+        outcome(policy::apply_verify(&mut rec, Some(8), 100, &p)).verdict,
+        Verdict::Accepted
+    );
+}
+
+#[test]
+fn gate_table() {
+    let p = Policy::default();
+    let mut disabled = record(OtpKind::Hotp);
+    disabled.disabled = true;
+    let mut hard = record(OtpKind::Hotp);
+    hard.hard_locked = true;
+    let mut soft = record(OtpKind::Hotp);
+    soft.locked_until = 160;
+    let cases = [
+        (record(OtpKind::Hotp), None),
+        (disabled, Some((Verdict::Disabled, 0))),
+        (hard, Some((Verdict::Locked, 0))),
+        (soft.clone(), Some((Verdict::Locked, 60))),
+    ];
+    for (rec, expected) in cases {
+        let got = policy::gate(&rec, 100, &p).map(|o| (o.verdict, o.retry_after_seconds));
+        assert_eq!(got, expected, "{rec:?}");
+    }
+    assert_eq!(
+        policy::gate(&soft, 160, &p),
+        None,
+        "the lock ends at locked_until"
+    );
+}
+
+#[test]
+fn windows() {
+    let p = Policy::default();
+    let mut totp = record(OtpKind::Totp);
+    assert_eq!(policy::verify_window(&totp, 300, &p).expect("w"), 9..=11);
+    totp.drift_steps = -3;
+    assert_eq!(policy::verify_window(&totp, 300, &p).expect("w"), 6..=8);
+    assert_eq!(policy::resync_window(&totp, 300, &p).expect("w"), 0..=20);
+    let mut hotp = record(OtpKind::Hotp);
+    hotp.next_counter = 5;
+    assert_eq!(policy::verify_window(&hotp, 0, &p).expect("w"), 5..=15);
+    hotp.last_accepted = Some(4);
+    assert_eq!(
+        policy::verify_window(&hotp, 0, &p).expect("w"),
+        4..=15,
+        "includes the last accepted, to say REPLAYED"
+    );
+    assert_eq!(policy::resync_window(&hotp, 0, &p).expect("w"), 5..=1005);
+}
+
+#[test]
+fn resync_records_drift_and_reanchors_counter() {
+    let p = Policy::default();
+    let mut totp = record(OtpKind::Totp);
+    let o = outcome(policy::apply_resync(&mut totp, Some(105), 100, 3000, &p));
+    assert_eq!(o.verdict, Verdict::Accepted);
+    assert_eq!((totp.drift_steps, totp.last_accepted), (5, Some(105)));
+    let o = outcome(policy::apply_resync(&mut totp, Some(105), 100, 3000, &p));
+    assert_eq!(o.verdict, Verdict::Replayed);
+    let mut slow = record(OtpKind::Totp);
+    policy::apply_resync(&mut slow, Some(96), 100, 3000, &p);
+    assert_eq!(slow.drift_steps, -4);
+    let mut hotp = record(OtpKind::Hotp);
+    policy::apply_resync(&mut hotp, Some(501), 0, 3000, &p);
+    assert_eq!((hotp.next_counter, hotp.last_accepted), (502, Some(501)));
+    let o = outcome(policy::apply_resync(&mut hotp, None, 0, 3000, &p));
+    assert_eq!(
+        (o.verdict, hotp.failures),
+        (Verdict::Rejected, 1),
+        "a failed resync counts"
+    );
+}
+
+struct Fixture {
+    _env: DevEnv,
+    _dir: tempfile::TempDir,
+    hsm: Hsm,
+    now: Arc<AtomicU64>,
+    service: Arc<Credentials<EmbeddedStore>>,
+}
+
+async fn fixture(policy: Policy) -> Fixture {
+    let env = DevEnv::new();
+    let settings = HsmSettings {
+        module: env.config.hsm.module.clone(),
+        token: env.config.token(),
+        sessions: 2,
+        queue_capacity: 1024,
+        seed_cache_capacity: 64,
+    };
+    let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(
+        EmbeddedStore::open(&dir.path().join("s.redb"), StoreOptions::default()).expect("store"),
+    );
+    ensure_master_key(&hsm, store.as_ref(), 1)
+        .await
+        .expect("master key");
+    let now = Arc::new(AtomicU64::new(1_700_000_000));
+    let clock_now = now.clone();
+    let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+    let service = Arc::new(Credentials::new(hsm.clone(), store, policy, 1, clock));
+    Fixture {
+        _env: env,
+        _dir: dir,
+        hsm,
+        now,
+        service,
+    }
+}
+
+fn import(id: &str, kind: OtpKind, alg: HashAlgorithm, digits: u32, seed: &[u8]) -> NewCredential {
+    NewCredential {
+        id: Some(id.into()),
+        kind,
+        algorithm: alg,
+        digits,
+        period_seconds: 0,
+        seed: Some(Zeroizing::new(seed.to_vec())),
+        reveal_seed: false,
+        issuer: "Test".into(),
+        account_name: "alice".into(),
+        initial_counter: 0,
+    }
+}
+
+fn soft_code(seed: &[u8], alg: HashAlgorithm, factor: u64, digits: u32) -> String {
+    let ring_alg = match alg {
+        HashAlgorithm::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+        HashAlgorithm::Sha256 => ring::hmac::HMAC_SHA256,
+        HashAlgorithm::Sha512 => ring::hmac::HMAC_SHA512,
+    };
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring_alg, seed),
+        &otp::moving_factor(factor),
+    );
+    let d = Digits::new(digits).expect("digits");
+    format!(
+        "{:0width$}",
+        otp::truncate(tag.as_ref(), d),
+        width = digits as usize
+    )
+}
+
+#[tokio::test]
+async fn rfc4226_vectors_through_the_hsm() {
+    let f = fixture(Policy::default()).await;
+    f.service
+        .create(import(
+            "rfc4226",
+            OtpKind::Hotp,
+            HashAlgorithm::Sha1,
+            6,
+            rfc_vectors::RFC4226_SEED,
+        ))
+        .await
+        .expect("create");
+    for v in rfc_vectors::RFC4226_VECTORS.iter() {
+        let o = f
+            .service
+            .verify("rfc4226", &format!("{:06}", v.code))
+            .await
+            .expect("verify");
+        assert_eq!(o.verdict, Verdict::Accepted, "counter {}", v.counter);
+    }
+    let last = format!(
+        "{:06}",
+        rfc_vectors::RFC4226_VECTORS.last().expect("vectors").code
+    );
+    assert_eq!(
+        f.service
+            .verify("rfc4226", &last)
+            .await
+            .expect("verify")
+            .verdict,
+        Verdict::Replayed
+    );
+    let first = format!("{:06}", rfc_vectors::RFC4226_VECTORS[0].code);
+    assert_eq!(
+        f.service
+            .verify("rfc4226", &first)
+            .await
+            .expect("verify")
+            .verdict,
+        Verdict::Rejected
+    );
+}
+
+#[tokio::test]
+async fn rfc6238_vectors_through_the_hsm() {
+    let f = fixture(Policy::default()).await;
+    for alg in [
+        HashAlgorithm::Sha1,
+        HashAlgorithm::Sha256,
+        HashAlgorithm::Sha512,
+    ] {
+        let id = format!("rfc6238-{}", alg.uri_name());
+        f.service
+            .create(import(
+                &id,
+                OtpKind::Totp,
+                alg,
+                8,
+                rfc_vectors::rfc6238_seed(alg),
+            ))
+            .await
+            .expect("create");
+        let mut vectors: Vec<_> = rfc_vectors::RFC6238_VECTORS
+            .iter()
+            .filter(|v| v.algorithm == alg)
+            .collect();
+        vectors.sort_by_key(|v| v.unix_time);
+        assert_eq!(vectors.len(), 6);
+        for v in vectors {
+            f.now.store(v.unix_time, Ordering::SeqCst);
+            let code = format!("{:08}", v.code);
+            let o = f.service.verify(&id, &code).await.expect("verify");
+            assert_eq!(o.verdict, Verdict::Accepted, "{alg:?} at {}", v.unix_time);
+            assert_eq!(
+                f.service.verify(&id, &code).await.expect("verify").verdict,
+                Verdict::Replayed
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn totp_window_edges_and_short_seed() {
+    let f = fixture(Policy::default()).await;
+    // A 10-byte seed: SoftHSM needs it padded to the digest length; the codes must be
+    // those of the unpadded seed.
+    let seed = b"0123456789";
+    f.service
+        .create(import(
+            "short",
+            OtpKind::Totp,
+            HashAlgorithm::Sha256,
+            6,
+            seed,
+        ))
+        .await
+        .expect("create");
+    let now = f.now.load(Ordering::SeqCst);
+    let step = now / 30;
+    let two_ahead = soft_code(seed, HashAlgorithm::Sha256, step + 2, 6);
+    let one_ahead = soft_code(seed, HashAlgorithm::Sha256, step + 1, 6);
+    let current = soft_code(seed, HashAlgorithm::Sha256, step, 6);
+    if two_ahead != one_ahead && two_ahead != current {
+        assert_eq!(
+            f.service
+                .verify("short", &two_ahead)
+                .await
+                .expect("v")
+                .verdict,
+            Verdict::Rejected
+        );
+    }
+    assert_eq!(
+        f.service
+            .verify("short", &one_ahead)
+            .await
+            .expect("v")
+            .verdict,
+        Verdict::Accepted
+    );
+    // step+1 accepted: the current step's code is now a replay, even though it is right.
+    assert_eq!(
+        f.service
+            .verify("short", &current)
+            .await
+            .expect("v")
+            .verdict,
+        Verdict::Replayed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_verifications_accept_a_code_once() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    f.service
+        .create(import("race", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    let code = soft_code(
+        seed,
+        HashAlgorithm::Sha1,
+        f.now.load(Ordering::SeqCst) / 30,
+        6,
+    );
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let s = f.service.clone();
+            let code = code.clone();
+            tokio::spawn(async move { s.verify("race", &code).await.expect("verify").verdict })
+        })
+        .collect();
+    let mut verdicts = Vec::new();
+    for c in calls {
+        verdicts.push(c.await.expect("join"));
+    }
+    let accepted = verdicts.iter().filter(|v| **v == Verdict::Accepted).count();
+    let replayed = verdicts.iter().filter(|v| **v == Verdict::Replayed).count();
+    assert_eq!((accepted, replayed), (1, 31), "{verdicts:?}");
+}
+
+#[tokio::test]
+async fn locked_credentials_do_no_hsm_work_and_unlock() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    f.service
+        .create(import("lock", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    let wrong = if soft_code(seed, HashAlgorithm::Sha1, 0, 6) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            f.service.verify("lock", wrong).await.expect("v").verdict,
+            Verdict::Rejected
+        );
+    }
+    let hsm_ops = f.hsm.completed();
+    let right = soft_code(seed, HashAlgorithm::Sha1, 0, 6);
+    let o = f.service.verify("lock", &right).await.expect("v");
+    assert_eq!((o.verdict, o.retry_after_seconds), (Verdict::Locked, 30));
+    assert_eq!(
+        f.hsm.completed(),
+        hsm_ops,
+        "a locked credential does no HSM work"
+    );
+    f.now.fetch_add(30, Ordering::SeqCst);
+    assert_eq!(
+        f.service.verify("lock", &right).await.expect("v").verdict,
+        Verdict::Accepted
+    );
+
+    let rec = f
+        .service
+        .update_state("lock", Action::Disable)
+        .await
+        .expect("disable");
+    assert!(rec.disabled);
+    let next = soft_code(seed, HashAlgorithm::Sha1, 1, 6);
+    assert_eq!(
+        f.service.verify("lock", &next).await.expect("v").verdict,
+        Verdict::Disabled
+    );
+    f.service
+        .update_state("lock", Action::Enable)
+        .await
+        .expect("enable");
+    assert_eq!(
+        f.service.verify("lock", &next).await.expect("v").verdict,
+        Verdict::Accepted
+    );
+}
+
+#[tokio::test]
+async fn resync_through_the_hsm() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    f.service
+        .create(import("hotp", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    // The token was pressed 500 times out of sight: beyond the look-ahead of 10.
+    let far = soft_code(seed, HashAlgorithm::Sha1, 500, 6);
+    assert_eq!(
+        f.service.verify("hotp", &far).await.expect("v").verdict,
+        Verdict::Rejected
+    );
+    let (o, rec) = f
+        .service
+        .resync(
+            "hotp",
+            &soft_code(seed, HashAlgorithm::Sha1, 501, 6),
+            &soft_code(seed, HashAlgorithm::Sha1, 502, 6),
+        )
+        .await
+        .expect("resync");
+    assert_eq!(o.verdict, Verdict::Accepted);
+    assert_eq!((rec.next_counter, rec.failures), (503, 0));
+    assert_eq!(
+        f.service
+            .verify("hotp", &soft_code(seed, HashAlgorithm::Sha1, 503, 6))
+            .await
+            .expect("v")
+            .verdict,
+        Verdict::Accepted
+    );
+
+    f.service
+        .create(import("totp", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    let step = f.now.load(Ordering::SeqCst) / 30;
+    // The authenticator's clock runs 5 steps (2.5 minutes) fast.
+    let (o, rec) = f
+        .service
+        .resync(
+            "totp",
+            &soft_code(seed, HashAlgorithm::Sha1, step + 4, 6),
+            &soft_code(seed, HashAlgorithm::Sha1, step + 5, 6),
+        )
+        .await
+        .expect("resync");
+    assert_eq!((o.verdict, rec.drift_steps), (Verdict::Accepted, 5));
+    f.now.fetch_add(30, Ordering::SeqCst);
+    assert_eq!(
+        f.service
+            .verify("totp", &soft_code(seed, HashAlgorithm::Sha1, step + 6, 6))
+            .await
+            .expect("v")
+            .verdict,
+        Verdict::Accepted,
+        "verification follows the recorded drift"
+    );
+}
+
+#[tokio::test]
+async fn generated_seed_with_reveal_matches_its_uri() {
+    let f = fixture(Policy::default()).await;
+    let created = f
+        .service
+        .create(NewCredential {
+            id: None,
+            kind: OtpKind::Totp,
+            algorithm: HashAlgorithm::Sha1,
+            digits: 6,
+            period_seconds: 30,
+            seed: None,
+            reveal_seed: true,
+            issuer: "MitID".into(),
+            account_name: "alice".into(),
+            initial_counter: 0,
+        })
+        .await
+        .expect("create");
+    assert_eq!(created.record.id.len(), 32, "generated id");
+    let uri = created.provisioning_uri.expect("uri");
+    assert!(
+        uri.starts_with("otpauth://totp/MitID:alice?secret="),
+        "{}",
+        uri.as_str()
+    );
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .and_then(|s| s.split('&').next())
+        .expect("secret");
+    let seed = data_encoding::BASE32_NOPAD
+        .decode(secret.as_bytes())
+        .expect("base32");
+    let code = soft_code(
+        &seed,
+        HashAlgorithm::Sha1,
+        f.now.load(Ordering::SeqCst) / 30,
+        6,
+    );
+    assert_eq!(
+        f.service
+            .verify(&created.record.id, &code)
+            .await
+            .expect("v")
+            .verdict,
+        Verdict::Accepted
+    );
+
+    // Without reveal the seed is born in the HSM: no URI, and it verifies nothing we know.
+    let hidden = f
+        .service
+        .create(NewCredential {
+            id: Some("hidden".into()),
+            kind: OtpKind::Hotp,
+            algorithm: HashAlgorithm::Sha512,
+            digits: 8,
+            period_seconds: 0,
+            seed: None,
+            reveal_seed: false,
+            issuer: String::new(),
+            account_name: String::new(),
+            initial_counter: 0,
+        })
+        .await
+        .expect("create");
+    assert!(hidden.provisioning_uri.is_none());
+    assert!(hidden.record.wrapped_seed.len() >= 64 + 8);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_arguments() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    let base = || import("x", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed);
+    let cases: Vec<(&str, NewCredential, &str)> = vec![
+        (
+            "digits",
+            NewCredential {
+                digits: 9,
+                ..base()
+            },
+            "digits",
+        ),
+        (
+            "period on HOTP",
+            NewCredential {
+                period_seconds: 30,
+                ..base()
+            },
+            "period_seconds",
+        ),
+        (
+            "period too long",
+            NewCredential {
+                kind: OtpKind::Totp,
+                period_seconds: 301,
+                ..base()
+            },
+            "period_seconds",
+        ),
+        (
+            "counter on TOTP",
+            NewCredential {
+                kind: OtpKind::Totp,
+                initial_counter: 5,
+                ..base()
+            },
+            "initial_counter",
+        ),
+        (
+            "short seed",
+            NewCredential {
+                seed: Some(Zeroizing::new(vec![1; 9])),
+                ..base()
+            },
+            "seed must be 10 to 64 bytes",
+        ),
+        (
+            "long seed",
+            NewCredential {
+                seed: Some(Zeroizing::new(vec![1; 65])),
+                ..base()
+            },
+            "seed must be",
+        ),
+        (
+            "reveal import",
+            NewCredential {
+                reveal_seed: true,
+                ..base()
+            },
+            "reveal_seed",
+        ),
+        (
+            "bad id",
+            NewCredential {
+                id: Some("a b".into()),
+                ..base()
+            },
+            "credential_id",
+        ),
+        (
+            "long id",
+            NewCredential {
+                id: Some("a".repeat(129)),
+                ..base()
+            },
+            "credential_id",
+        ),
+        (
+            "colon issuer",
+            NewCredential {
+                issuer: "a:b".into(),
+                ..base()
+            },
+            "issuer",
+        ),
+    ];
+    for (name, new, expected) in cases {
+        match f.service.create(new).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(expected), "{name}: {m}"),
+            other => panic!("{name}: {:?}", other.map(|c| c.record.id)),
+        }
+    }
+    f.service.create(base()).await.expect("create");
+    assert!(matches!(
+        f.service.create(base()).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    for code in ["12345", "1234567", "12345a", " 123456", "١٢٣٤٥٦"] {
+        assert!(
+            matches!(
+                f.service.verify("x", code).await,
+                Err(Error::InvalidArgument(_))
+            ),
+            "{code:?}"
+        );
+    }
+    assert!(matches!(
+        f.service.verify("nope", "123456").await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        f.service.resync("x", "123456", "12").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        f.service.delete("nope").await,
+        Err(Error::NotFound(_))
+    ));
+    f.service.delete("x").await.expect("delete");
+    assert!(matches!(f.service.get("x").await, Err(Error::NotFound(_))));
+}
