@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use cryptoki::object::Attribute;
+use cryptoki::object::{Attribute, AttributeType};
 pub use cryptoki::object::{ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -94,8 +94,64 @@ impl Hsm {
         self.inner.handles.forget(class, label);
     }
 
+    /// The security-relevant attributes of the object of `class` labelled `label`.
+    pub async fn key_facts(&self, class: ObjectClass, label: &str) -> Result<KeyFacts> {
+        let handle = self
+            .find_object(class, label)
+            .await?
+            .ok_or_else(|| Error::ObjectNotFound(label.to_owned()))?;
+        self.inner
+            .pool
+            .submit(move |w| {
+                w.run(true, |s, _| {
+                    let attrs = s.get_attributes(
+                        handle,
+                        &[
+                            AttributeType::Token,
+                            AttributeType::Sensitive,
+                            AttributeType::Extractable,
+                            AttributeType::AlwaysSensitive,
+                            AttributeType::NeverExtractable,
+                            AttributeType::Local,
+                        ],
+                    )?;
+                    let mut f = KeyFacts::default();
+                    for a in attrs {
+                        match a {
+                            Attribute::Token(v) => f.token = v,
+                            Attribute::Sensitive(v) => f.sensitive = v,
+                            Attribute::Extractable(v) => f.extractable = v,
+                            Attribute::AlwaysSensitive(v) => f.always_sensitive = v,
+                            Attribute::NeverExtractable(v) => f.never_extractable = v,
+                            Attribute::Local(v) => f.local = v,
+                            _ => {}
+                        }
+                    }
+                    Ok(f)
+                })
+            })
+            .await
+    }
+
     /// Number of object searches that reached the token since start.
     pub fn object_searches(&self) -> u64 {
         self.inner.handles.searches.load(Ordering::Relaxed)
     }
+}
+
+/// The attributes that say whether a key can leave the HSM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyFacts {
+    /// CKA_TOKEN: persistent on the token.
+    pub token: bool,
+    /// CKA_SENSITIVE: the value cannot be read in plaintext.
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE: the value can be wrapped out.
+    pub extractable: bool,
+    /// CKA_ALWAYS_SENSITIVE: it has been sensitive since creation.
+    pub always_sensitive: bool,
+    /// CKA_NEVER_EXTRACTABLE: it has never been extractable.
+    pub never_extractable: bool,
+    /// CKA_LOCAL: generated on the token.
+    pub local: bool,
 }
