@@ -158,6 +158,13 @@ impl HsmClient {
         AdminServiceClient::new(self.channel.clone())
     }
 
+    /// `hsm.v1.CredentialService`.
+    pub fn credentials(
+        &self,
+    ) -> proto::credential_service_client::CredentialServiceClient<Channel> {
+        proto::credential_service_client::CredentialServiceClient::new(self.channel.clone())
+    }
+
     /// `grpc.health.v1.Health/Check` for the whole server.
     pub async fn health(&self) -> Result<ServingStatus, ClientError> {
         self.health_of("").await

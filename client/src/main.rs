@@ -7,6 +7,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod credential_cmd;
+
 use clap::{Args, Parser, Subcommand};
 use hsm_client::proto::GetStatusRequest;
 use hsm_client::{ClientConfig, ClientError, HsmClient};
@@ -65,6 +67,9 @@ enum Command {
     },
     /// Token, pool and caller information (role officer or auditor).
     Status,
+    /// HOTP/TOTP credentials.
+    #[command(subcommand)]
+    Credential(credential_cmd::Cmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -118,6 +123,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 ExitCode::FAILURE
             })
         }
+        Command::Credential(cmd) => credential_cmd::run(&client, cmd, cli.json).await,
         Command::Status => {
             let s = client
                 .admin()

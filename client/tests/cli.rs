@@ -1,29 +1,13 @@
 //! `hsmctl`, subcommand by subcommand, against a real service started in this process.
 
-use std::net::SocketAddr;
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Command;
+
+use common::{hsmctl, stdout};
 
 use hsm_service::testing::DevEnv;
 use serde_json::Value;
-
-fn hsmctl(env: &DevEnv, addr: SocketAddr, identity: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hsmctl"))
-        .arg("--endpoint")
-        .arg(format!("https://{addr}"))
-        .arg("--ca")
-        .arg(env.pki("ca.crt"))
-        .arg("--cert")
-        .arg(env.pki(&format!("{identity}.crt")))
-        .arg("--key")
-        .arg(env.pki(&format!("{identity}.key")))
-        .args(args)
-        .output()
-        .expect("run hsmctl")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_text_and_json() {
