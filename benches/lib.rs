@@ -4,10 +4,17 @@
 //! The benches measure the service's own code paths against the same operation done
 //! directly through cryptoki in the same run, so that figures are read as ratios.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use cryptoki::session::{Session, UserType};
+use hsm_service::credentials::{self, Credentials, NewCredential, Policy};
 use hsm_service::hsm::{module, Hsm, HsmSettings};
+use hsm_service::otp::{self, HashAlgorithm, OtpKind};
+use hsm_service::store::{EmbeddedStore, StoreOptions};
 use hsm_service::testing::DevEnv;
 use secrecy::SecretString;
+use zeroize::Zeroizing;
 
 /// A dev token with the service's session pool and a direct session next to it.
 pub struct Bench {
@@ -20,13 +27,18 @@ pub struct Bench {
 impl Bench {
     /// A fresh token, and a pool of `sessions` sessions on it.
     pub fn new(sessions: usize) -> Bench {
+        Bench::with_seed_cache(sessions, 100_000)
+    }
+
+    /// The same with an unwrapped-seed cache of `capacity` entries.
+    pub fn with_seed_cache(sessions: usize, capacity: usize) -> Bench {
         let env = DevEnv::new();
         let settings = HsmSettings {
             module: env.config.hsm.module.clone(),
             token: env.config.token(),
             sessions,
             queue_capacity: 4096,
-            seed_cache_capacity: 100_000,
+            seed_cache_capacity: capacity,
         };
         let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open HSM");
         Bench { env, hsm }
@@ -48,4 +60,100 @@ impl Bench {
         }
         session
     }
+}
+
+/// A credential service on a bench token, with a store in a temporary directory and a
+/// clock the bench moves.
+pub struct CredentialBench {
+    /// The token and pool.
+    pub bench: Bench,
+    /// Keeps the store directory alive.
+    pub dir: tempfile::TempDir,
+    /// The store.
+    pub store: Arc<EmbeddedStore>,
+    /// The service.
+    pub service: Arc<Credentials<EmbeddedStore>>,
+    /// The service's clock, in unix seconds.
+    pub now: Arc<AtomicU64>,
+}
+
+impl CredentialBench {
+    /// `sessions` pool sessions; `durable` false only to measure what fsync costs.
+    /// Lockout is effectively off, so wrong codes can be verified in a loop.
+    pub fn new(rt: &tokio::runtime::Runtime, sessions: usize, durable: bool) -> CredentialBench {
+        CredentialBench::build(rt, Bench::new(sessions), durable)
+    }
+
+    /// A durable one whose unwrapped-seed cache holds `capacity` seeds.
+    pub fn with_seed_cache(
+        rt: &tokio::runtime::Runtime,
+        sessions: usize,
+        capacity: usize,
+    ) -> CredentialBench {
+        CredentialBench::build(rt, Bench::with_seed_cache(sessions, capacity), true)
+    }
+
+    fn build(rt: &tokio::runtime::Runtime, bench: Bench, durable: bool) -> CredentialBench {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            durable,
+            ..StoreOptions::default()
+        };
+        let store =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store.redb"), options).expect("store"));
+        rt.block_on(credentials::ensure_master_key(
+            &bench.hsm,
+            store.as_ref(),
+            1,
+        ))
+        .expect("master key");
+        let now = Arc::new(AtomicU64::new(1_700_000_000));
+        let clock_now = now.clone();
+        let policy = Policy {
+            lockout_threshold: u32::MAX - 1,
+            hard_lockout_threshold: u32::MAX,
+            ..Policy::default()
+        };
+        let service = Arc::new(Credentials::new(
+            bench.hsm.clone(),
+            store.clone(),
+            policy,
+            1,
+            Arc::new(move || clock_now.load(Ordering::Relaxed)),
+        ));
+        CredentialBench {
+            bench,
+            dir,
+            store,
+            service,
+            now,
+        }
+    }
+
+    /// Import `seed` as credential `id`.
+    pub fn import(&self, rt: &tokio::runtime::Runtime, id: &str, kind: OtpKind, seed: &[u8]) {
+        rt.block_on(self.service.create(NewCredential {
+            id: Some(id.to_owned()),
+            kind,
+            algorithm: HashAlgorithm::Sha1,
+            digits: 6,
+            period_seconds: 0,
+            seed: Some(Zeroizing::new(seed.to_vec())),
+            reveal_seed: false,
+            issuer: String::new(),
+            account_name: String::new(),
+            initial_counter: 0,
+        }))
+        .expect("create");
+    }
+}
+
+/// The TOTP/HOTP code of `seed` (HMAC-SHA-1, 6 digits) for `factor`, in software.
+pub fn software_code(seed: &[u8], factor: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, seed);
+    let tag = ring::hmac::sign(&key, &otp::moving_factor(factor));
+    format!(
+        "{:06}",
+        otp::truncate(tag.as_ref(), otp::Digits::new(6).expect("digits"))
+    )
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -167,6 +168,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         )));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    // Small HTTP/2 frames must not wait for Nagle's algorithm and the peer's delayed ACK
+    // (measured: 40 ms per round trip of concurrent calls without this).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.and_then(|tcp| {
+            tcp.set_nodelay(true)?;
+            Ok(tcp)
+        })
+    });
     let task = tokio::spawn(async move {
         let mut rx = shutdown_rx;
         let signal = async move {
@@ -176,9 +185,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 "shutting down: finishing in-flight calls"
             );
         };
-        let result = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-            .await;
+        let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
         drop(hsm);
         result
