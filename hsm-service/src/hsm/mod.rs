@@ -14,6 +14,7 @@ pub mod module;
 pub mod objects;
 mod pool;
 mod random;
+pub mod sign;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,7 @@ use secrecy::SecretString;
 pub use error::{Error, ErrorKind, Result};
 pub use module::TokenSelector;
 pub use pool::PoolStats;
+pub use sign::{GeneratedKeyPair, KeyPairKind, PublicKeyAttributes, SignMechanism};
 
 use objects::HandleCache;
 use pool::Pool;
