@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
+use hsm_proto::v1::key_service_server::KeyServiceServer;
+use hsm_proto::v1::signing_service_server::SigningServiceServer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -22,6 +24,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, AppState, State};
 use crate::auth::Authorizer;
 use crate::config::Config;
@@ -121,6 +124,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     );
 
     let store = open_store(&config).await?;
+    let signing = crate::signing::Signer::open(hsm.clone(), store.clone(), config.signing.clone())
+        .await
+        .map(Arc::new)
+        .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -137,6 +144,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         store,
         authorizer: Authorizer::new(config.clients.clone()),
         started: Instant::now(),
+        signing,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -154,7 +162,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Tls(e.to_string()))?
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AdminServiceServer::new(Admin::new(state.clone())));
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())))
+        .add_service(SigningServiceServer::new(Signing::new(state.clone())))
+        .add_service(KeyServiceServer::new(Keys::new(state.clone())));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let task = tokio::spawn(async move {
@@ -252,7 +262,11 @@ async fn monitor_health(
                 tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
             }
             health.set_service_status("", status).await;
-            for name in ["hsm.v1.AdminService"] {
+            for name in [
+                "hsm.v1.AdminService",
+                "hsm.v1.SigningService",
+                "hsm.v1.KeyService",
+            ] {
                 health.set_service_status(name, status).await;
             }
             last = Some(status);

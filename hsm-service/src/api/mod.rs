@@ -2,6 +2,7 @@
 //! lives in a domain module, every check of the caller in `auth`.
 
 pub mod admin;
+pub mod signing;
 pub mod status;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub authorizer: Authorizer,
     /// Process start, for uptime.
     pub started: Instant,
+    /// Signing keys and everything signed with them.
+    pub signing: Arc<crate::signing::Signer>,
 }
 
 /// Shared handle to the state.

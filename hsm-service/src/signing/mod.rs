@@ -1,12 +1,16 @@
-//! What gets signed by the HSM, and how its signatures are turned into results.
+//! Assertion signing: named, versioned signing keys in the HSM ([`Signer`]), JWS
+//! assertions, JWKS, raw signatures, CSRs and certificates.
 //!
-//! Everything here is pure: the private keys never leave the HSM, so signing is
+//! The building blocks are pure: the private keys never leave the HSM, so signing is
 //! two-phase. Build a [`SigningInput`] (or hand out [`Algorithm::digest`]), let
 //! the HSM module sign it, then [`SigningInput::finish`] with the signature.
+//! [`Signer`] (in `service`) puts them together with the HSM and the store.
 
 mod ecdsa;
 mod jws;
 mod key;
+pub mod keys;
+mod service;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -16,6 +20,40 @@ use std::{fmt, str::FromStr};
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use key::{jwk, jwks, thumbprint, PublicKey};
+pub use keys::{KeyState, KeyVersion};
+pub use service::{
+    now, AssertionRequest, CertificateRequest, Grant, KeyRef, RawSignature, SignInput,
+    SignatureEncoding, SignedAssertion, Signer, EXPIRY_MARK_STEP, MAX_MESSAGE_LEN,
+};
+
+/// What a key name may look like (said in error messages).
+pub const KEY_NAME_RULE: &str =
+    "a key name is 1 to 64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit";
+
+/// True when `name` follows [`KEY_NAME_RULE`].
+pub fn valid_key_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The NSIS assurance levels the dev config accepts as `acr`.
+pub const NSIS_ACR_VALUES: [&str; 2] = [
+    "https://data.gov.dk/concept/core/nsis/Substantial",
+    "https://data.gov.dk/concept/core/nsis/High",
+];
+
+/// The `[signing]` section dev mode writes: a local issuer, the NSIS levels, and a
+/// default key created at first start.
+pub fn dev_config() -> crate::config::SigningConfig {
+    crate::config::SigningConfig {
+        issuer: "https://hsm-service.dev.local".to_owned(),
+        acr_values: NSIS_ACR_VALUES.iter().map(|s| (*s).to_owned()).collect(),
+        bootstrap_default_key: true,
+        ..Default::default()
+    }
+}
 
 /// Errors from building signing inputs or handling keys and signatures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +74,7 @@ pub enum SigningError {
 }
 
 /// JWS signature algorithms the HSM keys are used with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Algorithm {
     /// ECDSA on P-256 with SHA-256.
     Es256,
