@@ -847,7 +847,12 @@ impl Signer {
                 ca.name, ca.version
             )));
         };
-        let ca_info = IssuerCertificate::from_der(ca_cert)?;
+        let ca_info = IssuerCertificate::from_der(ca_cert).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "issuer {} v{} cannot issue: {e}",
+                ca.name, ca.version
+            ))
+        })?;
         if ca_info.public_key != ca.public_key()? {
             return Err(Error::FailedPrecondition(format!(
                 "the certificate stored for {} v{} is not for its key",
