@@ -392,6 +392,66 @@ mod tests {
         assert_eq!(config.clients.len(), 3);
         assert_eq!(config.clients[0].role, Role::LoginService);
         assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.signing.issuer, "https://login.eid.example");
+        assert_eq!(config.signing.acr_values.len(), 2);
+        assert!(!config.signing.bootstrap_default_key);
+        assert_eq!(
+            config.clients[0].signing_keys,
+            Some(vec!["assertion".to_owned()])
+        );
+        assert_eq!(config.clients[1].signing_keys, None);
+        assert!(config.signing.validate(&config.clients).is_ok());
+    }
+
+    #[test]
+    fn signing_section_defaults_and_checks() {
+        let text = include_str!("../config.example.toml");
+        let start = text.find("[signing]").expect("[signing]");
+        let end = text[start..].find("# Client certificate").expect("end") + start;
+        let without = format!("{}{}", &text[..start], &text[end..])
+            .replace("signing_keys = [\"assertion\"]\n", "")
+            .replace(
+                "acr = [\"https://data.gov.dk/concept/core/nsis/Substantial\", \"https://data.gov.dk/concept/core/nsis/High\"]\n",
+                "",
+            );
+        let config: Config = toml::from_str(&without).expect("parses without [signing]");
+        assert_eq!(config.signing, SigningConfig::default());
+        assert_eq!(config.signing.default_key, "assertion");
+        assert_eq!(config.signing.max_ttl_seconds, 3600);
+
+        let base: Config = toml::from_str(text).expect("parses");
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.signing.default_ttl_seconds = 7200),
+                "default_ttl_seconds",
+            ),
+            (
+                Box::new(|c| c.signing.default_key = "Bad Name".into()),
+                "signing.default_key",
+            ),
+            (
+                Box::new(|c| c.clients[0].acr = Some(vec!["urn:other".into()])),
+                "client[0].acr",
+            ),
+            (
+                Box::new(|c| c.clients[0].signing_keys = Some(vec!["a/b".into()])),
+                "client[0].signing_keys",
+            ),
+            (
+                Box::new(|c| c.signing.acr_values.push(String::new())),
+                "empty value",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut c = base.clone();
+            mutate(&mut c);
+            let err = c.signing.validate(&c.clients).expect_err(expected);
+            assert!(err.contains(expected), "{err}");
+        }
+        let err = toml::from_str::<Config>(&text.replace("max_auth_age_seconds", "max_auth_age"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]
