@@ -8,8 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hsm_client::proto::SignAssertionRequest;
 use hsm_service::signing::{
-    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Grant, Signer,
-    NSIS_ACR_VALUES,
+    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Grant, Signer, NSIS_ACR_VALUES,
 };
 use hsm_service::testing::DevEnv;
 use ring::rand::SystemRandom;
@@ -92,8 +91,9 @@ fn signing(c: &mut Criterion) {
     let rng = SystemRandom::new();
     let p256_pkcs8 =
         EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("p256");
-    let p256 = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, p256_pkcs8.as_ref(), &rng)
-        .expect("p256");
+    let p256 =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, p256_pkcs8.as_ref(), &rng)
+            .expect("p256");
     let ed_pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("ed25519");
     let ed = Ed25519KeyPair::from_pkcs8(ed_pkcs8.as_ref()).expect("ed25519");
     assert_eq!(ed.public_key().as_ref().len(), 32);
@@ -153,9 +153,9 @@ fn signing(c: &mut Criterion) {
                         .map(|_| {
                             let mut signing = client.signing();
                             let req = wire("");
-                            tokio::spawn(async move {
-                                signing.sign_assertion(req).await.expect("sign")
-                            })
+                            tokio::spawn(
+                                async move { signing.sign_assertion(req).await.expect("sign") },
+                            )
                         })
                         .collect();
                     for call in calls {

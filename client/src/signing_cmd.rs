@@ -184,11 +184,15 @@ fn invalid(msg: String) -> ClientError {
 fn from_hex(s: &str) -> Result<Vec<u8>, ClientError> {
     let s = s.trim();
     if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid("--digest: expected an even number of hex digits".into()));
+        return Err(invalid(
+            "--digest: expected an even number of hex digits".into(),
+        ));
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| invalid(format!("--digest: {e}"))))
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| invalid(format!("--digest: {e}")))
+        })
         .collect()
 }
 
@@ -215,7 +219,11 @@ fn alg_name(value: i32) -> &'static str {
 }
 
 /// Run `hsmctl sign ...`.
-pub async fn sign(client: &HsmClient, cmd: &SignCommand, as_json: bool) -> Result<ExitCode, ClientError> {
+pub async fn sign(
+    client: &HsmClient,
+    cmd: &SignCommand,
+    as_json: bool,
+) -> Result<ExitCode, ClientError> {
     match cmd {
         SignCommand::Assertion(a) => {
             let r = client
@@ -305,7 +313,9 @@ fn chain_json(chain: &[Vec<u8>]) -> Value {
     Value::Array(
         chain
             .iter()
-            .map(|der| json!({ "pem": pem("CERTIFICATE", der), "der_base64": STANDARD.encode(der) }))
+            .map(
+                |der| json!({ "pem": pem("CERTIFICATE", der), "der_base64": STANDARD.encode(der) }),
+            )
             .collect(),
     )
 }
@@ -317,7 +327,11 @@ fn print_chain(chain: &[Vec<u8>]) {
 }
 
 /// Run `hsmctl keys ...`.
-pub async fn keys(client: &HsmClient, cmd: &KeysCommand, as_json: bool) -> Result<ExitCode, ClientError> {
+pub async fn keys(
+    client: &HsmClient,
+    cmd: &KeysCommand,
+    as_json: bool,
+) -> Result<ExitCode, ClientError> {
     match cmd {
         KeysCommand::Jwks => {
             let text = client
@@ -393,7 +407,10 @@ pub async fn keys(client: &HsmClient, cmd: &KeysCommand, as_json: bool) -> Resul
                 .csr_der;
             let text = pem("CERTIFICATE REQUEST", &csr);
             if as_json {
-                println!("{}", json!({ "csr_pem": text, "der_base64": STANDARD.encode(&csr) }));
+                println!(
+                    "{}",
+                    json!({ "csr_pem": text, "der_base64": STANDARD.encode(&csr) })
+                );
             } else {
                 print!("{text}");
             }

@@ -33,7 +33,10 @@ fn json(o: &Output) -> Value {
 }
 
 fn openssl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).output().expect("openssl");
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
     (
         out.status.success(),
         format!(
@@ -67,7 +70,16 @@ async fn sign_assertion_text_json_and_refusal() {
         &env,
         addr,
         "login-service",
-        &["sign", "assertion", "--subject", "citizen-1", "--acr", acr, "--aud", "rp"],
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "citizen-1",
+            "--acr",
+            acr,
+            "--aud",
+            "rp",
+        ],
     );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out).trim().split('.').count(), 3, "a compact JWS");
@@ -77,22 +89,48 @@ async fn sign_assertion_text_json_and_refusal() {
         addr,
         "login-service",
         &[
-            "sign", "assertion", "--subject", "citizen-1", "--acr", acr, "--ttl", "60",
-            "--amr", "otp", "--claims", r#"{"x":1}"#, "--json",
+            "sign",
+            "assertion",
+            "--subject",
+            "citizen-1",
+            "--acr",
+            acr,
+            "--ttl",
+            "60",
+            "--amr",
+            "otp",
+            "--claims",
+            r#"{"x":1}"#,
+            "--json",
         ],
     );
     let v = json(&out);
     let kid = v["kid"].as_str().expect("kid").to_owned();
     assert_eq!(v["jws"].as_str().expect("jws").split('.').count(), 3);
     assert!(v["expires_at"].as_u64().expect("exp") > hsm_service::signing::now());
-    let jwks = json(&hsmctl(&env, addr, "login-service", &["keys", "jwks", "--json"]));
+    let jwks = json(&hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["keys", "jwks", "--json"],
+    ));
     assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
 
     let out = hsmctl(
         &env,
         addr,
         "login-service",
-        &["sign", "assertion", "--subject", "c", "--acr", acr, "--ttl", "999999", "--json"],
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "c",
+            "--acr",
+            acr,
+            "--ttl",
+            "999999",
+            "--json",
+        ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json(&out)["error"]["code"], "InvalidArgument");
@@ -100,7 +138,16 @@ async fn sign_assertion_text_json_and_refusal() {
         &env,
         addr,
         "login-service",
-        &["sign", "assertion", "--subject", "c", "--acr", acr, "--claims", r#"{"exp":1}"#],
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "c",
+            "--acr",
+            acr,
+            "--claims",
+            r#"{"exp":1}"#,
+        ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -130,7 +177,15 @@ async fn sign_raw_message_digest_and_der_verify_with_openssl() {
     let message = write(dir.path(), "msg.txt", b"detached document");
     let verify = |der: &[u8]| {
         let sig = write(dir.path(), "sig.der", der);
-        openssl(&["dgst", "-sha256", "-verify", &public, "-signature", &sig, &message])
+        openssl(&[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &public,
+            "-signature",
+            &sig,
+            &message,
+        ])
     };
 
     // DER from a message file: what openssl dgst -verify takes.
@@ -138,7 +193,15 @@ async fn sign_raw_message_digest_and_der_verify_with_openssl() {
         &env,
         addr,
         "login-service",
-        &["sign", "raw", "--message-file", &message, "--encoding", "der", "--json"],
+        &[
+            "sign",
+            "raw",
+            "--message-file",
+            &message,
+            "--encoding",
+            "der",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(v["algorithm"], "ES256");
@@ -147,13 +210,24 @@ async fn sign_raw_message_digest_and_der_verify_with_openssl() {
     assert!(ok && text.contains("Verified OK"), "{text}");
 
     // DER over a hex digest of the same message.
-    let digest = Algorithm::Es256.digest(b"detached document").expect("digest");
+    let digest = Algorithm::Es256
+        .digest(b"detached document")
+        .expect("digest");
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let out = hsmctl(
         &env,
         addr,
         "login-service",
-        &["sign", "raw", "--digest", &hex, "--encoding", "der", "--algorithm", "es256"],
+        &[
+            "sign",
+            "raw",
+            "--digest",
+            &hex,
+            "--encoding",
+            "der",
+            "--algorithm",
+            "es256",
+        ],
     );
     assert!(out.status.success(), "{out:?}");
     let (ok, text) = verify(&b64(stdout(&out).trim()));
@@ -179,7 +253,12 @@ async fn sign_raw_message_digest_and_der_verify_with_openssl() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json(&out)["error"]["code"], "InvalidArgument");
-    let out = hsmctl(&env, addr, "login-service", &["sign", "raw", "--digest", "xyz"]);
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["sign", "raw", "--digest", "xyz"],
+    );
     assert_eq!(out.status.code(), Some(2));
     let out = hsmctl(&env, addr, "login-service", &["sign", "raw"]);
     assert!(!out.status.success());
@@ -204,7 +283,11 @@ async fn keys_jwks_and_list() {
     assert_eq!(v["keys"][0]["state"], "active");
     assert_eq!(v["keys"][0]["key_id"].as_str().expect("hex").len(), 32);
     let out = hsmctl(&env, addr, "officer-1", &["keys", "list"]);
-    assert!(stdout(&out).contains("assertion v1  active"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("assertion v1  active"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = hsmctl(&env, addr, "login-service", &["keys", "list", "--json"]);
     assert_eq!(out.status.code(), Some(2));
@@ -229,7 +312,13 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
         &env,
         addr,
         "officer-1",
-        &["keys", "cert", "csr", "--subject", "CN=Assertions,O=Dev,C=DK"],
+        &[
+            "keys",
+            "cert",
+            "csr",
+            "--subject",
+            "CN=Assertions,O=Dev,C=DK",
+        ],
     );
     assert!(out.status.success(), "{out:?}");
     let csr = write(dir.path(), "req.pem", &out.stdout);
@@ -241,8 +330,16 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
         addr,
         "officer-1",
         &[
-            "keys", "cert", "self-sign", "--signing-key", "root-ca", "--subject", "CN=Dev Root,C=DK",
-            "--days", "3650", "--is-ca",
+            "keys",
+            "cert",
+            "self-sign",
+            "--signing-key",
+            "root-ca",
+            "--subject",
+            "CN=Dev Root,C=DK",
+            "--days",
+            "3650",
+            "--is-ca",
         ],
     );
     assert!(out.status.success(), "{out:?}");
@@ -253,8 +350,16 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
         addr,
         "officer-1",
         &[
-            "keys", "cert", "issue", "--issuer", "root-ca", "--subject",
-            "CN=Assertions,O=Dev,C=DK", "--dns", "idp.dev.local", "--json",
+            "keys",
+            "cert",
+            "issue",
+            "--issuer",
+            "root-ca",
+            "--subject",
+            "CN=Assertions,O=Dev,C=DK",
+            "--dns",
+            "idp.dev.local",
+            "--json",
         ],
     );
     let v = json(&out);
@@ -276,7 +381,14 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
         &env,
         addr,
         "auditor",
-        &["keys", "cert", "show", "--signing-key", "assertion", "--json"],
+        &[
+            "keys",
+            "cert",
+            "show",
+            "--signing-key",
+            "assertion",
+            "--json",
+        ],
     ));
     assert_eq!(shown["certificates"], v["certificates"]);
     let out = hsmctl(

@@ -184,9 +184,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             }
             s
         });
-        let result = router
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await;
+        let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
         drop(hsm);
         result

@@ -146,15 +146,22 @@ async fn assertions_verify_with_an_independent_jwt_library_for_every_algorithm()
 
         // A changed payload no longer verifies.
         let mut parts: Vec<String> = reply.jws.split('.').map(str::to_owned).collect();
-        parts[1] = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&serde_json::json!({"sub": "someone-else"})).expect("json"),
-        );
+        parts[1] = URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&serde_json::json!({"sub": "someone-else"})).expect("json"));
         assert!(verify(&parts.join("."), &set).is_err(), "{alg}: forged");
     }
 
     // Two assertions never share a jti.
-    let a = client.signing().sign_assertion(request("")).await.expect("a");
-    let b = client.signing().sign_assertion(request("")).await.expect("b");
+    let a = client
+        .signing()
+        .sign_assertion(request(""))
+        .await
+        .expect("a");
+    let b = client
+        .signing()
+        .sign_assertion(request(""))
+        .await
+        .expect("b");
     let jti = |r: &str| verify(r, &set).expect("verify")["jti"].clone();
     assert_ne!(jti(&a.into_inner().jws), jti(&b.into_inner().jws));
 
@@ -261,11 +268,7 @@ async fn malformed_or_forbidden_assertion_requests_are_rejected() {
     for (name, mutate, code, text) in cases {
         let mut r = request("");
         mutate(&mut r);
-        let err = client
-            .signing()
-            .sign_assertion(r)
-            .await
-            .expect_err(name);
+        let err = client.signing().sign_assertion(r).await.expect_err(name);
         assert_eq!(err.code(), code, "{name}: {}", err.message());
         assert!(err.message().contains(text), "{name}: {}", err.message());
     }
@@ -315,7 +318,11 @@ async fn acr_is_limited_per_client() {
         .await
         .expect_err("high is not granted");
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("may not assert acr"), "{}", err.message());
+    assert!(
+        err.message().contains("may not assert acr"),
+        "{}",
+        err.message()
+    );
     server.shutdown().await.expect("shutdown");
 }
 
@@ -376,17 +383,31 @@ async fn raw_signatures_verify_independently() {
 
     let mut digest = sign_request("");
     digest.message = None;
-    digest.digest = Some(ring::digest::digest(&ring::digest::SHA256, &message).as_ref().to_vec());
+    digest.digest = Some(
+        ring::digest::digest(&ring::digest::SHA256, &message)
+            .as_ref()
+            .to_vec(),
+    );
     digest.algorithm = SignatureAlgorithm::Es256 as i32;
-    let d = client.signing().sign(digest).await.expect("digest").into_inner();
+    let d = client
+        .signing()
+        .sign(digest)
+        .await
+        .expect("digest")
+        .into_inner();
     let sig = p256::ecdsa::Signature::from_slice(&d.signature).expect("raw");
-    vk.verify(&message, &sig).expect("ES256 over a digest verifies");
+    vk.verify(&message, &sig)
+        .expect("ES256 over a digest verifies");
 
     // ES384 over a digest, DER.
     let vk = p384::ecdsa::VerifyingKey::from_public_key_der(&spki("es384")).expect("p384");
     let mut r = sign_request("es384");
     r.message = None;
-    r.digest = Some(ring::digest::digest(&ring::digest::SHA384, &message).as_ref().to_vec());
+    r.digest = Some(
+        ring::digest::digest(&ring::digest::SHA384, &message)
+            .as_ref()
+            .to_vec(),
+    );
     r.encoding = SignatureEncoding::Der as i32;
     let s = client.signing().sign(r).await.expect("es384").into_inner();
     let sig = p384::ecdsa::DerSignature::from_bytes(&s.signature).expect("DER");
@@ -543,16 +564,26 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
     assert_eq!(old.kid, v1.kid);
 
     // A new version is pending, then published: in the JWKS, not yet signing.
-    let v2 = signer.create_version("assertion", Algorithm::Es256).await.expect("v2");
+    let v2 = signer
+        .create_version("assertion", Algorithm::Es256)
+        .await
+        .expect("v2");
     assert_eq!((v2.version, v2.state), (2, KeyState::Pending));
     assert_eq!(kids(&jwks(&client).await), vec![v1.kid.clone()]);
-    let err = signer.activate("assertion", 2).await.expect_err("not published");
+    let err = signer
+        .activate("assertion", 2)
+        .await
+        .expect_err("not published");
     assert!(err.to_string().contains("must be published"), "{err}");
     signer.publish("assertion", 2).await.expect("publish");
     let mut both = vec![v1.kid.clone(), v2.kid.clone()];
     both.sort();
     assert_eq!(kids(&jwks(&client).await), both);
-    let r = client.signing().sign_assertion(request("")).await.expect("sign");
+    let r = client
+        .signing()
+        .sign_assertion(request(""))
+        .await
+        .expect("sign");
     assert_eq!(r.into_inner().kid, v1.kid, "published is not signing yet");
 
     // Activating v2 retires v1 to verify-only; both stay in the JWKS.
@@ -573,24 +604,48 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
     verify(&new.jws, &set).expect("the new assertion verifies");
 
     // The active version cannot be destroyed; v1 not while its assertions may be valid.
-    let err = signer.destroy("assertion", 2, false).await.expect_err("active");
+    let err = signer
+        .destroy("assertion", 2, false)
+        .await
+        .expect_err("active");
     assert!(err.to_string().contains("is active"), "{err}");
-    let err = signer.destroy("assertion", 1, false).await.expect_err("in use");
+    let err = signer
+        .destroy("assertion", 1, false)
+        .await
+        .expect_err("in use");
     assert!(err.to_string().contains("may be valid until"), "{err}");
-    assert_eq!(hsm.count_objects_with_id(&v1.key_id).await.expect("count"), 2);
+    assert_eq!(
+        hsm.count_objects_with_id(&v1.key_id).await.expect("count"),
+        2
+    );
 
     // Forced (as for a compromised key): gone from the JWKS and from the token.
     let destroyed = signer.destroy("assertion", 1, true).await.expect("destroy");
     assert_eq!(destroyed.state, KeyState::Destroyed);
-    assert_eq!(hsm.count_objects_with_id(&v1.key_id).await.expect("count"), 0);
+    assert_eq!(
+        hsm.count_objects_with_id(&v1.key_id).await.expect("count"),
+        0
+    );
     let set = jwks(&client).await;
     assert_eq!(kids(&set), vec![v2.kid.clone()]);
-    assert!(verify(&old.jws, &set).is_err(), "no key left for the old kid");
+    assert!(
+        verify(&old.jws, &set).is_err(),
+        "no key left for the old kid"
+    );
 
     // A version that never signed needs no force; the list keeps the history.
-    let v3 = signer.create_version("assertion", Algorithm::EdDsa).await.expect("v3");
-    signer.destroy("assertion", 3, false).await.expect("destroy unused");
-    assert_eq!(hsm.count_objects_with_id(&v3.key_id).await.expect("count"), 0);
+    let v3 = signer
+        .create_version("assertion", Algorithm::EdDsa)
+        .await
+        .expect("v3");
+    signer
+        .destroy("assertion", 3, false)
+        .await
+        .expect("destroy unused");
+    assert_eq!(
+        hsm.count_objects_with_id(&v3.key_id).await.expect("count"),
+        0
+    );
     let officer = common::client(env.dir.path(), "officer-1", server.local_addr()).await;
     let listed = officer
         .keys()
@@ -603,7 +658,10 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
         .iter()
         .map(|k| (k.version, k.state.as_str()))
         .collect();
-    assert_eq!(states, vec![(1, "destroyed"), (2, "active"), (3, "destroyed")]);
+    assert_eq!(
+        states,
+        vec![(1, "destroyed"), (2, "active"), (3, "destroyed")]
+    );
     server.shutdown().await.expect("shutdown");
 }
 
@@ -638,7 +696,10 @@ async fn keys_survive_a_restart_and_dev_bootstrap_runs_once() {
 }
 
 fn openssl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).output().expect("openssl");
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
     (
         out.status.success(),
         format!(
@@ -712,7 +773,10 @@ async fn openssl_verifies_the_csr_and_a_two_level_chain() {
         .await
         .expect("issue")
         .into_inner();
-    assert_eq!(leaf.chain_der, vec![leaf.certificate_der.clone(), root.clone()]);
+    assert_eq!(
+        leaf.chain_der,
+        vec![leaf.certificate_der.clone(), root.clone()]
+    );
     let root_pem = write("root.pem", "CERTIFICATE", &root);
     let leaf_pem = write("leaf.pem", "CERTIFICATE", &leaf.certificate_der);
     let (ok, out) = openssl(&["verify", "-CAfile", &root_pem, &leaf_pem]);

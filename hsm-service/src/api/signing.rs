@@ -224,7 +224,13 @@ impl KeyService for Keys {
             &[Role::Officer, Role::Auditor],
         )?;
         Ok(Response::new(ListKeysResponse {
-            keys: self.state.signing.list(None).into_iter().map(info).collect(),
+            keys: self
+                .state
+                .signing
+                .list(None)
+                .into_iter()
+                .map(info)
+                .collect(),
         }))
     }
 

@@ -139,7 +139,10 @@ pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<KeyVersion>, S
 pub(crate) fn put_all(txn: &WriteTransaction, versions: &[KeyVersion]) -> Result<(), Rollback> {
     let mut table = txn.open_table(SIGNING_KEYS)?;
     for k in versions {
-        table.insert(store_key(&k.name, k.version).as_str(), encode(k)?.as_slice())?;
+        table.insert(
+            store_key(&k.name, k.version).as_str(),
+            encode(k)?.as_slice(),
+        )?;
     }
     Ok(())
 }

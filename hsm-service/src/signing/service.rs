@@ -257,7 +257,11 @@ fn check_list(field: &str, values: &[String]) -> Result<()> {
 impl Signer {
     /// Load the key records from the store. With `config.bootstrap_default_key`, create
     /// the default key (ES256), publish and activate it when it has no version yet.
-    pub async fn open(hsm: Hsm, store: Arc<EmbeddedStore>, config: SigningConfig) -> Result<Signer> {
+    pub async fn open(
+        hsm: Hsm,
+        store: Arc<EmbeddedStore>,
+        config: SigningConfig,
+    ) -> Result<Signer> {
         let loaded = store.read(keys::load_all).map_err(store_err)?;
         let signer = Signer {
             hsm,
@@ -357,7 +361,10 @@ impl Signer {
     /// Generate a new version of `name` in the HSM, in state `pending`.
     pub async fn create_version(&self, name: &str, algorithm: Algorithm) -> Result<KeyVersion> {
         if !super::valid_key_name(name) {
-            return Err(invalid(format!("key name {name:?}: {}", super::KEY_NAME_RULE)));
+            return Err(invalid(format!(
+                "key name {name:?}: {}",
+                super::KEY_NAME_RULE
+            )));
         }
         let _w = self.writes.lock().await;
         let version = self
