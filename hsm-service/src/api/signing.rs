@@ -85,15 +85,14 @@ fn encoding_from(value: i32) -> Result<SignatureEncoding, Error> {
     }
 }
 
-impl Signing {
-    fn key_ref(&self, name: String, version: u32) -> KeyRef {
-        let name = if name.is_empty() {
-            self.state.signing.config().default_key.clone()
-        } else {
-            name
-        };
-        KeyRef::new(name, version)
-    }
+/// A key version named on the wire; an empty name is the default assertion key.
+fn key_ref(state: &State, name: String, version: u32) -> KeyRef {
+    let name = if name.is_empty() {
+        state.signing.config().default_key.clone()
+    } else {
+        name
+    };
+    KeyRef::new(name, version)
 }
 
 #[tonic::async_trait]
@@ -180,7 +179,7 @@ impl SigningService for Signing {
     ) -> Result<Response<GetCertificateChainResponse>, Status> {
         authorize(&self.state.authorizer, &request, &ANYONE)?;
         let r = request.into_inner();
-        let key = self.key_ref(r.key, r.version);
+        let key = key_ref(&self.state, r.key, r.version);
         Ok(Response::new(GetCertificateChainResponse {
             certificates_der: self.state.signing.certificate_chain(&key)?,
         }))
@@ -203,12 +202,6 @@ fn info(k: KeyVersion) -> KeyVersionInfo {
         retired_at: k.retired_at,
         destroyed_at: k.destroyed_at,
         last_expiry: k.last_expiry,
-    }
-}
-
-impl Keys {
-    fn key_ref(&self, name: String, version: u32) -> KeyRef {
-        Signing::new(self.state.clone()).key_ref(name, version)
     }
 }
 
@@ -240,7 +233,7 @@ impl KeyService for Keys {
     ) -> Result<Response<CreateCsrResponse>, Status> {
         authorize(&self.state.authorizer, &request, &[Role::Officer])?;
         let r = request.into_inner();
-        let key = self.key_ref(r.key, r.version);
+        let key = key_ref(&self.state, r.key, r.version);
         let csr_der = self.state.signing.create_csr(&key, &r.subject).await?;
         Ok(Response::new(CreateCsrResponse { csr_der }))
     }
@@ -251,7 +244,7 @@ impl KeyService for Keys {
     ) -> Result<Response<CertificateResponse>, Status> {
         authorize(&self.state.authorizer, &request, &[Role::Officer])?;
         let r = request.into_inner();
-        let key = self.key_ref(r.key, r.version);
+        let key = key_ref(&self.state, r.key, r.version);
         let req = CertificateRequest {
             subject: r.subject,
             validity_days: r.validity_days,
@@ -274,8 +267,8 @@ impl KeyService for Keys {
         if r.issuer_key.is_empty() {
             return Err(Error::InvalidArgument("issuer_key must not be empty".into()).into());
         }
-        let key = self.key_ref(r.key, r.version);
-        let issuer = self.key_ref(r.issuer_key, r.issuer_version);
+        let key = key_ref(&self.state, r.key, r.version);
+        let issuer = key_ref(&self.state, r.issuer_key, r.issuer_version);
         let req = CertificateRequest {
             subject: r.subject,
             validity_days: r.validity_days,

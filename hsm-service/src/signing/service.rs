@@ -152,8 +152,11 @@ pub struct Signer {
     store: Arc<EmbeddedStore>,
     config: SigningConfig,
     keys: RwLock<BTreeMap<(String, u32), KeyVersion>>,
-    /// Serialises record writes, so that memory follows the store in order.
+    /// Serialises record writes, so that memory follows the store in order. Held only
+    /// for short steps: the signing path may wait for it to raise an expiry mark.
     writes: tokio::sync::Mutex<()>,
+    /// Serialises version creation (held across key generation, seconds for RSA).
+    creations: tokio::sync::Mutex<()>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -274,6 +277,7 @@ impl Signer {
                     .collect(),
             ),
             writes: tokio::sync::Mutex::new(()),
+            creations: tokio::sync::Mutex::new(()),
             rng: ring::rand::SystemRandom::new(),
         };
         if signer.config.bootstrap_default_key {
@@ -366,7 +370,7 @@ impl Signer {
                 super::KEY_NAME_RULE
             )));
         }
-        let _w = self.writes.lock().await;
+        let _c = self.creations.lock().await;
         let version = self
             .list(Some(name))
             .last()
@@ -394,7 +398,11 @@ impl Signer {
             destroyed_at: 0,
             last_expiry: 0,
         };
-        if let Err(e) = self.put(vec![k.clone()]).await {
+        let written = {
+            let _w = self.writes.lock().await;
+            self.put(vec![k.clone()]).await
+        };
+        if let Err(e) = written {
             // Without its record the key pair would be an orphan: remove it again.
             if let Err(d) = self.hsm.destroy_key_pair(&k.key_id).await {
                 tracing::error!(error = %d, key = %label, "could not remove an unrecorded key pair");
@@ -541,7 +549,12 @@ impl Signer {
                 "this client may not sign with key {name:?}"
             )));
         }
-        if self.list(Some(name)).is_empty() {
+        let exists = self
+            .read_keys()
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .next()
+            .is_some();
+        if !exists {
             return Err(invalid(format!("key: no signing key named {name:?}")));
         }
         Ok(name.to_owned())
