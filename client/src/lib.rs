@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 pub use hsm_proto::v1 as proto;
 use proto::admin_service_client::AdminServiceClient;
+use proto::key_service_client::KeyServiceClient;
+use proto::signing_service_client::SigningServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -163,6 +165,16 @@ impl HsmClient {
         &self,
     ) -> proto::credential_service_client::CredentialServiceClient<Channel> {
         proto::credential_service_client::CredentialServiceClient::new(self.channel.clone())
+    }
+
+    /// `hsm.v1.SigningService`: assertions, raw signatures, JWKS, certificate chains.
+    pub fn signing(&self) -> SigningServiceClient<Channel> {
+        SigningServiceClient::new(self.channel.clone())
+    }
+
+    /// `hsm.v1.KeyService`: key inventory, CSRs and certificates (officers).
+    pub fn keys(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel.clone())
     }
 
     /// `grpc.health.v1.Health/Check` for the whole server.

@@ -4,6 +4,8 @@
 //! `--key`, or their `HSMCTL_*` environment variables); the defaults find the dev
 //! service and its `login-service` certificate under `.hsm-dev/`.
 
+mod signing_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -70,6 +72,12 @@ enum Command {
     /// HOTP/TOTP credentials.
     #[command(subcommand)]
     Credential(credential_cmd::Cmd),
+    /// Sign assertions and messages (role login-service).
+    #[command(subcommand)]
+    Sign(signing_cmd::SignCommand),
+    /// Public keys, key inventory and certificates.
+    #[command(subcommand)]
+    Keys(signing_cmd::KeysCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -109,6 +117,8 @@ async fn connect(conn: &Connection) -> Result<HsmClient, ClientError> {
 async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
     let client = connect(&cli.conn).await?;
     match &cli.command {
+        Command::Sign(cmd) => signing_cmd::sign(&client, cmd, cli.json).await,
+        Command::Keys(cmd) => signing_cmd::keys(&client, cmd, cli.json).await,
         Command::Health { service } => {
             let status = client.health_of(service).await?;
             let name = status.as_str_name();

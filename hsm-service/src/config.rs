@@ -30,6 +30,9 @@ pub struct Config {
     /// Client certificate to role mapping; first match wins.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientRule>,
+    /// Assertion signing: issuer, default key, lifetimes, accepted acr values.
+    #[serde(default)]
+    pub signing: SigningConfig,
 }
 
 /// Listener and TLS.
@@ -175,6 +178,111 @@ pub struct ClientRule {
     pub uri: Option<String>,
     /// The role granted.
     pub role: Role,
+    /// Signing keys (by name) this client may sign with. Absent: only
+    /// `signing.default_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_keys: Option<Vec<String>>,
+    /// `acr` values this client may put in assertions; each must be one of
+    /// `signing.acr_values`. Absent: all of `signing.acr_values`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<Vec<String>>,
+}
+
+/// Assertion signing (`[signing]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// The `iss` claim of every assertion. Empty: SignAssertion is refused.
+    #[serde(default)]
+    pub issuer: String,
+    /// Key used when a request names none.
+    #[serde(default = "default_signing_key")]
+    pub default_key: String,
+    /// Lifetime of an assertion whose request gives none, in seconds.
+    #[serde(default = "default_ttl")]
+    pub default_ttl_seconds: u32,
+    /// Longest lifetime a request may ask for, in seconds.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_seconds: u32,
+    /// `acr` values an assertion may carry (e.g. the NSIS assurance levels).
+    #[serde(default)]
+    pub acr_values: Vec<String>,
+    /// Oldest `auth_time` accepted, in seconds before now.
+    #[serde(default = "default_max_auth_age")]
+    pub max_auth_age_seconds: u64,
+    /// Dev and tests: create `default_key` (ES256) and make it active at start when it
+    /// has no version yet. Production keys come from key ceremonies.
+    #[serde(default)]
+    pub bootstrap_default_key: bool,
+}
+
+fn default_signing_key() -> String {
+    "assertion".to_owned()
+}
+
+fn default_ttl() -> u32 {
+    300
+}
+
+fn default_max_ttl() -> u32 {
+    3600
+}
+
+fn default_max_auth_age() -> u64 {
+    86_400
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig {
+            issuer: String::new(),
+            default_key: default_signing_key(),
+            default_ttl_seconds: default_ttl(),
+            max_ttl_seconds: default_max_ttl(),
+            acr_values: Vec::new(),
+            max_auth_age_seconds: default_max_auth_age(),
+            bootstrap_default_key: false,
+        }
+    }
+}
+
+impl SigningConfig {
+    /// Consistency checks of `[signing]` and of the clients' signing grants.
+    pub fn validate(&self, clients: &[ClientRule]) -> Result<(), String> {
+        if !crate::signing::valid_key_name(&self.default_key) {
+            return Err(format!(
+                "signing.default_key {:?}: {}",
+                self.default_key,
+                crate::signing::KEY_NAME_RULE
+            ));
+        }
+        if self.default_ttl_seconds == 0 || self.default_ttl_seconds > self.max_ttl_seconds {
+            return Err(
+                "signing.default_ttl_seconds must be between 1 and signing.max_ttl_seconds".into(),
+            );
+        }
+        if self.acr_values.iter().any(String::is_empty) {
+            return Err("signing.acr_values must not contain an empty value".into());
+        }
+        for (i, rule) in clients.iter().enumerate() {
+            for key in rule.signing_keys.iter().flatten() {
+                if !crate::signing::valid_key_name(key) {
+                    return Err(format!(
+                        "client[{i}].signing_keys {key:?}: {}",
+                        crate::signing::KEY_NAME_RULE
+                    ));
+                }
+            }
+            for acr in rule.acr.iter().flatten() {
+                if !self.acr_values.contains(acr) {
+                    return Err(format!(
+                        "client[{i}].acr {acr:?} is not one of signing.acr_values"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a config cannot be used. Each message is one line that says what to fix.
@@ -313,6 +421,7 @@ impl Config {
                 _ => return Err(format!("client[{i}]: set exactly one of cn and uri")),
             }
         }
+        self.signing.validate(&self.clients)?;
         Ok(())
     }
 
@@ -361,6 +470,66 @@ mod tests {
         assert_eq!(config.clients.len(), 3);
         assert_eq!(config.clients[0].role, Role::LoginService);
         assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.signing.issuer, "https://login.eid.example");
+        assert_eq!(config.signing.acr_values.len(), 2);
+        assert!(!config.signing.bootstrap_default_key);
+        assert_eq!(
+            config.clients[0].signing_keys,
+            Some(vec!["assertion".to_owned()])
+        );
+        assert_eq!(config.clients[1].signing_keys, None);
+        assert!(config.signing.validate(&config.clients).is_ok());
+    }
+
+    #[test]
+    fn signing_section_defaults_and_checks() {
+        let text = include_str!("../config.example.toml");
+        let start = text.find("[signing]").expect("[signing]");
+        let end = text[start..].find("# Client certificate").expect("end") + start;
+        let without = format!("{}{}", &text[..start], &text[end..])
+            .replace("signing_keys = [\"assertion\"]\n", "")
+            .replace(
+                "acr = [\"https://data.gov.dk/concept/core/nsis/Substantial\", \"https://data.gov.dk/concept/core/nsis/High\"]\n",
+                "",
+            );
+        let config: Config = toml::from_str(&without).expect("parses without [signing]");
+        assert_eq!(config.signing, SigningConfig::default());
+        assert_eq!(config.signing.default_key, "assertion");
+        assert_eq!(config.signing.max_ttl_seconds, 3600);
+
+        let base: Config = toml::from_str(text).expect("parses");
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.signing.default_ttl_seconds = 7200),
+                "default_ttl_seconds",
+            ),
+            (
+                Box::new(|c| c.signing.default_key = "Bad Name".into()),
+                "signing.default_key",
+            ),
+            (
+                Box::new(|c| c.clients[0].acr = Some(vec!["urn:other".into()])),
+                "client[0].acr",
+            ),
+            (
+                Box::new(|c| c.clients[0].signing_keys = Some(vec!["a/b".into()])),
+                "client[0].signing_keys",
+            ),
+            (
+                Box::new(|c| c.signing.acr_values.push(String::new())),
+                "empty value",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut c = base.clone();
+            mutate(&mut c);
+            let err = c.signing.validate(&c.clients).expect_err(expected);
+            assert!(err.contains(expected), "{err}");
+        }
+        let err = toml::from_str::<Config>(&text.replace("max_auth_age_seconds", "max_auth_age"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]

@@ -179,8 +179,11 @@ fn dev_config(
                 cn: Some((*cn).to_owned()),
                 uri: None,
                 role: *role,
+                signing_keys: None,
+                acr: None,
             })
             .collect(),
+        signing: crate::signing::dev_config(),
     }
 }
 

@@ -16,7 +16,9 @@ pub mod error;
 pub mod hsm;
 pub mod logging;
 pub mod otp;
+pub mod pki;
 pub mod server;
+pub mod signing;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;

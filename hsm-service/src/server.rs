@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
+use hsm_proto::v1::key_service_server::KeyServiceServer;
+use hsm_proto::v1::signing_service_server::SigningServiceServer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -24,6 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
 use crate::auth::Authorizer;
 use crate::config::Config;
@@ -127,6 +130,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let store = open_store(&config).await?;
     let clock = crate::credentials::system_clock();
     let credentials = open_credentials(&config, &hsm, &store, clock.clone()).await?;
+    let signing = crate::signing::Signer::open(hsm.clone(), store.clone(), config.signing.clone())
+        .await
+        .map(Arc::new)
+        .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -145,6 +152,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         clock,
         authorizer: Authorizer::new(config.clients.clone()),
         started: Instant::now(),
+        signing,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -165,16 +173,19 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .add_service(AdminServiceServer::new(Admin::new(state.clone())))
         .add_service(CredentialServiceServer::new(CredentialApi::new(
             state.clone(),
-        )));
+        )))
+        .add_service(SigningServiceServer::new(Signing::new(state.clone())))
+        .add_service(KeyServiceServer::new(Keys::new(state.clone())));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     // Small HTTP/2 frames must not wait for Nagle's algorithm and the peer's delayed ACK
     // (measured: 40 ms per round trip of concurrent calls without this).
+    // A socket that refuses the option still gets served, just slower.
     let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.and_then(|tcp| {
-            tcp.set_nodelay(true)?;
-            Ok(tcp)
-        })
+        if let Ok(tcp) = &conn {
+            let _ = tcp.set_nodelay(true);
+        }
+        conn
     });
     let task = tokio::spawn(async move {
         let mut rx = shutdown_rx;
@@ -227,7 +238,12 @@ pub async fn run(
 }
 
 /// The hsm.v1 services, as the health service names them.
-pub const SERVICES: [&str; 2] = ["hsm.v1.AdminService", "hsm.v1.CredentialService"];
+pub const SERVICES: [&str; 4] = [
+    "hsm.v1.AdminService",
+    "hsm.v1.CredentialService",
+    "hsm.v1.SigningService",
+    "hsm.v1.KeyService",
+];
 
 /// Read the master key version from the store (1 on first start), make sure the key is
 /// on the token, and build the credential service.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod credentials;
+pub mod signing;
 pub mod status;
 
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub authorizer: Authorizer,
     /// Process start, for uptime.
     pub started: Instant,
+    /// Signing keys and everything signed with them.
+    pub signing: Arc<crate::signing::Signer>,
 }
 
 /// Shared handle to the state.

@@ -49,6 +49,10 @@ pub struct Identity {
     pub fingerprint: String,
     /// The role the certificate maps to.
     pub role: Role,
+    /// Signing keys the caller may use (`signing_keys` of its rule; `None`: the default).
+    pub signing_keys: Option<Vec<String>>,
+    /// `acr` values the caller may assert (`acr` of its rule; `None`: all configured).
+    pub acr: Option<Vec<String>>,
 }
 
 /// Maps certificates to identities, with a small cache so that the DER is parsed once
@@ -120,6 +124,8 @@ impl Authorizer {
                 subject,
                 fingerprint: hex(fingerprint),
                 role: rule.role,
+                signing_keys: rule.signing_keys.clone(),
+                acr: rule.acr.clone(),
             }),
             None => Err(format!(
                 "client certificate {subject:?} is not mapped to a role"

@@ -15,6 +15,7 @@ pub mod objects;
 mod pool;
 mod random;
 pub mod seeds;
+pub mod sign;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -28,6 +29,7 @@ use secrecy::SecretString;
 pub use error::{Error, ErrorKind, Result};
 pub use module::TokenSelector;
 pub use pool::PoolStats;
+pub use sign::{GeneratedKeyPair, KeyPairKind, PublicKeyAttributes, SignMechanism};
 
 use objects::HandleCache;
 use pool::Pool;

@@ -14,10 +14,11 @@ use cryptoki::session::Session;
 
 use super::{Error, Hsm, Result};
 
-/// Label-and-class to handle.
+/// Label-and-class (and CKA_ID-and-class) to handle.
 #[derive(Default)]
 pub(crate) struct HandleCache {
     map: RwLock<HashMap<(u64, String), ObjectHandle>>,
+    by_id: RwLock<HashMap<(u64, Vec<u8>), ObjectHandle>>,
     /// Searches that reached the token; the cache's tests and benches read it.
     pub(crate) searches: AtomicU64,
 }
@@ -36,6 +37,23 @@ impl HandleCache {
     fn forget(&self, class: ObjectClass, label: &str) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         map.remove(&(class_key(class), label.to_owned()));
+    }
+}
+
+impl HandleCache {
+    fn get_by_id(&self, class: ObjectClass, id: &[u8]) -> Option<ObjectHandle> {
+        let map = self.by_id.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&(class_key(class), id.to_vec())).copied()
+    }
+
+    fn put_by_id(&self, class: ObjectClass, id: &[u8], handle: ObjectHandle) {
+        let mut map = self.by_id.write().unwrap_or_else(|p| p.into_inner());
+        map.insert((class_key(class), id.to_vec()), handle);
+    }
+
+    fn forget_by_id(&self, class: ObjectClass, id: &[u8]) {
+        let mut map = self.by_id.write().unwrap_or_else(|p| p.into_inner());
+        map.remove(&(class_key(class), id.to_vec()));
     }
 }
 
@@ -64,7 +82,52 @@ pub(crate) fn search(
     }
 }
 
+/// Search the token for the one object of `class` whose CKA_ID is `id`.
+pub(crate) fn search_by_id(
+    session: &Session,
+    class: ObjectClass,
+    id: &[u8],
+) -> Result<Option<ObjectHandle>> {
+    let found = session.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(Error::Invalid(format!(
+            "{} objects of one class share a CKA_ID; key ids must be unique",
+            found.len()
+        ))),
+    }
+}
+
 impl Hsm {
+    /// The handle of the object of `class` whose CKA_ID is `id`, from the cache or, the
+    /// first time, from a search. `Ok(None)` when the token has no such object.
+    pub async fn find_object_by_id(
+        &self,
+        class: ObjectClass,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>> {
+        if let Some(h) = self.inner.handles.get_by_id(class, id) {
+            return Ok(Some(h));
+        }
+        let owned = id.to_vec();
+        let found = self
+            .inner
+            .pool
+            .submit(move |w| w.run(true, |s, _| search_by_id(s, class, &owned)))
+            .await?;
+        self.inner.handles.searches.fetch_add(1, Ordering::Relaxed);
+        if let Some(h) = found {
+            self.inner.handles.put_by_id(class, id, h);
+        }
+        Ok(found)
+    }
+
+    /// Drop a handle cached by CKA_ID (stale, or the object was destroyed).
+    pub fn forget_object_by_id(&self, class: ObjectClass, id: &[u8]) {
+        self.inner.handles.forget_by_id(class, id);
+    }
+
     /// The handle of the object of `class` labelled `label`, from the cache or, the first
     /// time, from a search. `Ok(None)` when the token has no such object.
     pub async fn find_object(

@@ -8,7 +8,7 @@ use cryptoki::object::{Attribute, ObjectClass};
 use super::*;
 use crate::testing::DevEnv;
 
-fn open(env: &DevEnv, sessions: usize, queue: usize) -> Hsm {
+pub(crate) fn open(env: &DevEnv, sessions: usize, queue: usize) -> Hsm {
     let settings = HsmSettings {
         module: env.config.hsm.module.clone(),
         token: env.config.token(),

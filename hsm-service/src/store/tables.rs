@@ -13,6 +13,10 @@ pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("cred
 /// [`RESERVED_META_PREFIX`] belong to the store itself.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Signing key versions: `"<name>/<version, 10 digits>"` -> encoded
+/// `crate::signing::KeyVersion` (public metadata only; private keys stay in the HSM).
+pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
+
 /// Meta keys with this prefix are written only by the store.
 pub const RESERVED_META_PREFIX: &str = "store.";
 
@@ -28,5 +32,6 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(CREDENTIALS)?;
     txn.open_table(META)?;
+    txn.open_table(SIGNING_KEYS)?;
     Ok(())
 }

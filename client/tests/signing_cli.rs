@@ -1,0 +1,402 @@
+//! `hsmctl sign ...` and `hsmctl keys ...`, subcommand by subcommand, against a real
+//! service started in this process; signatures and certificates checked with openssl.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use hsm_service::signing::{Algorithm, KeyRef, NSIS_ACR_VALUES};
+use hsm_service::testing::DevEnv;
+use serde_json::Value;
+
+fn hsmctl(env: &DevEnv, addr: SocketAddr, identity: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hsmctl"))
+        .arg("--endpoint")
+        .arg(format!("https://{addr}"))
+        .arg("--ca")
+        .arg(env.pki("ca.crt"))
+        .arg("--cert")
+        .arg(env.pki(&format!("{identity}.crt")))
+        .arg("--key")
+        .arg(env.pki(&format!("{identity}.key")))
+        .args(args)
+        .output()
+        .expect("run hsmctl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(&stdout(o)).unwrap_or_else(|e| panic!("{e}: {o:?}"))
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_assertion_text_json_and_refusal() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let acr = NSIS_ACR_VALUES[0];
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "citizen-1",
+            "--acr",
+            acr,
+            "--aud",
+            "rp",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).trim().split('.').count(), 3, "a compact JWS");
+
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "citizen-1",
+            "--acr",
+            acr,
+            "--ttl",
+            "60",
+            "--amr",
+            "otp",
+            "--claims",
+            r#"{"x":1}"#,
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    let kid = v["kid"].as_str().expect("kid").to_owned();
+    assert_eq!(v["jws"].as_str().expect("jws").split('.').count(), 3);
+    assert!(v["expires_at"].as_u64().expect("exp") > hsm_service::signing::now());
+    let jwks = json(&hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["keys", "jwks", "--json"],
+    ));
+    assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
+
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "c",
+            "--acr",
+            acr,
+            "--ttl",
+            "999999",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["error"]["code"], "InvalidArgument");
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "c",
+            "--acr",
+            acr,
+            "--claims",
+            r#"{"exp":1}"#,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reserved claim"),
+        "{out:?}"
+    );
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_raw_message_digest_and_der_verify_with_openssl() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spki = server
+        .state()
+        .signing
+        .get(&KeyRef::new("assertion", 0))
+        .expect("key")
+        .public_key_der;
+    let public = write(
+        dir.path(),
+        "pub.pem",
+        hsm_service::pki::to_pem("PUBLIC KEY", &spki).as_bytes(),
+    );
+    let message = write(dir.path(), "msg.txt", b"detached document");
+    let verify = |der: &[u8]| {
+        let sig = write(dir.path(), "sig.der", der);
+        openssl(&[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &public,
+            "-signature",
+            &sig,
+            &message,
+        ])
+    };
+
+    // DER from a message file: what openssl dgst -verify takes.
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "raw",
+            "--message-file",
+            &message,
+            "--encoding",
+            "der",
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    assert_eq!(v["algorithm"], "ES256");
+    assert_eq!(v["encoding"], "der");
+    let (ok, text) = verify(&b64(v["signature"].as_str().expect("sig")));
+    assert!(ok && text.contains("Verified OK"), "{text}");
+
+    // DER over a hex digest of the same message.
+    let digest = Algorithm::Es256
+        .digest(b"detached document")
+        .expect("digest");
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "raw",
+            "--digest",
+            &hex,
+            "--encoding",
+            "der",
+            "--algorithm",
+            "es256",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = verify(&b64(stdout(&out).trim()));
+    assert!(ok && text.contains("Verified OK"), "{text}");
+
+    // Raw r||s (JWS form) from a text message: 64 bytes; not DER, so openssl refuses it.
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["sign", "raw", "--message", "detached document"],
+    );
+    let raw = b64(stdout(&out).trim());
+    assert_eq!(raw.len(), 64);
+    assert!(!verify(&raw).0);
+
+    // Refusals: a short digest, a digest that is not hex, no input at all.
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["sign", "raw", "--digest", "00ff", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["error"]["code"], "InvalidArgument");
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["sign", "raw", "--digest", "xyz"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = hsmctl(&env, addr, "login-service", &["sign", "raw"]);
+    assert!(!out.status.success());
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_jwks_and_list() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let out = hsmctl(&env, addr, "auditor", &["keys", "jwks"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("pretty JSON");
+    assert_eq!(v["keys"][0]["alg"], "ES256");
+    assert_eq!(v["keys"][0]["use"], "sig");
+
+    let out = hsmctl(&env, addr, "officer-1", &["keys", "list", "--json"]);
+    let v = json(&out);
+    assert_eq!(v["keys"][0]["name"], "assertion");
+    assert_eq!(v["keys"][0]["version"], 1);
+    assert_eq!(v["keys"][0]["state"], "active");
+    assert_eq!(v["keys"][0]["key_id"].as_str().expect("hex").len(), 32);
+    let out = hsmctl(&env, addr, "officer-1", &["keys", "list"]);
+    assert!(
+        stdout(&out).contains("assertion v1  active"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = hsmctl(&env, addr, "login-service", &["keys", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["error"]["code"], "PermissionDenied");
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cert_csr_self_sign_issue_and_show() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    server
+        .state()
+        .signing
+        .create_version("root-ca", Algorithm::Es256)
+        .await
+        .expect("CA key");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "keys",
+            "cert",
+            "csr",
+            "--subject",
+            "CN=Assertions,O=Dev,C=DK",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let csr = write(dir.path(), "req.pem", &out.stdout);
+    let (ok, text) = openssl(&["req", "-in", &csr, "-verify", "-noout"]);
+    assert!(ok && text.contains("verify OK"), "{text}");
+
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "keys",
+            "cert",
+            "self-sign",
+            "--signing-key",
+            "root-ca",
+            "--subject",
+            "CN=Dev Root,C=DK",
+            "--days",
+            "3650",
+            "--is-ca",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let root = write(dir.path(), "root.pem", &out.stdout);
+
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "keys",
+            "cert",
+            "issue",
+            "--issuer",
+            "root-ca",
+            "--subject",
+            "CN=Assertions,O=Dev,C=DK",
+            "--dns",
+            "idp.dev.local",
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    let certs = v["certificates"].as_array().expect("chain");
+    assert_eq!(certs.len(), 2);
+    let leaf = write(
+        dir.path(),
+        "leaf.pem",
+        certs[0]["pem"].as_str().expect("pem").as_bytes(),
+    );
+    let (ok, text) = openssl(&["verify", "-CAfile", &root, &leaf]);
+    assert!(ok && text.contains(": OK"), "{text}");
+
+    // Anyone may read the stored chain; only officers may make certificates.
+    let out = hsmctl(&env, addr, "login-service", &["keys", "cert", "show"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).matches("BEGIN CERTIFICATE").count(), 2);
+    let shown = json(&hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &[
+            "keys",
+            "cert",
+            "show",
+            "--signing-key",
+            "assertion",
+            "--json",
+        ],
+    ));
+    assert_eq!(shown["certificates"], v["certificates"]);
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["keys", "cert", "csr", "--subject", "CN=x", "--json"],
+    );
+    assert_eq!(json(&out)["error"]["code"], "PermissionDenied");
+    server.shutdown().await.expect("shutdown");
+}

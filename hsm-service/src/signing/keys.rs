@@ -1,0 +1,172 @@
+//! Signing key versions: their states, their durable record, and the store table.
+//!
+//! A key name (e.g. `assertion`) has numbered versions. Each version is one key pair in
+//! the HSM (found by its CKA_ID) and one record in the store's `signing_keys` table with
+//! everything public about it. The private key never leaves the HSM.
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{Algorithm, PublicKey};
+use crate::store::tables::SIGNING_KEYS;
+use crate::store::{Rollback, StoreError};
+
+/// Where a key version is in its life.
+///
+/// `pending -> published -> active -> verify-only -> destroyed`; a version may be
+/// destroyed from any state but `active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyState {
+    /// Generated, not in the JWKS, not signing (e.g. waiting for its certificate).
+    Pending,
+    /// In the JWKS so that relying parties learn it, not yet signing.
+    Published,
+    /// In the JWKS and signing; at most one version of a name is active.
+    Active,
+    /// In the JWKS, no longer signing: its assertions are still being verified.
+    VerifyOnly,
+    /// Its HSM objects are destroyed; the record stays for the history.
+    Destroyed,
+}
+
+impl KeyState {
+    /// The name used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Pending => "pending",
+            KeyState::Published => "published",
+            KeyState::Active => "active",
+            KeyState::VerifyOnly => "verify-only",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    /// True for the states whose public key is in the JWKS.
+    pub fn in_jwks(self) -> bool {
+        matches!(
+            self,
+            KeyState::Published | KeyState::Active | KeyState::VerifyOnly
+        )
+    }
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One version of a named signing key: public metadata only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersion {
+    /// Key name.
+    pub name: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// The JWS algorithm the key signs with.
+    pub algorithm: Algorithm,
+    /// CKA_ID of the key pair in the HSM.
+    pub key_id: Vec<u8>,
+    /// JWS `kid`: the RFC 7638 thumbprint of the public key.
+    pub kid: String,
+    /// The public key, DER SubjectPublicKeyInfo.
+    pub public_key_der: Vec<u8>,
+    /// Certificate chain, DER, leaf first; empty when none was made.
+    pub certificate_chain: Vec<Vec<u8>>,
+    /// Unix seconds of generation.
+    pub created_at: u64,
+    /// Unix seconds of publication (0: never).
+    pub published_at: u64,
+    /// Unix seconds of activation (0: never).
+    pub activated_at: u64,
+    /// Unix seconds of retirement to verify-only (0: never).
+    pub retired_at: u64,
+    /// Unix seconds of destruction (0: never).
+    pub destroyed_at: u64,
+    /// No assertion signed by this version expires later than this (Unix seconds). Kept
+    /// ahead of the assertions actually signed, so it is safe after a crash.
+    pub last_expiry: u64,
+}
+
+impl KeyVersion {
+    /// The public key.
+    pub fn public_key(&self) -> Result<PublicKey, super::SigningError> {
+        PublicKey::from_spki_der(&self.public_key_der)
+    }
+}
+
+/// Format of the encoded records; bumped when [`KeyVersion`] changes shape.
+const FORMAT: u8 = 1;
+
+/// Store key of a version: sorts by name, then version.
+pub(crate) fn store_key(name: &str, version: u32) -> String {
+    format!("{name}/{version:010}")
+}
+
+pub(crate) fn encode(k: &KeyVersion) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT];
+    let body = postcard::to_allocvec(k)
+        .map_err(|e| StoreError::Invalid(format!("encoding signing key record: {e}")))?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<KeyVersion, StoreError> {
+    match bytes.split_first() {
+        Some((&FORMAT, body)) => postcard::from_bytes(body)
+            .map_err(|e| StoreError::Corrupt(format!("signing key {key:?}: {e}"))),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "signing key {key:?}: unknown format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt(format!("signing key {key:?}: empty"))),
+    }
+}
+
+/// Every version in the table, in name and version order.
+pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<KeyVersion>, StoreError> {
+    let table = txn.open_table(SIGNING_KEYS)?;
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// Write `versions` (insert or replace), all in this transaction.
+pub(crate) fn put_all(txn: &WriteTransaction, versions: &[KeyVersion]) -> Result<(), Rollback> {
+    let mut table = txn.open_table(SIGNING_KEYS)?;
+    for k in versions {
+        table.insert(
+            store_key(&k.name, k.version).as_str(),
+            encode(k)?.as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Raise `last_expiry` of one version to at least `mark`, as the store sees it now.
+pub(crate) fn raise_last_expiry(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u32,
+    mark: u64,
+) -> Result<Result<KeyVersion, StoreError>, Rollback> {
+    let key = store_key(name, version);
+    let mut table = txn.open_table(SIGNING_KEYS)?;
+    let current = match table.get(key.as_str())? {
+        Some(g) => decode(&key, g.value()),
+        None => Err(StoreError::NotFound),
+    };
+    let mut k = match current {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(e)),
+    };
+    if k.last_expiry < mark {
+        k.last_expiry = mark;
+        table.insert(key.as_str(), encode(&k)?.as_slice())?;
+    }
+    Ok(Ok(k))
+}

@@ -1,0 +1,896 @@
+//! [`Signer`]: named signing keys with versions in the HSM, and everything signed with
+//! them (assertions, raw signatures, CSRs, certificates).
+//!
+//! The key records live in memory (loaded once at start) and in the store, written
+//! through before memory changes. Signing never searches the token (handles are cached
+//! by CKA_ID in `hsm`) and never waits for the store, except when an assertion would
+//! expire later than the durable `last_expiry` of its key: then that mark is raised
+//! first, in steps of [`EXPIRY_MARK_STEP`], so it costs one store write per key and step.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use ring::rand::SecureRandom;
+
+use super::keys::{self, KeyState, KeyVersion};
+use super::{
+    ecdsa_raw_to_der, jwk, jwks, prepare_assertion, thumbprint, Algorithm, AssertionParams,
+    PublicKey, SigningError,
+};
+use crate::config::SigningConfig;
+use crate::error::{Error, Result};
+use crate::hsm::{Hsm, KeyPairKind, PublicKeyAttributes, SignMechanism};
+use crate::pki::{self, CertificateParams, IssuerCertificate, IssuerRef, KeyUsage, Name};
+use crate::store::{EmbeddedStore, StoreError};
+
+/// Granularity of the durable `last_expiry` mark, in seconds.
+pub const EXPIRY_MARK_STEP: u64 = 60;
+/// Clock skew tolerated for `auth_time` in the future, in seconds.
+const AUTH_TIME_SKEW: u64 = 60;
+/// Largest message a raw signature may cover.
+pub const MAX_MESSAGE_LEN: usize = 1 << 20;
+/// Bounds on assertion fields, so that a token stays small.
+const MAX_FIELD_LEN: usize = 1024;
+const MAX_LIST_LEN: usize = 32;
+/// Longest certificate validity the service issues, in days.
+const MAX_VALIDITY_DAYS: u32 = 20 * 366;
+
+/// What a caller's configuration lets it sign with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Key names; `None`: the configured default key only.
+    pub keys: Option<Vec<String>>,
+    /// `acr` values; `None`: every configured value.
+    pub acr: Option<Vec<String>>,
+}
+
+/// A request for an assertion, as the caller gave it (empty/zero: defaults).
+#[derive(Debug, Clone, Default)]
+pub struct AssertionRequest {
+    /// Key name; empty: the default assertion key.
+    pub key: String,
+    /// `sub`.
+    pub subject: String,
+    /// `aud`.
+    pub audience: Vec<String>,
+    /// `nonce`.
+    pub nonce: String,
+    /// `acr`.
+    pub acr: String,
+    /// `amr`.
+    pub amr: Vec<String>,
+    /// Lifetime in seconds; 0: the configured default.
+    pub ttl_seconds: u32,
+    /// `auth_time` (Unix seconds); 0: now.
+    pub auth_time: u64,
+    /// Extra claims, a JSON object text (may be empty).
+    pub extra_claims_json: String,
+}
+
+/// A signed assertion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedAssertion {
+    /// Compact JWS.
+    pub jws: String,
+    /// `kid` of the signing key version.
+    pub kid: String,
+    /// `exp`.
+    pub expires_at: u64,
+}
+
+/// What a raw signature covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignInput {
+    /// The message; hashed here (ECDSA, RSA-PSS) or signed whole (EdDSA).
+    Message(Vec<u8>),
+    /// A digest the caller computed with the key's hash (SHA-256 or SHA-384).
+    Digest(Vec<u8>),
+}
+
+/// How an ECDSA signature is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SignatureEncoding {
+    /// Raw `r || s` (JWS); the only form of EdDSA and RSA-PSS signatures.
+    #[default]
+    Raw,
+    /// DER `Ecdsa-Sig-Value` (X.509, CMS); ECDSA only.
+    Der,
+}
+
+/// A raw signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSignature {
+    /// The signature.
+    pub signature: Vec<u8>,
+    /// `kid` of the key version.
+    pub kid: String,
+    /// The algorithm it was made with.
+    pub algorithm: Algorithm,
+    /// Its encoding.
+    pub encoding: SignatureEncoding,
+}
+
+/// What a certificate made by the service says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRequest {
+    /// Subject DN, RFC 4514 (e.g. `CN=Assertions,O=Example,C=DK`).
+    pub subject: String,
+    /// Validity from now, in days.
+    pub validity_days: u32,
+    /// A CA certificate (keyCertSign, cRLSign) rather than a signing one.
+    pub is_ca: bool,
+    /// DNS subject alternative names.
+    pub dns_names: Vec<String>,
+}
+
+/// Names a key version: `version` 0 is the current one (the active version, else the
+/// newest one not destroyed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    /// Key name.
+    pub name: String,
+    /// Version, or 0 for the current one.
+    pub version: u32,
+}
+
+impl KeyRef {
+    /// A reference to `name`, version `version` (0: current).
+    pub fn new(name: impl Into<String>, version: u32) -> KeyRef {
+        KeyRef {
+            name: name.into(),
+            version,
+        }
+    }
+}
+
+/// Named, versioned signing keys in the HSM, and the signing done with them.
+pub struct Signer {
+    hsm: Hsm,
+    store: Arc<EmbeddedStore>,
+    config: SigningConfig,
+    keys: RwLock<BTreeMap<(String, u32), KeyVersion>>,
+    /// Serialises record writes, so that memory follows the store in order. Held only
+    /// for short steps: the signing path may wait for it to raise an expiry mark.
+    writes: tokio::sync::Mutex<()>,
+    /// Serialises version creation (held across key generation, seconds for RSA).
+    creations: tokio::sync::Mutex<()>,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("versions", &self.read_keys().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn store_err(e: StoreError) -> Error {
+    Error::Internal(format!("signing key store: {e}"))
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+impl From<SigningError> for Error {
+    fn from(e: SigningError) -> Error {
+        match e {
+            SigningError::InvalidArgument(m) => Error::InvalidArgument(m),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<pki::PkiError> for Error {
+    fn from(e: pki::PkiError) -> Error {
+        match e {
+            pki::PkiError::InvalidArgument(m) => Error::InvalidArgument(m),
+            pki::PkiError::Signing(s) => s.into(),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+fn kind_of(alg: Algorithm) -> KeyPairKind {
+    match alg {
+        Algorithm::Es256 => KeyPairKind::EcP256,
+        Algorithm::Es384 => KeyPairKind::EcP384,
+        Algorithm::EdDsa => KeyPairKind::Ed25519,
+        Algorithm::Ps256 => KeyPairKind::Rsa3072,
+    }
+}
+
+fn mechanism_of(alg: Algorithm) -> SignMechanism {
+    match alg {
+        Algorithm::Es256 | Algorithm::Es384 => SignMechanism::Ecdsa,
+        Algorithm::EdDsa => SignMechanism::Eddsa,
+        Algorithm::Ps256 => SignMechanism::RsaPssSha256,
+    }
+}
+
+fn public_key_of(attrs: &PublicKeyAttributes) -> std::result::Result<PublicKey, SigningError> {
+    match attrs {
+        PublicKeyAttributes::Ec { ec_point } => PublicKey::from_ec_point(ec_point),
+        PublicKeyAttributes::Edwards { ec_point } => PublicKey::from_ed25519_point(ec_point),
+        PublicKeyAttributes::Rsa {
+            modulus,
+            public_exponent,
+        } => PublicKey::from_rsa_components(modulus, public_exponent),
+    }
+}
+
+fn check_len(field: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_FIELD_LEN {
+        return Err(invalid(format!(
+            "{field} is {} bytes, the limit is {MAX_FIELD_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_list(field: &str, values: &[String]) -> Result<()> {
+    if values.len() > MAX_LIST_LEN {
+        return Err(invalid(format!(
+            "{field} has {} entries, the limit is {MAX_LIST_LEN}",
+            values.len()
+        )));
+    }
+    for v in values {
+        if v.is_empty() {
+            return Err(invalid(format!("{field} entries must not be empty")));
+        }
+        check_len(field, v)?;
+    }
+    Ok(())
+}
+
+impl Signer {
+    /// Load the key records from the store. With `config.bootstrap_default_key`, create
+    /// the default key (ES256), publish and activate it when it has no version yet.
+    pub async fn open(
+        hsm: Hsm,
+        store: Arc<EmbeddedStore>,
+        config: SigningConfig,
+    ) -> Result<Signer> {
+        let loaded = store.read(keys::load_all).map_err(store_err)?;
+        let signer = Signer {
+            hsm,
+            store,
+            config,
+            keys: RwLock::new(
+                loaded
+                    .into_iter()
+                    .map(|k| ((k.name.clone(), k.version), k))
+                    .collect(),
+            ),
+            writes: tokio::sync::Mutex::new(()),
+            creations: tokio::sync::Mutex::new(()),
+            rng: ring::rand::SystemRandom::new(),
+        };
+        if signer.config.bootstrap_default_key {
+            let name = signer.config.default_key.clone();
+            if signer.list(Some(&name)).is_empty() {
+                let k = signer.create_version(&name, Algorithm::Es256).await?;
+                signer.publish(&name, k.version).await?;
+                signer.activate(&name, k.version).await?;
+                tracing::info!(key = %name, kid = %k.kid, "created the default assertion key (bootstrap)");
+            }
+        }
+        Ok(signer)
+    }
+
+    /// The configuration this signer runs with.
+    pub fn config(&self) -> &SigningConfig {
+        &self.config
+    }
+
+    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<(String, u32), KeyVersion>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// All versions (of `name`, when given), in name and version order.
+    pub fn list(&self, name: Option<&str>) -> Vec<KeyVersion> {
+        self.read_keys()
+            .values()
+            .filter(|k| name.is_none_or(|n| k.name == n))
+            .cloned()
+            .collect()
+    }
+
+    /// One version; `version` 0 is the current one.
+    pub fn get(&self, key: &KeyRef) -> Result<KeyVersion> {
+        let keys = self.read_keys();
+        let found = if key.version == 0 {
+            let versions: Vec<&KeyVersion> = keys
+                .range((key.name.clone(), 0)..=(key.name.clone(), u32::MAX))
+                .map(|(_, k)| k)
+                .filter(|k| k.state != KeyState::Destroyed)
+                .collect();
+            versions
+                .iter()
+                .find(|k| k.state == KeyState::Active)
+                .or(versions.last())
+                .map(|k| (*k).clone())
+        } else {
+            keys.get(&(key.name.clone(), key.version)).cloned()
+        };
+        found.ok_or_else(|| {
+            Error::NotFound(if key.version == 0 {
+                format!("no signing key named {:?}", key.name)
+            } else {
+                format!("no version {} of signing key {:?}", key.version, key.name)
+            })
+        })
+    }
+
+    fn active(&self, name: &str) -> Option<KeyVersion> {
+        self.read_keys()
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .map(|(_, k)| k)
+            .find(|k| k.state == KeyState::Active)
+            .cloned()
+    }
+
+    /// Write `versions` through to the store, then to memory. Call with `writes` held.
+    async fn put(&self, versions: Vec<KeyVersion>) -> Result<()> {
+        let copy = versions.clone();
+        self.store
+            .write(move |txn| keys::put_all(txn, &copy))
+            .await
+            .map_err(store_err)?;
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        for k in versions {
+            keys.insert((k.name.clone(), k.version), k);
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------
+    // Life cycle (driven by key ceremonies; dev mode bootstraps the default key).
+    // ----------------------------------------------------------------------------
+
+    /// Generate a new version of `name` in the HSM, in state `pending`.
+    pub async fn create_version(&self, name: &str, algorithm: Algorithm) -> Result<KeyVersion> {
+        if !super::valid_key_name(name) {
+            return Err(invalid(format!(
+                "key name {name:?}: {}",
+                super::KEY_NAME_RULE
+            )));
+        }
+        let _c = self.creations.lock().await;
+        let version = self
+            .list(Some(name))
+            .last()
+            .map_or(1, |k| k.version.saturating_add(1));
+        let label = format!("sig/{name}/v{version}");
+        let pair = self
+            .hsm
+            .generate_signing_key_pair(kind_of(algorithm), &label)
+            .await?;
+        let public = public_key_of(&pair.public)
+            .map_err(|e| Error::Internal(format!("public key of {label}: {e}")))?;
+        let k = KeyVersion {
+            name: name.to_owned(),
+            version,
+            state: KeyState::Pending,
+            algorithm,
+            key_id: pair.id,
+            kid: thumbprint(&public),
+            public_key_der: public.to_spki_der()?,
+            certificate_chain: Vec::new(),
+            created_at: now(),
+            published_at: 0,
+            activated_at: 0,
+            retired_at: 0,
+            destroyed_at: 0,
+            last_expiry: 0,
+        };
+        let written = {
+            let _w = self.writes.lock().await;
+            self.put(vec![k.clone()]).await
+        };
+        if let Err(e) = written {
+            // Without its record the key pair would be an orphan: remove it again.
+            if let Err(d) = self.hsm.destroy_key_pair(&k.key_id).await {
+                tracing::error!(error = %d, key = %label, "could not remove an unrecorded key pair");
+            }
+            return Err(e);
+        }
+        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version created");
+        Ok(k)
+    }
+
+    async fn transition(
+        &self,
+        name: &str,
+        version: u32,
+        change: impl FnOnce(&KeyVersion, Option<&KeyVersion>) -> Result<Vec<KeyVersion>>,
+    ) -> Result<KeyVersion> {
+        let _w = self.writes.lock().await;
+        let k = self.get(&KeyRef::new(name, version.max(1)))?;
+        let active = self.active(name);
+        let changed = change(&k, active.as_ref())?;
+        self.put(changed).await?;
+        let k = self.get(&KeyRef::new(name, k.version))?;
+        tracing::info!(key = %name, version = k.version, state = %k.state, "signing key version changed state");
+        Ok(k)
+    }
+
+    /// `pending -> published`: the key appears in the JWKS.
+    pub async fn publish(&self, name: &str, version: u32) -> Result<KeyVersion> {
+        self.transition(name, version, |k, _| {
+            if k.state != KeyState::Pending {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is {}; only a pending version can be published",
+                    k.name, k.version, k.state
+                )));
+            }
+            let mut k = k.clone();
+            k.state = KeyState::Published;
+            k.published_at = now();
+            Ok(vec![k])
+        })
+        .await
+    }
+
+    /// `published -> active`; the version active until now becomes verify-only (it stays
+    /// in the JWKS until it is destroyed).
+    pub async fn activate(&self, name: &str, version: u32) -> Result<KeyVersion> {
+        self.transition(name, version, |k, active| {
+            if k.state != KeyState::Published {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is {}; a version must be published before it is activated",
+                    k.name, k.version, k.state
+                )));
+            }
+            let t = now();
+            let mut out = Vec::new();
+            if let Some(old) = active {
+                let mut old = old.clone();
+                old.state = KeyState::VerifyOnly;
+                old.retired_at = t;
+                out.push(old);
+            }
+            let mut k = k.clone();
+            k.state = KeyState::Active;
+            k.activated_at = t;
+            out.push(k);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// `active -> verify-only`: stops signing, stays in the JWKS.
+    pub async fn retire(&self, name: &str, version: u32) -> Result<KeyVersion> {
+        self.transition(name, version, |k, _| {
+            if k.state != KeyState::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is {}; only the active version can be retired",
+                    k.name, k.version, k.state
+                )));
+            }
+            let mut k = k.clone();
+            k.state = KeyState::VerifyOnly;
+            k.retired_at = now();
+            Ok(vec![k])
+        })
+        .await
+    }
+
+    /// Destroy a version's HSM objects and mark it destroyed (out of the JWKS). Refused
+    /// for the active version, and, unless `force` (a compromised key), while
+    /// assertions signed by it may still be valid.
+    pub async fn destroy(&self, name: &str, version: u32, force: bool) -> Result<KeyVersion> {
+        let _w = self.writes.lock().await;
+        let k = self.get(&KeyRef::new(name, version.max(1)))?;
+        match k.state {
+            KeyState::Active => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is active; activate another version or retire it first",
+                    k.name, k.version
+                )))
+            }
+            KeyState::Destroyed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is already destroyed",
+                    k.name, k.version
+                )))
+            }
+            _ => {}
+        }
+        let t = now();
+        if !force && k.last_expiry > t {
+            return Err(Error::FailedPrecondition(format!(
+                "{} v{} signed assertions that may be valid until {}; destroy it after that \
+                 (or force it for a compromised key)",
+                k.name, k.version, k.last_expiry
+            )));
+        }
+        let destroyed = self.hsm.destroy_key_pair(&k.key_id).await?;
+        let mut k = k.clone();
+        k.state = KeyState::Destroyed;
+        k.destroyed_at = t;
+        self.put(vec![k.clone()]).await?;
+        tracing::warn!(key = %name, version = k.version, objects = destroyed, forced = force, "signing key version destroyed");
+        Ok(k)
+    }
+
+    // ----------------------------------------------------------------------------
+    // Signing.
+    // ----------------------------------------------------------------------------
+
+    /// The key `name` (empty: the default) for a caller with `grant`: refused when the
+    /// grant does not name it, unknown when no such key exists.
+    fn granted(&self, grant: &Grant, name: &str) -> Result<String> {
+        let name = if name.is_empty() {
+            self.config.default_key.as_str()
+        } else {
+            name
+        };
+        let allowed = match &grant.keys {
+            Some(keys) => keys.iter().any(|k| k == name),
+            None => name == self.config.default_key,
+        };
+        if !allowed {
+            return Err(Error::PermissionDenied(format!(
+                "this client may not sign with key {name:?}"
+            )));
+        }
+        let exists = self
+            .read_keys()
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .next()
+            .is_some();
+        if !exists {
+            return Err(invalid(format!("key: no signing key named {name:?}")));
+        }
+        Ok(name.to_owned())
+    }
+
+    fn signing_version(&self, name: &str) -> Result<KeyVersion> {
+        self.active(name).ok_or_else(|| {
+            Error::FailedPrecondition(format!("signing key {name:?} has no active version"))
+        })
+    }
+
+    async fn hsm_sign(&self, k: &KeyVersion, message: &[u8]) -> Result<Vec<u8>> {
+        let input = match k.algorithm.digest(message) {
+            Some(digest) => digest,
+            None => message.to_vec(),
+        };
+        Ok(self
+            .hsm
+            .sign(&k.key_id, mechanism_of(k.algorithm), input)
+            .await?)
+    }
+
+    /// Make sure the durable `last_expiry` of `k` covers `exp` before an assertion
+    /// with that expiry leaves the service.
+    async fn cover_expiry(&self, k: &KeyVersion, exp: u64) -> Result<()> {
+        let current = self
+            .read_keys()
+            .get(&(k.name.clone(), k.version))
+            .map_or(0, |k| k.last_expiry);
+        if current >= exp {
+            return Ok(());
+        }
+        let _w = self.writes.lock().await;
+        let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
+        let (name, version) = (k.name.clone(), k.version);
+        let updated = self
+            .store
+            .write(move |txn| keys::raise_last_expiry(txn, &name, version, mark))
+            .await
+            .and_then(|r| r)
+            .map_err(store_err)?;
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        keys.insert((updated.name.clone(), updated.version), updated);
+        Ok(())
+    }
+
+    /// Sign an assertion for a caller with `grant`.
+    pub async fn sign_assertion(
+        &self,
+        grant: &Grant,
+        req: &AssertionRequest,
+    ) -> Result<SignedAssertion> {
+        if self.config.issuer.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "assertion signing is not configured (signing.issuer is empty)".into(),
+            ));
+        }
+        let name = self.granted(grant, &req.key)?;
+        if req.subject.is_empty() {
+            return Err(invalid("subject must not be empty"));
+        }
+        check_len("subject", &req.subject)?;
+        check_len("nonce", &req.nonce)?;
+        check_list("audience", &req.audience)?;
+        check_list("amr", &req.amr)?;
+        if req.acr.is_empty() {
+            return Err(invalid("acr must not be empty"));
+        }
+        if !self.config.acr_values.contains(&req.acr) {
+            return Err(invalid(format!(
+                "acr {:?} is not an accepted value (accepted: {})",
+                req.acr,
+                self.config.acr_values.join(", ")
+            )));
+        }
+        if let Some(allowed) = &grant.acr {
+            if !allowed.contains(&req.acr) {
+                return Err(Error::PermissionDenied(format!(
+                    "this client may not assert acr {:?}",
+                    req.acr
+                )));
+            }
+        }
+        let ttl = match req.ttl_seconds {
+            0 => self.config.default_ttl_seconds,
+            t if t > self.config.max_ttl_seconds => {
+                return Err(invalid(format!(
+                    "ttl_seconds {t} exceeds the maximum of {}",
+                    self.config.max_ttl_seconds
+                )))
+            }
+            t => t,
+        };
+        let t = now();
+        let auth_time = match req.auth_time {
+            0 => t,
+            a if a > t + AUTH_TIME_SKEW => {
+                return Err(invalid(format!("auth_time {a} is in the future")))
+            }
+            a if a + self.config.max_auth_age_seconds < t => {
+                return Err(invalid(format!(
+                    "auth_time {a} is more than {} seconds ago",
+                    self.config.max_auth_age_seconds
+                )))
+            }
+            a => a,
+        };
+        let k = self.signing_version(&name)?;
+        let mut jti = [0u8; 16];
+        self.rng
+            .fill(&mut jti)
+            .map_err(|_| Error::Internal("system RNG failed".into()))?;
+        let jti = URL_SAFE_NO_PAD.encode(jti);
+        let params = AssertionParams {
+            issuer: &self.config.issuer,
+            subject: &req.subject,
+            audience: &req.audience,
+            nonce: &req.nonce,
+            acr: &req.acr,
+            amr: &req.amr,
+            auth_time,
+            now: t,
+            ttl_seconds: ttl,
+            jti: &jti,
+            extra_claims_json: &req.extra_claims_json,
+        };
+        let input = prepare_assertion(k.algorithm, &k.kid, &params)?;
+        let expires_at = input.expires_at();
+        let signature = self.hsm_sign(&k, input.bytes()).await?;
+        self.cover_expiry(&k, expires_at).await?;
+        Ok(SignedAssertion {
+            jws: input.finish(&signature),
+            kid: k.kid,
+            expires_at,
+        })
+    }
+
+    /// A raw signature by the active version of `name` for a caller with `grant`.
+    /// `algorithm`, when given, must be the key's.
+    pub async fn sign_raw(
+        &self,
+        grant: &Grant,
+        name: &str,
+        algorithm: Option<Algorithm>,
+        input: SignInput,
+        encoding: SignatureEncoding,
+    ) -> Result<RawSignature> {
+        let name = self.granted(grant, name)?;
+        let k = self.signing_version(&name)?;
+        if let Some(alg) = algorithm {
+            if alg != k.algorithm {
+                return Err(invalid(format!(
+                    "algorithm {alg} does not match key {name:?}, which signs {}",
+                    k.algorithm
+                )));
+            }
+        }
+        let is_ecdsa = matches!(k.algorithm, Algorithm::Es256 | Algorithm::Es384);
+        if encoding == SignatureEncoding::Der && !is_ecdsa {
+            return Err(invalid(format!(
+                "DER encoding applies to ECDSA signatures only, not {}",
+                k.algorithm
+            )));
+        }
+        let to_sign = match input {
+            SignInput::Message(m) => {
+                if m.len() > MAX_MESSAGE_LEN {
+                    return Err(invalid(format!(
+                        "message is {} bytes, the limit is {MAX_MESSAGE_LEN}",
+                        m.len()
+                    )));
+                }
+                k.algorithm.digest(&m).unwrap_or(m)
+            }
+            SignInput::Digest(d) => match k.algorithm.digest_algorithm() {
+                None => {
+                    return Err(invalid(format!(
+                        "{} signs whole messages; send message, not digest",
+                        k.algorithm
+                    )))
+                }
+                Some(h) => {
+                    let want = h.digest(b"").len();
+                    if d.len() != want {
+                        return Err(invalid(format!(
+                            "digest must be {want} bytes for {}, got {}",
+                            k.algorithm,
+                            d.len()
+                        )));
+                    }
+                    d
+                }
+            },
+        };
+        let raw = self
+            .hsm
+            .sign(&k.key_id, mechanism_of(k.algorithm), to_sign)
+            .await?;
+        let signature = match encoding {
+            SignatureEncoding::Der => ecdsa_raw_to_der(&raw)?,
+            SignatureEncoding::Raw => raw,
+        };
+        Ok(RawSignature {
+            signature,
+            kid: k.kid,
+            algorithm: k.algorithm,
+            encoding,
+        })
+    }
+
+    /// The JWK Set of every published, active and verify-only version, with `x5c` and
+    /// `x5t#S256` where a certificate chain is stored.
+    pub fn jwks(&self) -> Result<String> {
+        let keys = self.read_keys();
+        let mut out = Vec::new();
+        for k in keys.values().filter(|k| k.state.in_jwks()) {
+            let pk = k.public_key()?;
+            let chain = (!k.certificate_chain.is_empty()).then_some(&k.certificate_chain[..]);
+            out.push(jwk(&pk, &k.kid, k.algorithm, chain));
+        }
+        Ok(jwks(&out))
+    }
+
+    // ----------------------------------------------------------------------------
+    // Certificates (driven by ceremonies and officers).
+    // ----------------------------------------------------------------------------
+
+    fn usable(&self, key: &KeyRef) -> Result<KeyVersion> {
+        let k = self.get(key)?;
+        if k.state == KeyState::Destroyed {
+            return Err(Error::FailedPrecondition(format!(
+                "{} v{} is destroyed",
+                k.name, k.version
+            )));
+        }
+        Ok(k)
+    }
+
+    /// A PKCS#10 request for `key`, signed by it (DER).
+    pub async fn create_csr(&self, key: &KeyRef, subject: &str) -> Result<Vec<u8>> {
+        let k = self.usable(key)?;
+        let tbs = pki::csr_to_sign(subject, &k.public_key()?, k.algorithm)?;
+        let signature = self.hsm_sign(&k, tbs.bytes()).await?;
+        Ok(tbs.assemble(&signature)?)
+    }
+
+    async fn serial(&self) -> Result<Vec<u8>> {
+        let mut serial = self.hsm.random(16).await?.to_vec();
+        // Positive and never zero, whatever the RNG gave.
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        Ok(serial)
+    }
+
+    fn params(&self, req: &CertificateRequest, serial: Vec<u8>) -> Result<CertificateParams> {
+        if req.validity_days == 0 || req.validity_days > MAX_VALIDITY_DAYS {
+            return Err(invalid(format!(
+                "validity_days must be between 1 and {MAX_VALIDITY_DAYS}"
+            )));
+        }
+        let t = now();
+        Ok(CertificateParams {
+            subject: req.subject.clone(),
+            serial,
+            not_before: t.saturating_sub(300),
+            not_after: t + u64::from(req.validity_days) * 86_400,
+            is_ca: req.is_ca,
+            path_len: None,
+            key_usage: if req.is_ca {
+                KeyUsage::CA
+            } else {
+                KeyUsage::SIGNING
+            },
+            dns_names: req.dns_names.clone(),
+        })
+    }
+
+    async fn store_chain(&self, k: &KeyVersion, chain: Vec<Vec<u8>>) -> Result<()> {
+        let _w = self.writes.lock().await;
+        let mut k = self.get(&KeyRef::new(k.name.clone(), k.version))?;
+        k.certificate_chain = chain;
+        self.put(vec![k]).await
+    }
+
+    /// A self-signed certificate for `key` (DER), stored as its chain.
+    pub async fn self_sign(&self, key: &KeyRef, req: &CertificateRequest) -> Result<Vec<u8>> {
+        let k = self.usable(key)?;
+        let params = self.params(req, self.serial().await?)?;
+        let pk = k.public_key()?;
+        let name = Name::from_str(&req.subject)?;
+        let tbs = pki::certificate_to_sign(&params, &pk, IssuerRef::new(&name, &pk, k.algorithm))?;
+        let signature = self.hsm_sign(&k, tbs.bytes()).await?;
+        let cert = tbs.assemble(&signature)?;
+        self.store_chain(&k, vec![cert.clone()]).await?;
+        Ok(cert)
+    }
+
+    /// A certificate for `key` issued by `issuer`, a key whose stored chain starts with
+    /// a CA certificate. Stores and returns the chain, leaf first.
+    pub async fn issue_certificate(
+        &self,
+        key: &KeyRef,
+        issuer: &KeyRef,
+        req: &CertificateRequest,
+    ) -> Result<Vec<Vec<u8>>> {
+        let k = self.usable(key)?;
+        let ca = self.usable(issuer)?;
+        let Some(ca_cert) = ca.certificate_chain.first() else {
+            return Err(Error::FailedPrecondition(format!(
+                "issuer {} v{} has no certificate; self-sign it or import its chain first",
+                ca.name, ca.version
+            )));
+        };
+        let ca_info = IssuerCertificate::from_der(ca_cert).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "issuer {} v{} cannot issue: {e}",
+                ca.name, ca.version
+            ))
+        })?;
+        if ca_info.public_key != ca.public_key()? {
+            return Err(Error::FailedPrecondition(format!(
+                "the certificate stored for {} v{} is not for its key",
+                ca.name, ca.version
+            )));
+        }
+        let params = self.params(req, self.serial().await?)?;
+        let tbs = pki::certificate_to_sign(&params, &k.public_key()?, ca_info.issuer_ref())?;
+        let signature = self.hsm_sign(&ca, tbs.bytes()).await?;
+        let leaf = tbs.assemble(&signature)?;
+        let mut chain = vec![leaf];
+        chain.extend(ca.certificate_chain.iter().cloned());
+        self.store_chain(&k, chain.clone()).await?;
+        Ok(chain)
+    }
+
+    /// The certificate chain stored for `key` (DER, leaf first; empty when none).
+    pub fn certificate_chain(&self, key: &KeyRef) -> Result<Vec<Vec<u8>>> {
+        Ok(self.get(key)?.certificate_chain)
+    }
+}
