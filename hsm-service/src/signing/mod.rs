@@ -8,9 +8,9 @@
 
 mod ecdsa;
 mod jws;
-mod key;
-pub mod keys;
+mod public_key;
 mod service;
+pub mod versions;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -19,12 +19,12 @@ use std::{fmt, str::FromStr};
 
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
-pub use key::{jwk, jwks, thumbprint, PublicKey};
-pub use keys::{KeyState, KeyVersion};
+pub use public_key::{jwk, jwks, thumbprint, PublicKey};
 pub use service::{
     now, AssertionRequest, CertificateRequest, Grant, KeyRef, RawSignature, SignInput,
     SignatureEncoding, SignedAssertion, Signer, EXPIRY_MARK_STEP, MAX_MESSAGE_LEN,
 };
+pub use versions::{KeyState, KeyVersion};
 
 /// What a key name may look like (said in error messages).
 pub const KEY_NAME_RULE: &str =

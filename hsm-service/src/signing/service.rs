@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
 
-use super::keys::{self, KeyState, KeyVersion};
+use super::versions::{self, KeyState, KeyVersion};
 use super::{
     ecdsa_raw_to_der, jwk, jwks, prepare_assertion, thumbprint, Algorithm, AssertionParams,
     PublicKey, SigningError,
@@ -265,7 +265,7 @@ impl Signer {
         store: Arc<EmbeddedStore>,
         config: SigningConfig,
     ) -> Result<Signer> {
-        let loaded = store.read(keys::load_all).map_err(store_err)?;
+        let loaded = store.read(versions::load_all).map_err(store_err)?;
         let signer = Signer {
             hsm,
             store,
@@ -348,7 +348,7 @@ impl Signer {
     async fn put(&self, versions: Vec<KeyVersion>) -> Result<()> {
         let copy = versions.clone();
         self.store
-            .write(move |txn| keys::put_all(txn, &copy))
+            .write(move |txn| versions::put_all(txn, &copy))
             .await
             .map_err(store_err)?;
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
@@ -592,7 +592,7 @@ impl Signer {
         let (name, version) = (k.name.clone(), k.version);
         let updated = self
             .store
-            .write(move |txn| keys::raise_last_expiry(txn, &name, version, mark))
+            .write(move |txn| versions::raise_last_expiry(txn, &name, version, mark))
             .await
             .and_then(|r| r)
             .map_err(store_err)?;
