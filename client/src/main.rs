@@ -9,6 +9,7 @@ mod signing_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench_cmd;
 mod credential_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -69,6 +70,8 @@ enum Command {
     },
     /// Token, pool and caller information (role officer or auditor).
     Status,
+    /// Load generator: closed or open loop, latency percentiles, --json, --plot.
+    Bench(bench_cmd::BenchArgs),
     /// HOTP/TOTP credentials.
     #[command(subcommand)]
     Credential(credential_cmd::Cmd),
@@ -133,6 +136,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 ExitCode::FAILURE
             })
         }
+        Command::Bench(args) => bench_cmd::run(&client, args, cli.json).await,
         Command::Credential(cmd) => credential_cmd::run(&client, cmd, cli.json).await,
         Command::Status => {
             let s = client
