@@ -193,6 +193,7 @@ fn verify(c: &mut Criterion) {
 }
 
 fn verify_grpc(c: &mut Criterion) {
+    hsm_service::logging::init(hsm_service::config::LogFormat::Text, Some("warn"));
     let rt = runtime();
     let mut env = hsm_service::testing::DevEnv::new();
     env.config.credentials.lockout_threshold = u32::MAX - 1;

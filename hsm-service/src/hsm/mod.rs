@@ -160,6 +160,15 @@ impl Hsm {
     }
 }
 
+#[cfg(test)]
+impl Inner {
+    fn seeds_for_tests(
+        &self,
+    ) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, cryptoki::object::ObjectHandle>> {
+        self.seeds.lock_for_tests()
+    }
+}
+
 fn token_facts(ctx: &Pkcs11, slot: Slot) -> Result<TokenFacts> {
     let t = ctx.get_token_info(slot)?;
     let lib = ctx.get_library_info()?;

@@ -22,6 +22,9 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{objects, Error, Hsm, Result};
 use crate::otp::HashAlgorithm;
 
+/// Attempts at an HMAC when concurrent workers keep replacing the cached handle.
+const STALE_RETRIES: usize = 3;
+
 /// Token label of master key `version`.
 pub fn master_key_label(version: u32) -> String {
     format!("seed-master-key-{version}")
@@ -46,6 +49,13 @@ impl SeedCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn lock_for_tests(
+        &self,
+    ) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, ObjectHandle>> {
+        self.lock()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, ObjectHandle>> {
@@ -215,11 +225,12 @@ impl Hsm {
                 let mechanism = hmac_mechanism(alg);
                 w.run(true, |s, _| {
                     // A cached handle can go stale (its session was replaced, or another
-                    // worker evicted it): then unwrap again, once.
-                    for attempt in 0..2 {
+                    // worker evicted or displaced it): then look up or unwrap again.
+                    for attempt in 0..STALE_RETRIES {
                         let handle = unwrapped(s, cache, version, &wrapped)?;
                         match macs(s, &mechanism, handle, alg, &factors) {
-                            Err(e) if e.is_stale_handle() && attempt == 0 => {
+                            Err(e) if e.is_stale_handle() && attempt + 1 < STALE_RETRIES => {
+                                tracing::debug!(error = %e, "unwrapped seed handle went stale");
                                 let mut map = cache.lock();
                                 if map.peek(&wrapped) == Some(&handle) {
                                     map.pop(&wrapped);
@@ -229,7 +240,7 @@ impl Hsm {
                         }
                     }
                     Err(Error::Invalid(
-                        "unwrapped seed handle went stale twice".into(),
+                        "unwrapped seed handle kept going stale".into(),
                     ))
                 })
             })

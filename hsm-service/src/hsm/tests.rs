@@ -181,3 +181,41 @@ fn wrong_pin_and_missing_token_fail_at_open() {
     let err = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect_err("no token");
     assert!(matches!(err, Error::TokenNotFound(_)), "{err}");
 }
+
+#[tokio::test]
+async fn stale_unwrapped_seed_is_unwrapped_again() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 2, 16);
+    hsm.ensure_seed_master_key(1).await.expect("master key");
+    let seed = crate::otp::pad_seed(b"12345678901234567890", crate::otp::HashAlgorithm::Sha1);
+    let wrapped: std::sync::Arc<[u8]> = hsm.wrap_seed(1, seed).await.expect("wrap").into();
+    let factors = || vec![crate::otp::moving_factor(0)];
+    let first = hsm
+        .seed_macs(
+            1,
+            wrapped.clone(),
+            crate::otp::HashAlgorithm::Sha1,
+            factors(),
+        )
+        .await
+        .expect("macs");
+    // Destroy the cached object behind the cache's back, as a replaced session would.
+    let handle = *hsm.inner.seeds_for_tests().peek(&wrapped).expect("cached");
+    hsm.inner
+        .pool
+        .submit(move |w| w.run(false, |s, _| Ok(s.destroy_object(handle)?)))
+        .await
+        .expect("destroy");
+    let again = hsm
+        .seed_macs(1, wrapped, crate::otp::HashAlgorithm::Sha1, factors())
+        .await
+        .expect("recovered");
+    assert_eq!(*first, *again);
+    assert_eq!(
+        &first[..],
+        &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..],
+        "the HSM's HMAC is RFC 4226's"
+    );
+    let (_, misses, _) = hsm.seed_cache_stats();
+    assert_eq!(misses, 2, "unwrapped once more after the stale handle");
+}
