@@ -73,7 +73,7 @@ pub struct Hsm {
 
 struct Inner {
     pool: Pool,
-    seeds: seeds::SeedCache,
+    seeds: Arc<seeds::SeedCacheShared>,
     handles: HandleCache,
     facts: TokenFacts,
 }
@@ -98,17 +98,24 @@ impl Hsm {
         let ctx = module::load(&settings.module)?;
         let slot = module::find_token(&ctx, &settings.token)?;
         let facts = token_facts(&ctx, slot)?;
+        let seed_counters = Arc::new(seeds::SeedCacheShared::default());
+        // Each session caches its own unwrapped seeds (see seeds::WorkerSeeds).
+        let per_session = settings
+            .seed_cache_capacity
+            .div_ceil(settings.sessions)
+            .max(1);
         let pool = Pool::start(
             ctx,
             slot,
             user_pin,
             settings.sessions,
             settings.queue_capacity,
+            (seed_counters.clone(), per_session),
         )?;
         Ok(Hsm {
             inner: Arc::new(Inner {
                 pool,
-                seeds: seeds::SeedCache::new(settings.seed_cache_capacity),
+                seeds: seed_counters,
                 handles: HandleCache::default(),
                 facts,
             }),
@@ -157,15 +164,6 @@ impl Hsm {
             })
             .await
             .unwrap_or(false)
-    }
-}
-
-#[cfg(test)]
-impl Inner {
-    fn seeds_for_tests(
-        &self,
-    ) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, cryptoki::object::ObjectHandle>> {
-        self.seeds.lock_for_tests()
     }
 }
 

@@ -21,6 +21,7 @@ use secrecy::SecretString;
 use tokio::sync::oneshot;
 
 use super::error::{Error, Result};
+use super::seeds::{SeedCacheShared, WorkerSeeds};
 
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
@@ -49,9 +50,8 @@ pub(crate) struct Worker {
     slot: Slot,
     pin: Arc<SecretString>,
     session: Option<Session>,
-    /// Bumped on every new session, so that per-session state (session objects) can
-    /// tell that it belongs to a session that no longer exists.
-    pub(crate) generation: u64,
+    /// Unwrapped seeds: objects of this worker's session.
+    seeds: WorkerSeeds,
     stats: Arc<PoolStats>,
 }
 
@@ -65,16 +65,20 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
             self.session = Some(session);
-            self.generation += 1;
+            // Session objects die with their session.
+            self.seeds.forget_all();
         }
         Ok(())
     }
 
-    /// Open a session if there is none, then call `op` with it and its generation.
-    fn call<T>(&mut self, op: &mut impl FnMut(&Session, u64) -> Result<T>) -> Result<T> {
+    /// Open a session if there is none, then call `op` with it and this worker's seeds.
+    fn call<T>(
+        &mut self,
+        op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
+    ) -> Result<T> {
         self.open()?;
         match &self.session {
-            Some(session) => op(session, self.generation),
+            Some(session) => op(session, &mut self.seeds),
             None => Err(Error::ShutDown),
         }
     }
@@ -85,7 +89,7 @@ impl Worker {
     pub(crate) fn run<T>(
         &mut self,
         retry: bool,
-        mut op: impl FnMut(&Session, u64) -> Result<T>,
+        mut op: impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
         let first = self.call(&mut op);
         match first {
@@ -134,6 +138,7 @@ impl Pool {
         pin: SecretString,
         sessions: usize,
         capacity: usize,
+        seeds: (Arc<SeedCacheShared>, usize),
     ) -> Result<Pool> {
         let (tx, rx) = bounded::<Job>(capacity);
         let stats = Arc::new(PoolStats::default());
@@ -150,7 +155,7 @@ impl Pool {
                 slot,
                 pin: pin.clone(),
                 session: None,
-                generation: 0,
+                seeds: WorkerSeeds::new(seeds.1, seeds.0.clone()),
                 stats: stats.clone(),
             };
             let rx: Receiver<Job> = rx.clone();

@@ -11,8 +11,8 @@
 //! token key); evicted handles are destroyed.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
@@ -22,44 +22,64 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{objects, Error, Hsm, Result};
 use crate::otp::HashAlgorithm;
 
-/// Attempts at an HMAC when concurrent workers keep replacing the cached handle.
-const STALE_RETRIES: usize = 3;
-
 /// Token label of master key `version`.
 pub fn master_key_label(version: u32) -> String {
     format!("seed-master-key-{version}")
 }
 
-/// Unwrapped seed handles, keyed by the wrapped blob itself: a credential deleted and
-/// re-created under the same id has another blob, so a stale seed can never be used.
-pub(crate) struct SeedCache {
-    map: Mutex<lru::LruCache<Arc<[u8]>, ObjectHandle>>,
+/// Counters shared by the workers' caches, and the epoch that clears them all.
+#[derive(Default)]
+pub(crate) struct SeedCacheShared {
     /// Lookups that found an unwrapped handle.
     pub(crate) hits: AtomicU64,
     /// Lookups that had to unwrap.
     pub(crate) misses: AtomicU64,
+    /// Handles held by all workers together.
+    pub(crate) entries: AtomicI64,
+    /// Bumped to make every worker destroy its cached seeds.
+    pub(crate) epoch: AtomicU64,
 }
 
-impl SeedCache {
-    pub(crate) fn new(capacity: usize) -> SeedCache {
-        SeedCache {
-            map: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
-            )),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+/// One worker's unwrapped seeds: session objects of that worker's own session.
+///
+/// Each worker keeps its own cache rather than sharing one: a handle is then only ever
+/// used and destroyed by the thread that owns it, never destroyed while another thread
+/// signs with it. That matters because PKCS#11 may reuse a destroyed handle's number for
+/// a new object (SoftHSM does): a shared cache could, after a race, sign with another
+/// credential's seed. Keyed by the wrapped blob itself, so a credential deleted and
+/// re-created under the same id can never use a stale seed.
+pub(crate) struct WorkerSeeds {
+    map: lru::LruCache<Arc<[u8]>, ObjectHandle>,
+    epoch: u64,
+    shared: Arc<SeedCacheShared>,
+}
+
+impl WorkerSeeds {
+    pub(crate) fn new(capacity: usize, shared: Arc<SeedCacheShared>) -> WorkerSeeds {
+        WorkerSeeds {
+            map: lru::LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+            epoch: 0,
+            shared,
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn lock_for_tests(
-        &self,
-    ) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, ObjectHandle>> {
-        self.lock()
+    /// The session these objects belonged to is gone, and the objects with it.
+    pub(crate) fn forget_all(&mut self) {
+        let n = self.map.len() as i64;
+        self.map.clear();
+        self.shared.entries.fetch_sub(n, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<[u8]>, ObjectHandle>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn destroy_all(&mut self, session: &Session) {
+        for (_, h) in self.map.iter() {
+            let _ = session.destroy_object(*h);
+        }
+        self.forget_all();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn peek(&self, wrapped: &[u8]) -> Option<ObjectHandle> {
+        self.map.peek(wrapped).copied()
     }
 }
 
@@ -100,11 +120,6 @@ fn verification_seed_template() -> [Attribute; 8] {
     ]
 }
 
-fn master_key(session: &Session, version: u32) -> Result<ObjectHandle> {
-    let label = master_key_label(version);
-    objects::search(session, ObjectClass::SECRET_KEY, &label)?.ok_or(Error::ObjectNotFound(label))
-}
-
 /// Wrap `key` under the master key and destroy it, whatever happens.
 fn wrap_and_destroy(session: &Session, master: ObjectHandle, key: ObjectHandle) -> Result<Vec<u8>> {
     let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, master, key);
@@ -115,6 +130,15 @@ fn wrap_and_destroy(session: &Session, master: ObjectHandle, key: ObjectHandle) 
 }
 
 impl Hsm {
+    /// The handle of master key `version`, searched once and then cached: the cache-miss
+    /// path of verification must not search the token.
+    async fn master_key(&self, version: u32) -> Result<ObjectHandle> {
+        let label = master_key_label(version);
+        self.find_object(ObjectClass::SECRET_KEY, &label)
+            .await?
+            .ok_or(Error::ObjectNotFound(label))
+    }
+
     /// Make sure master key `version` exists on the token, creating it (AES-256,
     /// sensitive, never extractable, wrap/unwrap only) if not. Returns true if created.
     pub async fn ensure_seed_master_key(&self, version: u32) -> Result<bool> {
@@ -170,11 +194,11 @@ impl Hsm {
     /// Generate a seed of `len` bytes inside the HSM and return it wrapped under master
     /// key `version`. The plaintext never leaves the HSM.
     pub async fn generate_wrapped_seed(&self, version: u32, len: usize) -> Result<Vec<u8>> {
+        let master = self.master_key(version).await?;
         self.inner
             .pool
             .submit(move |w| {
                 w.run(false, |s, _| {
-                    let master = master_key(s, version)?;
                     let mut template = transient_seed_template();
                     template.push(Attribute::ValueLen((len as u64).into()));
                     let key = s.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
@@ -187,13 +211,13 @@ impl Hsm {
     /// Wrap an imported (or revealed) plaintext seed under master key `version`. The
     /// plaintext is zeroized, in the caller's buffer and in the object template.
     pub async fn wrap_seed(&self, version: u32, seed: Zeroizing<Vec<u8>>) -> Result<Vec<u8>> {
+        let master = self.master_key(version).await?;
         self.inner
             .pool
             .submit(move |w| {
                 let mut template = transient_seed_template();
                 template.push(Attribute::Value(seed.to_vec()));
                 let out = w.run(false, |s, _| {
-                    let master = master_key(s, version)?;
                     let key = s.create_object(&template)?;
                     wrap_and_destroy(s, master, key)
                 });
@@ -217,94 +241,74 @@ impl Hsm {
         alg: HashAlgorithm,
         factors: Vec<[u8; 8]>,
     ) -> Result<Zeroizing<Vec<u8>>> {
-        let inner = self.inner.clone();
+        let master = self.master_key(version).await?;
         self.inner
             .pool
             .submit(move |w| {
-                let cache = &inner.seeds;
                 let mechanism = hmac_mechanism(alg);
-                w.run(true, |s, _| {
-                    // A cached handle can go stale (its session was replaced, or another
-                    // worker evicted or displaced it): then look up or unwrap again.
-                    for attempt in 0..STALE_RETRIES {
-                        let handle = unwrapped(s, cache, version, &wrapped)?;
-                        match macs(s, &mechanism, handle, alg, &factors) {
-                            Err(e) if e.is_stale_handle() && attempt + 1 < STALE_RETRIES => {
-                                tracing::debug!(error = %e, "unwrapped seed handle went stale");
-                                let mut map = cache.lock();
-                                if map.peek(&wrapped) == Some(&handle) {
-                                    map.pop(&wrapped);
-                                }
-                            }
-                            other => return other,
-                        }
+                w.run(true, |s, seeds| {
+                    let epoch = seeds.shared.epoch.load(Ordering::Relaxed);
+                    if seeds.epoch != epoch {
+                        seeds.destroy_all(s);
+                        seeds.epoch = epoch;
                     }
-                    Err(Error::Invalid(
-                        "unwrapped seed handle kept going stale".into(),
-                    ))
+                    let handle = unwrapped(s, seeds, master, &wrapped)?;
+                    let out = macs(s, &mechanism, handle, alg, &factors);
+                    if out.as_ref().is_err_and(Error::is_stale_handle) {
+                        // Only this thread uses its handles, so this means the object
+                        // went away underneath us: forget it and unwrap afresh, once.
+                        if seeds.map.pop(&wrapped).is_some() {
+                            seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        let handle = unwrapped(s, seeds, master, &wrapped)?;
+                        return macs(s, &mechanism, handle, alg, &factors);
+                    }
+                    out
                 })
             })
             .await
     }
 
-    /// (hits, misses, entries) of the unwrapped-seed cache.
+    /// (hits, misses, entries) of the unwrapped-seed caches of all workers.
     pub fn seed_cache_stats(&self) -> (u64, u64, usize) {
         let c = &self.inner.seeds;
         (
             c.hits.load(Ordering::Relaxed),
             c.misses.load(Ordering::Relaxed),
-            c.lock().len(),
+            usize::try_from(c.entries.load(Ordering::Relaxed)).unwrap_or(0),
         )
     }
 
-    /// Destroy every cached unwrapped seed (benches measure the cache-miss path with it).
-    pub async fn clear_seed_cache(&self) -> Result<()> {
-        let handles: Vec<ObjectHandle> = {
-            let mut map = self.inner.seeds.lock();
-            let all = map.iter().map(|(_, h)| *h).collect();
-            map.clear();
-            all
-        };
-        self.inner
-            .pool
-            .submit(move |w| {
-                w.run(false, |s, _| {
-                    for h in &handles {
-                        // Already gone with its session: nothing to destroy.
-                        let _ = s.destroy_object(*h);
-                    }
-                    Ok(())
-                })
-            })
-            .await
+    /// Make every worker destroy its cached unwrapped seeds before its next HMAC
+    /// (benches measure the cache-miss path with it).
+    pub fn clear_seed_cache(&self) {
+        self.inner.seeds.epoch.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// The unwrapped handle for `wrapped`, from the cache or by unwrapping now.
+/// The unwrapped handle for `wrapped`, from this worker's cache or by unwrapping now.
 fn unwrapped(
     session: &Session,
-    cache: &SeedCache,
-    version: u32,
+    seeds: &mut WorkerSeeds,
+    master: ObjectHandle,
     wrapped: &Arc<[u8]>,
 ) -> Result<ObjectHandle> {
-    if let Some(h) = cache.lock().get(wrapped) {
-        cache.hits.fetch_add(1, Ordering::Relaxed);
+    if let Some(h) = seeds.map.get(wrapped) {
+        seeds.shared.hits.fetch_add(1, Ordering::Relaxed);
         return Ok(*h);
     }
-    cache.misses.fetch_add(1, Ordering::Relaxed);
-    let master = master_key(session, version)?;
+    seeds.shared.misses.fetch_add(1, Ordering::Relaxed);
     let handle = session.unwrap_key(
         &Mechanism::AesKeyWrapPad,
         master,
         wrapped,
         &verification_seed_template(),
     )?;
-    let displaced = cache.lock().push(wrapped.clone(), handle);
-    if let Some((_, old)) = displaced {
-        if old != handle {
-            // Evicted (or raced in by another worker): destroy it so objects don't pile up.
-            let _ = session.destroy_object(old);
-        }
+    seeds.shared.entries.fetch_add(1, Ordering::Relaxed);
+    if let Some((_, evicted)) = seeds.map.push(wrapped.clone(), handle) {
+        // The least recently used seed of this worker: nobody else holds its handle.
+        let _ = session.destroy_object(evicted);
+        seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);
     }
     Ok(handle)
 }

@@ -182,13 +182,18 @@ fn wrong_pin_and_missing_token_fail_at_open() {
     assert!(matches!(err, Error::TokenNotFound(_)), "{err}");
 }
 
+async fn wrapped_seed(hsm: &Hsm, seed: &[u8]) -> std::sync::Arc<[u8]> {
+    let padded = crate::otp::pad_seed(seed, crate::otp::HashAlgorithm::Sha1);
+    hsm.ensure_seed_master_key(1).await.expect("master key");
+    hsm.wrap_seed(1, padded).await.expect("wrap").into()
+}
+
 #[tokio::test]
 async fn stale_unwrapped_seed_is_unwrapped_again() {
     let env = DevEnv::new();
-    let hsm = open(&env, 2, 16);
-    hsm.ensure_seed_master_key(1).await.expect("master key");
-    let seed = crate::otp::pad_seed(b"12345678901234567890", crate::otp::HashAlgorithm::Sha1);
-    let wrapped: std::sync::Arc<[u8]> = hsm.wrap_seed(1, seed).await.expect("wrap").into();
+    // One session, so the test's job runs on the worker that holds the cached handle.
+    let hsm = open(&env, 1, 16);
+    let wrapped = wrapped_seed(&hsm, crate::otp::rfc_vectors::RFC4226_SEED).await;
     let factors = || vec![crate::otp::moving_factor(0)];
     let first = hsm
         .seed_macs(
@@ -199,11 +204,16 @@ async fn stale_unwrapped_seed_is_unwrapped_again() {
         )
         .await
         .expect("macs");
-    // Destroy the cached object behind the cache's back, as a replaced session would.
-    let handle = *hsm.inner.seeds_for_tests().peek(&wrapped).expect("cached");
+    // Destroy the cached object behind the cache's back, as a lost session would.
+    let key = wrapped.clone();
     hsm.inner
         .pool
-        .submit(move |w| w.run(false, |s, _| Ok(s.destroy_object(handle)?)))
+        .submit(move |w| {
+            w.run(false, |s, seeds| {
+                let handle = seeds.peek(&key).expect("cached");
+                Ok(s.destroy_object(handle)?)
+            })
+        })
         .await
         .expect("destroy");
     let again = hsm
@@ -216,6 +226,72 @@ async fn stale_unwrapped_seed_is_unwrapped_again() {
         &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..],
         "the HSM's HMAC is RFC 4226's"
     );
-    let (_, misses, _) = hsm.seed_cache_stats();
-    assert_eq!(misses, 2, "unwrapped once more after the stale handle");
+    let (_, misses, entries) = hsm.seed_cache_stats();
+    assert_eq!(
+        (misses, entries),
+        (2, 1),
+        "unwrapped once more after the stale handle"
+    );
+}
+
+/// Many concurrent HMACs of one seed (identical credentials have identical wrapped
+/// blobs) and of others, with a cache small enough to evict all the time: every MAC
+/// must be the right one. A cache shared between sessions failed this: a handle one
+/// worker destroyed was reused by the token for another object that a second worker
+/// then signed with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_hmacs_with_eviction_use_the_right_seed() {
+    let env = DevEnv::new();
+    let settings = HsmSettings {
+        module: env.config.hsm.module.clone(),
+        token: env.config.token(),
+        sessions: 4,
+        queue_capacity: 4096,
+        seed_cache_capacity: 8,
+    };
+    let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open");
+    let seeds: Vec<Vec<u8>> = (0..6)
+        .map(|i| format!("seed-number-{i:02}-abcdef").into_bytes())
+        .collect();
+    let mut blobs = Vec::new();
+    for seed in &seeds {
+        blobs.push(wrapped_seed(&hsm, seed).await);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for round in 0..400usize {
+        let i = if round % 3 == 0 {
+            0
+        } else {
+            round % seeds.len()
+        };
+        let (hsm, blob, seed) = (hsm.clone(), blobs[i].clone(), seeds[i].clone());
+        calls.spawn(async move {
+            let factor = crate::otp::moving_factor(round as u64);
+            let mac = hsm
+                .seed_macs(1, blob, crate::otp::HashAlgorithm::Sha1, vec![factor])
+                .await
+                .expect("macs");
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &seed);
+            assert_eq!(
+                &mac[..],
+                ring::hmac::sign(&key, &factor).as_ref(),
+                "round {round}"
+            );
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.expect("a MAC was wrong or failed");
+    }
+    hsm.clear_seed_cache();
+    let (_, before, _) = hsm.seed_cache_stats();
+    hsm.seed_macs(
+        1,
+        blobs[0].clone(),
+        crate::otp::HashAlgorithm::Sha1,
+        vec![crate::otp::moving_factor(1)],
+    )
+    .await
+    .expect("macs");
+    let (_, after, _) = hsm.seed_cache_stats();
+    assert_eq!(after, before + 1, "a cleared cache unwraps again");
 }
