@@ -160,6 +160,11 @@ impl HsmClient {
         AdminServiceClient::new(self.channel.clone())
     }
 
+    /// `hsm.v1.AuditService`.
+    pub fn audit(&self) -> proto::audit_service_client::AuditServiceClient<Channel> {
+        proto::audit_service_client::AuditServiceClient::new(self.channel.clone())
+    }
+
     /// `hsm.v1.CredentialService`.
     pub fn credentials(
         &self,

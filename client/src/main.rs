@@ -9,6 +9,7 @@ mod signing_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod audit_cmd;
 mod bench_cmd;
 mod credential_cmd;
 
@@ -70,6 +71,9 @@ enum Command {
     },
     /// Token, pool and caller information (role officer or auditor).
     Status,
+    /// The audit trail: export, checkpoint keys, offline verification.
+    #[command(subcommand)]
+    Audit(audit_cmd::Cmd),
     /// Load generator: closed or open loop, latency percentiles, --json, --plot.
     Bench(bench_cmd::BenchArgs),
     /// HOTP/TOTP credentials.
@@ -118,6 +122,11 @@ async fn connect(conn: &Connection) -> Result<HsmClient, ClientError> {
 }
 
 async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
+    if let Command::Audit(cmd) = &cli.command {
+        if cmd.offline() {
+            return audit_cmd::verify(cmd, cli.json);
+        }
+    }
     let client = connect(&cli.conn).await?;
     match &cli.command {
         Command::Sign(cmd) => signing_cmd::sign(&client, cmd, cli.json).await,
@@ -136,6 +145,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 ExitCode::FAILURE
             })
         }
+        Command::Audit(cmd) => audit_cmd::run(&client, cmd, cli.json).await,
         Command::Bench(args) => bench_cmd::run(&client, args, cli.json).await,
         Command::Credential(cmd) => credential_cmd::run(&client, cmd, cli.json).await,
         Command::Status => {

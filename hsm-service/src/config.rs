@@ -27,6 +27,9 @@ pub struct Config {
     /// Verification policy.
     #[serde(default)]
     pub credentials: CredentialsConfig,
+    /// Audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Client certificate to role mapping; first match wins.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientRule>,
@@ -98,6 +101,22 @@ fn default_queue() -> usize {
 
 fn default_seed_cache() -> usize {
     100_000
+}
+
+/// The audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Records between two checkpoints signed by the audit key in the HSM.
+    pub checkpoint_interval: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_interval: 1000,
+        }
+    }
 }
 
 /// Verification policy of HOTP/TOTP credentials.
@@ -411,6 +430,9 @@ impl Config {
             return Err(
                 "credentials: resync windows are at most 10000 (HOTP) and 100 (TOTP)".into(),
             );
+        }
+        if self.audit.checkpoint_interval == 0 || self.audit.checkpoint_interval > 65_536 {
+            return Err("audit.checkpoint_interval must be 1..65536".into());
         }
         if self.hsm.seed_cache_capacity == 0 {
             return Err("hsm.seed_cache_capacity must be at least 1".into());

@@ -173,6 +173,7 @@ fn dev_config(
         },
         log: LogConfig::default(),
         credentials: CredentialsConfig::default(),
+        audit: crate::config::AuditConfig::default(),
         clients: DEV_CLIENTS
             .iter()
             .map(|(cn, role)| ClientRule {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
+use hsm_proto::v1::audit_service_server::AuditServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
 use hsm_proto::v1::key_service_server::KeyServiceServer;
 use hsm_proto::v1::signing_service_server::SigningServiceServer;
@@ -26,8 +27,11 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::api::audit::AuditApi;
 use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
+use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::{Actor, Details, Event};
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::credentials::Credentials;
@@ -129,7 +133,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
     let store = open_store(&config).await?;
     let clock = crate::credentials::system_clock();
-    let credentials = open_credentials(&config, &hsm, &store, clock.clone()).await?;
+    let audit = AuditLog::open(store.clone(), hsm.clone(), config.audit.checkpoint_interval)
+        .await
+        .map_err(|e| StartError::Hsm(format!("audit key: {e}")))?;
+    let credentials = open_credentials(&config, &hsm, &store, clock.clone())
+        .await?
+        .with_audit(audit.clone());
     let signing = crate::signing::Signer::open(hsm.clone(), store.clone(), config.signing.clone())
         .await
         .map(Arc::new)
@@ -150,10 +159,23 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         store,
         credentials,
         clock,
-        authorizer: Authorizer::new(config.clients.clone()),
+        audit: audit.clone(),
+        authorizer: Authorizer::new(config.clients.clone()).with_audit(audit.clone()),
         started: Instant::now(),
         signing,
     });
+
+    let start_event = Event::new(now_ms(), Actor::service(), "service.start", "hsm-service")
+        .with_details(
+            Details::new()
+                .str("version", env!("CARGO_PKG_VERSION"))
+                .str("token", &state.hsm.facts().label)
+                .str("listen", &addr.to_string()),
+        );
+    audit
+        .record(start_event)
+        .await
+        .map_err(|e| StartError::Store(format!("audit: {e}")))?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -171,6 +193,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AdminServiceServer::new(Admin::new(state.clone())))
+        .add_service(AuditServiceServer::new(AuditApi::new(state.clone())))
         .add_service(CredentialServiceServer::new(CredentialApi::new(
             state.clone(),
         )))
@@ -198,6 +221,15 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         };
         let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
+        // The last records: the stop, then a checkpoint that covers everything.
+        let stop = Event::new(now_ms(), Actor::service(), "service.stop", "hsm-service");
+        if let Err(e) = audit.record(stop).await {
+            tracing::error!(error = %e, "audit: cannot record the stop");
+        }
+        if let Err(e) = audit.checkpoint().await {
+            tracing::error!(error = %e, "audit: final checkpoint failed");
+        }
+        drop(audit);
         drop(hsm);
         result
     });
@@ -238,8 +270,9 @@ pub async fn run(
 }
 
 /// The hsm.v1 services, as the health service names them.
-pub const SERVICES: [&str; 4] = [
+pub const SERVICES: [&str; 5] = [
     "hsm.v1.AdminService",
+    "hsm.v1.AuditService",
     "hsm.v1.CredentialService",
     "hsm.v1.SigningService",
     "hsm.v1.KeyService",

@@ -6,7 +6,9 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::State;
-use crate::auth::{authorize, Role};
+use crate::audit::log::now_ms;
+use crate::audit::{Details, Event};
+use crate::auth::{authorize, Identity, Role};
 use crate::credentials::{Action, NewCredential, Outcome, Verdict};
 use crate::error::Error;
 use crate::otp::{HashAlgorithm, OtpKind};
@@ -27,6 +29,21 @@ impl CredentialApi {
     }
 }
 
+impl CredentialApi {
+    /// Record a lifecycle change made by `caller` in the audit trail.
+    async fn record(
+        &self,
+        caller: &Identity,
+        action: &'static str,
+        id: &str,
+        details: Details,
+    ) -> Result<(), Status> {
+        let event = Event::new(now_ms(), caller.actor(), action, id).with_details(details);
+        self.state.audit.record(event).await?;
+        Ok(())
+    }
+}
+
 fn invalid(m: impl Into<String>) -> Status {
     Status::from(Error::InvalidArgument(m.into()))
 }
@@ -37,7 +54,7 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN)?;
+        let caller = authorize(&self.state.authorizer, &request, LOGIN)?;
         let mut r = request.into_inner();
         let kind = match pb::OtpKind::try_from(r.kind) {
             Ok(pb::OtpKind::Hotp) => OtpKind::Hotp,
@@ -69,6 +86,16 @@ impl CredentialService for CredentialApi {
                 initial_counter: r.initial_counter,
             })
             .await?;
+        self.record(
+            &caller,
+            "credential.create",
+            &created.record.id,
+            Details::new()
+                .str("kind", created.record.kind.uri_name())
+                .str("algorithm", created.record.algorithm.uri_name())
+                .bool("revealed", created.provisioning_uri.is_some()),
+        )
+        .await?;
         let now = (self.state.clock)();
         Ok(Response::new(pb::CreateCredentialResponse {
             credential: Some(to_proto(&created.record, now)),
@@ -83,13 +110,13 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::VerifyCodeRequest>,
     ) -> Result<Response<pb::VerifyCodeResponse>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN)?;
+        let caller = authorize(&self.state.authorizer, &request, LOGIN)?;
         let r = request.into_inner();
         let code = Zeroizing::new(r.code);
         let o = self
             .state
             .credentials
-            .verify(&r.credential_id, &code)
+            .verify_by(Some(&caller.actor()), &r.credential_id, &code)
             .await?;
         Ok(Response::new(pb::VerifyCodeResponse {
             result: verdict(o.verdict) as i32,
@@ -102,13 +129,13 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::ResyncCredentialRequest>,
     ) -> Result<Response<pb::ResyncCredentialResponse>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN)?;
+        let caller = authorize(&self.state.authorizer, &request, LOGIN)?;
         let r = request.into_inner();
         let (code1, code2) = (Zeroizing::new(r.code1), Zeroizing::new(r.code2));
         let (o, rec): (Outcome, CredentialRecord) = self
             .state
             .credentials
-            .resync(&r.credential_id, &code1, &code2)
+            .resync_by(Some(&caller.actor()), &r.credential_id, &code1, &code2)
             .await?;
         let now = (self.state.clock)();
         Ok(Response::new(pb::ResyncCredentialResponse {
@@ -186,7 +213,12 @@ impl CredentialService for CredentialApi {
             .credentials
             .update_state(&request.get_ref().credential_id, action)
             .await?;
-        tracing::info!(credential = %rec.id, ?action, by = %caller.subject, "state changed by caller");
+        let name = match action {
+            Action::Enable => "credential.enable",
+            Action::Disable => "credential.disable",
+            Action::Unlock => "credential.unlock",
+        };
+        self.record(&caller, name, &rec.id, Details::new()).await?;
         Ok(Response::new(to_proto(&rec, (self.state.clock)())))
     }
 
@@ -194,10 +226,10 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::DeleteCredentialRequest>,
     ) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
-        self.state
-            .credentials
-            .delete(&request.get_ref().credential_id)
+        let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
+        let id = &request.get_ref().credential_id;
+        self.state.credentials.delete(id).await?;
+        self.record(&caller, "credential.delete", id, Details::new())
             .await?;
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }

@@ -2,6 +2,7 @@
 //! lives in a domain module, every check of the caller in `auth`.
 
 pub mod admin;
+pub mod audit;
 pub mod credentials;
 pub mod signing;
 pub mod status;
@@ -9,6 +10,7 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::audit::log::AuditLog;
 use crate::auth::Authorizer;
 use crate::credentials::{Clock, Credentials};
 use crate::hsm::Hsm;
@@ -24,6 +26,8 @@ pub struct AppState {
     pub credentials: Credentials<EmbeddedStore>,
     /// The clock the service runs on.
     pub clock: Clock,
+    /// The audit trail.
+    pub audit: Arc<AuditLog>,
     /// Certificate -> role.
     pub authorizer: Authorizer,
     /// Process start, for uptime.

@@ -14,6 +14,10 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::Certificate;
 
+use std::sync::Arc;
+
+use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::{Actor, Details, Event};
 use crate::config::ClientRule;
 use crate::error::Error;
 
@@ -59,6 +63,7 @@ pub struct Identity {
 /// per client certificate rather than once per call.
 pub struct Authorizer {
     rules: Vec<ClientRule>,
+    audit: Option<Arc<AuditLog>>,
     cache: Mutex<HashMap<[u8; 32], Result<Identity, String>>>,
 }
 
@@ -70,7 +75,37 @@ impl Authorizer {
     pub fn new(rules: Vec<ClientRule>) -> Authorizer {
         Authorizer {
             rules,
+            audit: None,
             cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Record every refused call in `log`.
+    pub fn with_audit(mut self, log: Arc<AuditLog>) -> Authorizer {
+        self.audit = Some(log);
+        self
+    }
+
+    /// Record a refusal. Not a state change the caller waits on: it is written in the
+    /// background, so a flood of refused calls costs the refusing caller nothing extra.
+    fn record_denied(&self, subject: &str, fingerprint: &str, method: &str, why: &str) {
+        let Some(log) = self.audit.clone() else {
+            return;
+        };
+        let event = Event::new(
+            now_ms(),
+            Actor::new(subject, fingerprint),
+            "auth.denied",
+            method,
+        )
+        .denied()
+        .with_details(Details::new().str("reason", why));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = log.record(event).await {
+                    tracing::error!(error = %e, "audit: cannot record a refused call");
+                }
+            });
         }
     }
 
@@ -145,30 +180,61 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// The caller of `request`, required to hold one of `allowed`.
+/// The caller of `request`, required to hold one of `allowed`. Refusals are recorded in
+/// the audit trail with the method and the certificate's subject and fingerprint.
 pub fn authorize<T>(
     authorizer: &Authorizer,
     request: &tonic::Request<T>,
     allowed: &[Role],
 ) -> Result<Identity, Error> {
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
-    let identity = authorizer.identify(leaf.as_ref())?;
+    let method = request
+        .extensions()
+        .get::<tonic::GrpcMethod>()
+        .map(|m| format!("{}/{}", m.service(), m.method()))
+        .unwrap_or_default();
+    let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        authorizer.record_denied("", "", &method, "no client certificate");
+        return Err(Error::PermissionDenied("no client certificate".into()));
+    };
+    let identity = match authorizer.identify(leaf.as_ref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            let fingerprint =
+                hex(ring::digest::digest(&ring::digest::SHA256, leaf.as_ref()).as_ref());
+            authorizer.record_denied(
+                "",
+                &fingerprint,
+                &method,
+                "certificate not mapped to a role",
+            );
+            return Err(e);
+        }
+    };
     if allowed.contains(&identity.role) {
         Ok(identity)
     } else {
         tracing::warn!(
             subject = %identity.subject,
             role = identity.role.as_str(),
+            method,
             "caller's role lacks the permission"
+        );
+        authorizer.record_denied(
+            &identity.subject,
+            &identity.fingerprint,
+            &method,
+            identity.role.as_str(),
         );
         Err(Error::PermissionDenied(format!(
             "role {} may not call this method",
             identity.role.as_str()
         )))
+    }
+}
+
+impl Identity {
+    /// The audit actor for this caller.
+    pub fn actor(&self) -> Actor {
+        Actor::new(&self.subject, &self.fingerprint)
     }
 }

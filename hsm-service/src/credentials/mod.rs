@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
+use crate::audit::log::AuditLog;
+use crate::audit::{Actor, Details, Event};
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
@@ -108,9 +110,16 @@ pub struct Credentials<S: CredentialStore> {
     policy: Policy,
     master_key_version: u32,
     clock: Clock,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl<S: CredentialStore> Credentials<S> {
+    /// Record every verification and resync in `log`, in the same commit as its state.
+    pub fn with_audit(mut self, log: Arc<AuditLog>) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
     /// Wire the service. `master_key_version` must exist on the token (see
     /// [`ensure_master_key`]).
     pub fn new(
@@ -126,6 +135,7 @@ impl<S: CredentialStore> Credentials<S> {
             policy,
             master_key_version,
             clock,
+            audit: None,
         }
     }
 
@@ -255,8 +265,14 @@ impl<S: CredentialStore> Credentials<S> {
         })
     }
 
-    /// Verify a code.
+    /// Verify a code (no audit record; see [`Credentials::verify_by`]).
     pub async fn verify(&self, id: &str, code: &str) -> Result<Outcome> {
+        self.verify_by(None, id, code).await
+    }
+
+    /// Verify a code for `actor`; with an audit log, the verdict is recorded in the same
+    /// commit as the state it leaves.
+    pub async fn verify_by(&self, actor: Option<&Actor>, id: &str, code: &str) -> Result<Outcome> {
         let rec = self.get(id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
@@ -272,21 +288,27 @@ impl<S: CredentialStore> Credentials<S> {
             ct_to_option(otp::find_match(submitted, &codes)).map(|i| window.start() + u64::from(i));
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
+        let audit = self.audit_event(actor, "credential.verify", id);
         let outcome = self
             .store
-            .update(id, move |r| {
-                if r.wrapped_seed != seed {
-                    return Update::Keep(None);
-                }
-                match policy::apply_verify(r, matched, now, &policy) {
-                    Update::Write(o) => Update::Write(Some(o)),
-                    Update::Keep(o) => Update::Keep(Some(o)),
-                    Update::Delete(o) => Update::Delete(Some(o)),
-                }
-            })
+            .update_audited(
+                id,
+                move |r| {
+                    if r.wrapped_seed != seed {
+                        return Update::Keep(None);
+                    }
+                    match policy::apply_verify(r, matched, now, &policy) {
+                        Update::Write(o) => Update::Write(Some(o)),
+                        Update::Keep(o) => Update::Keep(Some(o)),
+                        Update::Delete(o) => Update::Delete(Some(o)),
+                    }
+                },
+                move |o: &Option<Outcome>| audit.zip(*o).map(|(event, o)| verdict_event(event, &o)),
+            )
             .await
             .map_err(|e| not_found_or(e, id))?
             .ok_or_else(changed)?;
+        self.audited();
         if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
             tracing::warn!(
                 credential = id,
@@ -296,9 +318,20 @@ impl<S: CredentialStore> Credentials<S> {
         Ok(outcome)
     }
 
-    /// Resynchronise from two consecutive codes.
+    /// Resynchronise from two consecutive codes (no audit record).
     pub async fn resync(
         &self,
+        id: &str,
+        code1: &str,
+        code2: &str,
+    ) -> Result<(Outcome, CredentialRecord)> {
+        self.resync_by(None, id, code1, code2).await
+    }
+
+    /// Resynchronise for `actor`, recorded like a verification.
+    pub async fn resync_by(
+        &self,
+        actor: Option<&Actor>,
         id: &str,
         code1: &str,
         code2: &str,
@@ -324,23 +357,33 @@ impl<S: CredentialStore> Credentials<S> {
             .map(|i| window.start() + u64::from(i) + 1);
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
+        let audit = self.audit_event(actor, "credential.resync", id);
         let result = self
             .store
-            .update(id, move |r| {
-                if r.wrapped_seed != seed {
-                    return Update::Keep(None);
-                }
-                let decided = policy::apply_resync(r, matched, current_step, now, &policy);
-                let snapshot = r.clone();
-                match decided {
-                    Update::Write(o) => Update::Write(Some((o, snapshot))),
-                    Update::Keep(o) => Update::Keep(Some((o, snapshot))),
-                    Update::Delete(o) => Update::Delete(Some((o, snapshot))),
-                }
-            })
+            .update_audited(
+                id,
+                move |r| {
+                    if r.wrapped_seed != seed {
+                        return Update::Keep(None);
+                    }
+                    let decided = policy::apply_resync(r, matched, current_step, now, &policy);
+                    let snapshot = r.clone();
+                    match decided {
+                        Update::Write(o) => Update::Write(Some((o, snapshot))),
+                        Update::Keep(o) => Update::Keep(Some((o, snapshot))),
+                        Update::Delete(o) => Update::Delete(Some((o, snapshot))),
+                    }
+                },
+                move |r: &Option<(Outcome, CredentialRecord)>| {
+                    audit
+                        .zip(r.as_ref())
+                        .map(|(event, (o, _))| verdict_event(event, o))
+                },
+            )
             .await
             .map_err(|e| not_found_or(e, id))?
             .ok_or_else(changed)?;
+        self.audited();
         if result.0.verdict == Verdict::Accepted {
             tracing::info!(credential = id, "credential resynchronised");
         }
@@ -398,6 +441,20 @@ impl<S: CredentialStore> Credentials<S> {
         }
     }
 
+    /// The event a verification by `actor` will record, when there is an audit log.
+    fn audit_event(&self, actor: Option<&Actor>, action: &'static str, id: &str) -> Option<Event> {
+        self.audit.as_ref()?;
+        let actor = actor.cloned().unwrap_or_else(Actor::service);
+        Some(Event::new(crate::audit::log::now_ms(), actor, action, id))
+    }
+
+    /// Tell the audit log that a record was appended through the store.
+    fn audited(&self) {
+        if let Some(log) = &self.audit {
+            log.appended(1);
+        }
+    }
+
     /// Candidate codes for every factor of `window`, all computed by the HSM.
     async fn codes(
         &self,
@@ -446,6 +503,29 @@ pub async fn ensure_master_key<S: CredentialStore>(
         hsm.ensure_seed_master_key(version).await?;
     }
     Ok(())
+}
+
+/// The verdict as an audit record: ACCEPTED is "ok", anything else "denied", with the
+/// verdict and the lock state as details (never the code).
+fn verdict_event(event: Event, o: &Outcome) -> Event {
+    let name = match o.verdict {
+        Verdict::Accepted => "accepted",
+        Verdict::Rejected => "rejected",
+        Verdict::Replayed => "replayed",
+        Verdict::Locked => "locked",
+        Verdict::Disabled => "disabled",
+    };
+    let event = event.with_details(
+        Details::new()
+            .str("result", name)
+            .u64("remaining_attempts", u64::from(o.remaining_attempts))
+            .u64("retry_after_seconds", u64::from(o.retry_after_seconds)),
+    );
+    if o.verdict == Verdict::Accepted {
+        event
+    } else {
+        event.denied()
+    }
 }
 
 fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {

@@ -82,6 +82,20 @@ pub trait CredentialStore: Send + Sync + 'static {
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static;
 
+    /// [`CredentialStore::update`], plus the audit record `audit` derives from the
+    /// closure's answer, in the same transaction: the change and its record are durable
+    /// together or not at all.
+    fn update_audited<R, F, A>(
+        &self,
+        id: &str,
+        f: F,
+        audit: A,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
+        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static;
+
     /// Deletes a record; `true` if it existed. Durable before returning.
     fn delete(&self, id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 

@@ -346,6 +346,26 @@ impl CredentialStore for EmbeddedStore {
             .and_then(|r| r)
     }
 
+    async fn update_audited<R, F, A>(&self, id: &str, f: F, audit: A) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
+        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static,
+    {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let answer = ops::update(txn, &id, f)?;
+            if let Ok(value) = &answer {
+                if let Some(event) = audit(value) {
+                    crate::audit::log::append_in(txn, event)?;
+                }
+            }
+            Ok(answer)
+        })
+        .await
+        .and_then(|r| r)
+    }
+
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.write(move |txn| ops::delete(txn, &id)).await

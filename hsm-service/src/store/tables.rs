@@ -17,6 +17,9 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// `crate::signing::KeyVersion` (public metadata only; private keys stay in the HSM).
 pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
 
+/// The audit trail: seq -> one canonical JSON line (`crate::audit::AuditRecord`).
+pub const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_log");
+
 /// Meta keys with this prefix are written only by the store.
 pub const RESERVED_META_PREFIX: &str = "store.";
 
@@ -33,5 +36,6 @@ pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Table
     txn.open_table(CREDENTIALS)?;
     txn.open_table(META)?;
     txn.open_table(SIGNING_KEYS)?;
+    txn.open_table(AUDIT_LOG)?;
     Ok(())
 }

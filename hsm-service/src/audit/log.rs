@@ -1,0 +1,239 @@
+//! The audit trail in the service: records in the store's `audit_log` table, appended
+//! inside the same write transaction as the change they record, and checkpoints signed
+//! by an audit key in the HSM.
+//!
+//! The chain's head is read from the table inside each write transaction rather than kept
+//! in memory, so a batch that fails to commit cannot leave the chain pointing at records
+//! that were never stored, and seq order is commit order (the group commit has one
+//! writer).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::{checkpoint_statement, AuditRecord, Chain, Event, Head};
+use crate::error::{Error, Result};
+use crate::hsm::sign::{KeyPairKind, PublicKeyAttributes, SignMechanism};
+use crate::hsm::Hsm;
+use crate::store::tables::AUDIT_LOG;
+use crate::store::{EmbeddedStore, Rollback, StoreError};
+
+/// Store meta key: the audit key's CKA_ID (hex).
+const KEY_ID_META: &str = "audit.key_id";
+/// Store meta key: the audit key's public key (uncompressed P-256 point).
+const PUBLIC_KEY_META: &str = "audit.public_key";
+
+/// Append `event` to the chain inside `txn`.
+pub fn append_in(
+    txn: &redb::WriteTransaction,
+    event: Event,
+) -> std::result::Result<AuditRecord, Rollback> {
+    let mut table = txn.open_table(AUDIT_LOG)?;
+    let mut chain = resume(&table)?;
+    let record = chain.append(event);
+    table.insert(record.seq, record.to_json_line().as_bytes())?;
+    Ok(record)
+}
+
+fn resume<T: ReadableTable<u64, &'static [u8]>>(table: &T) -> std::result::Result<Chain, Rollback> {
+    let last = match table.last()? {
+        Some((_, v)) => Some(
+            AuditRecord::from_json_line(std::str::from_utf8(v.value()).unwrap_or(""))
+                .map_err(|e| Rollback(StoreError::Corrupt(format!("audit log head: {e}"))))?,
+        ),
+        None => None,
+    };
+    Chain::resume(last.as_ref())
+        .map_err(|e| Rollback(StoreError::Corrupt(format!("audit log head: {e}"))))
+}
+
+/// Current time in unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The service's audit trail.
+pub struct AuditLog {
+    store: Arc<EmbeddedStore>,
+    hsm: Hsm,
+    key_cka_id: Vec<u8>,
+    key_id: String,
+    public_key: Vec<u8>,
+    interval: u64,
+    since_checkpoint: AtomicU64,
+    checkpointing: AtomicBool,
+}
+
+impl AuditLog {
+    /// Open the trail; on first start create the audit key (P-256, on the token,
+    /// non-extractable, sign-only) and remember its id and public key in the store.
+    pub async fn open(store: Arc<EmbeddedStore>, hsm: Hsm, interval: u64) -> Result<Arc<AuditLog>> {
+        let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let (cka_id, public_key) = match (
+            store.get_meta(KEY_ID_META).map_err(internal)?,
+            store.get_meta(PUBLIC_KEY_META).map_err(internal)?,
+        ) {
+            (Some(id), Some(pk)) => (id, pk),
+            _ => {
+                let pair = hsm
+                    .generate_signing_key_pair(KeyPairKind::EcP256, "audit-checkpoint")
+                    .await?;
+                let point = match &pair.public {
+                    PublicKeyAttributes::Ec { ec_point } => uncompressed_point(ec_point)?,
+                    _ => return Err(Error::Internal("audit key is not an EC key".into())),
+                };
+                store
+                    .put_meta(KEY_ID_META, pair.id.clone())
+                    .await
+                    .map_err(internal)?;
+                store
+                    .put_meta(PUBLIC_KEY_META, point.clone())
+                    .await
+                    .map_err(internal)?;
+                tracing::info!("created the audit checkpoint key");
+                (pair.id, point)
+            }
+        };
+        let key_id = format!("audit-{}", &crate::auth::hex(&cka_id)[..16]);
+        Ok(Arc::new(AuditLog {
+            store,
+            hsm,
+            key_cka_id: cka_id,
+            key_id,
+            public_key,
+            interval: interval.max(1),
+            since_checkpoint: AtomicU64::new(0),
+            checkpointing: AtomicBool::new(false),
+        }))
+    }
+
+    /// Key id -> uncompressed public key, for offline verification.
+    pub fn trusted_keys(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        [(self.key_id.clone(), self.public_key.clone())]
+            .into_iter()
+            .collect()
+    }
+
+    /// Append one event in its own durable write (events whose change is not itself in
+    /// the store: start, stop, refusals). Verifications go through the credential
+    /// update's transaction instead (see `credentials`).
+    pub async fn record(self: &Arc<Self>, event: Event) -> Result<AuditRecord> {
+        let record = self
+            .store
+            .write(move |txn| append_in(txn, event))
+            .await
+            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+        self.appended(1);
+        Ok(record)
+    }
+
+    /// Count records appended elsewhere; start a checkpoint when one is due.
+    pub fn appended(self: &Arc<Self>, n: u64) {
+        if self.since_checkpoint.fetch_add(n, Ordering::Relaxed) + n >= self.interval
+            && !self.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            let log = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = log.checkpoint().await {
+                    tracing::error!(error = %e, "audit checkpoint failed; retrying with the next records");
+                }
+                log.checkpointing.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// Sign the current head with the audit key and append the checkpoint record.
+    pub async fn checkpoint(&self) -> Result<Option<AuditRecord>> {
+        let head = self
+            .store
+            .read(|txn| {
+                let table = txn.open_table(AUDIT_LOG)?;
+                Ok(resume_read(&table)?.head())
+            })
+            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+        let Some(head) = head else { return Ok(None) };
+        let digest = ring::digest::digest(&ring::digest::SHA256, &checkpoint_statement(&head));
+        let signature = self
+            .hsm
+            .sign(
+                &self.key_cka_id,
+                SignMechanism::Ecdsa,
+                digest.as_ref().to_vec(),
+            )
+            .await?;
+        let key_id = self.key_id.clone();
+        let appended = head.seq;
+        let record = self
+            .store
+            .write(move |txn| {
+                let mut table = txn.open_table(AUDIT_LOG)?;
+                let mut chain = resume(&table)?;
+                let record = chain
+                    .checkpoint_record(
+                        &Head {
+                            seq: head.seq,
+                            hash: head.hash.clone(),
+                        },
+                        &key_id,
+                        &signature,
+                        now_ms(),
+                    )
+                    .map_err(|e| Rollback(StoreError::Invalid(format!("audit checkpoint: {e}"))))?;
+                table.insert(record.seq, record.to_json_line().as_bytes())?;
+                Ok(record)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+        self.since_checkpoint.store(0, Ordering::Relaxed);
+        tracing::debug!(head = appended, "audit checkpoint signed");
+        Ok(Some(record))
+    }
+
+    /// Up to `limit` records with `seq >= from`, as JSON lines; and how many.
+    pub fn export_range(&self, from: u64, limit: usize) -> Result<(Vec<u8>, u32)> {
+        self.store
+            .read(|txn| {
+                let table = txn.open_table(AUDIT_LOG)?;
+                let mut out = Vec::new();
+                let mut n = 0u32;
+                for entry in table.range(from..)?.take(limit) {
+                    let (_, v) = entry?;
+                    out.extend_from_slice(v.value());
+                    out.push(b'\n');
+                    n += 1;
+                }
+                Ok((out, n))
+            })
+            .map_err(|e| Error::Internal(format!("audit export: {e}")))
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> Result<u64> {
+        self.store
+            .read(|txn| Ok(txn.open_table(AUDIT_LOG)?.len()?))
+            .map_err(|e| Error::Internal(format!("audit: {e}")))
+    }
+
+    /// True when nothing has been recorded.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn resume_read(table: &redb::ReadOnlyTable<u64, &[u8]>) -> std::result::Result<Chain, StoreError> {
+    resume(table).map_err(|r| r.0)
+}
+
+/// `CKA_EC_POINT` is a DER OCTET STRING around the uncompressed point; unwrap it.
+fn uncompressed_point(ec_point: &[u8]) -> Result<Vec<u8>> {
+    match ec_point {
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 && rest[0] == 0x04 => Ok(rest.to_vec()),
+        [0x04, rest @ ..] if rest.len() == 64 => Ok(ec_point.to_vec()),
+        _ => Err(Error::Internal(
+            "unexpected EC point encoding of the audit key".into(),
+        )),
+    }
+}
