@@ -173,3 +173,64 @@ fn refuses_a_pin_from_an_unset_environment_variable() {
     let line = refusal(dir.path(), &text);
     assert!(line.contains("HSM_TEST_PIN_NOT_SET is not set"), "{line}");
 }
+
+#[tokio::test]
+async fn json_logs_carry_no_pin_no_seed_no_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr) = common::spawn_dev_with(dir.path(), &["--log-format", "json"]);
+    let client = common::client(dir.path(), "login-service", addr).await;
+    let mut creds = hsm_client::proto::credential_service_client::CredentialServiceClient::new(
+        client.channel(),
+    );
+    let seed = b"log-secret-seed-0001".to_vec();
+    creds
+        .create_credential(hsm_client::proto::CreateCredentialRequest {
+            credential_id: "logged".into(),
+            kind: hsm_client::proto::OtpKind::Hotp as i32,
+            seed: seed.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    for code in ["135791", "246802"] {
+        creds
+            .verify_code(hsm_client::proto::VerifyCodeRequest {
+                credential_id: "logged".into(),
+                code: code.into(),
+            })
+            .await
+            .expect("verify");
+    }
+    // A refused call and a bad request produce log lines too.
+    let officer_only = client
+        .admin()
+        .get_status(hsm_client::proto::GetStatusRequest {})
+        .await;
+    assert!(officer_only.is_err());
+    assert!(common::terminate(&mut child).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read");
+    let mut lines = 0;
+    for line in stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+        lines += 1;
+    }
+    assert!(
+        lines >= 3,
+        "expected start, refusal and stop lines, got {lines}"
+    );
+    let pin = std::fs::read_to_string(dir.path().join("user.pin")).expect("pin");
+    let so_pin = std::fs::read_to_string(dir.path().join("so.pin")).expect("so pin");
+    for secret in [
+        pin.trim(),
+        so_pin.trim(),
+        "135791",
+        "246802",
+        "log-secret-seed-0001",
+    ] {
+        assert!(!stderr.contains(secret), "a secret reached the log");
+    }
+}

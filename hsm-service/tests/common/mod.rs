@@ -22,7 +22,13 @@ pub async fn client(data_dir: &Path, identity: &str, addr: SocketAddr) -> HsmCli
 /// `hsm-service dev` as a child process on 127.0.0.1:0; returns it and its address once
 /// it prints that it is listening.
 pub fn spawn_dev(data_dir: &Path) -> (Child, SocketAddr) {
+    spawn_dev_with(data_dir, &[])
+}
+
+/// The same with extra global flags (e.g. `--log-format json`).
+pub fn spawn_dev_with(data_dir: &Path, flags: &[&str]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-service"))
+        .args(flags)
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("SOFTHSM2_CONF")
