@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ceremony;
 pub mod config;
 pub mod credentials;
 pub mod dev;

@@ -17,6 +17,14 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// `crate::signing::KeyVersion` (public metadata only; private keys stay in the HSM).
 pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
 
+/// Key ceremonies: ceremony id (64 lower-case hex digits) -> encoded
+/// `crate::ceremony::CeremonyRecord` (the canonical plan, approvals, outcome).
+pub const CEREMONIES: TableDefinition<&str, &[u8]> = TableDefinition::new("ceremonies");
+
+/// Which ceremony created a signing key version: `"<name>/<version, 10 digits>"` ->
+/// ceremony id (UTF-8).
+pub const CEREMONY_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("ceremony_keys");
+
 /// Meta keys with this prefix are written only by the store.
 pub const RESERVED_META_PREFIX: &str = "store.";
 
@@ -33,5 +41,7 @@ pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Table
     txn.open_table(CREDENTIALS)?;
     txn.open_table(META)?;
     txn.open_table(SIGNING_KEYS)?;
+    txn.open_table(CEREMONIES)?;
+    txn.open_table(CEREMONY_KEYS)?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+//! Tests of plans, quorum and execution.
