@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
+use hsm_proto::v1::ceremony_service_server::CeremonyServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
 use hsm_proto::v1::key_service_server::KeyServiceServer;
 use hsm_proto::v1::signing_service_server::SigningServiceServer;
@@ -26,6 +27,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::api::ceremony::CeremonyApi;
 use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
 use crate::auth::Authorizer;
@@ -134,6 +136,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .await
         .map(Arc::new)
         .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
+    let ceremonies = Arc::new(crate::ceremony::Ceremonies::new(
+        signing.clone(),
+        store.clone(),
+        config.ceremony.clone(),
+        &config.data_dir,
+        clock.clone(),
+    ));
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -153,6 +162,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         authorizer: Authorizer::new(config.clients.clone()),
         started: Instant::now(),
         signing,
+        ceremonies,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -175,7 +185,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             state.clone(),
         )))
         .add_service(SigningServiceServer::new(Signing::new(state.clone())))
-        .add_service(KeyServiceServer::new(Keys::new(state.clone())));
+        .add_service(KeyServiceServer::new(Keys::new(state.clone())))
+        .add_service(CeremonyServiceServer::new(CeremonyApi::new(state.clone())));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     // Small HTTP/2 frames must not wait for Nagle's algorithm and the peer's delayed ACK
@@ -238,11 +249,12 @@ pub async fn run(
 }
 
 /// The hsm.v1 services, as the health service names them.
-pub const SERVICES: [&str; 4] = [
+pub const SERVICES: [&str; 5] = [
     "hsm.v1.AdminService",
     "hsm.v1.CredentialService",
     "hsm.v1.SigningService",
     "hsm.v1.KeyService",
+    "hsm.v1.CeremonyService",
 ];
 
 /// Read the master key version from the store (1 on first start), make sure the key is

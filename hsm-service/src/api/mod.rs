@@ -2,6 +2,7 @@
 //! lives in a domain module, every check of the caller in `auth`.
 
 pub mod admin;
+pub mod ceremony;
 pub mod credentials;
 pub mod signing;
 pub mod status;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub started: Instant,
     /// Signing keys and everything signed with them.
     pub signing: Arc<crate::signing::Signer>,
+    /// Key ceremonies.
+    pub ceremonies: Arc<crate::ceremony::Ceremonies>,
 }
 
 /// Shared handle to the state.
