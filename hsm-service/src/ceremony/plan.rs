@@ -42,7 +42,7 @@ pub struct Plan {
     #[serde(default)]
     pub description: String,
     /// The steps, run in order.
-    #[serde(rename = "step")]
+    #[serde(rename = "step", default)]
     pub steps: Vec<Step>,
 }
 
