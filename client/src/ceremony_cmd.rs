@@ -104,11 +104,10 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, as_json: bool) -> Result<ExitCod
     let mut svc = client.ceremonies();
     match cmd {
         Cmd::Propose { plan } => {
-            let plan_toml =
-                std::fs::read_to_string(plan).map_err(|source| ClientError::Read {
-                    path: plan.clone(),
-                    source,
-                })?;
+            let plan_toml = std::fs::read_to_string(plan).map_err(|source| ClientError::Read {
+                path: plan.clone(),
+                source,
+            })?;
             let c = svc
                 .propose_ceremony(ProposeCeremonyRequest { plan_toml })
                 .await?
@@ -117,7 +116,10 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, as_json: bool) -> Result<ExitCod
                 println!("{}", info_json(&c));
             } else {
                 print_info(&c);
-                println!("\nofficers approve with: hsmctl ceremony approve {}", c.ceremony_id);
+                println!(
+                    "\nofficers approve with: hsmctl ceremony approve {}",
+                    c.ceremony_id
+                );
             }
         }
         Cmd::Approve { id } => {
@@ -142,8 +144,14 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, as_json: bool) -> Result<ExitCod
                 .into_inner();
             let c = r.ceremony.unwrap_or_default();
             if let Some(dir) = out {
-                write_out(dir.join(format!("{}.json", c.ceremony_id)), &r.transcript_json)?;
-                write_out(dir.join(format!("{}.txt", c.ceremony_id)), &r.transcript_text)?;
+                write_out(
+                    dir.join(format!("{}.json", c.ceremony_id)),
+                    &r.transcript_json,
+                )?;
+                write_out(
+                    dir.join(format!("{}.txt", c.ceremony_id)),
+                    &r.transcript_text,
+                )?;
             }
             if as_json {
                 let transcript: Value =

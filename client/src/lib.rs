@@ -178,9 +178,7 @@ impl HsmClient {
     }
 
     /// `hsm.v1.CeremonyService`: key ceremonies (officers; auditors read).
-    pub fn ceremonies(
-        &self,
-    ) -> proto::ceremony_service_client::CeremonyServiceClient<Channel> {
+    pub fn ceremonies(&self) -> proto::ceremony_service_client::CeremonyServiceClient<Channel> {
         proto::ceremony_service_client::CeremonyServiceClient::new(self.channel.clone())
     }
 

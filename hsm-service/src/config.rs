@@ -620,7 +620,10 @@ mod tests {
                 "approval_ttl_seconds",
             ),
             (Box::new(|c| c.max_validity_days = 0), "max_validity_days"),
-            (Box::new(|c| c.max_validity_days = 9000), "max_validity_days"),
+            (
+                Box::new(|c| c.max_validity_days = 9000),
+                "max_validity_days",
+            ),
             (
                 Box::new(|c| c.officers[0].fingerprint = Some("ab".repeat(32))),
                 "exactly one of cn and fingerprint",

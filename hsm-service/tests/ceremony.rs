@@ -93,7 +93,10 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     for e in [
         approve(&login, &id).await.expect_err("login approve"),
-        execute(&login, &id).await.map(|_| ()).expect_err("login execute"),
+        execute(&login, &id)
+            .await
+            .map(|_| ())
+            .expect_err("login execute"),
         approve(&auditor, &id).await.expect_err("auditor approve"),
     ] {
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -119,7 +122,10 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
         .expect("show")
         .into_inner();
     assert_eq!(shown.valid_approvals, 0);
-    let err = execute(&o1, &other).await.map(|_| ()).expect_err("tampered");
+    let err = execute(&o1, &other)
+        .await
+        .map(|_| ())
+        .expect_err("tampered");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // Second officer: execute.
@@ -198,7 +204,10 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
     .expect("JWK Set");
     let header = jsonwebtoken::decode_header(&signed.jws).expect("header");
     let jwk = set.find(&new_kid).expect("new key in the JWKS");
-    assert!(jwk.common.x509_chain.is_some(), "certificate chain in the JWK");
+    assert!(
+        jwk.common.x509_chain.is_some(),
+        "certificate chain in the JWK"
+    );
     let mut validation = Validation::new(header.alg);
     validation.set_issuer(&["https://hsm-service.dev.local"]);
     validation.set_audience(&["https://bank.example"]);
@@ -240,7 +249,11 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
     assert_eq!(find("root-ca", 1).ceremony_id, id);
     assert_eq!(find("assertion", 2).ceremony_id, id);
     assert_eq!(find("assertion", 2).state, "active");
-    assert_eq!(find("assertion", 1).ceremony_id, "", "bootstrapped, not a ceremony");
+    assert_eq!(
+        find("assertion", 1).ceremony_id,
+        "",
+        "bootstrapped, not a ceremony"
+    );
     assert_eq!(find("assertion", 1).state, "verify-only");
     for k in &keys {
         assert!(k.sensitive && !k.extractable && k.local, "{k:?}");

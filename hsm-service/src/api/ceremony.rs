@@ -92,11 +92,7 @@ impl CeremonyService for CeremonyApi {
     ) -> Result<Response<CeremonyInfo>, Status> {
         let caller = self.caller(&request, &[Role::Officer], "ceremony.propose", "")?;
         let r = request.into_inner();
-        let v = self
-            .state
-            .ceremonies
-            .propose(&caller, &r.plan_toml)
-            .await?;
+        let v = self.state.ceremonies.propose(&caller, &r.plan_toml).await?;
         Ok(Response::new(info(v)))
     }
 

@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::signing::{CertificateRequest, KeyRef, KeyState, Signer};
 use crate::store::{EmbeddedStore, StoreError};
 pub use plan::{Plan, Step, Usage};
+use record::Change;
 pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
 pub use transcript::Transcript;
 
@@ -180,8 +181,7 @@ impl Ceremonies {
         self.config.officers.iter().position(|o| {
             o.cn.as_deref()
                 .is_some_and(|cn| !subject.is_empty() && cn == subject)
-                || o
-                    .fingerprint
+                || o.fingerprint
                     .as_deref()
                     .is_some_and(|fp| fp.eq_ignore_ascii_case(fingerprint))
         })
@@ -206,7 +206,11 @@ impl Ceremonies {
     fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
         rec.approvals
             .iter()
-            .filter(|a| now < a.approved_at.saturating_add(self.config.approval_ttl_seconds))
+            .filter(|a| {
+                now < a
+                    .approved_at
+                    .saturating_add(self.config.approval_ttl_seconds)
+            })
             .filter_map(|a| self.officer_index(&a.officer.subject, &a.officer.fingerprint))
             .collect()
     }
@@ -297,14 +301,14 @@ impl Ceremonies {
             .store
             .write(move |txn| {
                 record::update(txn, &key, |current| match current {
-                    Some(existing) => Err(Err(existing.state)),
-                    None => Ok((Some(rec.clone()), Ok(rec))),
+                    Some(existing) => Change::Keep(Err(existing.state)),
+                    None => Change::Write(Box::new(rec.clone()), Ok(Box::new(rec))),
                 })
             })
             .await
             .map_err(store_err)?;
         match stored {
-            Ok(rec) => self.view(rec),
+            Ok(rec) => self.view(*rec),
             Err(state) => Err(Error::AlreadyExists(format!(
                 "ceremony {id} was proposed already (it is {}); a changed plan has another id",
                 state.as_str()
@@ -347,9 +351,9 @@ impl Ceremonies {
             .store
             .write(move |txn| {
                 record::update(txn, &key, |current| match current {
-                    None => Err(Err(None)),
+                    None => Change::Keep(Err(None)),
                     Some(rec) if rec.state != CeremonyState::Proposed => {
-                        Err(Err(Some(rec.state)))
+                        Change::Keep(Err(Some(rec.state)))
                     }
                     Some(mut rec) => {
                         rec.approvals
@@ -358,14 +362,14 @@ impl Ceremonies {
                             officer,
                             approved_at: now,
                         });
-                        Ok((Some(rec.clone()), Ok(rec)))
+                        Change::Write(Box::new(rec.clone()), Ok(Box::new(rec)))
                     }
                 })
             })
             .await
             .map_err(store_err)?;
         match outcome {
-            Ok(rec) => self.view(rec),
+            Ok(rec) => self.view(*rec),
             Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),
             Err(Some(state)) => Err(Error::FailedPrecondition(format!(
                 "ceremony {id} is {}; only a proposed ceremony can be approved",
@@ -493,19 +497,19 @@ impl Ceremonies {
                             })
                             .collect();
                         if valid.len() < need {
-                            return Err(None);
+                            return Change::Keep(None);
                         }
                         rec.state = CeremonyState::Executing;
                         rec.executed_by = Some(executor);
                         rec.executed_at = now;
-                        Ok((Some(rec.clone()), Some(rec)))
+                        Change::Write(Box::new(rec.clone()), Some(Box::new(rec)))
                     }
-                    _ => Err(None),
+                    _ => Change::Keep(None),
                 })
             })
             .await
             .map_err(store_err)?;
-        let Some(mut rec) = claimed else {
+        let Some(mut rec) = claimed.map(|b| *b) else {
             return Err(Error::FailedPrecondition(format!(
                 "ceremony {id} changed while it was being claimed; it was not executed"
             )));
@@ -568,7 +572,7 @@ impl Ceremonies {
         self.store
             .write(move |txn| {
                 record::put_key_origins(txn, &key, &origins)?;
-                record::update(txn, &key, |_| Ok((Some(final_rec), ())))
+                record::update(txn, &key, |_| Change::Write(Box::new(final_rec), ()))
             })
             .await
             .map_err(store_err)?;
@@ -593,11 +597,7 @@ impl Ceremonies {
     fn key_ref(plan_keys: &HashMap<String, u32>, name: &str, version: Option<u32>) -> KeyRef {
         KeyRef::new(
             name,
-            plan_keys
-                .get(name)
-                .copied()
-                .or(version)
-                .unwrap_or_default(),
+            plan_keys.get(name).copied().or(version).unwrap_or_default(),
         )
     }
 
@@ -632,7 +632,12 @@ impl Ceremonies {
                 // Listed before the check, so a key that fails it is in the transcript.
                 t.key_created(index, &k);
                 changed(&k);
-                let context = format!("ceremony {id} step {} key {}/v{}", index + 1, name, k.version);
+                let context = format!(
+                    "ceremony {id} step {} key {}/v{}",
+                    index + 1,
+                    name,
+                    k.version
+                );
                 let check = self
                     .signer
                     .self_test(&KeyRef::new(name, k.version), &context)

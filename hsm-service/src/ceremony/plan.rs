@@ -476,7 +476,11 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                 validity(*validity_days)?;
                 subject_ok(subject)?;
                 if dns_names.iter().any(|d| d.is_empty() || d.len() > 253) {
-                    return Err(bad(i, kind, "dns_names entries must be 1 to 253 characters"));
+                    return Err(bad(
+                        i,
+                        kind,
+                        "dns_names entries must be 1 to 253 characters",
+                    ));
                 }
                 if let Some(ti) = ti {
                     if ti.usage != Some(Usage::Ca) {
@@ -514,7 +518,9 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                         return Err(bad(
                             i,
                             kind,
-                            format!("{key:?} is a ca key; ca keys are never published or activated"),
+                            format!(
+                                "{key:?} is a ca key; ca keys are never published or activated"
+                            ),
                         ));
                     }
                     let (from, to) = match step {
@@ -538,7 +544,9 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     return Err(bad(
                         i,
                         kind,
-                        format!("{key:?} is created by this plan; a plan does not destroy its own keys"),
+                        format!(
+                            "{key:?} is created by this plan; a plan does not destroy its own keys"
+                        ),
                     ));
                 }
                 lookup(&created, "key", key, &Some(*version))?;

@@ -121,13 +121,20 @@ pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<CeremonyRecord
     Ok(out)
 }
 
+/// What an update decided.
+pub(crate) enum Change<T> {
+    /// Write this record, answer `T`.
+    Write(Box<CeremonyRecord>, T),
+    /// Leave the table alone, answer `T`.
+    Keep(T),
+}
+
 /// Read-modify-write of one ceremony in this transaction: `change` sees the current
-/// record (or `None`) and returns the record to write, or an answer for the caller
-/// that leaves the table alone.
+/// record (or `None`) and decides.
 pub(crate) fn update<T>(
     txn: &WriteTransaction,
     id: &str,
-    change: impl FnOnce(Option<CeremonyRecord>) -> Result<(Option<CeremonyRecord>, T), T>,
+    change: impl FnOnce(Option<CeremonyRecord>) -> Change<T>,
 ) -> Result<T, Rollback> {
     let mut table = txn.open_table(CEREMONIES)?;
     let current = match table.get(id)? {
@@ -135,11 +142,11 @@ pub(crate) fn update<T>(
         None => None,
     };
     match change(current) {
-        Ok((Some(rec), answer)) => {
+        Change::Write(rec, answer) => {
             table.insert(id, encode(&rec)?.as_slice())?;
             Ok(answer)
         }
-        Ok((None, answer)) | Err(answer) => Ok(answer),
+        Change::Keep(answer) => Ok(answer),
     }
 }
 

@@ -40,7 +40,10 @@ fn the_id_follows_meaning_not_formatting() {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("usage = \"ca\"", "usage = \"ca\"\nnew_version = false\nextractable = false");
+        .replace(
+            "usage = \"ca\"",
+            "usage = \"ca\"\nnew_version = false\nextractable = false",
+        );
     assert_eq!(id(&reformatted), base);
     // Key order inside a table does not change it.
     let reordered = EXAMPLE.replace(
@@ -54,7 +57,10 @@ fn the_id_follows_meaning_not_formatting() {
         EXAMPLE.replace("validity_days = 365", "validity_days = 364"),
         EXAMPLE.replace("example\"", "example!\""),
         EXAMPLE.replace("ES384", "ES256"),
-        EXAMPLE.replace("C=DK\"\nvalidity_days = 3650", "C=SE\"\nvalidity_days = 3650"),
+        EXAMPLE.replace(
+            "C=DK\"\nvalidity_days = 3650",
+            "C=SE\"\nvalidity_days = 3650",
+        ),
     ] {
         assert_ne!(id(&changed), base, "{changed}");
     }
@@ -124,7 +130,12 @@ async fn expired_approvals_do_not_count() {
         Arc::new(move || clock_t.load(Ordering::SeqCst)),
     );
     let ttl = env.config.ceremony.approval_ttl_seconds;
-    let id = c.propose(&officer(1), SMALL).await.expect("propose").record.id;
+    let id = c
+        .propose(&officer(1), SMALL)
+        .await
+        .expect("propose")
+        .record
+        .id;
     c.approve(&officer(1), &id).await.expect("approve");
     c.approve(&officer(2), &id).await.expect("approve");
     assert_eq!(c.get(&id).expect("get").valid_approvals, 2);
@@ -156,12 +167,21 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
     let c = &state.ceremonies;
     // Destroying the active version passes validation but fails at run time.
     let plan = format!("{SMALL}[[step]]\nkind = \"destroy\"\nkey = \"assertion\"\nversion = 1\n[[step]]\nkind = \"self-sign\"\nkey = \"ca-x\"\nsubject = \"CN=x\"\nvalidity_days = 10\n");
-    let id = c.propose(&officer(1), &plan).await.expect("propose").record.id;
+    let id = c
+        .propose(&officer(1), &plan)
+        .await
+        .expect("propose")
+        .record
+        .id;
     c.approve(&officer(1), &id).await.expect("approve");
     c.approve(&officer(2), &id).await.expect("approve");
     let x = c.execute(&officer(1), &id).await.expect("executed");
     assert_eq!(x.view.record.state, CeremonyState::Failed);
-    assert!(x.view.record.failure.starts_with("step 2 (destroy) failed"), "{}", x.view.record.failure);
+    assert!(
+        x.view.record.failure.starts_with("step 2 (destroy) failed"),
+        "{}",
+        x.view.record.failure
+    );
     let t = &x.transcript;
     assert_eq!(t.outcome, "failed");
     assert_eq!(t.steps[0].outcome, "ok");
@@ -171,7 +191,9 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
     assert_eq!(t.created_keys[0].name, "ca-x");
     assert!(c.transcript_paths(&id).0.exists());
     assert_eq!(
-        c.key_origins().expect("origins").get(&("ca-x".to_owned(), 1)),
+        c.key_origins()
+            .expect("origins")
+            .get(&("ca-x".to_owned(), 1)),
         Some(&id)
     );
     // A failed ceremony does not run again.
