@@ -182,6 +182,11 @@ impl HsmClient {
         KeyServiceClient::new(self.channel.clone())
     }
 
+    /// `hsm.v1.CeremonyService`: key ceremonies (officers; auditors read).
+    pub fn ceremonies(&self) -> proto::ceremony_service_client::CeremonyServiceClient<Channel> {
+        proto::ceremony_service_client::CeremonyServiceClient::new(self.channel.clone())
+    }
+
     /// `grpc.health.v1.Health/Check` for the whole server.
     pub async fn health(&self) -> Result<ServingStatus, ClientError> {
         self.health_of("").await

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 mod audit_cmd;
 mod bench_cmd;
+mod ceremony_cmd;
 mod credential_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -85,6 +86,9 @@ enum Command {
     /// Public keys, key inventory and certificates.
     #[command(subcommand)]
     Keys(signing_cmd::KeysCommand),
+    /// Key ceremonies: propose a plan, approve, execute, show, list (role officer).
+    #[command(subcommand)]
+    Ceremony(ceremony_cmd::Cmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -131,6 +135,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
     match &cli.command {
         Command::Sign(cmd) => signing_cmd::sign(&client, cmd, cli.json).await,
         Command::Keys(cmd) => signing_cmd::keys(&client, cmd, cli.json).await,
+        Command::Ceremony(cmd) => ceremony_cmd::run(&client, cmd, cli.json).await,
         Command::Health { service } => {
             let status = client.health_of(service).await?;
             let name = status.as_str_name();

@@ -365,15 +365,32 @@ pub async fn keys(
                             "published_at": k.published_at, "activated_at": k.activated_at,
                             "retired_at": k.retired_at, "destroyed_at": k.destroyed_at,
                             "last_expiry": k.last_expiry,
+                            "public_key_sha256": k.public_key_sha256,
+                            "ceremony_id": k.ceremony_id,
+                            "sensitive": k.sensitive, "extractable": k.extractable,
+                            "local": k.local,
                         })
                     })
                     .collect();
                 println!("{}", json!({ "keys": list }));
             } else {
                 for k in keys {
+                    let attrs = if k.state == "destroyed" {
+                        "-".to_owned()
+                    } else {
+                        format!(
+                            "sensitive={} extractable={} local={}",
+                            k.sensitive, k.extractable, k.local
+                        )
+                    };
+                    let origin = if k.ceremony_id.is_empty() {
+                        "-"
+                    } else {
+                        &k.ceremony_id
+                    };
                     println!(
-                        "{} v{}  {:<11} {:<5} kid {}  certificates {}",
-                        k.name, k.version, k.state, k.algorithm, k.kid, k.certificates
+                        "{} v{}  {:<11} {:<5} kid {}  certificates {}  {attrs}  ceremony {origin}\n    public key SHA-256 {}",
+                        k.name, k.version, k.state, k.algorithm, k.kid, k.certificates, k.public_key_sha256
                     );
                 }
             }

@@ -36,6 +36,9 @@ pub struct Config {
     /// Assertion signing: issuer, default key, lifetimes, accepted acr values.
     #[serde(default)]
     pub signing: SigningConfig,
+    /// Key ceremonies: the officer quorum, approval expiry, validity cap, transcripts.
+    #[serde(default)]
+    pub ceremony: CeremonyConfig,
 }
 
 /// Listener and TLS.
@@ -304,6 +307,112 @@ impl SigningConfig {
     }
 }
 
+/// One member of the ceremony officer set (`[[ceremony.officer]]`): matched on exactly
+/// one of the subject common name or the SHA-256 fingerprint of the client certificate.
+/// The caller must also hold the `officer` role through a `[[client]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfficerRule {
+    /// The subject common name, exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
+    /// SHA-256 of the certificate DER, 64 hex digits (case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// Key ceremonies (`[ceremony]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeremonyConfig {
+    /// The officers whose approvals count. Empty: ceremonies are refused.
+    #[serde(default, rename = "officer")]
+    pub officers: Vec<OfficerRule>,
+    /// M: distinct, unexpired officer approvals a ceremony needs before it may run.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    /// Seconds an approval counts after it was given.
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl_seconds: u64,
+    /// Longest certificate validity a plan may ask for, in days.
+    #[serde(default = "default_max_validity_days")]
+    pub max_validity_days: u32,
+    /// Where transcripts are written; relative paths are under `data_dir`.
+    #[serde(default = "default_transcript_dir")]
+    pub transcript_dir: PathBuf,
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+
+fn default_approval_ttl() -> u64 {
+    86_400
+}
+
+fn default_max_validity_days() -> u32 {
+    3660
+}
+
+fn default_transcript_dir() -> PathBuf {
+    PathBuf::from("ceremonies")
+}
+
+/// The longest certificate validity the service issues at all (20 years).
+pub const MAX_CERTIFICATE_VALIDITY_DAYS: u32 = 20 * 366;
+
+impl Default for CeremonyConfig {
+    fn default() -> Self {
+        CeremonyConfig {
+            officers: Vec::new(),
+            threshold: default_threshold(),
+            approval_ttl_seconds: default_approval_ttl(),
+            max_validity_days: default_max_validity_days(),
+            transcript_dir: default_transcript_dir(),
+        }
+    }
+}
+
+impl CeremonyConfig {
+    /// Consistency checks of `[ceremony]`.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, o) in self.officers.iter().enumerate() {
+            match (&o.cn, &o.fingerprint) {
+                (Some(cn), None) if !cn.is_empty() => {}
+                (None, Some(fp))
+                    if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                (None, Some(_)) => {
+                    return Err(format!(
+                        "ceremony.officer[{i}].fingerprint must be 64 hex digits (SHA-256 of the certificate DER)"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "ceremony.officer[{i}]: set exactly one of cn and fingerprint"
+                    ))
+                }
+            }
+        }
+        if !self.officers.is_empty()
+            && (self.threshold == 0 || self.threshold as usize > self.officers.len())
+        {
+            return Err(format!(
+                "ceremony.threshold must be between 1 and the number of officers ({})",
+                self.officers.len()
+            ));
+        }
+        if self.approval_ttl_seconds < 60 {
+            return Err("ceremony.approval_ttl_seconds must be at least 60".into());
+        }
+        if self.max_validity_days == 0 || self.max_validity_days > MAX_CERTIFICATE_VALIDITY_DAYS {
+            return Err(format!(
+                "ceremony.max_validity_days must be between 1 and {MAX_CERTIFICATE_VALIDITY_DAYS}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a config cannot be used. Each message is one line that says what to fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -370,6 +479,9 @@ impl Config {
         fix(&mut self.server.cert);
         fix(&mut self.server.key);
         fix(&mut self.server.client_ca);
+        if self.ceremony.transcript_dir.is_relative() {
+            self.ceremony.transcript_dir = self.data_dir.join(&self.ceremony.transcript_dir);
+        }
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             fix(p);
         }
@@ -444,6 +556,7 @@ impl Config {
             }
         }
         self.signing.validate(&self.clients)?;
+        self.ceremony.validate()?;
         Ok(())
     }
 
@@ -501,6 +614,56 @@ mod tests {
         );
         assert_eq!(config.clients[1].signing_keys, None);
         assert!(config.signing.validate(&config.clients).is_ok());
+        assert_eq!(config.ceremony.threshold, 2);
+        assert_eq!(config.ceremony.officers.len(), 3);
+        assert_eq!(config.ceremony.approval_ttl_seconds, 86_400);
+        assert_eq!(config.ceremony.max_validity_days, 3660);
+        assert_eq!(config.ceremony.transcript_dir, PathBuf::from("ceremonies"));
+        assert!(config.ceremony.validate().is_ok());
+    }
+
+    #[test]
+    fn ceremony_section_defaults_and_checks() {
+        let text = include_str!("../config.example.toml");
+        let start = text.find("[ceremony]").expect("[ceremony]");
+        let end = text[start..].find("# Client certificate").expect("end") + start;
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let config: Config = toml::from_str(&without).expect("parses without [ceremony]");
+        assert_eq!(config.ceremony, CeremonyConfig::default());
+        assert!(config.ceremony.officers.is_empty());
+
+        let base: Config = toml::from_str(text).expect("parses");
+        type Mutation = Box<dyn Fn(&mut CeremonyConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|c| c.threshold = 0), "ceremony.threshold"),
+            (Box::new(|c| c.threshold = 4), "ceremony.threshold"),
+            (
+                Box::new(|c| c.approval_ttl_seconds = 10),
+                "approval_ttl_seconds",
+            ),
+            (Box::new(|c| c.max_validity_days = 0), "max_validity_days"),
+            (
+                Box::new(|c| c.max_validity_days = 9000),
+                "max_validity_days",
+            ),
+            (
+                Box::new(|c| c.officers[0].fingerprint = Some("ab".repeat(32))),
+                "exactly one of cn and fingerprint",
+            ),
+            (
+                Box::new(|c| c.officers[2].fingerprint = Some("xyz".into())),
+                "64 hex digits",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut c = base.ceremony.clone();
+            mutate(&mut c);
+            let err = c.validate().expect_err(expected);
+            assert!(err.contains(expected), "{err}");
+        }
+        let err = toml::from_str::<Config>(&text.replace("approval_ttl_seconds", "approval_ttl"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]

@@ -185,6 +185,18 @@ fn dev_config(
             })
             .collect(),
         signing: crate::signing::dev_config(),
+        ceremony: crate::config::CeremonyConfig {
+            officers: DEV_CLIENTS
+                .iter()
+                .filter(|(_, role)| *role == Role::Officer)
+                .map(|(cn, _)| crate::config::OfficerRule {
+                    cn: Some((*cn).to_owned()),
+                    fingerprint: None,
+                })
+                .collect(),
+            threshold: 2,
+            ..Default::default()
+        },
     }
 }
 

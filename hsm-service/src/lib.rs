@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod ceremony;
 pub mod config;
 pub mod credentials;
 pub mod dev;

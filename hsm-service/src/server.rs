@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hsm_proto::v1::admin_service_server::AdminServiceServer;
 use hsm_proto::v1::audit_service_server::AuditServiceServer;
+use hsm_proto::v1::ceremony_service_server::CeremonyServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
 use hsm_proto::v1::key_service_server::KeyServiceServer;
 use hsm_proto::v1::signing_service_server::SigningServiceServer;
@@ -28,6 +29,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api::audit::AuditApi;
+use crate::api::ceremony::CeremonyApi;
 use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
 use crate::audit::log::{now_ms, AuditLog};
@@ -143,6 +145,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .await
         .map(Arc::new)
         .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
+    let ceremonies = Arc::new(
+        crate::ceremony::Ceremonies::new(
+            signing.clone(),
+            store.clone(),
+            config.ceremony.clone(),
+            &config.data_dir,
+            clock.clone(),
+        )
+        .with_audit(audit.clone()),
+    );
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -163,6 +175,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         authorizer: Authorizer::new(config.clients.clone()).with_audit(audit.clone()),
         started: Instant::now(),
         signing,
+        ceremonies,
     });
 
     let start_event = Event::new(now_ms(), Actor::service(), "service.start", "hsm-service")
@@ -198,7 +211,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             state.clone(),
         )))
         .add_service(SigningServiceServer::new(Signing::new(state.clone())))
-        .add_service(KeyServiceServer::new(Keys::new(state.clone())));
+        .add_service(KeyServiceServer::new(Keys::new(state.clone())))
+        .add_service(CeremonyServiceServer::new(CeremonyApi::new(state.clone())));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     // Small HTTP/2 frames must not wait for Nagle's algorithm and the peer's delayed ACK
@@ -270,12 +284,13 @@ pub async fn run(
 }
 
 /// The hsm.v1 services, as the health service names them.
-pub const SERVICES: [&str; 5] = [
+pub const SERVICES: [&str; 6] = [
     "hsm.v1.AdminService",
     "hsm.v1.AuditService",
     "hsm.v1.CredentialService",
     "hsm.v1.SigningService",
     "hsm.v1.KeyService",
+    "hsm.v1.CeremonyService",
 ];
 
 /// Read the master key version from the store (1 on first start), make sure the key is

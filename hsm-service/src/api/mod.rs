@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod ceremony;
 pub mod credentials;
 pub mod signing;
 pub mod status;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub started: Instant,
     /// Signing keys and everything signed with them.
     pub signing: Arc<crate::signing::Signer>,
+    /// Key ceremonies.
+    pub ceremonies: Arc<crate::ceremony::Ceremonies>,
 }
 
 /// Shared handle to the state.

@@ -188,6 +188,7 @@ impl SigningService for Signing {
 
 fn info(k: KeyVersion) -> KeyVersionInfo {
     KeyVersionInfo {
+        public_key_sha256: crate::pki::sha256_fingerprint(&k.public_key_der),
         state: k.state.as_str().to_owned(),
         algorithm: k.algorithm.jws_name().to_owned(),
         key_id_hex: hex(&k.key_id),
@@ -202,6 +203,10 @@ fn info(k: KeyVersion) -> KeyVersionInfo {
         retired_at: k.retired_at,
         destroyed_at: k.destroyed_at,
         last_expiry: k.last_expiry,
+        ceremony_id: String::new(),
+        sensitive: false,
+        extractable: false,
+        local: false,
     }
 }
 
@@ -216,15 +221,34 @@ impl KeyService for Keys {
             &request,
             &[Role::Officer, Role::Auditor],
         )?;
-        Ok(Response::new(ListKeysResponse {
-            keys: self
-                .state
-                .signing
-                .list(None)
-                .into_iter()
-                .map(info)
-                .collect(),
-        }))
+        let origins = self.state.ceremonies.key_origins()?;
+        let mut keys = Vec::new();
+        for k in self.state.signing.list(None) {
+            let facts = if k.state == crate::signing::KeyState::Destroyed {
+                None
+            } else {
+                Some(
+                    self.state
+                        .hsm
+                        .private_key_facts(&k.key_id)
+                        .await
+                        .map_err(Error::from)?,
+                )
+            };
+            let origin = origins
+                .get(&(k.name.clone(), k.version))
+                .cloned()
+                .unwrap_or_default();
+            let mut i = info(k);
+            i.ceremony_id = origin;
+            if let Some(f) = facts {
+                i.sensitive = f.sensitive;
+                i.extractable = f.extractable;
+                i.local = f.local;
+            }
+            keys.push(i);
+        }
+        Ok(Response::new(ListKeysResponse { keys }))
     }
 
     async fn create_csr(

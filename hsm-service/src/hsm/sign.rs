@@ -104,6 +104,10 @@ pub struct PrivateKeyFacts {
     pub sign: bool,
     /// CKA_DECRYPT.
     pub decrypt: bool,
+    /// CKA_LOCAL: generated on the token.
+    pub local: bool,
+    /// CKA_NEVER_EXTRACTABLE: has never been extractable.
+    pub never_extractable: bool,
 }
 
 fn generate(session: &Session, kind: KeyPairKind, label: &str) -> Result<GeneratedKeyPair> {
@@ -306,6 +310,26 @@ impl Hsm {
             .await
     }
 
+    /// The public key of the key pair whose CKA_ID is `key_id`, read back from the token
+    /// (for the check after generation: it must be the public key recorded).
+    pub async fn public_key_attributes(
+        &self,
+        key_id: &[u8],
+        kind: KeyPairKind,
+    ) -> Result<PublicKeyAttributes> {
+        let id = key_id.to_vec();
+        self.inner
+            .pool
+            .submit(move |w| {
+                w.run(true, |s, _| {
+                    let handle = search_by_id(s, ObjectClass::PUBLIC_KEY, &id)?
+                        .ok_or_else(|| Error::ObjectNotFound("public key".into()))?;
+                    read_public(s, handle, kind)
+                })
+            })
+            .await
+    }
+
     /// The security attributes of the private key whose CKA_ID is `key_id`.
     pub async fn private_key_facts(&self, key_id: &[u8]) -> Result<PrivateKeyFacts> {
         let id = key_id.to_vec();
@@ -323,6 +347,8 @@ impl Hsm {
                             AttributeType::Extractable,
                             AttributeType::Sign,
                             AttributeType::Decrypt,
+                            AttributeType::Local,
+                            AttributeType::NeverExtractable,
                         ],
                     )?;
                     let mut facts = PrivateKeyFacts {
@@ -331,6 +357,8 @@ impl Hsm {
                         extractable: true,
                         sign: false,
                         decrypt: true,
+                        local: false,
+                        never_extractable: false,
                     };
                     for a in attrs {
                         match a {
@@ -339,6 +367,8 @@ impl Hsm {
                             Attribute::Extractable(v) => facts.extractable = v,
                             Attribute::Sign(v) => facts.sign = v,
                             Attribute::Decrypt(v) => facts.decrypt = v,
+                            Attribute::Local(v) => facts.local = v,
+                            Attribute::NeverExtractable(v) => facts.never_extractable = v,
                             _ => {}
                         }
                     }
@@ -378,7 +408,9 @@ mod tests {
                     sensitive: true,
                     extractable: false,
                     sign: true,
-                    decrypt: false
+                    decrypt: false,
+                    local: true,
+                    never_extractable: true,
                 },
                 "{kind:?}"
             );

@@ -170,6 +170,36 @@ impl PublicKey {
         }
     }
 
+    /// True when `signature` (raw, as the HSM returns it) is a valid signature of
+    /// `message` by this key with its algorithm (ES256/ES384 over SHA-256/384, Ed25519,
+    /// PS256 with a 32-byte salt). Verified in software (ring), independently of the HSM.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        use ring::signature as sig;
+        match self {
+            Self::P256 { x, y } => {
+                let point = [&[4u8][..], x, y].concat();
+                sig::UnparsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(message, signature)
+                    .is_ok()
+            }
+            Self::P384 { x, y } => {
+                let point = [&[4u8][..], x, y].concat();
+                sig::UnparsedPublicKey::new(&sig::ECDSA_P384_SHA384_FIXED, point)
+                    .verify(message, signature)
+                    .is_ok()
+            }
+            Self::Ed25519(k) => sig::UnparsedPublicKey::new(&sig::ED25519, k)
+                .verify(message, signature)
+                .is_ok(),
+            Self::Rsa { n, e } => sig::RsaPublicKeyComponents {
+                n: strip_zeros(n),
+                e: strip_zeros(e),
+            }
+            .verify(&sig::RSA_PSS_2048_8192_SHA256, message, signature)
+            .is_ok(),
+        }
+    }
+
     /// DER SubjectPublicKeyInfo (RFC 5280 / 5480 / 8410 / 8017 forms).
     pub fn to_spki_der(&self) -> Result<Vec<u8>, SigningError> {
         self.spki()?.to_der().map_err(enc_err)

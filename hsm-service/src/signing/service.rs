@@ -126,6 +126,64 @@ pub struct CertificateRequest {
     pub dns_names: Vec<String>,
 }
 
+/// Prefix of every self-test message: the check after a key is generated signs
+/// `SELF_TEST_PREFIX || context`. It is not base64url (so never a JWS signing input),
+/// does not start with a DER SEQUENCE tag (so never a certificate or CSR body), and
+/// [`Signer::self_test`] signs nothing else.
+pub const SELF_TEST_PREFIX: &[u8] = b"\0hsm-service key self-test v1\0";
+
+/// What the check of a freshly generated key found (see [`Signer::self_test`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfTest {
+    /// The public key read back from the token equals the recorded one.
+    pub public_key_matches: bool,
+    /// A signature of the self-test message verified under the recorded public key.
+    pub signature_verifies: bool,
+    /// CKA_TOKEN of the private key.
+    pub token: bool,
+    /// CKA_SENSITIVE.
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE.
+    pub extractable: bool,
+    /// CKA_LOCAL (generated on the token).
+    pub local: bool,
+    /// CKA_NEVER_EXTRACTABLE.
+    pub never_extractable: bool,
+    /// CKA_SIGN.
+    pub sign: bool,
+    /// CKA_DECRYPT.
+    pub decrypt: bool,
+}
+
+impl SelfTest {
+    /// True when everything is as a long-term signing key must be; otherwise why not.
+    pub fn problem(&self) -> Option<String> {
+        let mut bad = Vec::new();
+        if !self.public_key_matches {
+            bad.push("the token's public key differs from the recorded one");
+        }
+        if !self.signature_verifies {
+            bad.push("the test signature does not verify");
+        }
+        if !self.token {
+            bad.push("not a token object");
+        }
+        if !self.sensitive {
+            bad.push("not sensitive");
+        }
+        if self.extractable || !self.never_extractable {
+            bad.push("extractable");
+        }
+        if !self.local {
+            bad.push("not generated on the token");
+        }
+        if !self.sign || self.decrypt {
+            bad.push("not sign-only");
+        }
+        (!bad.is_empty()).then(|| bad.join(", "))
+    }
+}
+
 /// Names a key version: `version` 0 is the current one (the active version, else the
 /// newest one not destroyed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -887,6 +945,34 @@ impl Signer {
         chain.extend(ca.certificate_chain.iter().cloned());
         self.store_chain(&k, chain.clone()).await?;
         Ok(chain)
+    }
+
+    /// Check a key version after generation: read its public key back from the token and
+    /// compare it with the record, read its security attributes, and sign
+    /// [`SELF_TEST_PREFIX`]` || context` with it, verified in software under the
+    /// recorded public key. Works in every state but destroyed.
+    pub async fn self_test(&self, key: &KeyRef, context: &str) -> Result<SelfTest> {
+        let k = self.usable(key)?;
+        let recorded = k.public_key()?;
+        let attrs = self
+            .hsm
+            .public_key_attributes(&k.key_id, kind_of(k.algorithm))
+            .await?;
+        let public_key_matches = public_key_of(&attrs).is_ok_and(|pk| pk == recorded);
+        let facts = self.hsm.private_key_facts(&k.key_id).await?;
+        let message = [SELF_TEST_PREFIX, context.as_bytes()].concat();
+        let signature = self.hsm_sign(&k, &message).await?;
+        Ok(SelfTest {
+            public_key_matches,
+            signature_verifies: recorded.verify(&message, &signature),
+            token: facts.token,
+            sensitive: facts.sensitive,
+            extractable: facts.extractable,
+            local: facts.local,
+            never_extractable: facts.never_extractable,
+            sign: facts.sign,
+            decrypt: facts.decrypt,
+        })
     }
 
     /// The certificate chain stored for `key` (DER, leaf first; empty when none).

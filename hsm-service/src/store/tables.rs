@@ -20,6 +20,14 @@ pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("sig
 /// The audit trail: seq -> one canonical JSON line (`crate::audit::AuditRecord`).
 pub const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_log");
 
+/// Key ceremonies: ceremony id (64 lower-case hex digits) -> encoded
+/// `crate::ceremony::CeremonyRecord` (the canonical plan, approvals, outcome).
+pub const CEREMONIES: TableDefinition<&str, &[u8]> = TableDefinition::new("ceremonies");
+
+/// Which ceremony created a signing key version: `"<name>/<version, 10 digits>"` ->
+/// ceremony id (UTF-8).
+pub const CEREMONY_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("ceremony_keys");
+
 /// Meta keys with this prefix are written only by the store.
 pub const RESERVED_META_PREFIX: &str = "store.";
 
@@ -37,5 +45,7 @@ pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Table
     txn.open_table(META)?;
     txn.open_table(SIGNING_KEYS)?;
     txn.open_table(AUDIT_LOG)?;
+    txn.open_table(CEREMONIES)?;
+    txn.open_table(CEREMONY_KEYS)?;
     Ok(())
 }

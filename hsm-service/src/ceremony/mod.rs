@@ -1,0 +1,791 @@
+//! Key ceremonies under an M-of-N officer quorum.
+//!
+//! An officer proposes a plan ([`plan`]); its id is the SHA-256 of its canonical form, so
+//! an approval of the id is an approval of exactly that plan. Officers of the
+//! `[ceremony]` officer set approve the id with their own certificates; approvals are
+//! stored with the certificate's fingerprint and expire. With `threshold` distinct
+//! officers' unexpired approvals the ceremony may be executed, once: the steps run in
+//! order through [`Signer`], every generated key is checked, and a transcript
+//! ([`transcript`]) is written and returned whatever happens.
+//!
+//! Every proposal, approval, refusal, step and key state change goes through
+//! [`Ceremonies::event`], the one place to route them into the audit log.
+
+pub mod plan;
+pub mod record;
+pub mod transcript;
+pub mod words;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::{Details, Event};
+use crate::auth::Identity;
+use crate::config::CeremonyConfig;
+use crate::credentials::Clock;
+use crate::error::{Error, Result};
+use crate::signing::{CertificateRequest, KeyRef, KeyState, Signer};
+use crate::store::{EmbeddedStore, StoreError};
+pub use plan::{Plan, Step, Usage};
+use record::Change;
+pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
+pub use transcript::Transcript;
+
+/// A ceremony as callers see it: the record plus what the quorum looks like now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CeremonyView {
+    /// The durable record.
+    pub record: CeremonyRecord,
+    /// The plan's description.
+    pub description: String,
+    /// One line per step.
+    pub steps: Vec<String>,
+    /// Approvals that count now (configured officer, unexpired), distinct officers.
+    pub valid_approvals: u32,
+    /// M.
+    pub threshold: u32,
+    /// Seconds an approval counts.
+    pub approval_ttl_seconds: u64,
+}
+
+/// The outcome of an execution: the final record and the transcript.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    /// The ceremony after execution.
+    pub view: CeremonyView,
+    /// The transcript (also in the record and in the transcript files).
+    pub transcript: Transcript,
+    /// Its JSON form, as written to `<id>.json`.
+    pub transcript_json: String,
+    /// Its text form, as written to `<id>.txt`.
+    pub transcript_text: String,
+}
+
+/// Ceremonies: proposals, approvals, execution.
+pub struct Ceremonies {
+    signer: Arc<Signer>,
+    store: Arc<EmbeddedStore>,
+    config: CeremonyConfig,
+    transcript_dir: PathBuf,
+    clock: Clock,
+    /// One execution at a time: validation and execution see the same keys.
+    executing: tokio::sync::Mutex<()>,
+    /// Where events are recorded.
+    audit: Option<Arc<AuditLog>>,
+}
+
+impl std::fmt::Debug for Ceremonies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ceremonies")
+            .field("officers", &self.config.officers.len())
+            .field("threshold", &self.config.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: StoreError) -> Error {
+    Error::Internal(format!("ceremony store: {e}"))
+}
+
+/// A ceremony id as given by a caller: 64 hex digits (upper case accepted).
+pub fn parse_id(id: &str) -> Result<String> {
+    let id = id.trim();
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::InvalidArgument(format!(
+            "ceremony_id must be 64 hex digits (the SHA-256 of the plan), got {} characters",
+            id.len()
+        )));
+    }
+    Ok(id.to_ascii_lowercase())
+}
+
+fn officer_of(actor: &Identity) -> Officer {
+    Officer {
+        subject: actor.subject.clone(),
+        fingerprint: actor.fingerprint.clone(),
+    }
+}
+
+impl Ceremonies {
+    /// Ceremonies over the signer and store. `config.transcript_dir`, when relative, is
+    /// taken relative to `data_dir`.
+    pub fn new(
+        signer: Arc<Signer>,
+        store: Arc<EmbeddedStore>,
+        config: CeremonyConfig,
+        data_dir: &std::path::Path,
+        clock: Clock,
+    ) -> Ceremonies {
+        let transcript_dir = if config.transcript_dir.is_relative() {
+            data_dir.join(&config.transcript_dir)
+        } else {
+            config.transcript_dir.clone()
+        };
+        Ceremonies {
+            signer,
+            store,
+            config,
+            transcript_dir,
+            clock,
+            executing: tokio::sync::Mutex::new(()),
+            audit: None,
+        }
+    }
+
+    /// Where transcripts are written.
+    pub fn transcript_dir(&self) -> &std::path::Path {
+        &self.transcript_dir
+    }
+
+    /// The one place where ceremony events are emitted: proposals, approvals, refusals,
+    /// steps and their outcomes, key state changes. Today they go to the log (target
+    /// `hsm_service::ceremony::event`); the audit trail takes them from here. `details`
+    /// never holds a secret.
+    pub fn event(
+        &self,
+        actor: &Identity,
+        action: &str,
+        object: &str,
+        outcome: &str,
+        details: &Value,
+    ) {
+        self.record(actor, action, object, outcome, details);
+        tracing::info!(
+            target: "hsm_service::ceremony::event",
+            actor_subject = %actor.subject,
+            actor_fingerprint = %actor.fingerprint,
+            actor_role = actor.role.as_str(),
+            action,
+            object,
+            outcome,
+            details = %details,
+            "ceremony event"
+        );
+    }
+
+    /// Record every event in `log` as well.
+    pub fn with_audit(mut self, log: Arc<AuditLog>) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// The audit record of an event, written in the background (the ceremony's own
+    /// state is already durable in the store when an event is emitted).
+    fn record(&self, actor: &Identity, action: &str, object: &str, outcome: &str, details: &Value) {
+        let Some(log) = self.audit.clone() else {
+            return;
+        };
+        let action: &'static str = match action {
+            "ceremony.propose" => "ceremony.propose",
+            "ceremony.approve" => "ceremony.approve",
+            "ceremony.execute" => "ceremony.execute",
+            "ceremony.step" => "ceremony.step",
+            "key.state" => "key.state",
+            _ => "ceremony.event",
+        };
+        let event = Event::new(now_ms(), actor.actor(), action, object).with_details(
+            Details::new()
+                .str("outcome", outcome)
+                .str("details", &details.to_string()),
+        );
+        let event = match outcome {
+            "refused" => event.denied(),
+            "failed" => event.failed("step failed"),
+            _ => event,
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = log.record(event).await {
+                    tracing::error!(error = %e, "audit: cannot record a ceremony event");
+                }
+            });
+        }
+    }
+
+    /// Emit a refusal event for `err` and hand it back.
+    pub fn refused(&self, actor: &Identity, action: &str, object: &str, err: Error) -> Error {
+        self.event(
+            actor,
+            action,
+            object,
+            "refused",
+            &json!({ "reason": err.to_string() }),
+        );
+        err
+    }
+
+    /// Index of the officer-set entry that `who` matches.
+    fn officer_index(&self, subject: &str, fingerprint: &str) -> Option<usize> {
+        self.config.officers.iter().position(|o| {
+            o.cn.as_deref()
+                .is_some_and(|cn| !subject.is_empty() && cn == subject)
+                || o.fingerprint
+                    .as_deref()
+                    .is_some_and(|fp| fp.eq_ignore_ascii_case(fingerprint))
+        })
+    }
+
+    fn require_officer(&self, actor: &Identity) -> Result<usize> {
+        if self.config.officers.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "key ceremonies are not configured ([ceremony] has no officer)".into(),
+            ));
+        }
+        self.officer_index(&actor.subject, &actor.fingerprint)
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "certificate {:?} is not in the ceremony officer set",
+                    actor.subject
+                ))
+            })
+    }
+
+    /// Distinct officers whose approvals count at `now`.
+    fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
+        rec.approvals
+            .iter()
+            .filter(|a| {
+                now < a
+                    .approved_at
+                    .saturating_add(self.config.approval_ttl_seconds)
+            })
+            .filter_map(|a| self.officer_index(&a.officer.subject, &a.officer.fingerprint))
+            .collect()
+    }
+
+    fn view(&self, record: CeremonyRecord) -> Result<CeremonyView> {
+        let plan = plan::from_canonical(&record.canonical_plan)?;
+        let valid = self.valid_officers(&record, (self.clock)());
+        Ok(CeremonyView {
+            description: plan.description.clone(),
+            steps: plan.steps.iter().map(Step::summary).collect(),
+            valid_approvals: u32::try_from(valid.len()).unwrap_or(u32::MAX),
+            threshold: self.config.threshold,
+            approval_ttl_seconds: self.config.approval_ttl_seconds,
+            record,
+        })
+    }
+
+    fn context(&self) -> plan::Context {
+        let mut existing: BTreeMap<String, Vec<plan::ExistingKey>> = BTreeMap::new();
+        for k in self.signer.list(None) {
+            existing
+                .entry(k.name.clone())
+                .or_default()
+                .push(plan::ExistingKey {
+                    version: k.version,
+                    state: k.state,
+                });
+        }
+        plan::Context {
+            max_validity_days: self.config.max_validity_days,
+            existing,
+        }
+    }
+
+    fn load(&self, id: &str) -> Result<CeremonyRecord> {
+        self.store
+            .read(|txn| record::load(txn, id))
+            .map_err(store_err)?
+            .ok_or_else(|| Error::NotFound(format!("no ceremony {id}")))
+    }
+
+    /// Parse and validate a plan and record it as proposed. The same plan proposed twice
+    /// is ALREADY_EXISTS (its id is taken).
+    pub async fn propose(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
+        let r = self.propose_inner(actor, plan_toml).await;
+        match &r {
+            Ok(v) => self.event(
+                actor,
+                "ceremony.propose",
+                &v.record.id,
+                "ok",
+                &json!({ "description": v.description, "steps": v.steps }),
+            ),
+            Err(e) => {
+                self.event(
+                    actor,
+                    "ceremony.propose",
+                    "",
+                    "refused",
+                    &json!({ "reason": e.to_string() }),
+                );
+            }
+        }
+        r
+    }
+
+    async fn propose_inner(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
+        self.require_officer(actor)?;
+        let parsed = plan::parse(plan_toml)?;
+        plan::validate(&parsed, &self.context())?;
+        let canonical = plan::canonical(&parsed)?;
+        let id = plan::id_of(&canonical);
+        let rec = CeremonyRecord {
+            id: id.clone(),
+            canonical_plan: canonical,
+            plan_toml: plan_toml.to_owned(),
+            proposed_by: officer_of(actor),
+            proposed_at: (self.clock)(),
+            approvals: Vec::new(),
+            state: CeremonyState::Proposed,
+            executed_by: None,
+            executed_at: 0,
+            failure: String::new(),
+            transcript_json: String::new(),
+        };
+        let key = id.clone();
+        let stored = self
+            .store
+            .write(move |txn| {
+                record::update(txn, &key, |current| match current {
+                    Some(existing) => Change::Keep(Err(existing.state)),
+                    None => Change::Write(Box::new(rec.clone()), Ok(Box::new(rec))),
+                })
+            })
+            .await
+            .map_err(store_err)?;
+        match stored {
+            Ok(rec) => self.view(*rec),
+            Err(state) => Err(Error::AlreadyExists(format!(
+                "ceremony {id} was proposed already (it is {}); a changed plan has another id",
+                state.as_str()
+            ))),
+        }
+    }
+
+    /// Record the caller's approval of ceremony `id`. Approving again replaces the
+    /// earlier approval (it still counts once).
+    pub async fn approve(&self, actor: &Identity, id: &str) -> Result<CeremonyView> {
+        let r = self.approve_inner(actor, id).await;
+        match &r {
+            Ok(v) => self.event(
+                actor,
+                "ceremony.approve",
+                &v.record.id,
+                "ok",
+                &json!({ "valid_approvals": v.valid_approvals, "threshold": v.threshold }),
+            ),
+            Err(e) => {
+                self.event(
+                    actor,
+                    "ceremony.approve",
+                    id,
+                    "refused",
+                    &json!({ "reason": e.to_string() }),
+                );
+            }
+        }
+        r
+    }
+
+    async fn approve_inner(&self, actor: &Identity, id: &str) -> Result<CeremonyView> {
+        let id = parse_id(id)?;
+        self.require_officer(actor)?;
+        let officer = officer_of(actor);
+        let now = (self.clock)();
+        let key = id.clone();
+        let outcome = self
+            .store
+            .write(move |txn| {
+                record::update(txn, &key, |current| match current {
+                    None => Change::Keep(Err(None)),
+                    Some(rec) if rec.state != CeremonyState::Proposed => {
+                        Change::Keep(Err(Some(rec.state)))
+                    }
+                    Some(mut rec) => {
+                        rec.approvals
+                            .retain(|a| a.officer.fingerprint != officer.fingerprint);
+                        rec.approvals.push(Approval {
+                            officer,
+                            approved_at: now,
+                        });
+                        Change::Write(Box::new(rec.clone()), Ok(Box::new(rec)))
+                    }
+                })
+            })
+            .await
+            .map_err(store_err)?;
+        match outcome {
+            Ok(rec) => self.view(*rec),
+            Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),
+            Err(Some(state)) => Err(Error::FailedPrecondition(format!(
+                "ceremony {id} is {}; only a proposed ceremony can be approved",
+                state.as_str()
+            ))),
+        }
+    }
+
+    /// One ceremony.
+    pub fn get(&self, id: &str) -> Result<CeremonyView> {
+        let id = parse_id(id)?;
+        self.view(self.load(&id)?)
+    }
+
+    /// Every ceremony, in id order.
+    pub fn list(&self) -> Result<Vec<CeremonyView>> {
+        self.store
+            .read(record::load_all)
+            .map_err(store_err)?
+            .into_iter()
+            .map(|r| self.view(r))
+            .collect()
+    }
+
+    /// Which ceremony created each key version (`(name, version)` -> ceremony id).
+    pub fn key_origins(&self) -> Result<HashMap<(String, u32), String>> {
+        self.store.read(record::key_origins).map_err(store_err)
+    }
+
+    /// Execute ceremony `id`: only with `threshold` distinct officers' unexpired
+    /// approvals, only once. Validation runs again first, before the HSM is touched.
+    /// A failing step ends the ceremony (state `failed`); the transcript is written and
+    /// returned either way.
+    pub async fn execute(&self, actor: &Identity, id: &str) -> Result<Execution> {
+        let r = self.execute_inner(actor, id).await;
+        match &r {
+            Ok(x) => self.event(
+                actor,
+                "ceremony.execute",
+                &x.view.record.id,
+                x.view.record.state.as_str(),
+                &json!({ "failure": x.view.record.failure }),
+            ),
+            Err(e) => {
+                self.event(
+                    actor,
+                    "ceremony.execute",
+                    id,
+                    "refused",
+                    &json!({ "reason": e.to_string() }),
+                );
+            }
+        }
+        r
+    }
+
+    fn quorum_problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
+        let valid = self.valid_officers(rec, now).len();
+        let need = self.config.threshold as usize;
+        (valid < need).then(|| {
+            format!(
+                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
+                 (approvals expire after {} seconds)",
+                rec.id, self.config.approval_ttl_seconds
+            )
+        })
+    }
+
+    async fn execute_inner(&self, actor: &Identity, id: &str) -> Result<Execution> {
+        let id = parse_id(id)?;
+        self.require_officer(actor)?;
+        let _one = self.executing.lock().await;
+        let rec = self.load(&id)?;
+        if rec.state != CeremonyState::Proposed {
+            return Err(Error::FailedPrecondition(format!(
+                "ceremony {id} is {}; a ceremony runs once",
+                rec.state.as_str()
+            )));
+        }
+        let now = (self.clock)();
+        if let Some(p) = self.quorum_problem(&rec, now) {
+            return Err(Error::FailedPrecondition(p));
+        }
+        let parsed = plan::from_canonical(&rec.canonical_plan)?;
+        plan::validate(&parsed, &self.context())?;
+        let (json_path, text_path) = self.transcript_paths(&id);
+        for p in [&json_path, &text_path] {
+            if p.exists() {
+                return Err(Error::FailedPrecondition(format!(
+                    "transcript {} exists already; refusing to overwrite it",
+                    p.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&self.transcript_dir).map_err(|e| {
+            Error::Internal(format!(
+                "transcript directory {}: {e}",
+                self.transcript_dir.display()
+            ))
+        })?;
+
+        // Claim the ceremony atomically: state and quorum checked again in the write.
+        let executor = officer_of(actor);
+        let ttl = self.config.approval_ttl_seconds;
+        let need = self.config.threshold as usize;
+        let officers = self.config.officers.clone();
+        let key = id.clone();
+        let claimed = self
+            .store
+            .write(move |txn| {
+                record::update(txn, &key, |current| match current {
+                    Some(mut rec) if rec.state == CeremonyState::Proposed => {
+                        let valid: BTreeSet<usize> = rec
+                            .approvals
+                            .iter()
+                            .filter(|a| now < a.approved_at.saturating_add(ttl))
+                            .filter_map(|a| {
+                                officers.iter().position(|o| {
+                                    o.cn.as_deref().is_some_and(|cn| {
+                                        !a.officer.subject.is_empty() && cn == a.officer.subject
+                                    }) || o.fingerprint.as_deref().is_some_and(|fp| {
+                                        fp.eq_ignore_ascii_case(&a.officer.fingerprint)
+                                    })
+                                })
+                            })
+                            .collect();
+                        if valid.len() < need {
+                            return Change::Keep(None);
+                        }
+                        rec.state = CeremonyState::Executing;
+                        rec.executed_by = Some(executor);
+                        rec.executed_at = now;
+                        Change::Write(Box::new(rec.clone()), Some(Box::new(rec)))
+                    }
+                    _ => Change::Keep(None),
+                })
+            })
+            .await
+            .map_err(store_err)?;
+        let Some(mut rec) = claimed.map(|b| *b) else {
+            return Err(Error::FailedPrecondition(format!(
+                "ceremony {id} changed while it was being claimed; it was not executed"
+            )));
+        };
+        self.event(
+            actor,
+            "ceremony.execute",
+            &id,
+            "started",
+            &json!({ "steps": parsed.steps.len() }),
+        );
+
+        let mut t = Transcript::start(&rec, &parsed, now);
+        let mut created: Vec<(String, u32)> = Vec::new();
+        let mut plan_keys: HashMap<String, u32> = HashMap::new();
+        for (i, step) in parsed.steps.iter().enumerate() {
+            let index = t.begin_step(i, step);
+            let outcome = self
+                .run_step(actor, &id, i, step, &mut plan_keys, &mut created, &mut t)
+                .await;
+            match outcome {
+                Ok(()) => {
+                    t.end_step(index, None);
+                    self.event(
+                        actor,
+                        "ceremony.step",
+                        &id,
+                        "ok",
+                        &json!({ "step": i + 1, "kind": step.kind(), "summary": step.summary() }),
+                    );
+                }
+                Err(e) => {
+                    let why = format!("step {} ({}) failed: {e}", i + 1, step.kind());
+                    t.end_step(index, Some(e.to_string()));
+                    self.event(
+                        actor,
+                        "ceremony.step",
+                        &id,
+                        "failed",
+                        &json!({ "step": i + 1, "kind": step.kind(), "error": e.to_string() }),
+                    );
+                    rec.failure = why;
+                    break;
+                }
+            }
+        }
+        rec.state = if rec.failure.is_empty() {
+            CeremonyState::Succeeded
+        } else {
+            CeremonyState::Failed
+        };
+        t.finish(&rec, crate::signing::now());
+        let transcript_json = t.to_json()?;
+        let transcript_text = t.to_text();
+        rec.transcript_json = transcript_json.clone();
+
+        let final_rec = rec.clone();
+        let origins = created.clone();
+        let key = id.clone();
+        self.store
+            .write(move |txn| {
+                record::put_key_origins(txn, &key, &origins)?;
+                record::update(txn, &key, |_| Change::Write(Box::new(final_rec), ()))
+            })
+            .await
+            .map_err(store_err)?;
+        write_new(&json_path, transcript_json.as_bytes())?;
+        write_new(&text_path, transcript_text.as_bytes())?;
+        Ok(Execution {
+            view: self.view(rec)?,
+            transcript: t,
+            transcript_json,
+            transcript_text,
+        })
+    }
+
+    /// `<transcript_dir>/<id>.json` and `.txt`.
+    pub fn transcript_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        (
+            self.transcript_dir.join(format!("{id}.json")),
+            self.transcript_dir.join(format!("{id}.txt")),
+        )
+    }
+
+    fn key_ref(plan_keys: &HashMap<String, u32>, name: &str, version: Option<u32>) -> KeyRef {
+        KeyRef::new(
+            name,
+            plan_keys.get(name).copied().or(version).unwrap_or_default(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step(
+        &self,
+        actor: &Identity,
+        id: &str,
+        index: usize,
+        step: &Step,
+        plan_keys: &mut HashMap<String, u32>,
+        created: &mut Vec<(String, u32)>,
+        t: &mut Transcript,
+    ) -> Result<()> {
+        let changed = |k: &crate::signing::KeyVersion| {
+            self.event(
+                actor,
+                "key.state",
+                &format!("{}/v{}", k.name, k.version),
+                k.state.as_str(),
+                &json!({ "ceremony": id, "step": index + 1, "kid": k.kid }),
+            );
+        };
+        match step {
+            Step::GenerateKey {
+                name, algorithm, ..
+            } => {
+                let alg = algorithm.parse()?;
+                let k = self.signer.create_version(name, alg).await?;
+                plan_keys.insert(name.clone(), k.version);
+                created.push((name.clone(), k.version));
+                // Listed before the check, so a key that fails it is in the transcript.
+                t.key_created(index, &k);
+                changed(&k);
+                let context = format!(
+                    "ceremony {id} step {} key {}/v{}",
+                    index + 1,
+                    name,
+                    k.version
+                );
+                let check = self
+                    .signer
+                    .self_test(&KeyRef::new(name, k.version), &context)
+                    .await?;
+                t.key_checked(index, &check);
+                if let Some(problem) = check.problem() {
+                    return Err(Error::Internal(format!(
+                        "the check of {name} v{} failed: {problem}",
+                        k.version
+                    )));
+                }
+            }
+            Step::SelfSign {
+                key,
+                version,
+                subject,
+                validity_days,
+            } => {
+                let r = Self::key_ref(plan_keys, key, *version);
+                let req = CertificateRequest {
+                    subject: subject.clone(),
+                    validity_days: *validity_days,
+                    is_ca: true,
+                    dns_names: Vec::new(),
+                };
+                let cert = self.signer.self_sign(&r, &req).await?;
+                let k = self.signer.get(&r)?;
+                t.certificate(index, &k, &[cert]);
+            }
+            Step::IssueCertificate {
+                issuer,
+                issuer_version,
+                key,
+                version,
+                subject,
+                validity_days,
+                usage,
+                dns_names,
+            } => {
+                let r = Self::key_ref(plan_keys, key, *version);
+                let ri = Self::key_ref(plan_keys, issuer, *issuer_version);
+                let req = CertificateRequest {
+                    subject: subject.clone(),
+                    validity_days: *validity_days,
+                    is_ca: *usage == Usage::Ca,
+                    dns_names: dns_names.clone(),
+                };
+                let chain = self.signer.issue_certificate(&r, &ri, &req).await?;
+                let k = self.signer.get(&r)?;
+                t.certificate(index, &k, &chain);
+            }
+            Step::Publish { key, version }
+            | Step::Activate { key, version }
+            | Step::Retire { key, version } => {
+                let r = self.signer.get(&Self::key_ref(plan_keys, key, *version))?;
+                let before: Vec<_> = self.signer.list(Some(key));
+                let k = match step {
+                    Step::Publish { .. } => self.signer.publish(key, r.version).await?,
+                    Step::Activate { .. } => self.signer.activate(key, r.version).await?,
+                    _ => self.signer.retire(key, r.version).await?,
+                };
+                // Activation may retire the version active until now: report every change.
+                for after in self.signer.list(Some(key)) {
+                    let was = before
+                        .iter()
+                        .find(|b| b.version == after.version)
+                        .map(|b| b.state);
+                    if was != Some(after.state) {
+                        changed(&after);
+                        t.state_change(index, &after, was);
+                    }
+                }
+                debug_assert_eq!(k.version, r.version);
+            }
+            Step::Destroy {
+                key,
+                version,
+                force,
+            } => {
+                let before = self.signer.get(&KeyRef::new(key, *version))?;
+                if before.state == KeyState::Destroyed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{key} v{version} is already destroyed"
+                    )));
+                }
+                let k = self.signer.destroy(key, *version, *force).await?;
+                changed(&k);
+                t.state_change(index, &k, Some(before.state));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write a new file; never overwrite one.
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::Internal(format!("transcript {}: {e}", path.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::Internal(format!("transcript {}: {e}", path.display())))
+}

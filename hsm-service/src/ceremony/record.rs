@@ -1,0 +1,187 @@
+//! The durable record of a ceremony (store table `ceremonies`) and the index of the keys
+//! ceremonies created (table `ceremony_keys`).
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::store::tables::{CEREMONIES, CEREMONY_KEYS};
+use crate::store::{Rollback, StoreError};
+
+/// Where a ceremony is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CeremonyState {
+    /// Proposed; collecting approvals.
+    Proposed,
+    /// Being executed right now (or the service stopped during execution: the record
+    /// stays here and the ceremony cannot be run again).
+    Executing,
+    /// Executed; every step succeeded.
+    Succeeded,
+    /// Executed; a step failed and the rest did not run.
+    Failed,
+}
+
+impl CeremonyState {
+    /// The name used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CeremonyState::Proposed => "proposed",
+            CeremonyState::Executing => "executing",
+            CeremonyState::Succeeded => "succeeded",
+            CeremonyState::Failed => "failed",
+        }
+    }
+}
+
+/// An officer as the service saw them: certificate subject and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Officer {
+    /// Subject common name of the client certificate.
+    pub subject: String,
+    /// SHA-256 of the client certificate DER, lower-case hex.
+    pub fingerprint: String,
+}
+
+/// One officer's approval of a ceremony id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Who approved.
+    pub officer: Officer,
+    /// Unix seconds of the approval.
+    pub approved_at: u64,
+}
+
+/// Everything durable about one ceremony.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CeremonyRecord {
+    /// The ceremony id (SHA-256 of the canonical plan, hex).
+    pub id: String,
+    /// The canonical form of the plan (what the id is the hash of).
+    pub canonical_plan: String,
+    /// The plan file as proposed (for people; the canonical form is what runs).
+    pub plan_toml: String,
+    /// Who proposed it.
+    pub proposed_by: Officer,
+    /// Unix seconds of the proposal.
+    pub proposed_at: u64,
+    /// Approvals, at most one per certificate (a repeated approval replaces the earlier).
+    pub approvals: Vec<Approval>,
+    /// State.
+    pub state: CeremonyState,
+    /// Who executed it.
+    pub executed_by: Option<Officer>,
+    /// Unix seconds when execution started (0: never).
+    pub executed_at: u64,
+    /// Which step failed and why (empty unless failed).
+    pub failure: String,
+    /// The transcript (JSON), once executed.
+    pub transcript_json: String,
+}
+
+/// Format of the encoded records; bumped when [`CeremonyRecord`] changes shape.
+const FORMAT: u8 = 1;
+
+fn encode(r: &CeremonyRecord) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT];
+    serde_json::to_writer(&mut out, r)
+        .map_err(|e| StoreError::Invalid(format!("encoding ceremony record: {e}")))?;
+    Ok(out)
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<CeremonyRecord, StoreError> {
+    match bytes.split_first() {
+        Some((&FORMAT, body)) => serde_json::from_slice(body)
+            .map_err(|e| StoreError::Corrupt(format!("ceremony {key:?}: {e}"))),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "ceremony {key:?}: unknown format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt(format!("ceremony {key:?}: empty"))),
+    }
+}
+
+/// One ceremony.
+pub(crate) fn load(
+    txn: &redb::ReadTransaction,
+    id: &str,
+) -> Result<Option<CeremonyRecord>, StoreError> {
+    let table = txn.open_table(CEREMONIES)?;
+    let found = table.get(id)?;
+    found.map(|g| decode(id, g.value())).transpose()
+}
+
+/// Every ceremony, in id order.
+pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<CeremonyRecord>, StoreError> {
+    let table = txn.open_table(CEREMONIES)?;
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// What an update decided.
+pub(crate) enum Change<T> {
+    /// Write this record, answer `T`.
+    Write(Box<CeremonyRecord>, T),
+    /// Leave the table alone, answer `T`.
+    Keep(T),
+}
+
+/// Read-modify-write of one ceremony in this transaction: `change` sees the current
+/// record (or `None`) and decides.
+pub(crate) fn update<T>(
+    txn: &WriteTransaction,
+    id: &str,
+    change: impl FnOnce(Option<CeremonyRecord>) -> Change<T>,
+) -> Result<T, Rollback> {
+    let mut table = txn.open_table(CEREMONIES)?;
+    let current = match table.get(id)? {
+        Some(g) => Some(decode(id, g.value())?),
+        None => None,
+    };
+    match change(current) {
+        Change::Write(rec, answer) => {
+            table.insert(id, encode(&rec)?.as_slice())?;
+            Ok(answer)
+        }
+        Change::Keep(answer) => Ok(answer),
+    }
+}
+
+/// Record which ceremony created the key versions `keys` (`(name, version)`).
+pub(crate) fn put_key_origins(
+    txn: &WriteTransaction,
+    ceremony_id: &str,
+    keys: &[(String, u32)],
+) -> Result<(), Rollback> {
+    let mut table = txn.open_table(CEREMONY_KEYS)?;
+    for (name, version) in keys {
+        let key = crate::signing::versions::store_key(name, *version);
+        table.insert(key.as_str(), ceremony_id.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The ceremony that created each key version: `"<name>/<version>"` store keys ->
+/// ceremony id.
+pub(crate) fn key_origins(
+    txn: &redb::ReadTransaction,
+) -> Result<std::collections::HashMap<(String, u32), String>, StoreError> {
+    let table = txn.open_table(CEREMONY_KEYS)?;
+    let mut out = std::collections::HashMap::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        let key = k.value();
+        if let Some((name, version)) = key.rsplit_once('/') {
+            if let Ok(version) = version.parse::<u32>() {
+                out.insert(
+                    (name.to_owned(), version),
+                    String::from_utf8_lossy(v.value()).into_owned(),
+                );
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,203 @@
+//! Tests of plans, quorum and execution.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::plan::{self, Context, ExistingKey};
+use super::*;
+use crate::auth::Role;
+use crate::testing::DevEnv;
+
+const EXAMPLE: &str = include_str!("../../../ceremonies/example-root-and-assertion.toml");
+
+fn ctx() -> Context {
+    let mut c = Context {
+        max_validity_days: 3660,
+        ..Default::default()
+    };
+    c.existing.insert(
+        "assertion".into(),
+        vec![ExistingKey {
+            version: 1,
+            state: KeyState::Active,
+        }],
+    );
+    c
+}
+
+fn id(text: &str) -> String {
+    let p = plan::parse(text).expect("parses");
+    plan::id_of(&plan::canonical(&p).expect("canonical"))
+}
+
+#[test]
+fn the_id_follows_meaning_not_formatting() {
+    let base = id(EXAMPLE);
+    assert_eq!(base.len(), 64);
+    // Comments, blank lines and spelled-out defaults do not change it.
+    let reformatted = EXAMPLE
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "usage = \"ca\"",
+            "usage = \"ca\"\nnew_version = false\nextractable = false",
+        );
+    assert_eq!(id(&reformatted), base);
+    // Key order inside a table does not change it.
+    let reordered = EXAMPLE.replace(
+        "kind = \"publish\"\nkey = \"assertion\"",
+        "key = \"assertion\"\nkind = \"publish\"",
+    );
+    assert_ne!(reordered, EXAMPLE);
+    assert_eq!(id(&reordered), base);
+    // Any change of meaning does.
+    for changed in [
+        EXAMPLE.replace("validity_days = 365", "validity_days = 364"),
+        EXAMPLE.replace("example\"", "example!\""),
+        EXAMPLE.replace("ES384", "ES256"),
+        EXAMPLE.replace(
+            "C=DK\"\nvalidity_days = 3650",
+            "C=SE\"\nvalidity_days = 3650",
+        ),
+    ] {
+        assert_ne!(id(&changed), base, "{changed}");
+    }
+    // The canonical form round-trips.
+    let p = plan::parse(EXAMPLE).expect("parses");
+    let c = plan::canonical(&p).expect("canonical");
+    assert_eq!(plan::from_canonical(&c).expect("back"), p);
+    assert!(c.starts_with("{\"version\":1,\"description\":"), "{c}");
+}
+
+#[test]
+fn validation_refusals_name_the_step_and_reason() {
+    plan::validate(&plan::parse(EXAMPLE).expect("parses"), &ctx()).expect("valid");
+    let step = |s: &str| format!("version = 1\n[[step]]\n{s}\n");
+    let gen_ca = "kind = \"generate-key\"\nname = \"ca\"\nalgorithm = \"ES256\"\nusage = \"ca\"";
+    let cases: Vec<(String, &str)> = vec![
+        (step("kind = \"generate-key\"\nname = \"Bad Name\"\nalgorithm = \"ES256\"\nusage = \"ca\""), "key name is 1 to 64"),
+        (step("kind = \"generate-key\"\nname = \"k\"\nalgorithm = \"HS256\"\nusage = \"ca\""), "unsupported algorithm"),
+        (format!("{}[[step]]\n{gen_ca}\n", step(gen_ca)), "duplicate key name"),
+        (step(&format!("{gen_ca}\nextractable = true")), "non-extractable"),
+        (step("kind = \"generate-key\"\nname = \"assertion\"\nalgorithm = \"ES256\"\nusage = \"signing\""), "exists already"),
+        (format!("{}[[step]]\nkind = \"self-sign\"\nkey = \"ca\"\nsubject = \"CN=x\"\nvalidity_days = 4000\n", step(gen_ca)), "max_validity_days"),
+        (format!("{}[[step]]\nkind = \"self-sign\"\nkey = \"ca\"\nsubject = \"CN=x\"\nvalidity_days = 0\n", step(gen_ca)), "validity_days 0"),
+        (format!("{}[[step]]\nkind = \"self-sign\"\nkey = \"ca\"\nsubject = \"not a DN\"\nvalidity_days = 10\n", step(gen_ca)), "subject"),
+        (step("kind = \"self-sign\"\nkey = \"ghost\"\nsubject = \"CN=x\"\nvalidity_days = 10"), "neither created"),
+        (step("kind = \"publish\"\nkey = \"assertion\"\nversion = 7"), "has no version 7"),
+        (format!("{}[[step]]\nkind = \"publish\"\nkey = \"ca\"\n", step(gen_ca)), "ca keys are never published"),
+        (step("kind = \"generate-key\"\nname = \"s\"\nalgorithm = \"ES256\"\nusage = \"signing\"\n[[step]]\nkind = \"activate\"\nkey = \"s\""), "will be pending"),
+        (format!("{}[[step]]\nkind = \"generate-key\"\nname = \"s\"\nalgorithm = \"ES256\"\nusage = \"signing\"\n[[step]]\nkind = \"issue-certificate\"\nissuer = \"ca\"\nkey = \"s\"\nsubject = \"CN=s\"\nvalidity_days = 10\nusage = \"signing\"\n", step(gen_ca)), "has no certificate yet"),
+        (step("kind = \"destroy\"\nkey = \"assertion\"\nversion = 2"), "has no version 2"),
+        (format!("{}[[step]]\nkind = \"destroy\"\nkey = \"ca\"\nversion = 1\n", step(gen_ca)), "does not destroy its own keys"),
+    ];
+    for (text, expected) in cases {
+        let err = plan::parse(&text)
+            .and_then(|p| plan::validate(&p, &ctx()))
+            .expect_err(expected);
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
+        assert!(msg.contains(expected), "{expected}: {msg}");
+    }
+}
+
+fn officer(n: u8) -> Identity {
+    Identity {
+        subject: format!("officer-{n}"),
+        fingerprint: format!("{n:02x}").repeat(32),
+        role: Role::Officer,
+        signing_keys: None,
+        acr: None,
+    }
+}
+
+const SMALL: &str = "version = 1\ndescription = \"small\"\n[[step]]\nkind = \"generate-key\"\nname = \"ca-x\"\nalgorithm = \"ES256\"\nusage = \"ca\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_approvals_do_not_count() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let state = server.state().clone();
+    let t = Arc::new(AtomicU64::new(1_000_000));
+    let clock_t = t.clone();
+    let c = Ceremonies::new(
+        state.signing.clone(),
+        state.store.clone(),
+        env.config.ceremony.clone(),
+        &env.config.data_dir,
+        Arc::new(move || clock_t.load(Ordering::SeqCst)),
+    );
+    let ttl = env.config.ceremony.approval_ttl_seconds;
+    let id = c
+        .propose(&officer(1), SMALL)
+        .await
+        .expect("propose")
+        .record
+        .id;
+    c.approve(&officer(1), &id).await.expect("approve");
+    c.approve(&officer(2), &id).await.expect("approve");
+    assert_eq!(c.get(&id).expect("get").valid_approvals, 2);
+    // Both approvals expire.
+    t.fetch_add(ttl, Ordering::SeqCst);
+    assert_eq!(c.get(&id).expect("get").valid_approvals, 0);
+    let err = c.execute(&officer(3), &id).await.expect_err("expired");
+    assert!(err.to_string().contains("0 valid approval"), "{err}");
+    // One fresh approval and one expired one are still not enough.
+    c.approve(&officer(1), &id).await.expect("approve");
+    let err = c.execute(&officer(3), &id).await.expect_err("1 of 2");
+    assert!(err.to_string().contains("1 valid approval"), "{err}");
+    c.approve(&officer(3), &id).await.expect("approve");
+    let x = c.execute(&officer(2), &id).await.expect("execute");
+    assert_eq!(x.view.record.state, CeremonyState::Succeeded);
+    // An identity outside the officer set counts for nothing.
+    let mut outsider = officer(9);
+    outsider.subject = "officer-9".into();
+    let err = c.propose(&outsider, SMALL).await.expect_err("outsider");
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let state = server.state().clone();
+    let c = &state.ceremonies;
+    // Destroying the active version passes validation but fails at run time.
+    let plan = format!("{SMALL}[[step]]\nkind = \"destroy\"\nkey = \"assertion\"\nversion = 1\n[[step]]\nkind = \"self-sign\"\nkey = \"ca-x\"\nsubject = \"CN=x\"\nvalidity_days = 10\n");
+    let id = c
+        .propose(&officer(1), &plan)
+        .await
+        .expect("propose")
+        .record
+        .id;
+    c.approve(&officer(1), &id).await.expect("approve");
+    c.approve(&officer(2), &id).await.expect("approve");
+    let x = c.execute(&officer(1), &id).await.expect("executed");
+    assert_eq!(x.view.record.state, CeremonyState::Failed);
+    assert!(
+        x.view.record.failure.starts_with("step 2 (destroy) failed"),
+        "{}",
+        x.view.record.failure
+    );
+    let t = &x.transcript;
+    assert_eq!(t.outcome, "failed");
+    assert_eq!(t.steps[0].outcome, "ok");
+    assert_eq!(t.steps[1].outcome, "failed");
+    assert_eq!(t.steps[2].outcome, "not run");
+    assert_eq!(t.created_keys.len(), 1);
+    assert_eq!(t.created_keys[0].name, "ca-x");
+    assert!(c.transcript_paths(&id).0.exists());
+    assert_eq!(
+        c.key_origins()
+            .expect("origins")
+            .get(&("ca-x".to_owned(), 1)),
+        Some(&id)
+    );
+    // A failed ceremony does not run again.
+    let err = c.execute(&officer(1), &id).await.expect_err("again");
+    assert!(err.to_string().contains("runs once"), "{err}");
+    server.shutdown().await.expect("shutdown");
+}

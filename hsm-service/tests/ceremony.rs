@@ -1,0 +1,360 @@
+//! Key ceremonies end to end against the dev service: three officers, M = 2.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use hsm_client::proto::{
+    ApproveCeremonyRequest, ExecuteCeremonyRequest, GetCeremonyRequest, GetJwksRequest,
+    ListCeremoniesRequest, ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
+};
+use hsm_client::HsmClient;
+use hsm_service::signing::NSIS_ACR_VALUES;
+use hsm_service::testing::DevEnv;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation};
+use serde_json::Value;
+use tonic::Code;
+
+const EXAMPLE: &str = include_str!("../../ceremonies/example-root-and-assertion.toml");
+
+async fn propose(c: &HsmClient, plan: &str) -> Result<String, tonic::Status> {
+    c.ceremonies()
+        .propose_ceremony(ProposeCeremonyRequest {
+            plan_toml: plan.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().ceremony_id)
+}
+
+async fn approve(c: &HsmClient, id: &str) -> Result<u32, tonic::Status> {
+    c.ceremonies()
+        .approve_ceremony(ApproveCeremonyRequest {
+            ceremony_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().valid_approvals)
+}
+
+async fn execute(
+    c: &HsmClient,
+    id: &str,
+) -> Result<hsm_client::proto::ExecuteCeremonyResponse, tonic::Status> {
+    c.ceremonies()
+        .execute_ceremony(ExecuteCeremonyRequest {
+            ceremony_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn openssl_verify(dir: &Path, root_pem: &str, leaf_pem: &str) -> (bool, String) {
+    let root = dir.join("root.pem");
+    let leaf = dir.join("leaf.pem");
+    std::fs::write(&root, root_pem).expect("write");
+    std::fs::write(&leaf, leaf_pem).expect("write");
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&root)
+        .arg(&leaf)
+        .output()
+        .expect("openssl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_and_assertion_key_ceremony_end_to_end() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let dir = env.dir.path();
+    let o1 = common::client(dir, "officer-1", addr).await;
+    let o2 = common::client(dir, "officer-2", addr).await;
+    let o3 = common::client(dir, "officer-3", addr).await;
+    let login = common::client(dir, "login-service", addr).await;
+    let auditor = common::client(dir, "auditor", addr).await;
+
+    // A login service can neither propose, approve nor execute.
+    let err = propose(&login, EXAMPLE).await.expect_err("login-service");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let id = propose(&o1, EXAMPLE).await.expect("propose");
+    assert_eq!(id.len(), 64);
+    let err = propose(&o2, EXAMPLE).await.expect_err("same plan twice");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    for e in [
+        approve(&login, &id).await.expect_err("login approve"),
+        execute(&login, &id)
+            .await
+            .map(|_| ())
+            .expect_err("login execute"),
+        approve(&auditor, &id).await.expect_err("auditor approve"),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+
+    // One approval (twice from the same officer) is not enough.
+    assert_eq!(approve(&o1, &id).await.expect("approve"), 1);
+    assert_eq!(approve(&o1, &id).await.expect("approve again"), 1);
+    let err = execute(&o3, &id).await.map(|_| ()).expect_err("1 of 2");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("needs 2"), "{err:?}");
+
+    // A plan changed by one meaningful byte is another ceremony: no approvals.
+    let tampered = EXAMPLE.replace("validity_days = 365", "validity_days = 366");
+    let other = propose(&o1, &tampered).await.expect("propose tampered");
+    assert_ne!(other, id);
+    let shown = o1
+        .ceremonies()
+        .get_ceremony(GetCeremonyRequest {
+            ceremony_id: other.clone(),
+        })
+        .await
+        .expect("show")
+        .into_inner();
+    assert_eq!(shown.valid_approvals, 0);
+    let err = execute(&o1, &other)
+        .await
+        .map(|_| ())
+        .expect_err("tampered");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // Second officer: execute.
+    assert_eq!(approve(&o2, &id).await.expect("approve"), 2);
+    let r = execute(&o3, &id).await.expect("execute");
+    let info = r.ceremony.expect("ceremony");
+    assert_eq!(info.state, "succeeded", "{}", info.failure);
+    assert_eq!(info.executed_by, "officer-3");
+    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript json");
+    assert_eq!(t["ceremony_id"], id.as_str());
+    assert_eq!(t["outcome"], "succeeded");
+    assert_eq!(t["approvals"].as_array().expect("approvals").len(), 2);
+    assert_eq!(t["created_keys"].as_array().expect("keys").len(), 2);
+    for step in t["steps"].as_array().expect("steps") {
+        assert_eq!(step["outcome"], "ok", "{step}");
+    }
+    for check in [&t["steps"][0]["checks"][0], &t["steps"][2]["checks"][0]] {
+        assert_eq!(check["signature_verifies"], true, "{check}");
+        assert_eq!(check["public_key_matches"], true, "{check}");
+        assert_eq!(check["extractable"], false, "{check}");
+        assert_eq!(check["problem"], "", "{check}");
+    }
+    assert_eq!(
+        t["ceremony_id_words"]
+            .as_str()
+            .expect("words")
+            .split(' ')
+            .count(),
+        32
+    );
+    // Written under the data directory, both forms, and equal to what was returned.
+    let json_file = dir.join("ceremonies").join(format!("{id}.json"));
+    let text_file = dir.join("ceremonies").join(format!("{id}.txt"));
+    assert_eq!(
+        std::fs::read_to_string(&json_file).expect("json file"),
+        r.transcript_json
+    );
+    let text = std::fs::read_to_string(&text_file).expect("text file");
+    assert_eq!(text, r.transcript_text);
+    assert!(text.contains("as words:"), "{text}");
+    assert!(text.contains("BEGIN CERTIFICATE"), "{text}");
+
+    // Executing twice is refused.
+    let err = execute(&o1, &id).await.map(|_| ()).expect_err("twice");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("runs once"), "{err:?}");
+    let err = approve(&o1, &id).await.expect_err("approve executed");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // The new assertion key signs, and relying parties verify with the JWKS.
+    let new_kid = t["steps"][2]["keys"][0]["kid"]
+        .as_str()
+        .expect("kid")
+        .to_owned();
+    let signed = login
+        .signing()
+        .sign_assertion(SignAssertionRequest {
+            subject: "citizen-1".into(),
+            audience: vec!["https://bank.example".into()],
+            acr: NSIS_ACR_VALUES[0].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("sign")
+        .into_inner();
+    assert_eq!(signed.kid, new_kid);
+    let set: JwkSet = serde_json::from_str(
+        &login
+            .signing()
+            .get_jwks(GetJwksRequest {})
+            .await
+            .expect("jwks")
+            .into_inner()
+            .jwks_json,
+    )
+    .expect("JWK Set");
+    let header = jsonwebtoken::decode_header(&signed.jws).expect("header");
+    let jwk = set.find(&new_kid).expect("new key in the JWKS");
+    assert!(
+        jwk.common.x509_chain.is_some(),
+        "certificate chain in the JWK"
+    );
+    let mut validation = Validation::new(header.alg);
+    validation.set_issuer(&["https://hsm-service.dev.local"]);
+    validation.set_audience(&["https://bank.example"]);
+    jsonwebtoken::decode::<Value>(
+        &signed.jws,
+        &DecodingKey::from_jwk(jwk).expect("key"),
+        &validation,
+    )
+    .expect("the assertion verifies under the JWKS");
+    // The root CA key is not in the JWKS.
+    let root_kid = t["steps"][0]["keys"][0]["kid"].as_str().expect("kid");
+    assert!(set.find(root_kid).is_none());
+
+    // The chain verifies with openssl; a wrong root does not.
+    let root_pem = t["steps"][1]["certificates"][0]["pem"]
+        .as_str()
+        .expect("root");
+    let leaf_pem = t["steps"][3]["certificates"][0]["pem"]
+        .as_str()
+        .expect("leaf");
+    let (ok, out) = openssl_verify(dir, root_pem, leaf_pem);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl_verify(dir, leaf_pem, leaf_pem);
+    assert!(!ok, "{out}");
+
+    // The inventory says which ceremony made which key, and what the token reports.
+    let keys = auditor
+        .keys()
+        .list_keys(ListKeysRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .keys;
+    let find = |name: &str, version: u32| {
+        keys.iter()
+            .find(|k| k.name == name && k.version == version)
+            .unwrap_or_else(|| panic!("{name} v{version}"))
+    };
+    assert_eq!(find("root-ca", 1).ceremony_id, id);
+    assert_eq!(find("assertion", 2).ceremony_id, id);
+    assert_eq!(find("assertion", 2).state, "active");
+    assert_eq!(
+        find("assertion", 1).ceremony_id,
+        "",
+        "bootstrapped, not a ceremony"
+    );
+    assert_eq!(find("assertion", 1).state, "verify-only");
+    for k in &keys {
+        assert!(k.sensitive && !k.extractable && k.local, "{k:?}");
+        assert_eq!(k.public_key_sha256.len(), 95);
+    }
+
+    let list = auditor
+        .ceremonies()
+        .list_ceremonies(ListCeremoniesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .ceremonies;
+    assert_eq!(list.len(), 2);
+    // Every proposal, approval, refusal, step and key state change is in the audit trail.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (trail, _) = server
+        .state()
+        .audit
+        .export_range(1, 100_000)
+        .expect("export");
+    let trail = String::from_utf8(trail).expect("utf-8");
+    for action in [
+        "ceremony.propose",
+        "ceremony.approve",
+        "ceremony.execute",
+        "ceremony.step",
+        "key.state",
+    ] {
+        assert!(
+            trail.contains(&format!("\"action\":\"{action}\"")),
+            "{action} not audited"
+        );
+    }
+    assert!(
+        trail.contains("\"outcome\":\"denied\""),
+        "refusals are audited"
+    );
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_argument() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let o1 = common::client(env.dir.path(), "officer-1", addr).await;
+    for bad in ["", "abc", &"g".repeat(64), &"a".repeat(65)] {
+        let e = approve(&o1, bad).await.expect_err("approve");
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+        assert!(e.message().contains("ceremony_id"), "{e:?}");
+        let e = execute(&o1, bad).await.map(|_| ()).expect_err("execute");
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+        let e = o1
+            .ceremonies()
+            .get_ceremony(GetCeremonyRequest {
+                ceremony_id: bad.to_owned(),
+            })
+            .await
+            .expect_err("show");
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    let e = approve(&o1, &"a".repeat(64)).await.expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let cases = [
+        ("", "missing field `version`"),
+        ("version = 1\n", "no [[step]]"),
+        ("version = 2\n[[step]]\nkind = \"publish\"\nkey = \"assertion\"\n", "version 2"),
+        (
+            &EXAMPLE.replace("kind = \"publish\"", "kind = \"launch\""),
+            "unknown variant `launch`",
+        ),
+        (
+            &EXAMPLE.replace("usage = \"ca\"", "usage = \"ca\"\ncolour = \"red\""),
+            "unknown field `colour`",
+        ),
+        (
+            &EXAMPLE.replace("validity_days = 3650", "validity_days = 9000"),
+            "ceremony.max_validity_days",
+        ),
+        (&EXAMPLE.replace("new_version = true", ""), "exists already"),
+        (
+            &EXAMPLE.replace("usage = \"ca\"", "usage = \"ca\"\nextractable = true"),
+            "non-extractable",
+        ),
+        (
+            &EXAMPLE.replace("issuer = \"root-ca\"", "issuer = \"nope\""),
+            "neither created",
+        ),
+        (
+            &format!(
+                "{EXAMPLE}\n[[step]]\nkind = \"generate-key\"\nname = \"root-ca\"\nalgorithm = \"ES256\"\nusage = \"ca\"\n"
+            ),
+            "duplicate key name",
+        ),
+        ("this is = not toml [", "line 1"),
+    ];
+    for (plan, expected) in cases {
+        let e = propose(&o1, plan).await.expect_err(expected);
+        assert_eq!(e.code(), Code::InvalidArgument, "{expected}: {e:?}");
+        assert!(e.message().contains(expected), "{expected}: {e:?}");
+    }
+    server.shutdown().await.expect("shutdown");
+}
