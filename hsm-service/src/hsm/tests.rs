@@ -189,6 +189,53 @@ async fn wrapped_seed(hsm: &Hsm, seed: &[u8]) -> std::sync::Arc<[u8]> {
 }
 
 #[tokio::test]
+async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 2, 16);
+    let rfc = crate::otp::rfc_vectors::RFC4226_SEED;
+    let a = wrapped_seed(&hsm, rfc).await;
+    let b = wrapped_seed(&hsm, &[7u8; 20]).await;
+    assert!(hsm.ensure_seed_master_key(2).await.expect("v2"));
+    let out = hsm
+        .rewrap_seeds(1, 2, vec![a.clone(), b.clone()])
+        .await
+        .expect("rewrap");
+    assert_eq!(out.len(), 2);
+    assert_ne!(&out[0][..], &a[..]);
+    // Under the new key the HSM computes the same HMAC as before.
+    let mac = |version: u32, blob: std::sync::Arc<[u8]>| {
+        let hsm = hsm.clone();
+        async move {
+            hsm.seed_macs(
+                version,
+                blob,
+                crate::otp::HashAlgorithm::Sha1,
+                vec![crate::otp::moving_factor(0)],
+            )
+            .await
+            .expect("macs")
+        }
+    };
+    let new_a: std::sync::Arc<[u8]> = out[0].clone().into();
+    assert_eq!(
+        &mac(2, new_a.clone()).await[..],
+        &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..]
+    );
+    assert_eq!(*mac(1, b).await, *mac(2, out[1].clone().into()).await);
+    // A blob of the new key does not unwrap under the old one; nor to itself.
+    assert!(hsm.rewrap_seeds(1, 2, vec![new_a.clone()]).await.is_err());
+    assert!(hsm.rewrap_seeds(2, 2, vec![new_a]).await.is_err());
+    // Both master keys remain on the token.
+    for v in [1, 2] {
+        assert!(hsm
+            .find_object(ObjectClass::SECRET_KEY, &super::seeds::master_key_label(v))
+            .await
+            .expect("find")
+            .is_some());
+    }
+}
+
+#[tokio::test]
 async fn stale_unwrapped_seed_is_unwrapped_again() {
     let env = DevEnv::new();
     // One session, so the test's job runs on the worker that holds the cached handle.
