@@ -13,6 +13,7 @@
 
 pub mod plan;
 pub mod record;
+pub mod shares;
 pub mod transcript;
 pub mod words;
 
