@@ -153,7 +153,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             &config.data_dir,
             clock.clone(),
         )
-        .with_audit(audit.clone()),
+        .with_audit(audit.clone())
+        .with_seed_master(credentials.master_key_version()),
     );
 
     let listener = TcpListener::bind(config.server.listen)

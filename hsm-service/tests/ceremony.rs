@@ -358,3 +358,163 @@ async fn malformed_requests_are_invalid_argument() {
     }
     server.shutdown().await.expect("shutdown");
 }
+
+const ROTATE: &str = include_str!("../../ceremonies/rotate-seed-master-key.toml");
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_master_key_rotation_rewraps_every_credential() {
+    use hsm_client::proto as pb;
+    use hsm_client::proto::credential_service_client::CredentialServiceClient;
+    use hsm_service::credentials::MASTER_KEY_VERSION_META;
+    use hsm_service::otp::rfc_vectors::{RFC4226_SEED, RFC4226_VECTORS};
+    use hsm_service::store::CredentialStore;
+
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let dir = env.dir.path();
+    let o1 = common::client(dir, "officer-1", addr).await;
+    let o2 = common::client(dir, "officer-2", addr).await;
+    let o3 = common::client(dir, "officer-3", addr).await;
+    let mut creds =
+        CredentialServiceClient::new(common::client(dir, "login-service", addr).await.channel());
+    let hotp = |id: &str| pb::CreateCredentialRequest {
+        credential_id: id.into(),
+        kind: pb::OtpKind::Hotp as i32,
+        algorithm: pb::HashAlgorithm::Sha1 as i32,
+        digits: 6,
+        seed: RFC4226_SEED.to_vec(),
+        issuer: "Example".into(),
+        account_name: "alice".into(),
+        ..Default::default()
+    };
+    // Seven credentials: more than one page of the plan's batch size (2 below).
+    let ids: Vec<String> = (0..7).map(|i| format!("hotp-{i}")).collect();
+    for id in &ids {
+        creds.create_credential(hotp(id)).await.expect("create");
+    }
+    let verify =
+        |c: &mut CredentialServiceClient<tonic::transport::Channel>, id: &str, counter: usize| {
+            let req = pb::VerifyCodeRequest {
+                credential_id: id.into(),
+                code: format!("{:06}", RFC4226_VECTORS[counter].code),
+            };
+            let mut c = c.clone();
+            async move {
+                pb::VerifyResult::try_from(
+                    c.verify_code(req)
+                        .await
+                        .expect("verify")
+                        .into_inner()
+                        .result,
+                )
+                .expect("result")
+            }
+        };
+    for id in &ids {
+        assert_eq!(verify(&mut creds, id, 0).await, pb::VerifyResult::Accepted);
+    }
+
+    let plan = ROTATE.replace("batch_size = 500", "batch_size = 2");
+    assert_ne!(plan, ROTATE);
+    let id = propose(&o1, &plan).await.expect("propose");
+    assert_eq!(approve(&o1, &id).await.expect("approve"), 1);
+    let err = execute(&o3, &id).await.map(|_| ()).expect_err("1 of 2");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(approve(&o2, &id).await.expect("approve"), 2);
+    let r = execute(&o3, &id).await.expect("execute");
+    let info = r.ceremony.expect("ceremony");
+    assert_eq!(info.state, "succeeded", "{}", info.failure);
+    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript");
+    let rot = &t["steps"][0]["seed_rotation"];
+    assert_eq!(rot["old_key_label"], "seed-master-key-1", "{t}");
+    assert_eq!(rot["new_key_label"], "seed-master-key-2", "{t}");
+    assert_eq!(rot["rewrapped"], 7, "{t}");
+    assert_eq!(rot["already_rewrapped"], 0, "{t}");
+    assert!(r.transcript_text.contains(
+        "seed master key seed-master-key-1 -> seed-master-key-2: 7 credential(s) re-wrapped"
+    ));
+
+    // Codes still verify (and replay protection survived the re-wrap).
+    for id in &ids {
+        assert_eq!(verify(&mut creds, id, 0).await, pb::VerifyResult::Replayed);
+        assert_eq!(verify(&mut creds, id, 1).await, pb::VerifyResult::Accepted);
+    }
+    // New enrolments use the new key at once.
+    creds
+        .create_credential(hotp("after"))
+        .await
+        .expect("create after");
+    assert_eq!(
+        verify(&mut creds, "after", 0).await,
+        pb::VerifyResult::Accepted
+    );
+
+    let store = server.state().store.clone();
+    let all = store.list(None, 100).await.expect("list");
+    assert_eq!(all.len(), 8);
+    for rec in &all {
+        assert_eq!(rec.master_key_version, 2, "{}", rec.id);
+    }
+    assert_eq!(
+        store.get_meta(MASTER_KEY_VERSION_META).expect("meta"),
+        Some(2u32.to_be_bytes().to_vec())
+    );
+    // Both master keys are on the token: the old one is kept.
+    for v in [1, 2] {
+        let label = hsm_service::hsm::seeds::master_key_label(v);
+        assert!(server
+            .state()
+            .hsm
+            .find_object(hsm_service::hsm::objects::ObjectClass::SECRET_KEY, &label)
+            .await
+            .expect("find")
+            .is_some());
+    }
+    // A second rotation goes on to version 3.
+    let again = propose(&o1, &ROTATE.replace("example", "example, again"))
+        .await
+        .expect("propose again");
+    approve(&o1, &again).await.expect("approve");
+    approve(&o2, &again).await.expect("approve");
+    let r = execute(&o1, &again).await.expect("execute again");
+    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript");
+    assert_eq!(
+        t["steps"][0]["seed_rotation"]["new_key_label"],
+        "seed-master-key-3"
+    );
+    assert_eq!(t["steps"][0]["seed_rotation"]["rewrapped"], 8);
+    assert_eq!(
+        verify(&mut creds, "hotp-3", 2).await,
+        pb::VerifyResult::Accepted
+    );
+    drop(store);
+    server.shutdown().await.expect("shutdown");
+
+    // No plaintext seed in any file under the data dir (store, transcripts, logs, token).
+    let hex: String = RFC4226_SEED.iter().map(|b| format!("{b:02x}")).collect();
+    let b32 = data_encoding::BASE32_NOPAD.encode(RFC4226_SEED);
+    for file in files_under(dir) {
+        let bytes = std::fs::read(&file).expect("read");
+        for needle in [RFC4226_SEED, hex.as_bytes(), b32.as_bytes()] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "seed in {}",
+                file.display()
+            );
+        }
+    }
+}

@@ -29,6 +29,10 @@ pub const ID_DOMAIN: &[u8] = b"hsm-service ceremony plan v1\n";
 pub const MAX_PLAN_LEN: usize = 64 * 1024;
 /// Most steps in one plan.
 pub const MAX_STEPS: usize = 64;
+/// Default number of credentials re-wrapped per HSM job by `rotate-seed-master-key`.
+pub const DEFAULT_REWRAP_BATCH: u32 = 500;
+/// Largest `batch_size` of `rotate-seed-master-key`.
+pub const MAX_REWRAP_BATCH: u32 = 5000;
 /// Longest description.
 const MAX_DESCRIPTION_LEN: usize = 1024;
 
@@ -154,6 +158,18 @@ pub enum Step {
         #[serde(default)]
         force: bool,
     },
+    /// Create seed master key version N+1 and re-wrap every credential seed under it
+    /// inside the HSM; new enrolments use it at once. The old master key is kept
+    /// (destroying it is a later, separate decision).
+    RotateSeedMasterKey {
+        /// Credentials re-wrapped per HSM job (1 to [`MAX_REWRAP_BATCH`]).
+        #[serde(default = "default_rewrap_batch")]
+        batch_size: u32,
+    },
+}
+
+fn default_rewrap_batch() -> u32 {
+    DEFAULT_REWRAP_BATCH
 }
 
 impl Step {
@@ -167,6 +183,7 @@ impl Step {
             Step::Activate { .. } => "activate",
             Step::Retire { .. } => "retire",
             Step::Destroy { .. } => "destroy",
+            Step::RotateSeedMasterKey { .. } => "rotate-seed-master-key",
         }
     }
 
@@ -220,6 +237,9 @@ impl Step {
                 "destroy {key} v{version}{}",
                 if *force { " (forced)" } else { "" }
             ),
+            Step::RotateSeedMasterKey { batch_size } => {
+                format!("rotate-seed-master-key (re-wrap all credential seeds, {batch_size} per batch)")
+            }
         }
     }
 }
@@ -278,6 +298,9 @@ pub struct Context {
     pub max_validity_days: u32,
     /// The service's key versions by name.
     pub existing: BTreeMap<String, Vec<ExistingKey>>,
+    /// The ceremony service can rotate the seed master key (it holds the credentials'
+    /// master key version).
+    pub seed_rotation: bool,
 }
 
 /// What validation knows about a key that a step refers to.
@@ -317,6 +340,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
     }
     // Keys the plan creates, by name: what validation knows about the new version.
     let mut created: HashMap<String, Tracked> = HashMap::new();
+    let mut rotation: Option<usize> = None;
     for (i, step) in plan.steps.iter().enumerate() {
         let kind = step.kind();
         // A reference to a key: created earlier in the plan, or found on the service.
@@ -550,6 +574,33 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     ));
                 }
                 lookup(&created, "key", key, &Some(*version))?;
+            }
+            Step::RotateSeedMasterKey { batch_size } => {
+                if !(1..=MAX_REWRAP_BATCH).contains(batch_size) {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!("batch_size {batch_size} must be between 1 and {MAX_REWRAP_BATCH}"),
+                    ));
+                }
+                if let Some(first) = rotation {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!(
+                            "step {} rotates the seed master key already; a plan rotates it once",
+                            first + 1
+                        ),
+                    ));
+                }
+                if !ctx.seed_rotation {
+                    return Err(bad(
+                        i,
+                        kind,
+                        "this service has no credential seed master key to rotate",
+                    ));
+                }
+                rotation = Some(i);
             }
         }
     }

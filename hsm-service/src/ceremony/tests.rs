@@ -103,6 +103,78 @@ fn validation_refusals_name_the_step_and_reason() {
     }
 }
 
+#[test]
+fn rotate_seed_master_key_fields_are_validated() {
+    let rotate =
+        |extra: &str| format!("version = 1\n[[step]]\nkind = \"rotate-seed-master-key\"\n{extra}");
+    let with_seeds = Context {
+        seed_rotation: true,
+        ..ctx()
+    };
+    let without = ctx();
+    // Valid: default batch, explicit batch at both ends.
+    for ok in [
+        rotate(""),
+        rotate("batch_size = 1\n"),
+        rotate("batch_size = 5000\n"),
+    ] {
+        plan::validate(&plan::parse(&ok).expect("parses"), &with_seeds).expect(&ok);
+    }
+    // The default is spelled out in the canonical form (so it is part of the id).
+    let p = plan::parse(&rotate("")).expect("parses");
+    assert!(plan::canonical(&p)
+        .expect("canonical")
+        .contains("{\"kind\":\"rotate-seed-master-key\",\"batch_size\":500}"));
+    assert_eq!(id(&rotate("")), id(&rotate("batch_size = 500\n")));
+    let cases: Vec<(String, &str, &Context)> = vec![
+        (
+            rotate("batch_size = 0\n"),
+            "batch_size 0 must be between 1 and 5000",
+            &with_seeds,
+        ),
+        (
+            rotate("batch_size = 5001\n"),
+            "batch_size 5001 must be between 1 and 5000",
+            &with_seeds,
+        ),
+        (
+            format!(
+                "{}[[step]]\nkind = \"rotate-seed-master-key\"\n",
+                rotate("")
+            ),
+            "step 2 (rotate-seed-master-key): step 1 rotates the seed master key already",
+            &with_seeds,
+        ),
+        (
+            rotate(""),
+            "no credential seed master key to rotate",
+            &without,
+        ),
+    ];
+    for (text, expected, c) in cases {
+        let err = plan::parse(&text)
+            .and_then(|p| plan::validate(&p, c))
+            .expect_err(expected);
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
+        assert!(msg.contains(expected), "{expected}: {msg}");
+    }
+    // Parse errors: unknown keys, wrong types, negative numbers.
+    for (text, expected) in [
+        (rotate("key = \"x\"\n"), "unknown field `key`"),
+        (rotate("batch_size = \"big\"\n"), "invalid type"),
+        (
+            rotate("batch_size = -1\n"),
+            "invalid value: integer `-1`, expected u32",
+        ),
+    ] {
+        let err = plan::parse(&text).expect_err(expected);
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
+        assert!(msg.contains(expected), "{expected}: {msg}");
+    }
+}
+
 fn officer(n: u8) -> Identity {
     Identity {
         subject: format!("officer-{n}"),

@@ -121,6 +121,19 @@ pub struct StateChange {
     pub to: String,
 }
 
+/// What a `rotate-seed-master-key` step did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedRotation {
+    /// Token label of the master key new enrolments used before.
+    pub old_key_label: String,
+    /// Token label of the new master key.
+    pub new_key_label: String,
+    /// Credentials whose seed was re-wrapped under the new key.
+    pub rewrapped: u64,
+    /// Credentials already under the new key (an earlier, interrupted rotation).
+    pub already_rewrapped: u64,
+}
+
 /// One step and what it did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepEntry {
@@ -142,6 +155,9 @@ pub struct StepEntry {
     pub certificates: Vec<CertificateEntry>,
     /// State changes.
     pub state_changes: Vec<StateChange>,
+    /// The seed master key rotation, for a `rotate-seed-master-key` step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_rotation: Option<SeedRotation>,
 }
 
 /// An approval as recorded.
@@ -233,6 +249,7 @@ impl Transcript {
                     checks: Vec::new(),
                     certificates: Vec::new(),
                     state_changes: Vec::new(),
+                    seed_rotation: None,
                 })
                 .collect(),
             created_keys: Vec::new(),
@@ -310,6 +327,13 @@ impl Transcript {
                 from: from.map(|f| f.as_str().to_owned()).unwrap_or_default(),
                 to: k.state.as_str().to_owned(),
             });
+        }
+    }
+
+    /// Step `i` rotated the seed master key.
+    pub fn seed_rotation(&mut self, i: usize, r: SeedRotation) {
+        if let Some(s) = self.steps.get_mut(i) {
+            s.seed_rotation = Some(r);
         }
     }
 
@@ -404,6 +428,13 @@ impl Transcript {
                 );
                 let _ = writeln!(o, "    as words: {}", c.fingerprint.words);
                 o.push_str(&c.pem);
+            }
+            if let Some(r) = &s.seed_rotation {
+                let _ = writeln!(
+                    o,
+                    "  seed master key {} -> {}: {} credential(s) re-wrapped, {} already under the new key; {} kept",
+                    r.old_key_label, r.new_key_label, r.rewrapped, r.already_rewrapped, r.old_key_label
+                );
             }
             for c in &s.state_changes {
                 let from = if c.from.is_empty() { "new" } else { &c.from };

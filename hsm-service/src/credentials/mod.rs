@@ -15,6 +15,7 @@ pub mod policy;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use zeroize::Zeroizing;
@@ -108,7 +109,9 @@ pub struct Credentials<S: CredentialStore> {
     hsm: Hsm,
     store: Arc<S>,
     policy: Policy,
-    master_key_version: u32,
+    /// The master key new seeds are wrapped under; a seed master key rotation moves it
+    /// on while the service runs (verification uses each record's own version).
+    master_key_version: Arc<AtomicU32>,
     clock: Clock,
     audit: Option<Arc<AuditLog>>,
 }
@@ -133,10 +136,16 @@ impl<S: CredentialStore> Credentials<S> {
             hsm,
             store,
             policy,
-            master_key_version,
+            master_key_version: Arc::new(AtomicU32::new(master_key_version)),
             clock,
             audit: None,
         }
+    }
+
+    /// The master key version new enrolments use, shared with whoever rotates it (the
+    /// `rotate-seed-master-key` ceremony step stores the new version here).
+    pub fn master_key_version(&self) -> Arc<AtomicU32> {
+        self.master_key_version.clone()
     }
 
     /// The policy in force.
@@ -190,7 +199,7 @@ impl<S: CredentialStore> Credentials<S> {
             new.issuer
         };
 
-        let version = self.master_key_version;
+        let version = self.master_key_version.load(Ordering::SeqCst);
         let alg = new.algorithm;
         let (wrapped_seed, provisioning_uri) = match (new.seed, new.reveal_seed) {
             (Some(seed), _) => (

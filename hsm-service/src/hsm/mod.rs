@@ -9,6 +9,7 @@
 //! Nothing outside this module sees a cryptoki type; nothing inside sees proto or store
 //! types.
 
+pub mod backup;
 pub mod error;
 pub mod module;
 pub mod objects;

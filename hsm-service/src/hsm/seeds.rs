@@ -231,6 +231,42 @@ impl Hsm {
             .await
     }
 
+    /// Re-wrap seeds from master key `old` to master key `new`, in one pool job: each
+    /// blob is unwrapped under `old` into a session object that is sensitive and
+    /// extractable only so that `C_WrapKey` can wrap it (no sign, no verify), wrapped
+    /// under `new` (`CKM_AES_KEY_WRAP_PAD`) and destroyed at once, whatever happens. No
+    /// plaintext seed leaves the HSM. Returns the new blobs in the order given.
+    pub async fn rewrap_seeds(
+        &self,
+        old: u32,
+        new: u32,
+        blobs: Vec<Arc<[u8]>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        if old == new {
+            return Err(Error::Invalid(format!(
+                "re-wrap from master key version {old} to itself"
+            )));
+        }
+        let from = self.master_key(old).await?;
+        let to = self.master_key(new).await?;
+        self.inner
+            .pool
+            .submit(move |w| {
+                w.run(false, |s, _| {
+                    let template = transient_seed_template();
+                    blobs
+                        .iter()
+                        .map(|blob| {
+                            let key =
+                                s.unwrap_key(&Mechanism::AesKeyWrapPad, from, blob, &template)?;
+                            wrap_and_destroy(s, to, key)
+                        })
+                        .collect()
+                })
+            })
+            .await
+    }
+
     /// HMAC of each 8-byte moving factor with the seed in `wrapped`, computed by the HSM.
     /// The seed is unwrapped into a cached session object on first use. Returns the MACs
     /// concatenated (`alg.digest_len()` bytes each), zeroized on drop.

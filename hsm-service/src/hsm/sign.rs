@@ -110,7 +110,28 @@ pub struct PrivateKeyFacts {
     pub never_extractable: bool,
 }
 
+/// CKA_EC_PARAMS of an elliptic-curve kind (empty for RSA).
+pub(crate) fn ec_params(kind: KeyPairKind) -> &'static [u8] {
+    match kind {
+        KeyPairKind::EcP256 => P256_PARAMS,
+        KeyPairKind::EcP384 => P384_PARAMS,
+        KeyPairKind::Ed25519 => ED25519_PARAMS,
+        KeyPairKind::Rsa3072 => &[],
+    }
+}
+
 fn generate(session: &Session, kind: KeyPairKind, label: &str) -> Result<GeneratedKeyPair> {
+    generate_with(session, kind, label, false)
+}
+
+/// Generate a key pair; with `backup`, the private key is extractable but only under a
+/// trusted wrapping key (CKA_WRAP_WITH_TRUSTED), see [`super::backup`].
+pub(crate) fn generate_with(
+    session: &Session,
+    kind: KeyPairKind,
+    label: &str,
+    backup: bool,
+) -> Result<GeneratedKeyPair> {
     let mut id = vec![0u8; KEY_ID_LEN];
     session.generate_random_slice(&mut id)?;
     let label = label.as_bytes().to_vec();
@@ -124,11 +145,11 @@ fn generate(session: &Session, kind: KeyPairKind, label: &str) -> Result<Generat
         Attribute::Id(id.clone()),
         Attribute::Label(label.clone()),
     ];
-    let private = [
+    let mut private = vec![
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(backup),
         Attribute::Sign(true),
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
@@ -136,6 +157,9 @@ fn generate(session: &Session, kind: KeyPairKind, label: &str) -> Result<Generat
         Attribute::Id(id.clone()),
         Attribute::Label(label),
     ];
+    if backup {
+        private.push(Attribute::WrapWithTrusted(true));
+    }
     let mechanism = match kind {
         KeyPairKind::EcP256 => {
             public.push(Attribute::EcParams(P256_PARAMS.to_vec()));

@@ -189,6 +189,53 @@ async fn wrapped_seed(hsm: &Hsm, seed: &[u8]) -> std::sync::Arc<[u8]> {
 }
 
 #[tokio::test]
+async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 2, 16);
+    let rfc = crate::otp::rfc_vectors::RFC4226_SEED;
+    let a = wrapped_seed(&hsm, rfc).await;
+    let b = wrapped_seed(&hsm, &[7u8; 20]).await;
+    assert!(hsm.ensure_seed_master_key(2).await.expect("v2"));
+    let out = hsm
+        .rewrap_seeds(1, 2, vec![a.clone(), b.clone()])
+        .await
+        .expect("rewrap");
+    assert_eq!(out.len(), 2);
+    assert_ne!(&out[0][..], &a[..]);
+    // Under the new key the HSM computes the same HMAC as before.
+    let mac = |version: u32, blob: std::sync::Arc<[u8]>| {
+        let hsm = hsm.clone();
+        async move {
+            hsm.seed_macs(
+                version,
+                blob,
+                crate::otp::HashAlgorithm::Sha1,
+                vec![crate::otp::moving_factor(0)],
+            )
+            .await
+            .expect("macs")
+        }
+    };
+    let new_a: std::sync::Arc<[u8]> = out[0].clone().into();
+    assert_eq!(
+        &mac(2, new_a.clone()).await[..],
+        &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..]
+    );
+    assert_eq!(*mac(1, b).await, *mac(2, out[1].clone().into()).await);
+    // A blob of the new key does not unwrap under the old one; nor to itself.
+    assert!(hsm.rewrap_seeds(1, 2, vec![new_a.clone()]).await.is_err());
+    assert!(hsm.rewrap_seeds(2, 2, vec![new_a]).await.is_err());
+    // Both master keys remain on the token.
+    for v in [1, 2] {
+        assert!(hsm
+            .find_object(ObjectClass::SECRET_KEY, &super::seeds::master_key_label(v))
+            .await
+            .expect("find")
+            .is_some());
+    }
+}
+
+#[tokio::test]
 async fn stale_unwrapped_seed_is_unwrapped_again() {
     let env = DevEnv::new();
     // One session, so the test's job runs on the worker that holds the cached handle.
@@ -294,4 +341,186 @@ async fn concurrent_hmacs_with_eviction_use_the_right_seed() {
     .expect("macs");
     let (_, after, _) = hsm.seed_cache_stats();
     assert_eq!(after, before + 1, "a cleared cache unwraps again");
+}
+
+/// What SoftHSM 2.6.1 does with CKA_WRAP_WITH_TRUSTED and CKA_TRUSTED from a user
+/// session (the service's sessions): the facts the README's backup notes rest on.
+#[tokio::test]
+async fn softhsm_wrap_with_trusted_semantics() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::KeyType;
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 4);
+    let facts = hsm
+        .inner
+        .pool
+        .submit(|w| {
+            w.run(false, |s, _| {
+                let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+                let pair = |wrap_with_trusted: bool| {
+                    s.generate_key_pair(
+                        &Mechanism::EccKeyPairGen,
+                        &[
+                            Attribute::Token(false),
+                            Attribute::Verify(true),
+                            Attribute::EcParams(p256.clone()),
+                        ],
+                        &[
+                            Attribute::Token(false),
+                            Attribute::Private(true),
+                            Attribute::Sensitive(true),
+                            Attribute::Extractable(true),
+                            Attribute::Sign(true),
+                            Attribute::WrapWithTrusted(wrap_with_trusted),
+                        ],
+                    )
+                };
+                let kek = |trusted: Option<bool>| {
+                    let mut t = vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Value(vec![0x42; 32]),
+                    ];
+                    if let Some(v) = trusted {
+                        t.push(Attribute::Trusted(v));
+                    }
+                    s.create_object(&t)
+                };
+                let (_, plain) = pair(false)?;
+                let (_, guarded) = pair(true)?;
+                let untrusted = kek(None)?;
+                let plain_wraps = s
+                    .wrap_key(&Mechanism::AesKeyWrapPad, untrusted, plain)
+                    .is_ok();
+                let guarded_wraps = s
+                    .wrap_key(&Mechanism::AesKeyWrapPad, untrusted, guarded)
+                    .map_err(|e| format!("{e:?}"));
+                let user_sets_trusted = kek(Some(true)).map_err(|e| format!("{e:?}"));
+                Ok((plain_wraps, guarded_wraps, user_sets_trusted.map(|_| ())))
+            })
+        })
+        .await
+        .expect("explore");
+    let (plain_wraps, guarded_wraps, user_sets_trusted) = facts;
+    // An extractable key without CKA_WRAP_WITH_TRUSTED wraps under any wrapping key.
+    assert!(plain_wraps);
+    // With CKA_WRAP_WITH_TRUSTED, SoftHSM refuses a wrapping key that is not trusted.
+    let e = guarded_wraps.expect_err("wrap-with-trusted enforced");
+    assert!(e.contains("KeyNotWrappable"), "{e}");
+    // And a user session cannot make a key trusted: only the SO can.
+    let e = user_sets_trusted.expect_err("CKA_TRUSTED is SO-only");
+    assert!(e.contains("AttributeReadOnly"), "{e}");
+}
+
+/// A backup key pair wrapped under a trusted KEK (made by the SO before the service logs
+/// in), the KEK split 2-of-3, restored onto another token from 2 shares: a signature made
+/// there verifies under the original public key. One share is refused; a KEK made from
+/// one share by lying about the threshold fails the unwrap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_key_pair_restores_onto_another_token_from_m_shares() {
+    use super::backup::{self, KEK_LEN};
+    use crate::ceremony::shares;
+    use zeroize::Zeroizing;
+
+    let a = DevEnv::new();
+    let settings = |env: &DevEnv| HsmSettings {
+        module: env.config.hsm.module.clone(),
+        token: env.config.token(),
+        sessions: 1,
+        queue_capacity: 4,
+        seed_cache_capacity: 16,
+    };
+    let so_pin = secrecy::SecretString::from(
+        std::fs::read_to_string(a.dir.path().join("so.pin"))
+            .expect("so.pin")
+            .trim()
+            .to_owned(),
+    );
+    let mut kek = Zeroizing::new(vec![0u8; KEK_LEN]);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut kek[..]).expect("rng");
+    backup::create_trusted_kek(&settings(&a), &so_pin, "backup-kek-1", kek.clone())
+        .expect("SO creates the trusted KEK");
+    let shares = shares::split(&kek, 2, 3).expect("split");
+    drop(kek);
+
+    let hsm_a = open(&a, 1, 4);
+    let kind = KeyPairKind::EcP256;
+    let pair = hsm_a
+        .generate_backup_key_pair(kind, "assertion/v9")
+        .await
+        .expect("generate");
+    let facts = hsm_a.private_key_facts(&pair.id).await.expect("facts");
+    assert!(facts.sensitive && facts.extractable && !facts.never_extractable);
+    // A key of the normal kind does not wrap at all (not extractable).
+    let normal = hsm_a
+        .generate_signing_key_pair(kind, "normal")
+        .await
+        .expect("normal");
+    assert!(hsm_a
+        .wrap_key_pair_for_backup(kind, &normal.id, "backup-kek-1")
+        .await
+        .is_err());
+    let wrapped = hsm_a
+        .wrap_key_pair_for_backup(kind, &pair.id, "backup-kek-1")
+        .await
+        .expect("wrap under the trusted KEK");
+    assert_eq!(wrapped.public, pair.public);
+
+    let b = DevEnv::new();
+    let hsm_b = open(&b, 1, 4);
+    // One share is not enough.
+    let e = shares::combine(2, &shares[..1]).expect_err("1 of 2");
+    assert!(e.to_string().contains("2 distinct ones needed"), "{e}");
+    // Claiming threshold 1 is refused; a KEK forced out of one share is wrong, and the
+    // unwrap's integrity check refuses it.
+    assert!(shares::combine(1, &shares[..1]).is_err());
+    let mut forged = Zeroizing::new(shares[0][1..].to_vec());
+    forged[0] ^= 1;
+    assert!(hsm_b
+        .restore_key_pair(&wrapped, "assertion/v9", forged)
+        .await
+        .is_err());
+    assert_eq!(
+        hsm_b.count_objects_with_id(&pair.id).await.expect("count"),
+        0
+    );
+
+    let kek = shares::combine(2, &[shares[2].clone(), shares[0].clone()]).expect("2 of 3");
+    hsm_b
+        .restore_key_pair(&wrapped, "assertion/v9", kek)
+        .await
+        .expect("restore");
+    let restored = hsm_b.private_key_facts(&pair.id).await.expect("facts");
+    assert!(restored.sensitive && !restored.extractable && restored.sign && !restored.local);
+    assert_eq!(
+        hsm_b
+            .public_key_attributes(&pair.id, kind)
+            .await
+            .expect("public"),
+        pair.public
+    );
+
+    let message = b"signed on the restored token";
+    let digest = ring::digest::digest(&ring::digest::SHA256, message);
+    let sig = hsm_b
+        .sign(&pair.id, SignMechanism::Ecdsa, digest.as_ref().to_vec())
+        .await
+        .expect("sign on B");
+    let PublicKeyAttributes::Ec { ec_point } = &pair.public else {
+        panic!("EC key");
+    };
+    let point = if ec_point.len() == 67 && ec_point[0] == 0x04 {
+        &ec_point[2..]
+    } else {
+        &ec_point[..]
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
+        .verify(message, &sig)
+        .expect("B's signature verifies under A's public key");
 }

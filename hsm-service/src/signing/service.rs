@@ -316,6 +316,11 @@ fn check_list(field: &str, values: &[String]) -> Result<()> {
 }
 
 impl Signer {
+    /// The token the keys live on.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
     /// Load the key records from the store. With `config.bootstrap_default_key`, create
     /// the default key (ES256), publish and activate it when it has no version yet.
     pub async fn open(
