@@ -290,6 +290,49 @@ pub fn combine_share_files(label: &str, files: &[ShareFile]) -> Result<Zeroizing
     Ok(kek)
 }
 
+/// Offline provisioning of backup KEK `label` (service stopped): the KEK is drawn from
+/// the token's RNG and created trusted by the security officer, split M-of-N, and share
+/// `i` written to `dir/<label>.share-<i>` (mode 0600). Refuses, before touching the token,
+/// a bad label or quorum, a missing `dir` or an existing share file; refuses an existing
+/// KEK label. The KEK's value is zeroized on return. Returns the share files' paths and
+/// the KEK's check value.
+pub fn provision_backup_kek(
+    settings: &crate::hsm::HsmSettings,
+    so_pin: &secrecy::SecretString,
+    label: &str,
+    threshold: u8,
+    shares: u8,
+    dir: &std::path::Path,
+) -> Result<(Vec<std::path::PathBuf>, String)> {
+    check_kek_label(label)?;
+    check_quorum(u32::from(threshold), u32::from(shares))?;
+    if !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    if let Some(p) = (1..=shares)
+        .map(|i| share_path(dir, label, i))
+        .find(|p| p.exists())
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "{} exists: share files are never overwritten",
+            p.display()
+        )));
+    }
+    let kek = crate::hsm::backup::create_random_trusted_kek(settings, so_pin, label).map_err(
+        |e| match e {
+            crate::hsm::Error::Invalid(m) => Error::FailedPrecondition(m),
+            e => e.into(),
+        },
+    )?;
+    let files = split_kek(label, &kek, threshold, shares)?;
+    let check = kek_check_value(&kek);
+    drop(kek);
+    Ok((write_share_files(dir, &files)?, check))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,67 @@ pub fn create_trusted_kek(
     Ok(())
 }
 
+/// Create a trusted backup KEK `label` like [`create_trusted_kek`], its value drawn from
+/// the token's RNG (`C_GenerateRandom`) in the same SO session; refuses if a secret key
+/// labelled `label` exists. Returns the value, for splitting into shares. Blocking; run
+/// it with the service stopped.
+pub fn create_random_trusted_kek(
+    settings: &HsmSettings,
+    so_pin: &SecretString,
+    label: &str,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let ctx = module::load(&settings.module)?;
+    let slot = module::find_token(&ctx, &settings.token)?;
+    let session = ctx.open_rw_session(slot)?;
+    session.login(UserType::So, Some(so_pin))?;
+    let out = (|| {
+        if objects::search(&session, ObjectClass::SECRET_KEY, label)?.is_some() {
+            return Err(Error::Invalid(format!(
+                "a key labelled {label:?} exists on the token; KEKs are never replaced"
+            )));
+        }
+        let mut value = Zeroizing::new(vec![0u8; KEK_LEN]);
+        session.generate_random_slice(&mut value[..])?;
+        create_kek_object(&session, label, &value)?;
+        Ok(value)
+    })();
+    let logout = session.logout();
+    let value = out?;
+    logout?;
+    Ok(value)
+}
+
+fn create_kek_object(
+    session: &cryptoki::session::Session,
+    label: &str,
+    value: &[u8],
+) -> Result<()> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Trusted(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Value(value.to_vec()),
+    ];
+    let created = session.create_object(&template);
+    for attr in &mut template {
+        if let Attribute::Value(v) = attr {
+            v.zeroize();
+        }
+    }
+    created?;
+    Ok(())
+}
+
 /// A private key wrapped for backup, with what is needed to put the pair back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedKeyPair {

@@ -524,3 +524,88 @@ async fn backup_key_pair_restores_onto_another_token_from_m_shares() {
         .verify(message, &sig)
         .expect("B's signature verifies under A's public key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioned_kek_share_files_restore_a_backup_on_a_new_token() {
+    use crate::ceremony::shares::{self, ShareFile};
+
+    let a = DevEnv::new();
+    let settings = HsmSettings {
+        module: a.config.hsm.module.clone(),
+        token: a.config.token(),
+        sessions: 1,
+        queue_capacity: 4,
+        seed_cache_capacity: 16,
+    };
+    let so_pin = secrecy::SecretString::from(
+        std::fs::read_to_string(a.dir.path().join("so.pin"))
+            .expect("so.pin")
+            .trim()
+            .to_owned(),
+    );
+    let out = tempfile::tempdir().expect("tempdir");
+    let (paths, check) =
+        shares::provision_backup_kek(&settings, &so_pin, "backup-kek-1", 2, 3, out.path())
+            .expect("provision 2 of 3");
+    assert_eq!(paths.len(), 3);
+    // Existing share files, or an existing KEK label, are refused.
+    let e = shares::provision_backup_kek(&settings, &so_pin, "backup-kek-1", 2, 3, out.path())
+        .expect_err("files exist");
+    assert!(e.to_string().contains("never overwritten"), "{e}");
+    let other = tempfile::tempdir().expect("tempdir");
+    let e = shares::provision_backup_kek(&settings, &so_pin, "backup-kek-1", 2, 3, other.path())
+        .expect_err("label exists");
+    assert!(e.to_string().contains("never replaced"), "{e}");
+    assert!(std::fs::read_dir(other.path()).unwrap().next().is_none());
+    let e = shares::provision_backup_kek(&settings, &so_pin, "backup-kek-2", 1, 3, other.path())
+        .expect_err("1 of 3");
+    assert!(e.to_string().contains("threshold 1 of 3"), "{e}");
+
+    let hsm_a = open(&a, 1, 4);
+    let kind = KeyPairKind::EcP256;
+    let pair = hsm_a
+        .generate_backup_key_pair(kind, "assertion/v9")
+        .await
+        .expect("generate");
+    let wrapped = hsm_a
+        .wrap_key_pair_for_backup(kind, &pair.id, "backup-kek-1")
+        .await
+        .expect("wrap under the provisioned KEK");
+
+    let read = |i: usize| {
+        let f =
+            ShareFile::parse(&std::fs::read_to_string(&paths[i]).expect("read")).expect("parse");
+        assert_eq!(f.check, check);
+        f
+    };
+    let b = DevEnv::new();
+    let hsm_b = open(&b, 1, 4);
+    let e = shares::combine_share_files("backup-kek-1", &[read(1)]).expect_err("1 of 2");
+    assert!(e.to_string().contains("1 distinct share(s)"), "{e}");
+    assert_eq!(
+        hsm_b.count_objects_with_id(&pair.id).await.expect("count"),
+        0
+    );
+    let kek = shares::combine_share_files("backup-kek-1", &[read(2), read(0)]).expect("2 of 3");
+    hsm_b
+        .restore_key_pair(&wrapped, "assertion/v9", kek)
+        .await
+        .expect("restore");
+    let message = b"signed on the new token";
+    let digest = ring::digest::digest(&ring::digest::SHA256, message);
+    let sig = hsm_b
+        .sign(&pair.id, SignMechanism::Ecdsa, digest.as_ref().to_vec())
+        .await
+        .expect("sign on B");
+    let PublicKeyAttributes::Ec { ec_point } = &pair.public else {
+        panic!("EC key");
+    };
+    let point = if ec_point.len() == 67 && ec_point[0] == 0x04 {
+        &ec_point[2..]
+    } else {
+        &ec_point[..]
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
+        .verify(message, &sig)
+        .expect("B's signature verifies under A's public key");
+}
