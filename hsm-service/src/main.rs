@@ -41,10 +41,43 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Offline, with the service stopped: create the trusted backup KEK on the token (as
+    /// the security officer, value from the token's RNG) and write its M-of-N shares, one
+    /// file per officer (`OUT/<label>.share-<i>`, mode 0600). The KEK itself is never
+    /// written anywhere.
+    BackupKek {
+        /// The service's TOML configuration (which token).
+        #[arg(long)]
+        config: PathBuf,
+        /// File holding the token's SO PIN (dev mode: DATA_DIR/so.pin).
+        #[arg(long)]
+        so_pin_file: PathBuf,
+        /// Label of the KEK on the token, and prefix of the share files.
+        #[arg(long)]
+        label: String,
+        /// Shares needed to restore (M, at least 2).
+        #[arg(long)]
+        threshold: u8,
+        /// Shares made (N, one per officer).
+        #[arg(long)]
+        shares: u8,
+        /// Existing directory for the share files; existing files are never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::BackupKek { .. } = &cli.command {
+        return match backup_kek(&cli.command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("hsm-service: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Everything that touches the process environment (SOFTHSM2_CONF) and the token set-up
     // happens here, before the runtime's threads exist.
     let (config, dev_dir) = match prepare(&cli) {
@@ -92,6 +125,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// `backup-kek`: no runtime, no logging of anything secret; one line per share file.
+fn backup_kek(command: &Command) -> Result<(), String> {
+    let Command::BackupKek {
+        config,
+        so_pin_file,
+        label,
+        threshold,
+        shares,
+        out,
+    } = command
+    else {
+        return Err("not backup-kek".into());
+    };
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    if let Some(conf) = &config.hsm.softhsm2_conf {
+        dev::point_softhsm_at(conf)?;
+    }
+    let pin = zeroize::Zeroizing::new(
+        std::fs::read_to_string(so_pin_file)
+            .map_err(|e| format!("SO PIN file {}: {e}", so_pin_file.display()))?,
+    );
+    let so_pin = secrecy::SecretString::from(pin.trim().to_owned());
+    let settings = hsm_service::hsm::HsmSettings {
+        module: config.hsm.module.clone(),
+        token: config.token(),
+        sessions: 1,
+        queue_capacity: 1,
+        seed_cache_capacity: 1,
+    };
+    let (paths, check) = hsm_service::ceremony::shares::provision_backup_kek(
+        &settings, &so_pin, label, *threshold, *shares, out,
+    )
+    .map_err(|e| format!("backup-kek: {e}"))?;
+    println!("trusted KEK {label:?} created (check value {check}); {threshold} of {shares} shares needed to restore:");
+    for p in paths {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
 fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
     match &cli.command {
         Command::Dev { data_dir, listen } => {
@@ -100,6 +173,7 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             let config = dev::prepare(&opts)?;
             Ok((config, Some(data_dir.clone())))
         }
+        Command::BackupKek { .. } => Err("backup-kek runs without the service".into()),
         Command::Serve { config } => {
             let config = Config::load(config).map_err(|e| e.to_string())?;
             if let Some(conf) = &config.hsm.softhsm2_conf {

@@ -1,0 +1,112 @@
+//! `hsm-service backup-kek`: offline creation of the trusted backup KEK and its share
+//! files, and its refusals (one clear line, exit code 1).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn backup_kek(dir: &Path, out: &Path, label: &str, threshold: &str, shares: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hsm-service"))
+        .arg("backup-kek")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .arg("--so-pin-file")
+        .arg(dir.join("so.pin"))
+        .args([
+            "--label",
+            label,
+            "--threshold",
+            threshold,
+            "--shares",
+            shares,
+        ])
+        .arg("--out")
+        .arg(out)
+        .env_remove("SOFTHSM2_CONF")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run")
+}
+
+fn refusal(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "must refuse");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("hsm-service: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line saying what is wrong: {stderr}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn backup_kek_writes_m_of_n_share_files_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, _) = common::spawn_dev(dir.path());
+    assert!(common::terminate(&mut child).success());
+    let so_pin = std::fs::read_to_string(dir.path().join("so.pin")).expect("so.pin");
+    let shares = tempfile::tempdir().expect("tempdir");
+
+    let out = backup_kek(dir.path(), shares.path(), "backup-kek-1", "2", "3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("2 of 3 shares needed"), "{stdout}");
+    assert!(!stdout.contains(so_pin.trim()) && !stderr.contains(so_pin.trim()));
+    let mut names: Vec<String> = std::fs::read_dir(shares.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "backup-kek-1.share-1",
+            "backup-kek-1.share-2",
+            "backup-kek-1.share-3"
+        ]
+    );
+    for name in &names {
+        let text = std::fs::read_to_string(shares.path().join(name)).expect("read");
+        let body = text.lines().nth(1).expect("share line");
+        assert!(!stdout.contains(body), "a share is never printed");
+    }
+
+    let line = refusal(&backup_kek(
+        dir.path(),
+        shares.path(),
+        "backup-kek-1",
+        "2",
+        "3",
+    ));
+    assert!(line.contains("never overwritten"), "{line}");
+    let other = tempfile::tempdir().expect("tempdir");
+    let line = refusal(&backup_kek(
+        dir.path(),
+        other.path(),
+        "backup-kek-1",
+        "2",
+        "3",
+    ));
+    assert!(line.contains("never replaced"), "{line}");
+    let line = refusal(&backup_kek(
+        dir.path(),
+        other.path(),
+        "backup-kek-2",
+        "4",
+        "3",
+    ));
+    assert!(line.contains("threshold 4 of 3"), "{line}");
+    let line = refusal(&backup_kek(dir.path(), other.path(), "../kek", "2", "3"));
+    assert!(line.contains("KEK label"), "{line}");
+    let line = refusal(&backup_kek(
+        dir.path(),
+        &other.path().join("missing"),
+        "backup-kek-2",
+        "2",
+        "3",
+    ));
+    assert!(line.contains("not a directory"), "{line}");
+    assert!(std::fs::read_dir(other.path()).unwrap().next().is_none());
+}
