@@ -11,6 +11,7 @@
 //! Every proposal, approval, refusal, step and key state change goes through
 //! [`Ceremonies::event`], the one place to route them into the audit log.
 
+pub mod backup_file;
 pub mod plan;
 pub mod record;
 pub mod shares;
