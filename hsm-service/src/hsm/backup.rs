@@ -207,7 +207,8 @@ impl Hsm {
     /// KEK `kek` becomes a session object (unwrap only) for the time of the unwrap and is
     /// destroyed; the private key is unwrapped sensitive, never extractable, sign-only;
     /// the public key is created from the backup. A wrong KEK (e.g. recombined from too
-    /// few shares) fails the unwrap's integrity check.
+    /// few shares) fails the unwrap's integrity check. Refused if a private or public key
+    /// with the pair's CKA_ID is on the token already.
     pub async fn restore_key_pair(
         &self,
         backup: &WrappedKeyPair,
@@ -234,6 +235,15 @@ impl Hsm {
                     Attribute::Value(kek.to_vec()),
                 ];
                 let out = w.run(false, |s, _| {
+                    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                        if objects::search_by_id(s, class, &b.id)?.is_some() {
+                            return Err(Error::Invalid(
+                                "a key with that CKA_ID is on the token; a restore never \
+                                 replaces a key"
+                                    .into(),
+                            ));
+                        }
+                    }
                     let kek = s.create_object(&kek_template)?;
                     let private = s.unwrap_key(
                         &Mechanism::AesKeyWrapPad,

@@ -591,6 +591,17 @@ async fn provisioned_kek_share_files_restore_a_backup_on_a_new_token() {
         .restore_key_pair(&wrapped, "assertion/v9", kek)
         .await
         .expect("restore");
+    // A second restore of the same pair is refused and adds nothing.
+    let kek = shares::combine_share_files("backup-kek-1", &[read(0), read(1)]).expect("2 of 3");
+    let e = hsm_b
+        .restore_key_pair(&wrapped, "assertion/v9", kek)
+        .await
+        .expect_err("restore over an existing key");
+    assert!(e.to_string().contains("never replaces"), "{e}");
+    assert_eq!(
+        hsm_b.count_objects_with_id(&pair.id).await.expect("count"),
+        2
+    );
     let message = b"signed on the new token";
     let digest = ring::digest::digest(&ring::digest::SHA256, message);
     let sig = hsm_b
