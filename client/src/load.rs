@@ -134,6 +134,23 @@ pub async fn run(
     args: &BenchArgs,
     json_out: bool,
 ) -> Result<ExitCode, ClientError> {
+    let summary = measure(client, args, json_out).await?;
+    if json_out {
+        println!("{summary}");
+    } else {
+        print_summary(&summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the bench (and write `--plot` if asked) and return the summary that
+/// `hsmctl bench --json` prints, without printing it. `quiet` hides the
+/// progress bar.
+pub async fn measure(
+    client: &HsmClient,
+    args: &BenchArgs,
+    quiet: bool,
+) -> Result<Value, ClientError> {
     if !(0.0..=1.0).contains(&args.wrong_share) {
         return Err(usage("--wrong-share must be between 0 and 1"));
     }
@@ -150,7 +167,7 @@ pub async fn run(
         creds,
         rng: AtomicU64::new(seed_u64()),
     });
-    let progress = (!json_out && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+    let progress = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let bar = indicatif::ProgressBar::new((args.warmup + args.duration).as_secs().max(1));
         bar.set_style(
             indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
@@ -169,12 +186,7 @@ pub async fn run(
             .plot(path)
             .map_err(|e| usage(&format!("--plot {}: {e}", path.display())))?;
     }
-    if json_out {
-        println!("{summary}");
-    } else {
-        print_summary(&summary);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(summary)
 }
 
 fn usage(m: &str) -> ClientError {
