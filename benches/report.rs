@@ -1,10 +1,13 @@
 //! `benches/report`: the physical limits of one machine, measured in one run —
 //! HMAC-SHA1 ×3 (one TOTP window) and ECDSA P-256 signing in software (ring) and
 //! through SoftHSM directly via cryptoki (no service around it), on 1 and 2
-//! threads — printed as a Markdown table with the ratio SoftHSM-direct / software.
+//! threads — then the in-process dev service end to end over mTLS gRPC with
+//! `hsm_client::load` (VerifyCode TOTP and SignAssertion ES256 at several
+//! concurrencies, VerifyCode without durability, open loop at half the peak),
+//! and the targets of issue #6 as ratios measured in this run.
 //!
 //! Usage: `report [--quick] [--out DIR]` (default `target/report/`).
-//! Not yet here (issue #6): the end-to-end mTLS runs, the targets table, the plot.
+//! Not yet here (issue #6): the SVG plot.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
@@ -205,7 +208,10 @@ fn main() {
             ),
         });
     }
-    let md = markdown(&rows, quick);
+    drop(bench);
+    let e2e = end_to_end(quick);
+    let mut md = markdown(&rows, quick);
+    md.push_str(&e2e_markdown(&rows, &e2e));
     print!("{md}");
     std::fs::create_dir_all(&out).expect("--out directory");
     std::fs::write(out.join("report.md"), &md).expect("write report.md");
@@ -251,5 +257,200 @@ fn markdown(rows: &[Row], quick: bool) -> String {
             100.0 * direct / sw.ops_per_s
         ));
     }
+    md
+}
+
+/// One end-to-end run (mTLS gRPC, in-process dev service, `hsm_client::load`).
+struct E2e {
+    scenario: &'static str,
+    durable: bool,
+    concurrency: Option<usize>,
+    rate: Option<f64>,
+    ops_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn end_to_end(quick: bool) -> Vec<E2e> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (warmup, dur) = if quick {
+        ("50ms", "200ms")
+    } else {
+        ("1s", "4s")
+    };
+    let concurrencies: &[usize] = if quick { &[1, 4] } else { &[1, 4, 16, 64] };
+    let mut runs = Vec::new();
+    rt.block_on(async {
+        for durable in [true, false] {
+            let env = hsm_service::testing::DevEnv::new();
+            let server = if durable {
+                env.start().await
+            } else {
+                env.start_without_fsync_bench_only().await
+            };
+            let client = hsm_client::ClientConfig::dev(env.dir.path(), "login-service")
+                .with_endpoint(format!("https://{}", server.local_addr()))
+                .connect()
+                .await
+                .expect("connect");
+            let scenarios: &[&'static str] = if durable {
+                &["verify-totp", "sign-assertion"]
+            } else {
+                &["verify-totp"]
+            };
+            for &scenario in scenarios {
+                for &c in concurrencies {
+                    let c_s = c.to_string();
+                    let flags = [
+                        "--scenario",
+                        scenario,
+                        "--concurrency",
+                        &c_s,
+                        "--warmup",
+                        warmup,
+                        "--duration",
+                        dur,
+                        "--credentials",
+                        "200",
+                    ];
+                    runs.push(run_one(&client, &flags, scenario, durable, Some(c), None).await);
+                }
+            }
+            if durable {
+                let peak = runs
+                    .iter()
+                    .filter(|r| r.scenario == "verify-totp" && r.durable)
+                    .map(|r| r.ops_per_s)
+                    .fold(0.0, f64::max);
+                let rate = (peak / 2.0).max(1.0);
+                let rate_s = format!("{rate:.0}");
+                let flags = [
+                    "--scenario",
+                    "verify-totp",
+                    "--rate",
+                    &rate_s,
+                    "--warmup",
+                    warmup,
+                    "--duration",
+                    dur,
+                    "--credentials",
+                    "200",
+                ];
+                runs.push(run_one(&client, &flags, "verify-totp", true, None, Some(rate)).await);
+            }
+            server.shutdown().await.expect("shutdown");
+        }
+    });
+    runs
+}
+
+async fn run_one(
+    client: &hsm_client::HsmClient,
+    flags: &[&str],
+    scenario: &'static str,
+    durable: bool,
+    concurrency: Option<usize>,
+    rate: Option<f64>,
+) -> E2e {
+    let args = hsm_client::load::BenchArgs::from_flags(flags).expect("bench flags");
+    let s = hsm_client::load::measure(client, &args, true)
+        .await
+        .expect("load run");
+    E2e {
+        scenario,
+        durable,
+        concurrency,
+        rate,
+        ops_per_s: s["throughput_per_second"].as_f64().unwrap_or(0.0),
+        p50_ms: s["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        p99_ms: s["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+    }
+}
+
+fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
+    let direct = |op: &str| {
+        rows.iter()
+            .find(|r| r.family.starts_with("SoftHSM") && r.op == op && r.threads == 2)
+            .map_or(f64::NAN, |r| r.ops_per_s)
+    };
+    let limit = |scenario: &str| {
+        if scenario == "sign-assertion" {
+            direct("ECDSA P-256 sign")
+        } else {
+            direct("HMAC-SHA1 ×3")
+        }
+    };
+    let mut md = String::from(
+        "\n## End to end (mTLS gRPC, in-process dev service)\n\n\
+         | scenario | durable | load | ops/s | p50 ms | p99 ms | e2e / direct (2 threads) |\n\
+         |---|---|---|---:|---:|---:|---:|\n",
+    );
+    for r in runs {
+        let load = match (r.concurrency, r.rate) {
+            (Some(c), _) => format!("closed, {c} in flight"),
+            (None, Some(rate)) => format!("open, {rate:.0}/s"),
+            _ => String::new(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {load} | {:.0} | {:.2} | {:.2} | {:.1}% |\n",
+            r.scenario,
+            if r.durable { "yes" } else { "no (bench only)" },
+            r.ops_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            100.0 * r.ops_per_s / limit(r.scenario)
+        ));
+    }
+    let peak = |scenario: &str, durable: bool| {
+        runs.iter()
+            .filter(|r| r.scenario == scenario && r.durable == durable && r.concurrency.is_some())
+            .map(|r| r.ops_per_s)
+            .fold(0.0, f64::max)
+    };
+    let verify = peak("verify-totp", true) / direct("HMAC-SHA1 ×3");
+    let sign = peak("sign-assertion", true) / direct("ECDSA P-256 sign");
+    let cost = 1.0 - peak("verify-totp", true) / peak("verify-totp", false);
+    let p99 = runs
+        .iter()
+        .find(|r| r.rate.is_some())
+        .map_or(f64::NAN, |r| r.p99_ms);
+    md.push_str("\n## Targets\n\n| target | measured | met |\n|---|---:|---|\n");
+    let row = |name: &str, measured: String, met: bool, by: String| {
+        format!(
+            "| {name} | {measured} | {} |\n",
+            if met {
+                "met".to_owned()
+            } else {
+                format!("missed by {by}")
+            }
+        )
+    };
+    md.push_str(&row(
+        "VerifyCode e2e ≥ 50% of SoftHSM-direct HMAC ×3",
+        format!("{:.1}%", 100.0 * verify),
+        verify >= 0.5,
+        format!("{:.1} points", 100.0 * (0.5 - verify)),
+    ));
+    md.push_str(&row(
+        "SignAssertion ES256 e2e ≥ 70% of SoftHSM-direct ECDSA",
+        format!("{:.1}%", 100.0 * sign),
+        sign >= 0.7,
+        format!("{:.1} points", 100.0 * (0.7 - sign)),
+    ));
+    md.push_str(&row(
+        "durable group commit costs ≤ 20% of VerifyCode throughput",
+        format!("{:.1}%", 100.0 * cost),
+        cost <= 0.2,
+        format!("{:.1} points", 100.0 * (cost - 0.2)),
+    ));
+    md.push_str(&row(
+        "open loop at half peak: VerifyCode p99 ≤ 5 ms",
+        format!("{p99:.2} ms"),
+        p99 <= 5.0,
+        format!("{:.2} ms", p99 - 5.0),
+    ));
     md
 }

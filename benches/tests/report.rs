@@ -1,4 +1,4 @@
-//! `report --quick` runs end to end and writes a Markdown table with every row.
+//! `report --quick` runs end to end and writes the Markdown with every section and row.
 //! (Figures are not checked: speed is never asserted in a test.)
 
 #[test]
@@ -14,6 +14,20 @@ fn quick_report_writes_every_row() {
     assert!(status.success());
     let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
     assert!(md.contains("nproc "), "{md}");
+    for needle in [
+        "## End to end",
+        "| verify-totp | yes | closed, 1 in flight |",
+        "| sign-assertion | yes | closed, 4 in flight |",
+        "| verify-totp | no (bench only) | closed, 4 in flight |",
+        "| verify-totp | yes | open, ",
+        "## Targets",
+        "| VerifyCode e2e ≥ 50%",
+        "| SignAssertion ES256 e2e ≥ 70%",
+        "| durable group commit costs ≤ 20%",
+        "| open loop at half peak: VerifyCode p99 ≤ 5 ms |",
+    ] {
+        assert!(md.contains(needle), "missing {needle:?}: {md}");
+    }
     for op in ["HMAC-SHA1 ×3", "ECDSA P-256 sign"] {
         for threads in [1, 2] {
             assert!(

@@ -66,6 +66,27 @@ pub struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
+impl BenchArgs {
+    /// The arguments `hsmctl bench` would get from these flags, e.g.
+    /// `["--scenario", "sign-assertion", "--concurrency", "4"]` (for library callers).
+    pub fn from_flags<I, T>(flags: I) -> Result<BenchArgs, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("bench"))
+            .chain(flags.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv)
+            .map(|w| w.args)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Workloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
