@@ -7,7 +7,8 @@
 //! and the targets of issue #6 as ratios measured in this run.
 //!
 //! Usage: `report [--quick] [--out DIR]` (default `target/report/`).
-//! Not yet here (issue #6): the SVG plot.
+//! Writes `report.md` and `report.svg` (e2e throughput by concurrency, with
+//! the SoftHSM-direct and software limits on 2 threads as horizontal lines).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
@@ -215,6 +216,7 @@ fn main() {
     print!("{md}");
     std::fs::create_dir_all(&out).expect("--out directory");
     std::fs::write(out.join("report.md"), &md).expect("write report.md");
+    plot(&out.join("report.svg"), &rows, &e2e).expect("write report.svg");
 }
 
 fn markdown(rows: &[Row], quick: bool) -> String {
@@ -453,4 +455,69 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
         format!("{:.2} ms", p99 - 5.0),
     ));
     md
+}
+
+/// Two panels: VerifyCode and SignAssertion e2e throughput by concurrency
+/// (log2 x), with the SoftHSM-direct and software limits (2 threads) as lines.
+fn plot(path: &std::path::Path, rows: &[Row], runs: &[E2e]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (top, bottom) = root.split_vertically(400);
+    let limit = |family: &str, op: &str| {
+        rows.iter()
+            .find(|r| r.family.starts_with(family) && r.op == op && r.threads == 2)
+            .map_or(0.0, |r| r.ops_per_s)
+    };
+    for (area, scenario, op) in [
+        (&top, "verify-totp", "HMAC-SHA1 ×3"),
+        (&bottom, "sign-assertion", "ECDSA P-256 sign"),
+    ] {
+        let series = |durable: bool| -> Vec<(f64, f64)> {
+            runs.iter()
+                .filter(|r| r.scenario == scenario && r.durable == durable)
+                .filter_map(|r| r.concurrency.map(|c| ((c as f64).log2(), r.ops_per_s)))
+                .collect()
+        };
+        let (direct, software) = (limit("SoftHSM", op), limit("software", op));
+        let x_max = series(true).iter().map(|p| p.0).fold(1.0f64, f64::max);
+        let y_max = series(true)
+            .iter()
+            .chain(series(false).iter())
+            .map(|p| p.1)
+            .fold(direct.max(software), f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{scenario}: e2e ops/s by concurrency (log2) vs limits of {op}"),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..x_max, 0f64..y_max.max(1.0))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("log2(in flight)")
+            .y_desc("ops/s")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(series(true), &BLUE))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(series(false), &MAGENTA))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new([(0.0, direct), (x_max, direct)], &RED))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, software), (x_max, software)],
+                &GREEN,
+            ))
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
 }

@@ -12,6 +12,8 @@ fn quick_report_writes_every_row() {
         .status()
         .expect("run report");
     assert!(status.success());
+    let svg = std::fs::metadata(out.path().join("report.svg")).expect("report.svg");
+    assert!(svg.len() > 0, "empty report.svg");
     let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
     assert!(md.contains("nproc "), "{md}");
     for needle in [
