@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 
 pub use hsm_proto::v1 as proto;
+
+pub mod load;
 use proto::admin_service_client::AdminServiceClient;
 use proto::key_service_client::KeyServiceClient;
 use proto::signing_service_client::SigningServiceClient;

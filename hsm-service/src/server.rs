@@ -112,6 +112,16 @@ impl RunningServer {
 
 /// Check the config's TLS files, open the token, bind, and serve in a background task.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    start_with_store(config, StoreOptions::default()).await
+}
+
+/// [`start`] with explicit store options. Crate-private: the only caller with
+/// non-default options is [`crate::testing::DevEnv`] (the bench-only
+/// no-fsync switch); no config key reaches it.
+pub(crate) async fn start_with_store(
+    config: Config,
+    store_options: StoreOptions,
+) -> Result<RunningServer, StartError> {
     let tls = load_tls(&config)?;
     let pin = config.user_pin().map_err(StartError::Hsm)?;
     let settings = HsmSettings {
@@ -133,7 +143,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "HSM token opened"
     );
 
-    let store = open_store(&config).await?;
+    let store = open_store(&config, store_options).await?;
     let clock = crate::credentials::system_clock();
     let audit = AuditLog::open(store.clone(), hsm.clone(), config.audit.checkpoint_interval)
         .await
@@ -335,13 +345,16 @@ async fn open_credentials(
 /// File name of the embedded store under the data directory.
 pub const STORE_FILE: &str = "store.redb";
 
-async fn open_store(config: &Config) -> Result<Arc<EmbeddedStore>, StartError> {
+async fn open_store(
+    config: &Config,
+    options: StoreOptions,
+) -> Result<Arc<EmbeddedStore>, StartError> {
     let dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StartError::Store(format!("data_dir {}: {e}", dir.display())))?;
         let path = dir.join(STORE_FILE);
-        EmbeddedStore::open(&path, StoreOptions::default())
+        EmbeddedStore::open(&path, options)
             .map(Arc::new)
             .map_err(|e| StartError::Store(format!("{}: {e}", path.display())))
     })

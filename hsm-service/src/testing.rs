@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use crate::config::Config;
 use crate::dev::{self, DevOptions};
 use crate::server::{self, RunningServer};
+use crate::store::StoreOptions;
 
 struct SharedSoftHsm {
     _dir: tempfile::TempDir,
@@ -77,6 +78,22 @@ impl DevEnv {
     /// Start the service on 127.0.0.1:0.
     pub async fn start(&self) -> RunningServer {
         server::start(self.config.clone())
+            .await
+            .expect("server starts")
+    }
+
+    /// Start the service with a credential store that does **not** fsync its
+    /// commits. Benchmark only (measures the cost of durable group commit):
+    /// a "successful" update can vanish on a crash, which re-opens replay of
+    /// accepted OTPs. There is no config key for this; this test-support
+    /// entry is the only way to reach it.
+    #[doc(hidden)]
+    pub async fn start_without_fsync_bench_only(&self) -> RunningServer {
+        let options = StoreOptions {
+            durable: false,
+            ..StoreOptions::default()
+        };
+        server::start_with_store(self.config.clone(), options)
             .await
             .expect("server starts")
     }

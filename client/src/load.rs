@@ -1,0 +1,685 @@
+//! The load generator behind `hsmctl bench` (a library, so benches can drive the service too).
+//!
+//! Closed loop (`--concurrency C`): C callers send as fast as replies come back.
+//! Open loop (`--rate R`): requests are scheduled at a fixed rate whatever the service
+//! does, and latency is measured from the *intended* send time, so queueing inside the
+//! generator or the service is not hidden (coordinated omission).
+//!
+//! Latencies go into an HdrHistogram (microseconds, 3 significant digits). Requests that
+//! complete during the warm-up are not counted.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::proto as pb;
+use crate::{ClientError, HsmClient};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// `hsmctl bench` options.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// What each request does.
+    #[arg(long, value_enum, default_value = "verify-totp")]
+    scenario: Scenario,
+    /// Closed loop: callers in flight (ignored with --rate).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Open loop: requests per second, scheduled whatever the latency.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to measure, after the warm-up (e.g. 20s, 500ms, 2m).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Stop after this many measured requests instead (whichever comes first).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Warm-up before measuring; its requests are not counted.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// Credentials created up front (verify scenarios); deleted at the end.
+    #[arg(long, default_value_t = 100)]
+    credentials: usize,
+    /// How requests pick a credential.
+    #[arg(long, value_enum, default_value = "uniform")]
+    distribution: Distribution,
+    /// Share of requests with a wrong code (0..1). Wrong codes count towards lockout.
+    #[arg(long, default_value_t = 0.0)]
+    wrong_share: f64,
+    /// sign-assertion and mixed: the signing key (empty: the service's default key).
+    #[arg(long, default_value = "")]
+    signing_key: String,
+    /// sign-assertion and mixed: the acr claim.
+    #[arg(
+        long,
+        default_value = "https://data.gov.dk/concept/core/nsis/Substantial"
+    )]
+    acr: String,
+    /// Write a picture (SVG): latency over time and the latency histogram.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The arguments `hsmctl bench` would get from these flags, e.g.
+    /// `["--scenario", "sign-assertion", "--concurrency", "4"]` (for library callers).
+    pub fn from_flags<I, T>(flags: I) -> Result<BenchArgs, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("bench"))
+            .chain(flags.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv)
+            .map(|w| w.args)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// VerifyCode on TOTP credentials (window 1: three HMACs each).
+    VerifyTotp,
+    /// VerifyCode on HOTP credentials (look-ahead 10: eleven HMACs each).
+    VerifyHotp,
+    /// SignAssertion.
+    SignAssertion,
+    /// VerifyCode (TOTP) then SignAssertion, as one login does; latency of the pair.
+    Mixed,
+}
+
+/// How a credential is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Distribution {
+    /// Every credential equally often.
+    Uniform,
+    /// Power law: half the requests go to the first eighth of the credentials.
+    Skewed,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, ms or m"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1000.0,
+        "m" => v * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// One credential the generator knows the seed of.
+struct Cred {
+    id: String,
+    seed: Vec<u8>,
+    hotp_counter: AtomicU64,
+}
+
+/// Everything a request needs.
+struct Workload {
+    client: HsmClient,
+    args: BenchArgs,
+    creds: Vec<Cred>,
+    rng: AtomicU64,
+}
+
+/// One finished request.
+struct Sample {
+    done: Instant,
+    latency_us: u64,
+    outcome: String,
+}
+
+/// Run the bench and print the summary.
+pub async fn run(
+    client: &HsmClient,
+    args: &BenchArgs,
+    json_out: bool,
+) -> Result<ExitCode, ClientError> {
+    let summary = measure(client, args, json_out).await?;
+    if json_out {
+        println!("{summary}");
+    } else {
+        print_summary(&summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the bench (and write `--plot` if asked) and return the summary that
+/// `hsmctl bench --json` prints, without printing it. `quiet` hides the
+/// progress bar.
+pub async fn measure(
+    client: &HsmClient,
+    args: &BenchArgs,
+    quiet: bool,
+) -> Result<Value, ClientError> {
+    if !(0.0..=1.0).contains(&args.wrong_share) {
+        return Err(usage("--wrong-share must be between 0 and 1"));
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(usage("--rate must be a positive number"));
+    }
+    if args.concurrency == 0 || args.credentials == 0 {
+        return Err(usage("--concurrency and --credentials must be at least 1"));
+    }
+    let creds = setup(client, args).await?;
+    let workload = Arc::new(Workload {
+        client: client.clone(),
+        args: args.clone(),
+        creds,
+        rng: AtomicU64::new(seed_u64()),
+    });
+    let progress = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let bar = indicatif::ProgressBar::new((args.warmup + args.duration).as_secs().max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
+                .expect("template"),
+        );
+        bar
+    });
+    let report = drive(workload.clone(), progress.clone()).await;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    cleanup(&workload).await;
+    let summary = report.summary(args);
+    if let Some(path) = &args.plot {
+        report
+            .plot(path)
+            .map_err(|e| usage(&format!("--plot {}: {e}", path.display())))?;
+    }
+    Ok(summary)
+}
+
+fn usage(m: &str) -> ClientError {
+    ClientError::Status(tonic::Status::invalid_argument(m.to_owned()))
+}
+
+fn seed_u64() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system RNG");
+    u64::from_le_bytes(b) | 1
+}
+
+/// Create the credentials (imported with seeds made here, so codes can be computed).
+async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, ClientError> {
+    let kind = match args.scenario {
+        Scenario::VerifyHotp => pb::OtpKind::Hotp,
+        Scenario::SignAssertion => return Ok(Vec::new()),
+        _ => pb::OtpKind::Totp,
+    };
+    let run = format!("{:x}", seed_u64() & 0xffff_ffff);
+    let mut creds = Vec::with_capacity(args.credentials);
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..args.credentials {
+        let mut seed = vec![0u8; 20];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .expect("system RNG");
+        let id = format!("bench-{run}-{i}");
+        let mut c = client.credentials();
+        let req = pb::CreateCredentialRequest {
+            credential_id: id.clone(),
+            kind: kind as i32,
+            seed: seed.clone(),
+            ..Default::default()
+        };
+        pending.spawn(async move { c.create_credential(req).await.map(|_| ()) });
+        creds.push(Cred {
+            id,
+            seed,
+            hotp_counter: AtomicU64::new(0),
+        });
+        if pending.len() >= 32 {
+            if let Some(r) = pending.join_next().await {
+                r.expect("join")?;
+            }
+        }
+    }
+    while let Some(r) = pending.join_next().await {
+        r.expect("join")?;
+    }
+    Ok(creds)
+}
+
+async fn cleanup(w: &Workload) {
+    for c in &w.creds {
+        let _ = w
+            .client
+            .credentials()
+            .delete_credential(pb::DeleteCredentialRequest {
+                credential_id: c.id.clone(),
+            })
+            .await;
+    }
+}
+
+impl Workload {
+    fn next_random(&self) -> u64 {
+        // xorshift64*, shared: good enough to spread requests, and lock-free.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn unit(&self) -> f64 {
+        (self.next_random() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn pick(&self) -> &Cred {
+        let u = self.unit();
+        let f = match self.args.distribution {
+            Distribution::Uniform => u,
+            Distribution::Skewed => u * u * u,
+        };
+        let i = ((f * self.creds.len() as f64) as usize).min(self.creds.len() - 1);
+        &self.creds[i]
+    }
+
+    /// One request of the scenario; the outcome name (verdict or gRPC code).
+    async fn one(&self) -> String {
+        match self.args.scenario {
+            Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify().await,
+            Scenario::SignAssertion => self.sign().await,
+            Scenario::Mixed => {
+                let v = self.verify().await;
+                if v == "ACCEPTED" || v == "REPLAYED" {
+                    let s = self.sign().await;
+                    if s != "OK" {
+                        return format!("sign {s}");
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    async fn verify(&self) -> String {
+        let cred = self.pick();
+        let wrong = self.unit() < self.args.wrong_share;
+        let factor = match self.args.scenario {
+            Scenario::VerifyHotp => cred.hotp_counter.fetch_add(1, Ordering::Relaxed),
+            _ => now_secs() / 30,
+        };
+        let mut code = code(&cred.seed, factor);
+        if wrong {
+            // Another valid-looking code: the last digit moved by one.
+            let last = code.pop().and_then(|c| c.to_digit(10)).unwrap_or(0);
+            code.push(char::from_digit((last + 1) % 10, 10).unwrap_or('0'));
+        }
+        let r = self
+            .client
+            .credentials()
+            .verify_code(pb::VerifyCodeRequest {
+                credential_id: cred.id.clone(),
+                code,
+            })
+            .await;
+        match r {
+            Ok(r) => pb::VerifyResult::try_from(r.into_inner().result)
+                .map(|v| {
+                    v.as_str_name()
+                        .trim_start_matches("VERIFY_RESULT_")
+                        .to_owned()
+                })
+                .unwrap_or_else(|_| "UNKNOWN".into()),
+            Err(s) => format!("{:?}", s.code()),
+        }
+    }
+
+    async fn sign(&self) -> String {
+        let r = self
+            .client
+            .signing()
+            .sign_assertion(pb::SignAssertionRequest {
+                key: self.args.signing_key.clone(),
+                subject: "bench-subject".into(),
+                audience: vec!["https://rp.example".into()],
+                acr: self.args.acr.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => "OK".into(),
+            Err(s) => format!("{:?}", s.code()),
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// HMAC-SHA-1, 6 digits (RFC 4226 dynamic truncation).
+fn code(seed: &[u8], factor: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, seed);
+    let mac = ring::hmac::sign(&key, &factor.to_be_bytes());
+    let mac = mac.as_ref();
+    let off = usize::from(mac[mac.len() - 1] & 0x0f);
+    let bin = u32::from_be_bytes([mac[off] & 0x7f, mac[off + 1], mac[off + 2], mac[off + 3]]);
+    format!("{:06}", bin % 1_000_000)
+}
+
+/// What a run measured.
+struct Report {
+    measured: Duration,
+    histogram: Histogram<u64>,
+    /// Per second of measurement: (requests, histogram).
+    per_second: Vec<Histogram<u64>>,
+    outcomes: BTreeMap<String, u64>,
+    dropped: u64,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Report {
+    let start = Instant::now();
+    let measure_from = start + w.args.warmup;
+    let end = measure_from + w.args.duration;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
+    let measured_count = Arc::new(AtomicU64::new(0));
+    let limit = w.args.count.unwrap_or(u64::MAX);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+
+    let producer = {
+        let w = w.clone();
+        let measured_count = measured_count.clone();
+        let dropped = dropped.clone();
+        tokio::spawn(async move {
+            match w.args.rate {
+                None => {
+                    let mut callers = tokio::task::JoinSet::new();
+                    for _ in 0..w.args.concurrency {
+                        let w = w.clone();
+                        let tx = tx.clone();
+                        let measured_count = measured_count.clone();
+                        callers.spawn(async move {
+                            while Instant::now() < end
+                                && measured_count.load(Ordering::Relaxed) < limit
+                            {
+                                let sent = Instant::now();
+                                let outcome = w.one().await;
+                                let done = Instant::now();
+                                if done >= measure_from {
+                                    measured_count.fetch_add(1, Ordering::Relaxed);
+                                }
+                                let latency_us = (done - sent).as_micros() as u64;
+                                if tx
+                                    .send(Sample {
+                                        done,
+                                        latency_us,
+                                        outcome,
+                                    })
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    while callers.join_next().await.is_some() {}
+                }
+                Some(rate) => {
+                    let interval = Duration::from_secs_f64(1.0 / rate);
+                    let in_flight = Arc::new(AtomicU64::new(0));
+                    const MAX_IN_FLIGHT: u64 = 20_000;
+                    let mut i: u64 = 0;
+                    loop {
+                        let intended = start + interval.mul_f64(i as f64);
+                        if intended >= end || measured_count.load(Ordering::Relaxed) >= limit {
+                            break;
+                        }
+                        tokio::time::sleep_until(intended.into()).await;
+                        i += 1;
+                        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                            // The service is this far behind: the generator would only
+                            // measure its own backlog from here on.
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        in_flight.fetch_add(1, Ordering::Relaxed);
+                        let w = w.clone();
+                        let tx = tx.clone();
+                        let in_flight = in_flight.clone();
+                        let measured_count = measured_count.clone();
+                        tokio::spawn(async move {
+                            let outcome = w.one().await;
+                            let done = Instant::now();
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            if done >= measure_from {
+                                measured_count.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // From the intended send time: a late send is latency too.
+                            let latency_us = (done - intended).as_micros() as u64;
+                            let _ = tx.send(Sample {
+                                done,
+                                latency_us,
+                                outcome,
+                            });
+                        });
+                    }
+                    drop(tx);
+                }
+            }
+        })
+    };
+    let stop_progress = stop.clone();
+    let ticker = progress.map(|bar| {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        let t = start.elapsed();
+                        bar.set_position(t.as_secs());
+                        bar.set_message(if t < w.args.warmup { "warming up".to_owned() } else { "measuring".to_owned() });
+                    }
+                    _ = stop_progress.notified() => return,
+                }
+            }
+        })
+    });
+
+    let mut report = Report {
+        measured: Duration::ZERO,
+        histogram: new_histogram(),
+        per_second: Vec::new(),
+        outcomes: BTreeMap::new(),
+        dropped: 0,
+    };
+    let mut last_done = measure_from;
+    while let Some(s) = rx.recv().await {
+        if s.done < measure_from {
+            continue;
+        }
+        last_done = last_done.max(s.done);
+        let v = s.latency_us.clamp(1, 60_000_000);
+        let _ = report.histogram.record(v);
+        let second = (s.done - measure_from).as_secs() as usize;
+        while report.per_second.len() <= second {
+            report.per_second.push(new_histogram());
+        }
+        let _ = report.per_second[second].record(v);
+        *report.outcomes.entry(s.outcome).or_default() += 1;
+    }
+    let _ = producer.await;
+    stop.notify_one();
+    if let Some(t) = ticker {
+        let _ = t.await;
+    }
+    report.measured = (last_done - measure_from).max(Duration::from_millis(1));
+    report.dropped = dropped.load(Ordering::Relaxed);
+    report
+}
+
+impl Report {
+    fn summary(&self, args: &BenchArgs) -> Value {
+        let h = &self.histogram;
+        let ms = |v: u64| v as f64 / 1000.0;
+        let requests = h.len();
+        let (outcomes, errors): (BTreeMap<_, _>, BTreeMap<_, _>) = self
+            .outcomes
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .partition(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+        json!({
+            "scenario": args.scenario.to_possible_value().map(|v| v.get_name().to_owned()),
+            "mode": if args.rate.is_some() { "open" } else { "closed" },
+            "concurrency": if args.rate.is_some() { Value::Null } else { json!(args.concurrency) },
+            "rate": args.rate,
+            "credentials": if args.scenario == Scenario::SignAssertion { 0 } else { args.credentials },
+            "warmup_seconds": args.warmup.as_secs_f64(),
+            "duration_seconds": self.measured.as_secs_f64(),
+            "requests": requests,
+            "throughput_per_second": requests as f64 / self.measured.as_secs_f64(),
+            "latency_ms": {
+                "p50": ms(h.value_at_quantile(0.50)),
+                "p90": ms(h.value_at_quantile(0.90)),
+                "p99": ms(h.value_at_quantile(0.99)),
+                "p999": ms(h.value_at_quantile(0.999)),
+                "max": ms(h.max()),
+                "mean": h.mean() / 1000.0,
+            },
+            "outcomes": outcomes,
+            "errors": errors,
+            "dropped": self.dropped,
+        })
+    }
+
+    /// Two panels in one SVG: p50/p99 latency per second, and the latency histogram.
+    fn plot(&self, path: &std::path::Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (top, bottom) = root.split_vertically(400);
+        let secs = self.per_second.len().max(1) as f64;
+        let p = |q: f64| -> Vec<(f64, f64)> {
+            self.per_second
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(i, h)| (i as f64 + 0.5, h.value_at_quantile(q) as f64 / 1000.0))
+                .collect()
+        };
+        let (p50, p99) = (p(0.5), p(0.99));
+        let y_max = p99.iter().map(|(_, y)| *y).fold(0.1f64, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&top)
+            .caption(
+                "latency over time (ms): p50 and p99 per second",
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..secs, 0f64..y_max)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("ms")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(p50, &BLUE))
+            .map_err(|e| e.to_string())?
+            .label("p50");
+        chart
+            .draw_series(LineSeries::new(p99, &RED))
+            .map_err(|e| e.to_string())?
+            .label("p99");
+
+        // Histogram of latencies in 50 buckets up to the p99.9.
+        let h = &self.histogram;
+        let hi = (h.value_at_quantile(0.999).max(1)) as f64 / 1000.0;
+        let buckets = 50usize;
+        let width = hi / buckets as f64;
+        let mut counts = vec![0u64; buckets];
+        for v in h.iter_recorded() {
+            let ms = v.value_iterated_to() as f64 / 1000.0;
+            let b = ((ms / width) as usize).min(buckets - 1);
+            counts[b] += v.count_at_value();
+        }
+        let c_max = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+        let mut chart = ChartBuilder::on(&bottom)
+            .caption("latency histogram (ms, up to p99.9)", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..hi, 0f64..c_max)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("ms")
+            .y_desc("requests")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(counts.iter().enumerate().map(|(i, c)| {
+                let x0 = i as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, *c as f64)], BLUE.mix(0.6).filled())
+            }))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn print_summary(s: &Value) {
+    let l = &s["latency_ms"];
+    println!(
+        "{} ({} loop{}): {} requests in {:.1} s = {:.0}/s",
+        s["scenario"].as_str().unwrap_or(""),
+        s["mode"].as_str().unwrap_or(""),
+        match (s["concurrency"].as_u64(), s["rate"].as_f64()) {
+            (_, Some(r)) => format!(", {r}/s scheduled"),
+            (Some(c), _) => format!(", {c} callers"),
+            _ => String::new(),
+        },
+        s["requests"],
+        s["duration_seconds"].as_f64().unwrap_or(0.0),
+        s["throughput_per_second"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+        l["p50"].as_f64().unwrap_or(0.0),
+        l["p90"].as_f64().unwrap_or(0.0),
+        l["p99"].as_f64().unwrap_or(0.0),
+        l["p999"].as_f64().unwrap_or(0.0),
+        l["max"].as_f64().unwrap_or(0.0)
+    );
+    println!("outcomes: {}", s["outcomes"]);
+    if s["errors"].as_object().is_some_and(|e| !e.is_empty()) {
+        println!("errors by status: {}", s["errors"]);
+    }
+    if s["dropped"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "dropped by the generator (too far behind): {}",
+            s["dropped"]
+        );
+    }
+}
