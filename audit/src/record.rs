@@ -392,7 +392,7 @@ impl AuditRecord {
 }
 
 /// Appends `s` as a JSON string literal, escaped per the canonical rules.
-fn push_json_str(out: &mut String, s: &str) {
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
     for c in s.chars() {

@@ -1473,3 +1473,29 @@ fn odd_bytes_and_line_endings() {
         )],
     );
 }
+
+#[test]
+fn json_string_escape_table() {
+    let cases: &[(&str, &str)] = &[
+        ("", r#""""#),
+        ("plain", r#""plain""#),
+        ("a\"b\\c", r#""a\"b\\c""#),
+        ("\u{08}\u{0c}\n\r\t", r#""\b\f\n\r\t""#),
+        ("\u{00}x\u{1f}", r#""\u0000x\u001f""#),
+        ("\u{7f}ü€𝄞/", "\"\u{7f}ü€𝄞/\""),
+        ("ü\"", "\"ü\\\"\""),
+        ("tail\u{01}", r#""tail\u0001""#),
+    ];
+    for (input, want) in cases {
+        let mut out = String::from("x");
+        crate::record::push_json_str(&mut out, input);
+        assert_eq!(&out[1..], *want, "{input:?}");
+    }
+    // Every ASCII character and some multi-byte ones round-trip through a JSON parser.
+    let all: String = (0u8..0x80).map(char::from).chain("ü€𝄞".chars()).collect();
+    for s in [all.clone(), all.chars().rev().collect::<String>()] {
+        let mut out = String::new();
+        crate::record::push_json_str(&mut out, &s);
+        assert_eq!(serde_json::from_str::<String>(&out).expect("valid JSON"), s);
+    }
+}
