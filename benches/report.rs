@@ -219,6 +219,17 @@ fn main() {
     plot(&out.join("report.svg"), &rows, &e2e).expect("write report.svg");
 }
 
+/// First line of a command's standard output, if it ran and printed one.
+fn command_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let line = text.lines().next()?.trim().to_owned();
+    (out.status.success() && !line.is_empty()).then_some(line)
+}
+
 fn markdown(rows: &[Row], quick: bool) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -231,15 +242,22 @@ fn markdown(rows: &[Row], quick: bool) -> String {
         .unwrap_or_else(|| "unknown".into());
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut md = format!(
-        "# Physical limits{}\n\nnproc {nproc}, CPU {cpu}, unix time {}\n\n",
+        "# Physical limits{}\n\nnproc {nproc}, CPU {cpu}, {}, {}\n\n",
         if quick {
             " (--quick: figures meaningless)"
         } else {
             ""
         },
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+        command_line("softhsm2-util", &["--version"]).map_or_else(
+            || "SoftHSM version unknown".into(),
+            |v| format!("SoftHSM {v}")
+        ),
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| format!(
+            "unix time {}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ))
     );
     md.push_str(
         "| operation | threads | software ops/s | SoftHSM-direct ops/s | direct / software |\n",
@@ -271,6 +289,8 @@ struct E2e {
     ops_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Verdicts and gRPC errors with their counts, e.g. `ACCEPTED 400, REPLAYED 9600`.
+    outcomes: String,
 }
 
 fn end_to_end(quick: bool) -> Vec<E2e> {
@@ -369,6 +389,13 @@ async fn run_one(
         ops_per_s: s["throughput_per_second"].as_f64().unwrap_or(0.0),
         p50_ms: s["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
         p99_ms: s["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+        outcomes: ["outcomes", "errors"]
+            .iter()
+            .filter_map(|k| s[*k].as_object())
+            .flatten()
+            .map(|(name, n)| format!("{name} {}", n.as_u64().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -387,8 +414,8 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
     };
     let mut md = String::from(
         "\n## End to end (mTLS gRPC, in-process dev service)\n\n\
-         | scenario | durable | load | ops/s | p50 ms | p99 ms | e2e / direct (2 threads) |\n\
-         |---|---|---|---:|---:|---:|---:|\n",
+         | scenario | durable | load | ops/s | p50 ms | p99 ms | e2e / direct (2 threads) | outcomes |\n\
+         |---|---|---|---:|---:|---:|---:|---|\n",
     );
     for r in runs {
         let load = match (r.concurrency, r.rate) {
@@ -397,13 +424,14 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
             _ => String::new(),
         };
         md.push_str(&format!(
-            "| {} | {} | {load} | {:.0} | {:.2} | {:.2} | {:.1}% |\n",
+            "| {} | {} | {load} | {:.0} | {:.2} | {:.2} | {:.1}% | {} |\n",
             r.scenario,
             if r.durable { "yes" } else { "no (bench only)" },
             r.ops_per_s,
             r.p50_ms,
             r.p99_ms,
-            100.0 * r.ops_per_s / limit(r.scenario)
+            100.0 * r.ops_per_s / limit(r.scenario),
+            r.outcomes
         ));
     }
     let peak = |scenario: &str, durable: bool| {

@@ -16,6 +16,13 @@ fn quick_report_writes_every_row() {
     assert!(svg.len() > 0, "empty report.svg");
     let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
     assert!(md.contains("nproc "), "{md}");
+    assert!(md.contains("SoftHSM "), "{md}");
+    // Every end-to-end row says what the calls answered.
+    assert!(
+        md.contains(" | REPLAYED ") || md.contains(" | ACCEPTED "),
+        "{md}"
+    );
+    assert!(md.contains(" | OK "), "{md}");
     for needle in [
         "## End to end",
         "| verify-totp | yes | closed, 1 in flight |",
