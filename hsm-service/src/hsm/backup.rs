@@ -44,28 +44,7 @@ pub fn create_trusted_kek(
     let slot = module::find_token(&ctx, &settings.token)?;
     let session = ctx.open_rw_session(slot)?;
     session.login(UserType::So, Some(so_pin))?;
-    let mut template = vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(true),
-        Attribute::Private(false),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Trusted(true),
-        Attribute::Wrap(true),
-        Attribute::Unwrap(false),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Value(value.to_vec()),
-    ];
-    let created = session.create_object(&template);
-    for attr in &mut template {
-        if let Attribute::Value(v) = attr {
-            v.zeroize();
-        }
-    }
+    let created = create_kek_object(&session, label, &value);
     let out = session.logout();
     created?;
     out?;
@@ -102,6 +81,8 @@ pub fn create_random_trusted_kek(
     Ok(value)
 }
 
+/// The trusted KEK template, shared by both ways of making one; the value buffer in the
+/// template is zeroized whatever the outcome.
 fn create_kek_object(
     session: &cryptoki::session::Session,
     label: &str,
