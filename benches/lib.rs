@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use hsm_service::credentials::{self, Credentials, NewCredential, Policy};
 use hsm_service::hsm::{module, Hsm, HsmSettings};
@@ -156,4 +157,19 @@ pub fn software_code(seed: &[u8], factor: u64) -> String {
         "{:06}",
         otp::truncate(tag.as_ref(), otp::Digits::new(6).expect("digits"))
     )
+}
+
+/// An HMAC key as the service's seed cache holds one: a sensitive, sign-only session
+/// object with value `seed`, on `session`.
+pub fn session_hmac_key(session: &Session, seed: &[u8]) -> ObjectHandle {
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Sign(true),
+            Attribute::Value(seed.to_vec()),
+        ])
+        .expect("session HMAC key")
 }

@@ -14,8 +14,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use hsm_benches::{software_code, Bench, CredentialBench};
+use hsm_benches::{session_hmac_key, software_code, Bench, CredentialBench};
 use hsm_client::proto as pb;
 use hsm_service::otp::{self, Digits, HashAlgorithm, OtpKind};
 
@@ -33,16 +32,7 @@ fn hmac(c: &mut Criterion) {
     let rt = runtime();
     let bench = Bench::new(1);
     let direct = bench.direct_session();
-    let key = direct
-        .create_object(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Sensitive(true),
-            Attribute::Sign(true),
-            Attribute::Value(SEED.to_vec()),
-        ])
-        .expect("session key");
+    let key = session_hmac_key(&direct, SEED);
     rt.block_on(bench.hsm.ensure_seed_master_key(1))
         .expect("master key");
     let wrapped: Arc<[u8]> = rt

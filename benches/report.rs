@@ -15,8 +15,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use hsm_benches::Bench;
+use cryptoki::object::Attribute;
+use hsm_benches::{session_hmac_key, Bench};
 use hsm_service::otp;
 
 /// DER of the P-256 curve OID, for CKA_EC_PARAMS.
@@ -145,16 +145,7 @@ fn main() {
                 dur,
                 move || {
                     let session = b.direct_session();
-                    let key = session
-                        .create_object(&[
-                            Attribute::Class(ObjectClass::SECRET_KEY),
-                            Attribute::KeyType(KeyType::GENERIC_SECRET),
-                            Attribute::Token(false),
-                            Attribute::Sensitive(true),
-                            Attribute::Sign(true),
-                            Attribute::Value(s.clone()),
-                        ])
-                        .expect("session HMAC key");
+                    let key = session_hmac_key(&session, &s);
                     (session, key)
                 },
                 |(session, key), i| {
