@@ -368,7 +368,8 @@ pub async fn keys(
                             "public_key_sha256": k.public_key_sha256,
                             "ceremony_id": k.ceremony_id,
                             "sensitive": k.sensitive, "extractable": k.extractable,
-                            "local": k.local,
+                            "local": k.local, "origin": k.origin,
+                            "wrap_with_trusted": k.wrap_with_trusted,
                         })
                     })
                     .collect();
@@ -379,8 +380,8 @@ pub async fn keys(
                         "-".to_owned()
                     } else {
                         format!(
-                            "sensitive={} extractable={} local={}",
-                            k.sensitive, k.extractable, k.local
+                            "sensitive={} extractable={} local={} wrap_with_trusted={} origin={}",
+                            k.sensitive, k.extractable, k.local, k.wrap_with_trusted, k.origin
                         )
                     };
                     let origin = if k.ceremony_id.is_empty() {

@@ -207,6 +207,8 @@ fn info(k: KeyVersion) -> KeyVersionInfo {
         sensitive: false,
         extractable: false,
         local: false,
+        origin: k.origin.as_str().to_owned(),
+        wrap_with_trusted: false,
     }
 }
 
@@ -245,6 +247,7 @@ impl KeyService for Keys {
                 i.sensitive = f.sensitive;
                 i.extractable = f.extractable;
                 i.local = f.local;
+                i.wrap_with_trusted = f.wrap_with_trusted;
             }
             keys.push(i);
         }

@@ -108,6 +108,8 @@ pub struct PrivateKeyFacts {
     pub local: bool,
     /// CKA_NEVER_EXTRACTABLE: has never been extractable.
     pub never_extractable: bool,
+    /// CKA_WRAP_WITH_TRUSTED: wraps only under a trusted key.
+    pub wrap_with_trusted: bool,
 }
 
 /// CKA_EC_PARAMS of an elliptic-curve kind (empty for RSA).
@@ -373,6 +375,7 @@ impl Hsm {
                             AttributeType::Decrypt,
                             AttributeType::Local,
                             AttributeType::NeverExtractable,
+                            AttributeType::WrapWithTrusted,
                         ],
                     )?;
                     let mut facts = PrivateKeyFacts {
@@ -383,6 +386,7 @@ impl Hsm {
                         decrypt: true,
                         local: false,
                         never_extractable: false,
+                        wrap_with_trusted: false,
                     };
                     for a in attrs {
                         match a {
@@ -393,6 +397,7 @@ impl Hsm {
                             Attribute::Decrypt(v) => facts.decrypt = v,
                             Attribute::Local(v) => facts.local = v,
                             Attribute::NeverExtractable(v) => facts.never_extractable = v,
+                            Attribute::WrapWithTrusted(v) => facts.wrap_with_trusted = v,
                             _ => {}
                         }
                     }
@@ -435,6 +440,7 @@ mod tests {
                     decrypt: false,
                     local: true,
                     never_extractable: true,
+                    wrap_with_trusted: false,
                 },
                 "{kind:?}"
             );

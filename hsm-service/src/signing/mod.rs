@@ -25,7 +25,7 @@ pub use service::{
     SignatureEncoding, SignedAssertion, Signer, EXPIRY_MARK_STEP, MAX_MESSAGE_LEN,
     SELF_TEST_PREFIX,
 };
-pub use versions::{KeyState, KeyVersion};
+pub use versions::{KeyOrigin, KeyState, KeyVersion};
 
 /// What a key name may look like (said in error messages).
 pub const KEY_NAME_RULE: &str =

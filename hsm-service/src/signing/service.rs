@@ -15,13 +15,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
 
-use super::versions::{self, KeyState, KeyVersion};
+use super::versions::{self, KeyOrigin, KeyState, KeyVersion};
 use super::{
     ecdsa_raw_to_der, jwk, jwks, prepare_assertion, thumbprint, Algorithm, AssertionParams,
     PublicKey, SigningError,
 };
 use crate::config::SigningConfig;
 use crate::error::{Error, Result};
+use crate::hsm::backup::WrappedKeyPair;
 use crate::hsm::{Hsm, KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::pki::{self, CertificateParams, IssuerCertificate, IssuerRef, KeyUsage, Name};
 use crate::store::{EmbeddedStore, StoreError};
@@ -153,10 +154,18 @@ pub struct SelfTest {
     pub sign: bool,
     /// CKA_DECRYPT.
     pub decrypt: bool,
+    /// CKA_WRAP_WITH_TRUSTED.
+    pub wrap_with_trusted: bool,
+    /// How the key came to be on the token: what the checks expect.
+    pub origin: KeyOrigin,
 }
 
 impl SelfTest {
-    /// True when everything is as a long-term signing key must be; otherwise why not.
+    /// None when everything is as a long-term signing key of its origin must be;
+    /// otherwise why not. Every key is a sensitive, sign-only token object whose public
+    /// key and test signature check out. A generated key is CKA_LOCAL and never
+    /// extractable; a key generated for backup is CKA_LOCAL and extractable only under a
+    /// trusted KEK (CKA_WRAP_WITH_TRUSTED); a restored key is not extractable.
     pub fn problem(&self) -> Option<String> {
         let mut bad = Vec::new();
         if !self.public_key_matches {
@@ -171,10 +180,24 @@ impl SelfTest {
         if !self.sensitive {
             bad.push("not sensitive");
         }
-        if self.extractable || !self.never_extractable {
-            bad.push("extractable");
+        match self.origin {
+            KeyOrigin::Generated => {
+                if self.extractable || !self.never_extractable {
+                    bad.push("extractable");
+                }
+            }
+            KeyOrigin::GeneratedForBackup => {
+                if !self.wrap_with_trusted {
+                    bad.push("a backup key that wraps under keys that are not trusted");
+                }
+            }
+            KeyOrigin::Restored => {
+                if self.extractable {
+                    bad.push("extractable");
+                }
+            }
         }
-        if !self.local {
+        if !self.local && self.origin != KeyOrigin::Restored {
             bad.push("not generated on the token");
         }
         if !self.sign || self.decrypt {
@@ -425,8 +448,30 @@ impl Signer {
     // Life cycle (driven by key ceremonies; dev mode bootstraps the default key).
     // ----------------------------------------------------------------------------
 
-    /// Generate a new version of `name` in the HSM, in state `pending`.
+    /// Generate a new version of `name` in the HSM, never extractable, in state
+    /// `pending`.
     pub async fn create_version(&self, name: &str, algorithm: Algorithm) -> Result<KeyVersion> {
+        self.generate_version(name, algorithm, KeyOrigin::Generated)
+            .await
+    }
+
+    /// Generate a new version of `name` that can be backed up: it leaves the token only
+    /// wrapped under a trusted KEK (see [`KeyOrigin::GeneratedForBackup`]).
+    pub async fn create_backup_version(
+        &self,
+        name: &str,
+        algorithm: Algorithm,
+    ) -> Result<KeyVersion> {
+        self.generate_version(name, algorithm, KeyOrigin::GeneratedForBackup)
+            .await
+    }
+
+    async fn generate_version(
+        &self,
+        name: &str,
+        algorithm: Algorithm,
+        origin: KeyOrigin,
+    ) -> Result<KeyVersion> {
         if !super::valid_key_name(name) {
             return Err(invalid(format!(
                 "key name {name:?}: {}",
@@ -439,10 +484,18 @@ impl Signer {
             .last()
             .map_or(1, |k| k.version.saturating_add(1));
         let label = format!("sig/{name}/v{version}");
-        let pair = self
-            .hsm
-            .generate_signing_key_pair(kind_of(algorithm), &label)
-            .await?;
+        let pair = match origin {
+            KeyOrigin::GeneratedForBackup => {
+                self.hsm
+                    .generate_backup_key_pair(kind_of(algorithm), &label)
+                    .await?
+            }
+            _ => {
+                self.hsm
+                    .generate_signing_key_pair(kind_of(algorithm), &label)
+                    .await?
+            }
+        };
         let public = public_key_of(&pair.public)
             .map_err(|e| Error::Internal(format!("public key of {label}: {e}")))?;
         let k = KeyVersion {
@@ -460,6 +513,7 @@ impl Signer {
             retired_at: 0,
             destroyed_at: 0,
             last_expiry: 0,
+            origin,
         };
         let written = {
             let _w = self.writes.lock().await;
@@ -472,7 +526,95 @@ impl Signer {
             }
             return Err(e);
         }
-        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version created");
+        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), "signing key version created");
+        Ok(k)
+    }
+
+    /// Wrap `key`'s private key under the trusted KEK `kek_label` for a backup. Only a
+    /// version generated for backup can be wrapped (the token refuses the others too).
+    pub async fn wrap_for_backup(
+        &self,
+        key: &KeyRef,
+        kek_label: &str,
+    ) -> Result<(KeyVersion, WrappedKeyPair)> {
+        let k = self.usable(key)?;
+        if k.origin != KeyOrigin::GeneratedForBackup {
+            return Err(Error::FailedPrecondition(format!(
+                "{} v{} was not generated for backup (generate-key with backup = true); \
+                 it never leaves the HSM",
+                k.name, k.version
+            )));
+        }
+        let wrapped = self
+            .hsm
+            .wrap_key_pair_for_backup(kind_of(k.algorithm), &k.key_id, kek_label)
+            .await?;
+        Ok((k, wrapped))
+    }
+
+    /// Put a backed-up key pair onto the token as version `version` of `name`, in state
+    /// `pending`, with the certificate chain it had, unwrapped under `kek` (the KEK
+    /// recombined from the officers' shares). Refused when this service has that
+    /// version already, when the backup's algorithm and key kind disagree, or when a key
+    /// with its CKA_ID is on the token.
+    pub async fn restore_version(
+        &self,
+        name: &str,
+        version: u32,
+        algorithm: Algorithm,
+        wrapped: &WrappedKeyPair,
+        certificate_chain: Vec<Vec<u8>>,
+        kek: zeroize::Zeroizing<Vec<u8>>,
+    ) -> Result<KeyVersion> {
+        if !super::valid_key_name(name) || version == 0 {
+            return Err(invalid(format!(
+                "key name {name:?} v{version}: {}, version from 1",
+                super::KEY_NAME_RULE
+            )));
+        }
+        if kind_of(algorithm) != wrapped.kind {
+            return Err(invalid(format!(
+                "{name} v{version}: algorithm {algorithm} does not match the backed-up key's kind"
+            )));
+        }
+        let public = public_key_of(&wrapped.public)
+            .map_err(|e| invalid(format!("{name} v{version}: public key: {e}")))?;
+        let _c = self.creations.lock().await;
+        if self.read_keys().contains_key(&(name.to_owned(), version)) {
+            return Err(Error::AlreadyExists(format!(
+                "{name} v{version} exists on this service; a restore never replaces a key"
+            )));
+        }
+        let label = format!("sig/{name}/v{version}");
+        self.hsm.restore_key_pair(wrapped, &label, kek).await?;
+        let k = KeyVersion {
+            name: name.to_owned(),
+            version,
+            state: KeyState::Pending,
+            algorithm,
+            key_id: wrapped.id.clone(),
+            kid: thumbprint(&public),
+            public_key_der: public.to_spki_der()?,
+            certificate_chain,
+            created_at: now(),
+            published_at: 0,
+            activated_at: 0,
+            retired_at: 0,
+            destroyed_at: 0,
+            last_expiry: 0,
+            origin: KeyOrigin::Restored,
+        };
+        let written = {
+            let _w = self.writes.lock().await;
+            self.put(vec![k.clone()]).await
+        };
+        if let Err(e) = written {
+            if let Err(d) = self.hsm.destroy_key_pair(&k.key_id).await {
+                tracing::error!(error = %d, key = %label, "could not remove an unrecorded restored key pair");
+            }
+            return Err(e);
+        }
+        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version restored from a backup");
         Ok(k)
     }
 
@@ -977,6 +1119,8 @@ impl Signer {
             never_extractable: facts.never_extractable,
             sign: facts.sign,
             decrypt: facts.decrypt,
+            wrap_with_trusted: facts.wrap_with_trusted,
+            origin: k.origin,
         })
     }
 

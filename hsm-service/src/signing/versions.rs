@@ -56,6 +56,33 @@ impl std::fmt::Display for KeyState {
     }
 }
 
+/// How a key version's private key came to be on the token; decides what its check
+/// after generation or restore expects (see `SelfTest::problem`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyOrigin {
+    /// Generated on the token, never extractable (every key but the two below).
+    #[default]
+    Generated,
+    /// Generated on the token by a plan's `generate-key` with `backup = true`:
+    /// sensitive, CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED, so it leaves the token only
+    /// wrapped under a trusted backup KEK (which only the security officer can make).
+    GeneratedForBackup,
+    /// Unwrapped from a backup by a `restore` step: sensitive, never extractable again,
+    /// not CKA_LOCAL.
+    Restored,
+}
+
+impl KeyOrigin {
+    /// The name used in transcripts and listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Generated => "generated",
+            KeyOrigin::GeneratedForBackup => "generated-for-backup",
+            KeyOrigin::Restored => "restored",
+        }
+    }
+}
+
 /// One version of a named signing key: public metadata only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyVersion {
@@ -88,6 +115,11 @@ pub struct KeyVersion {
     /// No assertion signed by this version expires later than this (Unix seconds). Kept
     /// ahead of the assertions actually signed, so it is safe after a crash.
     pub last_expiry: u64,
+    /// How the private key came to be on the token. Not in the record body: stored
+    /// after it (format 2), so records written before it existed (format 1) still read,
+    /// as `Generated`.
+    #[serde(skip)]
+    pub origin: KeyOrigin,
 }
 
 impl KeyVersion {
@@ -98,7 +130,10 @@ impl KeyVersion {
 }
 
 /// Format of the encoded records; bumped when [`KeyVersion`] changes shape.
-const FORMAT: u8 = 1;
+/// 1: the postcard body. 2: the body, then the postcard [`KeyOrigin`].
+const FORMAT: u8 = 2;
+/// The format before [`KeyOrigin`]; still read.
+const FORMAT_1: u8 = 1;
 
 /// Store key of a version: sorts by name, then version.
 pub(crate) fn store_key(name: &str, version: u32) -> String {
@@ -107,16 +142,23 @@ pub(crate) fn store_key(name: &str, version: u32) -> String {
 
 pub(crate) fn encode(k: &KeyVersion) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![FORMAT];
-    let body = postcard::to_allocvec(k)
-        .map_err(|e| StoreError::Invalid(format!("encoding signing key record: {e}")))?;
-    out.extend_from_slice(&body);
+    let invalid =
+        |e: postcard::Error| StoreError::Invalid(format!("encoding signing key record: {e}"));
+    out.extend_from_slice(&postcard::to_allocvec(k).map_err(invalid)?);
+    out.extend_from_slice(&postcard::to_allocvec(&k.origin).map_err(invalid)?);
     Ok(out)
 }
 
 pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<KeyVersion, StoreError> {
+    let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("signing key {key:?}: {e}"));
     match bytes.split_first() {
-        Some((&FORMAT, body)) => postcard::from_bytes(body)
-            .map_err(|e| StoreError::Corrupt(format!("signing key {key:?}: {e}"))),
+        Some((&FORMAT, body)) => {
+            let (mut k, rest): (KeyVersion, _) =
+                postcard::take_from_bytes(body).map_err(corrupt)?;
+            k.origin = postcard::from_bytes(rest).map_err(corrupt)?;
+            Ok(k)
+        }
+        Some((&FORMAT_1, body)) => postcard::from_bytes(body).map_err(corrupt),
         Some((v, _)) => Err(StoreError::Corrupt(format!(
             "signing key {key:?}: unknown format version {v}"
         ))),
@@ -169,4 +211,55 @@ pub(crate) fn raise_last_expiry(
         table.insert(key.as_str(), encode(&k)?.as_slice())?;
     }
     Ok(Ok(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(origin: KeyOrigin) -> KeyVersion {
+        KeyVersion {
+            name: "assertion".into(),
+            version: 3,
+            state: KeyState::Active,
+            algorithm: Algorithm::Es256,
+            key_id: vec![1, 2, 3],
+            kid: "kid".into(),
+            public_key_der: vec![4, 5],
+            certificate_chain: vec![vec![6]],
+            created_at: 1,
+            published_at: 2,
+            activated_at: 3,
+            retired_at: 0,
+            destroyed_at: 0,
+            last_expiry: 9,
+            origin,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_format_1_reads_as_generated() {
+        for origin in [
+            KeyOrigin::Generated,
+            KeyOrigin::GeneratedForBackup,
+            KeyOrigin::Restored,
+        ] {
+            let k = sample(origin);
+            let bytes = encode(&k).expect("encode");
+            assert_eq!(bytes[0], FORMAT);
+            assert_eq!(decode("k", &bytes).expect("decode"), k);
+        }
+        // A record written before the origin existed: format 1, the body alone.
+        let mut old = vec![FORMAT_1];
+        old.extend(postcard::to_allocvec(&sample(KeyOrigin::Restored)).unwrap());
+        assert_eq!(
+            decode("k", &old).expect("format 1"),
+            sample(KeyOrigin::Generated)
+        );
+        // Format 2 without its origin, and an unknown format, are corrupt.
+        let mut cut = encode(&sample(KeyOrigin::Restored)).unwrap();
+        cut.pop();
+        assert!(matches!(decode("k", &cut), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode("k", &[7, 0]), Err(StoreError::Corrupt(_))));
+    }
 }
