@@ -24,6 +24,11 @@ pub enum Cmd {
     Approve {
         /// Ceremony id (64 hex digits).
         id: String,
+        /// For a ceremony with a restore step: your backup KEK share file
+        /// (`<label>.share-<i>`). Sent over the mutual-TLS connection and held in the
+        /// service's memory only until the ceremony runs.
+        #[arg(long, value_name = "FILE")]
+        share: Option<PathBuf>,
     },
     /// Execute a ceremony that has enough approvals; prints the transcript.
     Execute {
@@ -57,6 +62,7 @@ fn info_json(c: &CeremonyInfo) -> Value {
         })).collect::<Vec<_>>(),
         "valid_approvals": c.valid_approvals,
         "threshold": c.threshold,
+        "kek_shares_held": c.kek_shares_held,
         "executed_by": c.executed_by,
         "executed_at": c.executed_at,
         "failure": c.failure,
@@ -72,6 +78,9 @@ fn print_info(c: &CeremonyInfo) {
         "  approvals:   {} valid of {} needed",
         c.valid_approvals, c.threshold
     );
+    if c.kek_shares_held > 0 {
+        println!("  KEK shares:  {} held for the restore", c.kek_shares_held);
+    }
     for a in &c.approvals {
         println!(
             "    {} ({}) at {}, counts until {}",
@@ -122,10 +131,23 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, as_json: bool) -> Result<ExitCod
                 );
             }
         }
-        Cmd::Approve { id } => {
+        Cmd::Approve { id, share } => {
+            // The share file's text is secret. It moves into the request without a copy;
+            // tonic encodes the request into its own buffer and drops it (not ours to
+            // zeroize), and hsmctl exits right after.
+            let kek_share = match share {
+                None => String::new(),
+                Some(path) => {
+                    std::fs::read_to_string(path).map_err(|source| ClientError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
+            };
             let c = svc
                 .approve_ceremony(ApproveCeremonyRequest {
                     ceremony_id: id.clone(),
+                    kek_share,
                 })
                 .await?
                 .into_inner();

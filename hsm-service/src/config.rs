@@ -340,6 +340,10 @@ pub struct CeremonyConfig {
     /// Where transcripts are written; relative paths are under `data_dir`.
     #[serde(default = "default_transcript_dir")]
     pub transcript_dir: PathBuf,
+    /// Where `backup` steps write and `restore` steps read backup files; relative paths
+    /// are under `data_dir`.
+    #[serde(default = "default_backup_dir")]
+    pub backup_dir: PathBuf,
 }
 
 fn default_threshold() -> u32 {
@@ -358,6 +362,10 @@ fn default_transcript_dir() -> PathBuf {
     PathBuf::from("ceremonies")
 }
 
+fn default_backup_dir() -> PathBuf {
+    PathBuf::from("backups")
+}
+
 /// The longest certificate validity the service issues at all (20 years).
 pub const MAX_CERTIFICATE_VALIDITY_DAYS: u32 = 20 * 366;
 
@@ -369,6 +377,7 @@ impl Default for CeremonyConfig {
             approval_ttl_seconds: default_approval_ttl(),
             max_validity_days: default_max_validity_days(),
             transcript_dir: default_transcript_dir(),
+            backup_dir: default_backup_dir(),
         }
     }
 }
@@ -481,6 +490,9 @@ impl Config {
         fix(&mut self.server.client_ca);
         if self.ceremony.transcript_dir.is_relative() {
             self.ceremony.transcript_dir = self.data_dir.join(&self.ceremony.transcript_dir);
+        }
+        if self.ceremony.backup_dir.is_relative() {
+            self.ceremony.backup_dir = self.data_dir.join(&self.ceremony.backup_dir);
         }
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             fix(p);
@@ -619,6 +631,7 @@ mod tests {
         assert_eq!(config.ceremony.approval_ttl_seconds, 86_400);
         assert_eq!(config.ceremony.max_validity_days, 3660);
         assert_eq!(config.ceremony.transcript_dir, PathBuf::from("ceremonies"));
+        assert_eq!(config.ceremony.backup_dir, PathBuf::from("backups"));
         assert!(config.ceremony.validate().is_ok());
     }
 

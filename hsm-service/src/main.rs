@@ -125,7 +125,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `backup-kek`: no runtime, no logging of anything secret; one line per share file.
+/// `backup-kek`: a single-thread runtime for the store write, no logging of anything
+/// secret; one line per share file.
 fn backup_kek(command: &Command) -> Result<(), String> {
     let Command::BackupKek {
         config,
@@ -147,21 +148,20 @@ fn backup_kek(command: &Command) -> Result<(), String> {
             .map_err(|e| format!("SO PIN file {}: {e}", so_pin_file.display()))?,
     );
     let so_pin = secrecy::SecretString::from(pin.trim().to_owned());
-    let settings = hsm_service::hsm::HsmSettings {
-        module: config.hsm.module.clone(),
-        token: config.token(),
-        sessions: 1,
-        queue_capacity: 1,
-        seed_cache_capacity: 1,
-    };
-    let (paths, check) = hsm_service::ceremony::shares::provision_backup_kek(
-        &settings, &so_pin, label, *threshold, *shares, out,
-    )
-    .map_err(|e| format!("backup-kek: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("backup-kek: runtime: {e}"))?;
+    let (paths, check) = runtime
+        .block_on(hsm_service::ceremony::shares::backup_kek_offline(
+            &config, &so_pin, label, *threshold, *shares, out,
+        ))
+        .map_err(|e| format!("backup-kek: {e}"))?;
     println!("trusted KEK {label:?} created (check value {check}); {threshold} of {shares} shares needed to restore:");
-    for p in paths {
+    for p in &paths {
         println!("{}", p.display());
     }
+    println!("recorded in the service's store, with an audit record; plans may now name it");
     Ok(())
 }
 

@@ -109,4 +109,47 @@ fn backup_kek_writes_m_of_n_share_files_and_refuses_to_overwrite() {
     ));
     assert!(line.contains("not a directory"), "{line}");
     assert!(std::fs::read_dir(other.path()).unwrap().next().is_none());
+
+    // The store knows the KEK (for plans) and the audit trail has its record.
+    let store = hsm_service::store::EmbeddedStore::open(
+        &dir.path().join(hsm_service::server::STORE_FILE),
+        Default::default(),
+    )
+    .expect("store");
+    let keks = hsm_service::ceremony::shares::load_keks(&store).expect("KEK records");
+    let rec = keks.get("backup-kek-1").expect("record of backup-kek-1");
+    assert!(stdout.contains(&rec.check), "{stdout}");
+    assert_eq!((rec.threshold, rec.shares, keks.len()), (2, 3, 1));
+    let audit: Vec<String> = store
+        .read(|txn| {
+            use redb::ReadableTable as _;
+            let table = txn.open_table(hsm_service::store::tables::AUDIT_LOG)?;
+            let mut out = Vec::new();
+            for item in table.iter()? {
+                out.push(String::from_utf8_lossy(item?.1.value()).into_owned());
+            }
+            Ok(out)
+        })
+        .expect("audit records");
+    let created: Vec<&String> = audit
+        .iter()
+        .filter(|r| r.contains("backup-kek.create"))
+        .collect();
+    assert_eq!(created.len(), 1, "{audit:?}");
+    assert!(created[0].contains("backup-kek-1") && created[0].contains(&rec.check));
+    store.close().expect("close");
+
+    // While the service runs, its store is locked: refused before the token is touched.
+    let (mut child, _) = common::spawn_dev(dir.path());
+    let running = tempfile::tempdir().expect("tempdir");
+    let line = refusal(&backup_kek(
+        dir.path(),
+        running.path(),
+        "backup-kek-3",
+        "2",
+        "3",
+    ));
+    assert!(common::terminate(&mut child).success());
+    assert!(line.contains("with the service stopped"), "{line}");
+    assert!(std::fs::read_dir(running.path()).unwrap().next().is_none());
 }

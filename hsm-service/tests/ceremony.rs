@@ -32,6 +32,7 @@ async fn approve(c: &HsmClient, id: &str) -> Result<u32, tonic::Status> {
     c.ceremonies()
         .approve_ceremony(ApproveCeremonyRequest {
             ceremony_id: id.to_owned(),
+            kek_share: String::new(),
         })
         .await
         .map(|r| r.into_inner().valid_approvals)

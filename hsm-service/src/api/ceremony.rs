@@ -81,6 +81,7 @@ fn info(v: CeremonyView) -> CeremonyInfo {
         executed_by: r.executed_by.map(|o| o.subject).unwrap_or_default(),
         executed_at: r.executed_at,
         failure: r.failure,
+        kek_shares_held: v.kek_shares_held,
     }
 }
 
@@ -102,7 +103,15 @@ impl CeremonyService for CeremonyApi {
     ) -> Result<Response<CeremonyInfo>, Status> {
         let object = request.get_ref().ceremony_id.clone();
         let caller = self.caller(&request, &[Role::Officer], "ceremony.approve", &object)?;
-        let v = self.state.ceremonies.approve(&caller, &object).await?;
+        // The share is secret: zeroized when this call ends; only its parsed form stays
+        // (in memory, see `ceremony`).
+        let share = zeroize::Zeroizing::new(request.into_inner().kek_share);
+        let share = (!share.is_empty()).then_some(share.as_str());
+        let v = self
+            .state
+            .ceremonies
+            .approve(&caller, &object, share)
+            .await?;
         Ok(Response::new(info(v)))
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::hsm::backup::WrappedKeyPair;
 use crate::hsm::{KeyPairKind, PublicKeyAttributes};
+use crate::signing::KeyVersion;
 
 /// `format` of version 1.
 pub const FORMAT: &str = "hsm-key-backup-v1";
@@ -39,6 +40,8 @@ pub struct BackupEntry {
     pub name: String,
     /// Key version.
     pub version: u32,
+    /// JWS algorithm the key signs with (`ES256`, `ES384`, `EdDSA`, `PS256`).
+    pub algorithm: String,
     /// `ec-p256`, `ec-p384`, `ed25519` or `rsa-3072`.
     pub kind: String,
     /// CKA_ID, base64.
@@ -47,6 +50,9 @@ pub struct BackupEntry {
     pub public: PublicKey,
     /// The private key wrapped under the KEK (`CKM_AES_KEY_WRAP_PAD`), base64.
     pub wrapped_private_key: String,
+    /// The key's certificate chain, DER base64, leaf first (empty: none).
+    #[serde(default)]
+    pub certificate_chain: Vec<String>,
 }
 
 /// A public key's attributes, base64.
@@ -92,8 +98,8 @@ fn b64(field: &str, text: &str) -> Result<Vec<u8>> {
 }
 
 impl BackupEntry {
-    /// The entry for key `name` version `version` wrapped as `w`.
-    pub fn new(name: &str, version: u32, w: &WrappedKeyPair) -> BackupEntry {
+    /// The entry for key version `k` wrapped as `w`.
+    pub fn new(k: &KeyVersion, w: &WrappedKeyPair) -> BackupEntry {
         let public = match &w.public {
             PublicKeyAttributes::Ec { ec_point } => PublicKey::Ec {
                 ec_point: STANDARD.encode(ec_point),
@@ -110,13 +116,27 @@ impl BackupEntry {
             },
         };
         BackupEntry {
-            name: name.to_owned(),
-            version,
+            name: k.name.clone(),
+            version: k.version,
+            algorithm: k.algorithm.jws_name().to_owned(),
             kind: kind_name(w.kind).to_owned(),
             id: STANDARD.encode(&w.id),
             public,
             wrapped_private_key: STANDARD.encode(&w.wrapped_private_key),
+            certificate_chain: k
+                .certificate_chain
+                .iter()
+                .map(|c| STANDARD.encode(c))
+                .collect(),
         }
+    }
+
+    /// The certificate chain, DER.
+    pub fn chain(&self) -> Result<Vec<Vec<u8>>> {
+        self.certificate_chain
+            .iter()
+            .map(|c| b64("certificate_chain", c))
+            .collect()
     }
 
     /// What `Hsm::restore_key_pair` takes.
@@ -204,6 +224,10 @@ impl BackupFile {
                 return Err(invalid(format!("key {:?} v{} twice", k.name, k.version)));
             }
             k.wrapped()?;
+            k.chain()?;
+            if k.version == 0 {
+                return Err(invalid(format!("key {:?}: version 0", k.name)));
+            }
         }
         Ok(file)
     }
@@ -281,14 +305,42 @@ mod tests {
             },
             wrapped_private_key: vec![8; 1232],
         };
+        let version = |name: &str, version, algorithm, chain: Vec<Vec<u8>>| KeyVersion {
+            name: name.into(),
+            version,
+            state: crate::signing::KeyState::Active,
+            algorithm,
+            key_id: vec![],
+            kid: String::new(),
+            public_key_der: vec![],
+            certificate_chain: chain,
+            created_at: 0,
+            published_at: 0,
+            activated_at: 0,
+            retired_at: 0,
+            destroyed_at: 0,
+            last_expiry: 0,
+            origin: crate::signing::KeyOrigin::GeneratedForBackup,
+        };
         BackupFile {
             format: FORMAT.into(),
             plan_id: "ab".repeat(32),
             kek_label: "backup-kek-1".into(),
             kek_check: "0123456789abcdef".into(),
             keys: vec![
-                BackupEntry::new("assertion", 1, &w),
-                BackupEntry::new("root", 2, &r),
+                BackupEntry::new(
+                    &version("assertion", 1, crate::signing::Algorithm::Es256, vec![]),
+                    &w,
+                ),
+                BackupEntry::new(
+                    &version(
+                        "root",
+                        2,
+                        crate::signing::Algorithm::Ps256,
+                        vec![vec![0x30, 1], vec![0x30, 2]],
+                    ),
+                    &r,
+                ),
             ],
         }
     }
@@ -307,6 +359,12 @@ mod tests {
         assert_eq!(w.id, vec![1, 2, 3]);
         assert_eq!(w.wrapped_private_key, vec![9; 40]);
         assert!(back.key("root", Some(1)).is_err());
+        let root = back.key("root", Some(2)).expect("root");
+        assert_eq!(root.algorithm, "PS256");
+        assert_eq!(
+            root.chain().expect("chain"),
+            vec![vec![0x30, 1], vec![0x30, 2]]
+        );
         assert!(back.key("nope", None).is_err());
         assert_eq!(sha256_hex(&text).len(), 64);
 
@@ -326,6 +384,10 @@ mod tests {
         check.kek_check = "xyz".into();
         let mut not_b64 = sample();
         not_b64.keys[0].wrapped_private_key = "!!".into();
+        let mut bad_chain = sample();
+        bad_chain.keys[1].certificate_chain[1] = "%%".into();
+        let mut version_0 = sample();
+        version_0.keys[0].version = 0;
         for (f, want) in [
             (twice, "twice"),
             (wrong_type, "does not match kind"),
@@ -335,6 +397,8 @@ mod tests {
             (label, "KEK label"),
             (check, "kek_check"),
             (not_b64, "not base64"),
+            (bad_chain, "certificate_chain is not base64"),
+            (version_0, "version 0"),
         ] {
             let e = BackupFile::parse(&f.to_text().unwrap()).expect_err(want);
             assert!(

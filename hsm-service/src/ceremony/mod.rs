@@ -10,6 +10,17 @@
 //!
 //! Every proposal, approval, refusal, step and key state change goes through
 //! [`Ceremonies::event`], the one place to route them into the audit log.
+//!
+//! # Backups and restores
+//!
+//! A `backup` step wraps keys generated for backup under a trusted KEK that
+//! `hsm-service backup-kek` provisioned offline and split into one share per officer.
+//! A `restore` step needs that KEK back: each approving officer hands in their share
+//! with the approval (`ApproveCeremony.kek_share`). Shares are held in memory only, per
+//! ceremony and officer, never written or logged; they count only while their officer's
+//! approval counts, and they are dropped when the ceremony is executed (whatever the
+//! outcome). After a restart officers approve again with their shares. Execution is
+//! refused before anything runs while fewer shares than the KEK's threshold are held.
 
 pub mod backup_file;
 pub mod plan;
@@ -38,9 +49,11 @@ use crate::error::{Error, Result};
 use crate::hsm::seeds::master_key_label;
 use crate::signing::{CertificateRequest, KeyRef, KeyState, Signer};
 use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+use backup_file::{BackupEntry, BackupFile};
 pub use plan::{Plan, Step, Usage};
 use record::Change;
 pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
+use shares::ShareFile;
 pub use transcript::{SeedRotation, Transcript};
 
 /// A ceremony as callers see it: the record plus what the quorum looks like now.
@@ -54,6 +67,9 @@ pub struct CeremonyView {
     pub steps: Vec<String>,
     /// Approvals that count now (configured officer, unexpired), distinct officers.
     pub valid_approvals: u32,
+    /// Backup KEK shares held (in memory) for a `restore` step, from officers whose
+    /// approvals count now.
+    pub kek_shares_held: u32,
     /// M.
     pub threshold: u32,
     /// Seconds an approval counts.
@@ -79,6 +95,7 @@ pub struct Ceremonies {
     store: Arc<EmbeddedStore>,
     config: CeremonyConfig,
     transcript_dir: PathBuf,
+    backup_dir: PathBuf,
     clock: Clock,
     /// One execution at a time: validation and execution see the same keys.
     executing: tokio::sync::Mutex<()>,
@@ -87,6 +104,9 @@ pub struct Ceremonies {
     /// The credentials' current seed master key version (see
     /// [`crate::credentials::Credentials::master_key_version`]).
     seed_master: Option<Arc<AtomicU32>>,
+    /// Backup KEK shares handed in with approvals: ceremony id -> officer certificate
+    /// fingerprint -> share. Memory only (see the module documentation).
+    shares: std::sync::Mutex<HashMap<String, BTreeMap<String, ShareFile>>>,
 }
 
 impl std::fmt::Debug for Ceremonies {
@@ -131,26 +151,37 @@ impl Ceremonies {
         data_dir: &std::path::Path,
         clock: Clock,
     ) -> Ceremonies {
-        let transcript_dir = if config.transcript_dir.is_relative() {
-            data_dir.join(&config.transcript_dir)
-        } else {
-            config.transcript_dir.clone()
+        let under_data_dir = |p: &PathBuf| {
+            if p.is_relative() {
+                data_dir.join(p)
+            } else {
+                p.clone()
+            }
         };
+        let transcript_dir = under_data_dir(&config.transcript_dir);
+        let backup_dir = under_data_dir(&config.backup_dir);
         Ceremonies {
             signer,
             store,
             config,
             transcript_dir,
+            backup_dir,
             clock,
             executing: tokio::sync::Mutex::new(()),
             audit: None,
             seed_master: None,
+            shares: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// Where transcripts are written.
     pub fn transcript_dir(&self) -> &std::path::Path {
         &self.transcript_dir
+    }
+
+    /// Where backup files are written and read.
+    pub fn backup_dir(&self) -> &std::path::Path {
+        &self.backup_dir
     }
 
     /// The one place where ceremony events are emitted: proposals, approvals, refusals,
@@ -203,6 +234,8 @@ impl Ceremonies {
             "ceremony.approve" => "ceremony.approve",
             "ceremony.execute" => "ceremony.execute",
             "ceremony.step" => "ceremony.step",
+            "ceremony.backup" => "ceremony.backup",
+            "ceremony.restore" => "ceremony.restore",
             "key.state" => "key.state",
             _ => "ceremony.event",
         };
@@ -278,18 +311,21 @@ impl Ceremonies {
 
     fn view(&self, record: CeremonyRecord) -> Result<CeremonyView> {
         let plan = plan::from_canonical(&record.canonical_plan)?;
-        let valid = self.valid_officers(&record, (self.clock)());
+        let now = (self.clock)();
+        let valid = self.valid_officers(&record, now);
+        let held = self.valid_shares(&record, now).len();
         Ok(CeremonyView {
             description: plan.description.clone(),
             steps: plan.steps.iter().map(Step::summary).collect(),
             valid_approvals: u32::try_from(valid.len()).unwrap_or(u32::MAX),
+            kek_shares_held: u32::try_from(held).unwrap_or(u32::MAX),
             threshold: self.config.threshold,
             approval_ttl_seconds: self.config.approval_ttl_seconds,
             record,
         })
     }
 
-    fn context(&self) -> plan::Context {
+    fn context(&self) -> Result<plan::Context> {
         let mut existing: BTreeMap<String, Vec<plan::ExistingKey>> = BTreeMap::new();
         for k in self.signer.list(None) {
             existing
@@ -298,13 +334,91 @@ impl Ceremonies {
                 .push(plan::ExistingKey {
                     version: k.version,
                     state: k.state,
+                    origin: k.origin,
                 });
         }
-        plan::Context {
+        Ok(plan::Context {
             max_validity_days: self.config.max_validity_days,
             existing,
             seed_rotation: self.seed_master.is_some(),
-        }
+            keks: shares::load_keks(&self.store)?,
+            backup_dir: self.backup_dir.clone(),
+        })
+    }
+
+    /// The shares held for `rec` from officers whose approvals count at `now`, by
+    /// officer fingerprint.
+    fn valid_shares(&self, rec: &CeremonyRecord, now: u64) -> Vec<ShareFile> {
+        let ttl = self.config.approval_ttl_seconds;
+        let counting: BTreeSet<&str> = rec
+            .approvals
+            .iter()
+            .filter(|a| now < a.approved_at.saturating_add(ttl))
+            .filter(|a| {
+                self.officer_index(&a.officer.subject, &a.officer.fingerprint)
+                    .is_some()
+            })
+            .map(|a| a.officer.fingerprint.as_str())
+            .collect();
+        let held = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&rec.id)
+            .map(|by_officer| {
+                by_officer
+                    .iter()
+                    .filter(|(fp, _)| counting.contains(fp.as_str()))
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The backup files the `restore` steps of `plan` read, checked against their
+    /// hashes.
+    fn restore_sources(&self, plan: &Plan) -> Result<Vec<BackupFile>> {
+        plan.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Restore { file, sha256, .. } => {
+                    Some(plan::read_backup_file(&self.backup_dir, file, sha256))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Why the shares held for `rec` cannot restore every backup file in `sources`
+    /// (None: they can, as far as can be told without recombining).
+    fn shares_problem(
+        &self,
+        rec: &CeremonyRecord,
+        sources: &[BackupFile],
+        now: u64,
+    ) -> Option<String> {
+        let held = self.valid_shares(rec, now);
+        sources.iter().find_map(|b| {
+            let mut indices: Vec<u8> = held
+                .iter()
+                .filter(|s| s.label == b.kek_label && s.check == b.kek_check)
+                .map(|s| s.index)
+                .collect();
+            indices.sort_unstable();
+            indices.dedup();
+            let need = held
+                .iter()
+                .find(|s| s.label == b.kek_label)
+                .map_or(2, |s| usize::from(s.threshold));
+            (indices.len() < need).then(|| {
+                format!(
+                    "restoring from a backup under KEK {:?} (check {}) needs {need} distinct shares \
+                     of it; {} held from officers whose approvals count (each officer approves \
+                     with --share FILE; shares are held in memory only, so approve again after a \
+                     service restart)",
+                    b.kek_label,
+                    b.kek_check,
+                    indices.len()
+                )
+            })
+        })
     }
 
     fn load(&self, id: &str) -> Result<CeremonyRecord> {
@@ -342,7 +456,7 @@ impl Ceremonies {
     async fn propose_inner(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
         self.require_officer(actor)?;
         let parsed = plan::parse(plan_toml)?;
-        plan::validate(&parsed, &self.context())?;
+        plan::validate(&parsed, &self.context()?)?;
         let canonical = plan::canonical(&parsed)?;
         let id = plan::id_of(&canonical);
         let rec = CeremonyRecord {
@@ -379,16 +493,29 @@ impl Ceremonies {
     }
 
     /// Record the caller's approval of ceremony `id`. Approving again replaces the
-    /// earlier approval (it still counts once).
-    pub async fn approve(&self, actor: &Identity, id: &str) -> Result<CeremonyView> {
-        let r = self.approve_inner(actor, id).await;
+    /// earlier approval (it still counts once). `kek_share`, the text of the officer's
+    /// backup KEK share file, is for a ceremony with a `restore` step: it must be a share
+    /// of the KEK its backup file names, and is held in memory only (replacing an
+    /// earlier share of the same officer).
+    pub async fn approve(
+        &self,
+        actor: &Identity,
+        id: &str,
+        kek_share: Option<&str>,
+    ) -> Result<CeremonyView> {
+        let r = self.approve_inner(actor, id, kek_share).await;
         match &r {
             Ok(v) => self.event(
                 actor,
                 "ceremony.approve",
                 &v.record.id,
                 "ok",
-                &json!({ "valid_approvals": v.valid_approvals, "threshold": v.threshold }),
+                &json!({
+                    "valid_approvals": v.valid_approvals,
+                    "threshold": v.threshold,
+                    "kek_share_given": kek_share.is_some(),
+                    "kek_shares_held": v.kek_shares_held,
+                }),
             ),
             Err(e) => {
                 self.event(
@@ -403,10 +530,20 @@ impl Ceremonies {
         r
     }
 
-    async fn approve_inner(&self, actor: &Identity, id: &str) -> Result<CeremonyView> {
+    async fn approve_inner(
+        &self,
+        actor: &Identity,
+        id: &str,
+        kek_share: Option<&str>,
+    ) -> Result<CeremonyView> {
         let id = parse_id(id)?;
         self.require_officer(actor)?;
+        let share = match kek_share {
+            None => None,
+            Some(text) => Some(self.check_share(&id, text)?),
+        };
         let officer = officer_of(actor);
+        let fingerprint = officer.fingerprint.clone();
         let now = (self.clock)();
         let key = id.clone();
         let outcome = self
@@ -431,13 +568,53 @@ impl Ceremonies {
             .await
             .map_err(store_err)?;
         match outcome {
-            Ok(rec) => self.view(*rec),
+            Ok(rec) => {
+                if let Some(share) = share {
+                    self.shares
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(fingerprint, share);
+                }
+                self.view(*rec)
+            }
             Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),
             Err(Some(state)) => Err(Error::FailedPrecondition(format!(
                 "ceremony {id} is {}; only a proposed ceremony can be approved",
                 state.as_str()
             ))),
         }
+    }
+
+    /// Parse a share handed in for ceremony `id` and check that it is a share of the KEK
+    /// of a backup file the ceremony restores from. Errors never quote the share.
+    fn check_share(&self, id: &str, text: &str) -> Result<ShareFile> {
+        let rec = self.load(id)?;
+        let parsed = plan::from_canonical(&rec.canonical_plan)?;
+        let sources = self.restore_sources(&parsed)?;
+        if sources.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "ceremony {id} has no restore step; it takes no KEK share"
+            )));
+        }
+        let share = ShareFile::parse(text)?;
+        if !sources
+            .iter()
+            .any(|b| b.kek_label == share.label && b.kek_check == share.check)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the share is of KEK {:?} (check {}); ceremony {id} restores from {}",
+                share.label,
+                share.check,
+                sources
+                    .iter()
+                    .map(|b| format!("KEK {:?} (check {})", b.kek_label, b.kek_check))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(share)
     }
 
     /// One ceremony.
@@ -516,7 +693,11 @@ impl Ceremonies {
             return Err(Error::FailedPrecondition(p));
         }
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
-        plan::validate(&parsed, &self.context())?;
+        plan::validate(&parsed, &self.context()?)?;
+        let sources = self.restore_sources(&parsed)?;
+        if let Some(p) = self.shares_problem(&rec, &sources, now) {
+            return Err(Error::FailedPrecondition(p));
+        }
         let (json_path, text_path) = self.transcript_paths(&id);
         for p in [&json_path, &text_path] {
             if p.exists() {
@@ -576,6 +757,13 @@ impl Ceremonies {
                 "ceremony {id} changed while it was being claimed; it was not executed"
             )));
         };
+        // The ceremony runs once: its shares are taken out of the map now and dropped
+        // (zeroized) when the execution ends, whatever its outcome.
+        let kek_shares = self.valid_shares(&rec, now);
+        self.shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         self.event(
             actor,
             "ceremony.execute",
@@ -590,7 +778,16 @@ impl Ceremonies {
         for (i, step) in parsed.steps.iter().enumerate() {
             let index = t.begin_step(i, step);
             let outcome = self
-                .run_step(actor, &id, i, step, &mut plan_keys, &mut created, &mut t)
+                .run_step(
+                    actor,
+                    &id,
+                    i,
+                    step,
+                    &kek_shares,
+                    &mut plan_keys,
+                    &mut created,
+                    &mut t,
+                )
                 .await;
             match outcome {
                 Ok(()) => {
@@ -670,6 +867,7 @@ impl Ceremonies {
         id: &str,
         index: usize,
         step: &Step,
+        kek_shares: &[ShareFile],
         plan_keys: &mut HashMap<String, u32>,
         created: &mut Vec<(String, u32)>,
         t: &mut Transcript,
@@ -685,31 +883,112 @@ impl Ceremonies {
         };
         match step {
             Step::GenerateKey {
-                name, algorithm, ..
+                name,
+                algorithm,
+                backup,
+                ..
             } => {
                 let alg = algorithm.parse()?;
-                let k = self.signer.create_version(name, alg).await?;
+                let k = if *backup {
+                    self.signer.create_backup_version(name, alg).await?
+                } else {
+                    self.signer.create_version(name, alg).await?
+                };
                 plan_keys.insert(name.clone(), k.version);
                 created.push((name.clone(), k.version));
                 // Listed before the check, so a key that fails it is in the transcript.
                 t.key_created(index, &k);
                 changed(&k);
-                let context = format!(
-                    "ceremony {id} step {} key {}/v{}",
-                    index + 1,
-                    name,
-                    k.version
+                self.check_new_key(id, index, &k, t).await?;
+            }
+            Step::Backup { keys, kek, file } => {
+                let record = shares::load_keks(&self.store)?.remove(kek).ok_or_else(|| {
+                    Error::FailedPrecondition(format!("KEK {kek:?} is not provisioned"))
+                })?;
+                let mut entries = Vec::with_capacity(keys.len());
+                for name in keys {
+                    let r = Self::key_ref(plan_keys, name, None);
+                    let (k, wrapped) = self.signer.wrap_for_backup(&r, kek).await?;
+                    entries.push(BackupEntry::new(&k, &wrapped));
+                }
+                let backup = BackupFile {
+                    format: backup_file::FORMAT.to_owned(),
+                    plan_id: id.to_owned(),
+                    kek_label: kek.clone(),
+                    kek_check: record.check,
+                    keys: entries,
+                };
+                let text = backup.to_text()?;
+                std::fs::create_dir_all(&self.backup_dir).map_err(|e| {
+                    Error::Internal(format!(
+                        "backup directory {}: {e}",
+                        self.backup_dir.display()
+                    ))
+                })?;
+                backup_file::write_new(&self.backup_dir.join(file), &text)?;
+                let sha256 = backup_file::sha256_hex(&text);
+                self.event(
+                    actor,
+                    "ceremony.backup",
+                    file,
+                    "ok",
+                    &json!({
+                        "ceremony": id,
+                        "step": index + 1,
+                        "sha256": sha256,
+                        "kek": kek,
+                        "keys": backup.keys.iter().map(|k| format!("{}/v{}", k.name, k.version)).collect::<Vec<_>>(),
+                    }),
                 );
-                let check = self
-                    .signer
-                    .self_test(&KeyRef::new(name, k.version), &context)
-                    .await?;
-                t.key_checked(index, &check);
-                if let Some(problem) = check.problem() {
-                    return Err(Error::Internal(format!(
-                        "the check of {name} v{} failed: {problem}",
-                        k.version
-                    )));
+                t.backup_written(index, file, &backup, &sha256);
+            }
+            Step::Restore { file, sha256, keys } => {
+                let backup = plan::read_backup_file(&self.backup_dir, file, sha256)?;
+                let held: Vec<ShareFile> = kek_shares
+                    .iter()
+                    .filter(|s| s.label == backup.kek_label && s.check == backup.kek_check)
+                    .cloned()
+                    .collect();
+                let kek = shares::combine_share_files(&backup.kek_label, &held)?;
+                let entries: Vec<&BackupEntry> = if keys.is_empty() {
+                    backup.keys.iter().collect()
+                } else {
+                    keys.iter()
+                        .map(|n| backup.key(n, None))
+                        .collect::<Result<_>>()?
+                };
+                for e in entries {
+                    let k = self
+                        .signer
+                        .restore_version(
+                            &e.name,
+                            e.version,
+                            e.algorithm.parse()?,
+                            &e.wrapped()?,
+                            e.chain()?,
+                            kek.clone(),
+                        )
+                        .await?;
+                    plan_keys.insert(k.name.clone(), k.version);
+                    created.push((k.name.clone(), k.version));
+                    t.key_created(index, &k);
+                    changed(&k);
+                    self.event(
+                        actor,
+                        "ceremony.restore",
+                        &format!("{}/v{}", k.name, k.version),
+                        "ok",
+                        &json!({
+                            "ceremony": id,
+                            "step": index + 1,
+                            "file": file,
+                            "sha256": sha256,
+                            "kek": backup.kek_label,
+                            "kid": k.kid,
+                            "shares_used": held.len(),
+                        }),
+                    );
+                    self.check_new_key(id, index, &k, t).await?;
                 }
             }
             Step::SelfSign {
@@ -806,6 +1085,35 @@ impl Ceremonies {
                 );
                 t.seed_rotation(index, r);
             }
+        }
+        Ok(())
+    }
+
+    /// The check after a key was generated or restored, into the transcript; a failed
+    /// check fails the step.
+    async fn check_new_key(
+        &self,
+        id: &str,
+        index: usize,
+        k: &crate::signing::KeyVersion,
+        t: &mut Transcript,
+    ) -> Result<()> {
+        let context = format!(
+            "ceremony {id} step {} key {}/v{}",
+            index + 1,
+            k.name,
+            k.version
+        );
+        let check = self
+            .signer
+            .self_test(&KeyRef::new(&k.name, k.version), &context)
+            .await?;
+        t.key_checked(index, &check);
+        if let Some(problem) = check.problem() {
+            return Err(Error::Internal(format!(
+                "the check of {} v{} failed: {problem}",
+                k.name, k.version
+            )));
         }
         Ok(())
     }

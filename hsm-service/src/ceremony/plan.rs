@@ -9,19 +9,24 @@
 //! structs (`version`, `description`, `steps`; each step starts with `kind`), every key
 //! present (absent optional values are `null`, absent flags `false`), strings
 //! JSON-escaped. So comments, key order, whitespace, quoting style and spelling a default
-//! out or leaving it away do not change it; any change of meaning does.
+//! out or leaving it away do not change it; any change of meaning does. One exception:
+//! `generate-key`'s `backup` is left out when false, so that plans written before it
+//! existed keep their ids.
 //!
 //! The ceremony id is the lower-case hex SHA-256 of
 //! `"hsm-service ceremony plan v1\n" || canonical form`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::backup_file::{self, BackupFile};
+use super::shares::{check_kek_label, KekRecord};
 use crate::error::{Error, Result};
 use crate::pki::Name;
-use crate::signing::{valid_key_name, Algorithm, KeyState, KEY_NAME_RULE};
+use crate::signing::{valid_key_name, Algorithm, KeyOrigin, KeyState, KEY_NAME_RULE};
 
 /// Domain separation prefix of the ceremony id hash.
 pub const ID_DOMAIN: &[u8] = b"hsm-service ceremony plan v1\n";
@@ -35,6 +40,8 @@ pub const DEFAULT_REWRAP_BATCH: u32 = 500;
 pub const MAX_REWRAP_BATCH: u32 = 5000;
 /// Longest description.
 const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Most keys one `backup` or `restore` step names.
+pub const MAX_BACKUP_KEYS: usize = 64;
 
 /// A ceremony plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +96,10 @@ pub enum Step {
         /// Long-term keys are never extractable: `true` is refused.
         #[serde(default)]
         extractable: bool,
+        /// Make the key so that a later `backup` step can wrap it under a trusted backup
+        /// KEK (and nothing else can take it off the token).
+        #[serde(default, skip_serializing_if = "is_false")]
+        backup: bool,
     },
     /// A self-signed CA certificate for a key, stored as its chain.
     SelfSign {
@@ -166,10 +177,81 @@ pub enum Step {
         #[serde(default = "default_rewrap_batch")]
         batch_size: u32,
     },
+    /// Wrap the current version of each named key (generated with `backup = true`)
+    /// under the trusted backup KEK `kek` and write them to the new backup file `file`
+    /// in the service's backup directory.
+    Backup {
+        /// Key names.
+        keys: Vec<String>,
+        /// Label of the trusted backup KEK (made by `hsm-service backup-kek`).
+        kek: String,
+        /// File name in the backup directory; an existing file is never overwritten.
+        file: String,
+    },
+    /// Put keys from the backup file `file` (in the service's backup directory) onto
+    /// the token with their names and versions, in state `pending`, unwrapped under the
+    /// KEK recombined from the shares the approving officers handed in.
+    Restore {
+        /// File name in the backup directory.
+        file: String,
+        /// SHA-256 of the file (lower-case hex), as the backup's transcript shows it:
+        /// the approvals bind to exactly that file.
+        sha256: String,
+        /// Key names to restore (empty: every key in the file).
+        #[serde(default)]
+        keys: Vec<String>,
+    },
 }
 
 fn default_rewrap_batch() -> u32 {
     DEFAULT_REWRAP_BATCH
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Check a file name of the backup directory: 1 to 128 of `A-Z a-z 0-9 - _ .`, not
+/// starting with a dot (so never a path).
+pub fn check_backup_file_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "backup file name {name:?}: 1 to 128 of A-Z a-z 0-9 - _ . and not starting with a dot"
+        )))
+    }
+}
+
+/// Read backup file `name` from `dir`, check its SHA-256 against `sha256` and parse it.
+pub fn read_backup_file(dir: &std::path::Path, name: &str, sha256: &str) -> Result<BackupFile> {
+    check_backup_file_name(name)?;
+    let path = dir.join(name);
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| Error::FailedPrecondition(format!("backup file {}: {e}", path.display())))?;
+    if meta.len() > backup_file::MAX_BACKUP_LEN as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "backup file {} is larger than {} bytes",
+            path.display(),
+            backup_file::MAX_BACKUP_LEN
+        )));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::FailedPrecondition(format!("backup file {}: {e}", path.display())))?;
+    let actual = backup_file::sha256_hex(&text);
+    if !actual.eq_ignore_ascii_case(sha256) {
+        return Err(Error::FailedPrecondition(format!(
+            "backup file {} has SHA-256 {actual}, the plan names {sha256}",
+            path.display()
+        )));
+    }
+    BackupFile::parse(&text)
 }
 
 impl Step {
@@ -184,6 +266,8 @@ impl Step {
             Step::Retire { .. } => "retire",
             Step::Destroy { .. } => "destroy",
             Step::RotateSeedMasterKey { .. } => "rotate-seed-master-key",
+            Step::Backup { .. } => "backup",
+            Step::Restore { .. } => "restore",
         }
     }
 
@@ -196,11 +280,13 @@ impl Step {
                 algorithm,
                 usage,
                 new_version,
+                backup,
                 ..
             } => format!(
-                "generate-key {name} {algorithm} usage {}{}",
+                "generate-key {name} {algorithm} usage {}{}{}",
                 usage.as_str(),
-                if *new_version { " (new version)" } else { "" }
+                if *new_version { " (new version)" } else { "" },
+                if *backup { " (for backup)" } else { "" }
             ),
             Step::SelfSign {
                 key,
@@ -240,6 +326,17 @@ impl Step {
             Step::RotateSeedMasterKey { batch_size } => {
                 format!("rotate-seed-master-key (re-wrap all credential seeds, {batch_size} per batch)")
             }
+            Step::Backup { keys, kek, file } => {
+                format!("backup {} under KEK {kek} to {file}", keys.join(", "))
+            }
+            Step::Restore { file, sha256, keys } => format!(
+                "restore {} from {file} (SHA-256 {sha256})",
+                if keys.is_empty() {
+                    "every key".to_owned()
+                } else {
+                    keys.join(", ")
+                }
+            ),
         }
     }
 }
@@ -289,6 +386,17 @@ pub struct ExistingKey {
     pub version: u32,
     /// State.
     pub state: KeyState,
+    /// How it came to be on the token.
+    pub origin: KeyOrigin,
+}
+
+/// The version a reference without a version means: the active one, else the newest
+/// one not destroyed, else the newest.
+fn current(versions: &[ExistingKey]) -> Option<&ExistingKey> {
+    versions
+        .iter()
+        .find(|k| k.state == KeyState::Active)
+        .or_else(|| versions.iter().rfind(|k| k.state != KeyState::Destroyed))
 }
 
 /// What validation checks a plan against.
@@ -301,14 +409,20 @@ pub struct Context {
     /// The ceremony service can rotate the seed master key (it holds the credentials'
     /// master key version).
     pub seed_rotation: bool,
+    /// The trusted backup KEKs provisioned on this token, by label.
+    pub keks: BTreeMap<String, KekRecord>,
+    /// Where `backup` writes and `restore` reads backup files.
+    pub backup_dir: PathBuf,
 }
 
 /// What validation knows about a key that a step refers to.
 #[derive(Debug, Clone, Copy)]
 struct Tracked {
+    /// None for a restored key (its usage is not recorded).
     usage: Option<Usage>,
     state: KeyState,
     certified: bool,
+    backup: bool,
 }
 
 fn bad(step: usize, kind: &str, msg: impl std::fmt::Display) -> Error {
@@ -341,6 +455,8 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
     // Keys the plan creates, by name: what validation knows about the new version.
     let mut created: HashMap<String, Tracked> = HashMap::new();
     let mut rotation: Option<usize> = None;
+    // Backup files the plan writes.
+    let mut files: BTreeSet<String> = BTreeSet::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let kind = step.kind();
         // A reference to a key: created earlier in the plan, or found on the service.
@@ -370,10 +486,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
             };
             let found = match version {
                 Some(v) => versions.iter().find(|k| k.version == *v),
-                None => versions
-                    .iter()
-                    .find(|k| k.state == KeyState::Active)
-                    .or_else(|| versions.iter().rfind(|k| k.state != KeyState::Destroyed)),
+                None => current(versions),
             };
             match found {
                 None => Err(bad(
@@ -417,6 +530,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                 usage,
                 new_version,
                 extractable,
+                backup,
             } => {
                 if !valid_key_name(name) {
                     return Err(bad(i, kind, format!("name {name:?}: {KEY_NAME_RULE}")));
@@ -454,6 +568,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                         usage: Some(*usage),
                         state: KeyState::Pending,
                         certified: false,
+                        backup: *backup,
                     },
                 );
             }
@@ -467,7 +582,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                 validity(*validity_days)?;
                 subject_ok(subject)?;
                 if let Some(mut t) = t {
-                    if t.usage != Some(Usage::Ca) {
+                    if t.usage == Some(Usage::Signing) {
                         return Err(bad(
                             i,
                             kind,
@@ -507,7 +622,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     ));
                 }
                 if let Some(ti) = ti {
-                    if ti.usage != Some(Usage::Ca) {
+                    if ti.usage == Some(Usage::Signing) {
                         return Err(bad(i, kind, format!("issuer {issuer:?} is not a ca key")));
                     }
                     if !ti.certified {
@@ -519,7 +634,8 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     }
                 }
                 if let Some(mut tk) = tk {
-                    if tk.usage != Some(*usage) {
+                    // A restored key's usage is not recorded: the plan's word counts.
+                    if tk.usage.is_some_and(|u| u != *usage) {
                         return Err(bad(
                             i,
                             kind,
@@ -601,6 +717,134 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     ));
                 }
                 rotation = Some(i);
+            }
+            Step::Backup { keys, kek, file } => {
+                if keys.is_empty() || keys.len() > MAX_BACKUP_KEYS {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!("keys must name 1 to {MAX_BACKUP_KEYS} keys"),
+                    ));
+                }
+                let mut seen = BTreeSet::new();
+                for name in keys {
+                    if !seen.insert(name) {
+                        return Err(bad(i, kind, format!("key {name:?} named twice")));
+                    }
+                    let for_backup = match lookup(&created, "key", name, &None)? {
+                        Some(t) => t.backup,
+                        None => ctx
+                            .existing
+                            .get(name)
+                            .and_then(|v| current(v))
+                            .is_some_and(|k| k.origin == KeyOrigin::GeneratedForBackup),
+                    };
+                    if !for_backup {
+                        return Err(bad(
+                            i,
+                            kind,
+                            format!(
+                                "{name:?} was not generated for backup (generate-key with backup = true); \
+                                 it never leaves the HSM"
+                            ),
+                        ));
+                    }
+                }
+                check_kek_label(kek).map_err(|e| bad(i, kind, e))?;
+                if !ctx.keks.contains_key(kek) {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!(
+                            "KEK {kek:?} is not provisioned on this token \
+                             (hsm-service backup-kek, with the service stopped)"
+                        ),
+                    ));
+                }
+                check_backup_file_name(file).map_err(|e| bad(i, kind, e))?;
+                if !files.insert(file.clone()) {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!("an earlier step uses backup file {file:?}"),
+                    ));
+                }
+                if ctx.backup_dir.join(file).exists() {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!(
+                            "backup file {file:?} exists already; backup files are never overwritten"
+                        ),
+                    ));
+                }
+            }
+            Step::Restore { file, sha256, keys } => {
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad(i, kind, "sha256 must be 64 hex digits"));
+                }
+                if keys.len() > MAX_BACKUP_KEYS {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!("keys names more than {MAX_BACKUP_KEYS} keys"),
+                    ));
+                }
+                if files.contains(file) {
+                    return Err(bad(
+                        i,
+                        kind,
+                        format!("backup file {file:?} is written by this plan"),
+                    ));
+                }
+                let backup =
+                    read_backup_file(&ctx.backup_dir, file, sha256).map_err(|e| bad(i, kind, e))?;
+                let entries = if keys.is_empty() {
+                    backup.keys.iter().collect::<Vec<_>>()
+                } else {
+                    let mut seen = BTreeSet::new();
+                    keys.iter()
+                        .map(|name| {
+                            if !seen.insert(name) {
+                                return Err(bad(i, kind, format!("key {name:?} named twice")));
+                            }
+                            backup.key(name, None).map_err(|e| bad(i, kind, e))
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                };
+                for e in entries {
+                    if created.contains_key(&e.name) {
+                        return Err(bad(
+                            i,
+                            kind,
+                            format!("{:?} is created by an earlier step", e.name),
+                        ));
+                    }
+                    if ctx
+                        .existing
+                        .get(&e.name)
+                        .is_some_and(|v| v.iter().any(|k| k.version == e.version))
+                    {
+                        return Err(bad(
+                            i,
+                            kind,
+                            format!(
+                                "{} v{} exists on this service; a restore never replaces a key",
+                                e.name, e.version
+                            ),
+                        ));
+                    }
+                    Algorithm::from_str(&e.algorithm).map_err(|err| bad(i, kind, err))?;
+                    created.insert(
+                        e.name.clone(),
+                        Tracked {
+                            usage: None,
+                            state: KeyState::Pending,
+                            certified: !e.certificate_chain.is_empty(),
+                            backup: false,
+                        },
+                    );
+                }
             }
         }
     }

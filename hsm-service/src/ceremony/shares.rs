@@ -90,7 +90,8 @@ pub fn check_kek_label(label: &str) -> Result<()> {
 }
 
 /// One officer's share of a backup KEK, as held in a share file. `Debug` leaves the
-/// share bytes out.
+/// share bytes out; the bytes are zeroized on drop.
+#[derive(Clone)]
 pub struct ShareFile {
     /// Label of the KEK.
     pub label: String,
@@ -290,6 +291,101 @@ pub fn combine_share_files(label: &str, files: &[ShareFile]) -> Result<Zeroizing
     Ok(kek)
 }
 
+/// Store meta key prefix of the [`KekRecord`]s: `backup_kek/<label>`.
+pub const KEK_META_PREFIX: &str = "backup_kek/";
+
+/// What the service knows of a trusted backup KEK provisioned on its token (never its
+/// value): written by `hsm-service backup-kek` into the store, read by plan validation
+/// (a `backup` step names a provisioned KEK) and by the `backup` step (the file names
+/// the KEK's check value, which restores compare with the shares').
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekRecord {
+    /// Token label of the KEK.
+    pub label: String,
+    /// [`kek_check_value`] of the KEK.
+    pub check: String,
+    /// Shares needed to recombine it (M).
+    pub threshold: u8,
+    /// Shares made (N).
+    pub shares: u8,
+    /// Unix seconds of provisioning.
+    pub created_at: u64,
+}
+
+/// Every KEK record in the store, by label.
+pub fn load_keks(
+    store: &crate::store::EmbeddedStore,
+) -> Result<std::collections::BTreeMap<String, KekRecord>> {
+    let corrupt = |e: String| Error::Internal(format!("backup KEK records: {e}"));
+    store
+        .read(|txn| {
+            let table = txn.open_table(crate::store::tables::META)?;
+            let mut out = Vec::new();
+            for item in table.range(KEK_META_PREFIX..)? {
+                let (k, v) = item?;
+                if !k.value().starts_with(KEK_META_PREFIX) {
+                    break;
+                }
+                out.push(v.value().to_vec());
+            }
+            Ok(out)
+        })
+        .map_err(|e| corrupt(e.to_string()))?
+        .into_iter()
+        .map(|v| {
+            serde_json::from_slice::<KekRecord>(&v)
+                .map(|r| (r.label.clone(), r))
+                .map_err(|e| corrupt(e.to_string()))
+        })
+        .collect()
+}
+
+/// Store `rec` and its audit record (action `backup-kek.create`, actor `actor`) in one
+/// durable commit. Refuses a label that has a record already.
+pub async fn record_kek(
+    store: &crate::store::EmbeddedStore,
+    rec: KekRecord,
+    actor: crate::audit::Actor,
+) -> Result<()> {
+    use crate::audit::{Details, Event};
+    let key = format!("{KEK_META_PREFIX}{}", rec.label);
+    let value = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
+    let event = Event::new(
+        crate::audit::log::now_ms(),
+        actor,
+        "backup-kek.create",
+        &rec.label,
+    )
+    .with_details(
+        Details::new()
+            .str("check", &rec.check)
+            .u64("threshold", u64::from(rec.threshold))
+            .u64("shares", u64::from(rec.shares)),
+    );
+    let stored = store
+        .write(move |txn| {
+            if crate::store::ops::get_meta(txn, &key)?.is_some() {
+                return Ok(false);
+            }
+            if let Err(e) = crate::store::ops::put_meta(txn, &key, &value)? {
+                return Err(crate::store::Rollback(e));
+            }
+            crate::audit::log::append_in(txn, event)?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("backup KEK record: {e}")))?;
+    if stored {
+        Ok(())
+    } else {
+        Err(Error::AlreadyExists(format!(
+            "the store has a record of KEK {:?} already",
+            rec.label
+        )))
+    }
+}
+
 /// Offline provisioning of backup KEK `label` (service stopped): the KEK is drawn from
 /// the token's RNG and created trusted by the security officer, split M-of-N, and share
 /// `i` written to `dir/<label>.share-<i>` (mode 0600). Refuses, before touching the token,
@@ -331,6 +427,60 @@ pub fn provision_backup_kek(
     let check = kek_check_value(&kek);
     drop(kek);
     Ok((write_share_files(dir, &files)?, check))
+}
+
+/// `hsm-service backup-kek`, everything but the command line: with the service of
+/// `config` stopped, open its store (locked while the service runs, so a running service
+/// is refused before the token is touched), provision KEK `label` M-of-N with the share
+/// files in `dir` ([`provision_backup_kek`]), and record it ([`record_kek`]) with its
+/// audit record, so that plans can name it. Returns the share files' paths and the KEK's
+/// check value.
+pub async fn backup_kek_offline(
+    config: &crate::config::Config,
+    so_pin: &secrecy::SecretString,
+    label: &str,
+    threshold: u8,
+    shares: u8,
+    dir: &std::path::Path,
+) -> Result<(Vec<std::path::PathBuf>, String)> {
+    let store_path = config.data_dir.join(crate::server::STORE_FILE);
+    let store =
+        crate::store::EmbeddedStore::open(&store_path, Default::default()).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "store {}: {e} (backup-kek runs with the service stopped)",
+                store_path.display()
+            ))
+        })?;
+    let settings = crate::hsm::HsmSettings {
+        module: config.hsm.module.clone(),
+        token: config.token(),
+        sessions: 1,
+        queue_capacity: 1,
+        seed_cache_capacity: 1,
+    };
+    let (paths, check) = provision_backup_kek(&settings, so_pin, label, threshold, shares, dir)?;
+    let record = KekRecord {
+        label: label.to_owned(),
+        check: check.clone(),
+        threshold,
+        shares,
+        created_at: crate::signing::now(),
+    };
+    record_kek(
+        &store,
+        record,
+        crate::audit::Actor::new("security-officer (offline backup-kek)", ""),
+    )
+    .await
+    .map_err(|e| {
+        Error::Internal(format!(
+            "the KEK and its share files were made, but recording it in the store failed: {e}"
+        ))
+    })?;
+    store
+        .close()
+        .map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
+    Ok((paths, check))
 }
 
 #[cfg(test)]

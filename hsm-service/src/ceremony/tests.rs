@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::plan::{self, Context, ExistingKey};
 use super::*;
 use crate::auth::Role;
+use crate::signing::KeyOrigin;
 use crate::testing::DevEnv;
 
 const EXAMPLE: &str = include_str!("../../../ceremonies/example-root-and-assertion.toml");
@@ -20,6 +21,7 @@ fn ctx() -> Context {
         vec![ExistingKey {
             version: 1,
             state: KeyState::Active,
+            origin: KeyOrigin::Generated,
         }],
     );
     c
@@ -101,6 +103,186 @@ fn validation_refusals_name_the_step_and_reason() {
         assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
         assert!(msg.contains(expected), "{expected}: {msg}");
     }
+}
+
+fn backup_file_text(keys: &[(&str, u32)]) -> String {
+    use super::backup_file::{BackupEntry, BackupFile, PublicKey, FORMAT};
+    BackupFile {
+        format: FORMAT.into(),
+        plan_id: "ab".repeat(32),
+        kek_label: "kek-1".into(),
+        kek_check: "0123456789abcdef".into(),
+        keys: keys
+            .iter()
+            .map(|(name, version)| BackupEntry {
+                name: (*name).into(),
+                version: *version,
+                algorithm: "ES256".into(),
+                kind: "ec-p256".into(),
+                id: "AQID".into(),
+                public: PublicKey::Ec {
+                    ec_point: "BAQE".into(),
+                },
+                wrapped_private_key: "CQkJ".into(),
+                certificate_chain: Vec::new(),
+            })
+            .collect(),
+    }
+    .to_text()
+    .expect("text")
+}
+
+#[test]
+fn backup_and_restore_steps_are_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let restorable = backup_file_text(&[("other", 2), ("more", 1)]);
+    let clashing = backup_file_text(&[("bk", 1)]);
+    std::fs::write(dir.path().join("b.json"), &restorable).unwrap();
+    std::fs::write(dir.path().join("clash.json"), &clashing).unwrap();
+    let sha = super::backup_file::sha256_hex(&restorable);
+    let clash_sha = super::backup_file::sha256_hex(&clashing);
+    let mut c = ctx();
+    c.backup_dir = dir.path().to_owned();
+    c.existing.insert(
+        "bk".into(),
+        vec![ExistingKey {
+            version: 1,
+            state: KeyState::Pending,
+            origin: KeyOrigin::GeneratedForBackup,
+        }],
+    );
+    c.keks.insert(
+        "kek-1".into(),
+        super::shares::KekRecord {
+            label: "kek-1".into(),
+            check: "0123456789abcdef".into(),
+            threshold: 2,
+            shares: 3,
+            created_at: 0,
+        },
+    );
+    let plan = |steps: &[&str]| {
+        let mut t = "version = 1\n".to_owned();
+        for s in steps {
+            t.push_str("[[step]]\n");
+            t.push_str(s);
+            t.push('\n');
+        }
+        t
+    };
+    let gen = |name: &str, backup: bool| {
+        format!("kind = \"generate-key\"\nname = \"{name}\"\nalgorithm = \"ES256\"\nusage = \"signing\"\nbackup = {backup}")
+    };
+    let backup = |keys: &str, kek: &str, file: &str| {
+        format!("kind = \"backup\"\nkeys = [{keys}]\nkek = \"{kek}\"\nfile = \"{file}\"")
+    };
+    let restore = |file: &str, sha: &str, keys: &str| {
+        format!("kind = \"restore\"\nfile = \"{file}\"\nsha256 = \"{sha}\"\nkeys = [{keys}]")
+    };
+    for ok in [
+        plan(&[&gen("n", true), &backup("\"n\"", "kek-1", "new.json")]),
+        plan(&[&backup("\"bk\"", "kek-1", "new.json")]),
+        plan(&[&restore("b.json", &sha, "")]),
+        plan(&[
+            &restore("b.json", &sha.to_uppercase(), "\"other\""),
+            "kind = \"publish\"\nkey = \"other\"",
+            "kind = \"activate\"\nkey = \"other\"",
+        ]),
+    ] {
+        plan::validate(&plan::parse(&ok).expect("parses"), &c).expect(&ok);
+    }
+    let cases: Vec<(String, &str)> = vec![
+        (
+            plan(&[&backup("\"assertion\"", "kek-1", "x.json")]),
+            "\"assertion\" was not generated for backup",
+        ),
+        (
+            plan(&[&gen("n", false), &backup("\"n\"", "kek-1", "x.json")]),
+            "\"n\" was not generated for backup",
+        ),
+        (
+            plan(&[&backup("\"ghost\"", "kek-1", "x.json")]),
+            "neither created",
+        ),
+        (
+            plan(&[&backup("", "kek-1", "x.json")]),
+            "keys must name 1 to 64 keys",
+        ),
+        (
+            plan(&[&backup("\"bk\", \"bk\"", "kek-1", "x.json")]),
+            "key \"bk\" named twice",
+        ),
+        (
+            plan(&[&backup("\"bk\"", "kek-2", "x.json")]),
+            "KEK \"kek-2\" is not provisioned",
+        ),
+        (plan(&[&backup("\"bk\"", "a b", "x.json")]), "KEK label"),
+        (
+            plan(&[&backup("\"bk\"", "kek-1", "../x.json")]),
+            "backup file name",
+        ),
+        (
+            plan(&[&backup("\"bk\"", "kek-1", "b.json")]),
+            "exists already",
+        ),
+        (
+            plan(&[
+                &backup("\"bk\"", "kek-1", "x.json"),
+                &backup("\"bk\"", "kek-1", "x.json"),
+            ]),
+            "step 2 (backup): an earlier step uses backup file",
+        ),
+        (
+            plan(&[
+                &backup("\"bk\"", "kek-1", "x.json"),
+                &restore("x.json", &sha, ""),
+            ]),
+            "is written by this plan",
+        ),
+        (plan(&[&restore("b.json", &clash_sha, "")]), "has SHA-256"),
+        (
+            plan(&[&restore("b.json", "abc", "")]),
+            "sha256 must be 64 hex digits",
+        ),
+        (plan(&[&restore("missing.json", &sha, "")]), "missing.json"),
+        (
+            plan(&[&restore("b.json", &sha, "\"nope\"")]),
+            "no key \"nope\"",
+        ),
+        (
+            plan(&[&restore("b.json", &sha, "\"other\", \"other\"")]),
+            "named twice",
+        ),
+        (
+            plan(&[&restore("clash.json", &clash_sha, "")]),
+            "bk v1 exists on this service",
+        ),
+        (
+            plan(&[&gen("other", false), &restore("b.json", &sha, "")]),
+            "\"other\" is created by an earlier step",
+        ),
+        (
+            plan(&[&restore("b.json", &sha, ""), &gen("other", false)]),
+            "duplicate key name \"other\"",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = plan::parse(&text)
+            .and_then(|p| plan::validate(&p, &c))
+            .expect_err(expected);
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
+        assert!(msg.contains(expected), "{expected}: {msg}");
+    }
+    // `backup = false` is left out of the canonical form: plans written before the
+    // flag existed keep their ids.
+    let without = plan(&[
+        "kind = \"generate-key\"\nname = \"n\"\nalgorithm = \"ES256\"\nusage = \"signing\"",
+    ]);
+    assert_eq!(id(&without), id(&plan(&[&gen("n", false)])));
+    assert_ne!(id(&without), id(&plan(&[&gen("n", true)])));
+    let canonical = plan::canonical(&plan::parse(&without).unwrap()).unwrap();
+    assert!(!canonical.contains("backup"), "{canonical}");
 }
 
 #[test]
@@ -208,8 +390,8 @@ async fn expired_approvals_do_not_count() {
         .expect("propose")
         .record
         .id;
-    c.approve(&officer(1), &id).await.expect("approve");
-    c.approve(&officer(2), &id).await.expect("approve");
+    c.approve(&officer(1), &id, None).await.expect("approve");
+    c.approve(&officer(2), &id, None).await.expect("approve");
     assert_eq!(c.get(&id).expect("get").valid_approvals, 2);
     // Both approvals expire.
     t.fetch_add(ttl, Ordering::SeqCst);
@@ -217,10 +399,10 @@ async fn expired_approvals_do_not_count() {
     let err = c.execute(&officer(3), &id).await.expect_err("expired");
     assert!(err.to_string().contains("0 valid approval"), "{err}");
     // One fresh approval and one expired one are still not enough.
-    c.approve(&officer(1), &id).await.expect("approve");
+    c.approve(&officer(1), &id, None).await.expect("approve");
     let err = c.execute(&officer(3), &id).await.expect_err("1 of 2");
     assert!(err.to_string().contains("1 valid approval"), "{err}");
-    c.approve(&officer(3), &id).await.expect("approve");
+    c.approve(&officer(3), &id, None).await.expect("approve");
     let x = c.execute(&officer(2), &id).await.expect("execute");
     assert_eq!(x.view.record.state, CeremonyState::Succeeded);
     // An identity outside the officer set counts for nothing.
@@ -245,8 +427,8 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
         .expect("propose")
         .record
         .id;
-    c.approve(&officer(1), &id).await.expect("approve");
-    c.approve(&officer(2), &id).await.expect("approve");
+    c.approve(&officer(1), &id, None).await.expect("approve");
+    c.approve(&officer(2), &id, None).await.expect("approve");
     let x = c.execute(&officer(1), &id).await.expect("executed");
     assert_eq!(x.view.record.state, CeremonyState::Failed);
     assert!(

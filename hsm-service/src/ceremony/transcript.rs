@@ -93,6 +93,10 @@ pub struct KeyCheck {
     pub local: bool,
     /// CKA_SIGN and not CKA_DECRYPT.
     pub sign_only: bool,
+    /// CKA_WRAP_WITH_TRUSTED.
+    pub wrap_with_trusted: bool,
+    /// `generated`, `generated-for-backup` or `restored`: what the checks expect.
+    pub origin: String,
     /// Empty when every check passed.
     pub problem: String,
 }
@@ -134,6 +138,23 @@ pub struct SeedRotation {
     pub already_rewrapped: u64,
 }
 
+/// What a `backup` step wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupWritten {
+    /// File name in the backup directory.
+    pub file: String,
+    /// SHA-256 of the file, lower-case hex: what a `restore` step names.
+    pub sha256: String,
+    /// The same as words, to read aloud.
+    pub sha256_words: String,
+    /// Label of the KEK the keys are wrapped under.
+    pub kek_label: String,
+    /// Its check value.
+    pub kek_check: String,
+    /// The keys, `name/vN kid`.
+    pub keys: Vec<String>,
+}
+
 /// One step and what it did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepEntry {
@@ -158,6 +179,9 @@ pub struct StepEntry {
     /// The seed master key rotation, for a `rotate-seed-master-key` step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_rotation: Option<SeedRotation>,
+    /// The file a `backup` step wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupWritten>,
 }
 
 /// An approval as recorded.
@@ -204,6 +228,7 @@ pub struct Transcript {
     pub created_keys: Vec<KeyEntry>,
 }
 
+/// A hex digest (a ceremony id, a file hash) as words.
 fn id_words(id: &str) -> String {
     let bytes: Vec<u8> = (0..id.len() / 2)
         .filter_map(|i| u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok())
@@ -250,6 +275,7 @@ impl Transcript {
                     certificates: Vec::new(),
                     state_changes: Vec::new(),
                     seed_rotation: None,
+                    backup: None,
                 })
                 .collect(),
             created_keys: Vec::new(),
@@ -300,6 +326,8 @@ impl Transcript {
                 never_extractable: c.never_extractable,
                 local: c.local,
                 sign_only: c.sign && !c.decrypt,
+                wrap_with_trusted: c.wrap_with_trusted,
+                origin: c.origin.as_str().to_owned(),
                 problem: c.problem().unwrap_or_default(),
             });
         }
@@ -334,6 +362,24 @@ impl Transcript {
     pub fn seed_rotation(&mut self, i: usize, r: SeedRotation) {
         if let Some(s) = self.steps.get_mut(i) {
             s.seed_rotation = Some(r);
+        }
+    }
+
+    /// Step `i` wrote backup file `file` (`sha256` of its text).
+    pub fn backup_written(&mut self, i: usize, file: &str, b: &super::BackupFile, sha256: &str) {
+        if let Some(s) = self.steps.get_mut(i) {
+            s.backup = Some(BackupWritten {
+                file: file.to_owned(),
+                sha256: sha256.to_owned(),
+                sha256_words: id_words(sha256),
+                kek_label: b.kek_label.clone(),
+                kek_check: b.kek_check.clone(),
+                keys: b
+                    .keys
+                    .iter()
+                    .map(|k| format!("{}/v{}", k.name, k.version))
+                    .collect(),
+            });
         }
     }
 
@@ -408,14 +454,17 @@ impl Transcript {
             for c in &s.checks {
                 let _ = writeln!(
                     o,
-                    "  checks: public key matches {}, test signature verifies {}, token {}, \
-                     sensitive {}, extractable {}, never extractable {}, local {}, sign-only {}",
+                    "  checks ({}): public key matches {}, test signature verifies {}, token {}, \
+                     sensitive {}, extractable {}, never extractable {}, wrap with trusted {}, \
+                     local {}, sign-only {}",
+                    c.origin,
                     c.public_key_matches,
                     c.signature_verifies,
                     c.token,
                     c.sensitive,
                     c.extractable,
                     c.never_extractable,
+                    c.wrap_with_trusted,
                     c.local,
                     c.sign_only
                 );
@@ -435,6 +484,18 @@ impl Transcript {
                     "  seed master key {} -> {}: {} credential(s) re-wrapped, {} already under the new key; {} kept",
                     r.old_key_label, r.new_key_label, r.rewrapped, r.already_rewrapped, r.old_key_label
                 );
+            }
+            if let Some(b) = &s.backup {
+                let _ = writeln!(
+                    o,
+                    "  backup file {} under KEK {} (check {}): {}",
+                    b.file,
+                    b.kek_label,
+                    b.kek_check,
+                    b.keys.join(", ")
+                );
+                let _ = writeln!(o, "  backup file SHA-256: {}", b.sha256);
+                let _ = writeln!(o, "    as words: {}", b.sha256_words);
             }
             for c in &s.state_changes {
                 let from = if c.from.is_empty() { "new" } else { &c.from };
