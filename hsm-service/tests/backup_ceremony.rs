@@ -9,13 +9,11 @@ mod common;
 
 use hsm_client::proto::{
     ApproveCeremonyRequest, CeremonyInfo, ExecuteCeremonyRequest, ExecuteCeremonyResponse,
-    GetJwksRequest, ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
+    ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
 };
 use hsm_client::HsmClient;
 use hsm_service::signing::NSIS_ACR_VALUES;
 use hsm_service::testing::DevEnv;
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 use tonic::Code;
 
@@ -49,17 +47,6 @@ async fn execute(c: &HsmClient, id: &str) -> Result<ExecuteCeremonyResponse, ton
         })
         .await
         .map(|r| r.into_inner())
-}
-
-async fn jwks(c: &HsmClient) -> JwkSet {
-    let text = c
-        .signing()
-        .get_jwks(GetJwksRequest {})
-        .await
-        .expect("jwks")
-        .into_inner()
-        .jwks_json;
-    serde_json::from_str(&text).expect("JWK Set")
 }
 
 async fn assertion_keys(c: &HsmClient) -> Vec<hsm_client::proto::KeyVersionInfo> {
@@ -140,7 +127,7 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
         .as_str()
         .expect("kid")
         .to_owned();
-    let a_jwks = jwks(&a_login).await;
+    let a_jwks = common::jwks(&a_login).await;
     assert!(a_jwks.find(&kid).is_some(), "A publishes its new key");
     let inventory = assertion_keys(&a1).await;
     let v2 = inventory.iter().find(|k| k.version == 2).expect("v2");
@@ -224,7 +211,7 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
     assert!(err.message().contains("needs 2 distinct shares"), "{err:?}");
     assert!(err.message().contains("1 held"), "{err:?}");
     assert_eq!(assertion_keys(&b1).await.len(), 1, "bootstrap key only");
-    assert!(jwks(&b_login).await.find(&kid).is_none());
+    assert!(common::jwks(&b_login).await.find(&kid).is_none());
 
     // The same officer's share twice still counts once.
     let shown = approve(&b1, &restore_id, &share(0)).await.expect("again");
@@ -275,16 +262,7 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
         .expect("sign on B")
         .into_inner();
     assert_eq!(signed.kid, kid);
-    let header = jsonwebtoken::decode_header(&signed.jws).expect("header");
-    let mut validation = Validation::new(header.alg);
-    validation.set_issuer(&["https://hsm-service.dev.local"]);
-    validation.set_audience(&["https://bank.example"]);
-    jsonwebtoken::decode::<Value>(
-        &signed.jws,
-        &DecodingKey::from_jwk(a_jwks.find(&kid).expect("A's JWK")).expect("key"),
-        &validation,
-    )
-    .expect("B's assertion verifies under A's JWKS");
+    common::verify(&signed.jws, &a_jwks).expect("B's assertion verifies under A's JWKS");
 
     drop(server_a);
     drop(server_b);

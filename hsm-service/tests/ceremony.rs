@@ -6,14 +6,12 @@ use std::path::Path;
 use std::process::Command;
 
 use hsm_client::proto::{
-    ApproveCeremonyRequest, ExecuteCeremonyRequest, GetCeremonyRequest, GetJwksRequest,
-    ListCeremoniesRequest, ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
+    ApproveCeremonyRequest, ExecuteCeremonyRequest, GetCeremonyRequest, ListCeremoniesRequest,
+    ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
 };
 use hsm_client::HsmClient;
 use hsm_service::signing::NSIS_ACR_VALUES;
 use hsm_service::testing::DevEnv;
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 use tonic::Code;
 
@@ -193,31 +191,13 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
         .expect("sign")
         .into_inner();
     assert_eq!(signed.kid, new_kid);
-    let set: JwkSet = serde_json::from_str(
-        &login
-            .signing()
-            .get_jwks(GetJwksRequest {})
-            .await
-            .expect("jwks")
-            .into_inner()
-            .jwks_json,
-    )
-    .expect("JWK Set");
-    let header = jsonwebtoken::decode_header(&signed.jws).expect("header");
+    let set = common::jwks(&login).await;
     let jwk = set.find(&new_kid).expect("new key in the JWKS");
     assert!(
         jwk.common.x509_chain.is_some(),
         "certificate chain in the JWK"
     );
-    let mut validation = Validation::new(header.alg);
-    validation.set_issuer(&["https://hsm-service.dev.local"]);
-    validation.set_audience(&["https://bank.example"]);
-    jsonwebtoken::decode::<Value>(
-        &signed.jws,
-        &DecodingKey::from_jwk(jwk).expect("key"),
-        &validation,
-    )
-    .expect("the assertion verifies under the JWKS");
+    common::verify(&signed.jws, &set).expect("the assertion verifies under the JWKS");
     // The root CA key is not in the JWKS.
     let root_kid = t["steps"][0]["keys"][0]["kid"].as_str().expect("kid");
     assert!(set.find(root_kid).is_none());

@@ -18,7 +18,6 @@ use hsm_service::server::RunningServer;
 use hsm_service::signing::{Algorithm, KeyRef, KeyState, NSIS_ACR_VALUES};
 use hsm_service::testing::DevEnv;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
 use tonic::Code;
 
@@ -62,32 +61,7 @@ fn request(key: &str) -> SignAssertionRequest {
     }
 }
 
-async fn jwks(client: &HsmClient) -> JwkSet {
-    let text = client
-        .signing()
-        .get_jwks(GetJwksRequest {})
-        .await
-        .expect("jwks")
-        .into_inner()
-        .jwks_json;
-    serde_json::from_str(&text).expect("a JWK Set")
-}
-
-/// Verify `jws` the way a relying party does: pick the JWK by `kid`, check signature,
-/// issuer, audience and expiry with jsonwebtoken.
-fn verify(jws: &str, set: &JwkSet) -> Result<Value, String> {
-    let header = jsonwebtoken::decode_header(jws).map_err(|e| e.to_string())?;
-    let kid = header.kid.ok_or("no kid")?;
-    let jwk = set.find(&kid).ok_or(format!("kid {kid} not in the JWKS"))?;
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
-    let mut validation = Validation::new(header.alg);
-    validation.set_issuer(&["https://hsm-service.dev.local"]);
-    validation.set_audience(&["https://bank.example"]);
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
-    jsonwebtoken::decode::<Value>(jws, &key, &validation)
-        .map(|d| d.claims)
-        .map_err(|e| e.to_string())
-}
+use common::{jwks, verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assertions_verify_with_an_independent_jwt_library_for_every_algorithm() {

@@ -312,6 +312,35 @@ fn public_key_of(attrs: &PublicKeyAttributes) -> std::result::Result<PublicKey, 
     }
 }
 
+/// The record of a key version that was just put on the token: `pending`, no dates.
+fn pending_version(
+    name: &str,
+    version: u32,
+    algorithm: Algorithm,
+    key_id: Vec<u8>,
+    public: &PublicKey,
+    certificate_chain: Vec<Vec<u8>>,
+    origin: KeyOrigin,
+) -> Result<KeyVersion> {
+    Ok(KeyVersion {
+        name: name.to_owned(),
+        version,
+        state: KeyState::Pending,
+        algorithm,
+        key_id,
+        kid: thumbprint(public),
+        public_key_der: public.to_spki_der()?,
+        certificate_chain,
+        created_at: now(),
+        published_at: 0,
+        activated_at: 0,
+        retired_at: 0,
+        destroyed_at: 0,
+        last_expiry: 0,
+        origin,
+    })
+}
+
 fn check_len(field: &str, value: &str) -> Result<()> {
     if value.len() > MAX_FIELD_LEN {
         return Err(invalid(format!(
@@ -498,36 +527,34 @@ impl Signer {
         };
         let public = public_key_of(&pair.public)
             .map_err(|e| Error::Internal(format!("public key of {label}: {e}")))?;
-        let k = KeyVersion {
-            name: name.to_owned(),
+        let k = pending_version(
+            name,
             version,
-            state: KeyState::Pending,
             algorithm,
-            key_id: pair.id,
-            kid: thumbprint(&public),
-            public_key_der: public.to_spki_der()?,
-            certificate_chain: Vec::new(),
-            created_at: now(),
-            published_at: 0,
-            activated_at: 0,
-            retired_at: 0,
-            destroyed_at: 0,
-            last_expiry: 0,
+            pair.id,
+            &public,
+            Vec::new(),
             origin,
-        };
+        )?;
+        self.record_new(&k, &label).await?;
+        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), "signing key version created");
+        Ok(k)
+    }
+
+    /// Write the record of a key pair just put on the token; without its record the
+    /// pair would be an orphan, so it is removed again when the write fails.
+    async fn record_new(&self, k: &KeyVersion, label: &str) -> Result<()> {
         let written = {
             let _w = self.writes.lock().await;
             self.put(vec![k.clone()]).await
         };
         if let Err(e) = written {
-            // Without its record the key pair would be an orphan: remove it again.
             if let Err(d) = self.hsm.destroy_key_pair(&k.key_id).await {
                 tracing::error!(error = %d, key = %label, "could not remove an unrecorded key pair");
             }
             return Err(e);
         }
-        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), "signing key version created");
-        Ok(k)
+        Ok(())
     }
 
     /// Wrap `key`'s private key under the trusted KEK `kek_label` for a backup. Only a
@@ -587,33 +614,16 @@ impl Signer {
         }
         let label = format!("sig/{name}/v{version}");
         self.hsm.restore_key_pair(wrapped, &label, kek).await?;
-        let k = KeyVersion {
-            name: name.to_owned(),
+        let k = pending_version(
+            name,
             version,
-            state: KeyState::Pending,
             algorithm,
-            key_id: wrapped.id.clone(),
-            kid: thumbprint(&public),
-            public_key_der: public.to_spki_der()?,
+            wrapped.id.clone(),
+            &public,
             certificate_chain,
-            created_at: now(),
-            published_at: 0,
-            activated_at: 0,
-            retired_at: 0,
-            destroyed_at: 0,
-            last_expiry: 0,
-            origin: KeyOrigin::Restored,
-        };
-        let written = {
-            let _w = self.writes.lock().await;
-            self.put(vec![k.clone()]).await
-        };
-        if let Err(e) = written {
-            if let Err(d) = self.hsm.destroy_key_pair(&k.key_id).await {
-                tracing::error!(error = %d, key = %label, "could not remove an unrecorded restored key pair");
-            }
-            return Err(e);
-        }
+            KeyOrigin::Restored,
+        )?;
+        self.record_new(&k, &label).await?;
         tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version restored from a backup");
         Ok(k)
     }

@@ -121,3 +121,31 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The service's JWK Set as a relying party fetches it.
+pub async fn jwks(client: &HsmClient) -> jsonwebtoken::jwk::JwkSet {
+    let text = client
+        .signing()
+        .get_jwks(hsm_client::proto::GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner()
+        .jwks_json;
+    serde_json::from_str(&text).expect("a JWK Set")
+}
+
+/// Verify `jws` the way a relying party does: pick the JWK by `kid`, check signature,
+/// issuer, audience and expiry with jsonwebtoken (audience `https://bank.example`).
+pub fn verify(jws: &str, set: &jsonwebtoken::jwk::JwkSet) -> Result<serde_json::Value, String> {
+    let header = jsonwebtoken::decode_header(jws).map_err(|e| e.to_string())?;
+    let kid = header.kid.ok_or("no kid")?;
+    let jwk = set.find(&kid).ok_or(format!("kid {kid} not in the JWKS"))?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&["https://hsm-service.dev.local"]);
+    validation.set_audience(&["https://bank.example"]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
+    jsonwebtoken::decode::<serde_json::Value>(jws, &key, &validation)
+        .map(|d| d.claims)
+        .map_err(|e| e.to_string())
+}
