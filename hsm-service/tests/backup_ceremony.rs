@@ -7,12 +7,8 @@
 
 mod common;
 
-use hsm_client::proto::{
-    ApproveCeremonyRequest, CeremonyInfo, ExecuteCeremonyRequest, ExecuteCeremonyResponse,
-    ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
-};
+use hsm_client::proto::ListKeysRequest;
 use hsm_client::HsmClient;
-use hsm_service::signing::NSIS_ACR_VALUES;
 use hsm_service::testing::DevEnv;
 use serde_json::Value;
 use tonic::Code;
@@ -21,33 +17,7 @@ const BACKUP_PLAN: &str = include_str!("../../ceremonies/example-backup.toml");
 const RESTORE_PLAN: &str = include_str!("../../ceremonies/example-restore.toml");
 const BACKUP_FILE: &str = "assertion-backup.json";
 
-async fn propose(c: &HsmClient, plan: &str) -> Result<String, tonic::Status> {
-    c.ceremonies()
-        .propose_ceremony(ProposeCeremonyRequest {
-            plan_toml: plan.to_owned(),
-        })
-        .await
-        .map(|r| r.into_inner().ceremony_id)
-}
-
-async fn approve(c: &HsmClient, id: &str, share: &str) -> Result<CeremonyInfo, tonic::Status> {
-    c.ceremonies()
-        .approve_ceremony(ApproveCeremonyRequest {
-            ceremony_id: id.to_owned(),
-            kek_share: share.to_owned(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn execute(c: &HsmClient, id: &str) -> Result<ExecuteCeremonyResponse, tonic::Status> {
-    c.ceremonies()
-        .execute_ceremony(ExecuteCeremonyRequest {
-            ceremony_id: id.to_owned(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
+use common::{approve_with_share as approve, execute, propose};
 
 async fn assertion_keys(c: &HsmClient) -> Vec<hsm_client::proto::KeyVersionInfo> {
     c.keys()
@@ -250,17 +220,7 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // B signs; the assertion verifies under the key A published.
-    let signed = b_login
-        .signing()
-        .sign_assertion(SignAssertionRequest {
-            subject: "citizen-1".into(),
-            audience: vec!["https://bank.example".into()],
-            acr: NSIS_ACR_VALUES[0].into(),
-            ..Default::default()
-        })
-        .await
-        .expect("sign on B")
-        .into_inner();
+    let signed = common::sign_default_assertion(&b_login).await;
     assert_eq!(signed.kid, kid);
     common::verify(&signed.jws, &a_jwks).expect("B's assertion verifies under A's JWKS");
 

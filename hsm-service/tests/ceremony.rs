@@ -5,47 +5,20 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use hsm_client::proto::{
-    ApproveCeremonyRequest, ExecuteCeremonyRequest, GetCeremonyRequest, ListCeremoniesRequest,
-    ListKeysRequest, ProposeCeremonyRequest, SignAssertionRequest,
-};
+use hsm_client::proto::{GetCeremonyRequest, ListCeremoniesRequest, ListKeysRequest};
 use hsm_client::HsmClient;
-use hsm_service::signing::NSIS_ACR_VALUES;
 use hsm_service::testing::DevEnv;
 use serde_json::Value;
 use tonic::Code;
 
 const EXAMPLE: &str = include_str!("../../ceremonies/example-root-and-assertion.toml");
 
-async fn propose(c: &HsmClient, plan: &str) -> Result<String, tonic::Status> {
-    c.ceremonies()
-        .propose_ceremony(ProposeCeremonyRequest {
-            plan_toml: plan.to_owned(),
-        })
-        .await
-        .map(|r| r.into_inner().ceremony_id)
-}
+use common::{execute, propose};
 
 async fn approve(c: &HsmClient, id: &str) -> Result<u32, tonic::Status> {
-    c.ceremonies()
-        .approve_ceremony(ApproveCeremonyRequest {
-            ceremony_id: id.to_owned(),
-            kek_share: String::new(),
-        })
+    common::approve_with_share(c, id, "")
         .await
-        .map(|r| r.into_inner().valid_approvals)
-}
-
-async fn execute(
-    c: &HsmClient,
-    id: &str,
-) -> Result<hsm_client::proto::ExecuteCeremonyResponse, tonic::Status> {
-    c.ceremonies()
-        .execute_ceremony(ExecuteCeremonyRequest {
-            ceremony_id: id.to_owned(),
-        })
-        .await
-        .map(|r| r.into_inner())
+        .map(|i| i.valid_approvals)
 }
 
 fn openssl_verify(dir: &Path, root_pem: &str, leaf_pem: &str) -> (bool, String) {
@@ -179,17 +152,7 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
         .as_str()
         .expect("kid")
         .to_owned();
-    let signed = login
-        .signing()
-        .sign_assertion(SignAssertionRequest {
-            subject: "citizen-1".into(),
-            audience: vec!["https://bank.example".into()],
-            acr: NSIS_ACR_VALUES[0].into(),
-            ..Default::default()
-        })
-        .await
-        .expect("sign")
-        .into_inner();
+    let signed = common::sign_default_assertion(&login).await;
     assert_eq!(signed.kid, new_kid);
     let set = common::jwks(&login).await;
     let jwk = set.find(&new_kid).expect("new key in the JWKS");

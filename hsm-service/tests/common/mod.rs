@@ -149,3 +149,56 @@ pub fn verify(jws: &str, set: &jsonwebtoken::jwk::JwkSet) -> Result<serde_json::
         .map(|d| d.claims)
         .map_err(|e| e.to_string())
 }
+
+/// `ProposeCeremony`: the ceremony id.
+pub async fn propose(c: &HsmClient, plan: &str) -> Result<String, tonic::Status> {
+    c.ceremonies()
+        .propose_ceremony(hsm_client::proto::ProposeCeremonyRequest {
+            plan_toml: plan.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().ceremony_id)
+}
+
+/// `ApproveCeremony`, with the text of a KEK share file or `""` for none.
+pub async fn approve_with_share(
+    c: &HsmClient,
+    id: &str,
+    kek_share: &str,
+) -> Result<hsm_client::proto::CeremonyInfo, tonic::Status> {
+    c.ceremonies()
+        .approve_ceremony(hsm_client::proto::ApproveCeremonyRequest {
+            ceremony_id: id.to_owned(),
+            kek_share: kek_share.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `ExecuteCeremony`.
+pub async fn execute(
+    c: &HsmClient,
+    id: &str,
+) -> Result<hsm_client::proto::ExecuteCeremonyResponse, tonic::Status> {
+    c.ceremonies()
+        .execute_ceremony(hsm_client::proto::ExecuteCeremonyRequest {
+            ceremony_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `SignAssertion` with the default key for `citizen-1`, audience `https://bank.example`
+/// (what [`verify`] expects).
+pub async fn sign_default_assertion(c: &HsmClient) -> hsm_client::proto::SignAssertionResponse {
+    c.signing()
+        .sign_assertion(hsm_client::proto::SignAssertionRequest {
+            subject: "citizen-1".into(),
+            audience: vec!["https://bank.example".into()],
+            acr: hsm_service::signing::NSIS_ACR_VALUES[0].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("sign assertion")
+        .into_inner()
+}
