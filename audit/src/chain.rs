@@ -274,7 +274,14 @@ impl Chain {
     /// Appends an event: assigns the next seq, links it to the last hash and computes its
     /// hash. The caller must persist the returned record before the next append.
     pub fn append(&mut self, event: Event) -> AuditRecord {
-        let record = self.seal(
+        self.append_with_line(event).0
+    }
+
+    /// [`Chain::append`], also returning the record's storage line
+    /// ([`AuditRecord::to_json_line`]), built from the same canonical encoding the hash
+    /// was computed over instead of encoding the record a second time.
+    pub fn append_with_line(&mut self, event: Event) -> (AuditRecord, String) {
+        let sealed = self.seal(
             event.time_ms,
             event.actor,
             event.action.to_owned(),
@@ -283,7 +290,7 @@ impl Chain {
             event.details,
         );
         self.since_checkpoint = self.since_checkpoint.saturating_add(1);
-        record
+        sealed
     }
 
     /// Second phase of a checkpoint: appends the checkpoint record for `head` (obtained
@@ -341,7 +348,7 @@ impl Chain {
             .str("head_hash", &head.hash)
             .str("key_id", key_id)
             .str("signature", &URL_SAFE_NO_PAD.encode(signature));
-        let record = self.seal(
+        let (record, _) = self.seal(
             time_ms,
             Actor::service(),
             CHECKPOINT_ACTION.to_owned(),
@@ -377,7 +384,7 @@ impl Chain {
         object: String,
         outcome: String,
         details: Option<Details>,
-    ) -> AuditRecord {
+    ) -> (AuditRecord, String) {
         let mut record = AuditRecord {
             seq: self.next_seq,
             time,
@@ -389,9 +396,9 @@ impl Chain {
             prev: self.last_hash.clone(),
             hash: String::new(),
         };
-        record.hash = record.compute_hash();
+        let line = record.seal_hash();
         self.next_seq += 1;
         self.last_hash.clone_from(&record.hash);
-        record
+        (record, line)
     }
 }

@@ -347,6 +347,21 @@ impl AuditRecord {
         out
     }
 
+    /// Sets `hash` from the canonical bytes and returns [`AuditRecord::to_json_line`],
+    /// encoding the record once for both.
+    pub(crate) fn seal_hash(&mut self) -> String {
+        let mut out = String::with_capacity(256 + 80);
+        self.write_canonical_fields(&mut out);
+        out.push('}');
+        self.hash = sha256_hex(out.as_bytes());
+        // The canonical bytes end with the closing brace; the line puts the hash before it.
+        out.pop();
+        out.push_str(",\"hash\":");
+        push_json_str(&mut out, &self.hash);
+        out.push('}');
+        out
+    }
+
     /// Parses one line of the export/storage form. Any valid JSON with exactly the
     /// record's fields is accepted (unknown fields, duplicate keys and unsupported
     /// detail values are rejected); the hash is *not* checked here.

@@ -284,6 +284,30 @@ fn canonical_form_matches_serde_json_for_tricky_strings() {
 }
 
 #[test]
+fn append_with_line_gives_the_records_own_line() {
+    let nasty = "q\" b\\ nl\n tab\t nul\u{0} é 𝄞";
+    let mut chain = Chain::new();
+    for (i, details) in [None, Some(Details::new().str("k", nasty).u64("n", 7))]
+        .into_iter()
+        .enumerate()
+    {
+        let mut e = Event::new(
+            T0 + i as u64,
+            Actor::new(nasty, ""),
+            "credential.verify",
+            nasty,
+        );
+        if let Some(d) = details {
+            e = e.with_details(d).denied();
+        }
+        let (r, line) = chain.append_with_line(e);
+        assert!(r.hash_matches());
+        assert_eq!(line, r.to_json_line());
+        assert_eq!(parse(&line), r);
+    }
+}
+
+#[test]
 fn canonical_form_omits_absent_details_and_keeps_empty_ones() {
     let mut r = golden_record();
     r.details = None;

@@ -30,16 +30,57 @@ pub fn append_in(
     event: Event,
 ) -> std::result::Result<AuditRecord, Rollback> {
     let mut table = txn.open_table(AUDIT_LOG)?;
-    let mut chain = resume(&table)?;
-    let record = chain.append(event);
-    table.insert(record.seq, record.to_json_line().as_bytes())?;
+    let mut chain = resume_for_append(&table)?;
+    let (record, line) = chain.append_with_line(event);
+    table.insert(record.seq, line.as_bytes())?;
+    LAST_APPENDED.with_borrow_mut(|last| *last = Some((line.into_bytes(), chain)));
     Ok(record)
 }
 
+thread_local! {
+    /// The stored bytes of the last record this thread appended, and the chain right
+    /// after appending it. Every verification appends a record, so without this each
+    /// append would parse the previous record's JSON and recompute its hash (canonical
+    /// form + SHA-256) only to learn what this thread computed one job earlier.
+    ///
+    /// It is only a shortcut for [`resume`], used when the stored head is byte for byte
+    /// the record remembered here: the head is still read from the table inside the
+    /// transaction, so a rolled-back batch (whose records are gone from the table) or a
+    /// head written by anything else falls back to parsing and checking the stored
+    /// record. For [`Chain::append`] the two chains are the same: it reads only the next
+    /// seq and the last hash, which are the remembered record's seq + 1 and its hash
+    /// (computed by this thread when it sealed it), exactly what `resume` would find.
+    static LAST_APPENDED: std::cell::RefCell<Option<(Vec<u8>, Chain)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The chain to append to: the remembered one when the table's last record is the one
+/// this thread appended last, otherwise [`resume`] from the stored record.
+fn resume_for_append<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> std::result::Result<Chain, Rollback> {
+    let last = table.last()?;
+    let stored = last.as_ref().map(|(_, v)| v.value());
+    let remembered = LAST_APPENDED.with_borrow_mut(Option::take);
+    if let (Some(stored), Some((bytes, chain))) = (stored, remembered) {
+        if stored == bytes.as_slice() {
+            return Ok(chain);
+        }
+    }
+    resume_from(stored)
+}
+
 fn resume<T: ReadableTable<u64, &'static [u8]>>(table: &T) -> std::result::Result<Chain, Rollback> {
-    let last = match table.last()? {
-        Some((_, v)) => Some(
-            AuditRecord::from_json_line(std::str::from_utf8(v.value()).unwrap_or(""))
+    let last = table.last()?;
+    resume_from(last.as_ref().map(|(_, v)| v.value()))
+}
+
+/// The chain after `last`, the stored bytes of the last record (`None`: empty log),
+/// after checking that record against its own hash.
+fn resume_from(last: Option<&[u8]>) -> std::result::Result<Chain, Rollback> {
+    let last = match last {
+        Some(v) => Some(
+            AuditRecord::from_json_line(std::str::from_utf8(v).unwrap_or(""))
                 .map_err(|e| Rollback(StoreError::Corrupt(format!("audit log head: {e}"))))?,
         ),
         None => None,

@@ -964,3 +964,84 @@ async fn scale_one_million() {
         nondurable.0, nondurable.1, nondurable.2, nd_tp.0, nd_tp.1
     );
 }
+
+/// Appends one audit record through the store (its own job, so its own place in a batch).
+fn spawn_audit(
+    store: &Arc<EmbeddedStore>,
+    n: u64,
+) -> tokio::task::JoinHandle<Result<crate::audit::AuditRecord, StoreError>> {
+    let s = store.clone();
+    tokio::spawn(async move {
+        s.write(move |txn| {
+            let event = crate::audit::Event::new(
+                1_700_000_000_000 + n,
+                crate::audit::Actor::service(),
+                "test.event",
+                &format!("object-{n}"),
+            );
+            crate::audit::log::append_in(txn, event)
+        })
+        .await
+    })
+}
+
+/// The committer remembers the record it appended last, to skip re-reading it for the
+/// next append; after a rolled-back batch or a failed commit that record is not stored,
+/// and the chain must continue from the stored head instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_chain_continues_from_the_stored_head_after_rollbacks() {
+    let (_dir, store) = open_tmp();
+    assert_eq!(spawn_audit(&store, 1).await.unwrap().unwrap().seq, 1);
+
+    // Batch: an append, then a job that rolls the batch back.
+    let g = gate(&store).await;
+    let rolled_back = spawn_audit(&store, 2);
+    wait_queued(&store, 1).await;
+    let s = store.clone();
+    let bad = tokio::spawn(async move {
+        s.write(|_txn| Err::<(), _>(Rollback(StoreError::Invalid("no".into()))))
+            .await
+    });
+    wait_queued(&store, 2).await;
+    g.open().await;
+    assert!(matches!(
+        rolled_back.await.unwrap(),
+        Err(StoreError::Aborted(_))
+    ));
+    assert!(bad.await.unwrap().is_err());
+    let second = spawn_audit(&store, 3).await.unwrap().unwrap();
+    assert_eq!(second.seq, 2);
+
+    // An append whose commit fails.
+    let g = gate(&store).await;
+    let failed = spawn_audit(&store, 4);
+    wait_queued(&store, 1).await;
+    store.fail_next_commits(2);
+    let g_task = g.task;
+    g.release.send(()).unwrap();
+    assert!(g_task.await.unwrap().is_err());
+    assert!(failed.await.unwrap().is_err());
+    let third = spawn_audit(&store, 5).await.unwrap().unwrap();
+    assert_eq!((third.seq, third.prev.as_str()), (3, second.hash.as_str()));
+
+    // Many appends in shared batches, then the whole stored log verifies.
+    let tasks: Vec<_> = (6..40).map(|n| spawn_audit(&store, n)).collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let lines = store
+        .read(|txn| {
+            let table = txn.open_table(super::tables::AUDIT_LOG)?;
+            let mut out = Vec::new();
+            for entry in redb::ReadableTable::iter(&table)? {
+                let (_, v) = entry?;
+                out.extend_from_slice(v.value());
+                out.push(b'\n');
+            }
+            Ok(out)
+        })
+        .unwrap();
+    let report = hsm_audit::verify(lines.as_slice(), &std::collections::HashMap::new());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.records, 3 + 34);
+}
