@@ -23,6 +23,17 @@ fn quick_report_writes_every_row() {
         "{md}"
     );
     assert!(md.contains(" | OK "), "{md}");
+    // Every row is a median of interleaved runs, and lists them (2 with --quick).
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| verify-totp | no (bench only) | closed, 4 in flight |"))
+        .expect("row");
+    let runs = row
+        .trim_end_matches('|')
+        .rsplit('|')
+        .next()
+        .expect("runs column");
+    assert_eq!(runs.split(" / ").count(), 2, "{row}");
     for needle in [
         "## End to end",
         "| verify-totp | yes | closed, 1 in flight |",
