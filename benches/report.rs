@@ -347,7 +347,23 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
             envs[1].start_without_fsync_bench_only().await,
         ]
     });
-    let run = |durable: bool, flags: &[&str], scenario, c, rate| {
+    // The generator's flags: `load` is `--concurrency` (closed loop) or `--rate`.
+    let load_flags = |scenario: &'static str, load: &'static str, value: &str| {
+        [
+            "--scenario",
+            scenario,
+            load,
+            value,
+            "--warmup",
+            warmup,
+            "--duration",
+            dur,
+            "--credentials",
+            "200",
+        ]
+        .map(str::to_owned)
+    };
+    let run = |durable: bool, flags: &[String], scenario, c, rate| {
         // The service without fsync leaves its writes dirty in the page cache; without
         // this the kernel writes them back during later runs, whichever service those
         // drive (it cost later rows up to a quarter of their throughput).
@@ -365,18 +381,7 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
         };
         for &c in concurrencies {
             let c_s = c.to_string();
-            let flags = [
-                "--scenario",
-                scenario,
-                "--concurrency",
-                &c_s,
-                "--warmup",
-                warmup,
-                "--duration",
-                dur,
-                "--credentials",
-                "200",
-            ];
+            let flags = load_flags(scenario, "--concurrency", &c_s);
             let mut samples: Vec<Vec<E2e>> = durabilities.iter().map(|_| Vec::new()).collect();
             for _ in 0..rounds {
                 for (i, &durable) in durabilities.iter().enumerate() {
@@ -393,18 +398,7 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
         .fold(0.0, f64::max);
     let rate = (peak / 2.0).max(1.0);
     let rate_s = format!("{rate:.0}");
-    let flags = [
-        "--scenario",
-        "verify-totp",
-        "--rate",
-        &rate_s,
-        "--warmup",
-        warmup,
-        "--duration",
-        dur,
-        "--credentials",
-        "200",
-    ];
+    let flags = load_flags("verify-totp", "--rate", &rate_s);
     let open: Vec<E2e> = (0..rounds)
         .map(|_| run(true, &flags, "verify-totp", None, Some(rate)))
         .collect();
@@ -422,7 +416,7 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
 fn run_one(
     env: &hsm_service::testing::DevEnv,
     server: &hsm_service::server::RunningServer,
-    flags: &[&str],
+    flags: &[String],
     scenario: &'static str,
     durable: bool,
     concurrency: Option<usize>,

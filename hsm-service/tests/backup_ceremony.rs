@@ -31,13 +31,25 @@ async fn assertion_keys(c: &HsmClient) -> Vec<hsm_client::proto::KeyVersionInfo>
         .collect()
 }
 
-fn so_pin(env: &DevEnv) -> secrecy::SecretString {
-    secrecy::SecretString::from(
+/// `backup-kek` on `env`'s token (service stopped): KEK "backup-kek-1", 2 of 3 shares
+/// in `dir`; the share files' paths and the check value.
+async fn provision_kek(env: &DevEnv, dir: &std::path::Path) -> (Vec<std::path::PathBuf>, String) {
+    let so_pin = secrecy::SecretString::from(
         std::fs::read_to_string(env.dir.path().join("so.pin"))
             .expect("so.pin")
             .trim()
             .to_owned(),
+    );
+    hsm_service::ceremony::shares::backup_kek_offline(
+        &env.config,
+        &so_pin,
+        "backup-kek-1",
+        2,
+        3,
+        dir,
     )
+    .await
+    .expect("backup-kek")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,16 +57,7 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
     // Service A: the KEK first, offline (the service is not running yet).
     let a = DevEnv::new();
     let shares_dir = tempfile::tempdir().expect("tempdir");
-    let (share_paths, check) = hsm_service::ceremony::shares::backup_kek_offline(
-        &a.config,
-        &so_pin(&a),
-        "backup-kek-1",
-        2,
-        3,
-        shares_dir.path(),
-    )
-    .await
-    .expect("backup-kek");
+    let (share_paths, check) = provision_kek(&a, shares_dir.path()).await;
     let share = |i: usize| std::fs::read_to_string(&share_paths[i]).expect("share file");
 
     let server_a = a.start().await;
@@ -135,16 +138,8 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
     // Malformed shares and shares of another KEK are refused, and never echoed.
     let other_dir = tempfile::tempdir().expect("tempdir");
     let c = DevEnv::new();
-    let (other_paths, _) = hsm_service::ceremony::shares::backup_kek_offline(
-        &c.config,
-        &so_pin(&c),
-        "backup-kek-1",
-        2,
-        3,
-        other_dir.path(),
-    )
-    .await
-    .expect("another KEK of the same label");
+    // Another KEK of the same label, on another token.
+    let (other_paths, _) = provision_kek(&c, other_dir.path()).await;
     let foreign = std::fs::read_to_string(&other_paths[0]).expect("share");
     for (bad, want) in [
         (foreign.clone(), "restores from KEK \"backup-kek-1\""),

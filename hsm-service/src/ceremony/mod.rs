@@ -298,15 +298,24 @@ impl Ceremonies {
 
     /// Distinct officers whose approvals count at `now`.
     fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
+        self.counting_approvals(rec, now).map(|(i, _)| i).collect()
+    }
+
+    /// The approvals of `rec` that count at `now` (unexpired, of an officer of the set),
+    /// with the index of that officer's entry.
+    fn counting_approvals<'a>(
+        &'a self,
+        rec: &'a CeremonyRecord,
+        now: u64,
+    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
+        let ttl = self.config.approval_ttl_seconds;
         rec.approvals
             .iter()
-            .filter(|a| {
-                now < a
-                    .approved_at
-                    .saturating_add(self.config.approval_ttl_seconds)
+            .filter(move |a| now < a.approved_at.saturating_add(ttl))
+            .filter_map(|a| {
+                self.officer_index(&a.officer.subject, &a.officer.fingerprint)
+                    .map(|i| (i, a))
             })
-            .filter_map(|a| self.officer_index(&a.officer.subject, &a.officer.fingerprint))
-            .collect()
     }
 
     fn view(&self, record: CeremonyRecord) -> Result<CeremonyView> {
@@ -349,16 +358,9 @@ impl Ceremonies {
     /// The shares held for `rec` from officers whose approvals count at `now`, by
     /// officer fingerprint.
     fn valid_shares(&self, rec: &CeremonyRecord, now: u64) -> Vec<ShareFile> {
-        let ttl = self.config.approval_ttl_seconds;
-        let counting: BTreeSet<&str> = rec
-            .approvals
-            .iter()
-            .filter(|a| now < a.approved_at.saturating_add(ttl))
-            .filter(|a| {
-                self.officer_index(&a.officer.subject, &a.officer.fingerprint)
-                    .is_some()
-            })
-            .map(|a| a.officer.fingerprint.as_str())
+        let counting: BTreeSet<&str> = self
+            .counting_approvals(rec, now)
+            .map(|(_, a)| a.officer.fingerprint.as_str())
             .collect();
         let held = self.shares.lock().unwrap_or_else(|p| p.into_inner());
         held.get(&rec.id)
