@@ -158,6 +158,20 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
         assert!(!err.message().contains(secret_line), "{err:?}");
     }
 
+    // M approvals without shares: refused; the threshold is not known without a share.
+    approve(&b1, &restore_id, "").await.expect("approve");
+    approve(&b2, &restore_id, "").await.expect("approve");
+    let err = execute(&b3, &restore_id)
+        .await
+        .map(|_| ())
+        .expect_err("no shares");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("needs at least 2 distinct shares")
+            && err.message().contains("; 0 held"),
+        "{err:?}"
+    );
+
     // M approvals but M - 1 shares: refused before anything runs; nothing on B's token.
     let shown = approve(&b1, &restore_id, &share(0))
         .await

@@ -398,20 +398,21 @@ impl Ceremonies {
     ) -> Option<String> {
         let held = self.valid_shares(rec, now);
         sources.iter().find_map(|b| {
-            let mut indices: Vec<u8> = held
+            let of_kek: Vec<&ShareFile> = held
                 .iter()
                 .filter(|s| s.label == b.kek_label && s.check == b.kek_check)
-                .map(|s| s.index)
                 .collect();
+            let mut indices: Vec<u8> = of_kek.iter().map(|s| s.index).collect();
             indices.sort_unstable();
             indices.dedup();
-            let need = held
-                .iter()
-                .find(|s| s.label == b.kek_label)
-                .map_or(2, |s| usize::from(s.threshold));
+            // The threshold is written in the shares; with none held, only its minimum
+            // is known.
+            let (need, words) = of_kek.first().map_or((2, "at least 2".to_owned()), |s| {
+                (usize::from(s.threshold), s.threshold.to_string())
+            });
             (indices.len() < need).then(|| {
                 format!(
-                    "restoring from a backup under KEK {:?} (check {}) needs {need} distinct shares \
+                    "restoring from a backup under KEK {:?} (check {}) needs {words} distinct shares \
                      of it; {} held from officers whose approvals count (each officer approves \
                      with --share FILE; shares are held in memory only, so approve again after a \
                      service restart)",
