@@ -120,7 +120,7 @@ impl CredentialBench {
             store.clone(),
             policy,
             1,
-            Arc::new(move || clock_now.load(Ordering::Relaxed)),
+            hsm_service::common::Clock::from_secs_fn(move || clock_now.load(Ordering::Relaxed)),
         ));
         CredentialBench {
             bench,

@@ -34,7 +34,7 @@ fn request(key: &str) -> AssertionRequest {
 /// The software baseline: the same assertion built and signed with ring.
 fn software(alg: Algorithm, sign: &dyn Fn(&[u8]) -> Vec<u8>) -> String {
     let r = request("");
-    let now = hsm_service::signing::now();
+    let now = hsm_service::common::Clock::system().now();
     let jti = "3q2-7wAAAAA-sQ5UuhAAAA";
     let params = AssertionParams {
         issuer: ISSUER,

@@ -107,7 +107,7 @@ async fn sign_assertion_text_json_and_refusal() {
     let v = json(&out);
     let kid = v["kid"].as_str().expect("kid").to_owned();
     assert_eq!(v["jws"].as_str().expect("jws").split('.').count(), 3);
-    assert!(v["expires_at"].as_u64().expect("exp") > hsm_service::signing::now());
+    assert!(v["expires_at"].as_u64().expect("exp") > hsm_service::common::Clock::system().now());
     let jwks = json(&hsmctl(
         &env,
         addr,

@@ -237,7 +237,7 @@ fn pin_file(path: &Path) -> Result<SecretString, String> {
         let mut bytes = zeroize::Zeroizing::new([0u8; 16]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), bytes.as_mut())
             .map_err(|_| "system RNG failed".to_owned())?;
-        let pin = zeroize::Zeroizing::new(crate::auth::hex(bytes.as_ref()));
+        let pin = zeroize::Zeroizing::new(crate::common::hex(bytes.as_ref()));
         write_file(path, pin.as_bytes(), 0o600)?;
     }
     let text = zeroize::Zeroizing::new(

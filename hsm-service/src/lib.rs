@@ -11,6 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod ceremony;
+pub mod common;
 pub mod config;
 pub mod credentials;
 pub mod dev;

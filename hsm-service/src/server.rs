@@ -32,7 +32,7 @@ use crate::api::audit::AuditApi;
 use crate::api::ceremony::CeremonyApi;
 use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
-use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Details, Event};
 use crate::auth::Authorizer;
 use crate::config::Config;
@@ -144,17 +144,27 @@ pub(crate) async fn start_with_store(
     );
 
     let store = open_store(&config, store_options).await?;
-    let clock = crate::credentials::system_clock();
-    let audit = AuditLog::open(store.clone(), hsm.clone(), config.audit.checkpoint_interval)
-        .await
-        .map_err(|e| StartError::Hsm(format!("audit key: {e}")))?;
+    let clock = crate::common::Clock::system();
+    let audit = AuditLog::open(
+        store.clone(),
+        hsm.clone(),
+        config.audit.checkpoint_interval,
+        clock.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Hsm(format!("audit key: {e}")))?;
     let credentials = open_credentials(&config, &hsm, &store, clock.clone())
         .await?
         .with_audit(audit.clone());
-    let signing = crate::signing::Signer::open(hsm.clone(), store.clone(), config.signing.clone())
-        .await
-        .map(Arc::new)
-        .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
+    let signing = crate::signing::Signer::open(
+        hsm.clone(),
+        store.clone(),
+        config.signing.clone(),
+        clock.clone(),
+    )
+    .await
+    .map(Arc::new)
+    .map_err(|e| StartError::Other(format!("signing keys: {e}")))?;
     let ceremonies = Arc::new(
         crate::ceremony::Ceremonies::new(
             signing.clone(),
@@ -181,7 +191,7 @@ pub(crate) async fn start_with_store(
         hsm: hsm.clone(),
         store,
         credentials,
-        clock,
+        clock: clock.clone(),
         audit: audit.clone(),
         authorizer: Authorizer::new(config.clients.clone()).with_audit(audit.clone()),
         started: Instant::now(),
@@ -189,13 +199,18 @@ pub(crate) async fn start_with_store(
         ceremonies,
     });
 
-    let start_event = Event::new(now_ms(), Actor::service(), "service.start", "hsm-service")
-        .with_details(
-            Details::new()
-                .str("version", env!("CARGO_PKG_VERSION"))
-                .str("token", &state.hsm.facts().label)
-                .str("listen", &addr.to_string()),
-        );
+    let start_event = Event::new(
+        clock.now_ms(),
+        Actor::service(),
+        "service.start",
+        "hsm-service",
+    )
+    .with_details(
+        Details::new()
+            .str("version", env!("CARGO_PKG_VERSION"))
+            .str("token", &state.hsm.facts().label)
+            .str("listen", &addr.to_string()),
+    );
     audit
         .record(start_event)
         .await
@@ -247,7 +262,12 @@ pub(crate) async fn start_with_store(
         let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
         // The last records: the stop, then a checkpoint that covers everything.
-        let stop = Event::new(now_ms(), Actor::service(), "service.stop", "hsm-service");
+        let stop = Event::new(
+            clock.now_ms(),
+            Actor::service(),
+            "service.stop",
+            "hsm-service",
+        );
         if let Err(e) = audit.record(stop).await {
             tracing::error!(error = %e, "audit: cannot record the stop");
         }
@@ -310,7 +330,7 @@ async fn open_credentials(
     config: &Config,
     hsm: &Hsm,
     store: &Arc<EmbeddedStore>,
-    clock: crate::credentials::Clock,
+    clock: crate::common::Clock,
 ) -> Result<Credentials<EmbeddedStore>, StartError> {
     use crate::credentials::MASTER_KEY_VERSION_META;
     let version = match store.get_meta(MASTER_KEY_VERSION_META) {

@@ -145,7 +145,7 @@ async fn assertions_verify_with_an_independent_jwt_library_for_every_algorithm()
         .signing
         .get(&KeyRef::new("assertion", 0))
         .expect("key");
-    assert!(k.last_expiry >= hsm_service::signing::now() + 120);
+    assert!(k.last_expiry >= hsm_service::common::Clock::system().now() + 120);
     server.shutdown().await.expect("shutdown");
 }
 
@@ -222,7 +222,7 @@ async fn malformed_or_forbidden_assertion_requests_are_rejected() {
         ),
         (
             "auth_time in the future",
-            Box::new(|r| r.auth_time = hsm_service::signing::now() + 3600),
+            Box::new(|r| r.auth_time = hsm_service::common::Clock::system().now() + 3600),
             Code::InvalidArgument,
             "auth_time",
         ),

@@ -6,7 +6,6 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::State;
-use crate::audit::log::now_ms;
 use crate::audit::{Details, Event};
 use crate::auth::{authorize, Identity, Role};
 use crate::credentials::{Action, NewCredential, Outcome, Verdict};
@@ -38,7 +37,8 @@ impl CredentialApi {
         id: &str,
         details: Details,
     ) -> Result<(), Status> {
-        let event = Event::new(now_ms(), caller.actor(), action, id).with_details(details);
+        let event =
+            Event::new(self.state.clock.now_ms(), caller.actor(), action, id).with_details(details);
         self.state.audit.record(event).await?;
         Ok(())
     }
@@ -96,7 +96,7 @@ impl CredentialService for CredentialApi {
                 .bool("revealed", created.provisioning_uri.is_some()),
         )
         .await?;
-        let now = (self.state.clock)();
+        let now = self.state.clock.now();
         Ok(Response::new(pb::CreateCredentialResponse {
             credential: Some(to_proto(&created.record, now)),
             provisioning_uri: created
@@ -137,7 +137,7 @@ impl CredentialService for CredentialApi {
             .credentials
             .resync_by(Some(&caller.actor()), &r.credential_id, &code1, &code2)
             .await?;
-        let now = (self.state.clock)();
+        let now = self.state.clock.now();
         Ok(Response::new(pb::ResyncCredentialResponse {
             result: verdict(o.verdict) as i32,
             remaining_attempts: o.remaining_attempts,
@@ -156,7 +156,7 @@ impl CredentialService for CredentialApi {
             .credentials
             .get(&request.get_ref().credential_id)
             .await?;
-        Ok(Response::new(to_proto(&rec, (self.state.clock)())))
+        Ok(Response::new(to_proto(&rec, self.state.clock.now())))
     }
 
     async fn list_credentials(
@@ -183,7 +183,7 @@ impl CredentialService for CredentialApi {
         } else {
             String::new()
         };
-        let now = (self.state.clock)();
+        let now = self.state.clock.now();
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: page.iter().map(|c| to_proto(c, now)).collect(),
             next_page_token,
@@ -219,7 +219,7 @@ impl CredentialService for CredentialApi {
             Action::Unlock => "credential.unlock",
         };
         self.record(&caller, name, &rec.id, Details::new()).await?;
-        Ok(Response::new(to_proto(&rec, (self.state.clock)())))
+        Ok(Response::new(to_proto(&rec, self.state.clock.now())))
     }
 
     async fn delete_credential(

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use crate::audit::log::AuditLog;
 use crate::auth::Authorizer;
-use crate::credentials::{Clock, Credentials};
+use crate::common::Clock;
+use crate::credentials::Credentials;
 use crate::hsm::Hsm;
 use crate::store::EmbeddedStore;
 

@@ -12,7 +12,8 @@ use hsm_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::State;
-use crate::auth::{authorize, hex, Identity, Role};
+use crate::auth::{authorize, Identity, Role};
+use crate::common::hex;
 use crate::error::Error;
 use crate::signing::{
     Algorithm, AssertionRequest, CertificateRequest, Grant, KeyRef, KeyVersion, SignInput,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{checkpoint_statement, AuditRecord, Chain, Event, Head};
+use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::sign::{KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::hsm::Hsm;
@@ -89,13 +90,6 @@ fn resume_from(last: Option<&[u8]>) -> std::result::Result<Chain, Rollback> {
         .map_err(|e| Rollback(StoreError::Corrupt(format!("audit log head: {e}"))))
 }
 
-/// Current time in unix milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The service's audit trail.
 pub struct AuditLog {
     store: Arc<EmbeddedStore>,
@@ -106,12 +100,18 @@ pub struct AuditLog {
     interval: u64,
     since_checkpoint: AtomicU64,
     checkpointing: AtomicBool,
+    clock: Clock,
 }
 
 impl AuditLog {
     /// Open the trail; on first start create the audit key (P-256, on the token,
     /// non-extractable, sign-only) and remember its id and public key in the store.
-    pub async fn open(store: Arc<EmbeddedStore>, hsm: Hsm, interval: u64) -> Result<Arc<AuditLog>> {
+    pub async fn open(
+        store: Arc<EmbeddedStore>,
+        hsm: Hsm,
+        interval: u64,
+        clock: Clock,
+    ) -> Result<Arc<AuditLog>> {
         let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
         let (cka_id, public_key) = match (
             store.get_meta(KEY_ID_META).map_err(internal)?,
@@ -138,7 +138,7 @@ impl AuditLog {
                 (pair.id, point)
             }
         };
-        let key_id = format!("audit-{}", &crate::auth::hex(&cka_id)[..16]);
+        let key_id = format!("audit-{}", &crate::common::hex(&cka_id)[..16]);
         Ok(Arc::new(AuditLog {
             store,
             hsm,
@@ -148,6 +148,7 @@ impl AuditLog {
             interval: interval.max(1),
             since_checkpoint: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
+            clock,
         }))
     }
 
@@ -186,6 +187,11 @@ impl AuditLog {
         }
     }
 
+    /// Now, in Unix milliseconds, by the service's clock (for audit events' timestamps).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// Sign the current head with the audit key and append the checkpoint record.
     pub async fn checkpoint(&self) -> Result<Option<AuditRecord>> {
         let head = self
@@ -206,6 +212,7 @@ impl AuditLog {
             )
             .await?;
         let key_id = self.key_id.clone();
+        let now_ms = self.clock.now_ms();
         let appended = head.seq;
         let record = self
             .store
@@ -220,7 +227,7 @@ impl AuditLog {
                         },
                         &key_id,
                         &signature,
-                        now_ms(),
+                        now_ms,
                     )
                     .map_err(|e| Rollback(StoreError::Invalid(format!("audit checkpoint: {e}"))))?;
                 table.insert(record.seq, record.to_json_line().as_bytes())?;

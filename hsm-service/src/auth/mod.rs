@@ -16,8 +16,9 @@ use x509_cert::Certificate;
 
 use std::sync::Arc;
 
-use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Details, Event};
+use crate::common::hex;
 use crate::config::ClientRule;
 use crate::error::Error;
 
@@ -93,7 +94,7 @@ impl Authorizer {
             return;
         };
         let event = Event::new(
-            now_ms(),
+            log.now_ms(),
             Actor::new(subject, fingerprint),
             "auth.denied",
             method,
@@ -167,17 +168,6 @@ impl Authorizer {
             )),
         }
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// The caller of `request`, required to hold one of `allowed`. Refusals are recorded in

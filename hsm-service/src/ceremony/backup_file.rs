@@ -258,7 +258,7 @@ impl BackupFile {
 
 /// Lower-case hex SHA-256 of a backup file's text (for the transcript).
 pub fn sha256_hex(text: &str) -> String {
-    crate::auth::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
+    crate::common::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
 }
 
 /// Write `text` to `path`, created new (mode 0600): an existing file is never

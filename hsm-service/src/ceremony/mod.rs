@@ -39,11 +39,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::audit::log::{now_ms, AuditLog};
+use crate::audit::log::AuditLog;
 use crate::audit::{Details, Event};
 use crate::auth::Identity;
+use crate::common::Clock;
 use crate::config::CeremonyConfig;
-use crate::credentials::Clock;
 use crate::credentials::MASTER_KEY_VERSION_META;
 use crate::error::{Error, Result};
 use crate::hsm::seeds::master_key_label;
@@ -239,7 +239,7 @@ impl Ceremonies {
             "key.state" => "key.state",
             _ => "ceremony.event",
         };
-        let event = Event::new(now_ms(), actor.actor(), action, object).with_details(
+        let event = Event::new(self.clock.now_ms(), actor.actor(), action, object).with_details(
             Details::new()
                 .str("outcome", outcome)
                 .str("details", &details.to_string()),
@@ -320,7 +320,7 @@ impl Ceremonies {
 
     fn view(&self, record: CeremonyRecord) -> Result<CeremonyView> {
         let plan = plan::from_canonical(&record.canonical_plan)?;
-        let now = (self.clock)();
+        let now = self.clock.now();
         let valid = self.valid_officers(&record, now);
         let held = self.valid_shares(&record, now).len();
         Ok(CeremonyView {
@@ -467,7 +467,7 @@ impl Ceremonies {
             canonical_plan: canonical,
             plan_toml: plan_toml.to_owned(),
             proposed_by: officer_of(actor),
-            proposed_at: (self.clock)(),
+            proposed_at: self.clock.now(),
             approvals: Vec::new(),
             state: CeremonyState::Proposed,
             executed_by: None,
@@ -547,7 +547,7 @@ impl Ceremonies {
         };
         let officer = officer_of(actor);
         let fingerprint = officer.fingerprint.clone();
-        let now = (self.clock)();
+        let now = self.clock.now();
         let key = id.clone();
         let outcome = self
             .store
@@ -691,7 +691,7 @@ impl Ceremonies {
                 rec.state.as_str()
             )));
         }
-        let now = (self.clock)();
+        let now = self.clock.now();
         if let Some(p) = self.quorum_problem(&rec, now) {
             return Err(Error::FailedPrecondition(p));
         }
@@ -823,7 +823,7 @@ impl Ceremonies {
         } else {
             CeremonyState::Failed
         };
-        t.finish(&rec, crate::signing::now());
+        t.finish(&rec, self.clock.now());
         let transcript_json = t.to_json()?;
         let transcript_text = t.to_text();
         rec.transcript_json = transcript_json.clone();

@@ -370,7 +370,7 @@ pub fn id_of(canonical: &str) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(ID_DOMAIN);
     ctx.update(canonical.as_bytes());
-    crate::auth::hex(ctx.finish().as_ref())
+    crate::common::hex(ctx.finish().as_ref())
 }
 
 /// Parse the plan from its canonical form (as stored).

@@ -352,7 +352,7 @@ pub async fn record_kek(
     let key = format!("{KEK_META_PREFIX}{}", rec.label);
     let value = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
     let event = Event::new(
-        crate::audit::log::now_ms(),
+        crate::common::Clock::system().now_ms(),
         actor,
         "backup-kek.create",
         &rec.label,
@@ -464,7 +464,7 @@ pub async fn backup_kek_offline(
         check: check.clone(),
         threshold,
         shares,
-        created_at: crate::signing::now(),
+        created_at: crate::common::Clock::system().now(),
     };
     record_kek(
         &store,

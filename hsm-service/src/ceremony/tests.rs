@@ -381,7 +381,7 @@ async fn expired_approvals_do_not_count() {
         state.store.clone(),
         env.config.ceremony.clone(),
         &env.config.data_dir,
-        Arc::new(move || clock_t.load(Ordering::SeqCst)),
+        crate::common::Clock::from_secs_fn(move || clock_t.load(Ordering::SeqCst)),
     );
     let ttl = env.config.ceremony.approval_ttl_seconds;
     let id = c

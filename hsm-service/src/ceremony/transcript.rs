@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::plan::{Plan, Step};
 use super::record::{CeremonyRecord, Officer};
 use super::words::to_words;
-use crate::auth::hex;
+use crate::common::hex;
 use crate::error::{Error, Result};
 use crate::pki::{sha256_fingerprint, to_pem};
 use crate::signing::{KeyState, KeyVersion, SelfTest};

@@ -22,23 +22,12 @@ use zeroize::Zeroizing;
 
 use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Details, Event};
+pub use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
 use crate::store::{CredentialRecord, CredentialStore, StoreError, Update};
 pub use policy::{Outcome, Policy, Verdict};
-
-/// Seconds since the Unix epoch; injectable so tests can stand at any time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
-}
 
 /// Store meta key holding the current seed master key version.
 pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
@@ -236,7 +225,7 @@ impl<S: CredentialStore> Credentials<S> {
                 (wrapped, Some(uri))
             }
         };
-        let now = (self.clock)();
+        let now = self.clock.now();
         let record = CredentialRecord {
             id,
             kind: new.kind,
@@ -287,7 +276,7 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
         let submitted = otp::parse_code(code, digits)
             .map_err(|_| invalid(format!("code must be exactly {} digits", digits.get())))?;
-        let now = (self.clock)();
+        let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
             return Ok(refused);
         }
@@ -352,7 +341,7 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(|_| invalid(format!("code1 must be exactly {} digits", digits.get())))?;
         let c2 = otp::parse_code(code2, digits)
             .map_err(|_| invalid(format!("code2 must be exactly {} digits", digits.get())))?;
-        let now = (self.clock)();
+        let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
             return Ok((refused, rec));
         }
@@ -417,7 +406,7 @@ impl<S: CredentialStore> Credentials<S> {
     /// Enable, disable or unlock.
     pub async fn update_state(&self, id: &str, action: Action) -> Result<CredentialRecord> {
         check_id(id)?;
-        let now = (self.clock)();
+        let now = self.clock.now();
         let rec = self
             .store
             .update(id, move |r| {
@@ -454,7 +443,7 @@ impl<S: CredentialStore> Credentials<S> {
     fn audit_event(&self, actor: Option<&Actor>, action: &'static str, id: &str) -> Option<Event> {
         self.audit.as_ref()?;
         let actor = actor.cloned().unwrap_or_else(Actor::service);
-        Some(Event::new(crate::audit::log::now_ms(), actor, action, id))
+        Some(Event::new(self.clock.now_ms(), actor, action, id))
     }
 
     /// Tell the audit log that a record was appended through the store.
@@ -597,5 +586,5 @@ fn check_label(field: &str, value: &str, max: usize) -> Result<()> {
 
 async fn generated_id(hsm: &Hsm) -> Result<String> {
     let bytes = hsm.random(16).await?;
-    Ok(crate::auth::hex(&bytes))
+    Ok(crate::common::hex(&bytes))
 }

@@ -232,7 +232,7 @@ async fn fixture(policy: Policy) -> Fixture {
         .expect("master key");
     let now = Arc::new(AtomicU64::new(1_700_000_000));
     let clock_now = now.clone();
-    let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+    let clock: Clock = Clock::from_secs_fn(move || clock_now.load(Ordering::SeqCst));
     let service = Arc::new(Credentials::new(hsm.clone(), store, policy, 1, clock));
     Fixture {
         _env: env,

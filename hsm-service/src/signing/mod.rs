@@ -21,7 +21,7 @@ pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use public_key::{jwk, jwks, thumbprint, PublicKey};
 pub use service::{
-    now, AssertionRequest, CertificateRequest, Grant, KeyRef, RawSignature, SelfTest, SignInput,
+    AssertionRequest, CertificateRequest, Grant, KeyRef, RawSignature, SelfTest, SignInput,
     SignatureEncoding, SignedAssertion, Signer, EXPIRY_MARK_STEP, MAX_MESSAGE_LEN,
     SELF_TEST_PREFIX,
 };

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
@@ -20,6 +19,7 @@ use super::{
     ecdsa_raw_to_der, jwk, jwks, prepare_assertion, thumbprint, Algorithm, AssertionParams,
     PublicKey, SigningError,
 };
+use crate::common::Clock;
 use crate::config::SigningConfig;
 use crate::error::{Error, Result};
 use crate::hsm::backup::WrappedKeyPair;
@@ -239,6 +239,7 @@ pub struct Signer {
     /// Serialises version creation (held across key generation, seconds for RSA).
     creations: tokio::sync::Mutex<()>,
     rng: ring::rand::SystemRandom,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Signer {
@@ -247,14 +248,6 @@ impl std::fmt::Debug for Signer {
             .field("versions", &self.read_keys().len())
             .finish_non_exhaustive()
     }
-}
-
-/// Unix seconds now.
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -314,24 +307,24 @@ fn public_key_of(attrs: &PublicKeyAttributes) -> std::result::Result<PublicKey, 
 
 /// The record of a key version that was just put on the token: `pending`, no dates.
 fn pending_version(
-    name: &str,
-    version: u32,
+    key: KeyRef,
     algorithm: Algorithm,
     key_id: Vec<u8>,
     public: &PublicKey,
     certificate_chain: Vec<Vec<u8>>,
     origin: KeyOrigin,
+    created_at: u64,
 ) -> Result<KeyVersion> {
     Ok(KeyVersion {
-        name: name.to_owned(),
-        version,
+        name: key.name,
+        version: key.version,
         state: KeyState::Pending,
         algorithm,
         key_id,
         kid: thumbprint(public),
         public_key_der: public.to_spki_der()?,
         certificate_chain,
-        created_at: now(),
+        created_at,
         published_at: 0,
         activated_at: 0,
         retired_at: 0,
@@ -379,6 +372,7 @@ impl Signer {
         hsm: Hsm,
         store: Arc<EmbeddedStore>,
         config: SigningConfig,
+        clock: Clock,
     ) -> Result<Signer> {
         let loaded = store.read(versions::load_all).map_err(store_err)?;
         let signer = Signer {
@@ -394,6 +388,7 @@ impl Signer {
             writes: tokio::sync::Mutex::new(()),
             creations: tokio::sync::Mutex::new(()),
             rng: ring::rand::SystemRandom::new(),
+            clock,
         };
         if signer.config.bootstrap_default_key {
             let name = signer.config.default_key.clone();
@@ -528,13 +523,13 @@ impl Signer {
         let public = public_key_of(&pair.public)
             .map_err(|e| Error::Internal(format!("public key of {label}: {e}")))?;
         let k = pending_version(
-            name,
-            version,
+            KeyRef::new(name, version),
             algorithm,
             pair.id,
             &public,
             Vec::new(),
             origin,
+            self.clock.now(),
         )?;
         self.record_new(&k, &label).await?;
         tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), "signing key version created");
@@ -615,13 +610,13 @@ impl Signer {
         let label = format!("sig/{name}/v{version}");
         self.hsm.restore_key_pair(wrapped, &label, kek).await?;
         let k = pending_version(
-            name,
-            version,
+            KeyRef::new(name, version),
             algorithm,
             wrapped.id.clone(),
             &public,
             certificate_chain,
             KeyOrigin::Restored,
+            self.clock.now(),
         )?;
         self.record_new(&k, &label).await?;
         tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version restored from a backup");
@@ -655,7 +650,7 @@ impl Signer {
             }
             let mut k = k.clone();
             k.state = KeyState::Published;
-            k.published_at = now();
+            k.published_at = self.clock.now();
             Ok(vec![k])
         })
         .await
@@ -671,7 +666,7 @@ impl Signer {
                     k.name, k.version, k.state
                 )));
             }
-            let t = now();
+            let t = self.clock.now();
             let mut out = Vec::new();
             if let Some(old) = active {
                 let mut old = old.clone();
@@ -699,7 +694,7 @@ impl Signer {
             }
             let mut k = k.clone();
             k.state = KeyState::VerifyOnly;
-            k.retired_at = now();
+            k.retired_at = self.clock.now();
             Ok(vec![k])
         })
         .await
@@ -726,7 +721,7 @@ impl Signer {
             }
             _ => {}
         }
-        let t = now();
+        let t = self.clock.now();
         if !force && k.last_expiry > t {
             return Err(Error::FailedPrecondition(format!(
                 "{} v{} signed assertions that may be valid until {}; destroy it after that \
@@ -863,7 +858,7 @@ impl Signer {
             }
             t => t,
         };
-        let t = now();
+        let t = self.clock.now();
         let auth_time = match req.auth_time {
             0 => t,
             a if a > t + AUTH_TIME_SKEW => {
@@ -1029,7 +1024,7 @@ impl Signer {
                 "validity_days must be between 1 and {MAX_VALIDITY_DAYS}"
             )));
         }
-        let t = now();
+        let t = self.clock.now();
         Ok(CertificateParams {
             subject: req.subject.clone(),
             serial,
