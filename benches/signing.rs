@@ -8,7 +8,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hsm_client::proto::SignAssertionRequest;
 use hsm_service::signing::{
-    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Grant, Signer, NSIS_ACR_VALUES,
+    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Caller, Grant, Signer, Usage,
+    NSIS_ACR_VALUES,
 };
 use hsm_service::testing::DevEnv;
 use ring::rand::SystemRandom;
@@ -28,6 +29,7 @@ fn request(key: &str) -> AssertionRequest {
         ttl_seconds: 300,
         auth_time: 0,
         extra_claims_json: r#"{"loa":"substantial"}"#.into(),
+        evidence_id: String::new(),
     }
 }
 
@@ -70,7 +72,7 @@ fn signing(c: &mut Criterion) {
         let server = env.start().await;
         let signer = &server.state().signing;
         let k = signer
-            .create_version("eddsa", Algorithm::EdDsa)
+            .create_version("eddsa", Algorithm::EdDsa, Usage::Signing)
             .await
             .expect("create");
         signer.publish("eddsa", k.version).await.expect("publish");
@@ -83,9 +85,13 @@ fn signing(c: &mut Criterion) {
         (server, client)
     });
     let signer: Arc<Signer> = server.state().signing.clone();
-    let grant = Grant {
-        keys: Some(vec!["assertion".into(), "eddsa".into()]),
-        acr: None,
+    let caller = Caller {
+        grant: Grant {
+            keys: Some(vec!["assertion".into(), "eddsa".into()]),
+            acr: None,
+        },
+        actor: hsm_service::audit::Actor::new("login-service", ""),
+        tenant: "login-service".into(),
     };
 
     let rng = SystemRandom::new();
@@ -122,7 +128,7 @@ fn signing(c: &mut Criterion) {
         g.bench_function("hsm", |b| {
             b.to_async(&rt).iter(|| async {
                 signer
-                    .sign_assertion(&grant, &request(key))
+                    .sign_assertion(&caller, &request(key))
                     .await
                     .expect("sign")
             })

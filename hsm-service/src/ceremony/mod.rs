@@ -45,7 +45,7 @@ use crate::common::Clock;
 use crate::config::CeremonyConfig;
 use crate::credentials::rotation::SeedRotator;
 use crate::error::{Error, Result};
-use crate::signing::{CertificateRequest, KeyRef, KeyState, Signer};
+use crate::signing::{CertificateRequest, Issuance, KeyRef, KeyState, Signer};
 use crate::store::{EmbeddedStore, StoreError};
 use backup_file::{BackupEntry, BackupFile};
 pub use plan::{Plan, Step, Usage};
@@ -885,14 +885,15 @@ impl Ceremonies {
             Step::GenerateKey {
                 name,
                 algorithm,
+                usage,
                 backup,
                 ..
             } => {
                 let alg = algorithm.parse()?;
                 let k = if *backup {
-                    self.signer.create_backup_version(name, alg).await?
+                    self.signer.create_backup_version(name, alg, *usage).await?
                 } else {
-                    self.signer.create_version(name, alg).await?
+                    self.signer.create_version(name, alg, *usage).await?
                 };
                 plan_keys.insert(name.clone(), k.version);
                 created.push((name.clone(), k.version));
@@ -1004,7 +1005,11 @@ impl Ceremonies {
                     is_ca: true,
                     dns_names: Vec::new(),
                 };
-                let cert = self.signer.self_sign(&r, &req).await?;
+                let by = Issuance::Ceremony {
+                    id: id.to_owned(),
+                    actor: actor.actor(),
+                };
+                let cert = self.signer.self_sign(&r, &req, &by).await?;
                 let k = self.signer.get(&r)?;
                 t.certificate(index, &k, &[cert]);
             }
@@ -1026,7 +1031,11 @@ impl Ceremonies {
                     is_ca: *usage == Usage::Ca,
                     dns_names: dns_names.clone(),
                 };
-                let chain = self.signer.issue_certificate(&r, &ri, &req).await?;
+                let by = Issuance::Ceremony {
+                    id: id.to_owned(),
+                    actor: actor.actor(),
+                };
+                let chain = self.signer.issue_certificate(&r, &ri, &req, &by).await?;
                 let k = self.signer.get(&r)?;
                 t.certificate(index, &k, &chain);
             }

@@ -57,25 +57,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
-/// What a key is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Usage {
-    /// A certificate authority key: signs certificates only, never in the JWKS.
-    Ca,
-    /// A signing key: signs assertions and messages; published in the JWKS.
-    Signing,
-}
-
-impl Usage {
-    /// The name used in plans and transcripts.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Usage::Ca => "ca",
-            Usage::Signing => "signing",
-        }
-    }
-}
+/// What a key is for: `ca`, `signing` or `raw` (the key's stored, immutable usage).
+pub use crate::signing::Usage;
 
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +71,7 @@ pub enum Step {
         name: String,
         /// `ES256`, `ES384`, `EdDSA` or `PS256`.
         algorithm: String,
-        /// `ca` or `signing`.
+        /// `ca`, `signing` or `raw`.
         usage: Usage,
         /// Allowed to add a version to a key name that exists already (rotation).
         #[serde(default)]
@@ -582,11 +565,11 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                 validity(*validity_days)?;
                 subject_ok(subject)?;
                 if let Some(mut t) = t {
-                    if t.usage == Some(Usage::Signing) {
+                    if let Some(u) = t.usage.filter(|u| *u != Usage::Ca) {
                         return Err(bad(
                             i,
                             kind,
-                            format!("{key:?} is a signing key; only a ca key is self-signed"),
+                            format!("{key:?} is a {u} key; only a ca key is self-signed"),
                         ));
                     }
                     t.certified = true;
@@ -622,7 +605,7 @@ pub fn validate(plan: &Plan, ctx: &Context) -> Result<()> {
                     ));
                 }
                 if let Some(ti) = ti {
-                    if ti.usage == Some(Usage::Signing) {
+                    if ti.usage.is_some_and(|u| u != Usage::Ca) {
                         return Err(bad(i, kind, format!("issuer {issuer:?} is not a ca key")));
                     }
                     if !ti.certified {

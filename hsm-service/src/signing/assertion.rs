@@ -7,10 +7,15 @@
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
 
-use super::signer::{invalid, store_err, Grant, Signer};
-use super::versions::{self, KeyVersion};
+use super::signer::{invalid, store_err, Caller, Signer};
+use super::versions::{self, KeyVersion, Usage};
 use super::{prepare_assertion, AssertionParams};
+use crate::audit::log::append_in;
+use crate::audit::{Details, Event};
 use crate::error::{Error, Result};
+
+/// Audit action of a signed assertion (object: its `jti`).
+pub const ASSERTION_ACTION: &str = "assertion.sign";
 
 /// Granularity of the durable `last_expiry` mark, in seconds.
 pub const EXPIRY_MARK_STEP: u64 = 60;
@@ -41,6 +46,9 @@ pub struct AssertionRequest {
     pub auth_time: u64,
     /// Extra claims, a JSON object text (may be empty).
     pub extra_claims_json: String,
+    /// The evidence of the authentication this assertion is about (empty: none; the
+    /// evidence checks come with `SignAssertionRequest.evidence_id`). Recorded as given.
+    pub evidence_id: String,
 }
 
 /// A signed assertion.
@@ -80,35 +88,32 @@ fn check_list(field: &str, values: &[String]) -> Result<()> {
     Ok(())
 }
 
-impl Signer {
-    /// Make sure the durable `last_expiry` of `k` covers `exp` before an assertion
-    /// with that expiry leaves the service.
-    async fn cover_expiry(&self, k: &KeyVersion, exp: u64) -> Result<()> {
-        let current = self
-            .read_keys()
-            .get(&(k.name.clone(), k.version))
-            .map_or(0, |k| k.last_expiry);
-        if current >= exp {
-            return Ok(());
+/// The `auth_time` to assert: `requested` (0: `now`) unless it is more than
+/// [`AUTH_TIME_SKEW`] in the future or more than `max_age` seconds ago. Checked
+/// arithmetic: no value of the request or the config can overflow.
+fn checked_auth_time(requested: u64, now: u64, max_age: u64) -> Result<u64> {
+    match requested {
+        0 => Ok(now),
+        a if a > now.saturating_add(AUTH_TIME_SKEW) => {
+            Err(invalid(format!("auth_time {a} is in the future")))
         }
-        let _w = self.writes.lock().await;
-        let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
-        let (name, version) = (k.name.clone(), k.version);
-        let updated = self
-            .store
-            .write(move |txn| versions::raise_last_expiry(txn, &name, version, mark))
-            .await
-            .and_then(|r| r)
-            .map_err(store_err)?;
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.insert((updated.name.clone(), updated.version), updated);
-        Ok(())
+        // `a + max_age < now`, where an overflowing sum is later than any `now`.
+        a if a.checked_add(max_age).is_some_and(|oldest| oldest < now) => Err(invalid(format!(
+            "auth_time {a} is more than {max_age} seconds ago"
+        ))),
+        a => Ok(a),
     }
+}
 
-    /// Sign an assertion for a caller with `grant`.
+impl Signer {
+    /// Sign an assertion for `caller`, with the active version of a `signing` key the
+    /// caller's grant names. The assertion leaves only once its record (kid, jti, exp,
+    /// acr, evidence, tenant, subject) is in the audit trail and its key's durable
+    /// `last_expiry` covers it: one store write job, shared with other requests by group
+    /// commit.
     pub async fn sign_assertion(
         &self,
-        grant: &Grant,
+        caller: &Caller,
         req: &AssertionRequest,
     ) -> Result<SignedAssertion> {
         if self.config.issuer.is_empty() {
@@ -116,7 +121,8 @@ impl Signer {
                 "assertion signing is not configured (signing.issuer is empty)".into(),
             ));
         }
-        let name = self.granted(grant, &req.key)?;
+        let grant = &caller.grant;
+        let name = self.granted(grant, &req.key, Usage::Signing)?;
         if req.subject.is_empty() {
             return Err(invalid("subject must not be empty"));
         }
@@ -153,20 +159,8 @@ impl Signer {
             t => t,
         };
         let t = self.clock.now();
-        let auth_time = match req.auth_time {
-            0 => t,
-            a if a > t + AUTH_TIME_SKEW => {
-                return Err(invalid(format!("auth_time {a} is in the future")))
-            }
-            a if a + self.config.max_auth_age_seconds < t => {
-                return Err(invalid(format!(
-                    "auth_time {a} is more than {} seconds ago",
-                    self.config.max_auth_age_seconds
-                )))
-            }
-            a => a,
-        };
-        let k = self.signing_version(&name)?;
+        let auth_time = checked_auth_time(req.auth_time, t, self.config.max_auth_age_seconds)?;
+        let k = self.signing_version(&name, Usage::Signing)?;
         let mut jti = [0u8; 16];
         self.rng
             .fill(&mut jti)
@@ -188,11 +182,94 @@ impl Signer {
         let input = prepare_assertion(k.algorithm, &k.kid, &params)?;
         let expires_at = input.expires_at();
         let signature = self.hsm_sign(&k, input.bytes()).await?;
-        self.cover_expiry(&k, expires_at).await?;
+        let event = self
+            .event(&caller.actor, ASSERTION_ACTION, &jti)
+            .with_details(
+                Details::new()
+                    .str("kid", &k.kid)
+                    .str("key", &k.name)
+                    .u64("version", u64::from(k.version))
+                    .u64("exp", expires_at)
+                    .str("acr", &req.acr)
+                    .str("evidence_id", &req.evidence_id)
+                    .str("tenant", &caller.tenant)
+                    .str("subject", &req.subject),
+            );
+        self.record_assertion(&k, expires_at, event).await?;
         Ok(SignedAssertion {
             jws: input.finish(&signature),
             kid: k.kid,
             expires_at,
         })
+    }
+
+    /// Append the assertion's audit record and, when the durable `last_expiry` of `k`
+    /// does not cover `exp` yet, raise it in the same write job, before the assertion
+    /// leaves the service.
+    async fn record_assertion(&self, k: &KeyVersion, exp: u64, event: Event) -> Result<()> {
+        let current = self
+            .read_keys()
+            .get(&(k.name.clone(), k.version))
+            .map_or(0, |k| k.last_expiry);
+        if current >= exp {
+            self.store
+                .write(move |txn| append_in(txn, event))
+                .await
+                .map_err(store_err)?;
+            self.audit.appended(1);
+            return Ok(());
+        }
+        // Memory follows the store in order: hold `writes` across the job.
+        let _w = self.writes.lock().await;
+        let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
+        let (name, version) = (k.name.clone(), k.version);
+        let updated = self
+            .store
+            .write(move |txn| {
+                let raised = versions::raise_last_expiry(txn, &name, version, mark)?;
+                if raised.is_ok() {
+                    append_in(txn, event)?;
+                }
+                Ok(raised)
+            })
+            .await
+            .and_then(|r| r)
+            .map_err(store_err)?;
+        self.audit.appended(1);
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        keys.insert((updated.name.clone(), updated.version), updated);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_time_bounds_use_checked_arithmetic() {
+        let now = 1_700_000_000;
+        assert_eq!(checked_auth_time(0, now, 60).unwrap(), now);
+        assert_eq!(checked_auth_time(now - 60, now, 60).unwrap(), now - 60);
+        assert!(checked_auth_time(now - 61, now, 60).is_err());
+        assert_eq!(
+            checked_auth_time(now + AUTH_TIME_SKEW, now, 60).unwrap(),
+            now + AUTH_TIME_SKEW
+        );
+        assert!(checked_auth_time(now + AUTH_TIME_SKEW + 1, now, 60).is_err());
+        // Values where `auth_time + max_age` (or `now + skew`) would overflow u64.
+        assert_eq!(checked_auth_time(1, now, u64::MAX).unwrap(), 1);
+        assert_eq!(checked_auth_time(now, now, u64::MAX).unwrap(), now);
+        assert!(checked_auth_time(u64::MAX, now, u64::MAX).is_err());
+        assert!(checked_auth_time(u64::MAX - 1, now, u64::MAX - 1).is_err());
+        assert_eq!(
+            checked_auth_time(u64::MAX, u64::MAX, u64::MAX).unwrap(),
+            u64::MAX
+        );
+        assert_eq!(
+            checked_auth_time(u64::MAX - 5, u64::MAX - 1, 10).unwrap(),
+            u64::MAX - 5
+        );
+        assert!(checked_auth_time(1, u64::MAX, u64::MAX - 2).is_err());
     }
 }

@@ -126,7 +126,7 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus 
 pub async fn jwks(client: &HsmClient) -> jsonwebtoken::jwk::JwkSet {
     let text = client
         .signing()
-        .get_jwks(hsm_client::proto::GetJwksRequest {})
+        .get_jwks(hsm_client::proto::GetJwksRequest::default())
         .await
         .expect("jwks")
         .into_inner()
