@@ -40,18 +40,16 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::audit::log::AuditLog;
 use crate::auth::Identity;
 use crate::common::Clock;
 use crate::config::CeremonyConfig;
-use crate::credentials::MASTER_KEY_VERSION_META;
+use crate::credentials::rotation::SeedRotator;
 use crate::error::{Error, Result};
-use crate::hsm::seeds::master_key_label;
 use crate::signing::Signer;
-use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+use crate::store::{EmbeddedStore, StoreError};
 pub use plan::{Plan, Step, Usage};
 pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
 use shares::ShareFile;
@@ -102,9 +100,9 @@ pub struct Ceremonies {
     executing: tokio::sync::Mutex<()>,
     /// Where events are recorded.
     audit: Option<Arc<AuditLog>>,
-    /// The credentials' current seed master key version (see
-    /// [`crate::credentials::Credentials::master_key_version`]).
-    seed_master: Option<Arc<AtomicU32>>,
+    /// The credential service's seed master key rotation (see
+    /// [`crate::credentials::Credentials::seed_rotator`]).
+    seed_master: Option<SeedRotator>,
     /// Backup KEK shares handed in with approvals: ceremony id -> officer certificate
     /// fingerprint -> share. Memory only (see the module documentation).
     shares: std::sync::Mutex<HashMap<String, BTreeMap<String, ShareFile>>>,
@@ -191,10 +189,9 @@ impl Ceremonies {
         self
     }
 
-    /// Allow `rotate-seed-master-key`: `version` is the credential service's current
-    /// seed master key version, moved on by a rotation.
-    pub fn with_seed_master(mut self, version: Arc<AtomicU32>) -> Self {
-        self.seed_master = Some(version);
+    /// Allow `rotate-seed-master-key`, run by the credential service's `rotator`.
+    pub fn with_seed_master(mut self, rotator: SeedRotator) -> Self {
+        self.seed_master = Some(rotator);
         self
     }
 
@@ -269,131 +266,5 @@ impl Ceremonies {
             self.transcript_dir.join(format!("{id}.json")),
             self.transcript_dir.join(format!("{id}.txt")),
         )
-    }
-
-    /// Create seed master key N+1, point new enrolments at it, re-wrap every stored
-    /// seed under it inside the HSM, `batch` per job, and record N+1 as the store's
-    /// master key version. Each record is updated with a compare (its blob and version
-    /// unchanged), so a credential changed meanwhile is re-read and done again, and a
-    /// deleted one is skipped. Resumable: records already under N+1 are left alone.
-    async fn rotate_seed_master_key(&self, batch: usize) -> Result<SeedRotation> {
-        let cell = self.seed_master.as_ref().ok_or_else(|| {
-            Error::FailedPrecondition("no credential seed master key to rotate".into())
-        })?;
-        let hsm = self.signer.hsm();
-        let old = cell.load(Ordering::SeqCst);
-        let new = old
-            .checked_add(1)
-            .ok_or_else(|| Error::Internal("seed master key version overflow".into()))?;
-        hsm.ensure_seed_master_key(new).await?;
-        // From now on new enrolments wrap under the new key; a rotation that fails
-        // half-way leaves records under either key, both kept and both usable.
-        cell.store(new, Ordering::SeqCst);
-        tracing::info!(
-            old = %master_key_label(old),
-            new = %master_key_label(new),
-            "seed master key rotation started"
-        );
-        let mut rewrapped = 0u64;
-        let mut already = 0u64;
-        // Two passes: the second catches an enrolment that read the old version just
-        // before the switch and was stored behind the first pass's cursor.
-        for pass in 0..2 {
-            let mut after: Option<String> = None;
-            loop {
-                let page = self
-                    .store
-                    .list(after.as_deref(), batch)
-                    .await
-                    .map_err(store_err)?;
-                let Some(last) = page.last() else {
-                    break;
-                };
-                after = Some(last.id.clone());
-                let (done, todo): (Vec<_>, Vec<_>) =
-                    page.into_iter().partition(|r| r.master_key_version == new);
-                if pass == 0 {
-                    already += done.len() as u64;
-                }
-                rewrapped += self.rewrap_batch(new, todo).await?;
-            }
-        }
-        self.store
-            .put_meta(MASTER_KEY_VERSION_META, new.to_be_bytes().to_vec())
-            .await
-            .map_err(store_err)?;
-        tracing::info!(
-            old = %master_key_label(old),
-            new = %master_key_label(new),
-            rewrapped,
-            "seed master key rotated; the old key is kept"
-        );
-        Ok(SeedRotation {
-            old_key_label: master_key_label(old),
-            new_key_label: master_key_label(new),
-            rewrapped,
-            already_rewrapped: already,
-        })
-    }
-
-    /// Re-wrap `records` (none of them under `new`) and store each with a compare;
-    /// a record changed meanwhile is re-read and redone (a few rounds at most).
-    async fn rewrap_batch(&self, new: u32, mut records: Vec<CredentialRecord>) -> Result<u64> {
-        const ROUNDS: usize = 5;
-        let hsm = self.signer.hsm();
-        let mut count = 0u64;
-        for _ in 0..ROUNDS {
-            if records.is_empty() {
-                return Ok(count);
-            }
-            let mut redo = Vec::new();
-            // Grouped by the version each is wrapped under (normally all the old one).
-            let mut by_version: BTreeMap<u32, Vec<CredentialRecord>> = BTreeMap::new();
-            for r in records.drain(..) {
-                by_version.entry(r.master_key_version).or_default().push(r);
-            }
-            for (from, recs) in by_version {
-                let blobs: Vec<Arc<[u8]>> = recs
-                    .iter()
-                    .map(|r| Arc::from(r.wrapped_seed.as_slice()))
-                    .collect();
-                let rewrapped = hsm.rewrap_seeds(from, new, blobs).await?;
-                for (rec, blob) in recs.into_iter().zip(rewrapped) {
-                    let expect = rec.wrapped_seed.clone();
-                    let stored = self
-                        .store
-                        .update(&rec.id, move |r| {
-                            if r.master_key_version != from || r.wrapped_seed != expect {
-                                return Update::Keep(false);
-                            }
-                            r.wrapped_seed = blob;
-                            r.master_key_version = new;
-                            Update::Write(true)
-                        })
-                        .await;
-                    match stored {
-                        Ok(true) => count += 1,
-                        Ok(false) => {
-                            if let Some(now) = self.store.get(&rec.id).await.map_err(store_err)? {
-                                if now.master_key_version != new {
-                                    redo.push(now);
-                                }
-                            }
-                        }
-                        Err(StoreError::NotFound) => {}
-                        Err(e) => return Err(store_err(e)),
-                    }
-                }
-            }
-            records = redo;
-        }
-        if records.is_empty() {
-            Ok(count)
-        } else {
-            Err(Error::FailedPrecondition(format!(
-                "{} credential(s) kept changing during the re-wrap; run the rotation again",
-                records.len()
-            )))
-        }
     }
 }

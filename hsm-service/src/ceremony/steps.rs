@@ -353,7 +353,10 @@ impl Ceremonies {
 
     /// `rotate-seed-master-key`: a new seed master key, every seed re-wrapped under it.
     async fn rotate_seed(&self, run: &mut Run<'_>, index: usize, batch_size: u32) -> Result<()> {
-        let r = self.rotate_seed_master_key(batch_size as usize).await?;
+        let rotator = self.seed_master.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("no credential seed master key to rotate".into())
+        })?;
+        let r = rotator.rotate(batch_size as usize).await?;
         self.event(
             run.actor,
             "ceremony.event",

@@ -12,6 +12,7 @@
 //!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
 
 pub mod policy;
+pub mod rotation;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +27,7 @@ pub use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
-use crate::store::{CredentialRecord, CredentialStore, StoreError, Update};
+use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
 pub use policy::{Outcome, Policy, Verdict};
 
 /// Store meta key holding the current seed master key version.
@@ -475,6 +476,18 @@ impl<S: CredentialStore> Credentials<S> {
             .chunks_exact(len)
             .map(|mac| otp::truncate(mac, digits))
             .collect())
+    }
+}
+
+impl Credentials<EmbeddedStore> {
+    /// The seed master key rotation of this service (the `rotate-seed-master-key`
+    /// ceremony step runs it): it moves [`Credentials::master_key_version`] on.
+    pub fn seed_rotator(&self) -> rotation::SeedRotator {
+        rotation::SeedRotator::new(
+            self.hsm.clone(),
+            self.store.clone(),
+            self.master_key_version.clone(),
+        )
     }
 }
 
