@@ -614,6 +614,12 @@ pub async fn ensure_master_key<S: CredentialStore>(
         }
         hsm.ensure_seed_master_key(version).await?;
     }
+    if !hsm.seed_master_key_confined(version).await? {
+        tracing::warn!(
+            key = %label,
+            "the seed master key predates the unwrap template: the user PIN alone can unwrap its seeds as extractable; run the rotate-seed-master-key ceremony to move them under a key that has it"
+        );
+    }
     Ok(())
 }
 
