@@ -355,7 +355,13 @@ impl Transcript {
     }
 
     /// Step `i` wrote backup file `file` (`sha256` of its text).
-    pub fn backup_written(&mut self, i: usize, file: &str, b: &super::BackupFile, sha256: &str) {
+    pub fn backup_written(
+        &mut self,
+        i: usize,
+        file: &str,
+        b: &super::backup_file::BackupFile,
+        sha256: &str,
+    ) {
         if let Some(s) = self.steps.get_mut(i) {
             s.backup = Some(BackupWritten {
                 file: file.to_owned(),
