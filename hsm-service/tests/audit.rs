@@ -306,13 +306,16 @@ async fn refused_verifications_and_lifecycle_changes_are_recorded() {
     server.shutdown().await.expect("shutdown");
 }
 
-/// 10,000 refused calls (a role calling what it may not) while verifications run: the
-/// refusals become a few records whose counts add up to 10,000, and every verification
-/// is answered ACCEPTED meanwhile.
+/// 10,000 refused calls while verifications run: the refusals become a few records whose
+/// counts add up to 10,000, and every verification is answered ACCEPTED meanwhile. The
+/// refusal is the handler's (a login service may not lift a lock), so every call is
+/// answered on its connection; the role gate in front of the handlers reports through
+/// the same path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
     const REFUSED: u64 = 10_000;
-    const FLOODERS: u64 = 32;
+    const CONNECTIONS: u64 = 4;
+    const PER_CONNECTION: u64 = 8;
     const VERIFIERS: usize = 4;
 
     let env = DevEnv::new();
@@ -347,28 +350,31 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
             counter
         }));
     }
-    let intruder = common::client(env.dir.path(), "auditor", addr).await;
+    let calls_each = REFUSED.div_ceil(CONNECTIONS * PER_CONNECTION);
     let mut flooders = Vec::new();
-    for _ in 0..FLOODERS {
-        let c = intruder.clone();
-        flooders.push(tokio::spawn(async move {
-            for _ in 0..REFUSED / FLOODERS + 1 {
-                let e = c
-                    .credentials()
-                    .verify_code(pb::VerifyCodeRequest {
-                        credential_id: "flood-0".into(),
-                        code: "000000".into(),
-                    })
-                    .await
-                    .expect_err("auditors do not verify codes");
-                assert_eq!(e.code(), tonic::Code::PermissionDenied);
-            }
-        }));
+    for _ in 0..CONNECTIONS {
+        let c = common::client(env.dir.path(), "login-service", addr).await;
+        for _ in 0..PER_CONNECTION {
+            let c = c.clone();
+            flooders.push(tokio::spawn(async move {
+                for _ in 0..calls_each {
+                    let e = c
+                        .credentials()
+                        .update_credential_state(pb::UpdateCredentialStateRequest {
+                            credential_id: "flood-0".into(),
+                            action: pb::CredentialAction::Unlock as i32,
+                        })
+                        .await
+                        .expect_err("a login service may not unlock");
+                    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+                }
+            }));
+        }
     }
     for f in flooders {
         f.await.expect("flooder");
     }
-    let sent = (REFUSED / FLOODERS + 1) * FLOODERS;
+    let sent = calls_each * CONNECTIONS * PER_CONNECTION;
     flooding.store(false, Ordering::Relaxed);
     let mut verified = 0;
     for v in verifiers {
@@ -417,8 +423,16 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
     for r in &denied {
         let reason = r.details.as_ref().and_then(|d| d.get("reason"));
         assert_eq!(
-            (r.actor.subject.as_str(), reason.and_then(|v| v.as_str())),
-            ("auditor", Some("auditor")),
+            (
+                r.actor.subject.as_str(),
+                r.object.as_str(),
+                reason.and_then(|v| v.as_str())
+            ),
+            (
+                "login-service",
+                "hsm.v1.CredentialService/UpdateCredentialState",
+                Some("login-service")
+            ),
             "{}",
             r.to_json_line()
         );
