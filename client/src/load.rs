@@ -240,6 +240,8 @@ async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, Client
             credential_id: id.clone(),
             kind: kind as i32,
             seed: seed.clone(),
+            // As a login service enrols them: accepted codes leave evidence.
+            subject: format!("bench-{id}"),
             ..Default::default()
         };
         pending.spawn(async move { c.create_credential(req).await.map(|_| ()) });
@@ -267,6 +269,7 @@ async fn cleanup(w: &Workload) {
             .credentials()
             .delete_credential(pb::DeleteCredentialRequest {
                 credential_id: c.id.clone(),
+                tenant: String::new(),
             })
             .await;
     }

@@ -58,6 +58,7 @@ fn request(key: &str) -> SignAssertionRequest {
         ttl_seconds: 120,
         auth_time: 0,
         extra_claims_json: r#"{"loa":"substantial","cpr_verified":true}"#.into(),
+        evidence_id: String::new(),
     }
 }
 

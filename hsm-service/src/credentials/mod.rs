@@ -10,6 +10,12 @@
 //!    folding without an early exit;
 //! 5. decide in one atomic, durable store update (group commit): accept only a
 //!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
+//!    An accepted code of a credential with a subject leaves an evidence record in the
+//!    same commit (see [`crate::store::evidence`]); its id goes back to the caller.
+//!
+//! Every credential belongs to a tenant (the login service that created it) and every
+//! operation names the tenant: another tenant's id is answered exactly like an id that
+//! does not exist.
 
 pub mod policy;
 #[cfg(test)]
@@ -22,11 +28,14 @@ use zeroize::Zeroizing;
 
 use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Details, Event};
+use crate::common::AuthMethod;
 pub use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
-use crate::store::{CredentialRecord, CredentialStore, StoreError, Update};
+use crate::store::{
+    CredentialKey, CredentialRecord, CredentialStore, Effects, EvidenceRecord, StoreError, Update,
+};
 pub use policy::{Outcome, Policy, Verdict};
 
 /// Store meta key holding the current seed master key version.
@@ -34,6 +43,12 @@ pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
 
 /// Longest credential id.
 pub const MAX_ID_LEN: usize = 128;
+
+/// Longest subject.
+pub const MAX_SUBJECT_LEN: usize = 128;
+
+/// Evidence lifetime when none is configured, in seconds.
+pub const DEFAULT_EVIDENCE_TTL_SECONDS: u64 = 120;
 
 /// Import seeds: at least 80 bits (the shortest seeds in circulation), at most 64 bytes.
 pub const SEED_LEN: std::ops::RangeInclusive<usize> = 10..=64;
@@ -60,6 +75,9 @@ pub struct NewCredential {
     pub account_name: String,
     /// HOTP: the token's current counter.
     pub initial_counter: u64,
+    /// The citizen's pseudonymous id at the login service; `None`: the credential
+    /// produces no evidence.
+    pub subject: Option<String>,
 }
 
 impl std::fmt::Debug for NewCredential {
@@ -80,6 +98,15 @@ pub struct Created {
     pub record: CredentialRecord,
     /// The otpauth:// URI, when a reveal was asked for.
     pub provisioning_uri: Option<Zeroizing<String>>,
+}
+
+/// The answer to a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The verdict.
+    pub outcome: Outcome,
+    /// The evidence of an ACCEPTED code of a credential with a subject.
+    pub evidence_id: Option<String>,
 }
 
 /// State changes.
@@ -103,12 +130,20 @@ pub struct Credentials<S: CredentialStore> {
     master_key_version: Arc<AtomicU32>,
     clock: Clock,
     audit: Option<Arc<AuditLog>>,
+    evidence_ttl_seconds: u64,
+    rng: ring::rand::SystemRandom,
 }
 
 impl<S: CredentialStore> Credentials<S> {
     /// Record every verification and resync in `log`, in the same commit as its state.
     pub fn with_audit(mut self, log: Arc<AuditLog>) -> Self {
         self.audit = Some(log);
+        self
+    }
+
+    /// Evidence of accepted codes expires `seconds` after the verification.
+    pub fn with_evidence_ttl(mut self, seconds: u64) -> Self {
+        self.evidence_ttl_seconds = seconds;
         self
     }
 
@@ -128,6 +163,8 @@ impl<S: CredentialStore> Credentials<S> {
             master_key_version: Arc::new(AtomicU32::new(master_key_version)),
             clock,
             audit: None,
+            evidence_ttl_seconds: DEFAULT_EVIDENCE_TTL_SECONDS,
+            rng: ring::rand::SystemRandom::new(),
         }
     }
 
@@ -142,8 +179,12 @@ impl<S: CredentialStore> Credentials<S> {
         &self.policy
     }
 
-    /// Enrol a credential.
-    pub async fn create(&self, new: NewCredential) -> Result<Created> {
+    /// Enrol a credential for `tenant`.
+    pub async fn create(&self, tenant: &str, new: NewCredential) -> Result<Created> {
+        check_tenant(tenant)?;
+        if let Some(subject) = &new.subject {
+            check_subject(subject)?;
+        }
         let digits = Digits::new(new.digits).map_err(|_| invalid("digits must be 6, 7 or 8"))?;
         let period_seconds = match (new.kind, new.period_seconds) {
             (OtpKind::Totp, 0) => 30,
@@ -227,7 +268,9 @@ impl<S: CredentialStore> Credentials<S> {
         };
         let now = self.clock.now();
         let record = CredentialRecord {
+            tenant: tenant.to_owned(),
             id,
+            subject: new.subject,
             kind: new.kind,
             algorithm: alg,
             digits: digits.get(),
@@ -256,7 +299,7 @@ impl<S: CredentialStore> Credentials<S> {
                 }
                 other => store_error(other),
             })?;
-        tracing::info!(credential = %record.id, kind = ?record.kind, "credential created");
+        tracing::info!(tenant, credential = %record.id, kind = ?record.kind, "credential created");
         Ok(Created {
             record,
             provisioning_uri,
@@ -264,21 +307,31 @@ impl<S: CredentialStore> Credentials<S> {
     }
 
     /// Verify a code (no audit record; see [`Credentials::verify_by`]).
-    pub async fn verify(&self, id: &str, code: &str) -> Result<Outcome> {
-        self.verify_by(None, id, code).await
+    pub async fn verify(&self, tenant: &str, id: &str, code: &str) -> Result<Outcome> {
+        Ok(self.verify_by(None, tenant, id, code).await?.outcome)
     }
 
-    /// Verify a code for `actor`; with an audit log, the verdict is recorded in the same
-    /// commit as the state it leaves.
-    pub async fn verify_by(&self, actor: Option<&Actor>, id: &str, code: &str) -> Result<Outcome> {
-        let rec = self.get(id).await?;
+    /// Verify a code of `tenant`'s credential for `actor`; with an audit log, the verdict
+    /// is recorded in the same commit as the state it leaves, and so is the evidence of
+    /// an accepted code when the credential has a subject.
+    pub async fn verify_by(
+        &self,
+        actor: Option<&Actor>,
+        tenant: &str,
+        id: &str,
+        code: &str,
+    ) -> Result<Verified> {
+        let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
         let submitted = otp::parse_code(code, digits)
             .map_err(|_| invalid(format!("code must be exactly {} digits", digits.get())))?;
         let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
-            return Ok(refused);
+            return Ok(Verified {
+                outcome: refused,
+                evidence_id: None,
+            });
         }
         let window = policy::verify_window(&rec, now, &self.policy).map_err(otp_state)?;
         let codes = self.codes(&rec, window.clone(), digits).await?;
@@ -287,9 +340,27 @@ impl<S: CredentialStore> Credentials<S> {
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
         let audit = self.audit_event(actor, "credential.verify", id);
+        let audit_tenant = tenant.to_owned();
+        // Drawn before the commit (the committer must not wait for an RNG) and used
+        // only if the code is accepted.
+        let evidence = match rec.subject {
+            Some(subject) => Some(EvidenceRecord {
+                id: self.evidence_id()?,
+                tenant: tenant.to_owned(),
+                credential_id: id.to_owned(),
+                subject,
+                method: AuthMethod::Otp,
+                auth_time: now,
+                expires_at: now.saturating_add(self.evidence_ttl_seconds),
+                spent_at: None,
+            }),
+            None => None,
+        };
+        let evidence_id = evidence.as_ref().map(|e| e.id.clone());
         let outcome = self
             .store
-            .update_audited(
+            .update_with(
+                tenant,
                 id,
                 move |r| {
                     if r.wrapped_seed != seed {
@@ -301,7 +372,17 @@ impl<S: CredentialStore> Credentials<S> {
                         Update::Delete(o) => Update::Delete(Some(o)),
                     }
                 },
-                move |o: &Option<Outcome>| audit.zip(*o).map(|(event, o)| verdict_event(event, &o)),
+                move |o: &Option<Outcome>| {
+                    let accepted = o.is_some_and(|o| o.verdict == Verdict::Accepted);
+                    let evidence = evidence.filter(|_| accepted);
+                    Effects {
+                        audit: audit.zip(*o).map(|(event, o)| {
+                            let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
+                            verdict_event(event, &o, &audit_tenant, evidence_id)
+                        }),
+                        evidence,
+                    }
+                },
             )
             .await
             .map_err(|e| not_found_or(e, id))?
@@ -309,32 +390,46 @@ impl<S: CredentialStore> Credentials<S> {
         self.audited();
         if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
             tracing::warn!(
+                tenant,
                 credential = id,
                 "credential hard-locked after repeated failures"
             );
         }
-        Ok(outcome)
+        Ok(Verified {
+            outcome,
+            evidence_id: evidence_id.filter(|_| outcome.verdict == Verdict::Accepted),
+        })
+    }
+
+    /// A fresh evidence id: 128 bits from the system RNG, 32 lower-case hex digits.
+    fn evidence_id(&self) -> Result<String> {
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&self.rng, &mut bytes)
+            .map_err(|_| Error::Internal("system RNG failed".into()))?;
+        Ok(crate::common::hex(&bytes))
     }
 
     /// Resynchronise from two consecutive codes (no audit record).
     pub async fn resync(
         &self,
+        tenant: &str,
         id: &str,
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
-        self.resync_by(None, id, code1, code2).await
+        self.resync_by(None, tenant, id, code1, code2).await
     }
 
     /// Resynchronise for `actor`, recorded like a verification.
     pub async fn resync_by(
         &self,
         actor: Option<&Actor>,
+        tenant: &str,
         id: &str,
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
-        let rec = self.get(id).await?;
+        let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
         let c1 = otp::parse_code(code1, digits)
@@ -356,9 +451,11 @@ impl<S: CredentialStore> Credentials<S> {
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
         let audit = self.audit_event(actor, "credential.resync", id);
+        let audit_tenant = tenant.to_owned();
         let result = self
             .store
             .update_audited(
+                tenant,
                 id,
                 move |r| {
                     if r.wrapped_seed != seed {
@@ -375,7 +472,7 @@ impl<S: CredentialStore> Credentials<S> {
                 move |r: &Option<(Outcome, CredentialRecord)>| {
                     audit
                         .zip(r.as_ref())
-                        .map(|(event, (o, _))| verdict_event(event, o))
+                        .map(|(event, (o, _))| verdict_event(event, o, &audit_tenant, None))
                 },
             )
             .await
@@ -383,33 +480,51 @@ impl<S: CredentialStore> Credentials<S> {
             .ok_or_else(changed)?;
         self.audited();
         if result.0.verdict == Verdict::Accepted {
-            tracing::info!(credential = id, "credential resynchronised");
+            tracing::info!(tenant, credential = id, "credential resynchronised");
         }
         Ok(result)
     }
 
-    /// One credential.
-    pub async fn get(&self, id: &str) -> Result<CredentialRecord> {
+    /// One credential of `tenant`.
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<CredentialRecord> {
         check_id(id)?;
+        check_tenant(tenant)?;
         self.store
-            .get(id)
+            .get(tenant, id)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| Error::NotFound(format!("no credential {id:?}")))
+            .ok_or_else(|| not_found(id))
     }
 
-    /// A page of credentials after `after`, and whether more may follow.
-    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<CredentialRecord>> {
-        self.store.list(after, limit).await.map_err(store_error)
+    /// A page of credentials after `after`: of `tenant` only, or of every tenant.
+    pub async fn list(
+        &self,
+        tenant: Option<&str>,
+        after: Option<&CredentialKey>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>> {
+        if let Some(t) = tenant {
+            check_tenant(t)?;
+        }
+        self.store
+            .list(tenant, after, limit)
+            .await
+            .map_err(store_error)
     }
 
-    /// Enable, disable or unlock.
-    pub async fn update_state(&self, id: &str, action: Action) -> Result<CredentialRecord> {
+    /// Enable, disable or unlock a credential of `tenant`.
+    pub async fn update_state(
+        &self,
+        tenant: &str,
+        id: &str,
+        action: Action,
+    ) -> Result<CredentialRecord> {
         check_id(id)?;
+        check_tenant(tenant)?;
         let now = self.clock.now();
         let rec = self
             .store
-            .update(id, move |r| {
+            .update(tenant, id, move |r| {
                 match action {
                     Action::Enable => r.disabled = false,
                     Action::Disable => r.disabled = true,
@@ -424,18 +539,19 @@ impl<S: CredentialStore> Credentials<S> {
             })
             .await
             .map_err(|e| not_found_or(e, id))?;
-        tracing::info!(credential = id, ?action, "credential state changed");
+        tracing::info!(tenant, credential = id, ?action, "credential state changed");
         Ok(rec)
     }
 
-    /// Remove a credential (its wrapped seed goes with it).
-    pub async fn delete(&self, id: &str) -> Result<()> {
+    /// Remove a credential of `tenant` (its wrapped seed goes with it).
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
         check_id(id)?;
-        if self.store.delete(id).await.map_err(store_error)? {
-            tracing::info!(credential = id, "credential deleted");
+        check_tenant(tenant)?;
+        if self.store.delete(tenant, id).await.map_err(store_error)? {
+            tracing::info!(tenant, credential = id, "credential deleted");
             Ok(())
         } else {
-            Err(Error::NotFound(format!("no credential {id:?}")))
+            Err(not_found(id))
         }
     }
 
@@ -504,8 +620,8 @@ pub async fn ensure_master_key<S: CredentialStore>(
 }
 
 /// The verdict as an audit record: ACCEPTED is "ok", anything else "denied", with the
-/// verdict and the lock state as details (never the code).
-fn verdict_event(event: Event, o: &Outcome) -> Event {
+/// tenant, the verdict, the lock state and the evidence id as details (never the code).
+fn verdict_event(event: Event, o: &Outcome, tenant: &str, evidence_id: Option<&str>) -> Event {
     let name = match o.verdict {
         Verdict::Accepted => "accepted",
         Verdict::Rejected => "rejected",
@@ -513,12 +629,15 @@ fn verdict_event(event: Event, o: &Outcome) -> Event {
         Verdict::Locked => "locked",
         Verdict::Disabled => "disabled",
     };
-    let event = event.with_details(
-        Details::new()
-            .str("result", name)
-            .u64("remaining_attempts", u64::from(o.remaining_attempts))
-            .u64("retry_after_seconds", u64::from(o.retry_after_seconds)),
-    );
+    let mut details = Details::new()
+        .str("tenant", tenant)
+        .str("result", name)
+        .u64("remaining_attempts", u64::from(o.remaining_attempts))
+        .u64("retry_after_seconds", u64::from(o.retry_after_seconds));
+    if let Some(id) = evidence_id {
+        details = details.str("evidence_id", id);
+    }
+    let event = event.with_details(details);
     if o.verdict == Verdict::Accepted {
         event
     } else {
@@ -542,9 +661,15 @@ fn otp_state(e: otp::OtpError) -> Error {
     Error::FailedPrecondition(format!("credential cannot verify: {e}"))
 }
 
+/// The one answer for an id the caller's tenant does not hold, whether another tenant
+/// holds it or nobody does.
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no credential {id:?}"))
+}
+
 fn not_found_or(e: StoreError, id: &str) -> Error {
     match e {
-        StoreError::NotFound => Error::NotFound(format!("no credential {id:?}")),
+        StoreError::NotFound => not_found(id),
         other => store_error(other),
     }
 }
@@ -570,6 +695,31 @@ pub fn check_id(id: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Subjects: 1..128 characters from `[A-Za-z0-9._:@-]` (a pseudonym, safe in logs).
+pub fn check_subject(subject: &str) -> Result<()> {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
+        return Err(invalid(format!(
+            "subject must be 1 to {MAX_SUBJECT_LEN} characters"
+        )));
+    }
+    if !subject
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err(invalid("subject may contain only A-Z a-z 0-9 . _ : @ -"));
+    }
+    Ok(())
+}
+
+/// Tenants as the store accepts them (they come from the config, or from an officer's
+/// request).
+pub fn check_tenant(tenant: &str) -> Result<()> {
+    crate::store::validate_tenant(tenant).map_err(|e| match e {
+        StoreError::Invalid(m) => invalid(m),
+        other => store_error(other),
+    })
 }
 
 fn check_label(field: &str, value: &str, max: usize) -> Result<()> {
