@@ -5,6 +5,7 @@ use base64::Engine as _;
 
 use super::error::AuditError;
 use super::record::{is_hash_hex, Actor, AuditRecord, DetailValue, Details, Head, GENESIS_PREV};
+use super::text::{bounded, MAX_OBJECT_LEN, MAX_REASON_LEN};
 use super::{CHECKPOINT_ACTION, CHECKPOINT_OBJECT, MAX_CHECKPOINT_LAG};
 
 /// Default number of ordinary records between two periodic checkpoints.
@@ -128,7 +129,8 @@ impl Event {
     /// not checked for monotonicity). `action` is a code constant such as
     /// `"credential.verify"`; [`CHECKPOINT_ACTION`] is reserved for
     /// [`Chain::checkpoint_record`] (debug builds assert this; in release such an event
-    /// would be reported by the verifier as a malformed checkpoint).
+    /// would be reported by the verifier as a malformed checkpoint). `object` is bounded
+    /// (see [`crate::text`]).
     pub fn new(time_ms: u64, actor: Actor, action: &'static str, object: &str) -> Self {
         debug_assert!(
             action != CHECKPOINT_ACTION,
@@ -138,7 +140,7 @@ impl Event {
             time_ms,
             actor,
             action,
-            object: object.to_owned(),
+            object: bounded(object, MAX_OBJECT_LEN),
             outcome: "ok".to_owned(),
             details: None,
         }
@@ -155,7 +157,7 @@ impl Event {
     /// non-secret description (an error kind, not a payload).
     #[must_use]
     pub fn failed(mut self, reason: &str) -> Self {
-        self.outcome = format!("failed: {reason}");
+        self.outcome = format!("failed: {}", bounded(reason, MAX_REASON_LEN));
         self
     }
 

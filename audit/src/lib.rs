@@ -30,6 +30,7 @@ mod chain;
 mod error;
 
 mod record;
+pub mod text;
 mod verify;
 
 #[cfg(test)]

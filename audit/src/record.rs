@@ -7,6 +7,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::error::AuditError;
+use super::text::{bounded, MAX_DETAIL_LEN, MAX_FINGERPRINT_LEN, MAX_SUBJECT_LEN};
 
 /// The `prev` value of the first record (seq 1): 64 ASCII zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -55,20 +56,21 @@ impl Actor {
         }
     }
 
-    /// A client identified by its certificate: `subject` is the CN, the fingerprint is
-    /// computed here as the SHA-256 of `cert_der`.
+    /// A client identified by its certificate: `subject` is the CN (bounded, see
+    /// [`crate::text`]), the fingerprint is computed here as the SHA-256 of `cert_der`.
     pub fn from_certificate(subject: &str, cert_der: &[u8]) -> Self {
         Actor {
-            subject: subject.to_owned(),
+            subject: bounded(subject, MAX_SUBJECT_LEN),
             fingerprint: sha256_hex(cert_der),
         }
     }
 
-    /// A client whose fingerprint (lowercase hex SHA-256 of its certificate) is already known.
+    /// A client whose fingerprint (lowercase hex SHA-256 of its certificate) is already
+    /// known. Both strings are bounded (see [`crate::text`]).
     pub fn new(subject: &str, fingerprint_hex: &str) -> Self {
         Actor {
-            subject: subject.to_owned(),
-            fingerprint: fingerprint_hex.to_owned(),
+            subject: bounded(subject, MAX_SUBJECT_LEN),
+            fingerprint: bounded(fingerprint_hex, MAX_FINGERPRINT_LEN),
         }
     }
 }
@@ -168,11 +170,14 @@ impl Details {
         Details(BTreeMap::new())
     }
 
-    /// Adds a non-secret string fact (an id, a name, a reason).
+    /// Adds a non-secret string fact (an id, a name, a reason), bounded to
+    /// [`MAX_DETAIL_LEN`] bytes (see [`crate::text`]).
     #[must_use]
     pub fn str(mut self, key: &'static str, value: &str) -> Self {
-        self.0
-            .insert(key.to_owned(), DetailValue::Str(value.to_owned()));
+        self.0.insert(
+            key.to_owned(),
+            DetailValue::Str(bounded(value, MAX_DETAIL_LEN)),
+        );
         self
     }
 

@@ -221,12 +221,12 @@ fn golden_record() -> AuditRecord {
         action: "credential.lock".into(),
         object: "cred-7".into(),
         outcome: "failed: too many attempts".into(),
-        // Inserted out of order on purpose: the canonical form sorts keys.
+        // Out of order on purpose: the canonical form sorts keys. Parsed, not built: the
+        // builder would replace the control characters whose escaping is pinned here
+        // (records written before it did may hold them).
         details: Some(
-            Details::new()
-                .str("reason", "tab\there/ü\u{1}")
-                .u64("attempts", 3)
-                .bool("locked", true),
+            serde_json::from_str(r#"{"reason":"tab\there/ü\u0001","attempts":3,"locked":true}"#)
+                .unwrap(),
         ),
         prev: sha256_hex(b"previous"),
         hash: String::new(),
@@ -1522,4 +1522,25 @@ fn json_string_escape_table() {
         crate::record::push_json_str(&mut out, &s);
         assert_eq!(serde_json::from_str::<String>(&out).expect("valid JSON"), s);
     }
+}
+
+#[test]
+fn every_builder_bounds_and_cleans_what_it_records() {
+    let huge = format!("x\n\u{202e}{}", "y".repeat(1 << 20));
+    let mut chain = Chain::new();
+    let r = chain.append(
+        Event::new(1, Actor::new(&huge, &huge), "auth.denied", &huge)
+            .failed(&huge)
+            .with_details(Details::new().str("method", &huge)),
+    );
+    assert!(r.object.len() <= text::MAX_OBJECT_LEN && r.object.ends_with('…'));
+    assert!(r.actor.subject.len() <= text::MAX_SUBJECT_LEN);
+    assert!(r.actor.fingerprint.len() <= text::MAX_FINGERPRINT_LEN);
+    assert!(r.outcome.len() <= "failed: ".len() + text::MAX_REASON_LEN);
+    let method = r.details.as_ref().unwrap().get("method").unwrap();
+    assert!(method.as_str().unwrap().len() <= text::MAX_DETAIL_LEN);
+    let line = r.to_json_line();
+    assert!(line.len() < 6 * 1024, "{} bytes", line.len());
+    assert!(!line.contains('\u{202e}') && !line.contains("\\n"));
+    assert!(r.hash_matches());
 }

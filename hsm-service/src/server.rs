@@ -174,7 +174,7 @@ pub(crate) async fn start_with_store(
             clock.clone(),
         )
         .with_audit(audit.clone())
-        .with_seed_master(credentials.master_key_version()),
+        .with_seed_master(credentials.seed_rotator()),
     );
 
     let listener = TcpListener::bind(config.server.listen)

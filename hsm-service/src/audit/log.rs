@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use super::{checkpoint_statement, AuditRecord, Chain, Event, Head};
+use super::{checkpoint_statement, AuditRecord, Chain, CheckpointClaim, Event, Head};
 use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::sign::{KeyPairKind, PublicKeyAttributes, SignMechanism};
@@ -100,6 +100,8 @@ pub struct AuditLog {
     interval: u64,
     since_checkpoint: AtomicU64,
     checkpointing: AtomicBool,
+    /// Held for a whole checkpoint (read head, sign, append): one at a time.
+    checkpoint_lock: tokio::sync::Mutex<()>,
     clock: Clock,
 }
 
@@ -148,6 +150,7 @@ impl AuditLog {
             interval: interval.max(1),
             since_checkpoint: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
+            checkpoint_lock: tokio::sync::Mutex::new(()),
             clock,
         }))
     }
@@ -192,16 +195,27 @@ impl AuditLog {
         self.clock.now_ms()
     }
 
-    /// Sign the current head with the audit key and append the checkpoint record.
+    /// Sign the current head with the audit key and append the checkpoint record; `None`
+    /// when the log is empty.
+    ///
+    /// Checkpoints are serialized (one at a time, whoever asks: the periodic task, an
+    /// auditor's CheckpointAudit, shutdown), so each one's head is newer than the last
+    /// one's. A log whose last record already is a checkpoint over everything before it
+    /// has nothing new to vouch for: that checkpoint is returned and nothing is written.
+    /// The write job itself never rolls back its batch for a refused checkpoint (it
+    /// leaves the transaction clean), so a checkpoint cannot fail anyone else's write.
     pub async fn checkpoint(&self) -> Result<Option<AuditRecord>> {
-        let head = self
+        let _one_at_a_time = self.checkpoint_lock.lock().await;
+        let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let last = self
             .store
-            .read(|txn| {
-                let table = txn.open_table(AUDIT_LOG)?;
-                Ok(resume_read(&table)?.head())
-            })
-            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
-        let Some(head) = head else { return Ok(None) };
+            .read(|txn| last_record(&txn.open_table(AUDIT_LOG)?).map_err(|r| r.0))
+            .map_err(internal)?;
+        let Some(last) = last else { return Ok(None) };
+        if covers_all_before_it(&last) {
+            return Ok(Some(last));
+        }
+        let head = Head::of(&last);
         let digest = ring::digest::digest(&ring::digest::SHA256, &checkpoint_statement(&head));
         let signature = self
             .hsm
@@ -219,22 +233,17 @@ impl AuditLog {
             .write(move |txn| {
                 let mut table = txn.open_table(AUDIT_LOG)?;
                 let mut chain = resume(&table)?;
-                let record = chain
-                    .checkpoint_record(
-                        &Head {
-                            seq: head.seq,
-                            hash: head.hash.clone(),
-                        },
-                        &key_id,
-                        &signature,
-                        now_ms,
-                    )
-                    .map_err(|e| Rollback(StoreError::Invalid(format!("audit checkpoint: {e}"))))?;
+                // Refused here: nothing written, the batch goes on (Ok(Err(..))).
+                let record = match chain.checkpoint_record(&head, &key_id, &signature, now_ms) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                };
                 table.insert(record.seq, record.to_json_line().as_bytes())?;
-                Ok(record)
+                Ok(Ok(record))
             })
             .await
-            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+            .map_err(internal)?
+            .map_err(|e| Error::Internal(format!("audit checkpoint: {e}")))?;
         self.since_checkpoint.store(0, Ordering::Relaxed);
         tracing::debug!(head = appended, "audit checkpoint signed");
         Ok(Some(record))
@@ -271,8 +280,31 @@ impl AuditLog {
     }
 }
 
-fn resume_read(table: &redb::ReadOnlyTable<u64, &[u8]>) -> std::result::Result<Chain, StoreError> {
-    resume(table).map_err(|r| r.0)
+/// The last stored record, checked against its own hash (`None`: empty log).
+fn last_record<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> std::result::Result<Option<AuditRecord>, Rollback> {
+    let Some((_, v)) = table.last()? else {
+        return Ok(None);
+    };
+    let corrupt = |e: String| Rollback(StoreError::Corrupt(format!("audit log head: {e}")));
+    let record = AuditRecord::from_json_line(std::str::from_utf8(v.value()).unwrap_or(""))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if !record.hash_matches() {
+        return Err(corrupt(format!(
+            "record {} does not match its hash",
+            record.seq
+        )));
+    }
+    Ok(Some(record))
+}
+
+/// True when `record` is a checkpoint over the record right before it: everything up to
+/// and including it is vouched for, so another checkpoint would add nothing.
+fn covers_all_before_it(record: &AuditRecord) -> bool {
+    record.is_checkpoint()
+        && CheckpointClaim::parse(record)
+            .is_ok_and(|c| c.head.seq.checked_add(1) == Some(record.seq))
 }
 
 /// `CKA_EC_POINT` is a DER OCTET STRING around the uncompressed point; unwrap it.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::plan::{self, Context, ExistingKey};
 use super::*;
 use crate::auth::Role;
-use crate::signing::KeyOrigin;
+use crate::signing::{KeyOrigin, KeyState};
 use crate::testing::DevEnv;
 
 const EXAMPLE: &str = include_str!("../../../ceremonies/example-root-and-assertion.toml");

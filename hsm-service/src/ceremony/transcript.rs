@@ -125,18 +125,7 @@ pub struct StateChange {
     pub to: String,
 }
 
-/// What a `rotate-seed-master-key` step did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeedRotation {
-    /// Token label of the master key new enrolments used before.
-    pub old_key_label: String,
-    /// Token label of the new master key.
-    pub new_key_label: String,
-    /// Credentials whose seed was re-wrapped under the new key.
-    pub rewrapped: u64,
-    /// Credentials already under the new key (an earlier, interrupted rotation).
-    pub already_rewrapped: u64,
-}
+pub use crate::credentials::rotation::SeedRotation;
 
 /// What a `backup` step wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,7 +355,13 @@ impl Transcript {
     }
 
     /// Step `i` wrote backup file `file` (`sha256` of its text).
-    pub fn backup_written(&mut self, i: usize, file: &str, b: &super::BackupFile, sha256: &str) {
+    pub fn backup_written(
+        &mut self,
+        i: usize,
+        file: &str,
+        b: &super::backup_file::BackupFile,
+        sha256: &str,
+    ) {
         if let Some(s) = self.steps.get_mut(i) {
             s.backup = Some(BackupWritten {
                 file: file.to_owned(),

@@ -18,6 +18,7 @@
 //! does not exist.
 
 pub mod policy;
+pub mod rotation;
 #[cfg(test)]
 mod tests;
 
@@ -34,7 +35,8 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
 use crate::store::{
-    CredentialKey, CredentialRecord, CredentialStore, Effects, EvidenceRecord, StoreError, Update,
+    CredentialKey, CredentialRecord, CredentialStore, Effects, EmbeddedStore, EvidenceRecord,
+    StoreError, Update,
 };
 pub use policy::{Outcome, Policy, Verdict};
 
@@ -591,6 +593,18 @@ impl<S: CredentialStore> Credentials<S> {
             .chunks_exact(len)
             .map(|mac| otp::truncate(mac, digits))
             .collect())
+    }
+}
+
+impl Credentials<EmbeddedStore> {
+    /// The seed master key rotation of this service (the `rotate-seed-master-key`
+    /// ceremony step runs it): it moves [`Credentials::master_key_version`] on.
+    pub fn seed_rotator(&self) -> rotation::SeedRotator {
+        rotation::SeedRotator::new(
+            self.hsm.clone(),
+            self.store.clone(),
+            self.master_key_version.clone(),
+        )
     }
 }
 

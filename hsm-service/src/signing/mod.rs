@@ -4,12 +4,19 @@
 //! The building blocks are pure: the private keys never leave the HSM, so signing is
 //! two-phase. Build a [`SigningInput`] (or hand out [`Algorithm::digest`]), let
 //! the HSM module sign it, then [`SigningInput::finish`] with the signature.
-//! [`Signer`] (in `service`) puts them together with the HSM and the store.
+//! [`Signer`] (in `signer`) puts them together with the HSM and the store, one file
+//! per operation family: `lifecycle`, `self_test`, `assertion`, `raw`, `jwks`, `certs`.
 
+mod assertion;
+mod certs;
 mod ecdsa;
+mod jwks;
 mod jws;
+mod lifecycle;
 mod public_key;
-mod service;
+mod raw;
+mod self_test;
+mod signer;
 pub mod versions;
 
 #[cfg(test)]
@@ -17,14 +24,14 @@ pub(crate) mod tests;
 
 use std::{fmt, str::FromStr};
 
+pub use assertion::{AssertionRequest, SignedAssertion, EXPIRY_MARK_STEP};
+pub use certs::CertificateRequest;
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use public_key::{jwk, jwks, thumbprint, PublicKey};
-pub use service::{
-    AssertionRequest, CertificateRequest, Grant, KeyRef, RawSignature, SelfTest, SignInput,
-    SignatureEncoding, SignedAssertion, Signer, EXPIRY_MARK_STEP, MAX_MESSAGE_LEN,
-    SELF_TEST_PREFIX,
-};
+pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN};
+pub use self_test::{SelfTest, SELF_TEST_PREFIX};
+pub use signer::{Grant, KeyRef, Signer};
 pub use versions::{KeyOrigin, KeyState, KeyVersion};
 
 /// What a key name may look like (said in error messages).

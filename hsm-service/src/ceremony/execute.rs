@@ -1,0 +1,223 @@
+//! Executing a ceremony: the checks before anything runs, the atomic claim, the steps
+//! in order (see [`super::steps`]), and the final record and transcript files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::plan::{self, Plan};
+use super::quorum::counting_officers;
+use super::record::{self, CeremonyRecord, CeremonyState, Change};
+use super::steps::Run;
+use super::{officer_of, parse_id, store_err, Ceremonies, Execution, Transcript};
+use crate::auth::Identity;
+use crate::error::{Error, Result};
+
+impl Ceremonies {
+    /// Execute ceremony `id`: only with `threshold` distinct officers' unexpired
+    /// approvals, only once. Validation runs again first, before the HSM is touched.
+    /// A failing step ends the ceremony (state `failed`); the transcript is written and
+    /// returned either way.
+    pub async fn execute(&self, actor: &Identity, id: &str) -> Result<Execution> {
+        let r = self.execute_inner(actor, id).await;
+        match &r {
+            Ok(x) => self.event(
+                actor,
+                "ceremony.execute",
+                &x.view.record.id,
+                x.view.record.state.as_str(),
+                &json!({ "failure": x.view.record.failure }),
+            ),
+            Err(e) => {
+                self.event(
+                    actor,
+                    "ceremony.execute",
+                    id,
+                    "refused",
+                    &json!({ "reason": e.to_string() }),
+                );
+            }
+        }
+        r
+    }
+
+    async fn execute_inner(&self, actor: &Identity, id: &str) -> Result<Execution> {
+        let id = parse_id(id)?;
+        self.require_officer(actor)?;
+        let _one = self.executing.lock().await;
+        let rec = self.load(&id)?;
+        let now = self.clock.now();
+        let parsed = self.check_runnable(&rec, now)?;
+        let (json_path, text_path) = self.prepare_transcript_files(&id)?;
+        let mut rec = self.claim(actor, &id, now).await?;
+        let kek_shares = self.take_shares(&rec, now);
+        self.event(
+            actor,
+            "ceremony.execute",
+            &id,
+            "started",
+            &json!({ "steps": parsed.steps.len() }),
+        );
+        let mut run = Run {
+            actor,
+            id: &id,
+            kek_shares: &kek_shares,
+            plan_keys: HashMap::new(),
+            created: Vec::new(),
+            t: Transcript::start(&rec, &parsed, now),
+        };
+        rec.failure = self.run_steps(&mut run, &parsed).await.unwrap_or_default();
+        rec.state = if rec.failure.is_empty() {
+            CeremonyState::Succeeded
+        } else {
+            CeremonyState::Failed
+        };
+        let Run { mut t, created, .. } = run;
+        t.finish(&rec, self.clock.now());
+        let transcript_json = t.to_json()?;
+        let transcript_text = t.to_text();
+        rec.transcript_json = transcript_json.clone();
+        self.store_outcome(&rec, created).await?;
+        write_new(&json_path, transcript_json.as_bytes())?;
+        write_new(&text_path, transcript_text.as_bytes())?;
+        Ok(Execution {
+            view: self.view(rec)?,
+            transcript: t,
+            transcript_json,
+            transcript_text,
+        })
+    }
+
+    /// Everything that must hold before a ceremony is claimed: still proposed, its
+    /// quorum, its plan valid against the keys now, the shares its restores need.
+    fn check_runnable(&self, rec: &CeremonyRecord, now: u64) -> Result<Plan> {
+        if rec.state != CeremonyState::Proposed {
+            return Err(Error::FailedPrecondition(format!(
+                "ceremony {} is {}; a ceremony runs once",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        if let Some(p) = self.quorum_problem(rec, now) {
+            return Err(Error::FailedPrecondition(p));
+        }
+        let parsed = plan::from_canonical(&rec.canonical_plan)?;
+        plan::validate(&parsed, &self.context()?)?;
+        let sources = self.restore_sources(&parsed)?;
+        if let Some(p) = self.shares_problem(rec, &sources, now) {
+            return Err(Error::FailedPrecondition(p));
+        }
+        Ok(parsed)
+    }
+
+    /// The transcript file paths, checked not to exist, with their directory made.
+    fn prepare_transcript_files(&self, id: &str) -> Result<(PathBuf, PathBuf)> {
+        let (json_path, text_path) = self.transcript_paths(id);
+        for p in [&json_path, &text_path] {
+            if p.exists() {
+                return Err(Error::FailedPrecondition(format!(
+                    "transcript {} exists already; refusing to overwrite it",
+                    p.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&self.transcript_dir).map_err(|e| {
+            Error::Internal(format!(
+                "transcript directory {}: {e}",
+                self.transcript_dir.display()
+            ))
+        })?;
+        Ok((json_path, text_path))
+    }
+
+    /// Claim the ceremony atomically: state and quorum checked again in the write, the
+    /// state set to `executing`.
+    async fn claim(&self, actor: &Identity, id: &str, now: u64) -> Result<CeremonyRecord> {
+        let executor = officer_of(actor);
+        let ttl = self.config.approval_ttl_seconds;
+        let need = self.config.threshold as usize;
+        let officers = self.config.officers.clone();
+        let key = id.to_owned();
+        let claimed = self
+            .store
+            .write(move |txn| {
+                record::update(txn, &key, |current| match current {
+                    Some(mut rec) if rec.state == CeremonyState::Proposed => {
+                        if counting_officers(&officers, ttl, &rec, now).len() < need {
+                            return Change::Keep(None);
+                        }
+                        rec.state = CeremonyState::Executing;
+                        rec.executed_by = Some(executor);
+                        rec.executed_at = now;
+                        Change::Write(Box::new(rec.clone()), Some(Box::new(rec)))
+                    }
+                    _ => Change::Keep(None),
+                })
+            })
+            .await
+            .map_err(store_err)?;
+        claimed.map(|b| *b).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "ceremony {id} changed while it was being claimed; it was not executed"
+            ))
+        })
+    }
+
+    /// Run the steps in order until one fails; `Some(why)` names the failed step.
+    async fn run_steps(&self, run: &mut Run<'_>, parsed: &Plan) -> Option<String> {
+        for (i, step) in parsed.steps.iter().enumerate() {
+            let index = run.t.begin_step(i, step);
+            match self.run_step(run, i, step).await {
+                Ok(()) => {
+                    run.t.end_step(index, None);
+                    self.event(
+                        run.actor,
+                        "ceremony.step",
+                        run.id,
+                        "ok",
+                        &json!({ "step": i + 1, "kind": step.kind(), "summary": step.summary() }),
+                    );
+                }
+                Err(e) => {
+                    run.t.end_step(index, Some(e.to_string()));
+                    self.event(
+                        run.actor,
+                        "ceremony.step",
+                        run.id,
+                        "failed",
+                        &json!({ "step": i + 1, "kind": step.kind(), "error": e.to_string() }),
+                    );
+                    return Some(format!("step {} ({}) failed: {e}", i + 1, step.kind()));
+                }
+            }
+        }
+        None
+    }
+
+    /// The final record and the index of the keys the ceremony created, in one write.
+    async fn store_outcome(&self, rec: &CeremonyRecord, created: Vec<(String, u32)>) -> Result<()> {
+        let final_rec = rec.clone();
+        let key = rec.id.clone();
+        self.store
+            .write(move |txn| {
+                record::put_key_origins(txn, &key, &created)?;
+                record::update(txn, &key, |_| Change::Write(Box::new(final_rec), ()))
+            })
+            .await
+            .map_err(store_err)
+    }
+}
+
+/// Write a new file; never overwrite one.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::Internal(format!("transcript {}: {e}", path.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::Internal(format!("transcript {}: {e}", path.display())))
+}

@@ -1,0 +1,201 @@
+//! The quorum: who is an officer, which approvals count, and recording an approval.
+//!
+//! An officer-set entry is one person: approvals from two certificates that match the
+//! same entry count once. An approval counts while it is unexpired and its certificate
+//! still matches an entry.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+
+use super::record::{self, Approval, CeremonyRecord, CeremonyState, Change};
+use super::{officer_of, parse_id, store_err, Ceremonies, CeremonyView};
+use crate::auth::Identity;
+use crate::config::OfficerRule;
+use crate::error::{Error, Result};
+
+/// Index of the officer-set entry that a certificate (`subject`, `fingerprint`) matches.
+pub(super) fn officer_index(
+    officers: &[OfficerRule],
+    subject: &str,
+    fingerprint: &str,
+) -> Option<usize> {
+    officers.iter().position(|o| {
+        o.cn.as_deref()
+            .is_some_and(|cn| !subject.is_empty() && cn == subject)
+            || o.fingerprint
+                .as_deref()
+                .is_some_and(|fp| fp.eq_ignore_ascii_case(fingerprint))
+    })
+}
+
+/// The approvals of `rec` that count at `now` (unexpired after `ttl` seconds, of an
+/// officer of the set), with the index of that officer's entry.
+pub(super) fn counting_approvals<'a>(
+    officers: &'a [OfficerRule],
+    ttl: u64,
+    rec: &'a CeremonyRecord,
+    now: u64,
+) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
+    rec.approvals
+        .iter()
+        .filter(move |a| now < a.approved_at.saturating_add(ttl))
+        .filter_map(|a| {
+            officer_index(officers, &a.officer.subject, &a.officer.fingerprint).map(|i| (i, a))
+        })
+}
+
+/// Distinct officer-set entries whose approvals of `rec` count at `now`.
+pub(super) fn counting_officers(
+    officers: &[OfficerRule],
+    ttl: u64,
+    rec: &CeremonyRecord,
+    now: u64,
+) -> BTreeSet<usize> {
+    counting_approvals(officers, ttl, rec, now)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+impl Ceremonies {
+    pub(super) fn require_officer(&self, actor: &Identity) -> Result<usize> {
+        if self.config.officers.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "key ceremonies are not configured ([ceremony] has no officer)".into(),
+            ));
+        }
+        officer_index(&self.config.officers, &actor.subject, &actor.fingerprint).ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "certificate {:?} is not in the ceremony officer set",
+                actor.subject
+            ))
+        })
+    }
+
+    /// The approvals of `rec` that count at `now`, with their officer's entry.
+    pub(super) fn counting_approvals<'a>(
+        &'a self,
+        rec: &'a CeremonyRecord,
+        now: u64,
+    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
+        counting_approvals(
+            &self.config.officers,
+            self.config.approval_ttl_seconds,
+            rec,
+            now,
+        )
+    }
+
+    /// Distinct officers whose approvals count at `now`.
+    pub(super) fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
+        counting_officers(
+            &self.config.officers,
+            self.config.approval_ttl_seconds,
+            rec,
+            now,
+        )
+    }
+
+    /// Why `rec` cannot run at `now` for lack of approvals (None: it has its quorum).
+    pub(super) fn quorum_problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
+        let valid = self.valid_officers(rec, now).len();
+        let need = self.config.threshold as usize;
+        (valid < need).then(|| {
+            format!(
+                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
+                 (approvals expire after {} seconds)",
+                rec.id, self.config.approval_ttl_seconds
+            )
+        })
+    }
+
+    /// Record the caller's approval of ceremony `id`. Approving again replaces the
+    /// earlier approval (it still counts once). `kek_share`, the text of the officer's
+    /// backup KEK share file, is for a ceremony with a `restore` step: it must be a share
+    /// of the KEK its backup file names, and is held in memory only (replacing an
+    /// earlier share of the same officer).
+    pub async fn approve(
+        &self,
+        actor: &Identity,
+        id: &str,
+        kek_share: Option<&str>,
+    ) -> Result<CeremonyView> {
+        let r = self.approve_inner(actor, id, kek_share).await;
+        match &r {
+            Ok(v) => self.event(
+                actor,
+                "ceremony.approve",
+                &v.record.id,
+                "ok",
+                &json!({
+                    "valid_approvals": v.valid_approvals,
+                    "threshold": v.threshold,
+                    "kek_share_given": kek_share.is_some(),
+                    "kek_shares_held": v.kek_shares_held,
+                }),
+            ),
+            Err(e) => {
+                self.event(
+                    actor,
+                    "ceremony.approve",
+                    id,
+                    "refused",
+                    &json!({ "reason": e.to_string() }),
+                );
+            }
+        }
+        r
+    }
+
+    async fn approve_inner(
+        &self,
+        actor: &Identity,
+        id: &str,
+        kek_share: Option<&str>,
+    ) -> Result<CeremonyView> {
+        let id = parse_id(id)?;
+        self.require_officer(actor)?;
+        let share = match kek_share {
+            None => None,
+            Some(text) => Some(self.check_share(&id, text)?),
+        };
+        let officer = officer_of(actor);
+        let fingerprint = officer.fingerprint.clone();
+        let now = self.clock.now();
+        let key = id.clone();
+        let outcome = self
+            .store
+            .write(move |txn| {
+                record::update(txn, &key, |current| match current {
+                    None => Change::Keep(Err(None)),
+                    Some(rec) if rec.state != CeremonyState::Proposed => {
+                        Change::Keep(Err(Some(rec.state)))
+                    }
+                    Some(mut rec) => {
+                        rec.approvals
+                            .retain(|a| a.officer.fingerprint != officer.fingerprint);
+                        rec.approvals.push(Approval {
+                            officer,
+                            approved_at: now,
+                        });
+                        Change::Write(Box::new(rec.clone()), Ok(Box::new(rec)))
+                    }
+                })
+            })
+            .await
+            .map_err(store_err)?;
+        match outcome {
+            Ok(rec) => {
+                if let Some(share) = share {
+                    self.hold_share(&id, fingerprint, share);
+                }
+                self.view(*rec)
+            }
+            Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),
+            Err(Some(state)) => Err(Error::FailedPrecondition(format!(
+                "ceremony {id} is {}; only a proposed ceremony can be approved",
+                state.as_str()
+            ))),
+        }
+    }
+}

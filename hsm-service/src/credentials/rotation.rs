@@ -1,0 +1,182 @@
+//! Seed master key rotation: a new master key on the token, every stored seed re-wrapped
+//! under it inside the HSM, new enrolments pointed at it. The `rotate-seed-master-key`
+//! ceremony step runs it (a quorum decides when); the credential domain owns it because
+//! it rewrites credential records.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{store_error, MASTER_KEY_VERSION_META};
+use crate::error::{Error, Result};
+use crate::hsm::seeds::master_key_label;
+use crate::hsm::Hsm;
+use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+
+/// What a rotation did (it goes into the ceremony transcript as is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedRotation {
+    /// Token label of the master key new enrolments used before.
+    pub old_key_label: String,
+    /// Token label of the new master key.
+    pub new_key_label: String,
+    /// Credentials whose seed was re-wrapped under the new key.
+    pub rewrapped: u64,
+    /// Credentials already under the new key (an earlier, interrupted rotation).
+    pub already_rewrapped: u64,
+}
+
+/// Rotates the seed master key of one credential service: shares its current version
+/// (see [`super::Credentials::master_key_version`]) and its store.
+#[derive(Clone)]
+pub struct SeedRotator {
+    hsm: Hsm,
+    store: Arc<EmbeddedStore>,
+    version: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for SeedRotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeedRotator")
+            .field("version", &self.version.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SeedRotator {
+    /// A rotator over `store`, moving `version` on.
+    pub fn new(hsm: Hsm, store: Arc<EmbeddedStore>, version: Arc<AtomicU32>) -> SeedRotator {
+        SeedRotator {
+            hsm,
+            store,
+            version,
+        }
+    }
+
+    /// Create seed master key N+1, point new enrolments at it, re-wrap every stored
+    /// seed under it inside the HSM, `batch` per job, and record N+1 as the store's
+    /// master key version. Each record is updated with a compare (its blob and version
+    /// unchanged), so a credential changed meanwhile is re-read and done again, and a
+    /// deleted one is skipped. Resumable: records already under N+1 are left alone.
+    pub async fn rotate(&self, batch: usize) -> Result<SeedRotation> {
+        let old = self.version.load(Ordering::SeqCst);
+        let new = old
+            .checked_add(1)
+            .ok_or_else(|| Error::Internal("seed master key version overflow".into()))?;
+        self.hsm.ensure_seed_master_key(new).await?;
+        // From now on new enrolments wrap under the new key; a rotation that fails
+        // half-way leaves records under either key, both kept and both usable.
+        self.version.store(new, Ordering::SeqCst);
+        tracing::info!(
+            old = %master_key_label(old),
+            new = %master_key_label(new),
+            "seed master key rotation started"
+        );
+        let mut rewrapped = 0u64;
+        let mut already = 0u64;
+        // Two passes: the second catches an enrolment that read the old version just
+        // before the switch and was stored behind the first pass's cursor.
+        for pass in 0..2 {
+            let mut after: Option<crate::store::CredentialKey> = None;
+            loop {
+                // Every tenant's records, in (tenant, id) order.
+                let page = self
+                    .store
+                    .list(None, after.as_ref(), batch.max(1))
+                    .await
+                    .map_err(store_error)?;
+                let Some(last) = page.last() else {
+                    break;
+                };
+                after = Some(crate::store::CredentialKey {
+                    tenant: last.tenant.clone(),
+                    id: last.id.clone(),
+                });
+                let (done, todo): (Vec<_>, Vec<_>) =
+                    page.into_iter().partition(|r| r.master_key_version == new);
+                if pass == 0 {
+                    already += done.len() as u64;
+                }
+                rewrapped += self.rewrap_batch(new, todo).await?;
+            }
+        }
+        self.store
+            .put_meta(MASTER_KEY_VERSION_META, new.to_be_bytes().to_vec())
+            .await
+            .map_err(store_error)?;
+        tracing::info!(
+            old = %master_key_label(old),
+            new = %master_key_label(new),
+            rewrapped,
+            "seed master key rotated; the old key is kept"
+        );
+        Ok(SeedRotation {
+            old_key_label: master_key_label(old),
+            new_key_label: master_key_label(new),
+            rewrapped,
+            already_rewrapped: already,
+        })
+    }
+
+    /// Re-wrap `records` (none of them under `new`) and store each with a compare;
+    /// a record changed meanwhile is re-read and redone (a few rounds at most).
+    async fn rewrap_batch(&self, new: u32, mut records: Vec<CredentialRecord>) -> Result<u64> {
+        const ROUNDS: usize = 5;
+        let mut count = 0u64;
+        for _ in 0..ROUNDS {
+            if records.is_empty() {
+                return Ok(count);
+            }
+            let mut redo = Vec::new();
+            // Grouped by the version each is wrapped under (normally all the old one).
+            let mut by_version: BTreeMap<u32, Vec<CredentialRecord>> = BTreeMap::new();
+            for r in records.drain(..) {
+                by_version.entry(r.master_key_version).or_default().push(r);
+            }
+            for (from, recs) in by_version {
+                let blobs: Vec<Arc<[u8]>> = recs
+                    .iter()
+                    .map(|r| Arc::from(r.wrapped_seed.as_slice()))
+                    .collect();
+                let rewrapped = self.hsm.rewrap_seeds(from, new, blobs).await?;
+                for (rec, blob) in recs.into_iter().zip(rewrapped) {
+                    let expect = rec.wrapped_seed.clone();
+                    let stored = self
+                        .store
+                        .update(&rec.tenant, &rec.id, move |r| {
+                            if r.master_key_version != from || r.wrapped_seed != expect {
+                                return Update::Keep(false);
+                            }
+                            r.wrapped_seed = blob;
+                            r.master_key_version = new;
+                            Update::Write(true)
+                        })
+                        .await;
+                    match stored {
+                        Ok(true) => count += 1,
+                        Ok(false) => {
+                            if let Some(now) = self.store.get(&rec.tenant, &rec.id).await.map_err(store_error)? {
+                                if now.master_key_version != new {
+                                    redo.push(now);
+                                }
+                            }
+                        }
+                        Err(StoreError::NotFound) => {}
+                        Err(e) => return Err(store_error(e)),
+                    }
+                }
+            }
+            records = redo;
+        }
+        if records.is_empty() {
+            Ok(count)
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "{} credential(s) kept changing during the re-wrap; run the rotation again",
+                records.len()
+            )))
+        }
+    }
+}

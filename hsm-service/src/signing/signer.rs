@@ -1,0 +1,297 @@
+//! [`Signer`]: named signing keys with versions in the HSM, and what every operation
+//! family shares (key records in memory, grants, HSM signing). The families are in
+//! their own files: `lifecycle` (generate, restore, state changes, destroy),
+//! `self_test`, `assertion`, `raw`, `jwks` and `certs`.
+//!
+//! The key records live in memory (loaded once at start) and in the store, written
+//! through before memory changes. Signing never searches the token (handles are cached
+//! by CKA_ID in `hsm`) and never waits for the store, except when an assertion would
+//! expire later than the durable `last_expiry` of its key (see `assertion`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use super::versions::{self, KeyState, KeyVersion};
+use super::{Algorithm, PublicKey, SigningError};
+use crate::common::Clock;
+use crate::config::SigningConfig;
+use crate::error::{Error, Result};
+use crate::hsm::{Hsm, KeyPairKind, PublicKeyAttributes, SignMechanism};
+use crate::pki;
+use crate::store::{EmbeddedStore, StoreError};
+
+/// What a caller's configuration lets it sign with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Key names; `None`: the configured default key only.
+    pub keys: Option<Vec<String>>,
+    /// `acr` values; `None`: every configured value.
+    pub acr: Option<Vec<String>>,
+}
+
+/// Names a key version: `version` 0 is the current one (the active version, else the
+/// newest one not destroyed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    /// Key name.
+    pub name: String,
+    /// Version, or 0 for the current one.
+    pub version: u32,
+}
+
+impl KeyRef {
+    /// A reference to `name`, version `version` (0: current).
+    pub fn new(name: impl Into<String>, version: u32) -> KeyRef {
+        KeyRef {
+            name: name.into(),
+            version,
+        }
+    }
+}
+
+/// Named, versioned signing keys in the HSM, and the signing done with them.
+pub struct Signer {
+    pub(super) hsm: Hsm,
+    pub(super) store: Arc<EmbeddedStore>,
+    pub(super) config: SigningConfig,
+    pub(super) keys: RwLock<BTreeMap<(String, u32), KeyVersion>>,
+    /// Serialises record writes, so that memory follows the store in order. Held only
+    /// for short steps: the signing path may wait for it to raise an expiry mark.
+    pub(super) writes: tokio::sync::Mutex<()>,
+    /// Serialises version creation (held across key generation, seconds for RSA).
+    pub(super) creations: tokio::sync::Mutex<()>,
+    pub(super) rng: ring::rand::SystemRandom,
+    pub(super) clock: Clock,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("versions", &self.read_keys().len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn store_err(e: StoreError) -> Error {
+    Error::Internal(format!("signing key store: {e}"))
+}
+
+pub(super) fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+impl From<SigningError> for Error {
+    fn from(e: SigningError) -> Error {
+        match e {
+            SigningError::InvalidArgument(m) => Error::InvalidArgument(m),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<pki::PkiError> for Error {
+    fn from(e: pki::PkiError) -> Error {
+        match e {
+            pki::PkiError::InvalidArgument(m) => Error::InvalidArgument(m),
+            pki::PkiError::Signing(s) => s.into(),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+pub(super) fn kind_of(alg: Algorithm) -> KeyPairKind {
+    match alg {
+        Algorithm::Es256 => KeyPairKind::EcP256,
+        Algorithm::Es384 => KeyPairKind::EcP384,
+        Algorithm::EdDsa => KeyPairKind::Ed25519,
+        Algorithm::Ps256 => KeyPairKind::Rsa3072,
+    }
+}
+
+pub(super) fn mechanism_of(alg: Algorithm) -> SignMechanism {
+    match alg {
+        Algorithm::Es256 | Algorithm::Es384 => SignMechanism::Ecdsa,
+        Algorithm::EdDsa => SignMechanism::Eddsa,
+        Algorithm::Ps256 => SignMechanism::RsaPssSha256,
+    }
+}
+
+pub(super) fn public_key_of(
+    attrs: &PublicKeyAttributes,
+) -> std::result::Result<PublicKey, SigningError> {
+    match attrs {
+        PublicKeyAttributes::Ec { ec_point } => PublicKey::from_ec_point(ec_point),
+        PublicKeyAttributes::Edwards { ec_point } => PublicKey::from_ed25519_point(ec_point),
+        PublicKeyAttributes::Rsa {
+            modulus,
+            public_exponent,
+        } => PublicKey::from_rsa_components(modulus, public_exponent),
+    }
+}
+
+impl Signer {
+    /// The token the keys live on.
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// Load the key records from the store. With `config.bootstrap_default_key`, create
+    /// the default key (ES256), publish and activate it when it has no version yet.
+    pub async fn open(
+        hsm: Hsm,
+        store: Arc<EmbeddedStore>,
+        config: SigningConfig,
+        clock: Clock,
+    ) -> Result<Signer> {
+        let loaded = store.read(versions::load_all).map_err(store_err)?;
+        let signer = Signer {
+            hsm,
+            store,
+            config,
+            keys: RwLock::new(
+                loaded
+                    .into_iter()
+                    .map(|k| ((k.name.clone(), k.version), k))
+                    .collect(),
+            ),
+            writes: tokio::sync::Mutex::new(()),
+            creations: tokio::sync::Mutex::new(()),
+            rng: ring::rand::SystemRandom::new(),
+            clock,
+        };
+        if signer.config.bootstrap_default_key {
+            let name = signer.config.default_key.clone();
+            if signer.list(Some(&name)).is_empty() {
+                let k = signer.create_version(&name, Algorithm::Es256).await?;
+                signer.publish(&name, k.version).await?;
+                signer.activate(&name, k.version).await?;
+                tracing::info!(key = %name, kid = %k.kid, "created the default assertion key (bootstrap)");
+            }
+        }
+        Ok(signer)
+    }
+
+    /// The configuration this signer runs with.
+    pub fn config(&self) -> &SigningConfig {
+        &self.config
+    }
+
+    pub(super) fn read_keys(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<(String, u32), KeyVersion>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// All versions (of `name`, when given), in name and version order.
+    pub fn list(&self, name: Option<&str>) -> Vec<KeyVersion> {
+        self.read_keys()
+            .values()
+            .filter(|k| name.is_none_or(|n| k.name == n))
+            .cloned()
+            .collect()
+    }
+
+    /// One version; `version` 0 is the current one.
+    pub fn get(&self, key: &KeyRef) -> Result<KeyVersion> {
+        let keys = self.read_keys();
+        let found = if key.version == 0 {
+            let versions: Vec<&KeyVersion> = keys
+                .range((key.name.clone(), 0)..=(key.name.clone(), u32::MAX))
+                .map(|(_, k)| k)
+                .filter(|k| k.state != KeyState::Destroyed)
+                .collect();
+            versions
+                .iter()
+                .find(|k| k.state == KeyState::Active)
+                .or(versions.last())
+                .map(|k| (*k).clone())
+        } else {
+            keys.get(&(key.name.clone(), key.version)).cloned()
+        };
+        found.ok_or_else(|| {
+            Error::NotFound(if key.version == 0 {
+                format!("no signing key named {:?}", key.name)
+            } else {
+                format!("no version {} of signing key {:?}", key.version, key.name)
+            })
+        })
+    }
+
+    pub(super) fn active(&self, name: &str) -> Option<KeyVersion> {
+        self.read_keys()
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .map(|(_, k)| k)
+            .find(|k| k.state == KeyState::Active)
+            .cloned()
+    }
+
+    /// Write `versions` through to the store, then to memory. Call with `writes` held.
+    pub(super) async fn put(&self, versions: Vec<KeyVersion>) -> Result<()> {
+        let copy = versions.clone();
+        self.store
+            .write(move |txn| versions::put_all(txn, &copy))
+            .await
+            .map_err(store_err)?;
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        for k in versions {
+            keys.insert((k.name.clone(), k.version), k);
+        }
+        Ok(())
+    }
+
+    /// The key `name` (empty: the default) for a caller with `grant`: refused when the
+    /// grant does not name it, unknown when no such key exists.
+    pub(super) fn granted(&self, grant: &Grant, name: &str) -> Result<String> {
+        let name = if name.is_empty() {
+            self.config.default_key.as_str()
+        } else {
+            name
+        };
+        let allowed = match &grant.keys {
+            Some(keys) => keys.iter().any(|k| k == name),
+            None => name == self.config.default_key,
+        };
+        if !allowed {
+            return Err(Error::PermissionDenied(format!(
+                "this client may not sign with key {name:?}"
+            )));
+        }
+        let exists = self
+            .read_keys()
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .next()
+            .is_some();
+        if !exists {
+            return Err(invalid(format!("key: no signing key named {name:?}")));
+        }
+        Ok(name.to_owned())
+    }
+
+    pub(super) fn signing_version(&self, name: &str) -> Result<KeyVersion> {
+        self.active(name).ok_or_else(|| {
+            Error::FailedPrecondition(format!("signing key {name:?} has no active version"))
+        })
+    }
+
+    pub(super) async fn hsm_sign(&self, k: &KeyVersion, message: &[u8]) -> Result<Vec<u8>> {
+        let input = match k.algorithm.digest(message) {
+            Some(digest) => digest,
+            None => message.to_vec(),
+        };
+        Ok(self
+            .hsm
+            .sign(&k.key_id, mechanism_of(k.algorithm), input)
+            .await?)
+    }
+
+    pub(super) fn usable(&self, key: &KeyRef) -> Result<KeyVersion> {
+        let k = self.get(key)?;
+        if k.state == KeyState::Destroyed {
+            return Err(Error::FailedPrecondition(format!(
+                "{} v{} is destroyed",
+                k.name, k.version
+            )));
+        }
+        Ok(k)
+    }
+}

@@ -1,0 +1,190 @@
+//! The audit trail under load, through the real client: checkpoints never fail anyone
+//! else's write, and the trail verifies afterwards.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hsm_client::proto as pb;
+use hsm_client::HsmClient;
+use hsm_service::otp::{self, Digits};
+use hsm_service::testing::DevEnv;
+
+/// HOTP code (SHA-1, 6 digits) of `seed` at `counter`.
+fn hotp(seed: &[u8], counter: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, seed);
+    let tag = ring::hmac::sign(&key, &otp::moving_factor(counter));
+    format!(
+        "{:06}",
+        otp::truncate(tag.as_ref(), Digits::new(6).expect("6"))
+    )
+}
+
+fn seed(i: usize) -> Vec<u8> {
+    format!("audit-load-seed-{i:04}").into_bytes()
+}
+
+async fn create_hotp(c: &HsmClient, id: &str, seed: &[u8]) {
+    c.credentials()
+        .create_credential(pb::CreateCredentialRequest {
+            credential_id: id.into(),
+            kind: pb::OtpKind::Hotp as i32,
+            algorithm: pb::HashAlgorithm::Sha1 as i32,
+            digits: 6,
+            seed: seed.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+}
+
+/// The whole trail as JSON Lines, and the service's checkpoint keys.
+async fn export(auditor: &HsmClient) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
+    let mut stream = auditor
+        .audit()
+        .export_audit(pb::ExportAuditRequest { from_seq: 1 })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        jsonl.extend_from_slice(&chunk.jsonl);
+    }
+    let keys = auditor
+        .audit()
+        .get_audit_keys(pb::GetAuditKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| (k.key_id, k.public_key))
+        .collect();
+    (jsonl, keys)
+}
+
+/// The shape of the report in issue 10: 3 clients call CheckpointAudit in a loop while 8
+/// clients verify codes. Before checkpoints were serialized, the second checkpoint over
+/// one head rolled back the whole group-commit batch and verifications got INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checkpoints_never_fail_a_verification() {
+    const VERIFIERS: usize = 8;
+    const CHECKPOINTERS: usize = 3;
+    const RUN: Duration = Duration::from_secs(3);
+
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let login = common::client(env.dir.path(), "login-service", addr).await;
+    for i in 0..VERIFIERS {
+        create_hotp(&login, &format!("load-{i}"), &seed(i)).await;
+    }
+
+    let deadline = Instant::now() + RUN;
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut verifiers = Vec::new();
+    for i in 0..VERIFIERS {
+        let c = common::client(env.dir.path(), "login-service", addr).await;
+        let failed = failed.clone();
+        verifiers.push(tokio::spawn(async move {
+            let (id, seed) = (format!("load-{i}"), seed(i));
+            let mut counter = 0u64;
+            while Instant::now() < deadline {
+                let answer = c
+                    .credentials()
+                    .verify_code(pb::VerifyCodeRequest {
+                        credential_id: id.clone(),
+                        code: hotp(&seed, counter),
+                    })
+                    .await;
+                match answer.map(|r| r.into_inner().result) {
+                    Ok(r) if r == pb::VerifyResult::Accepted as i32 => counter += 1,
+                    Ok(r) => panic!("{id} counter {counter}: verdict {r}, expected ACCEPTED"),
+                    Err(status) => {
+                        eprintln!("{id}: {status}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            counter
+        }));
+    }
+    let mut checkpointers = Vec::new();
+    for _ in 0..CHECKPOINTERS {
+        let c = common::client(env.dir.path(), "auditor", addr).await;
+        checkpointers.push(tokio::spawn(async move {
+            let mut heads = Vec::new();
+            while Instant::now() < deadline {
+                let r = c
+                    .audit()
+                    .checkpoint_audit(pb::CheckpointAuditRequest {})
+                    .await
+                    .expect("a checkpoint never fails")
+                    .into_inner();
+                heads.push((r.seq, r.head_seq));
+            }
+            heads
+        }));
+    }
+    let mut verified = 0;
+    for v in verifiers {
+        verified += v.await.expect("verifier");
+    }
+    let mut answers = Vec::new();
+    for c in checkpointers {
+        answers.extend(c.await.expect("checkpointer"));
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed verifications");
+    assert!(verified > 0 && !answers.is_empty(), "the load ran");
+    for (seq, head_seq) in &answers {
+        assert!(head_seq < seq, "checkpoint {seq} covers {head_seq}");
+    }
+
+    // Every answer names a checkpoint that is really in the trail, and the trail verifies.
+    let auditor = common::client(env.dir.path(), "auditor", addr).await;
+    let (jsonl, keys) = export(&auditor).await;
+    let report = hsm_service::audit::verify(jsonl.as_slice(), &keys);
+    assert!(report.is_ok(), "{report}");
+    let records: Vec<hsm_service::audit::AuditRecord> = std::str::from_utf8(&jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| hsm_service::audit::AuditRecord::from_json_line(l).expect("record"))
+        .collect();
+    for (seq, _) in &answers {
+        let r = &records[usize::try_from(*seq).expect("seq") - 1];
+        assert!(r.is_checkpoint(), "answer seq {seq} is not a checkpoint");
+    }
+    let verifications = records
+        .iter()
+        .filter(|r| r.action == "credential.verify")
+        .count() as u64;
+    assert_eq!(verifications, verified, "one record per verification");
+    server.shutdown().await.expect("shutdown");
+}
+
+/// A checkpoint over a head that has not moved is the existing checkpoint, not a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_over_an_unchanged_head_returns_the_existing_one() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let checkpoint = || async {
+        auditor
+            .audit()
+            .checkpoint_audit(pb::CheckpointAuditRequest {})
+            .await
+            .expect("checkpoint")
+            .into_inner()
+    };
+    let first = checkpoint().await;
+    let again = checkpoint().await;
+    assert_eq!((again.seq, again.head_seq), (first.seq, first.head_seq));
+    assert_eq!(first.head_seq + 1, first.seq);
+    let len_before = server.state().audit.len().expect("len");
+    checkpoint().await;
+    assert_eq!(server.state().audit.len().expect("len"), len_before);
+    server.shutdown().await.expect("shutdown");
+}
