@@ -157,7 +157,12 @@ impl SeedRotator {
                     match stored {
                         Ok(true) => count += 1,
                         Ok(false) => {
-                            if let Some(now) = self.store.get(&rec.tenant, &rec.id).await.map_err(store_error)? {
+                            if let Some(now) = self
+                                .store
+                                .get(&rec.tenant, &rec.id)
+                                .await
+                                .map_err(store_error)?
+                            {
                                 if now.master_key_version != new {
                                     redo.push(now);
                                 }
