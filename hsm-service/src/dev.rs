@@ -161,6 +161,8 @@ fn dev_config(
             key: "pki/server.key".into(),
             client_ca: "pki/ca.crt".into(),
             shutdown_grace_seconds: 10,
+            client_crls: Vec::new(),
+            limits: crate::config::TransportLimits::default(),
         },
         hsm: HsmConfig {
             module: module.to_owned(),
@@ -186,6 +188,7 @@ fn dev_config(
                 acr: None,
                 tenant: None,
                 unbound_assertions: false,
+                issuer_fingerprint: None,
             })
             .collect(),
         signing: crate::signing::dev_config(),

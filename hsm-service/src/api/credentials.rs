@@ -6,7 +6,6 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::State;
-use crate::audit::{Details, Event};
 use crate::auth::{authorize, Identity, Role};
 use crate::credentials::{Action, NewCredential, Outcome, Verdict};
 use crate::error::Error;
@@ -25,22 +24,6 @@ impl CredentialApi {
     /// A handler over the shared state.
     pub fn new(state: State) -> CredentialApi {
         CredentialApi { state }
-    }
-}
-
-impl CredentialApi {
-    /// Record a lifecycle change made by `caller` in the audit trail.
-    async fn record(
-        &self,
-        caller: &Identity,
-        action: &'static str,
-        id: &str,
-        details: Details,
-    ) -> Result<(), Status> {
-        let event =
-            Event::new(self.state.clock.now_ms(), caller.actor(), action, id).with_details(details);
-        self.state.audit.record(event).await?;
-        Ok(())
     }
 }
 
@@ -139,7 +122,8 @@ impl CredentialService for CredentialApi {
         let created = self
             .state
             .credentials
-            .create(
+            .create_by(
+                Some(&caller.actor()),
                 &caller.tenant,
                 NewCredential {
                     id: (!r.credential_id.is_empty()).then_some(r.credential_id),
@@ -156,17 +140,6 @@ impl CredentialService for CredentialApi {
                 },
             )
             .await?;
-        self.record(
-            &caller,
-            "credential.create",
-            &created.record.id,
-            Details::new()
-                .str("tenant", &created.record.tenant)
-                .str("kind", created.record.kind.uri_name())
-                .str("algorithm", created.record.algorithm.uri_name())
-                .bool("revealed", created.provisioning_uri.is_some()),
-        )
-        .await?;
         let now = self.state.clock.now();
         Ok(Response::new(pb::CreateCredentialResponse {
             credential: Some(to_proto(&created.record, now)),
@@ -295,20 +268,13 @@ impl CredentialService for CredentialApi {
         let rec = self
             .state
             .credentials
-            .update_state(&tenant, &request.get_ref().credential_id, action)
+            .update_state_by(
+                Some(&caller.actor()),
+                &tenant,
+                &request.get_ref().credential_id,
+                action,
+            )
             .await?;
-        let name = match action {
-            Action::Enable => "credential.enable",
-            Action::Disable => "credential.disable",
-            Action::Unlock => "credential.unlock",
-        };
-        self.record(
-            &caller,
-            name,
-            &rec.id,
-            Details::new().str("tenant", &tenant),
-        )
-        .await?;
         Ok(Response::new(to_proto(&rec, self.state.clock.now())))
     }
 
@@ -319,14 +285,10 @@ impl CredentialService for CredentialApi {
         let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
         let id = &request.get_ref().credential_id;
         let tenant = tenant_of(&caller, &request.get_ref().tenant)?;
-        self.state.credentials.delete(&tenant, id).await?;
-        self.record(
-            &caller,
-            "credential.delete",
-            id,
-            Details::new().str("tenant", &tenant),
-        )
-        .await?;
+        self.state
+            .credentials
+            .delete_by(Some(&caller.actor()), &tenant, id)
+            .await?;
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }
 }

@@ -17,6 +17,7 @@
 //! operation names the tenant: another tenant's id is answered exactly like an id that
 //! does not exist.
 
+mod audit;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::audit::log::AuditLog;
-use crate::audit::{Actor, Details, Event};
+use crate::audit::{Actor, Event};
 use crate::common::AuthMethod;
 pub use crate::common::Clock;
 use crate::error::{Error, Result};
@@ -181,8 +182,20 @@ impl<S: CredentialStore> Credentials<S> {
         &self.policy
     }
 
-    /// Enrol a credential for `tenant`.
+    /// Enrol a credential for `tenant` (recorded as done by the service; see
+    /// [`Credentials::create_by`]).
     pub async fn create(&self, tenant: &str, new: NewCredential) -> Result<Created> {
+        self.create_by(None, tenant, new).await
+    }
+
+    /// Enrol a credential of `tenant` for `actor`; with an audit log, the record is
+    /// written in the same commit as the credential.
+    pub async fn create_by(
+        &self,
+        actor: Option<&Actor>,
+        tenant: &str,
+        new: NewCredential,
+    ) -> Result<Created> {
         check_tenant(tenant)?;
         if let Some(subject) = &new.subject {
             check_subject(subject)?;
@@ -292,15 +305,20 @@ impl<S: CredentialStore> Credentials<S> {
             created_at: now,
             updated_at: now,
         };
-        self.store
-            .insert(record.clone())
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => {
-                    Error::AlreadyExists(format!("credential {:?} exists", record.id))
-                }
-                other => store_error(other),
-            })?;
+        let inserted = match self.audit_event(actor, "credential.create", &record.id) {
+            Some(event) => {
+                let event = audit::created_event(event, &record, provisioning_uri.is_some());
+                self.store.insert_audited(record.clone(), event).await
+            }
+            None => self.store.insert(record.clone()).await,
+        };
+        inserted.map_err(|e| match e {
+            StoreError::AlreadyExists => {
+                Error::AlreadyExists(format!("credential {:?} exists", record.id))
+            }
+            other => store_error(other),
+        })?;
+        self.audited();
         tracing::info!(tenant, credential = %record.id, kind = ?record.kind, "credential created");
         Ok(Created {
             record,
@@ -308,14 +326,17 @@ impl<S: CredentialStore> Credentials<S> {
         })
     }
 
-    /// Verify a code (no audit record; see [`Credentials::verify_by`]).
+    /// Verify a code of `tenant`'s credential (recorded as done by the service; see
+    /// [`Credentials::verify_by`]).
     pub async fn verify(&self, tenant: &str, id: &str, code: &str) -> Result<Outcome> {
         Ok(self.verify_by(None, tenant, id, code).await?.outcome)
     }
 
-    /// Verify a code of `tenant`'s credential for `actor`; with an audit log, the verdict
-    /// is recorded in the same commit as the state it leaves, and so is the evidence of
-    /// an accepted code when the credential has a subject.
+    /// Verify a code of `tenant`'s credential for `actor`. With an audit log every
+    /// attempt is recorded, once, before the answer: a decided verification in the same
+    /// commit as the state it leaves (and, for an accepted code of a credential with a
+    /// subject, as its evidence), any other end (unknown id, malformed code, locked,
+    /// disabled) in one audit-only write.
     pub async fn verify_by(
         &self,
         actor: Option<&Actor>,
@@ -323,6 +344,63 @@ impl<S: CredentialStore> Credentials<S> {
         id: &str,
         code: &str,
     ) -> Result<Verified> {
+        let event = self.audit_event(actor, "credential.verify", id);
+        match self.decide_verify(tenant, id, code, event.clone()).await {
+            Ok(verified) => {
+                self.audited();
+                let outcome = verified.outcome;
+                if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
+                    tracing::warn!(
+                        tenant,
+                        credential = id,
+                        "credential hard-locked after repeated failures"
+                    );
+                }
+                Ok(verified)
+            }
+            Err(stop) => Ok(Verified {
+                outcome: self.record_stop(event, tenant, stop).await?,
+                evidence_id: None,
+            }),
+        }
+    }
+
+    /// A fresh evidence id: 128 bits from the system RNG, 32 lower-case hex digits.
+    fn evidence_id(&self) -> Result<String> {
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&self.rng, &mut bytes)
+            .map_err(|_| Error::Internal("system RNG failed".into()))?;
+        Ok(crate::common::hex(&bytes))
+    }
+
+    /// The evidence an accepted code of `rec` at `now` leaves (`None` without a subject).
+    /// Drawn before the commit (the committer must not wait for an RNG), kept only if
+    /// the code is accepted.
+    fn evidence_of(&self, rec: &CredentialRecord, now: u64) -> Result<Option<EvidenceRecord>> {
+        let Some(subject) = &rec.subject else {
+            return Ok(None);
+        };
+        Ok(Some(EvidenceRecord {
+            id: self.evidence_id()?,
+            tenant: rec.tenant.clone(),
+            credential_id: rec.id.clone(),
+            subject: subject.clone(),
+            method: AuthMethod::Otp,
+            auth_time: now,
+            expires_at: now.saturating_add(self.evidence_ttl_seconds),
+            spent_at: None,
+        }))
+    }
+
+    /// The verification up to its decision, which commits with `event`'s record and,
+    /// when the code is accepted, the evidence.
+    async fn decide_verify(
+        &self,
+        tenant: &str,
+        id: &str,
+        code: &str,
+        event: Option<Event>,
+    ) -> std::result::Result<Verified, audit::Stop> {
         let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
@@ -330,35 +408,17 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(|_| invalid(format!("code must be exactly {} digits", digits.get())))?;
         let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
-            return Ok(Verified {
-                outcome: refused,
-                evidence_id: None,
-            });
+            return Err(audit::Stop::Gate(refused));
         }
         let window = policy::verify_window(&rec, now, &self.policy).map_err(otp_state)?;
         let codes = self.codes(&rec, window.clone(), digits).await?;
         let matched =
             ct_to_option(otp::find_match(submitted, &codes)).map(|i| window.start() + u64::from(i));
         let policy = self.policy.clone();
-        let seed = rec.wrapped_seed;
-        let audit = self.audit_event(actor, "credential.verify", id);
-        let audit_tenant = tenant.to_owned();
-        // Drawn before the commit (the committer must not wait for an RNG) and used
-        // only if the code is accepted.
-        let evidence = match rec.subject {
-            Some(subject) => Some(EvidenceRecord {
-                id: self.evidence_id()?,
-                tenant: tenant.to_owned(),
-                credential_id: id.to_owned(),
-                subject,
-                method: AuthMethod::Otp,
-                auth_time: now,
-                expires_at: now.saturating_add(self.evidence_ttl_seconds),
-                spent_at: None,
-            }),
-            None => None,
-        };
+        let evidence = self.evidence_of(&rec, now)?;
         let evidence_id = evidence.as_ref().map(|e| e.id.clone());
+        let audit_tenant = tenant.to_owned();
+        let seed = rec.wrapped_seed;
         let outcome = self
             .store
             .update_with(
@@ -377,41 +437,39 @@ impl<S: CredentialStore> Credentials<S> {
                 move |o: &Option<Outcome>| {
                     let accepted = o.is_some_and(|o| o.verdict == Verdict::Accepted);
                     let evidence = evidence.filter(|_| accepted);
+                    let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
                     Effects {
-                        audit: audit.zip(*o).map(|(event, o)| {
-                            let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
-                            verdict_event(event, &o, &audit_tenant, evidence_id)
-                        }),
+                        audit: decision_event(event, &audit_tenant, o.as_ref(), evidence_id),
                         evidence,
                     }
                 },
             )
             .await
             .map_err(|e| not_found_or(e, id))?
-            .ok_or_else(changed)?;
-        self.audited();
-        if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
-            tracing::warn!(
-                tenant,
-                credential = id,
-                "credential hard-locked after repeated failures"
-            );
-        }
+            .ok_or(audit::Stop::Recorded(changed()))?;
         Ok(Verified {
             outcome,
             evidence_id: evidence_id.filter(|_| outcome.verdict == Verdict::Accepted),
         })
     }
 
-    /// A fresh evidence id: 128 bits from the system RNG, 32 lower-case hex digits.
-    fn evidence_id(&self) -> Result<String> {
-        let mut bytes = [0u8; 16];
-        ring::rand::SecureRandom::fill(&self.rng, &mut bytes)
-            .map_err(|_| Error::Internal("system RNG failed".into()))?;
-        Ok(crate::common::hex(&bytes))
+    /// Record an attempt that `stop` ended before its decision (one audit-only write),
+    /// then answer it.
+    async fn record_stop(
+        &self,
+        event: Option<Event>,
+        tenant: &str,
+        stop: audit::Stop,
+    ) -> Result<Outcome> {
+        let (record, answer) = stop.into_record(event, tenant);
+        if let (Some(record), Some(log)) = (record, &self.audit) {
+            log.record(record).await?;
+        }
+        answer
     }
 
-    /// Resynchronise from two consecutive codes (no audit record).
+    /// Resynchronise `tenant`'s credential from two consecutive codes (recorded as done by
+    /// the service).
     pub async fn resync(
         &self,
         tenant: &str,
@@ -422,7 +480,7 @@ impl<S: CredentialStore> Credentials<S> {
         self.resync_by(None, tenant, id, code1, code2).await
     }
 
-    /// Resynchronise for `actor`, recorded like a verification.
+    /// Resynchronise `tenant`'s credential for `actor`, recorded like a verification.
     pub async fn resync_by(
         &self,
         actor: Option<&Actor>,
@@ -431,31 +489,76 @@ impl<S: CredentialStore> Credentials<S> {
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
-        let rec = self.get(tenant, id).await?;
+        let event = self.audit_event(actor, "credential.resync", id);
+        match self
+            .decide_resync(tenant, id, code1, code2, event.clone())
+            .await
+        {
+            Ok(result) => {
+                self.audited();
+                if result.0.verdict == Verdict::Accepted {
+                    tracing::info!(tenant, credential = id, "credential resynchronised");
+                }
+                Ok(result)
+            }
+            Err((stop, rec)) => {
+                let outcome = self.record_stop(event, tenant, stop).await?;
+                // A gate refusal answers with the record as read.
+                rec.map(|rec| (outcome, rec))
+                    .ok_or_else(|| Error::Internal("resync refused without a record".into()))
+            }
+        }
+    }
+
+    /// The resync up to its decision, which commits with `event`'s record. A stop carries
+    /// the record it read, when it got that far.
+    async fn decide_resync(
+        &self,
+        tenant: &str,
+        id: &str,
+        code1: &str,
+        code2: &str,
+        event: Option<Event>,
+    ) -> std::result::Result<(Outcome, CredentialRecord), (audit::Stop, Option<CredentialRecord>)>
+    {
+        let stop = |e: Error| (audit::Stop::Error(e), None);
+        let rec = self.get(tenant, id).await.map_err(stop)?;
         let digits = Digits::new(u32::from(rec.digits))
-            .map_err(|_| Error::Internal("stored digits out of range".into()))?;
-        let c1 = otp::parse_code(code1, digits)
-            .map_err(|_| invalid(format!("code1 must be exactly {} digits", digits.get())))?;
-        let c2 = otp::parse_code(code2, digits)
-            .map_err(|_| invalid(format!("code2 must be exactly {} digits", digits.get())))?;
+            .map_err(|_| stop(Error::Internal("stored digits out of range".into())))?;
+        let c1 = otp::parse_code(code1, digits).map_err(|_| {
+            stop(invalid(format!(
+                "code1 must be exactly {} digits",
+                digits.get()
+            )))
+        })?;
+        let c2 = otp::parse_code(code2, digits).map_err(|_| {
+            stop(invalid(format!(
+                "code2 must be exactly {} digits",
+                digits.get()
+            )))
+        })?;
         let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
-            return Ok((refused, rec));
+            return Err((audit::Stop::Gate(refused), Some(rec)));
         }
-        let window = policy::resync_window(&rec, now, &self.policy).map_err(otp_state)?;
+        let window =
+            policy::resync_window(&rec, now, &self.policy).map_err(|e| stop(otp_state(e)))?;
         let current_step = match rec.kind {
-            OtpKind::Totp => otp::totp_step(now, rec.t0, rec.period_seconds).map_err(otp_state)?,
+            OtpKind::Totp => {
+                otp::totp_step(now, rec.t0, rec.period_seconds).map_err(|e| stop(otp_state(e)))?
+            }
             OtpKind::Hotp => 0,
         };
-        let codes = self.codes(&rec, window.clone(), digits).await?;
+        let codes = self
+            .codes(&rec, window.clone(), digits)
+            .await
+            .map_err(stop)?;
         let matched = ct_to_option(otp::find_consecutive(c1, c2, &codes))
             .map(|i| window.start() + u64::from(i) + 1);
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
-        let audit = self.audit_event(actor, "credential.resync", id);
         let audit_tenant = tenant.to_owned();
-        let result = self
-            .store
+        self.store
             .update_audited(
                 tenant,
                 id,
@@ -472,19 +575,12 @@ impl<S: CredentialStore> Credentials<S> {
                     }
                 },
                 move |r: &Option<(Outcome, CredentialRecord)>| {
-                    audit
-                        .zip(r.as_ref())
-                        .map(|(event, (o, _))| verdict_event(event, o, &audit_tenant, None))
+                    decision_event(event, &audit_tenant, r.as_ref().map(|(o, _)| o), None)
                 },
             )
             .await
-            .map_err(|e| not_found_or(e, id))?
-            .ok_or_else(changed)?;
-        self.audited();
-        if result.0.verdict == Verdict::Accepted {
-            tracing::info!(tenant, credential = id, "credential resynchronised");
-        }
-        Ok(result)
+            .map_err(|e| stop(not_found_or(e, id)))?
+            .ok_or((audit::Stop::Recorded(changed()), None))
     }
 
     /// One credential of `tenant`.
@@ -514,9 +610,22 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(store_error)
     }
 
-    /// Enable, disable or unlock a credential of `tenant`.
+    /// Enable, disable or unlock `tenant`'s credential (recorded as done by the service;
+    /// see [`Credentials::update_state_by`]).
     pub async fn update_state(
         &self,
+        tenant: &str,
+        id: &str,
+        action: Action,
+    ) -> Result<CredentialRecord> {
+        self.update_state_by(None, tenant, id, action).await
+    }
+
+    /// Enable, disable or unlock `tenant`'s credential for `actor`, recorded in the same
+    /// commit as the change.
+    pub async fn update_state_by(
+        &self,
+        actor: Option<&Actor>,
         tenant: &str,
         id: &str,
         action: Action,
@@ -524,32 +633,55 @@ impl<S: CredentialStore> Credentials<S> {
         check_id(id)?;
         check_tenant(tenant)?;
         let now = self.clock.now();
+        let event = self.audit_event(actor, audit::state_action(action), id);
         let rec = self
             .store
-            .update(tenant, id, move |r| {
-                match action {
-                    Action::Enable => r.disabled = false,
-                    Action::Disable => r.disabled = true,
-                    Action::Unlock => {
-                        r.hard_locked = false;
-                        r.locked_until = 0;
-                        r.failures = 0;
+            .update_audited(
+                tenant,
+                id,
+                move |r| {
+                    match action {
+                        Action::Enable => r.disabled = false,
+                        Action::Disable => r.disabled = true,
+                        Action::Unlock => {
+                            r.hard_locked = false;
+                            r.locked_until = 0;
+                            r.failures = 0;
+                        }
                     }
-                }
-                r.updated_at = now;
-                Update::Write(r.clone())
-            })
+                    r.updated_at = now;
+                    Update::Write(r.clone())
+                },
+                move |r: &CredentialRecord| event.map(|e| audit::state_event(e, r)),
+            )
             .await
             .map_err(|e| not_found_or(e, id))?;
+        self.audited();
         tracing::info!(tenant, credential = id, ?action, "credential state changed");
         Ok(rec)
     }
 
-    /// Remove a credential of `tenant` (its wrapped seed goes with it).
+    /// Remove `tenant`'s credential (recorded as done by the service; see
+    /// [`Credentials::delete_by`]).
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
+        self.delete_by(None, tenant, id).await
+    }
+
+    /// Remove `tenant`'s credential for `actor` (its wrapped seed goes with it), recorded
+    /// in the same commit.
+    pub async fn delete_by(&self, actor: Option<&Actor>, tenant: &str, id: &str) -> Result<()> {
         check_id(id)?;
         check_tenant(tenant)?;
-        if self.store.delete(tenant, id).await.map_err(store_error)? {
+        let existed = match self.audit_event(actor, "credential.delete", id) {
+            Some(event) => {
+                let event = event.with_details(crate::audit::Details::new().str("tenant", tenant));
+                self.store.delete_audited(tenant, id, event).await
+            }
+            None => self.store.delete(tenant, id).await,
+        }
+        .map_err(store_error)?;
+        if existed {
+            self.audited();
             tracing::info!(tenant, credential = id, "credential deleted");
             Ok(())
         } else {
@@ -557,7 +689,8 @@ impl<S: CredentialStore> Credentials<S> {
         }
     }
 
-    /// The event a verification by `actor` will record, when there is an audit log.
+    /// The event a call by `actor` on credential `id` will record, when there is an audit
+    /// log (the builders in `audit` add the tenant to its details).
     fn audit_event(&self, actor: Option<&Actor>, action: &'static str, id: &str) -> Option<Event> {
         self.audit.as_ref()?;
         let actor = actor.cloned().unwrap_or_else(Actor::service);
@@ -630,33 +763,28 @@ pub async fn ensure_master_key<S: CredentialStore>(
         }
         hsm.ensure_seed_master_key(version).await?;
     }
+    if !hsm.seed_master_key_confined(version).await? {
+        tracing::warn!(
+            key = %label,
+            "the seed master key predates the unwrap template: the user PIN alone can unwrap its seeds as extractable; run the rotate-seed-master-key ceremony to move them under a key that has it"
+        );
+    }
     Ok(())
 }
 
-/// The verdict as an audit record: ACCEPTED is "ok", anything else "denied", with the
-/// tenant, the verdict, the lock state and the evidence id as details (never the code).
-fn verdict_event(event: Event, o: &Outcome, tenant: &str, evidence_id: Option<&str>) -> Event {
-    let name = match o.verdict {
-        Verdict::Accepted => "accepted",
-        Verdict::Rejected => "rejected",
-        Verdict::Replayed => "replayed",
-        Verdict::Locked => "locked",
-        Verdict::Disabled => "disabled",
-    };
-    let mut details = Details::new()
-        .str("tenant", tenant)
-        .str("result", name)
-        .u64("remaining_attempts", u64::from(o.remaining_attempts))
-        .u64("retry_after_seconds", u64::from(o.retry_after_seconds));
-    if let Some(id) = evidence_id {
-        details = details.str("evidence_id", id);
-    }
-    let event = event.with_details(details);
-    if o.verdict == Verdict::Accepted {
-        event
-    } else {
-        event.denied()
-    }
+/// The record of a decision made in the store update: the verdict, or (`None`) that the
+/// credential changed under the verification.
+fn decision_event(
+    event: Option<Event>,
+    tenant: &str,
+    o: Option<&Outcome>,
+    evidence_id: Option<&str>,
+) -> Option<Event> {
+    let event = event?;
+    Some(match o {
+        Some(o) => audit::verdict_event(event, tenant, o, evidence_id),
+        None => audit::changed_event(event, tenant),
+    })
 }
 
 fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {

@@ -155,6 +155,23 @@ pub trait CredentialStore: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// [`CredentialStore::insert`], plus `audit` in the same transaction when the insert
+    /// succeeds (nothing is recorded for an id its tenant already has).
+    fn insert_audited(
+        &self,
+        rec: CredentialRecord,
+        audit: crate::audit::Event,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// [`CredentialStore::delete`], plus `audit` in the same transaction when the record
+    /// existed.
+    fn delete_audited(
+        &self,
+        tenant: &str,
+        id: &str,
+        audit: crate::audit::Event,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Number of credentials of every tenant.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
