@@ -8,8 +8,9 @@
 //! order through [`Signer`], every generated key is checked, and a transcript
 //! ([`transcript`]) is written and returned whatever happens.
 //!
-//! Every proposal, approval, refusal, step and key state change goes through
-//! [`Ceremonies::event`], the one place to route them into the audit log.
+//! Every proposal, approval, refusal, step and key state change is audited ([`events`]):
+//! in the same store write as the change it describes, or durably before the ceremony
+//! goes on or the caller hears back.
 //!
 //! # Backups and restores
 //!

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use serde_json::json;
 
+use super::events::{CeremonyEvent, Who};
 use super::record::{self, Approval, CeremonyRecord, CeremonyState, Change};
 use super::{officer_of, parse_id, store_err, Ceremonies, CeremonyView};
 use crate::auth::Identity;
@@ -113,38 +114,18 @@ impl Ceremonies {
     /// earlier approval (it still counts once). `kek_share`, the text of the officer's
     /// backup KEK share file, is for a ceremony with a `restore` step: it must be a share
     /// of the KEK its backup file names, and is held in memory only (replacing an
-    /// earlier share of the same officer).
+    /// earlier share of the same officer). The approval and its audit record are one
+    /// write; a refusal is recorded before it is returned.
     pub async fn approve(
         &self,
         actor: &Identity,
         id: &str,
         kek_share: Option<&str>,
     ) -> Result<CeremonyView> {
-        let r = self.approve_inner(actor, id, kek_share).await;
-        match &r {
-            Ok(v) => self.event(
-                actor,
-                "ceremony.approve",
-                &v.record.id,
-                "ok",
-                &json!({
-                    "valid_approvals": v.valid_approvals,
-                    "threshold": v.threshold,
-                    "kek_share_given": kek_share.is_some(),
-                    "kek_shares_held": v.kek_shares_held,
-                }),
-            ),
-            Err(e) => {
-                self.event(
-                    actor,
-                    "ceremony.approve",
-                    id,
-                    "refused",
-                    &json!({ "reason": e.to_string() }),
-                );
-            }
+        match self.approve_inner(actor, id, kek_share).await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.refuse(actor, "ceremony.approve", id, e).await),
         }
-        r
     }
 
     async fn approve_inner(
@@ -161,12 +142,28 @@ impl Ceremonies {
         };
         let officer = officer_of(actor);
         let fingerprint = officer.fingerprint.clone();
+        // Officers whose shares will be held once this approval is in.
+        let mut with_shares = self.share_holders(&id);
+        if share.is_some() {
+            with_shares.insert(fingerprint.clone());
+        }
         let now = self.clock.now();
-        let key = id.clone();
+        let (key, trail, who, now_ms) = (
+            id.clone(),
+            self.trail(),
+            Who::of(actor),
+            self.clock.now_ms(),
+        );
+        let (officers, ttl, threshold) = (
+            self.config.officers.clone(),
+            self.config.approval_ttl_seconds,
+            self.config.threshold,
+        );
+        let given = share.is_some();
         let outcome = self
             .store
             .write(move |txn| {
-                record::update(txn, &key, |current| match current {
+                let outcome = record::update(txn, &key, |current| match current {
                     None => Change::Keep(Err(None)),
                     Some(rec) if rec.state != CeremonyState::Proposed => {
                         Change::Keep(Err(Some(rec.state)))
@@ -178,17 +175,46 @@ impl Ceremonies {
                             officer,
                             approved_at: now,
                         });
-                        Change::Write(Box::new(rec.clone()), Ok(Box::new(rec)))
+                        Change::Write(Box::new(rec.clone()), Ok(rec))
                     }
-                })
+                })?;
+                let rec = match outcome {
+                    Ok(rec) => rec,
+                    Err(refused) => return Ok(Err(refused)),
+                };
+                let (valid, held) = {
+                    let counting: Vec<_> = counting_approvals(&officers, ttl, &rec, now).collect();
+                    let valid: BTreeSet<usize> = counting.iter().map(|(i, _)| *i).collect();
+                    let held = counting
+                        .iter()
+                        .filter(|(_, a)| with_shares.contains(&a.officer.fingerprint))
+                        .count();
+                    (valid.len(), held)
+                };
+                let event = CeremonyEvent::new(
+                    now_ms,
+                    &who,
+                    "ceremony.approve",
+                    &key,
+                    "ok",
+                    json!({
+                        "valid_approvals": valid,
+                        "threshold": threshold,
+                        "kek_share_given": given,
+                        "kek_shares_held": held,
+                    }),
+                );
+                trail.append(txn, std::slice::from_ref(&event))?;
+                Ok(Ok((Box::new(rec), event)))
             })
             .await
             .map_err(store_err)?;
         match outcome {
-            Ok(rec) => {
+            Ok((rec, event)) => {
                 if let Some(share) = share {
                     self.hold_share(&id, fingerprint, share);
                 }
+                self.emitted(&[event]);
                 self.view(*rec)
             }
             Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),
