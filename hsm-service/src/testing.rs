@@ -75,6 +75,30 @@ impl DevEnv {
         self.dir.path().join("pki").join(file)
     }
 
+    /// Put seed master key `version` on this env's token the way versions before the
+    /// unwrap template made it (no `CKA_UNWRAP_TEMPLATE`): the state of an existing
+    /// deployment, for tests of its migration. Call it before [`DevEnv::start`].
+    pub async fn legacy_seed_master_key(&self, version: u32) {
+        let settings = crate::hsm::HsmSettings {
+            module: self.config.hsm.module.clone(),
+            token: self.config.token(),
+            sessions: 1,
+            queue_capacity: 4,
+            seed_cache_capacity: 1,
+        };
+        let pin = self.config.user_pin().expect("user PIN");
+        let hsm = tokio::task::spawn_blocking(move || crate::hsm::Hsm::open(&settings, pin))
+            .await
+            .expect("join")
+            .expect("open the token");
+        assert!(
+            hsm.create_seed_master_key(version, false)
+                .await
+                .expect("legacy master key"),
+            "seed master key {version} exists already"
+        );
+    }
+
     /// Start the service on 127.0.0.1:0.
     pub async fn start(&self) -> RunningServer {
         server::start(self.config.clone())

@@ -188,3 +188,120 @@ async fn a_checkpoint_over_an_unchanged_head_returns_the_existing_one() {
     assert_eq!(server.state().audit.len().expect("len"), len_before);
     server.shutdown().await.expect("shutdown");
 }
+
+/// LOCKED, DISABLED and NOT_FOUND answers are in the trail too, and so are the lifecycle
+/// changes, each with the caller's certificate subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_verifications_and_lifecycle_changes_are_recorded() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let login = common::client(env.dir.path(), "login-service", addr).await;
+    let officer = common::client(env.dir.path(), "officer-1", addr).await;
+    let seed = seed(0);
+    create_hotp(&login, "r1", &seed).await;
+    let verify = |id: &str, code: String| {
+        let c = login.clone();
+        let id = id.to_owned();
+        async move {
+            c.credentials()
+                .verify_code(pb::VerifyCodeRequest {
+                    credential_id: id,
+                    code,
+                })
+                .await
+        }
+    };
+    let wrong = if hotp(&seed, 0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for _ in 0..5 {
+        verify("r1", wrong.into()).await.expect("rejected");
+    }
+    let locked = verify("r1", hotp(&seed, 0))
+        .await
+        .expect("locked")
+        .into_inner();
+    assert_eq!(locked.result, pb::VerifyResult::Locked as i32);
+    let missing = verify("nobody", hotp(&seed, 0))
+        .await
+        .expect_err("not found");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    officer
+        .credentials()
+        .update_credential_state(pb::UpdateCredentialStateRequest {
+            credential_id: "r1".into(),
+            action: pb::CredentialAction::Unlock as i32,
+        })
+        .await
+        .expect("unlock");
+    login
+        .credentials()
+        .update_credential_state(pb::UpdateCredentialStateRequest {
+            credential_id: "r1".into(),
+            action: pb::CredentialAction::Disable as i32,
+        })
+        .await
+        .expect("disable");
+    let disabled = verify("r1", hotp(&seed, 0))
+        .await
+        .expect("disabled")
+        .into_inner();
+    assert_eq!(disabled.result, pb::VerifyResult::Disabled as i32);
+    login
+        .credentials()
+        .delete_credential(pb::DeleteCredentialRequest {
+            credential_id: "r1".into(),
+        })
+        .await
+        .expect("delete");
+
+    let auditor = common::client(env.dir.path(), "auditor", addr).await;
+    let (jsonl, _) = export(&auditor).await;
+    let records: Vec<hsm_service::audit::AuditRecord> = std::str::from_utf8(&jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| hsm_service::audit::AuditRecord::from_json_line(l).expect("record"))
+        .collect();
+    let result = |r: &hsm_service::audit::AuditRecord| {
+        r.details
+            .as_ref()
+            .and_then(|d| d.get("result"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let verifies: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r.action == "credential.verify")
+        .map(|r| (r.object.clone(), result(r)))
+        .collect();
+    let mut expected = vec![("r1", "rejected"); 5];
+    expected.extend([
+        ("r1", "locked"),
+        ("nobody", "not_found"),
+        ("r1", "disabled"),
+    ]);
+    let expected: Vec<(String, String)> = expected
+        .into_iter()
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .collect();
+    assert_eq!(verifies, expected);
+    let changes: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.action.starts_with("credential.") && r.action != "credential.verify")
+        .map(|r| (r.action.as_str(), r.actor.subject.as_str()))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("credential.create", "login-service"),
+            ("credential.unlock", "officer-1"),
+            ("credential.disable", "login-service"),
+            ("credential.delete", "login-service"),
+        ]
+    );
+    server.shutdown().await.expect("shutdown");
+}

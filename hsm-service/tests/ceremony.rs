@@ -344,6 +344,8 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
     use hsm_service::store::CredentialStore;
 
     let env = DevEnv::new();
+    // An existing deployment: its master key predates the unwrap template.
+    env.legacy_seed_master_key(1).await;
     let server = env.start().await;
     let addr = server.local_addr();
     let dir = env.dir.path();
@@ -445,19 +447,38 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
             .expect("find")
             .is_some());
     }
-    // A second rotation goes on to version 3.
+    // The new key has the unwrap template: the token never unwraps its seeds into
+    // anything extractable, so a second rotation is refused before it changes anything.
+    assert!(server
+        .state()
+        .hsm
+        .seed_master_key_confined(2)
+        .await
+        .expect("confined"));
     let again = propose(&o1, &ROTATE.replace("example", "example, again"))
         .await
         .expect("propose again");
     approve(&o1, &again).await.expect("approve");
     approve(&o2, &again).await.expect("approve");
     let r = execute(&o1, &again).await.expect("execute again");
-    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript");
-    assert_eq!(
-        t["steps"][0]["seed_rotation"]["new_key_label"],
-        "seed-master-key-3"
+    let info = r.ceremony.expect("ceremony");
+    assert_eq!(info.state, "failed");
+    assert!(
+        info.failure
+            .contains("seed-master-key-2 already confines what it unwraps"),
+        "{}",
+        info.failure
     );
-    assert_eq!(t["steps"][0]["seed_rotation"]["rewrapped"], 8);
+    assert!(server
+        .state()
+        .hsm
+        .find_object(
+            hsm_service::hsm::objects::ObjectClass::SECRET_KEY,
+            &hsm_service::hsm::seeds::master_key_label(3)
+        )
+        .await
+        .expect("find")
+        .is_none());
     assert_eq!(
         verify(&mut creds, "hotp-3", 2).await,
         pb::VerifyResult::Accepted

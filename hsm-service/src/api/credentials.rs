@@ -6,8 +6,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::State;
-use crate::audit::{Details, Event};
-use crate::auth::{authorize, Identity, Role};
+use crate::auth::{authorize, Role};
 use crate::credentials::{Action, NewCredential, Outcome, Verdict};
 use crate::error::Error;
 use crate::otp::{HashAlgorithm, OtpKind};
@@ -25,22 +24,6 @@ impl CredentialApi {
     /// A handler over the shared state.
     pub fn new(state: State) -> CredentialApi {
         CredentialApi { state }
-    }
-}
-
-impl CredentialApi {
-    /// Record a lifecycle change made by `caller` in the audit trail.
-    async fn record(
-        &self,
-        caller: &Identity,
-        action: &'static str,
-        id: &str,
-        details: Details,
-    ) -> Result<(), Status> {
-        let event =
-            Event::new(self.state.clock.now_ms(), caller.actor(), action, id).with_details(details);
-        self.state.audit.record(event).await?;
-        Ok(())
     }
 }
 
@@ -73,29 +56,22 @@ impl CredentialService for CredentialApi {
         let created = self
             .state
             .credentials
-            .create(NewCredential {
-                id: (!r.credential_id.is_empty()).then_some(r.credential_id),
-                kind,
-                algorithm,
-                digits: if r.digits == 0 { 6 } else { r.digits },
-                period_seconds: r.period_seconds,
-                seed,
-                reveal_seed: r.reveal_seed,
-                issuer: r.issuer,
-                account_name: r.account_name,
-                initial_counter: r.initial_counter,
-            })
+            .create_by(
+                Some(&caller.actor()),
+                NewCredential {
+                    id: (!r.credential_id.is_empty()).then_some(r.credential_id),
+                    kind,
+                    algorithm,
+                    digits: if r.digits == 0 { 6 } else { r.digits },
+                    period_seconds: r.period_seconds,
+                    seed,
+                    reveal_seed: r.reveal_seed,
+                    issuer: r.issuer,
+                    account_name: r.account_name,
+                    initial_counter: r.initial_counter,
+                },
+            )
             .await?;
-        self.record(
-            &caller,
-            "credential.create",
-            &created.record.id,
-            Details::new()
-                .str("kind", created.record.kind.uri_name())
-                .str("algorithm", created.record.algorithm.uri_name())
-                .bool("revealed", created.provisioning_uri.is_some()),
-        )
-        .await?;
         let now = self.state.clock.now();
         Ok(Response::new(pb::CreateCredentialResponse {
             credential: Some(to_proto(&created.record, now)),
@@ -211,14 +187,12 @@ impl CredentialService for CredentialApi {
         let rec = self
             .state
             .credentials
-            .update_state(&request.get_ref().credential_id, action)
+            .update_state_by(
+                Some(&caller.actor()),
+                &request.get_ref().credential_id,
+                action,
+            )
             .await?;
-        let name = match action {
-            Action::Enable => "credential.enable",
-            Action::Disable => "credential.disable",
-            Action::Unlock => "credential.unlock",
-        };
-        self.record(&caller, name, &rec.id, Details::new()).await?;
         Ok(Response::new(to_proto(&rec, self.state.clock.now())))
     }
 
@@ -228,8 +202,9 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
         let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
         let id = &request.get_ref().credential_id;
-        self.state.credentials.delete(id).await?;
-        self.record(&caller, "credential.delete", id, Details::new())
+        self.state
+            .credentials
+            .delete_by(Some(&caller.actor()), id)
             .await?;
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }

@@ -11,6 +11,7 @@
 //! 5. decide in one atomic, durable store update (group commit): accept only a
 //!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
 
+mod audit;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::audit::log::AuditLog;
-use crate::audit::{Actor, Details, Event};
+use crate::audit::{Actor, Event};
 pub use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
@@ -143,8 +144,14 @@ impl<S: CredentialStore> Credentials<S> {
         &self.policy
     }
 
-    /// Enrol a credential.
+    /// Enrol a credential (recorded as done by the service; see [`Credentials::create_by`]).
     pub async fn create(&self, new: NewCredential) -> Result<Created> {
+        self.create_by(None, new).await
+    }
+
+    /// Enrol a credential for `actor`; with an audit log, the record is written in the
+    /// same commit as the credential.
+    pub async fn create_by(&self, actor: Option<&Actor>, new: NewCredential) -> Result<Created> {
         let digits = Digits::new(new.digits).map_err(|_| invalid("digits must be 6, 7 or 8"))?;
         let period_seconds = match (new.kind, new.period_seconds) {
             (OtpKind::Totp, 0) => 30,
@@ -248,15 +255,20 @@ impl<S: CredentialStore> Credentials<S> {
             created_at: now,
             updated_at: now,
         };
-        self.store
-            .insert(record.clone())
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => {
-                    Error::AlreadyExists(format!("credential {:?} exists", record.id))
-                }
-                other => store_error(other),
-            })?;
+        let inserted = match self.audit_event(actor, "credential.create", &record.id) {
+            Some(event) => {
+                let event = audit::created_event(event, &record, provisioning_uri.is_some());
+                self.store.insert_audited(record.clone(), event).await
+            }
+            None => self.store.insert(record.clone()).await,
+        };
+        inserted.map_err(|e| match e {
+            StoreError::AlreadyExists => {
+                Error::AlreadyExists(format!("credential {:?} exists", record.id))
+            }
+            other => store_error(other),
+        })?;
+        self.audited();
         tracing::info!(credential = %record.id, kind = ?record.kind, "credential created");
         Ok(Created {
             record,
@@ -264,14 +276,39 @@ impl<S: CredentialStore> Credentials<S> {
         })
     }
 
-    /// Verify a code (no audit record; see [`Credentials::verify_by`]).
+    /// Verify a code (recorded as done by the service; see [`Credentials::verify_by`]).
     pub async fn verify(&self, id: &str, code: &str) -> Result<Outcome> {
         self.verify_by(None, id, code).await
     }
 
-    /// Verify a code for `actor`; with an audit log, the verdict is recorded in the same
-    /// commit as the state it leaves.
+    /// Verify a code for `actor`. With an audit log every attempt is recorded, once,
+    /// before the answer: a decided verification in the same commit as the state it
+    /// leaves, any other end (unknown id, malformed code, locked, disabled) in one
+    /// audit-only write.
     pub async fn verify_by(&self, actor: Option<&Actor>, id: &str, code: &str) -> Result<Outcome> {
+        let event = self.audit_event(actor, "credential.verify", id);
+        match self.decide_verify(id, code, event.clone()).await {
+            Ok(outcome) => {
+                self.audited();
+                if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
+                    tracing::warn!(
+                        credential = id,
+                        "credential hard-locked after repeated failures"
+                    );
+                }
+                Ok(outcome)
+            }
+            Err(stop) => self.record_stop(event, stop).await,
+        }
+    }
+
+    /// The verification up to its decision, which commits with `event`'s record.
+    async fn decide_verify(
+        &self,
+        id: &str,
+        code: &str,
+        event: Option<Event>,
+    ) -> std::result::Result<Outcome, audit::Stop> {
         let rec = self.get(id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
@@ -279,7 +316,7 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(|_| invalid(format!("code must be exactly {} digits", digits.get())))?;
         let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
-            return Ok(refused);
+            return Err(audit::Stop::Gate(refused));
         }
         let window = policy::verify_window(&rec, now, &self.policy).map_err(otp_state)?;
         let codes = self.codes(&rec, window.clone(), digits).await?;
@@ -287,9 +324,7 @@ impl<S: CredentialStore> Credentials<S> {
             ct_to_option(otp::find_match(submitted, &codes)).map(|i| window.start() + u64::from(i));
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
-        let audit = self.audit_event(actor, "credential.verify", id);
-        let outcome = self
-            .store
+        self.store
             .update_audited(
                 id,
                 move |r| {
@@ -302,22 +337,24 @@ impl<S: CredentialStore> Credentials<S> {
                         Update::Delete(o) => Update::Delete(Some(o)),
                     }
                 },
-                move |o: &Option<Outcome>| audit.zip(*o).map(|(event, o)| verdict_event(event, &o)),
+                move |o: &Option<Outcome>| decision_event(event, o.as_ref()),
             )
             .await
             .map_err(|e| not_found_or(e, id))?
-            .ok_or_else(changed)?;
-        self.audited();
-        if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
-            tracing::warn!(
-                credential = id,
-                "credential hard-locked after repeated failures"
-            );
-        }
-        Ok(outcome)
+            .ok_or(audit::Stop::Recorded(changed()))
     }
 
-    /// Resynchronise from two consecutive codes (no audit record).
+    /// Record an attempt that `stop` ended before its decision (one audit-only write),
+    /// then answer it.
+    async fn record_stop(&self, event: Option<Event>, stop: audit::Stop) -> Result<Outcome> {
+        let (record, answer) = stop.into_record(event);
+        if let (Some(record), Some(log)) = (record, &self.audit) {
+            log.record(record).await?;
+        }
+        answer
+    }
+
+    /// Resynchronise from two consecutive codes (recorded as done by the service).
     pub async fn resync(
         &self,
         id: &str,
@@ -335,30 +372,71 @@ impl<S: CredentialStore> Credentials<S> {
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
-        let rec = self.get(id).await?;
+        let event = self.audit_event(actor, "credential.resync", id);
+        match self.decide_resync(id, code1, code2, event.clone()).await {
+            Ok(result) => {
+                self.audited();
+                if result.0.verdict == Verdict::Accepted {
+                    tracing::info!(credential = id, "credential resynchronised");
+                }
+                Ok(result)
+            }
+            Err((stop, rec)) => {
+                let outcome = self.record_stop(event, stop).await?;
+                // A gate refusal answers with the record as read.
+                rec.map(|rec| (outcome, rec))
+                    .ok_or_else(|| Error::Internal("resync refused without a record".into()))
+            }
+        }
+    }
+
+    /// The resync up to its decision, which commits with `event`'s record. A stop carries
+    /// the record it read, when it got that far.
+    async fn decide_resync(
+        &self,
+        id: &str,
+        code1: &str,
+        code2: &str,
+        event: Option<Event>,
+    ) -> std::result::Result<(Outcome, CredentialRecord), (audit::Stop, Option<CredentialRecord>)>
+    {
+        let stop = |e: Error| (audit::Stop::Error(e), None);
+        let rec = self.get(id).await.map_err(stop)?;
         let digits = Digits::new(u32::from(rec.digits))
-            .map_err(|_| Error::Internal("stored digits out of range".into()))?;
-        let c1 = otp::parse_code(code1, digits)
-            .map_err(|_| invalid(format!("code1 must be exactly {} digits", digits.get())))?;
-        let c2 = otp::parse_code(code2, digits)
-            .map_err(|_| invalid(format!("code2 must be exactly {} digits", digits.get())))?;
+            .map_err(|_| stop(Error::Internal("stored digits out of range".into())))?;
+        let c1 = otp::parse_code(code1, digits).map_err(|_| {
+            stop(invalid(format!(
+                "code1 must be exactly {} digits",
+                digits.get()
+            )))
+        })?;
+        let c2 = otp::parse_code(code2, digits).map_err(|_| {
+            stop(invalid(format!(
+                "code2 must be exactly {} digits",
+                digits.get()
+            )))
+        })?;
         let now = self.clock.now();
         if let Some(refused) = policy::gate(&rec, now, &self.policy) {
-            return Ok((refused, rec));
+            return Err((audit::Stop::Gate(refused), Some(rec)));
         }
-        let window = policy::resync_window(&rec, now, &self.policy).map_err(otp_state)?;
+        let window =
+            policy::resync_window(&rec, now, &self.policy).map_err(|e| stop(otp_state(e)))?;
         let current_step = match rec.kind {
-            OtpKind::Totp => otp::totp_step(now, rec.t0, rec.period_seconds).map_err(otp_state)?,
+            OtpKind::Totp => {
+                otp::totp_step(now, rec.t0, rec.period_seconds).map_err(|e| stop(otp_state(e)))?
+            }
             OtpKind::Hotp => 0,
         };
-        let codes = self.codes(&rec, window.clone(), digits).await?;
+        let codes = self
+            .codes(&rec, window.clone(), digits)
+            .await
+            .map_err(stop)?;
         let matched = ct_to_option(otp::find_consecutive(c1, c2, &codes))
             .map(|i| window.start() + u64::from(i) + 1);
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
-        let audit = self.audit_event(actor, "credential.resync", id);
-        let result = self
-            .store
+        self.store
             .update_audited(
                 id,
                 move |r| {
@@ -374,19 +452,12 @@ impl<S: CredentialStore> Credentials<S> {
                     }
                 },
                 move |r: &Option<(Outcome, CredentialRecord)>| {
-                    audit
-                        .zip(r.as_ref())
-                        .map(|(event, (o, _))| verdict_event(event, o))
+                    decision_event(event, r.as_ref().map(|(o, _)| o))
                 },
             )
             .await
-            .map_err(|e| not_found_or(e, id))?
-            .ok_or_else(changed)?;
-        self.audited();
-        if result.0.verdict == Verdict::Accepted {
-            tracing::info!(credential = id, "credential resynchronised");
-        }
-        Ok(result)
+            .map_err(|e| stop(not_found_or(e, id)))?
+            .ok_or((audit::Stop::Recorded(changed()), None))
     }
 
     /// One credential.
@@ -404,35 +475,65 @@ impl<S: CredentialStore> Credentials<S> {
         self.store.list(after, limit).await.map_err(store_error)
     }
 
-    /// Enable, disable or unlock.
+    /// Enable, disable or unlock (recorded as done by the service; see
+    /// [`Credentials::update_state_by`]).
     pub async fn update_state(&self, id: &str, action: Action) -> Result<CredentialRecord> {
+        self.update_state_by(None, id, action).await
+    }
+
+    /// Enable, disable or unlock for `actor`, recorded in the same commit as the change.
+    pub async fn update_state_by(
+        &self,
+        actor: Option<&Actor>,
+        id: &str,
+        action: Action,
+    ) -> Result<CredentialRecord> {
         check_id(id)?;
         let now = self.clock.now();
+        let event = self.audit_event(actor, audit::state_action(action), id);
         let rec = self
             .store
-            .update(id, move |r| {
-                match action {
-                    Action::Enable => r.disabled = false,
-                    Action::Disable => r.disabled = true,
-                    Action::Unlock => {
-                        r.hard_locked = false;
-                        r.locked_until = 0;
-                        r.failures = 0;
+            .update_audited(
+                id,
+                move |r| {
+                    match action {
+                        Action::Enable => r.disabled = false,
+                        Action::Disable => r.disabled = true,
+                        Action::Unlock => {
+                            r.hard_locked = false;
+                            r.locked_until = 0;
+                            r.failures = 0;
+                        }
                     }
-                }
-                r.updated_at = now;
-                Update::Write(r.clone())
-            })
+                    r.updated_at = now;
+                    Update::Write(r.clone())
+                },
+                move |r: &CredentialRecord| event.map(|e| audit::state_event(e, r)),
+            )
             .await
             .map_err(|e| not_found_or(e, id))?;
+        self.audited();
         tracing::info!(credential = id, ?action, "credential state changed");
         Ok(rec)
     }
 
-    /// Remove a credential (its wrapped seed goes with it).
+    /// Remove a credential (recorded as done by the service; see
+    /// [`Credentials::delete_by`]).
     pub async fn delete(&self, id: &str) -> Result<()> {
+        self.delete_by(None, id).await
+    }
+
+    /// Remove a credential for `actor` (its wrapped seed goes with it), recorded in the
+    /// same commit.
+    pub async fn delete_by(&self, actor: Option<&Actor>, id: &str) -> Result<()> {
         check_id(id)?;
-        if self.store.delete(id).await.map_err(store_error)? {
+        let existed = match self.audit_event(actor, "credential.delete", id) {
+            Some(event) => self.store.delete_audited(id, event).await,
+            None => self.store.delete(id).await,
+        }
+        .map_err(store_error)?;
+        if existed {
+            self.audited();
             tracing::info!(credential = id, "credential deleted");
             Ok(())
         } else {
@@ -513,30 +614,23 @@ pub async fn ensure_master_key<S: CredentialStore>(
         }
         hsm.ensure_seed_master_key(version).await?;
     }
+    if !hsm.seed_master_key_confined(version).await? {
+        tracing::warn!(
+            key = %label,
+            "the seed master key predates the unwrap template: the user PIN alone can unwrap its seeds as extractable; run the rotate-seed-master-key ceremony to move them under a key that has it"
+        );
+    }
     Ok(())
 }
 
-/// The verdict as an audit record: ACCEPTED is "ok", anything else "denied", with the
-/// verdict and the lock state as details (never the code).
-fn verdict_event(event: Event, o: &Outcome) -> Event {
-    let name = match o.verdict {
-        Verdict::Accepted => "accepted",
-        Verdict::Rejected => "rejected",
-        Verdict::Replayed => "replayed",
-        Verdict::Locked => "locked",
-        Verdict::Disabled => "disabled",
-    };
-    let event = event.with_details(
-        Details::new()
-            .str("result", name)
-            .u64("remaining_attempts", u64::from(o.remaining_attempts))
-            .u64("retry_after_seconds", u64::from(o.retry_after_seconds)),
-    );
-    if o.verdict == Verdict::Accepted {
-        event
-    } else {
-        event.denied()
-    }
+/// The record of a decision made in the store update: the verdict, or (`None`) that the
+/// credential changed under the verification.
+fn decision_event(event: Option<Event>, o: Option<&Outcome>) -> Option<Event> {
+    let event = event?;
+    Some(match o {
+        Some(o) => audit::verdict_event(event, o),
+        None => audit::changed_event(event),
+    })
 }
 
 fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {

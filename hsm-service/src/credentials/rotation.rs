@@ -2,6 +2,10 @@
 //! under it inside the HSM, new enrolments pointed at it. The `rotate-seed-master-key`
 //! ceremony step runs it (a quorum decides when); the credential domain owns it because
 //! it rewrites credential records.
+//!
+//! The new key carries the unwrap template (see [`crate::hsm::seeds`]), so a rotation
+//! from a key made before it is the migration of an existing deployment; a key that has
+//! the template cannot be rotated away from with the user PIN (see [`SeedRotator::rotate`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,6 +69,17 @@ impl SeedRotator {
         let new = old
             .checked_add(1)
             .ok_or_else(|| Error::Internal("seed master key version overflow".into()))?;
+        // Re-wrapping needs an extractable copy of each seed; a master key with the
+        // unwrap template never makes one (that is its point: with the user PIN alone, a
+        // re-wrap under another key and an extraction are the same operation). So only
+        // a master key made before the template can be rotated away from: that is how
+        // an existing deployment moves its seeds under a key that has it.
+        if self.hsm.seed_master_key_confined(old).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "{} already confines what it unwraps (CKA_UNWRAP_TEMPLATE), so its seeds cannot be re-wrapped with the user PIN; nothing was changed",
+                master_key_label(old)
+            )));
+        }
         self.hsm.ensure_seed_master_key(new).await?;
         // From now on new enrolments wrap under the new key; a rotation that fails
         // half-way leaves records under either key, both kept and both usable.

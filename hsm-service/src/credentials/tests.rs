@@ -210,6 +210,8 @@ struct Fixture {
     _dir: tempfile::TempDir,
     hsm: Hsm,
     now: Arc<AtomicU64>,
+    store: Arc<EmbeddedStore>,
+    clock: Clock,
     service: Arc<Credentials<EmbeddedStore>>,
 }
 
@@ -233,14 +235,63 @@ async fn fixture(policy: Policy) -> Fixture {
     let now = Arc::new(AtomicU64::new(1_700_000_000));
     let clock_now = now.clone();
     let clock: Clock = Clock::from_secs_fn(move || clock_now.load(Ordering::SeqCst));
-    let service = Arc::new(Credentials::new(hsm.clone(), store, policy, 1, clock));
+    let service = Arc::new(Credentials::new(
+        hsm.clone(),
+        store.clone(),
+        policy,
+        1,
+        clock.clone(),
+    ));
     Fixture {
         _env: env,
         _dir: dir,
         hsm,
         now,
+        store,
+        clock,
         service,
     }
+}
+
+/// The fixture with an audit log; checkpoints only on request.
+async fn audited_fixture(policy: Policy) -> (Fixture, Arc<crate::audit::log::AuditLog>) {
+    let mut f = fixture(policy).await;
+    let log = crate::audit::log::AuditLog::open(
+        f.store.clone(),
+        f.hsm.clone(),
+        u64::MAX,
+        f.clock.clone(),
+    )
+    .await
+    .expect("audit log");
+    let service = Credentials::new(
+        f.hsm.clone(),
+        f.store.clone(),
+        Policy::default(),
+        1,
+        f.clock.clone(),
+    )
+    .with_audit(log.clone());
+    f.service = Arc::new(service);
+    (f, log)
+}
+
+/// The records of the log, parsed.
+fn records(log: &crate::audit::log::AuditLog) -> Vec<crate::audit::AuditRecord> {
+    let (jsonl, _) = log.export_range(1, usize::MAX).expect("export");
+    std::str::from_utf8(&jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| crate::audit::AuditRecord::from_json_line(l).expect("record"))
+        .collect()
+}
+
+fn result_of(r: &crate::audit::AuditRecord) -> &str {
+    r.details
+        .as_ref()
+        .and_then(|d| d.get("result"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
 }
 
 fn import(id: &str, kind: OtpKind, alg: HashAlgorithm, digits: u32, seed: &[u8]) -> NewCredential {
@@ -748,4 +799,103 @@ async fn malformed_requests_are_invalid_arguments() {
     ));
     f.service.delete("x").await.expect("delete");
     assert!(matches!(f.service.get("x").await, Err(Error::NotFound(_))));
+}
+
+/// Every attempt leaves exactly one record, written in exactly one write job: decided
+/// verifications with their state, and the ones that end before (unknown id, malformed
+/// code, locked, disabled) in an audit-only job. Lifecycle changes are recorded in the
+/// commit of the change, by the actor who made it.
+#[tokio::test]
+async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
+    let (f, log) = audited_fixture(Policy::default()).await;
+    let officer = Actor::new("officer-1", &"ab".repeat(32));
+    let seed = rfc_vectors::RFC4226_SEED;
+    f.service
+        .create_by(
+            Some(&officer),
+            import("a", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed),
+        )
+        .await
+        .expect("create");
+    let right = |c| soft_code(seed, HashAlgorithm::Sha1, c, 6);
+    let wrong = if right(0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+
+    let jobs = || f.store.stats().committed_jobs;
+    let mut expected = Vec::new();
+    let mut attempt = |id: &'static str, code: String, result: &'static str| {
+        expected.push((id, result));
+        (id, code)
+    };
+    let mut calls = vec![
+        attempt("a", right(0), "accepted"),
+        attempt("a", right(0), "replayed"),
+        attempt("nobody", right(0), "not_found"),
+        attempt("a", "12".into(), "invalid"),
+    ];
+    for _ in 0..5 {
+        calls.push(attempt("a", wrong.into(), "rejected"));
+    }
+    calls.push(attempt("a", right(1), "locked"));
+    for (id, code) in calls {
+        let before = jobs();
+        let _ = f.service.verify(id, &code).await;
+        assert_eq!(jobs() - before, 1, "{id} {code}: one write job per call");
+    }
+    f.now.fetch_add(3600, Ordering::SeqCst);
+    f.service
+        .update_state_by(Some(&officer), "a", Action::Disable)
+        .await
+        .expect("disable");
+    let before = jobs();
+    assert_eq!(
+        f.service.verify("a", &right(1)).await.expect("v").verdict,
+        Verdict::Disabled
+    );
+    assert_eq!(jobs() - before, 1);
+    f.service
+        .update_state_by(Some(&officer), "a", Action::Unlock)
+        .await
+        .expect("unlock");
+    f.service
+        .delete_by(Some(&officer), "a")
+        .await
+        .expect("delete");
+    assert!(f.service.delete_by(Some(&officer), "a").await.is_err());
+
+    let recs = records(&log);
+    let verifies: Vec<(&str, &str)> = recs
+        .iter()
+        .filter(|r| r.action == "credential.verify")
+        .map(|r| (r.object.as_str(), result_of(r)))
+        .collect();
+    expected.push(("a", "disabled"));
+    assert_eq!(verifies, expected);
+    let lifecycle: Vec<(&str, &str)> = recs
+        .iter()
+        .filter(|r| r.action != "credential.verify")
+        .map(|r| (r.action.as_str(), r.actor.subject.as_str()))
+        .collect();
+    assert_eq!(
+        lifecycle,
+        [
+            ("credential.create", "officer-1"),
+            ("credential.disable", "officer-1"),
+            ("credential.unlock", "officer-1"),
+            ("credential.delete", "officer-1"),
+        ],
+        "a change is recorded once, by its actor; a failed delete changes nothing"
+    );
+    let not_found = recs
+        .iter()
+        .find(|r| result_of(r) == "not_found")
+        .expect("nf");
+    assert_eq!(not_found.outcome, "denied");
+    assert!(
+        recs.iter().all(|r| !r.to_json_line().contains(&right(0))),
+        "no code in the trail"
+    );
 }

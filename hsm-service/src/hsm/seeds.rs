@@ -9,13 +9,22 @@
 //! sign-only, and computes the HMACs itself. A bounded LRU of such handles keeps hot
 //! credentials fast (an HMAC with a session key is ~3x cheaper in SoftHSM than with a
 //! token key); evicted handles are destroyed.
+//!
+//! The master key itself enforces that shape: it is made with a `CKA_UNWRAP_TEMPLATE`
+//! equal to the verification template, so the token refuses any other unwrap (an
+//! extractable, readable, token or derivable copy) even to a holder of the user PIN.
+//! SoftHSM 2.6.1 enforces it (`CKR_TEMPLATE_INCONSISTENT`; tested). PKCS#11 fixes the
+//! attribute at creation: a master key made before has none, and the seed master key
+//! rotation is how a deployment moves its seeds under one that has it.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::Session;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -106,9 +115,11 @@ fn transient_seed_template() -> Vec<Attribute> {
     ]
 }
 
-/// Template of an unwrapped seed used for verification: sign-only, never extractable.
-fn verification_seed_template() -> [Attribute; 8] {
-    [
+/// Template of an unwrapped seed used for verification: a session object, sensitive,
+/// never extractable, sign-only (no verify, no derive). New master keys carry exactly
+/// this as their `CKA_UNWRAP_TEMPLATE`, so it is the only shape they unwrap into.
+fn verification_seed_template() -> Vec<Attribute> {
+    vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::Token(false),
@@ -117,7 +128,50 @@ fn verification_seed_template() -> [Attribute; 8] {
         Attribute::Extractable(false),
         Attribute::Sign(true),
         Attribute::Verify(false),
+        Attribute::Derive(false),
     ]
+}
+
+// A raw CK_ATTRIBUTE is (type, pointer, length) without padding on every ABI cryptoki
+// supports (LP64 Unix; Windows packs PKCS#11 structs to 1 byte); `array_attribute`
+// relies on it.
+const _: () = assert!(
+    std::mem::size_of::<cryptoki_sys::CK_ATTRIBUTE>()
+        == 2 * std::mem::size_of::<cryptoki_sys::CK_ULONG>() + std::mem::size_of::<usize>()
+);
+
+/// Runs `f` with a `CKA_UNWRAP_TEMPLATE` attribute holding `template`.
+///
+/// cryptoki 0.12 has no variant for PKCS#11 array attributes, so the attribute goes
+/// through `Attribute::VendorDefined` with the raw `CK_ATTRIBUTE[]` as its bytes. Those
+/// entries point into `template`'s values, which is why the attribute only exists
+/// inside `f`, while `template` is borrowed and cannot move or change.
+fn with_unwrap_template<R>(template: &[Attribute], f: impl FnOnce(Attribute) -> R) -> R {
+    use cryptoki_sys::{CKA_UNWRAP_TEMPLATE, CK_ATTRIBUTE};
+    let mut raw = Vec::with_capacity(template.len() * std::mem::size_of::<CK_ATTRIBUTE>());
+    for a in template {
+        let entry = CK_ATTRIBUTE::from(a);
+        raw.extend_from_slice(&entry.type_.to_ne_bytes());
+        raw.extend_from_slice(&(entry.pValue as usize).to_ne_bytes());
+        raw.extend_from_slice(&entry.ulValueLen.to_ne_bytes());
+    }
+    f(Attribute::VendorDefined((
+        AttributeType::VendorDefined(CKA_UNWRAP_TEMPLATE),
+        raw,
+    )))
+}
+
+/// Whether the master key `handle` confines what it unwraps (a non-empty
+/// `CKA_UNWRAP_TEMPLATE`). Master keys made before the template existed have none, and
+/// PKCS#11 cannot add one afterwards (the attribute is fixed at creation).
+fn has_unwrap_template(session: &Session, handle: ObjectHandle) -> Result<bool> {
+    let info = session.get_attribute_info(
+        handle,
+        &[AttributeType::VendorDefined(
+            cryptoki_sys::CKA_UNWRAP_TEMPLATE,
+        )],
+    )?;
+    Ok(matches!(info.first(), Some(AttributeInfo::Available(n)) if *n > 0))
 }
 
 /// Wrap `key` under the master key and destroy it, whatever happens.
@@ -140,8 +194,19 @@ impl Hsm {
     }
 
     /// Make sure master key `version` exists on the token, creating it (AES-256,
-    /// sensitive, never extractable, wrap/unwrap only) if not. Returns true if created.
+    /// sensitive, never extractable, wrap/unwrap only, with the unwrap template of
+    /// [`verification_seed_template`]) if not. Returns true if created.
     pub async fn ensure_seed_master_key(&self, version: u32) -> Result<bool> {
+        self.create_seed_master_key(version, true).await
+    }
+
+    /// [`Hsm::ensure_seed_master_key`]; `confined = false` makes the key as versions
+    /// before the unwrap template did (test support for the migration only).
+    pub(crate) async fn create_seed_master_key(
+        &self,
+        version: u32,
+        confined: bool,
+    ) -> Result<bool> {
         let label = master_key_label(version);
         if self
             .find_object(ObjectClass::SECRET_KEY, &label)
@@ -159,36 +224,51 @@ impl Hsm {
                     if objects::search(s, ObjectClass::SECRET_KEY, &owned)?.is_some() {
                         return Ok(());
                     }
-                    s.generate_key(
-                        &Mechanism::AesKeyGen,
-                        &[
-                            Attribute::Class(ObjectClass::SECRET_KEY),
-                            Attribute::KeyType(KeyType::AES),
-                            Attribute::ValueLen(32.into()),
-                            Attribute::Token(true),
-                            Attribute::Private(true),
-                            Attribute::Sensitive(true),
-                            Attribute::Extractable(false),
-                            Attribute::Modifiable(false),
-                            Attribute::Wrap(true),
-                            Attribute::Unwrap(true),
-                            Attribute::Encrypt(false),
-                            Attribute::Decrypt(false),
-                            Attribute::Sign(false),
-                            Attribute::Verify(false),
-                            Attribute::Derive(false),
-                            Attribute::Label(owned.as_bytes().to_vec()),
-                        ],
-                    )?;
+                    let mut template = vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Modifiable(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Encrypt(false),
+                        Attribute::Decrypt(false),
+                        Attribute::Sign(false),
+                        Attribute::Verify(false),
+                        Attribute::Derive(false),
+                        Attribute::Label(owned.as_bytes().to_vec()),
+                    ];
+                    let confinement = verification_seed_template();
+                    with_unwrap_template(&confinement, |unwrap_template| {
+                        if confined {
+                            template.push(unwrap_template);
+                        }
+                        s.generate_key(&Mechanism::AesKeyGen, &template)
+                    })?;
                     Ok(())
                 })
             })
             .await?;
-        tracing::info!(label, "created seed master key");
+        tracing::info!(label, confined, "created seed master key");
         Ok(self
             .find_object(ObjectClass::SECRET_KEY, &label)
             .await?
             .is_some())
+    }
+
+    /// Whether master key `version` carries the unwrap template (it was made by this
+    /// version of the service or a later one), so that what it unwraps can only be a
+    /// sensitive, non-extractable, sign-only session object.
+    pub async fn seed_master_key_confined(&self, version: u32) -> Result<bool> {
+        let master = self.master_key(version).await?;
+        self.inner
+            .pool
+            .submit(move |w| w.run(true, |s, _| has_unwrap_template(s, master)))
+            .await
     }
 
     /// Generate a seed of `len` bytes inside the HSM and return it wrapped under master
@@ -235,7 +315,9 @@ impl Hsm {
     /// blob is unwrapped under `old` into a session object that is sensitive and
     /// extractable only so that `C_WrapKey` can wrap it (no sign, no verify), wrapped
     /// under `new` (`CKM_AES_KEY_WRAP_PAD`) and destroyed at once, whatever happens. No
-    /// plaintext seed leaves the HSM. Returns the new blobs in the order given.
+    /// plaintext seed leaves the HSM. Returns the new blobs in the order given. Only from
+    /// a master key without the unwrap template: one with it never unwraps into an
+    /// extractable object (see [`confined_key`]).
     pub async fn rewrap_seeds(
         &self,
         old: u32,
@@ -253,6 +335,9 @@ impl Hsm {
             .pool
             .submit(move |w| {
                 w.run(false, |s, _| {
+                    if has_unwrap_template(s, from)? {
+                        return Err(confined_key(old));
+                    }
                     let template = transient_seed_template();
                     blobs
                         .iter()
@@ -320,6 +405,14 @@ impl Hsm {
     pub fn clear_seed_cache(&self) {
         self.inner.seeds.epoch.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// A re-wrap from a master key with the unwrap template: refused by the token, by design.
+pub(crate) fn confined_key(version: u32) -> Error {
+    Error::Invalid(format!(
+        "{} unwraps only into non-extractable keys (CKA_UNWRAP_TEMPLATE): its seeds cannot be re-wrapped with the user PIN",
+        master_key_label(version)
+    ))
 }
 
 /// The unwrapped handle for `wrapped`, from this worker's cache or by unwrapping now.

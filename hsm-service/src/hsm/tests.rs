@@ -192,6 +192,9 @@ async fn wrapped_seed(hsm: &Hsm, seed: &[u8]) -> std::sync::Arc<[u8]> {
 async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
     let env = DevEnv::new();
     let hsm = open(&env, 2, 16);
+    // A master key from before the unwrap template: the only kind a re-wrap starts from.
+    assert!(hsm.create_seed_master_key(1, false).await.expect("v1"));
+    assert!(!hsm.seed_master_key_confined(1).await.expect("confined"));
     let rfc = crate::otp::rfc_vectors::RFC4226_SEED;
     let a = wrapped_seed(&hsm, rfc).await;
     let b = wrapped_seed(&hsm, &[7u8; 20]).await;
@@ -224,7 +227,19 @@ async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
     assert_eq!(*mac(1, b).await, *mac(2, out[1].clone().into()).await);
     // A blob of the new key does not unwrap under the old one; nor to itself.
     assert!(hsm.rewrap_seeds(1, 2, vec![new_a.clone()]).await.is_err());
-    assert!(hsm.rewrap_seeds(2, 2, vec![new_a]).await.is_err());
+    assert!(hsm.rewrap_seeds(2, 2, vec![new_a.clone()]).await.is_err());
+    // The new key has the unwrap template: its seeds never come out again, not even
+    // re-wrapped under another master key.
+    assert!(hsm.seed_master_key_confined(2).await.expect("confined"));
+    assert!(hsm.ensure_seed_master_key(3).await.expect("v3"));
+    let refused = hsm
+        .rewrap_seeds(2, 3, vec![new_a])
+        .await
+        .expect_err("confined");
+    assert!(
+        refused.to_string().contains("CKA_UNWRAP_TEMPLATE"),
+        "{refused}"
+    );
     // Both master keys remain on the token.
     for v in [1, 2] {
         assert!(hsm
@@ -619,4 +634,112 @@ async fn provisioned_kek_share_files_restore_a_backup_on_a_new_token() {
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
         .verify(message, &sig)
         .expect("B's signature verifies under A's public key");
+}
+
+/// Unwraps `blob` under master key 1 with `template` straight through cryptoki, as
+/// anyone holding the user PIN could; `Ok` carries whether the object's value is readable.
+async fn unwrap_as_pin_holder(
+    hsm: &Hsm,
+    blob: std::sync::Arc<[u8]>,
+    template: Vec<Attribute>,
+) -> std::result::Result<bool, String> {
+    let master = hsm
+        .find_object(ObjectClass::SECRET_KEY, &super::seeds::master_key_label(1))
+        .await
+        .expect("find")
+        .expect("master key");
+    hsm.inner
+        .pool
+        .submit(move |w| {
+            w.run(false, |s, _| {
+                let out = s
+                    .unwrap_key(
+                        &cryptoki::mechanism::Mechanism::AesKeyWrapPad,
+                        master,
+                        &blob,
+                        &template,
+                    )
+                    .map_err(|e| format!("{e:?}"));
+                Ok(match out {
+                    Ok(h) => {
+                        let value = s.get_attributes(h, &[cryptoki::object::AttributeType::Value]);
+                        let _ = s.destroy_object(h);
+                        Ok(matches!(value.as_deref(), Ok([Attribute::Value(_)])))
+                    }
+                    Err(e) => Err(e),
+                })
+            })
+        })
+        .await
+        .expect("pool")
+}
+
+#[tokio::test]
+async fn master_key_unwraps_only_into_sensitive_sign_only_session_keys() {
+    use cryptoki::object::KeyType;
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 4);
+    let blob = wrapped_seed(&hsm, crate::otp::rfc_vectors::RFC4226_SEED).await;
+    assert!(hsm.seed_master_key_confined(1).await.expect("confined"));
+    let base = |extractable: bool, sensitive: bool| {
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(sensitive),
+            Attribute::Extractable(extractable),
+            Attribute::Sign(true),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+        ]
+    };
+    // Each a way to get the seed out: the token refuses them all.
+    let attempts: Vec<(&str, Vec<Attribute>)> = vec![
+        ("extractable", base(true, true)),
+        ("readable", base(false, false)),
+        ("readable and extractable", base(true, false)),
+        ("on the token", {
+            let mut t = base(false, true);
+            t[2] = Attribute::Token(true);
+            t
+        }),
+        ("able to derive", {
+            let mut t = base(false, true);
+            t[8] = Attribute::Derive(true);
+            t
+        }),
+        ("attributes left to the token's defaults", {
+            let mut t = base(false, true);
+            t.truncate(2);
+            t
+        }),
+    ];
+    for (what, template) in attempts {
+        let r = unwrap_as_pin_holder(&hsm, blob.clone(), template).await;
+        assert!(r.is_err(), "unwrap into a key {what}: {r:?}");
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("TemplateInconsistent")),
+            "{what}: {r:?}"
+        );
+    }
+    // The verification shape still unwraps (and its value cannot be read).
+    assert_eq!(
+        unwrap_as_pin_holder(&hsm, blob.clone(), base(false, true)).await,
+        Ok(false)
+    );
+    let macs = hsm
+        .seed_macs(
+            1,
+            blob,
+            crate::otp::HashAlgorithm::Sha1,
+            vec![crate::otp::moving_factor(0)],
+        )
+        .await
+        .expect("macs");
+    assert_eq!(
+        &macs[..],
+        &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..]
+    );
 }

@@ -99,6 +99,22 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Deletes a record; `true` if it existed. Durable before returning.
     fn delete(&self, id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// [`CredentialStore::insert`], plus `audit` in the same transaction when the insert
+    /// succeeds (nothing is recorded for an id that is taken).
+    fn insert_audited(
+        &self,
+        rec: CredentialRecord,
+        audit: crate::audit::Event,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// [`CredentialStore::delete`], plus `audit` in the same transaction when the record
+    /// existed.
+    fn delete_audited(
+        &self,
+        id: &str,
+        audit: crate::audit::Event,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Number of credentials.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 

@@ -371,6 +371,38 @@ impl CredentialStore for EmbeddedStore {
         self.write(move |txn| ops::delete(txn, &id)).await
     }
 
+    async fn insert_audited(
+        &self,
+        rec: CredentialRecord,
+        audit: crate::audit::Event,
+    ) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let inserted = ops::insert(txn, &rec)?;
+            if inserted.is_ok() {
+                crate::audit::log::append_in(txn, audit)?;
+            }
+            Ok(inserted)
+        })
+        .await
+        .and_then(|r| r)
+    }
+
+    async fn delete_audited(
+        &self,
+        id: &str,
+        audit: crate::audit::Event,
+    ) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let existed = ops::delete(txn, &id)?;
+            if existed {
+                crate::audit::log::append_in(txn, audit)?;
+            }
+            Ok(existed)
+        })
+        .await
+    }
+
     /// O(1): redb keeps each table's length in its root.
     async fn count(&self) -> Result<u64, StoreError> {
         self.read(|txn| Ok(txn.open_table(CREDENTIALS)?.len()?))
