@@ -176,6 +176,10 @@ pub(crate) async fn start_with_store(
         .with_audit(audit.clone())
         .with_seed_master(credentials.seed_rotator()),
     );
+    ceremonies
+        .recover_interrupted()
+        .await
+        .map_err(|e| StartError::Store(format!("interrupted ceremonies: {e}")))?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await

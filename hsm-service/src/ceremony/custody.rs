@@ -66,6 +66,7 @@ impl Ceremonies {
     /// officer fingerprint.
     pub(super) fn valid_shares(&self, rec: &CeremonyRecord, now: u64) -> Vec<ShareFile> {
         let counting: BTreeSet<&str> = self
+            .quorum
             .counting_approvals(rec, now)
             .map(|(_, a)| a.officer.fingerprint.as_str())
             .collect();

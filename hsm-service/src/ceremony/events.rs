@@ -32,6 +32,14 @@ impl Who {
             role: id.role.as_str(),
         }
     }
+
+    /// The service acting on its own (start-up recovery).
+    pub fn service() -> Who {
+        Who {
+            actor: Actor::service(),
+            role: "service",
+        }
+    }
 }
 
 /// One ceremony event, before it is recorded.

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use super::events::CeremonyEvent;
 use super::plan::{self, Plan};
-use super::quorum::counting_officers;
 use super::record::{self, CeremonyRecord, CeremonyState, Change};
 use super::steps::Run;
 use super::{officer_of, parse_id, store_err, Ceremonies, Execution, Transcript};
@@ -86,7 +85,7 @@ impl Ceremonies {
                 rec.state.as_str()
             )));
         }
-        if let Some(p) = self.quorum_problem(rec, now) {
+        if let Some(p) = self.quorum.problem(rec, now) {
             return Err(Error::FailedPrecondition(p));
         }
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
@@ -128,9 +127,7 @@ impl Ceremonies {
         steps: usize,
     ) -> Result<CeremonyRecord> {
         let executor = officer_of(actor);
-        let ttl = self.config.approval_ttl_seconds;
-        let need = self.config.threshold as usize;
-        let officers = self.config.officers.clone();
+        let quorum = self.quorum.clone();
         let key = id.to_owned();
         let events = [self.note(
             actor,
@@ -145,7 +142,7 @@ impl Ceremonies {
             .write(move |txn| {
                 let claimed = record::update(txn, &key, |current| match current {
                     Some(mut rec) if rec.state == CeremonyState::Proposed => {
-                        if counting_officers(&officers, ttl, &rec, now).len() < need {
+                        if quorum.problem(&rec, now).is_some() {
                             return Change::Keep(None);
                         }
                         rec.state = CeremonyState::Executing;
@@ -235,7 +232,7 @@ impl Ceremonies {
 }
 
 /// Write a new file; never overwrite one.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

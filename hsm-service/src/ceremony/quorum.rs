@@ -12,7 +12,7 @@ use super::events::{CeremonyEvent, Who};
 use super::record::{self, Approval, CeremonyRecord, CeremonyState, Change};
 use super::{officer_of, parse_id, store_err, Ceremonies, CeremonyView};
 use crate::auth::Identity;
-use crate::config::OfficerRule;
+use crate::config::{CeremonyConfig, OfficerRule};
 use crate::error::{Error, Result};
 
 /// Index of the officer-set entry that a certificate (`subject`, `fingerprint`) matches.
@@ -30,32 +30,80 @@ pub(super) fn officer_index(
     })
 }
 
-/// The approvals of `rec` that count at `now` (unexpired after `ttl` seconds, of an
-/// officer of the set), with the index of that officer's entry.
-pub(super) fn counting_approvals<'a>(
-    officers: &'a [OfficerRule],
+/// Which approvals count: the `[ceremony]` rules, owned, so that a store write job (on
+/// the committer thread) can check the quorum again inside its transaction.
+#[derive(Debug, Clone)]
+pub(super) struct Quorum {
+    officers: Vec<OfficerRule>,
     ttl: u64,
-    rec: &'a CeremonyRecord,
-    now: u64,
-) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
-    rec.approvals
-        .iter()
-        .filter(move |a| now < a.approved_at.saturating_add(ttl))
-        .filter_map(|a| {
-            officer_index(officers, &a.officer.subject, &a.officer.fingerprint).map(|i| (i, a))
-        })
+    proposer_counts: bool,
+    threshold: u32,
 }
 
-/// Distinct officer-set entries whose approvals of `rec` count at `now`.
-pub(super) fn counting_officers(
-    officers: &[OfficerRule],
-    ttl: u64,
-    rec: &CeremonyRecord,
-    now: u64,
-) -> BTreeSet<usize> {
-    counting_approvals(officers, ttl, rec, now)
-        .map(|(i, _)| i)
-        .collect()
+impl Quorum {
+    /// The rules of `config`.
+    pub fn of(config: &CeremonyConfig) -> Quorum {
+        Quorum {
+            officers: config.officers.clone(),
+            ttl: config.approval_ttl_seconds,
+            proposer_counts: config.proposer_counts,
+            threshold: config.threshold,
+        }
+    }
+
+    /// M.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// The approvals of `rec` that count at `now` (unexpired, of an officer of the set,
+    /// and not the proposer's when `proposer_counts` is false), with the index of that
+    /// officer's entry.
+    pub fn counting_approvals<'a>(
+        &'a self,
+        rec: &'a CeremonyRecord,
+        now: u64,
+    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
+        // The proposer is a person (an entry), whichever of their certificates approves.
+        let proposer = officer_index(
+            &self.officers,
+            &rec.proposed_by.subject,
+            &rec.proposed_by.fingerprint,
+        );
+        let excluded = if self.proposer_counts { None } else { proposer };
+        rec.approvals
+            .iter()
+            .filter(move |a| now < a.approved_at.saturating_add(self.ttl))
+            .filter_map(|a| {
+                officer_index(&self.officers, &a.officer.subject, &a.officer.fingerprint)
+                    .map(|i| (i, a))
+            })
+            .filter(move |(i, _)| Some(*i) != excluded)
+    }
+
+    /// Distinct officer-set entries whose approvals of `rec` count at `now`.
+    pub fn counting_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
+        self.counting_approvals(rec, now).map(|(i, _)| i).collect()
+    }
+
+    /// Why `rec` cannot run at `now` for lack of approvals (None: it has its quorum).
+    pub fn problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
+        let valid = self.counting_officers(rec, now).len();
+        let need = self.threshold as usize;
+        (valid < need).then(|| {
+            format!(
+                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
+                 (approvals expire after {} seconds{})",
+                rec.id,
+                self.ttl,
+                if self.proposer_counts {
+                    ""
+                } else {
+                    "; the proposer's own approval does not count"
+                }
+            )
+        })
+    }
 }
 
 impl Ceremonies {
@@ -70,43 +118,6 @@ impl Ceremonies {
                 "certificate {:?} is not in the ceremony officer set",
                 actor.subject
             ))
-        })
-    }
-
-    /// The approvals of `rec` that count at `now`, with their officer's entry.
-    pub(super) fn counting_approvals<'a>(
-        &'a self,
-        rec: &'a CeremonyRecord,
-        now: u64,
-    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
-        counting_approvals(
-            &self.config.officers,
-            self.config.approval_ttl_seconds,
-            rec,
-            now,
-        )
-    }
-
-    /// Distinct officers whose approvals count at `now`.
-    pub(super) fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
-        counting_officers(
-            &self.config.officers,
-            self.config.approval_ttl_seconds,
-            rec,
-            now,
-        )
-    }
-
-    /// Why `rec` cannot run at `now` for lack of approvals (None: it has its quorum).
-    pub(super) fn quorum_problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
-        let valid = self.valid_officers(rec, now).len();
-        let need = self.config.threshold as usize;
-        (valid < need).then(|| {
-            format!(
-                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
-                 (approvals expire after {} seconds)",
-                rec.id, self.config.approval_ttl_seconds
-            )
         })
     }
 
@@ -154,11 +165,7 @@ impl Ceremonies {
             Who::of(actor),
             self.clock.now_ms(),
         );
-        let (officers, ttl, threshold) = (
-            self.config.officers.clone(),
-            self.config.approval_ttl_seconds,
-            self.config.threshold,
-        );
+        let quorum = self.quorum.clone();
         let given = share.is_some();
         let outcome = self
             .store
@@ -183,7 +190,7 @@ impl Ceremonies {
                     Err(refused) => return Ok(Err(refused)),
                 };
                 let (valid, held) = {
-                    let counting: Vec<_> = counting_approvals(&officers, ttl, &rec, now).collect();
+                    let counting: Vec<_> = quorum.counting_approvals(&rec, now).collect();
                     let valid: BTreeSet<usize> = counting.iter().map(|(i, _)| *i).collect();
                     let held = counting
                         .iter()
@@ -199,7 +206,7 @@ impl Ceremonies {
                     "ok",
                     json!({
                         "valid_approvals": valid,
-                        "threshold": threshold,
+                        "threshold": quorum.threshold(),
                         "kek_share_given": given,
                         "kek_shares_held": held,
                     }),
