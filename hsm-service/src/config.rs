@@ -1000,11 +1000,9 @@ mod tests {
         strict.threshold = 3;
         let err = strict.validate().expect_err("3 of 3 without the proposer");
         assert!(err.contains("proposer_counts = false"), "{err}");
-        let parsed: Config = toml::from_str(&text.replace(
-            "threshold = 2\n",
-            "threshold = 2\nproposer_counts = false\n",
-        ))
-        .expect("parses");
+        let flipped = text.replace("proposer_counts = true\n", "proposer_counts = false\n");
+        assert_ne!(flipped, text);
+        let parsed: Config = toml::from_str(&flipped).expect("parses");
         assert!(!parsed.ceremony.proposer_counts);
     }
 
