@@ -366,6 +366,7 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
                         .update_credential_state(pb::UpdateCredentialStateRequest {
                             credential_id: "flood-0".into(),
                             action: pb::CredentialAction::Unlock as i32,
+                            tenant: String::new(),
                         })
                         .await
                         .expect_err("a login service may not unlock");
