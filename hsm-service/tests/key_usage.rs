@@ -21,7 +21,7 @@ use jsonwebtoken::jwk::JwkSet;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use common::{audit_records, detail, verify};
+use common::{audit_records, detail, evidence_for, verify};
 
 /// A dev service whose login-service may use `keys`, with `extra` versions created
 /// (name, algorithm, usage); every one but a `ca` key is published and activated.
@@ -189,12 +189,7 @@ async fn raw_signatures_never_pass_for_assertions() {
     let jws = format!("{input}.{}", URL_SAFE_NO_PAD.encode(&signature));
     assert!(verify(&jws, &default_set).is_err());
     // And what the service does sign as an assertion still verifies.
-    let real = client
-        .signing()
-        .sign_assertion(assertion_request(""))
-        .await
-        .expect("assertion")
-        .into_inner();
+    let real = common::sign_default_assertion(&client).await;
     verify(&real.jws, &default_set).expect("a real assertion verifies");
     assert!(verify(&real.jws, &raw_set).is_err());
     server.shutdown().await.expect("shutdown");
@@ -432,12 +427,16 @@ async fn ceremony_raw_keys_and_every_use_is_audited() {
         .expect_err("raw key");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    // N assertions, M raw signatures (message and digest).
+    // N assertions, each bound to fresh evidence; M raw signatures (message and digest).
     let mut jtis = Vec::new();
     for _ in 0..5 {
+        let evidence_id = evidence_for(&client, "pseudonym-4711").await;
         let r = client
             .signing()
-            .sign_assertion(assertion_request(""))
+            .sign_assertion(SignAssertionRequest {
+                evidence_id: evidence_id.clone(),
+                ..assertion_request("")
+            })
             .await
             .expect("assertion")
             .into_inner();
@@ -448,6 +447,7 @@ async fn ceremony_raw_keys_and_every_use_is_audited() {
             claims["jti"].as_str().expect("jti").to_owned(),
             r.kid,
             r.expires_at,
+            evidence_id,
         ));
     }
     let messages: [&[u8]; 3] = [b"receipt 1", b"receipt 2", b""];
@@ -476,7 +476,7 @@ async fn ceremony_raw_keys_and_every_use_is_audited() {
         .filter(|r| r.action == ASSERTION_ACTION)
         .collect();
     assert_eq!(assertions.len(), jtis.len());
-    for (r, (jti, kid, exp)) in assertions.iter().zip(&jtis) {
+    for (r, (jti, kid, exp, evidence_id)) in assertions.iter().zip(&jtis) {
         assert_eq!(&r.object, jti);
         assert_eq!(detail(r, "kid"), kid);
         assert_eq!(
@@ -489,7 +489,7 @@ async fn ceremony_raw_keys_and_every_use_is_audited() {
         assert_eq!(detail(r, "acr"), NSIS_ACR_VALUES[0]);
         assert_eq!(detail(r, "subject"), "pseudonym-4711");
         assert_eq!(detail(r, "tenant"), "login-service");
-        assert_eq!(detail(r, "evidence_id"), "");
+        assert_eq!(detail(r, "evidence_id"), evidence_id);
         assert_eq!(r.actor.subject, "login-service");
     }
     let raw: Vec<_> = records

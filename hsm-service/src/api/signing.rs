@@ -47,16 +47,16 @@ impl Keys {
     }
 }
 
-/// The signer's view of a caller: its grant, its audit actor and its tenant.
+/// The signer's view of a caller: its grant (tenant included) and its audit actor.
 fn caller(identity: Identity) -> Caller {
     Caller {
         actor: identity.actor(),
-        // Tenant hook: the caller's tenant is its certificate subject until
-        // `Identity` carries the `[[client]]` rule's tenant (issue 10, §3).
-        tenant: identity.subject.clone(),
         grant: Grant {
             keys: identity.signing_keys,
             acr: identity.acr,
+            tenant: identity.tenant,
+            unbound_assertions: identity.unbound_assertions,
+            rule: identity.rule,
         },
     }
 }
@@ -133,7 +133,7 @@ impl SigningService for Signing {
             ttl_seconds: r.ttl_seconds,
             auth_time: r.auth_time,
             extra_claims_json: r.extra_claims_json,
-            evidence_id: String::new(),
+            evidence_id: r.evidence_id,
         };
         let signed = self
             .state

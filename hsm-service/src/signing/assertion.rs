@@ -7,6 +7,7 @@
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
 
+use super::evidence::{spend_checked_in, Basis};
 use super::signer::{invalid, store_err, Caller, Signer};
 use super::versions::{self, KeyVersion, Usage};
 use super::{prepare_assertion, AssertionParams};
@@ -46,8 +47,8 @@ pub struct AssertionRequest {
     pub auth_time: u64,
     /// Extra claims, a JSON object text (may be empty).
     pub extra_claims_json: String,
-    /// The evidence of the authentication this assertion is about (empty: none; the
-    /// evidence checks come with `SignAssertionRequest.evidence_id`). Recorded as given.
+    /// The evidence of the authentication this assertion reports (empty: none, only
+    /// for a caller whose grant allows unbound assertions).
     pub evidence_id: String,
 }
 
@@ -107,10 +108,12 @@ fn checked_auth_time(requested: u64, now: u64, max_age: u64) -> Result<u64> {
 
 impl Signer {
     /// Sign an assertion for `caller`, with the active version of a `signing` key the
-    /// caller's grant names. The assertion leaves only once its record (kid, jti, exp,
-    /// acr, evidence, tenant, subject) is in the audit trail and its key's durable
-    /// `last_expiry` covers it: one store write job, shared with other requests by group
-    /// commit.
+    /// caller's grant names: bound to the evidence it cites (`amr` and `auth_time` from
+    /// it, `acr` only as far as `[[signing.acr]]` lets its method reach), or unbound when
+    /// the grant allows it. The assertion leaves only once, in one store write job
+    /// (shared with other requests by group commit), its evidence is spent, its record
+    /// (kid, jti, exp, acr, evidence, tenant, subject) is in the audit trail and its
+    /// key's durable `last_expiry` covers it.
     pub async fn sign_assertion(
         &self,
         caller: &Caller,
@@ -123,6 +126,7 @@ impl Signer {
         }
         let grant = &caller.grant;
         let name = self.granted(grant, &req.key, Usage::Signing)?;
+        let k = self.signing_version(&name, Usage::Signing)?;
         if req.subject.is_empty() {
             return Err(invalid("subject must not be empty"));
         }
@@ -133,13 +137,9 @@ impl Signer {
         if req.acr.is_empty() {
             return Err(invalid("acr must not be empty"));
         }
-        if !self.config.acr_values.contains(&req.acr) {
-            return Err(invalid(format!(
-                "acr {:?} is not an accepted value (accepted: {})",
-                req.acr,
-                self.config.acr_values.join(", ")
-            )));
-        }
+        let t = self.clock.now();
+        let basis = self.basis(grant, req, t)?;
+        let claims = Self::claims(&basis, req)?;
         if let Some(allowed) = &grant.acr {
             if !allowed.contains(&req.acr) {
                 return Err(Error::PermissionDenied(format!(
@@ -158,9 +158,7 @@ impl Signer {
             }
             t => t,
         };
-        let t = self.clock.now();
-        let auth_time = checked_auth_time(req.auth_time, t, self.config.max_auth_age_seconds)?;
-        let k = self.signing_version(&name, Usage::Signing)?;
+        let auth_time = checked_auth_time(claims.auth_time, t, self.config.max_auth_age_seconds)?;
         let mut jti = [0u8; 16];
         self.rng
             .fill(&mut jti)
@@ -172,7 +170,7 @@ impl Signer {
             audience: &req.audience,
             nonce: &req.nonce,
             acr: &req.acr,
-            amr: &req.amr,
+            amr: &claims.amr,
             auth_time,
             now: t,
             ttl_seconds: ttl,
@@ -192,10 +190,20 @@ impl Signer {
                     .u64("exp", expires_at)
                     .str("acr", &req.acr)
                     .str("evidence_id", &req.evidence_id)
-                    .str("tenant", &caller.tenant)
+                    .str("tenant", &grant.tenant)
                     .str("subject", &req.subject),
             );
-        self.record_assertion(&k, expires_at, event).await?;
+        let spend = match &basis {
+            Basis::Evidence(e) => Some(Spend {
+                id: e.id.clone(),
+                tenant: grant.tenant.clone(),
+                subject: req.subject.clone(),
+                now: self.clock.now(),
+            }),
+            Basis::Unbound => None,
+        };
+        // Released only to the one request that spent the evidence.
+        self.commit_assertion(&k, expires_at, spend, event).await?;
         Ok(SignedAssertion {
             jws: input.finish(&signature),
             kid: k.kid,
@@ -203,43 +211,67 @@ impl Signer {
         })
     }
 
-    /// Append the assertion's audit record and, when the durable `last_expiry` of `k`
-    /// does not cover `exp` yet, raise it in the same write job, before the assertion
-    /// leaves the service.
-    async fn record_assertion(&self, k: &KeyVersion, exp: u64, event: Event) -> Result<()> {
+    /// The one write job of an assertion: spend its evidence (decided on the committer;
+    /// a refusal writes nothing), raise the durable `last_expiry` of `k` when it does
+    /// not cover `exp` yet, and append the assertion's audit record.
+    async fn commit_assertion(
+        &self,
+        k: &KeyVersion,
+        exp: u64,
+        spend: Option<Spend>,
+        event: Event,
+    ) -> Result<()> {
         let current = self
             .read_keys()
             .get(&(k.name.clone(), k.version))
             .map_or(0, |k| k.last_expiry);
-        if current >= exp {
-            self.store
-                .write(move |txn| append_in(txn, event))
-                .await
-                .map_err(store_err)?;
-            self.audit.appended(1);
-            return Ok(());
-        }
-        // Memory follows the store in order: hold `writes` across the job.
-        let _w = self.writes.lock().await;
+        let raise = current < exp;
+        // Memory follows the store in order: hold `writes` across a raising job.
+        let _w = if raise {
+            Some(self.writes.lock().await)
+        } else {
+            None
+        };
         let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
         let (name, version) = (k.name.clone(), k.version);
         let updated = self
             .store
             .write(move |txn| {
-                let raised = versions::raise_last_expiry(txn, &name, version, mark)?;
-                if raised.is_ok() {
-                    append_in(txn, event)?;
+                if let Some(s) = spend {
+                    if let Err(refused) =
+                        spend_checked_in(txn, &s.id, &s.tenant, &s.subject, s.now)?
+                    {
+                        return Ok(Err(refused));
+                    }
                 }
-                Ok(raised)
+                let updated = if raise {
+                    match versions::raise_last_expiry(txn, &name, version, mark)? {
+                        Ok(k) => Some(k),
+                        Err(e) => return Ok(Err(store_err(e))),
+                    }
+                } else {
+                    None
+                };
+                append_in(txn, event)?;
+                Ok(Ok(updated))
             })
             .await
-            .and_then(|r| r)
-            .map_err(store_err)?;
+            .map_err(store_err)??;
         self.audit.appended(1);
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.insert((updated.name.clone(), updated.version), updated);
+        if let Some(updated) = updated {
+            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            keys.insert((updated.name.clone(), updated.version), updated);
+        }
         Ok(())
     }
+}
+
+/// The evidence an assertion spends: decided again on the committer at `now`.
+struct Spend {
+    id: String,
+    tenant: String,
+    subject: String,
+    now: u64,
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ impl Signer {
                     .str("algorithm", k.algorithm.jws_name())
                     .str("input", input_kind)
                     .str("sha256", &input_sha256)
-                    .str("tenant", &caller.tenant),
+                    .str("tenant", &caller.grant.tenant),
             );
         self.store
             .write(move |txn| append_in(txn, event))

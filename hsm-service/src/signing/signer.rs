@@ -30,6 +30,12 @@ pub struct Grant {
     pub keys: Option<Vec<String>>,
     /// `acr` values; `None`: every configured value.
     pub acr: Option<Vec<String>>,
+    /// The caller's tenant: evidence it cites must be of this tenant.
+    pub tenant: String,
+    /// May sign without evidence (`unbound_assertions` of its rule).
+    pub unbound_assertions: bool,
+    /// The caller's `[[client]]` rule, for messages.
+    pub rule: String,
 }
 
 /// Who asks for a signature: what they may sign with, and who they are in the audit
@@ -40,8 +46,6 @@ pub struct Caller {
     pub grant: Grant,
     /// The caller's certificate, as the audit trail names it.
     pub actor: Actor,
-    /// The caller's tenant (recorded with each assertion).
-    pub tenant: String,
 }
 
 /// Names a key version: `version` 0 is the current one (the active version, else the
