@@ -125,6 +125,42 @@ async fn sighup_reloads_the_crls_of_a_running_service() {
     );
 }
 
+/// A client that connects and never finishes its handshake delays nobody, and is
+/// dropped after `handshake_timeout_seconds`.
+#[tokio::test]
+async fn a_stalled_handshake_does_not_stall_the_accept_loop() {
+    use tokio::io::AsyncReadExt;
+    let mut env = DevEnv::new();
+    env.config.server.limits.handshake_timeout_seconds = 5;
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let mut stalled: Vec<tokio::net::TcpStream> = Vec::new();
+    for _ in 0..8 {
+        stalled.push(tokio::net::TcpStream::connect(addr).await.expect("tcp"));
+    }
+    // Served while the stalled handshakes are still pending (a serial accept loop
+    // would serve it only after their timeouts).
+    let client = common::client(env.dir.path(), "auditor", addr).await;
+    client.health().await.expect("health while others stall");
+    for conn in &stalled {
+        let mut buf = [0u8; 16];
+        let still_open = matches!(
+            conn.try_read(&mut buf),
+            Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        assert!(still_open, "served only after the stalled handshakes ended");
+    }
+    // The stalled connections are closed by the server once their time is up.
+    for conn in &mut stalled {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), conn.read(&mut buf))
+            .await
+            .expect("the server closes a stalled handshake");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    server.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_bad_crl_file_stops_the_start_with_its_name() {
     let mut env = DevEnv::new();
