@@ -532,9 +532,14 @@ pub struct CeremonyConfig {
     /// The officers whose approvals count. Empty: ceremonies are refused.
     #[serde(default, rename = "officer")]
     pub officers: Vec<OfficerRule>,
-    /// M: distinct, unexpired officer approvals a ceremony needs before it may run.
+    /// M: distinct, unexpired officer approvals a ceremony needs before it may run. At
+    /// least 2 in `serve` mode (see [`CeremonyConfig::validate_for_serve`]).
     #[serde(default = "default_threshold")]
     pub threshold: u32,
+    /// Whether the proposer's own approval counts towards M. With false, M other
+    /// officers must approve (the proposer's approval is recorded but not counted).
+    #[serde(default = "default_proposer_counts")]
+    pub proposer_counts: bool,
     /// Seconds an approval counts after it was given.
     #[serde(default = "default_approval_ttl")]
     pub approval_ttl_seconds: u64,
@@ -552,6 +557,10 @@ pub struct CeremonyConfig {
 
 fn default_threshold() -> u32 {
     2
+}
+
+fn default_proposer_counts() -> bool {
+    true
 }
 
 fn default_approval_ttl() -> u64 {
@@ -578,6 +587,7 @@ impl Default for CeremonyConfig {
         CeremonyConfig {
             officers: Vec::new(),
             threshold: default_threshold(),
+            proposer_counts: default_proposer_counts(),
             approval_ttl_seconds: default_approval_ttl(),
             max_validity_days: default_max_validity_days(),
             transcript_dir: default_transcript_dir(),
@@ -587,6 +597,20 @@ impl Default for CeremonyConfig {
 }
 
 impl CeremonyConfig {
+    /// The rules of `[ceremony]` for `hsm-service serve` on top of [`Self::validate`]: a
+    /// ceremony needs at least two officers (`threshold >= 2`), so no single person can
+    /// generate, activate or destroy a long-term key. Dev mode keeps its own config.
+    pub fn validate_for_serve(&self) -> Result<(), String> {
+        if self.threshold < 2 {
+            return Err(format!(
+                "ceremony.threshold is {}; `serve` needs at least 2 (no single officer runs a \
+                 key ceremony)",
+                self.threshold
+            ));
+        }
+        Ok(())
+    }
+
     /// Consistency checks of `[ceremony]`.
     pub fn validate(&self) -> Result<(), String> {
         for (i, o) in self.officers.iter().enumerate() {
@@ -610,6 +634,17 @@ impl CeremonyConfig {
         {
             return Err(format!(
                 "ceremony.threshold must be between 1 and the number of officers ({})",
+                self.officers.len()
+            ));
+        }
+        if !self.officers.is_empty()
+            && !self.proposer_counts
+            && self.threshold as usize >= self.officers.len()
+        {
+            return Err(format!(
+                "ceremony.threshold {} with proposer_counts = false needs more officers than \
+                 that ({} configured): the proposer's approval does not count",
+                self.threshold,
                 self.officers.len()
             ));
         }
@@ -680,6 +715,20 @@ impl Config {
             path: path.to_owned(),
             message,
         })?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] plus the rules that hold for `hsm-service serve` only (dev mode
+    /// writes and loads its own config with [`Config::load`]).
+    pub fn load_for_serve(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load(path)?;
+        config
+            .ceremony
+            .validate_for_serve()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
         Ok(config)
     }
 
@@ -920,6 +969,41 @@ mod tests {
         let err = toml::from_str::<Config>(&text.replace("approval_ttl_seconds", "approval_ttl"))
             .expect_err("unknown key");
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn serve_needs_two_officers_and_proposer_counts_is_checked() {
+        let text = include_str!("../config.example.toml");
+        let base: Config = toml::from_str(text).expect("parses");
+        assert!(base.ceremony.proposer_counts, "documented default: true");
+        assert!(base.ceremony.validate_for_serve().is_ok());
+        // Dev mode may keep M = 1 (Config::load); serve refuses it.
+        let mut one = base.ceremony.clone();
+        one.threshold = 1;
+        assert!(one.validate().is_ok());
+        let err = one.validate_for_serve().expect_err("M = 1 in serve");
+        assert!(
+            err.contains("ceremony.threshold is 1") && err.contains("at least 2"),
+            "{err}"
+        );
+        // Without officers too: the rule is about the config, not the officer count.
+        let none = CeremonyConfig {
+            threshold: 1,
+            ..Default::default()
+        };
+        assert!(none.validate_for_serve().is_err());
+        assert!(CeremonyConfig::default().validate_for_serve().is_ok());
+        // proposer_counts = false needs M officers besides the proposer.
+        let mut strict = base.ceremony.clone();
+        strict.proposer_counts = false;
+        assert!(strict.validate().is_ok(), "M = 2 of 3, proposer excluded");
+        strict.threshold = 3;
+        let err = strict.validate().expect_err("3 of 3 without the proposer");
+        assert!(err.contains("proposer_counts = false"), "{err}");
+        let flipped = text.replace("proposer_counts = true\n", "proposer_counts = false\n");
+        assert_ne!(flipped, text);
+        let parsed: Config = toml::from_str(&flipped).expect("parses");
+        assert!(!parsed.ceremony.proposer_counts);
     }
 
     #[test]

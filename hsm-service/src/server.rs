@@ -190,6 +190,10 @@ pub(crate) async fn start_with_store(
         .with_audit(audit.clone())
         .with_seed_master(credentials.seed_rotator()),
     );
+    ceremonies
+        .recover_interrupted()
+        .await
+        .map_err(|e| StartError::Store(format!("interrupted ceremonies: {e}")))?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -290,7 +294,11 @@ pub(crate) async fn start_with_store(
         };
         let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
-        // The last records: the stop, then a checkpoint that covers everything.
+        // The last records: the refusals still being counted, the stop, then a
+        // checkpoint that covers everything.
+        if let Err(e) = audit.flush_denied().await {
+            tracing::error!(error = %e, "audit: cannot record refused calls");
+        }
         let stop = Event::new(
             clock.now_ms(),
             Actor::service(),

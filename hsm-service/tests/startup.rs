@@ -117,6 +117,26 @@ fn refuses_an_unknown_config_key() {
 }
 
 #[test]
+fn serve_refuses_a_ceremony_threshold_below_two() {
+    let dir = dev_dir();
+    let text = dev_config(dir.path());
+    let at = text
+        .find("[ceremony]")
+        .expect("[ceremony] in the dev config");
+    let (head, tail) = text.split_at(at);
+    assert!(tail.contains("\nthreshold = 2\n"), "{tail}");
+    let text = format!(
+        "{head}{}",
+        tail.replacen("\nthreshold = 2\n", "\nthreshold = 1\n", 1)
+    );
+    let line = refusal(dir.path(), &text);
+    assert!(
+        line.contains("ceremony.threshold is 1") && line.contains("at least 2"),
+        "{line}"
+    );
+}
+
+#[test]
 fn refuses_a_missing_file() {
     let dir = dev_dir();
     let text = dev_config(dir.path()).replace("pki/server.crt", "pki/nope.crt");

@@ -129,7 +129,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if let Some((method, allowed)) = allowed_roles(request.uri().path()) {
             let certs = request
                 .extensions()
@@ -139,6 +139,13 @@ where
             if let Err(e) = check(&self.authorizer, leaf, method, allowed) {
                 let status = tonic::Status::from(e);
                 return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+            // The handlers' own refusals (`authorize`) name the method from this: tonic's
+            // generated servers do not set it (only its clients do).
+            if let Some((service, name)) = method.split_once('/') {
+                request
+                    .extensions_mut()
+                    .insert(tonic::GrpcMethod::new(service, name));
             }
         }
         Box::pin(self.inner.call(request))

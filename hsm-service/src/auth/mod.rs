@@ -17,7 +17,7 @@ use x509_cert::Certificate;
 use std::sync::Arc;
 
 use crate::audit::log::AuditLog;
-use crate::audit::{Actor, Details, Event};
+use crate::audit::Actor;
 use crate::common::hex;
 use crate::config::ClientRule;
 use crate::error::Error;
@@ -141,26 +141,15 @@ impl Authorizer {
         self
     }
 
-    /// Record a refusal. Not a state change the caller waits on: it is written in the
-    /// background, so a flood of refused calls costs the refusing caller nothing extra.
-    pub(crate) fn record_denied(&self, subject: &str, fingerprint: &str, method: &str, why: &str) {
-        let Some(log) = self.audit.clone() else {
-            return;
-        };
-        let event = Event::new(
-            log.now_ms(),
-            Actor::new(subject, fingerprint),
-            "auth.denied",
-            method,
-        )
-        .denied()
-        .with_details(Details::new().str("reason", why));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = log.record(event).await {
-                    tracing::error!(error = %e, "audit: cannot record a refused call");
-                }
-            });
+    /// Record a refused call: counted in the audit log's current window and written
+    /// with the other refusals of that window, one record per caller (fingerprint) and
+    /// reason with a count (see [`crate::audit::denied`]), so a flood of refused calls
+    /// costs no write per call and cannot crowd verifications off the commit path.
+    /// Every place that refuses a caller reports here (handlers through [`authorize`],
+    /// and any layer that refuses before a handler runs).
+    pub fn record_denied(&self, subject: &str, fingerprint: &str, method: &str, why: &str) {
+        if let Some(log) = &self.audit {
+            log.denied(subject, fingerprint, method, why);
         }
     }
 
