@@ -2,18 +2,21 @@
 //! or crashed mid-run). It cannot be resumed (which steps ran is not known for sure, and
 //! a ceremony runs once), so it becomes `failed` with the reason [`INTERRUPTED`] and a
 //! transcript of what it had created: the key versions recorded for it so far (each is
-//! recorded in the write that audits its creation, see `steps`). The change and its
-//! audit record are one write; the transcript files follow.
+//! recorded in the write that audits its creation, see `steps`), and any its run made
+//! without getting to record it. The change, the index of those keys and the audit
+//! record are one write; the transcript files follow.
 
 use serde_json::json;
 
 use super::events::{CeremonyEvent, Who};
 use super::execute::write_new;
-use super::plan;
+use std::collections::BTreeSet;
+
+use super::plan::{self, Plan, Step};
 use super::record::{self, CeremonyRecord, CeremonyState, Change};
 use super::{store_err, Ceremonies, Transcript};
 use crate::error::Result;
-use crate::signing::{KeyRef, KeyVersion};
+use crate::signing::KeyVersion;
 
 /// The failure of a ceremony found `executing` at start-up.
 pub const INTERRUPTED: &str = "interrupted";
@@ -36,31 +39,53 @@ impl Ceremonies {
         Ok(ids)
     }
 
-    /// The key versions recorded as created by ceremony `id`, in name and version order.
-    fn keys_created_by(&self, id: &str) -> Result<Vec<KeyVersion>> {
-        let mut created: Vec<(String, u32)> = self
-            .key_origins()?
+    /// The key versions ceremony `rec` created: those recorded for it, and those its
+    /// run made but did not get to record (the HSM key and the signer's record exist, the
+    /// crash came before the ceremony's write): a version of a name the plan generates or
+    /// restores, created since the claim, recorded for no ceremony. Keys are made only
+    /// by ceremonies (and the dev bootstrap, at start-up), one ceremony at a time, so
+    /// nothing else fits that description. In name and version order.
+    fn keys_created_by(&self, rec: &CeremonyRecord, parsed: &Plan) -> Result<Vec<KeyVersion>> {
+        let origins = self.key_origins()?;
+        let names = self.names_created_by(parsed);
+        Ok(self
+            .signer
+            .list(None)
             .into_iter()
-            .filter(|(_, ceremony)| ceremony == id)
-            .map(|(key, _)| key)
-            .collect();
-        created.sort();
-        Ok(created
-            .into_iter()
-            .filter_map(|(name, version)| {
-                let found = self.signer.get(&KeyRef::new(&name, version));
-                if found.is_err() {
-                    tracing::warn!(ceremony = id, key = %name, version, "interrupted ceremony: a key it recorded is unknown to the signer");
-                }
-                found.ok()
+            .filter(|k| match origins.get(&(k.name.clone(), k.version)) {
+                Some(ceremony) => *ceremony == rec.id,
+                None => k.created_at >= rec.executed_at && names.contains(&k.name),
             })
             .collect())
+    }
+
+    /// The key names `plan` generates or restores (a restore of a whole backup file: the
+    /// names in the file, when it is still there).
+    fn names_created_by(&self, parsed: &Plan) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for step in &parsed.steps {
+            match step {
+                Step::GenerateKey { name, .. } => {
+                    names.insert(name.clone());
+                }
+                Step::Restore { keys, .. } if !keys.is_empty() => {
+                    names.extend(keys.iter().cloned());
+                }
+                Step::Restore { file, sha256, .. } => {
+                    if let Ok(b) = plan::read_backup_file(&self.backup_dir, file, sha256) {
+                        names.extend(b.keys.into_iter().map(|e| e.name));
+                    }
+                }
+                _ => {}
+            }
+        }
+        names
     }
 
     async fn fail_interrupted(&self, mut rec: CeremonyRecord) -> Result<String> {
         let id = rec.id.clone();
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
-        let keys = self.keys_created_by(&id)?;
+        let keys = self.keys_created_by(&rec, &parsed)?;
         let mut t = Transcript::start(&rec, &parsed, rec.executed_at);
         t.interrupted(&keys);
         rec.state = CeremonyState::Failed;
@@ -81,6 +106,8 @@ impl Ceremonies {
             json!({ "reason": INTERRUPTED, "created_keys": names }),
         )];
         let (key, trail, audited) = (id.clone(), self.trail(), events.clone());
+        let origins: Vec<(String, u32)> =
+            keys.iter().map(|k| (k.name.clone(), k.version)).collect();
         let changed = self
             .store
             .write(move |txn| {
@@ -91,6 +118,7 @@ impl Ceremonies {
                     _ => Change::Keep(false),
                 })?;
                 if changed {
+                    record::put_key_origins(txn, &key, &origins)?;
                     trail.append(txn, &audited)?;
                 }
                 Ok(changed)

@@ -572,7 +572,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
     let server = env.start().await;
     let state = server.state().clone();
     let c = &state.ceremonies;
-    let plan = format!("{SMALL}[[step]]\nkind = \"self-sign\"\nkey = \"ca-x\"\nsubject = \"CN=x\"\nvalidity_days = 10\n");
+    let plan = format!("{SMALL}[[step]]\nkind = \"generate-key\"\nname = \"ca-y\"\nalgorithm = \"ES256\"\nusage = \"ca\"\n[[step]]\nkind = \"self-sign\"\nkey = \"ca-x\"\nsubject = \"CN=x\"\nvalidity_days = 10\n");
     let id = c
         .propose(&officer(1), &plan)
         .await
@@ -581,11 +581,18 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
         .id;
     c.approve(&officer(1), &id, None).await.expect("approve");
     c.approve(&officer(2), &id, None).await.expect("approve");
-    // What a crash in step 1 leaves behind: the claim, and the key the step generated
-    // and recorded (as `steps::key_created` records it); step 2 never ran.
+    // What a crash in step 2 leaves behind: the claim; the key step 1 generated and
+    // recorded (as `steps::key_created` records it); the key step 2 generated in the
+    // HSM, the crash coming before its record; step 3 never ran.
+    let executed_at = crate::common::Clock::system().now();
     let k = state
         .signing
         .create_version("ca-x", "ES256".parse().expect("alg"))
+        .await
+        .expect("key");
+    let unrecorded = state
+        .signing
+        .create_version("ca-y", "ES256".parse().expect("alg"))
         .await
         .expect("key");
     let (key, version) = (id.clone(), k.version);
@@ -600,7 +607,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
                 let mut rec = current.expect("proposed");
                 rec.state = CeremonyState::Executing;
                 rec.executed_by = Some(executor);
-                rec.executed_at = 1_700_000_000;
+                rec.executed_at = executed_at;
                 record::Change::Write(Box::new(rec), ())
             })?;
             record::put_key_origins(txn, &key, &[("ca-x".to_owned(), version)])
@@ -627,9 +634,19 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
         t.executed_by.as_ref().map(|o| o.subject.as_str()),
         Some("officer-3")
     );
-    assert_eq!(t.created_keys.len(), 1);
-    assert_eq!(t.created_keys[0].name, "ca-x");
-    assert_eq!(t.created_keys[0].kid, k.kid);
+    // Both keys, not the dev bootstrap's assertion key (no name of the plan).
+    let created: Vec<(&str, &str)> = t
+        .created_keys
+        .iter()
+        .map(|e| (e.name.as_str(), e.kid.as_str()))
+        .collect();
+    assert_eq!(
+        created,
+        [("ca-x", k.kid.as_str()), ("ca-y", unrecorded.kid.as_str())]
+    );
+    // Both are now indexed as this ceremony's.
+    let origins = c.key_origins().expect("origins");
+    assert_eq!(origins.get(&("ca-y".to_owned(), 1)), Some(&id));
     assert!(
         t.steps.iter().all(|s| s.outcome == "unknown"),
         "{:?}",
@@ -660,7 +677,10 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
     assert_eq!(failed[0]["outcome"], "failed: interrupted");
     assert_eq!(failed[0]["actor"]["subject"], "service");
     let details = failed[0]["details"]["details"].as_str().expect("details");
-    assert!(details.contains("ca-x/v1"), "{details}");
+    assert!(
+        details.contains("ca-x/v1") && details.contains("ca-y/v1"),
+        "{details}"
+    );
     // A failed ceremony does not run again.
     let err = c.execute(&officer(1), &id).await.expect_err("again");
     assert!(err.to_string().contains("runs once"), "{err}");
