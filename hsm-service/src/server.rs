@@ -453,7 +453,8 @@ async fn open_credentials(
         config.credentials.clone(),
         version,
         clock,
-    ))
+    )
+    .with_evidence_ttl(config.signing.evidence_ttl_seconds))
 }
 
 /// File name of the embedded store under the data directory.

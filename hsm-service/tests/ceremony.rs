@@ -427,7 +427,7 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
     );
 
     let store = server.state().store.clone();
-    let all = store.list(None, 100).await.expect("list");
+    let all = store.list(None, None, 100).await.expect("list");
     assert_eq!(all.len(), 8);
     for rec in &all {
         assert_eq!(rec.master_key_version, 2, "{}", rec.id);

@@ -364,6 +364,9 @@ fn officer(n: u8) -> Identity {
         role: Role::Officer,
         signing_keys: None,
         acr: None,
+        tenant: format!("officer-{n}"),
+        unbound_assertions: false,
+        rule: format!("[[client]] cn = \"officer-{n}\""),
     }
 }
 
