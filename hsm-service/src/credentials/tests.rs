@@ -1175,3 +1175,56 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
         "no code in the trail"
     );
 }
+
+/// The verification's record names the tenant and, for an accepted code, the evidence it
+/// left, in the same commit as the accepted step and the evidence itself.
+#[tokio::test]
+async fn the_verification_record_carries_tenant_and_evidence() {
+    let (f, log) = audited_fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    let new = NewCredential {
+        subject: Some("citizen-7".into()),
+        ..import("e", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+    };
+    f.service.create(T, new).await.expect("create");
+    let commits = f.store.commits();
+    let v = f
+        .service
+        .verify_by(None, T, "e", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+        .await
+        .expect("verify");
+    assert_eq!(
+        f.store.commits(),
+        commits + 1,
+        "step, evidence, record: one commit"
+    );
+    let evidence = v.evidence_id.expect("evidence");
+    let missing = f.service.verify_by(None, "tenant-b", "e", "123456").await;
+    assert!(matches!(missing, Err(Error::NotFound(_))));
+    let recs = records(&log);
+    let detail = |r: &crate::audit::AuditRecord, k: &str| {
+        r.details
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let verifies: Vec<_> = recs
+        .iter()
+        .filter(|r| r.action == "credential.verify")
+        .collect();
+    assert_eq!(verifies.len(), 2);
+    assert_eq!(detail(verifies[0], "tenant").as_deref(), Some(T));
+    assert_eq!(detail(verifies[0], "evidence_id"), Some(evidence));
+    assert_eq!(
+        detail(verifies[1], "tenant").as_deref(),
+        Some("tenant-b"),
+        "the tenant that asked"
+    );
+    assert_eq!(detail(verifies[1], "evidence_id"), None);
+    let created = recs
+        .iter()
+        .find(|r| r.action == "credential.create")
+        .expect("create record");
+    assert_eq!(detail(created, "tenant").as_deref(), Some(T));
+}
