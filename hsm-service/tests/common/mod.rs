@@ -94,6 +94,11 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     wait_bounded(child, Duration::from_secs(30))
 }
 
+/// Send SIGHUP (the service re-reads its CRLs).
+pub fn hangup(child: &Child) {
+    signal(child, "HUP");
+}
+
 /// Send SIGKILL and reap.
 pub fn kill(child: &mut Child) {
     signal(child, "KILL");
