@@ -1168,6 +1168,7 @@ mod tests {
         let config: Config = toml::from_str(&without).expect("parses without [signing]");
         assert_eq!(config.signing, SigningConfig::default());
         assert_eq!(config.signing.default_key, "assertion");
+        assert_eq!(config.signing.default_raw_key, "documents");
         assert_eq!(config.signing.max_ttl_seconds, 3600);
 
         let base: Config = toml::from_str(text).expect("parses");
@@ -1180,6 +1181,14 @@ mod tests {
             (
                 Box::new(|c| c.signing.default_key = "Bad Name".into()),
                 "signing.default_key",
+            ),
+            (
+                Box::new(|c| c.signing.default_raw_key = "Bad Name".into()),
+                "signing.default_raw_key",
+            ),
+            (
+                Box::new(|c| c.signing.default_raw_key = "assertion".into()),
+                "a key signs for one usage only",
             ),
             (
                 Box::new(|c| c.clients[0].acr = Some(vec!["urn:other".into()])),
