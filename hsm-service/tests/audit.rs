@@ -509,7 +509,10 @@ async fn the_audit_key_is_pinned_at_start_up() {
     .expect("remove");
     drop(s);
     let e = start_error().await;
-    assert!(e.contains("refusing to create a new one"), "{e}");
+    assert!(
+        e.contains("holds checkpoints") && e.contains("refusing to create a new one"),
+        "{e}"
+    );
     let s = store();
     s.put_meta("audit.key_id", cka_id.clone())
         .await

@@ -112,8 +112,9 @@ impl AuditLog {
     /// Open the trail; on first start create the audit key (P-256, on the token,
     /// non-extractable, sign-only) and remember its id and public key in the store.
     ///
-    /// The key is created only for an empty log: a new key would let whoever can start
-    /// the service re-sign a rewritten log. On every later start the token's key must
+    /// The key is created only for a log that no key has signed yet (records written
+    /// offline before the first start, e.g. by `ceremony backup-kek`, are fine): a new key
+    /// would let whoever can start the service re-sign a rewritten log. On every later start the token's key must
     /// sign for the public key the store recorded (checked with a test signature), or the
     /// service refuses to start with one line saying which.
     pub async fn open(
@@ -132,12 +133,12 @@ impl AuditLog {
                 (id, pk)
             }
             (None, None) => {
-                let records = store
-                    .read(|txn| Ok(txn.open_table(AUDIT_LOG)?.len()?))
+                let signed = store
+                    .read(|txn| last_checkpoint_seq(&txn.open_table(AUDIT_LOG)?))
                     .map_err(internal)?;
-                if records > 0 {
+                if let Some(seq) = signed {
                     return Err(Error::FailedPrecondition(format!(
-                        "the audit log holds {records} records but the store records no audit key: refusing to create a new one (it could re-sign a rewritten log); restore the store's audit key entries"
+                        "the audit log holds checkpoints (the last at seq {seq}) but the store records no audit key: refusing to create a new one (it could re-sign a rewritten log); restore the store's audit key entries"
                     )));
                 }
                 create_key(&store, &hsm).await?
@@ -403,6 +404,24 @@ fn spawn_denied_flusher(log: &Arc<AuditLog>) {
             }
         }
     });
+}
+
+/// The seq of the last checkpoint record, searching from the end (`None`: no key has
+/// signed this log).
+fn last_checkpoint_seq(
+    table: &redb::ReadOnlyTable<u64, &[u8]>,
+) -> std::result::Result<Option<u64>, StoreError> {
+    for entry in table.iter()?.rev() {
+        let (seq, line) = entry?;
+        let record = std::str::from_utf8(line.value())
+            .ok()
+            .and_then(|l| AuditRecord::from_json_line(l).ok());
+        // An unreadable record may have been a checkpoint: treat it as one.
+        if record.is_none_or(|r| r.is_checkpoint()) {
+            return Ok(Some(seq.value()));
+        }
+    }
+    Ok(None)
 }
 
 /// The last stored record, checked against its own hash (`None`: empty log).
