@@ -1,9 +1,11 @@
 //! The credential record and its on-disk encoding.
 //!
 //! Encoding: one format-version byte, then postcard of a private struct with
-//! the enums as `u8` codes. The id is the table key and is not repeated in the
-//! value. A new format gets a new version byte and a new private struct; old
-//! versions stay decodable.
+//! the enums as `u8` codes. The table key is `tenant NUL id` ([`key`]): ids are
+//! unique per tenant, one tenant's records are one contiguous key range, and
+//! neither is repeated in the value. A new format gets a new version byte and a
+//! new private struct; old versions stay decodable (format 1, written before
+//! subjects existed, decodes with no subject).
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -15,16 +17,33 @@ use crate::otp::{HashAlgorithm, OtpKind};
 /// small; generated ids are far shorter.
 pub const MAX_ID_LEN: usize = 256;
 
-/// First byte of every encoded record in format 1.
+/// Longest tenant name, in bytes.
+pub const MAX_TENANT_LEN: usize = 128;
+
+/// The tenant of records written before tenants existed (store schema 1).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Separates tenant and id in a table key; tenants never contain it.
+const KEY_SEPARATOR: char = '\0';
+
+/// First byte of every encoded record in format 1 (no subject).
 const FORMAT_V1: u8 = 1;
+/// Format 2: format 1 plus the subject.
+const FORMAT_V2: u8 = 2;
 
 /// One credential's durable state.
 ///
 /// `Debug` never prints `wrapped_seed`, only its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CredentialRecord {
-    /// Unique id; the store key. Immutable once inserted.
+    /// The tenant (login service) that created it; with `id`, the store key.
+    /// Immutable once inserted.
+    pub tenant: String,
+    /// Unique within its tenant. Immutable once inserted.
     pub id: String,
+    /// The citizen's pseudonymous id at the login service; evidence of an accepted
+    /// code names it. `None`: the credential produces no evidence.
+    pub subject: Option<String>,
     /// HOTP or TOTP.
     pub kind: OtpKind,
     /// HMAC hash.
@@ -69,7 +88,9 @@ pub struct CredentialRecord {
 impl std::fmt::Debug for CredentialRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialRecord")
+            .field("tenant", &self.tenant)
             .field("id", &self.id)
+            .field("subject", &self.subject)
             .field("kind", &self.kind)
             .field("algorithm", &self.algorithm)
             .field("digits", &self.digits)
@@ -122,6 +143,15 @@ struct RecordV1<'a> {
     updated_at: u64,
 }
 
+/// Format 2 as stored: format 1's fields, then the subject.
+#[derive(Serialize, Deserialize)]
+struct RecordV2<'a> {
+    #[serde(borrow)]
+    v1: RecordV1<'a>,
+    #[serde(borrow)]
+    subject: Option<&'a str>,
+}
+
 // Codes start at 1 so that zeroed bytes never decode as a valid record.
 fn kind_code(k: OtpKind) -> u8 {
     match k {
@@ -155,6 +185,48 @@ fn alg_from(c: u8) -> Option<HashAlgorithm> {
     }
 }
 
+/// The table key of `(tenant, id)`.
+pub(super) fn key(tenant: &str, id: &str) -> String {
+    let mut k = String::with_capacity(tenant.len() + 1 + id.len());
+    k.push_str(tenant);
+    k.push(KEY_SEPARATOR);
+    k.push_str(id);
+    k
+}
+
+/// `(tenant, id)` of a table key.
+pub(super) fn split_key(k: &str) -> Result<(&str, &str), StoreError> {
+    k.split_once(KEY_SEPARATOR)
+        .ok_or_else(|| StoreError::Corrupt(format!("credential key {k:?} has no tenant")))
+}
+
+/// The key range holding exactly `tenant`'s records: `tenant NUL` up to (excluding)
+/// `tenant \x01`.
+pub(super) fn tenant_range(tenant: &str) -> (String, String) {
+    (format!("{tenant}\0"), format!("{tenant}\u{1}"))
+}
+
+/// Checks a tenant before it becomes part of a key.
+pub fn validate_tenant(tenant: &str) -> Result<(), StoreError> {
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN {
+        return Err(StoreError::Invalid(format!(
+            "tenant must be 1 to {MAX_TENANT_LEN} bytes"
+        )));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(
+            "tenant may not contain control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a tenant and an id before they become a key.
+pub(super) fn validate_key(tenant: &str, id: &str) -> Result<(), StoreError> {
+    validate_tenant(tenant)?;
+    validate_id(id)
+}
+
 /// Checks an id before it becomes a key.
 pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
     if id.is_empty() {
@@ -165,13 +237,16 @@ pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
             "credential id longer than {MAX_ID_LEN} bytes"
         )));
     }
+    if id.contains(KEY_SEPARATOR) {
+        return Err(StoreError::Invalid("credential id contains NUL".into()));
+    }
     Ok(())
 }
 
-/// Encodes a record's value (everything but the id). The buffer is zeroized
-/// on drop because it holds a copy of the wrapped seed.
+/// Encodes a record's value (everything but tenant and id), in the newest format.
+/// The buffer is zeroized on drop because it holds a copy of the wrapped seed.
 pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
-    let v = RecordV1 {
+    let v1 = RecordV1 {
         kind: kind_code(rec.kind),
         algorithm: alg_code(rec.algorithm),
         digits: rec.digits,
@@ -191,31 +266,53 @@ pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
         created_at: rec.created_at,
         updated_at: rec.updated_at,
     };
-    // Upper bound (varints <= 10 bytes, 3 length prefixes) so the Vec never
-    // reallocates, which would leave an unzeroized copy of the seed behind.
-    let cap = 1 + 16 * 10 + rec.wrapped_seed.len() + rec.issuer.len() + rec.account_name.len();
+    let v = RecordV2 {
+        v1,
+        subject: rec.subject.as_deref(),
+    };
+    let subject_len = rec.subject.as_ref().map_or(0, String::len);
+    // Upper bound (varints <= 10 bytes, 4 length prefixes, option tag) so the Vec
+    // never reallocates, which would leave an unzeroized copy of the seed behind.
+    let cap = 1
+        + 18 * 10
+        + rec.wrapped_seed.len()
+        + rec.issuer.len()
+        + rec.account_name.len()
+        + subject_len;
     let mut buf = Vec::with_capacity(cap);
-    buf.push(FORMAT_V1);
+    buf.push(FORMAT_V2);
     // Serializing plain integers, bools and slices into a Vec cannot fail.
     let buf = postcard::to_extend(&v, buf).expect("postcard encoding into a Vec is infallible");
     Zeroizing::new(buf)
 }
 
-/// Decodes the value stored under `id`. Errors name the id and the defect,
-/// never the bytes.
-pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+/// Decodes the value stored under table key `k`. Errors name the key and the
+/// defect, never the bytes.
+pub(super) fn decode_keyed(k: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    let (tenant, id) = split_key(k)?;
+    decode(tenant, id, bytes)
+}
+
+/// Decodes the value stored for `(tenant, id)`, in any known format. Errors name the
+/// id and the defect, never the bytes.
+pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
     let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
-    if version != FORMAT_V1 {
-        return Err(corrupt(&format!("unknown record format version {version}")));
-    }
-    let (v, rest): (RecordV1<'_>, _) =
-        postcard::take_from_bytes(body).map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+    let taken = match version {
+        FORMAT_V1 => postcard::take_from_bytes::<RecordV1<'_>>(body)
+            .map(|(v1, rest)| (RecordV2 { v1, subject: None }, rest)),
+        FORMAT_V2 => postcard::take_from_bytes::<RecordV2<'_>>(body),
+        _ => return Err(corrupt(&format!("unknown record format version {version}"))),
+    };
+    let (v2, rest) = taken.map_err(|e| corrupt(&format!("undecodable: {e}")))?;
     if !rest.is_empty() {
         return Err(corrupt("trailing bytes after record"));
     }
+    let RecordV2 { v1: v, subject } = v2;
     Ok(CredentialRecord {
+        tenant: tenant.to_owned(),
         id: id.to_owned(),
+        subject: subject.map(str::to_owned),
         kind: kind_from(v.kind).ok_or_else(|| corrupt(&format!("unknown kind code {}", v.kind)))?,
         algorithm: alg_from(v.algorithm)
             .ok_or_else(|| corrupt(&format!("unknown algorithm code {}", v.algorithm)))?,
@@ -236,4 +333,14 @@ pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreEr
         created_at: v.created_at,
         updated_at: v.updated_at,
     })
+}
+
+/// Encodes in format 1 (no subject), as a store of schema 1 holds it: for the
+/// migration and decoding tests.
+#[cfg(test)]
+pub(super) fn encode_v1(rec: &CredentialRecord) -> Vec<u8> {
+    let full = encode(rec);
+    let (v2, _): (RecordV2<'_>, _) = postcard::take_from_bytes(&full[1..]).expect("own encoding");
+    postcard::to_extend(&v2.v1, vec![FORMAT_V1])
+        .expect("postcard encoding into a Vec is infallible")
 }
