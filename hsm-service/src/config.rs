@@ -87,7 +87,8 @@ pub struct TransportLimits {
     /// Streams the server may reset for protocol errors on one connection before it
     /// closes it.
     pub max_local_reset_streams: usize,
-    /// Seconds a call may take, including a client's shorter `grpc-timeout`.
+    /// Seconds a call may take (ExecuteCeremony exempt); a client's shorter
+    /// `grpc-timeout` wins.
     pub request_timeout_seconds: u64,
     /// Seconds between HTTP/2 keepalive pings on an idle connection.
     pub keepalive_interval_seconds: u64,
