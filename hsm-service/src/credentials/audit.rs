@@ -7,7 +7,7 @@ use crate::audit::{Details, Event};
 use crate::error::Error;
 use crate::store::CredentialRecord;
 
-use super::{Action, Outcome, Verdict};
+use super::{Action, LockChange, Outcome, Verdict};
 
 /// Why a verification (or resync) ended without its store update deciding it.
 pub(super) enum Stop {
@@ -34,7 +34,7 @@ impl Stop {
         event: Option<Event>,
     ) -> (Option<Event>, Result<Outcome, Error>) {
         match self {
-            Stop::Gate(o) => (event.map(|e| verdict_event(e, &o)), Ok(o)),
+            Stop::Gate(o) => (event.map(|e| verdict_event(e, &o, None)), Ok(o)),
             Stop::Error(err) => (event.map(|e| error_event(e, &err)), Err(err)),
             Stop::Recorded(err) => (None, Err(err)),
         }
@@ -42,8 +42,10 @@ impl Stop {
 }
 
 /// The verdict as a record: ACCEPTED is "ok", anything else "denied", with the verdict
-/// and the lock state as details (never the code).
-pub(super) fn verdict_event(event: Event, o: &Outcome) -> Event {
+/// and the lock state as details (never the code). A decision that locked the
+/// credential says so in the same record (`lock` `temporary` with `locked_until`, or
+/// `hard`, and the failures counted): the lock is audited in the commit that sets it.
+pub(super) fn verdict_event(event: Event, o: &Outcome, lock: Option<LockChange>) -> Event {
     let name = match o.verdict {
         Verdict::Accepted => "accepted",
         Verdict::Rejected => "rejected",
@@ -51,12 +53,21 @@ pub(super) fn verdict_event(event: Event, o: &Outcome) -> Event {
         Verdict::Locked => "locked",
         Verdict::Disabled => "disabled",
     };
-    let event = event.with_details(
-        Details::new()
-            .str("result", name)
-            .u64("remaining_attempts", u64::from(o.remaining_attempts))
-            .u64("retry_after_seconds", u64::from(o.retry_after_seconds)),
-    );
+    let details = Details::new()
+        .str("result", name)
+        .u64("remaining_attempts", u64::from(o.remaining_attempts))
+        .u64("retry_after_seconds", u64::from(o.retry_after_seconds));
+    let details = match lock {
+        None => details,
+        Some(LockChange::Temporary { until, failures }) => details
+            .str("lock", "temporary")
+            .u64("locked_until", until)
+            .u64("failures", u64::from(failures)),
+        Some(LockChange::Hard { failures }) => details
+            .str("lock", "hard")
+            .u64("failures", u64::from(failures)),
+    };
+    let event = event.with_details(details);
     if o.verdict == Verdict::Accepted {
         event
     } else {
@@ -74,6 +85,7 @@ pub(super) fn error_event(event: Event, e: &Error) -> Event {
         Error::InvalidArgument(m) => ("invalid", Some(m.as_str())),
         Error::FailedPrecondition(_) => ("failed_precondition", None),
         Error::Hsm(_) => ("hsm_error", None),
+        Error::Integrity(_) => ("tampered", None),
         _ => ("internal", None),
     };
     let details = Details::new().str("result", result);

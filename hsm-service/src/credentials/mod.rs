@@ -12,6 +12,7 @@
 //!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
 
 mod audit;
+pub mod binding;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]
@@ -29,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
 use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
-pub use policy::{Outcome, Policy, Verdict};
+pub use policy::{LockChange, LockState, Outcome, Policy, Verdict};
 
 /// Store meta key holding the current seed master key version.
 pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
@@ -234,7 +235,7 @@ impl<S: CredentialStore> Credentials<S> {
             }
         };
         let now = self.clock.now();
-        let record = CredentialRecord {
+        let mut record = CredentialRecord {
             id,
             kind: new.kind,
             algorithm: alg,
@@ -243,18 +244,21 @@ impl<S: CredentialStore> Credentials<S> {
             t0: self.policy.totp_t0,
             wrapped_seed,
             master_key_version: version,
+            seed_binding: None,
             issuer,
             account_name: new.account_name,
             last_accepted: None,
             next_counter: new.initial_counter,
             drift_steps: 0,
             failures: 0,
+            failure_times: Vec::new(),
             locked_until: 0,
             hard_locked: false,
             disabled: false,
             created_at: now,
             updated_at: now,
         };
+        record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
         let inserted = match self.audit_event(actor, "credential.create", &record.id) {
             Some(event) => {
                 let event = audit::created_event(event, &record, provisioning_uri.is_some());
@@ -288,14 +292,9 @@ impl<S: CredentialStore> Credentials<S> {
     pub async fn verify_by(&self, actor: Option<&Actor>, id: &str, code: &str) -> Result<Outcome> {
         let event = self.audit_event(actor, "credential.verify", id);
         match self.decide_verify(id, code, event.clone()).await {
-            Ok(outcome) => {
+            Ok((outcome, lock)) => {
                 self.audited();
-                if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
-                    tracing::warn!(
-                        credential = id,
-                        "credential hard-locked after repeated failures"
-                    );
-                }
+                log_lock(id, lock);
                 Ok(outcome)
             }
             Err(stop) => self.record_stop(event, stop).await,
@@ -308,7 +307,7 @@ impl<S: CredentialStore> Credentials<S> {
         id: &str,
         code: &str,
         event: Option<Event>,
-    ) -> std::result::Result<Outcome, audit::Stop> {
+    ) -> std::result::Result<(Outcome, Option<LockChange>), audit::Stop> {
         let rec = self.get(id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
@@ -331,13 +330,14 @@ impl<S: CredentialStore> Credentials<S> {
                     if r.wrapped_seed != seed {
                         return Update::Keep(None);
                     }
+                    let before = LockState::of(r);
                     match policy::apply_verify(r, matched, now, &policy) {
-                        Update::Write(o) => Update::Write(Some(o)),
-                        Update::Keep(o) => Update::Keep(Some(o)),
-                        Update::Delete(o) => Update::Delete(Some(o)),
+                        Update::Write(o) => Update::Write(Some((o, before.change(r)))),
+                        Update::Keep(o) => Update::Keep(Some((o, None))),
+                        Update::Delete(o) => Update::Delete(Some((o, None))),
                     }
                 },
-                move |o: &Option<Outcome>| decision_event(event, o.as_ref()),
+                move |d: &Option<(Outcome, Option<LockChange>)>| decision_event(event, d.as_ref()),
             )
             .await
             .map_err(|e| not_found_or(e, id))?
@@ -374,12 +374,13 @@ impl<S: CredentialStore> Credentials<S> {
     ) -> Result<(Outcome, CredentialRecord)> {
         let event = self.audit_event(actor, "credential.resync", id);
         match self.decide_resync(id, code1, code2, event.clone()).await {
-            Ok(result) => {
+            Ok((outcome, lock, rec)) => {
                 self.audited();
-                if result.0.verdict == Verdict::Accepted {
+                log_lock(id, lock);
+                if outcome.verdict == Verdict::Accepted {
                     tracing::info!(credential = id, "credential resynchronised");
                 }
-                Ok(result)
+                Ok((outcome, rec))
             }
             Err((stop, rec)) => {
                 let outcome = self.record_stop(event, stop).await?;
@@ -398,8 +399,10 @@ impl<S: CredentialStore> Credentials<S> {
         code1: &str,
         code2: &str,
         event: Option<Event>,
-    ) -> std::result::Result<(Outcome, CredentialRecord), (audit::Stop, Option<CredentialRecord>)>
-    {
+    ) -> std::result::Result<
+        (Outcome, Option<LockChange>, CredentialRecord),
+        (audit::Stop, Option<CredentialRecord>),
+    > {
         let stop = |e: Error| (audit::Stop::Error(e), None);
         let rec = self.get(id).await.map_err(stop)?;
         let digits = Digits::new(u32::from(rec.digits))
@@ -443,16 +446,18 @@ impl<S: CredentialStore> Credentials<S> {
                     if r.wrapped_seed != seed {
                         return Update::Keep(None);
                     }
+                    let before = LockState::of(r);
                     let decided = policy::apply_resync(r, matched, current_step, now, &policy);
+                    let lock = before.change(r);
                     let snapshot = r.clone();
                     match decided {
-                        Update::Write(o) => Update::Write(Some((o, snapshot))),
-                        Update::Keep(o) => Update::Keep(Some((o, snapshot))),
-                        Update::Delete(o) => Update::Delete(Some((o, snapshot))),
+                        Update::Write(o) => Update::Write(Some((o, lock, snapshot))),
+                        Update::Keep(o) => Update::Keep(Some((o, None, snapshot))),
+                        Update::Delete(o) => Update::Delete(Some((o, None, snapshot))),
                     }
                 },
-                move |r: &Option<(Outcome, CredentialRecord)>| {
-                    decision_event(event, r.as_ref().map(|(o, _)| o))
+                move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>| {
+                    decision_event(event, r.as_ref().map(|(o, l, _)| (*o, *l)).as_ref())
                 },
             )
             .await
@@ -499,11 +504,7 @@ impl<S: CredentialStore> Credentials<S> {
                     match action {
                         Action::Enable => r.disabled = false,
                         Action::Disable => r.disabled = true,
-                        Action::Unlock => {
-                            r.hard_locked = false;
-                            r.locked_until = 0;
-                            r.failures = 0;
-                        }
+                        Action::Unlock => policy::forget_failures(r),
                     }
                     r.updated_at = now;
                     Update::Write(r.clone())
@@ -564,15 +565,19 @@ impl<S: CredentialStore> Credentials<S> {
     ) -> Result<Vec<u32>> {
         let factors: Vec<[u8; 8]> = window.map(otp::moving_factor).collect();
         let len = rec.algorithm.digest_len();
+        // The HSM checks the binding before it unwraps (once per cached handle).
+        let bound = binding::expected(rec)?;
         let macs = self
             .hsm
             .seed_macs(
                 rec.master_key_version,
                 Arc::from(rec.wrapped_seed.as_slice()),
+                bound,
                 rec.algorithm,
                 factors,
             )
-            .await?;
+            .await
+            .map_err(|e| binding::refused(rec, e))?;
         Ok(macs
             .chunks_exact(len)
             .map(|mac| otp::truncate(mac, digits))
@@ -625,12 +630,33 @@ pub async fn ensure_master_key<S: CredentialStore>(
 
 /// The record of a decision made in the store update: the verdict, or (`None`) that the
 /// credential changed under the verification.
-fn decision_event(event: Option<Event>, o: Option<&Outcome>) -> Option<Event> {
+fn decision_event(
+    event: Option<Event>,
+    decided: Option<&(Outcome, Option<LockChange>)>,
+) -> Option<Event> {
     let event = event?;
-    Some(match o {
-        Some(o) => audit::verdict_event(event, o),
+    Some(match decided {
+        Some((o, lock)) => audit::verdict_event(event, o, *lock),
         None => audit::changed_event(event),
     })
+}
+
+/// A lock a decision set, in the server log (its audit record is the decision's).
+fn log_lock(id: &str, lock: Option<LockChange>) {
+    match lock {
+        Some(LockChange::Temporary { until, failures }) => tracing::info!(
+            credential = id,
+            locked_until = until,
+            failures,
+            "credential temporarily locked after failed verifications"
+        ),
+        Some(LockChange::Hard { failures }) => tracing::warn!(
+            credential = id,
+            failures,
+            "credential hard-locked after failed verifications; an officer must unlock it"
+        ),
+        None => {}
+    }
 }
 
 fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {

@@ -3,7 +3,8 @@
 //! Encoding: one format-version byte, then postcard of a private struct with
 //! the enums as `u8` codes. The id is the table key and is not repeated in the
 //! value. A new format gets a new version byte and a new private struct; old
-//! versions stay decodable.
+//! versions stay decodable (format 1: no seed binding, a failure count without
+//! times; format 2 adds both).
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -17,6 +18,8 @@ pub const MAX_ID_LEN: usize = 256;
 
 /// First byte of every encoded record in format 1.
 const FORMAT_V1: u8 = 1;
+/// Format 2: format 1, then the seed binding and the failure times.
+const FORMAT_V2: u8 = 2;
 
 /// One credential's durable state.
 ///
@@ -40,6 +43,11 @@ pub struct CredentialRecord {
     pub wrapped_seed: Vec<u8>,
     /// Which master key version wrapped `wrapped_seed`.
     pub master_key_version: u32,
+    /// HMAC-SHA256 computed in the HSM with the seed binding key over this record's
+    /// tenant, id, kind, algorithm, digits, period and `wrapped_seed`
+    /// (`credentials::binding`): a blob moved into another record does not match it.
+    /// `None` only in records from before bindings, until the start-up migration.
+    pub seed_binding: Option<[u8; 32]>,
     /// Issuer shown in authenticator apps.
     pub issuer: String,
     /// Account name shown in authenticator apps.
@@ -51,8 +59,12 @@ pub struct CredentialRecord {
     pub next_counter: u64,
     /// TOTP drift (in steps) recorded by resync.
     pub drift_steps: i64,
-    /// Consecutive failed verifications.
+    /// Failed verifications that counted when the record was last written (those inside
+    /// the failure window, since the last success): `failure_times.len()`.
     pub failures: u32,
+    /// Unix seconds of those failures, oldest first (the lockout policy drops the ones
+    /// that left the window and keeps a bounded number).
+    pub failure_times: Vec<u64>,
     /// Unix seconds until which the credential is temporarily locked.
     pub locked_until: u64,
     /// Locked until an officer unlocks it.
@@ -80,12 +92,14 @@ impl std::fmt::Debug for CredentialRecord {
                 &format_args!("<{} bytes>", self.wrapped_seed.len()),
             )
             .field("master_key_version", &self.master_key_version)
+            .field("seed_binding", &self.seed_binding.is_some())
             .field("issuer", &self.issuer)
             .field("account_name", &self.account_name)
             .field("last_accepted", &self.last_accepted)
             .field("next_counter", &self.next_counter)
             .field("drift_steps", &self.drift_steps)
             .field("failures", &self.failures)
+            .field("failure_times", &self.failure_times)
             .field("locked_until", &self.locked_until)
             .field("hard_locked", &self.hard_locked)
             .field("disabled", &self.disabled)
@@ -120,6 +134,16 @@ struct RecordV1<'a> {
     disabled: bool,
     created_at: u64,
     updated_at: u64,
+}
+
+/// Format 2 as stored: format 1's fields, then what issue 10 added. Field order is the
+/// wire format: never reorder, only add a new format version.
+#[derive(Serialize, Deserialize)]
+struct RecordV2<'a> {
+    #[serde(borrow)]
+    v1: RecordV1<'a>,
+    seed_binding: Option<[u8; 32]>,
+    failure_times: Vec<u64>,
 }
 
 // Codes start at 1 so that zeroed bytes never decode as a valid record.
@@ -171,6 +195,97 @@ pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
 /// Encodes a record's value (everything but the id). The buffer is zeroized
 /// on drop because it holds a copy of the wrapped seed.
 pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
+    let v = RecordV2 {
+        v1: RecordV1 {
+            kind: kind_code(rec.kind),
+            algorithm: alg_code(rec.algorithm),
+            digits: rec.digits,
+            period_seconds: rec.period_seconds,
+            t0: rec.t0,
+            wrapped_seed: &rec.wrapped_seed,
+            master_key_version: rec.master_key_version,
+            issuer: &rec.issuer,
+            account_name: &rec.account_name,
+            last_accepted: rec.last_accepted,
+            next_counter: rec.next_counter,
+            drift_steps: rec.drift_steps,
+            failures: rec.failures,
+            locked_until: rec.locked_until,
+            hard_locked: rec.hard_locked,
+            disabled: rec.disabled,
+            created_at: rec.created_at,
+            updated_at: rec.updated_at,
+        },
+        seed_binding: rec.seed_binding,
+        failure_times: rec.failure_times.clone(),
+    };
+    // Upper bound (varints <= 10 bytes, 4 length prefixes) so the Vec never
+    // reallocates, which would leave an unzeroized copy of the seed behind.
+    let cap = 1
+        + 17 * 10
+        + 33
+        + 10 * rec.failure_times.len()
+        + rec.wrapped_seed.len()
+        + rec.issuer.len()
+        + rec.account_name.len();
+    let mut buf = Vec::with_capacity(cap);
+    buf.push(FORMAT_V2);
+    // Serializing plain integers, bools and slices into a Vec cannot fail.
+    let buf = postcard::to_extend(&v, buf).expect("postcard encoding into a Vec is infallible");
+    Zeroizing::new(buf)
+}
+
+/// Decodes the value stored under `id`. Errors name the id and the defect,
+/// never the bytes.
+pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
+    let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
+    let (v, seed_binding, failure_times) = match version {
+        FORMAT_V1 => {
+            let v: RecordV1<'_> = take_all(body).map_err(|e| corrupt(&e))?;
+            // Format 1 kept a count only: its failures are taken as made at the last
+            // change, so they leave the failure window a window after it.
+            let n = usize::try_from(v.failures)
+                .unwrap_or(usize::MAX)
+                .min(crate::credentials::policy::MAX_COUNTED_FAILURES);
+            let times = vec![v.updated_at; n];
+            (v, None, times)
+        }
+        FORMAT_V2 => {
+            let v: RecordV2<'_> = take_all(body).map_err(|e| corrupt(&e))?;
+            (v.v1, v.seed_binding, v.failure_times)
+        }
+        other => return Err(corrupt(&format!("unknown record format version {other}"))),
+    };
+    Ok(CredentialRecord {
+        id: id.to_owned(),
+        kind: kind_from(v.kind).ok_or_else(|| corrupt(&format!("unknown kind code {}", v.kind)))?,
+        algorithm: alg_from(v.algorithm)
+            .ok_or_else(|| corrupt(&format!("unknown algorithm code {}", v.algorithm)))?,
+        digits: v.digits,
+        period_seconds: v.period_seconds,
+        t0: v.t0,
+        wrapped_seed: v.wrapped_seed.to_vec(),
+        master_key_version: v.master_key_version,
+        seed_binding,
+        issuer: v.issuer.to_owned(),
+        account_name: v.account_name.to_owned(),
+        last_accepted: v.last_accepted,
+        next_counter: v.next_counter,
+        drift_steps: v.drift_steps,
+        failures: v.failures,
+        failure_times,
+        locked_until: v.locked_until,
+        hard_locked: v.hard_locked,
+        disabled: v.disabled,
+        created_at: v.created_at,
+        updated_at: v.updated_at,
+    })
+}
+
+/// A record in format 1, as versions before format 2 wrote it (tests of old stores).
+#[cfg(test)]
+pub(super) fn encode_v1(rec: &CredentialRecord) -> Vec<u8> {
     let v = RecordV1 {
         kind: kind_code(rec.kind),
         algorithm: alg_code(rec.algorithm),
@@ -191,49 +306,15 @@ pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
         created_at: rec.created_at,
         updated_at: rec.updated_at,
     };
-    // Upper bound (varints <= 10 bytes, 3 length prefixes) so the Vec never
-    // reallocates, which would leave an unzeroized copy of the seed behind.
-    let cap = 1 + 16 * 10 + rec.wrapped_seed.len() + rec.issuer.len() + rec.account_name.len();
-    let mut buf = Vec::with_capacity(cap);
-    buf.push(FORMAT_V1);
-    // Serializing plain integers, bools and slices into a Vec cannot fail.
-    let buf = postcard::to_extend(&v, buf).expect("postcard encoding into a Vec is infallible");
-    Zeroizing::new(buf)
+    postcard::to_extend(&v, vec![FORMAT_V1]).expect("postcard encoding into a Vec is infallible")
 }
 
-/// Decodes the value stored under `id`. Errors name the id and the defect,
-/// never the bytes.
-pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
-    let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
-    let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
-    if version != FORMAT_V1 {
-        return Err(corrupt(&format!("unknown record format version {version}")));
-    }
-    let (v, rest): (RecordV1<'_>, _) =
-        postcard::take_from_bytes(body).map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+/// One postcard value that is the whole of `body`.
+fn take_all<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    let (v, rest): (T, _) =
+        postcard::take_from_bytes(body).map_err(|e| format!("undecodable: {e}"))?;
     if !rest.is_empty() {
-        return Err(corrupt("trailing bytes after record"));
+        return Err("trailing bytes after record".into());
     }
-    Ok(CredentialRecord {
-        id: id.to_owned(),
-        kind: kind_from(v.kind).ok_or_else(|| corrupt(&format!("unknown kind code {}", v.kind)))?,
-        algorithm: alg_from(v.algorithm)
-            .ok_or_else(|| corrupt(&format!("unknown algorithm code {}", v.algorithm)))?,
-        digits: v.digits,
-        period_seconds: v.period_seconds,
-        t0: v.t0,
-        wrapped_seed: v.wrapped_seed.to_vec(),
-        master_key_version: v.master_key_version,
-        issuer: v.issuer.to_owned(),
-        account_name: v.account_name.to_owned(),
-        last_accepted: v.last_accepted,
-        next_counter: v.next_counter,
-        drift_steps: v.drift_steps,
-        failures: v.failures,
-        locked_until: v.locked_until,
-        hard_locked: v.hard_locked,
-        disabled: v.disabled,
-        created_at: v.created_at,
-        updated_at: v.updated_at,
-    })
+    Ok(v)
 }
