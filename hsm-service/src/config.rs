@@ -56,10 +56,187 @@ pub struct ServerConfig {
     /// Seconds that in-flight calls get to finish after SIGTERM.
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Certificate revocation lists (PEM or DER files) of the client CAs; re-read on
+    /// SIGHUP. Empty: no revocation check.
+    #[serde(default)]
+    pub client_crls: Vec<PathBuf>,
+    /// HTTP/2, timeouts and decode limits.
+    #[serde(default)]
+    pub limits: TransportLimits,
 }
 
 fn default_grace() -> u64 {
     30
+}
+
+/// Transport limits (`[server.limits]`): what one connection or one call may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportLimits {
+    /// Seconds a TLS handshake may take; slower ones are dropped.
+    pub handshake_timeout_seconds: u64,
+    /// TLS handshakes in progress at once; further connections wait to be accepted.
+    pub max_pending_handshakes: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Calls of one connection that run at once; the others of its open streams wait.
+    pub max_concurrent_calls_per_connection: usize,
+    /// Streams a client may reset before they are accepted before the connection gets
+    /// a GOAWAY (h2's rapid-reset protection).
+    pub max_pending_reset_streams: usize,
+    /// Streams the server may reset for protocol errors on one connection before it
+    /// closes it.
+    pub max_local_reset_streams: usize,
+    /// Seconds a call may take, including a client's shorter `grpc-timeout`.
+    pub request_timeout_seconds: u64,
+    /// Seconds between HTTP/2 keepalive pings on an idle connection.
+    pub keepalive_interval_seconds: u64,
+    /// Seconds a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout_seconds: u64,
+    /// Seconds after which a connection is asked to close (GOAWAY); clients reconnect.
+    pub max_connection_age_seconds: u64,
+    /// Seconds a connection past its age gets to finish its calls before it is closed.
+    pub max_connection_age_grace_seconds: u64,
+    /// Largest request message of CredentialService, AdminService and AuditService, in
+    /// bytes.
+    pub max_request_bytes: usize,
+    /// Largest request message of SigningService and KeyService (claims, messages to
+    /// sign, CSRs), in bytes.
+    pub max_signing_request_bytes: usize,
+    /// Largest request message of CeremonyService (plans, shares), in bytes.
+    pub max_ceremony_request_bytes: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            handshake_timeout_seconds: 10,
+            max_pending_handshakes: 256,
+            max_concurrent_streams: 128,
+            max_concurrent_calls_per_connection: 32,
+            max_pending_reset_streams: 20,
+            max_local_reset_streams: 1024,
+            request_timeout_seconds: 30,
+            keepalive_interval_seconds: 60,
+            keepalive_timeout_seconds: 20,
+            max_connection_age_seconds: 3600,
+            max_connection_age_grace_seconds: 60,
+            max_request_bytes: 4 * 1024,
+            max_signing_request_bytes: 64 * 1024,
+            max_ceremony_request_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// `(key, value, lowest, highest)`: a bounded setting, checked by [`check_bounds`].
+type Bound<'a> = (&'a str, u64, u64, u64);
+
+/// Every bound in `bounds`, with one message naming the key and its range.
+fn check_bounds(bounds: &[Bound<'_>]) -> Result<(), String> {
+    for &(key, value, low, high) in bounds {
+        if value < low || value > high {
+            return Err(format!(
+                "{key} must be between {low} and {high} (is {value})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One day, in seconds: the upper bound of most durations.
+const DAY: u64 = 86_400;
+
+impl TransportLimits {
+    /// Lower and upper bounds of every limit.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = self;
+        check_bounds(&[
+            (
+                "server.limits.handshake_timeout_seconds",
+                l.handshake_timeout_seconds,
+                1,
+                60,
+            ),
+            (
+                "server.limits.max_pending_handshakes",
+                l.max_pending_handshakes as u64,
+                1,
+                65_536,
+            ),
+            (
+                "server.limits.max_concurrent_streams",
+                u64::from(l.max_concurrent_streams),
+                1,
+                1024,
+            ),
+            (
+                "server.limits.max_concurrent_calls_per_connection",
+                l.max_concurrent_calls_per_connection as u64,
+                1,
+                u64::from(l.max_concurrent_streams),
+            ),
+            (
+                "server.limits.max_pending_reset_streams",
+                l.max_pending_reset_streams as u64,
+                1,
+                1000,
+            ),
+            (
+                "server.limits.max_local_reset_streams",
+                l.max_local_reset_streams as u64,
+                1,
+                10_000,
+            ),
+            (
+                "server.limits.request_timeout_seconds",
+                l.request_timeout_seconds,
+                1,
+                600,
+            ),
+            (
+                "server.limits.keepalive_interval_seconds",
+                l.keepalive_interval_seconds,
+                1,
+                3600,
+            ),
+            (
+                "server.limits.keepalive_timeout_seconds",
+                l.keepalive_timeout_seconds,
+                1,
+                300,
+            ),
+            (
+                "server.limits.max_connection_age_seconds",
+                l.max_connection_age_seconds,
+                60,
+                7 * DAY,
+            ),
+            (
+                "server.limits.max_connection_age_grace_seconds",
+                l.max_connection_age_grace_seconds,
+                1,
+                3600,
+            ),
+            (
+                "server.limits.max_request_bytes",
+                l.max_request_bytes as u64,
+                1024,
+                1 << 20,
+            ),
+            (
+                "server.limits.max_signing_request_bytes",
+                l.max_signing_request_bytes as u64,
+                4 * 1024,
+                2 << 20,
+            ),
+            (
+                "server.limits.max_ceremony_request_bytes",
+                l.max_ceremony_request_bytes as u64,
+                64 * 1024,
+                16 << 20,
+            ),
+        ])
+    }
 }
 
 /// PKCS#11 module, token and session pool.
@@ -220,6 +397,15 @@ pub struct ClientRule {
     /// `signing.acr_values`. Absent: all of `signing.acr_values`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acr: Option<Vec<String>>,
+    /// SHA-256 (64 hex digits) of the CA certificate in `server.client_ca` that must have
+    /// issued the client certificate. Absent: any of the client CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_fingerprint: Option<String>,
+}
+
+/// Whether `fp` is a SHA-256 fingerprint as the config writes them: 64 hex digits.
+pub fn is_fingerprint(fp: &str) -> bool {
+    fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Assertion signing (`[signing]`).
@@ -266,6 +452,10 @@ fn default_max_auth_age() -> u64 {
     86_400
 }
 
+/// The longest `signing.max_auth_age_seconds` (30 days): `auth_time` arithmetic stays
+/// far from overflow and an assertion never vouches for a month-old login.
+pub const MAX_AUTH_AGE_SECONDS: u64 = 30 * DAY;
+
 impl Default for SigningConfig {
     fn default() -> Self {
         SigningConfig {
@@ -295,6 +485,20 @@ impl SigningConfig {
                 "signing.default_ttl_seconds must be between 1 and signing.max_ttl_seconds".into(),
             );
         }
+        check_bounds(&[
+            (
+                "signing.max_ttl_seconds",
+                u64::from(self.max_ttl_seconds),
+                1,
+                DAY,
+            ),
+            (
+                "signing.max_auth_age_seconds",
+                self.max_auth_age_seconds,
+                1,
+                MAX_AUTH_AGE_SECONDS,
+            ),
+        ])?;
         if self.acr_values.iter().any(String::is_empty) {
             return Err("signing.acr_values must not contain an empty value".into());
         }
@@ -400,8 +604,7 @@ impl CeremonyConfig {
         for (i, o) in self.officers.iter().enumerate() {
             match (&o.cn, &o.fingerprint) {
                 (Some(cn), None) if !cn.is_empty() => {}
-                (None, Some(fp))
-                    if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                (None, Some(fp)) if is_fingerprint(fp) => {}
                 (None, Some(_)) => {
                     return Err(format!(
                         "ceremony.officer[{i}].fingerprint must be 64 hex digits (SHA-256 of the certificate DER)"
@@ -422,9 +625,12 @@ impl CeremonyConfig {
                 self.officers.len()
             ));
         }
-        if self.approval_ttl_seconds < 60 {
-            return Err("ceremony.approval_ttl_seconds must be at least 60".into());
-        }
+        check_bounds(&[(
+            "ceremony.approval_ttl_seconds",
+            self.approval_ttl_seconds,
+            60,
+            30 * DAY,
+        )])?;
         if self.max_validity_days == 0 || self.max_validity_days > MAX_CERTIFICATE_VALIDITY_DAYS {
             return Err(format!(
                 "ceremony.max_validity_days must be between 1 and {MAX_CERTIFICATE_VALIDITY_DAYS}"
@@ -500,6 +706,9 @@ impl Config {
         fix(&mut self.server.cert);
         fix(&mut self.server.key);
         fix(&mut self.server.client_ca);
+        for crl in &mut self.server.client_crls {
+            fix(crl);
+        }
         if self.ceremony.transcript_dir.is_relative() {
             self.ceremony.transcript_dir = self.data_dir.join(&self.ceremony.transcript_dir);
         }
@@ -531,6 +740,14 @@ impl Config {
                 }
             }
         }
+        for crl in &self.server.client_crls {
+            if !crl.is_file() {
+                return Err(format!(
+                    "server.client_crls: file {} does not exist",
+                    crl.display()
+                ));
+            }
+        }
         match (&self.hsm.token_label, &self.hsm.token_serial) {
             (Some(_), None) | (None, Some(_)) => {}
             _ => return Err("set exactly one of hsm.token_label and hsm.token_serial".into()),
@@ -546,6 +763,23 @@ impl Config {
             return Err("hsm.queue_capacity must be at least 1".into());
         }
         let c = &self.credentials;
+        check_bounds(&[
+            (
+                "credentials.max_backoff_seconds",
+                u64::from(c.max_backoff_seconds),
+                1,
+                30 * DAY,
+            ),
+            // 2100-01-01: a T0 beyond it is a typo, and keeps step arithmetic small.
+            ("credentials.totp_t0", c.totp_t0, 0, 4_102_444_800),
+            (
+                "server.shutdown_grace_seconds",
+                self.server.shutdown_grace_seconds,
+                0,
+                3600,
+            ),
+        ])?;
+        self.server.limits.validate()?;
         if c.totp_window > 10 {
             return Err("credentials.totp_window must be at most 10".into());
         }
@@ -589,6 +823,15 @@ impl Config {
             match (&rule.cn, &rule.uri) {
                 (Some(_), None) | (None, Some(_)) => {}
                 _ => return Err(format!("client[{i}]: set exactly one of cn and uri")),
+            }
+            if rule
+                .issuer_fingerprint
+                .as_deref()
+                .is_some_and(|fp| !is_fingerprint(fp))
+            {
+                return Err(format!(
+                    "client[{i}].issuer_fingerprint must be 64 hex digits (SHA-256 of the issuing CA certificate)"
+                ));
             }
         }
         self.signing.validate(&self.clients)?;
@@ -830,6 +1073,16 @@ mod tests {
                 Box::new(|c| c.credentials.failure_window_seconds = 30 * 86_400 + 1),
                 "credentials.failure_window_seconds must be 60..2592000",
             ),
+            (
+                "issuer fingerprint not hex",
+                Box::new(|c| c.clients[2].issuer_fingerprint = Some("ab".into())),
+                "client[2].issuer_fingerprint",
+            ),
+            (
+                "missing CRL file",
+                Box::new(|c| c.server.client_crls = vec![PathBuf::from("/nonexistent.crl")]),
+                "server.client_crls",
+            ),
         ];
         for (name, mutate, expected) in cases {
             let mut c = base.clone();
@@ -839,11 +1092,178 @@ mod tests {
             c.server.key = existing.clone();
             c.server.client_ca = existing.clone();
             c.hsm.module = existing.clone();
+            c.server.client_crls = vec![existing.clone()];
             c.hsm.user_pin_file = Some(existing);
             assert!(c.validate().is_ok(), "base config must be valid");
             mutate(&mut c);
             let err = c.validate().expect_err(name);
             assert!(err.contains(expected), "{name}: {err}");
         }
+    }
+
+    /// Every duration and limit has a lower and an upper bound; each side of each bound
+    /// is refused with the key's name, and the bound itself is accepted.
+    #[test]
+    fn bounds_table() {
+        let mut base: Config =
+            toml::from_str(include_str!("../config.example.toml")).expect("parses");
+        let existing = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        base.server.cert = existing.clone();
+        base.server.key = existing.clone();
+        base.server.client_ca = existing.clone();
+        base.hsm.module = existing.clone();
+        base.server.client_crls = vec![existing.clone()];
+        base.hsm.user_pin_file = Some(existing);
+        assert_eq!(base.validate(), Ok(()));
+        type Set = fn(&mut Config, u64);
+        let cases: Vec<(&str, Set, u64, u64)> = vec![
+            (
+                "server.shutdown_grace_seconds",
+                |c, v| c.server.shutdown_grace_seconds = v,
+                0,
+                3600,
+            ),
+            (
+                "server.limits.handshake_timeout_seconds",
+                |c, v| c.server.limits.handshake_timeout_seconds = v,
+                1,
+                60,
+            ),
+            (
+                "server.limits.max_pending_handshakes",
+                |c, v| c.server.limits.max_pending_handshakes = v as usize,
+                1,
+                65_536,
+            ),
+            (
+                "server.limits.max_concurrent_streams",
+                |c, v| {
+                    c.server.limits.max_concurrent_streams = v as u32;
+                    c.server.limits.max_concurrent_calls_per_connection = 1;
+                },
+                1,
+                1024,
+            ),
+            (
+                "server.limits.max_concurrent_calls_per_connection",
+                |c, v| c.server.limits.max_concurrent_calls_per_connection = v as usize,
+                1,
+                128,
+            ),
+            (
+                "server.limits.max_pending_reset_streams",
+                |c, v| c.server.limits.max_pending_reset_streams = v as usize,
+                1,
+                1000,
+            ),
+            (
+                "server.limits.max_local_reset_streams",
+                |c, v| c.server.limits.max_local_reset_streams = v as usize,
+                1,
+                10_000,
+            ),
+            (
+                "server.limits.request_timeout_seconds",
+                |c, v| c.server.limits.request_timeout_seconds = v,
+                1,
+                600,
+            ),
+            (
+                "server.limits.keepalive_interval_seconds",
+                |c, v| c.server.limits.keepalive_interval_seconds = v,
+                1,
+                3600,
+            ),
+            (
+                "server.limits.keepalive_timeout_seconds",
+                |c, v| c.server.limits.keepalive_timeout_seconds = v,
+                1,
+                300,
+            ),
+            (
+                "server.limits.max_connection_age_seconds",
+                |c, v| c.server.limits.max_connection_age_seconds = v,
+                60,
+                7 * DAY,
+            ),
+            (
+                "server.limits.max_connection_age_grace_seconds",
+                |c, v| c.server.limits.max_connection_age_grace_seconds = v,
+                1,
+                3600,
+            ),
+            (
+                "server.limits.max_request_bytes",
+                |c, v| c.server.limits.max_request_bytes = v as usize,
+                1024,
+                1 << 20,
+            ),
+            (
+                "server.limits.max_signing_request_bytes",
+                |c, v| c.server.limits.max_signing_request_bytes = v as usize,
+                4096,
+                2 << 20,
+            ),
+            (
+                "server.limits.max_ceremony_request_bytes",
+                |c, v| c.server.limits.max_ceremony_request_bytes = v as usize,
+                64 * 1024,
+                16 << 20,
+            ),
+            (
+                "credentials.max_backoff_seconds",
+                |c, v| {
+                    c.credentials.max_backoff_seconds = v as u32;
+                    c.credentials.base_backoff_seconds = 1;
+                },
+                1,
+                30 * DAY,
+            ),
+            (
+                "credentials.totp_t0",
+                |c, v| c.credentials.totp_t0 = v,
+                0,
+                4_102_444_800,
+            ),
+            (
+                "signing.max_ttl_seconds",
+                |c, v| c.signing.max_ttl_seconds = v as u32,
+                300,
+                DAY,
+            ),
+            (
+                "signing.max_auth_age_seconds",
+                |c, v| c.signing.max_auth_age_seconds = v,
+                1,
+                MAX_AUTH_AGE_SECONDS,
+            ),
+            (
+                "ceremony.approval_ttl_seconds",
+                |c, v| c.ceremony.approval_ttl_seconds = v,
+                60,
+                30 * DAY,
+            ),
+        ];
+        for (key, set, low, high) in cases {
+            for ok in [low, high] {
+                let mut c = base.clone();
+                set(&mut c, ok);
+                assert_eq!(c.validate(), Ok(()), "{key} = {ok}");
+            }
+            let mut outside = vec![high + 1];
+            if low > 0 {
+                outside.push(low - 1);
+            }
+            for bad in outside {
+                let mut c = base.clone();
+                set(&mut c, bad);
+                let err = c.validate().expect_err(key);
+                assert!(err.contains(key), "{key} = {bad}: {err}");
+            }
+        }
+        // u64::MAX seconds of auth age, the release-mode overflow of issue 10, is refused.
+        let mut c = base.clone();
+        c.signing.max_auth_age_seconds = u64::MAX;
+        assert!(c.validate().is_err());
     }
 }

@@ -159,6 +159,8 @@ fn dev_config(
             key: "pki/server.key".into(),
             client_ca: "pki/ca.crt".into(),
             shutdown_grace_seconds: 10,
+            client_crls: Vec::new(),
+            limits: crate::config::TransportLimits::default(),
         },
         hsm: HsmConfig {
             module: module.to_owned(),
@@ -182,6 +184,7 @@ fn dev_config(
                 role: *role,
                 signing_keys: None,
                 acr: None,
+                issuer_fingerprint: None,
             })
             .collect(),
         signing: crate::signing::dev_config(),

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +17,9 @@ use hsm_proto::v1::ceremony_service_server::CeremonyServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
 use hsm_proto::v1::key_service_server::KeyServiceServer;
 use hsm_proto::v1::signing_service_server::SigningServiceServer;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api::audit::AuditApi;
@@ -34,11 +28,17 @@ use crate::api::signing::{Keys, Signing};
 use crate::api::{admin::Admin, credentials::CredentialApi, AppState, State};
 use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Details, Event};
-use crate::auth::Authorizer;
-use crate::config::Config;
+use crate::auth::{Authorizer, RoleGateLayer};
+use crate::config::{Config, TransportLimits};
 use crate::credentials::Credentials;
 use crate::hsm::{Hsm, HsmSettings};
 use crate::store::{EmbeddedStore, StoreOptions};
+
+mod accept;
+mod oversize;
+mod tls;
+
+pub use tls::TlsConfigSource;
 
 /// Why the service did not start. One line each, naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,7 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     state: State,
+    tls: Arc<TlsConfigSource>,
 }
 
 impl RunningServer {
@@ -104,6 +105,12 @@ impl RunningServer {
         }
     }
 
+    /// Re-read `server.client_crls` for every later handshake (what SIGHUP does). On a
+    /// bad file the previous CRLs stay in force; either way one log line says so.
+    pub fn reload_crls(&self) -> Result<usize, String> {
+        reload_crls(&self.tls)
+    }
+
     /// A sender that stops the server when `true` is sent.
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
@@ -122,7 +129,14 @@ pub(crate) async fn start_with_store(
     config: Config,
     store_options: StoreOptions,
 ) -> Result<RunningServer, StartError> {
-    let tls = load_tls(&config)?;
+    let tls = Arc::new(TlsConfigSource::load(&config)?);
+    let client_cas: Vec<Vec<u8>> = TlsConfigSource::client_cas(&config)?
+        .iter()
+        .map(|c| c.to_vec())
+        .collect();
+    let authorizer = Authorizer::new(config.clients.clone())
+        .with_client_cas(&client_cas)
+        .map_err(StartError::Tls)?;
     let pin = config.user_pin().map_err(StartError::Hsm)?;
     let settings = HsmSettings {
         module: config.hsm.module.clone(),
@@ -193,7 +207,7 @@ pub(crate) async fn start_with_store(
         credentials,
         clock: clock.clone(),
         audit: audit.clone(),
-        authorizer: Authorizer::new(config.clients.clone()).with_audit(audit.clone()),
+        authorizer: Arc::new(authorizer.with_audit(audit.clone())),
         started: Instant::now(),
         signing,
         ceremonies,
@@ -226,30 +240,45 @@ pub(crate) async fn start_with_store(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(monitor_health(hsm.clone(), health, shutdown_rx.clone()));
 
-    let router = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|e| StartError::Tls(e.to_string()))?
+    let limits = &config.server.limits;
+    let small = limits.max_request_bytes;
+    let signing_size = limits.max_signing_request_bytes;
+    let router = transport(limits)
+        .layer(oversize::OversizeStatusLayer)
+        .layer(RoleGateLayer::new(state.authorizer.clone()))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AdminServiceServer::new(Admin::new(state.clone())))
-        .add_service(AuditServiceServer::new(AuditApi::new(state.clone())))
-        .add_service(CredentialServiceServer::new(CredentialApi::new(
-            state.clone(),
-        )))
-        .add_service(SigningServiceServer::new(Signing::new(state.clone())))
-        .add_service(KeyServiceServer::new(Keys::new(state.clone())))
-        .add_service(CeremonyServiceServer::new(CeremonyApi::new(state.clone())));
+        .add_service(
+            AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(small),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditApi::new(state.clone())).max_decoding_message_size(small),
+        )
+        .add_service(
+            CredentialServiceServer::new(CredentialApi::new(state.clone()))
+                .max_decoding_message_size(small),
+        )
+        .add_service(
+            SigningServiceServer::new(Signing::new(state.clone()))
+                .max_decoding_message_size(signing_size),
+        )
+        .add_service(
+            KeyServiceServer::new(Keys::new(state.clone())).max_decoding_message_size(signing_size),
+        )
+        .add_service(
+            CeremonyServiceServer::new(CeremonyApi::new(state.clone()))
+                .max_decoding_message_size(limits.max_ceremony_request_bytes),
+        );
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    // Small HTTP/2 frames must not wait for Nagle's algorithm and the peer's delayed ACK
-    // (measured: 40 ms per round trip of concurrent calls without this).
-    // A socket that refuses the option still gets served, just slower.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(tcp) = &conn {
-            let _ = tcp.set_nodelay(true);
-        }
-        conn
-    });
+    let incoming = accept::incoming(
+        listener,
+        tls.clone(),
+        accept::AcceptOptions {
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
+            max_pending: limits.max_pending_handshakes,
+        },
+    );
     let task = tokio::spawn(async move {
         let mut rx = shutdown_rx;
         let signal = async move {
@@ -261,7 +290,11 @@ pub(crate) async fn start_with_store(
         };
         let result = router.serve_with_incoming_shutdown(incoming, signal).await;
         // Close the HSM sessions (the pool joins its threads on drop) off the runtime.
-        // The last records: the stop, then a checkpoint that covers everything.
+        // The last records: the refusals still being counted, the stop, then a
+        // checkpoint that covers everything.
+        if let Err(e) = audit.flush_denied().await {
+            tracing::error!(error = %e, "audit: cannot record refused calls");
+        }
         let stop = Event::new(
             clock.now_ms(),
             Actor::service(),
@@ -285,7 +318,39 @@ pub(crate) async fn start_with_store(
         shutdown: shutdown_tx,
         task,
         state,
+        tls,
     })
+}
+
+/// The HTTP/2 server with the config's limits: tonic's defaults leave streams per
+/// connection unbounded, the local reset-stream limit off, and no timeout, keepalive or
+/// connection age at all.
+fn transport(limits: &TransportLimits) -> tonic::transport::Server {
+    let secs = Duration::from_secs;
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .concurrency_limit_per_connection(limits.max_concurrent_calls_per_connection)
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
+        .http2_max_local_error_reset_streams(Some(limits.max_local_reset_streams))
+        .timeout(secs(limits.request_timeout_seconds))
+        .http2_keepalive_interval(Some(secs(limits.keepalive_interval_seconds)))
+        .http2_keepalive_timeout(Some(secs(limits.keepalive_timeout_seconds)))
+        .max_connection_age(secs(limits.max_connection_age_seconds))
+        .max_connection_age_grace(secs(limits.max_connection_age_grace_seconds))
+}
+
+/// [`RunningServer::reload_crls`], logging the outcome in one line.
+fn reload_crls(tls: &TlsConfigSource) -> Result<usize, String> {
+    match tls.reload_crls() {
+        Ok(count) => {
+            tracing::info!(crls = count, "client CRLs reloaded");
+            Ok(count)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "client CRLs not reloaded; the previous ones stay in force");
+            Err(e)
+        }
+    }
 }
 
 /// Serve until `signal` resolves, then shut down gracefully.
@@ -298,6 +363,8 @@ pub async fn run(
     on_ready(server.local_addr());
     let stop = server.shutdown_handle();
     let grace = server.grace;
+    spawn_reload_on_sighup(server.tls.clone(), stop.subscribe())
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
     tokio::select! {
         () = signal => { let _ = stop.send(true); }
         _ = stop.closed() => {}
@@ -312,6 +379,29 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// Reload the CRLs on each SIGHUP until the server stops.
+fn spawn_reload_on_sighup(
+    tls: Arc<TlsConfigSource>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangup.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    let _ = reload_crls(&tls);
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The hsm.v1 services, as the health service names them.
@@ -428,62 +518,4 @@ async fn monitor_health(
             return;
         }
     }
-}
-
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|e| StartError::Tls(format!("{what} {}: {e}", path.display())))
-}
-
-/// Read the TLS files and check that the server key belongs to the server certificate.
-fn load_tls(config: &Config) -> Result<ServerTlsConfig, StartError> {
-    let cert_pem = read("server.cert", &config.server.cert)?;
-    let key_pem = read("server.key", &config.server.key)?;
-    let ca_pem = read("server.client_ca", &config.server.client_ca)?;
-
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            StartError::Tls(format!("server.cert {}: {e}", config.server.cert.display()))
-        })?;
-    if chain.is_empty() {
-        return Err(StartError::Tls(format!(
-            "server.cert {}: no certificate in the file",
-            config.server.cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| StartError::Tls(format!("server.key {}: {e}", config.server.key.display())))?;
-    rustls::sign::CertifiedKey::new(chain, signing_key)
-        .keys_match()
-        .map_err(|_| {
-            StartError::Tls(format!(
-                "server.key {} does not match the certificate in server.cert {}",
-                config.server.key.display(),
-                config.server.cert.display()
-            ))
-        })?;
-    let ca_count = CertificateDer::pem_slice_iter(&ca_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            StartError::Tls(format!(
-                "server.client_ca {}: {e}",
-                config.server.client_ca.display()
-            ))
-        })?
-        .len();
-    if ca_count == 0 {
-        return Err(StartError::Tls(format!(
-            "server.client_ca {}: no certificate in the file",
-            config.server.client_ca.display()
-        )));
-    }
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert_pem, key_pem))
-        .client_ca_root(Certificate::from_pem(ca_pem))
-        .timeout(Duration::from_secs(10)))
 }

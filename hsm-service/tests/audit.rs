@@ -305,3 +305,137 @@ async fn refused_verifications_and_lifecycle_changes_are_recorded() {
     );
     server.shutdown().await.expect("shutdown");
 }
+
+/// 10,000 refused calls while verifications run: the refusals become a few records whose
+/// counts add up to 10,000, and every verification is answered ACCEPTED meanwhile. The
+/// refusal is the handler's (a login service may not lift a lock), so every call is
+/// answered on its connection; the role gate in front of the handlers reports through
+/// the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
+    const REFUSED: u64 = 10_000;
+    const CONNECTIONS: u64 = 4;
+    const PER_CONNECTION: u64 = 8;
+    const VERIFIERS: usize = 4;
+
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let login = common::client(env.dir.path(), "login-service", addr).await;
+    for i in 0..VERIFIERS {
+        create_hotp(&login, &format!("flood-{i}"), &seed(i)).await;
+    }
+    let started = Instant::now();
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut verifiers = Vec::new();
+    for i in 0..VERIFIERS {
+        let c = common::client(env.dir.path(), "login-service", addr).await;
+        let flooding = flooding.clone();
+        verifiers.push(tokio::spawn(async move {
+            let (id, seed) = (format!("flood-{i}"), seed(i));
+            let mut counter = 0u64;
+            while flooding.load(Ordering::Relaxed) {
+                let r = c
+                    .credentials()
+                    .verify_code(pb::VerifyCodeRequest {
+                        credential_id: id.clone(),
+                        code: hotp(&seed, counter),
+                    })
+                    .await
+                    .expect("verifications are answered during the flood")
+                    .into_inner();
+                assert_eq!(r.result, pb::VerifyResult::Accepted as i32);
+                counter += 1;
+            }
+            counter
+        }));
+    }
+    let calls_each = REFUSED.div_ceil(CONNECTIONS * PER_CONNECTION);
+    let mut flooders = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let c = common::client(env.dir.path(), "login-service", addr).await;
+        for _ in 0..PER_CONNECTION {
+            let c = c.clone();
+            flooders.push(tokio::spawn(async move {
+                for _ in 0..calls_each {
+                    let e = c
+                        .credentials()
+                        .update_credential_state(pb::UpdateCredentialStateRequest {
+                            credential_id: "flood-0".into(),
+                            action: pb::CredentialAction::Unlock as i32,
+                        })
+                        .await
+                        .expect_err("a login service may not unlock");
+                    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+                }
+            }));
+        }
+    }
+    for f in flooders {
+        f.await.expect("flooder");
+    }
+    let sent = calls_each * CONNECTIONS * PER_CONNECTION;
+    flooding.store(false, Ordering::Relaxed);
+    let mut verified = 0;
+    for v in verifiers {
+        verified += v.await.expect("verifier");
+    }
+    let elapsed = started.elapsed();
+    assert!(verified > 0);
+
+    // A checkpoint writes the refusals still being counted first.
+    let auditor = common::client(env.dir.path(), "auditor", addr).await;
+    auditor
+        .audit()
+        .checkpoint_audit(pb::CheckpointAuditRequest {})
+        .await
+        .expect("checkpoint");
+    let (jsonl, keys) = export(&auditor).await;
+    assert!(hsm_service::audit::verify(jsonl.as_slice(), &keys).is_ok());
+    let denied: Vec<hsm_service::audit::AuditRecord> = std::str::from_utf8(&jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| hsm_service::audit::AuditRecord::from_json_line(l).expect("record"))
+        .filter(|r| r.action == "auth.denied")
+        .collect();
+    eprintln!(
+        "{sent} refusals -> {} auth.denied records in {elapsed:?}; {verified} verifications meanwhile",
+        denied.len()
+    );
+    let counted: u64 = denied
+        .iter()
+        .map(|r| {
+            r.details
+                .as_ref()
+                .and_then(|d| d.get("count"))
+                .and_then(|v| v.as_u64())
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(counted, sent, "the counts add up");
+    // One caller, one reason: at most one record per window of the run (and the last).
+    let windows = elapsed.as_secs() + 2;
+    assert!(
+        (denied.len() as u64) <= windows,
+        "{} records for {sent} refusals in {elapsed:?}",
+        denied.len()
+    );
+    for r in &denied {
+        let reason = r.details.as_ref().and_then(|d| d.get("reason"));
+        assert_eq!(
+            (
+                r.actor.subject.as_str(),
+                r.object.as_str(),
+                reason.and_then(|v| v.as_str())
+            ),
+            (
+                "login-service",
+                "hsm.v1.CredentialService/UpdateCredentialState",
+                Some("login-service")
+            ),
+            "{}",
+            r.to_json_line()
+        );
+    }
+    server.shutdown().await.expect("shutdown");
+}

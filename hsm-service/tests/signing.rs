@@ -485,10 +485,12 @@ async fn malformed_raw_signing_requests_are_rejected() {
             "encoding: unknown value 7",
         ),
         (
+            // Beyond SigningService's decode limit (server.limits.max_signing_request_bytes),
+            // refused before the message is read.
             "message too long",
             Box::new(|r| r.message = Some(vec![0; hsm_service::signing::MAX_MESSAGE_LEN + 1])),
-            Code::InvalidArgument,
-            "message is",
+            Code::ResourceExhausted,
+            "message length too large",
         ),
         (
             "key not granted",

@@ -31,7 +31,7 @@ pub struct AppState {
     /// The audit trail.
     pub audit: Arc<AuditLog>,
     /// Certificate -> role.
-    pub authorizer: Authorizer,
+    pub authorizer: Arc<Authorizer>,
     /// Process start, for uptime.
     pub started: Instant,
     /// Signing keys and everything signed with them.

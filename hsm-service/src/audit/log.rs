@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use super::denied::{DeniedCalls, DENIED_WINDOW};
 use super::{checkpoint_statement, AuditRecord, Chain, CheckpointClaim, Event, Head};
 use crate::common::Clock;
 use crate::error::{Error, Result};
@@ -102,6 +103,8 @@ pub struct AuditLog {
     checkpointing: AtomicBool,
     /// Held for a whole checkpoint (read head, sign, append): one at a time.
     checkpoint_lock: tokio::sync::Mutex<()>,
+    /// Refused calls of the current window, written by [`AuditLog::flush_denied`].
+    denied: DeniedCalls,
     clock: Clock,
 }
 
@@ -141,7 +144,7 @@ impl AuditLog {
             }
         };
         let key_id = format!("audit-{}", &crate::common::hex(&cka_id)[..16]);
-        Ok(Arc::new(AuditLog {
+        let log = Arc::new(AuditLog {
             store,
             hsm,
             key_cka_id: cka_id,
@@ -151,8 +154,11 @@ impl AuditLog {
             since_checkpoint: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             checkpoint_lock: tokio::sync::Mutex::new(()),
+            denied: DeniedCalls::default(),
             clock,
-        }))
+        });
+        spawn_denied_flusher(&log);
+        Ok(log)
     }
 
     /// Key id -> uncompressed public key, for offline verification.
@@ -190,6 +196,35 @@ impl AuditLog {
         }
     }
 
+    /// Count a refused call; its record is written with the others of its window (see
+    /// [`super::denied`]). Costs the refused caller no write of its own.
+    pub fn denied(&self, subject: &str, fingerprint: &str, method: &str, reason: &str) {
+        self.denied
+            .note(self.clock.now_ms(), subject, fingerprint, method, reason);
+    }
+
+    /// Write the refused calls gathered so far: one record per caller and reason, all in
+    /// one job. Returns how many records were written. Runs every
+    /// [`super::denied::DENIED_WINDOW`], before each checkpoint and at shutdown.
+    pub async fn flush_denied(self: &Arc<Self>) -> Result<u64> {
+        let events = self.denied.take(self.clock.now_ms());
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let n = events.len() as u64;
+        self.store
+            .write(move |txn| {
+                for event in events {
+                    append_in(txn, event)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("audit: refused calls: {e}")))?;
+        self.appended(n);
+        Ok(n)
+    }
+
     /// Now, in Unix milliseconds, by the service's clock (for audit events' timestamps).
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
@@ -204,7 +239,9 @@ impl AuditLog {
     /// has nothing new to vouch for: that checkpoint is returned and nothing is written.
     /// The write job itself never rolls back its batch for a refused checkpoint (it
     /// leaves the transaction clean), so a checkpoint cannot fail anyone else's write.
-    pub async fn checkpoint(&self) -> Result<Option<AuditRecord>> {
+    pub async fn checkpoint(self: &Arc<Self>) -> Result<Option<AuditRecord>> {
+        // The refusals counted so far belong before the head this checkpoint signs.
+        self.flush_denied().await?;
         let _one_at_a_time = self.checkpoint_lock.lock().await;
         let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
         let last = self
@@ -278,6 +315,22 @@ impl AuditLog {
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+}
+
+/// One task per log writes the refused calls of each window; it ends with the log.
+fn spawn_denied_flusher(log: &Arc<AuditLog>) {
+    let weak = Arc::downgrade(log);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DENIED_WINDOW);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(log) = weak.upgrade() else { return };
+            if let Err(e) = log.flush_denied().await {
+                tracing::error!(error = %e, "audit: cannot record refused calls");
+            }
+        }
+    });
 }
 
 /// The last stored record, checked against its own hash (`None`: empty log).

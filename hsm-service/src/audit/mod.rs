@@ -4,4 +4,5 @@
 
 pub use hsm_audit::*;
 
+pub mod denied;
 pub mod log;

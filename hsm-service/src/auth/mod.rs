@@ -17,10 +17,14 @@ use x509_cert::Certificate;
 use std::sync::Arc;
 
 use crate::audit::log::AuditLog;
-use crate::audit::{Actor, Details, Event};
+use crate::audit::Actor;
 use crate::common::hex;
 use crate::config::ClientRule;
 use crate::error::Error;
+
+pub mod gate;
+
+pub use gate::RoleGateLayer;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,6 +68,9 @@ pub struct Identity {
 /// per client certificate rather than once per call.
 pub struct Authorizer {
     rules: Vec<ClientRule>,
+    /// The client CA certificates (DER) by SHA-256 fingerprint (lower-case hex), for
+    /// the rules' `issuer_fingerprint`.
+    issuers: HashMap<String, Vec<u8>>,
     audit: Option<Arc<AuditLog>>,
     cache: Mutex<HashMap<[u8; 32], Result<Identity, String>>>,
 }
@@ -76,9 +83,56 @@ impl Authorizer {
     pub fn new(rules: Vec<ClientRule>) -> Authorizer {
         Authorizer {
             rules,
+            issuers: HashMap::new(),
             audit: None,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The client CA certificates (DER) that `issuer_fingerprint` may name. A rule whose
+    /// fingerprint names none of them is refused here, with the rule's index.
+    pub fn with_client_cas(mut self, cas: &[Vec<u8>]) -> Result<Authorizer, String> {
+        self.issuers = cas
+            .iter()
+            .map(|der| (fingerprint(der), der.clone()))
+            .collect();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(fp) = &rule.issuer_fingerprint {
+                if !self.issuers.contains_key(&fp.to_ascii_lowercase()) {
+                    return Err(format!(
+                        "client[{i}].issuer_fingerprint {fp} is not the SHA-256 of a certificate in server.client_ca"
+                    ));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether the CA certificate with fingerprint `fp` issued `leaf` itself: the leaf
+    /// verifies with that certificate as its only trust anchor and no intermediates.
+    fn issued_by(&self, leaf: &[u8], fp: &str) -> bool {
+        let Some(ca) = self.issuers.get(&fp.to_ascii_lowercase()) else {
+            return false;
+        };
+        let ca = rustls::pki_types::CertificateDer::from(ca.as_slice());
+        let leaf = rustls::pki_types::CertificateDer::from(leaf);
+        let (Ok(anchor), Ok(end_entity)) = (
+            webpki::anchor_from_trusted_cert(&ca),
+            webpki::EndEntityCert::try_from(&leaf),
+        ) else {
+            return false;
+        };
+        end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &[anchor],
+                &[],
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .is_ok()
     }
 
     /// Record every refused call in `log`.
@@ -87,26 +141,15 @@ impl Authorizer {
         self
     }
 
-    /// Record a refusal. Not a state change the caller waits on: it is written in the
-    /// background, so a flood of refused calls costs the refusing caller nothing extra.
-    fn record_denied(&self, subject: &str, fingerprint: &str, method: &str, why: &str) {
-        let Some(log) = self.audit.clone() else {
-            return;
-        };
-        let event = Event::new(
-            log.now_ms(),
-            Actor::new(subject, fingerprint),
-            "auth.denied",
-            method,
-        )
-        .denied()
-        .with_details(Details::new().str("reason", why));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = log.record(event).await {
-                    tracing::error!(error = %e, "audit: cannot record a refused call");
-                }
-            });
+    /// Record a refused call: counted in the audit log's current window and written
+    /// with the other refusals of that window, one record per caller (fingerprint) and
+    /// reason with a count (see [`crate::audit::denied`]), so a flood of refused calls
+    /// costs no write per call and cannot crowd verifications off the commit path.
+    /// Every place that refuses a caller reports here (handlers through [`authorize`],
+    /// and any layer that refuses before a handler runs).
+    pub fn record_denied(&self, subject: &str, fingerprint: &str, method: &str, why: &str) {
+        if let Some(log) = &self.audit {
+            log.denied(subject, fingerprint, method, why);
         }
     }
 
@@ -150,10 +193,16 @@ impl Authorizer {
                 .collect(),
             _ => Vec::new(),
         };
-        let rule = self.rules.iter().find(|r| match (&r.cn, &r.uri) {
-            (Some(cn), _) => !subject.is_empty() && *cn == subject,
-            (None, Some(uri)) => uris.iter().any(|u| u == uri),
-            (None, None) => false,
+        let rule = self.rules.iter().find(|r| {
+            let named = match (&r.cn, &r.uri) {
+                (Some(cn), _) => !subject.is_empty() && *cn == subject,
+                (None, Some(uri)) => uris.iter().any(|u| u == uri),
+                (None, None) => false,
+            };
+            named
+                && r.issuer_fingerprint
+                    .as_deref()
+                    .is_none_or(|fp| self.issued_by(der, fp))
         });
         match rule {
             Some(rule) => Ok(Identity {
@@ -182,21 +231,33 @@ pub fn authorize<T>(
         .get::<tonic::GrpcMethod>()
         .map(|m| format!("{}/{}", m.service(), m.method()))
         .unwrap_or_default();
-    let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
-        authorizer.record_denied("", "", &method, "no client certificate");
+    let leaf = request.peer_certs().and_then(|c| c.first().cloned());
+    check(
+        authorizer,
+        leaf.as_ref().map(|c| c.as_ref()),
+        &method,
+        allowed,
+    )
+}
+
+/// The caller with leaf certificate `leaf`, required to hold one of `allowed` to call
+/// `method` (`service/method`); the one place that decides and records refusals, used by
+/// [`authorize`] in the handlers and by [`gate`] before a request body is read.
+pub(crate) fn check(
+    authorizer: &Authorizer,
+    leaf: Option<&[u8]>,
+    method: &str,
+    allowed: &[Role],
+) -> Result<Identity, Error> {
+    let Some(leaf) = leaf else {
+        authorizer.record_denied("", "", method, "no client certificate");
         return Err(Error::PermissionDenied("no client certificate".into()));
     };
-    let identity = match authorizer.identify(leaf.as_ref()) {
+    let identity = match authorizer.identify(leaf) {
         Ok(identity) => identity,
         Err(e) => {
-            let fingerprint =
-                hex(ring::digest::digest(&ring::digest::SHA256, leaf.as_ref()).as_ref());
-            authorizer.record_denied(
-                "",
-                &fingerprint,
-                &method,
-                "certificate not mapped to a role",
-            );
+            let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+            authorizer.record_denied("", &fingerprint, method, "certificate not mapped to a role");
             return Err(e);
         }
     };
@@ -212,7 +273,7 @@ pub fn authorize<T>(
         authorizer.record_denied(
             &identity.subject,
             &identity.fingerprint,
-            &method,
+            method,
             identity.role.as_str(),
         );
         Err(Error::PermissionDenied(format!(
@@ -220,6 +281,11 @@ pub fn authorize<T>(
             identity.role.as_str()
         )))
     }
+}
+
+/// SHA-256 of `der`, lower-case hex, as fingerprints are written in the config.
+fn fingerprint(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 impl Identity {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use hsm_client::{ClientConfig, HsmClient};
 
+pub mod pki;
+
 /// A client of `addr` presenting the dev certificate `identity` of `data_dir`.
 pub async fn client(data_dir: &Path, identity: &str, addr: SocketAddr) -> HsmClient {
     ClientConfig::dev(data_dir, identity)

@@ -1,0 +1,273 @@
+//! Transport: revocation (CRLs, reloaded), issuer pinning, decode limits and the role
+//! check before decoding, against the real server and client.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use common::pki;
+use hsm_client::proto::{ApproveCeremonyRequest, GetStatusRequest, VerifyCodeRequest};
+use hsm_client::ClientConfig;
+use hsm_service::testing::DevEnv;
+use tonic::Code;
+
+/// A client of `addr` with the certificate `dir/<file>.crt` and `.key`.
+fn config(env: &DevEnv, addr: std::net::SocketAddr, dir: &Path, file: &str) -> ClientConfig {
+    ClientConfig {
+        endpoint: format!("https://{addr}"),
+        ca: env.pki("ca.crt"),
+        cert: dir.join(format!("{file}.crt")),
+        key: dir.join(format!("{file}.key")),
+    }
+}
+
+/// Whether a handshake with `config` is refused: at connect, or (TLS 1.3 lets the client
+/// finish first) at its first call.
+async fn refused(config: &ClientConfig) -> bool {
+    match config.connect().await {
+        Err(_) => true,
+        Ok(client) => client.health().await.is_err(),
+    }
+}
+
+async fn serves(config: &ClientConfig) -> bool {
+    match config.connect().await {
+        Err(_) => false,
+        Ok(client) => client.health().await.is_ok(),
+    }
+}
+
+#[tokio::test]
+async fn revoked_certificate_fails_the_handshake_and_crls_reload() {
+    let mut env = DevEnv::new();
+    let pki_dir = env.dir.path().join("pki");
+    let ca = pki::dev_ca(env.dir.path());
+    let crl_path = env.dir.path().join("clients.crl");
+    // Start with a CRL (PEM) that revokes nothing.
+    std::fs::write(&crl_path, pki::crl(&ca, 1, &[]).0).expect("write CRL");
+    env.config.server.client_crls = vec![crl_path.clone()];
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let login = config(&env, addr, &pki_dir, "login-service");
+    let officer = config(&env, addr, &pki_dir, "officer-1");
+    assert!(serves(&login).await, "not revoked yet");
+
+    // Revoke login-service (a DER CRL this time) and reload as SIGHUP does.
+    let revoked = pki::serial(&pki_dir.join("login-service.crt"));
+    std::fs::write(&crl_path, pki::crl(&ca, 2, &[revoked]).1).expect("write CRL");
+    assert_eq!(server.reload_crls(), Ok(1));
+    assert!(refused(&login).await, "revoked certificate accepted");
+    assert!(serves(&officer).await, "other certificates still work");
+
+    // A broken file keeps the previous CRLs in force.
+    std::fs::write(&crl_path, b"not a CRL").expect("write");
+    let err = server.reload_crls().expect_err("a bad CRL file is refused");
+    assert!(err.contains("clients.crl"), "{err}");
+    assert!(refused(&login).await, "the old CRLs must stay in force");
+    assert!(serves(&officer).await);
+
+    // An empty CRL again: the certificate works again.
+    std::fs::write(&crl_path, pki::crl(&ca, 3, &[]).0).expect("write CRL");
+    assert_eq!(server.reload_crls(), Ok(1));
+    assert!(serves(&login).await);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_bad_crl_file_stops_the_start_with_its_name() {
+    let mut env = DevEnv::new();
+    let crl_path = env.dir.path().join("broken.crl");
+    std::fs::write(
+        &crl_path,
+        b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .expect("write");
+    env.config.server.client_crls = vec![crl_path];
+    let err = hsm_service::server::start(env.config.clone())
+        .await
+        .err()
+        .expect("start refused")
+        .to_string();
+    assert!(err.contains("broken.crl"), "{err}");
+}
+
+#[tokio::test]
+async fn issuer_fingerprint_keeps_a_shared_ca_from_minting_a_role() {
+    let mut env = DevEnv::new();
+    let dir = env.dir.path().to_owned();
+    let (officers_ca, officers_ca_pem) = pki::new_ca("officers CA");
+    // Both CAs are client CAs; only the officers' one may issue officer-1.
+    let dev_ca_pem = std::fs::read_to_string(env.pki("ca.crt")).expect("ca.crt");
+    let client_cas = dir.join("client-cas.pem");
+    std::fs::write(&client_cas, format!("{dev_ca_pem}{officers_ca_pem}")).expect("write");
+    env.config.server.client_ca = client_cas;
+    pki::client_cert(&officers_ca, "officer-1", &dir, "officer-1-pinned");
+    let rule = env
+        .config
+        .clients
+        .iter_mut()
+        .find(|r| r.cn.as_deref() == Some("officer-1"))
+        .expect("officer-1 rule");
+    rule.issuer_fingerprint = Some(pki::fingerprint(&officers_ca_pem).to_uppercase());
+    let server = env.start().await;
+    let addr = server.local_addr();
+
+    let pinned = config(&env, addr, &dir, "officer-1-pinned")
+        .connect()
+        .await
+        .expect("connect");
+    let status = pinned
+        .admin()
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("the pinned CA's officer-1 is an officer")
+        .into_inner();
+    assert_eq!(status.caller_role, "officer");
+
+    // The shared dev CA's officer-1: a valid client certificate with the right name,
+    // but not from the pinned CA.
+    let minted = config(&env, addr, &dir.join("pki"), "officer-1")
+        .connect()
+        .await
+        .expect("connect");
+    let err = minted
+        .admin()
+        .get_status(GetStatusRequest {})
+        .await
+        .expect_err("officer-1 from the shared CA");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not mapped to a role"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await.expect("shutdown");
+
+    // A fingerprint that names no client CA stops the start.
+    let mut env2 = DevEnv::new();
+    env2.config.clients[0].issuer_fingerprint = Some("ab".repeat(32));
+    let err = hsm_service::server::start(env2.config.clone())
+        .await
+        .err()
+        .expect("start refused")
+        .to_string();
+    assert!(err.contains("client[0].issuer_fingerprint"), "{err}");
+}
+
+#[tokio::test]
+async fn oversized_verify_code_is_resource_exhausted() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let login = common::client(env.dir.path(), "login-service", server.local_addr()).await;
+    let limit = env.config.server.limits.max_request_bytes;
+    let err = login
+        .credentials()
+        .verify_code(VerifyCodeRequest {
+            credential_id: "x".into(),
+            code: "1".repeat(limit + 1),
+        })
+        .await
+        .expect_err("oversized");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    // Within the limit the request reaches the handler (which does not know the id).
+    let err = login
+        .credentials()
+        .verify_code(VerifyCodeRequest {
+            credential_id: "x".into(),
+            code: "123456".into(),
+        })
+        .await
+        .expect_err("unknown credential");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Every log line of this test process, for the check that a refused body never
+/// reaches one.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("hsm_service=trace")
+            .with_writer(move || LogSink(sink.clone()))
+            .init();
+        logs
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_login_service_s_huge_ceremony_id_is_refused_before_decoding() {
+    let logs = captured_logs();
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let login = common::client(env.dir.path(), "login-service", addr).await;
+    let huge = "z".repeat(1 << 20);
+    let approve = |id: &str| ApproveCeremonyRequest {
+        ceremony_id: id.to_owned(),
+        kek_share: String::new(),
+    };
+    let err = login
+        .ceremonies()
+        .approve_ceremony(approve(&huge))
+        .await
+        .expect_err("login-service may not approve");
+    // PERMISSION_DENIED, not RESOURCE_EXHAUSTED: the 1 MiB body (beyond the ceremony
+    // decode limit) was never decoded.
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("role login-service"),
+        "{}",
+        err.message()
+    );
+
+    // An officer's 1 MiB id is decoded, and too large for the ceremony service.
+    let officer = common::client(env.dir.path(), "officer-1", addr).await;
+    let err = officer
+        .ceremonies()
+        .approve_ceremony(approve(&huge))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    server.shutdown().await.expect("shutdown");
+
+    let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
+    assert!(
+        text.contains("caller's role lacks the permission"),
+        "the refusal is logged"
+    );
+    assert!(
+        !text.contains(&"z".repeat(64)),
+        "the body reached a log line"
+    );
+}
+
+/// The reference config's `client_crls` paths resolve against the config's directory.
+#[test]
+fn crl_paths_are_relative_to_the_config() {
+    let text = include_str!("../config.example.toml");
+    let mut config: hsm_service::config::Config = toml::from_str(text).expect("parses");
+    config.server.client_crls = vec![PathBuf::from("crl/clients.crl")];
+    config.resolve(Path::new("/etc/hsm-service"));
+    assert_eq!(
+        config.server.client_crls,
+        vec![PathBuf::from("/etc/hsm-service/crl/clients.crl")]
+    );
+}
