@@ -71,14 +71,27 @@ pub(super) fn expected(rec: &CredentialRecord) -> Result<SeedBinding> {
 
 /// Compute `rec`'s binding (its blob as it is now) in the HSM.
 pub(super) async fn compute(hsm: &Hsm, rec: &CredentialRecord) -> Result<[u8; BINDING_LEN]> {
-    let mut macs = hsm
-        .seed_bindings(vec![(
-            context(tenant_of(rec), rec),
-            rec.wrapped_seed.clone(),
-        )])
-        .await?;
+    let mut macs = macs(hsm, std::slice::from_ref(rec)).await?;
     macs.pop()
         .ok_or_else(|| Error::Internal("no binding computed".into()))
+}
+
+/// Bind each of `recs` (its blob as it is now), in one HSM job: for records made
+/// outside [`super::Credentials::create`], such as bulk imports into the store.
+pub async fn bind_all(hsm: &Hsm, recs: &mut [CredentialRecord]) -> Result<()> {
+    let macs = macs(hsm, recs).await?;
+    for (rec, mac) in recs.iter_mut().zip(macs) {
+        rec.seed_binding = Some(mac);
+    }
+    Ok(())
+}
+
+async fn macs(hsm: &Hsm, recs: &[CredentialRecord]) -> Result<Vec<[u8; BINDING_LEN]>> {
+    let items = recs
+        .iter()
+        .map(|r| (context(tenant_of(r), r), r.wrapped_seed.clone()))
+        .collect();
+    Ok(hsm.seed_bindings(items).await?)
 }
 
 /// The HSM refused `rec`'s blob: map it to the tampering answer, logging it (ids and
@@ -155,13 +168,7 @@ pub async fn migrate(hsm: &Hsm, store: &EmbeddedStore, batch: usize) -> Result<u
         if todo.is_empty() {
             continue;
         }
-        let macs = hsm
-            .seed_bindings(
-                todo.iter()
-                    .map(|r| (context(tenant_of(r), r), r.wrapped_seed.clone()))
-                    .collect(),
-            )
-            .await?;
+        let macs = macs(hsm, &todo).await?;
         for (rec, mac) in todo.into_iter().zip(macs) {
             let blob = rec.wrapped_seed;
             let stored = store
