@@ -177,17 +177,30 @@ fn verify(c: &mut Criterion) {
                     let now = cb.now.fetch_add(30, Ordering::Relaxed) + 30;
                     let code = software_code(SEED, now / 30);
                     let service = cb.service.clone();
-                    async move { service.verify("totp", &code).await.expect("verify") }
+                    async move {
+                        service
+                            .verify(hsm_benches::BENCH_TENANT, "totp", &code)
+                            .await
+                            .expect("verify")
+                    }
                 })
             });
         }
         g.bench_function(format!("totp_reject{suffix}"), |b| {
-            b.to_async(&rt)
-                .iter(|| async { cb.service.verify("totp", "000000").await.expect("verify") })
+            b.to_async(&rt).iter(|| async {
+                cb.service
+                    .verify(hsm_benches::BENCH_TENANT, "totp", "000000")
+                    .await
+                    .expect("verify")
+            })
         });
         g.bench_function(format!("hotp_reject{suffix}"), |b| {
-            b.to_async(&rt)
-                .iter(|| async { cb.service.verify("hotp", "000000").await.expect("verify") })
+            b.to_async(&rt).iter(|| async {
+                cb.service
+                    .verify(hsm_benches::BENCH_TENANT, "hotp", "000000")
+                    .await
+                    .expect("verify")
+            })
         });
     }
     g.finish();

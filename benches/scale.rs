@@ -34,20 +34,26 @@ fn main() {
     let cb = CredentialBench::with_seed_cache(&rt, 2, 1_000);
     // A template record: the service's own create path made it, so its parameters and
     // wrapped seed have the shape real ones have.
-    rt.block_on(cb.service.create(NewCredential {
-        id: Some("template".into()),
-        kind: OtpKind::Totp,
-        algorithm: HashAlgorithm::Sha1,
-        digits: 6,
-        period_seconds: 30,
-        seed: None,
-        reveal_seed: false,
-        issuer: "Scale".into(),
-        account_name: "citizen".into(),
-        initial_counter: 0,
-    }))
+    rt.block_on(cb.service.create(
+        hsm_benches::BENCH_TENANT,
+        NewCredential {
+            id: Some("template".into()),
+            kind: OtpKind::Totp,
+            algorithm: HashAlgorithm::Sha1,
+            digits: 6,
+            period_seconds: 30,
+            seed: None,
+            reveal_seed: false,
+            issuer: "Scale".into(),
+            account_name: "citizen".into(),
+            initial_counter: 0,
+            subject: Some("citizen".into()),
+        },
+    ))
     .expect("template");
-    let template = rt.block_on(cb.service.get("template")).expect("get");
+    let template = rt
+        .block_on(cb.service.get(hsm_benches::BENCH_TENANT, "template"))
+        .expect("get");
 
     let started = Instant::now();
     let mut made = 1usize;
@@ -154,7 +160,10 @@ async fn median_verify(cb: &CredentialBench, count: usize) -> Duration {
     for _ in 0..SAMPLES {
         let id = random_id(&mut state, count);
         let t = Instant::now();
-        service.verify(&id, "000000").await.expect("verify");
+        service
+            .verify(hsm_benches::BENCH_TENANT, &id, "000000")
+            .await
+            .expect("verify");
         samples.push(t.elapsed());
     }
     median(samples)
@@ -166,7 +175,11 @@ async fn median_read(cb: &CredentialBench, count: usize) -> Duration {
     for _ in 0..SAMPLES {
         let id = random_id(&mut state, count);
         let t = Instant::now();
-        cb.store.get(&id).await.expect("get").expect("exists");
+        cb.store
+            .get(hsm_benches::BENCH_TENANT, &id)
+            .await
+            .expect("get")
+            .expect("exists");
         samples.push(t.elapsed());
     }
     median(samples)

@@ -44,8 +44,13 @@ pub enum Cmd {
         /// HOTP import: the token's current counter.
         #[arg(long, default_value_t = 0)]
         counter: u64,
+        /// The citizen's pseudonymous id at the login service; without it an accepted
+        /// code gives no evidence id for `sign assertion --evidence`.
+        #[arg(long, default_value = "")]
+        subject: String,
     },
-    /// Check a code; exits 0 only when ACCEPTED.
+    /// Check a code; exits 0 only when ACCEPTED (and then prints the evidence id, when the
+    /// credential has a subject).
     Verify {
         /// Credential id.
         id: String,
@@ -65,6 +70,10 @@ pub enum Cmd {
     Get {
         /// Credential id.
         id: String,
+        /// Officers: the credential's tenant (required for them; login services act on
+        /// their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
     /// List credentials in id order.
     List {
@@ -77,26 +86,45 @@ pub enum Cmd {
         /// Follow every page.
         #[arg(long)]
         all: bool,
+        /// Officers: only this tenant's credentials (default: every tenant's).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
     /// Refuse every code until enabled.
     Disable {
         /// Credential id.
         id: String,
+        /// Officers: the credential's tenant (required for them; login services act on
+        /// their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
     /// Verify codes again.
     Enable {
         /// Credential id.
         id: String,
+        /// Officers: the credential's tenant (required for them; login services act on
+        /// their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
     /// Lift a lock and reset the failure count (role officer).
     Unlock {
         /// Credential id.
         id: String,
+        /// Officers: the credential's tenant (required for them; login services act on
+        /// their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
     /// Remove a credential.
     Delete {
         /// Credential id.
         id: String,
+        /// Officers: the credential's tenant (required for them; login services act on
+        /// their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
     },
 }
 
@@ -135,6 +163,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
             issuer,
             account,
             counter,
+            subject,
         } => {
             let seed = match seed_file {
                 Some(path) => read_seed(path)?,
@@ -159,6 +188,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                     issuer: issuer.clone(),
                     account_name: account.clone(),
                     initial_counter: *counter,
+                    subject: subject.clone(),
                 })
                 .await?
                 .into_inner();
@@ -190,6 +220,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                 r.remaining_attempts,
                 r.retry_after_seconds,
                 None,
+                &r.evidence_id,
                 json_out,
             ))
         }
@@ -207,13 +238,15 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                 r.remaining_attempts,
                 r.retry_after_seconds,
                 r.credential.as_ref(),
+                "",
                 json_out,
             ))
         }
-        Cmd::Get { id } => {
+        Cmd::Get { id, tenant } => {
             let cred = c
                 .get_credential(pb::GetCredentialRequest {
                     credential_id: id.clone(),
+                    tenant: tenant.clone(),
                 })
                 .await?
                 .into_inner();
@@ -224,6 +257,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
             page_size,
             page_token,
             all,
+            tenant,
         } => {
             let mut token = page_token.clone();
             let mut items = Vec::new();
@@ -232,6 +266,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                     .list_credentials(pb::ListCredentialsRequest {
                         page_size: *page_size,
                         page_token: token,
+                        tenant: tenant.clone(),
                     })
                     .await?
                     .into_inner();
@@ -250,11 +285,12 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
             } else {
                 for cred in &items {
                     println!(
-                        "{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}",
                         cred.credential_id,
                         kind_name(cred.kind),
                         state_name(cred.state),
-                        cred.failures
+                        cred.failures,
+                        cred.tenant
                     );
                 }
                 if !next.is_empty() {
@@ -263,7 +299,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Disable { id } | Cmd::Enable { id } | Cmd::Unlock { id } => {
+        Cmd::Disable { id, tenant } | Cmd::Enable { id, tenant } | Cmd::Unlock { id, tenant } => {
             let action = match cmd {
                 Cmd::Disable { .. } => pb::CredentialAction::Disable,
                 Cmd::Enable { .. } => pb::CredentialAction::Enable,
@@ -273,15 +309,17 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                 .update_credential_state(pb::UpdateCredentialStateRequest {
                     credential_id: id.clone(),
                     action: action as i32,
+                    tenant: tenant.clone(),
                 })
                 .await?
                 .into_inner();
             show(&cred, json_out);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Delete { id } => {
+        Cmd::Delete { id, tenant } => {
             c.delete_credential(pb::DeleteCredentialRequest {
                 credential_id: id.clone(),
+                tenant: tenant.clone(),
             })
             .await?;
             if json_out {
@@ -340,6 +378,7 @@ fn verdict_out(
     remaining: u32,
     retry_after: u32,
     cred: Option<&pb::Credential>,
+    evidence_id: &str,
     json_out: bool,
 ) -> ExitCode {
     let name = pb::VerifyResult::try_from(result)
@@ -354,11 +393,19 @@ fn verdict_out(
         if let Some(c) = cred {
             v["credential"] = credential_json(c);
         }
+        if !evidence_id.is_empty() {
+            v["evidence_id"] = json!(evidence_id);
+        }
         println!("{v}");
-    } else if retry_after > 0 {
-        println!("{name} (retry after {retry_after} s)");
     } else {
-        println!("{name} ({remaining} attempts left)");
+        if retry_after > 0 {
+            println!("{name} (retry after {retry_after} s)");
+        } else {
+            println!("{name} ({remaining} attempts left)");
+        }
+        if !evidence_id.is_empty() {
+            println!("evidence {evidence_id}");
+        }
     }
     if result == pb::VerifyResult::Accepted as i32 {
         ExitCode::SUCCESS
@@ -418,12 +465,14 @@ fn credential_json(c: &pb::Credential) -> Value {
         "last_accepted": c.last_accepted,
         "created_at": c.created_at,
         "updated_at": c.updated_at,
+        "subject": c.subject,
+        "tenant": c.tenant,
     })
 }
 
 fn print_credential(c: &pb::Credential) {
     println!(
-        "{} {} {} {} digits{} state {} failures {}{}",
+        "{} {} {} {} digits{} state {} failures {}{}{} tenant {}",
         c.credential_id,
         kind_name(c.kind),
         algorithm_name(c.algorithm),
@@ -439,6 +488,12 @@ fn print_credential(c: &pb::Credential) {
             String::new()
         } else {
             format!(" ({}:{})", c.issuer, c.account_name)
-        }
+        },
+        if c.subject.is_empty() {
+            String::new()
+        } else {
+            format!(" subject {}", c.subject)
+        },
+        c.tenant
     );
 }

@@ -94,9 +94,11 @@ pub enum Scenario {
     VerifyTotp,
     /// VerifyCode on HOTP credentials (look-ahead 10: eleven HMACs each).
     VerifyHotp,
-    /// SignAssertion.
+    /// SignAssertion alone, unbound (the caller's `[[client]]` rule needs
+    /// `unbound_assertions = true`; otherwise every call is FAILED_PRECONDITION).
     SignAssertion,
-    /// VerifyCode (TOTP) then SignAssertion, as one login does; latency of the pair.
+    /// VerifyCode (TOTP) then, for an ACCEPTED code, SignAssertion citing its evidence,
+    /// as one login does; latency of the pair.
     Mixed,
 }
 
@@ -240,6 +242,8 @@ async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, Client
             credential_id: id.clone(),
             kind: kind as i32,
             seed: seed.clone(),
+            // As a login service enrols them: accepted codes leave evidence.
+            subject: subject_of(&id),
             ..Default::default()
         };
         pending.spawn(async move { c.create_credential(req).await.map(|_| ()) });
@@ -267,6 +271,7 @@ async fn cleanup(w: &Workload) {
             .credentials()
             .delete_credential(pb::DeleteCredentialRequest {
                 credential_id: c.id.clone(),
+                tenant: String::new(),
             })
             .await;
     }
@@ -300,12 +305,13 @@ impl Workload {
     /// One request of the scenario; the outcome name (verdict or gRPC code).
     async fn one(&self) -> String {
         match self.args.scenario {
-            Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify().await,
-            Scenario::SignAssertion => self.sign().await,
+            Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify().await.0,
+            Scenario::SignAssertion => self.sign(None).await,
             Scenario::Mixed => {
-                let v = self.verify().await;
-                if v == "ACCEPTED" || v == "REPLAYED" {
-                    let s = self.sign().await;
+                // As a login does: an accepted code, then an assertion citing its evidence.
+                let (v, evidence) = self.verify().await;
+                if let Some(evidence) = evidence {
+                    let s = self.sign(Some(&evidence)).await;
                     if s != "OK" {
                         return format!("sign {s}");
                     }
@@ -315,7 +321,9 @@ impl Workload {
         }
     }
 
-    async fn verify(&self) -> String {
+    /// A verification: the outcome name, and for an ACCEPTED code its evidence (id and
+    /// subject).
+    async fn verify(&self) -> (String, Option<(String, String)>) {
         let cred = self.pick();
         let wrong = self.unit() < self.args.wrong_share;
         let factor = match self.args.scenario {
@@ -337,26 +345,39 @@ impl Workload {
             })
             .await;
         match r {
-            Ok(r) => pb::VerifyResult::try_from(r.into_inner().result)
-                .map(|v| {
-                    v.as_str_name()
-                        .trim_start_matches("VERIFY_RESULT_")
-                        .to_owned()
-                })
-                .unwrap_or_else(|_| "UNKNOWN".into()),
-            Err(s) => format!("{:?}", s.code()),
+            Ok(r) => {
+                let r = r.into_inner();
+                let name = pb::VerifyResult::try_from(r.result)
+                    .map(|v| {
+                        v.as_str_name()
+                            .trim_start_matches("VERIFY_RESULT_")
+                            .to_owned()
+                    })
+                    .unwrap_or_else(|_| "UNKNOWN".into());
+                let evidence =
+                    (!r.evidence_id.is_empty()).then(|| (r.evidence_id, subject_of(&cred.id)));
+                (name, evidence)
+            }
+            Err(s) => (format!("{:?}", s.code()), None),
         }
     }
 
-    async fn sign(&self) -> String {
+    /// An assertion citing `evidence` (id, subject), or unbound (the caller's rule must
+    /// say `unbound_assertions = true`): the outcome name.
+    async fn sign(&self, evidence: Option<&(String, String)>) -> String {
+        let (evidence_id, subject) = match evidence {
+            Some((id, subject)) => (id.clone(), subject.clone()),
+            None => (String::new(), "bench-subject".to_owned()),
+        };
         let r = self
             .client
             .signing()
             .sign_assertion(pb::SignAssertionRequest {
                 key: self.args.signing_key.clone(),
-                subject: "bench-subject".into(),
+                subject,
                 audience: vec!["https://rp.example".into()],
                 acr: self.args.acr.clone(),
+                evidence_id,
                 ..Default::default()
             })
             .await;
@@ -365,6 +386,11 @@ impl Workload {
             Err(s) => format!("{:?}", s.code()),
         }
     }
+}
+
+/// The subject the generator enrols credential `id` for.
+fn subject_of(id: &str) -> String {
+    format!("bench-{id}")
 }
 
 fn now_secs() -> u64 {

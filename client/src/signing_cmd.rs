@@ -39,21 +39,26 @@ pub struct AssertionArgs {
     /// `nonce`.
     #[arg(long, default_value = "")]
     nonce: String,
-    /// `acr`: the assurance level, one of the service's [signing] acr_values.
+    /// `acr`: the assurance level, one the service's [[signing.acr]] lets the evidence
+    /// reach (or, unbound, one of its acr values).
     #[arg(long)]
     acr: String,
-    /// `amr` (repeat for several).
+    /// `amr` (repeat for several; with --evidence the service derives it, leave it out).
     #[arg(long)]
     amr: Vec<String>,
     /// Lifetime in seconds (0: the service's default).
     #[arg(long, default_value_t = 0)]
     ttl: u32,
-    /// `auth_time`, Unix seconds (0: now).
+    /// `auth_time`, Unix seconds (0: now; with --evidence the evidence's time).
     #[arg(long, default_value_t = 0)]
     auth_time: u64,
     /// Extra claims, a JSON object.
     #[arg(long, default_value = "")]
     claims: String,
+    /// The evidence id `credential verify` printed for an accepted code (spent by this
+    /// call). Required unless the caller's [[client]] rule has unbound_assertions.
+    #[arg(long = "evidence", default_value = "")]
+    evidence: String,
 }
 
 /// Arguments of `hsmctl sign raw`.
@@ -238,6 +243,7 @@ pub async fn sign(
                     ttl_seconds: a.ttl,
                     auth_time: a.auth_time,
                     extra_claims_json: a.claims.clone(),
+                    evidence_id: a.evidence.clone(),
                 })
                 .await?
                 .into_inner();

@@ -82,7 +82,9 @@ async fn closed_loop_json_and_plot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_and_signing() {
-    let env = DevEnv::new();
+    // The sign-assertion scenario measures signing alone: unbound assertions.
+    let mut env = DevEnv::new();
+    env.allow_unbound_assertions("login-service");
     let server = env.start().await;
     let addr = server.local_addr();
     let out = hsmctl(
@@ -163,5 +165,44 @@ async fn bad_options_are_refused() {
         &["bench", "--duration", "5 parsecs"],
     );
     assert_eq!(out.status.code(), Some(2), "clap refuses a bad duration");
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_signs_with_the_evidence_of_each_accepted_code() {
+    // A stock dev service: no unbound assertions, so every assertion cites evidence.
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let out = hsmctl(
+        &env,
+        server.local_addr(),
+        "login-service",
+        &[
+            "bench",
+            "--scenario",
+            "mixed",
+            "--count",
+            "10",
+            "--duration",
+            "10s",
+            "--warmup",
+            "0s",
+            "--concurrency",
+            "1",
+            "--credentials",
+            "40",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert!(v["outcomes"]["ACCEPTED"].as_u64().unwrap_or(0) > 0, "{v}");
+    let failed_signs = v["outcomes"]
+        .as_object()
+        .expect("outcomes")
+        .keys()
+        .filter(|k| k.starts_with("sign "))
+        .count();
+    assert_eq!(failed_signs, 0, "{v}");
     server.shutdown().await.expect("shutdown");
 }

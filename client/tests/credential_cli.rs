@@ -46,6 +46,8 @@ async fn create_verify_resync_get_list() {
             "tok-1",
             "--seed-file",
             &seed_arg,
+            "--subject",
+            "citizen-4711",
             "--json",
         ],
     );
@@ -58,6 +60,10 @@ async fn create_verify_resync_get_list() {
             v["state"].as_str()
         ),
         (Some("tok-1"), Some("hotp"), Some("active"))
+    );
+    assert_eq!(
+        (v["subject"].as_str(), v["tenant"].as_str()),
+        (Some("citizen-4711"), Some("login-service"))
     );
     assert!(v.get("provisioning_uri").is_none());
 
@@ -113,7 +119,7 @@ async fn create_verify_resync_get_list() {
         .starts_with("otpauth://totp/MitID:alice?secret="));
     assert_eq!(v["credential_id"].as_str().expect("id").len(), 32);
 
-    // verify: ACCEPTED exits 0, REPLAYED exits 1
+    // verify: ACCEPTED exits 0 with the evidence id, REPLAYED exits 1 without
     let out = hsmctl(
         &env,
         addr,
@@ -121,15 +127,31 @@ async fn create_verify_resync_get_list() {
         &["credential", "verify", "tok-1", &hotp(0), "--json"],
     );
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(json(&out)["result"], "ACCEPTED");
+    let v = json(&out);
+    assert_eq!(v["result"], "ACCEPTED");
+    assert_eq!(v["evidence_id"].as_str().expect("evidence").len(), 32);
     let out = hsmctl(
         &env,
         addr,
         "login-service",
-        &["credential", "verify", "tok-1", &hotp(0)],
+        &["credential", "verify", "tok-1", &hotp(1)],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let line = stdout(&out);
+    let evidence = line
+        .lines()
+        .find_map(|l| l.strip_prefix("evidence "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(evidence.len(), 32, "{line}");
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["credential", "verify", "tok-1", &hotp(1)],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).starts_with("REPLAYED"), "{out:?}");
+    assert!(!stdout(&out).contains("evidence"), "{out:?}");
 
     // resync: 300 presses later
     let out = hsmctl(
@@ -180,6 +202,46 @@ async fn create_verify_resync_get_list() {
         "{}",
         stdout(&out)
     );
+
+    // Tenants: the second dev login service sees none of it; officers see all.
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service-b",
+        &["credential", "get", "tok-1", "--json"],
+    );
+    assert_eq!(json(&out)["error"]["code"], "NotFound");
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service-b",
+        &["credential", "list", "--json"],
+    );
+    assert_eq!(json(&out)["credentials"], serde_json::json!([]));
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &["credential", "list", "--all", "--page-size", "2", "--json"],
+    );
+    let v = json(&out);
+    let all = v["credentials"].as_array().expect("list");
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|c| c["tenant"] == "login-service"), "{v}");
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "credential",
+            "get",
+            "tok-1",
+            "--tenant",
+            "login-service",
+            "--json",
+        ],
+    );
+    assert_eq!(json(&out)["subject"], "citizen-4711");
     server.shutdown().await.expect("shutdown");
 }
 
@@ -260,6 +322,24 @@ async fn disable_enable_unlock_delete() {
         addr,
         "officer-1",
         &["credential", "unlock", "t", "--json"],
+    );
+    assert_eq!(
+        json(&out)["error"]["code"],
+        "InvalidArgument",
+        "officers name the tenant"
+    );
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "credential",
+            "unlock",
+            "t",
+            "--tenant",
+            "login-service",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(

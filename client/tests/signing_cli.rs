@@ -60,12 +60,53 @@ fn b64(s: &str) -> Vec<u8> {
         .expect("base64")
 }
 
+/// `credential create --subject` and `credential verify` through hsmctl: the evidence
+/// id of an accepted code of a new credential `id` for `subject`.
+fn evidence(env: &DevEnv, addr: SocketAddr, id: &str, subject: &str) -> String {
+    let seed = write(
+        env.dir.path(),
+        &format!("{id}.hex"),
+        b"3132333435363738393031323334353637383930",
+    );
+    let out = hsmctl(
+        env,
+        addr,
+        "login-service",
+        &[
+            "credential",
+            "create",
+            "--kind",
+            "hotp",
+            "--id",
+            id,
+            "--seed-file",
+            &seed,
+            "--subject",
+            subject,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // RFC 4226's first code of that seed.
+    let out = hsmctl(
+        env,
+        addr,
+        "login-service",
+        &["credential", "verify", id, "755224", "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    json(&out)["evidence_id"]
+        .as_str()
+        .expect("evidence id")
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_assertion_text_json_and_refusal() {
     let env = DevEnv::new();
     let server = env.start().await;
     let addr = server.local_addr();
     let acr = NSIS_ACR_VALUES[0];
+    let first = evidence(&env, addr, "c1", "citizen-1");
     let out = hsmctl(
         &env,
         addr,
@@ -79,10 +120,42 @@ async fn sign_assertion_text_json_and_refusal() {
             acr,
             "--aud",
             "rp",
+            "--evidence",
+            &first,
         ],
     );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out).trim().split('.').count(), 3, "a compact JWS");
+    // Evidence is single use; none at all is refused naming the client rule.
+    for (ev, code, text) in [
+        (first.as_str(), "FailedPrecondition", "already used"),
+        ("", "FailedPrecondition", "unbound_assertions"),
+    ] {
+        let out = hsmctl(
+            &env,
+            addr,
+            "login-service",
+            &[
+                "sign",
+                "assertion",
+                "--subject",
+                "citizen-1",
+                "--acr",
+                acr,
+                "--evidence",
+                ev,
+                "--json",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let v = json(&out);
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(
+            v["error"]["message"].as_str().expect("m").contains(text),
+            "{v}"
+        );
+    }
+    let second = evidence(&env, addr, "c2", "citizen-1");
 
     let out = hsmctl(
         &env,
@@ -101,6 +174,8 @@ async fn sign_assertion_text_json_and_refusal() {
             "otp",
             "--claims",
             r#"{"x":1}"#,
+            "--evidence",
+            &second,
             "--json",
         ],
     );
@@ -116,6 +191,9 @@ async fn sign_assertion_text_json_and_refusal() {
     ));
     assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
 
+    // Refusals of the request itself, with a valid evidence so each is due to its field.
+    let third = evidence(&env, addr, "c3", "c");
+
     let out = hsmctl(
         &env,
         addr,
@@ -129,6 +207,8 @@ async fn sign_assertion_text_json_and_refusal() {
             acr,
             "--ttl",
             "999999",
+            "--evidence",
+            &third,
             "--json",
         ],
     );
@@ -147,6 +227,8 @@ async fn sign_assertion_text_json_and_refusal() {
             acr,
             "--claims",
             r#"{"exp":1}"#,
+            "--evidence",
+            &third,
         ],
     );
     assert_eq!(out.status.code(), Some(2));

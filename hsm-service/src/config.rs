@@ -393,10 +393,18 @@ pub struct ClientRule {
     /// `signing.default_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_keys: Option<Vec<String>>,
-    /// `acr` values this client may put in assertions; each must be one of
-    /// `signing.acr_values`. Absent: all of `signing.acr_values`.
+    /// `acr` values this client may put in assertions; each must be a
+    /// `[[signing.acr]]` value or one of `signing.acr_values`. Absent: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acr: Option<Vec<String>>,
+    /// The tenant whose credentials this client sees and acts on (login services).
+    /// Absent: the rule's `cn` or `uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// May sign assertions without `evidence_id`, taking `acr`, `amr` and `auth_time`
+    /// on the caller's word (the behaviour before evidence existed). Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unbound_assertions: bool,
     /// SHA-256 (64 hex digits) of the CA certificate in `server.client_ca` that must have
     /// issued the client certificate. Absent: any of the client CAs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -407,6 +415,45 @@ pub struct ClientRule {
 pub fn is_fingerprint(fp: &str) -> bool {
     fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit())
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl ClientRule {
+    /// The rule's tenant: `tenant`, else its `cn`, else its `uri`.
+    pub fn tenant(&self) -> &str {
+        self.tenant
+            .as_deref()
+            .or(self.cn.as_deref())
+            .or(self.uri.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// How messages name the rule, e.g. `[[client]] cn = "login-service"`.
+    pub fn describe(&self) -> String {
+        match (&self.cn, &self.uri) {
+            (Some(cn), _) => format!("[[client]] cn = {cn:?}"),
+            (None, Some(uri)) => format!("[[client]] uri = {uri:?}"),
+            (None, None) => "[[client]] (no cn, no uri)".to_owned(),
+        }
+    }
+}
+
+/// Which evidence reaches an `acr` value (`[[signing.acr]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcrRule {
+    /// The `acr` value, e.g. `https://data.gov.dk/concept/core/nsis/Substantial`.
+    pub value: String,
+    /// Evidence methods (e.g. `"otp"`) that reach it; empty: none yet, so an assertion
+    /// with evidence is refused this value.
+    #[serde(default)]
+    pub evidence: Vec<String>,
+}
+
+/// Longest `[signing] evidence_ttl_seconds`.
+pub const MAX_EVIDENCE_TTL_SECONDS: u64 = 900;
 
 /// Assertion signing (`[signing]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -424,9 +471,16 @@ pub struct SigningConfig {
     /// Longest lifetime a request may ask for, in seconds.
     #[serde(default = "default_max_ttl")]
     pub max_ttl_seconds: u32,
-    /// `acr` values an assertion may carry (e.g. the NSIS assurance levels).
-    #[serde(default)]
+    /// Deprecated: `acr` values accepted in unbound assertions only (clients with
+    /// `unbound_assertions = true`), no evidence reaches them. Use `[[signing.acr]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acr_values: Vec<String>,
+    /// `acr` values and the evidence methods that reach each (`[[signing.acr]]`).
+    #[serde(default, rename = "acr", skip_serializing_if = "Vec::is_empty")]
+    pub acr: Vec<AcrRule>,
+    /// Seconds an evidence (an accepted code) may be cited by SignAssertion, 1..=900.
+    #[serde(default = "default_evidence_ttl")]
+    pub evidence_ttl_seconds: u64,
     /// Oldest `auth_time` accepted, in seconds before now.
     #[serde(default = "default_max_auth_age")]
     pub max_auth_age_seconds: u64,
@@ -452,6 +506,9 @@ fn default_max_auth_age() -> u64 {
     86_400
 }
 
+fn default_evidence_ttl() -> u64 {
+    crate::credentials::DEFAULT_EVIDENCE_TTL_SECONDS
+}
 /// The longest `signing.max_auth_age_seconds` (30 days): `auth_time` arithmetic stays
 /// far from overflow and an assertion never vouches for a month-old login.
 pub const MAX_AUTH_AGE_SECONDS: u64 = 30 * DAY;
@@ -464,6 +521,8 @@ impl Default for SigningConfig {
             default_ttl_seconds: default_ttl(),
             max_ttl_seconds: default_max_ttl(),
             acr_values: Vec::new(),
+            acr: Vec::new(),
+            evidence_ttl_seconds: default_evidence_ttl(),
             max_auth_age_seconds: default_max_auth_age(),
             bootstrap_default_key: false,
         }
@@ -471,6 +530,30 @@ impl Default for SigningConfig {
 }
 
 impl SigningConfig {
+    /// Whether `acr` is accepted at all (a `[[signing.acr]]` value or a deprecated
+    /// `acr_values` entry).
+    pub fn accepts_acr(&self, acr: &str) -> bool {
+        self.acr.iter().any(|r| r.value == acr) || self.acr_values.iter().any(|v| v == acr)
+    }
+
+    /// Every accepted `acr` value, `[[signing.acr]]` first.
+    pub fn accepted_acr(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.acr.iter().map(|r| r.value.as_str()).collect();
+        for v in &self.acr_values {
+            if !out.contains(&v.as_str()) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Whether evidence of `method` reaches `acr` (`[[signing.acr]]` only).
+    pub fn evidence_reaches(&self, acr: &str, method: crate::common::AuthMethod) -> bool {
+        self.acr
+            .iter()
+            .any(|r| r.value == acr && r.evidence.iter().any(|m| m == method.as_str()))
+    }
+
     /// Consistency checks of `[signing]` and of the clients' signing grants.
     pub fn validate(&self, clients: &[ClientRule]) -> Result<(), String> {
         if !crate::signing::valid_key_name(&self.default_key) {
@@ -502,6 +585,34 @@ impl SigningConfig {
         if self.acr_values.iter().any(String::is_empty) {
             return Err("signing.acr_values must not contain an empty value".into());
         }
+        for (i, rule) in self.acr.iter().enumerate() {
+            if rule.value.is_empty() {
+                return Err(format!("signing.acr[{i}].value must not be empty"));
+            }
+            if self.acr[..i].iter().any(|r| r.value == rule.value) {
+                return Err(format!(
+                    "signing.acr[{i}].value {:?} is listed twice",
+                    rule.value
+                ));
+            }
+            for m in &rule.evidence {
+                if crate::common::AuthMethod::parse(m).is_none() {
+                    let known: Vec<&str> = crate::common::AuthMethod::ALL
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect();
+                    return Err(format!(
+                        "signing.acr[{i}].evidence {m:?} is not an evidence method (known: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        if self.evidence_ttl_seconds == 0 || self.evidence_ttl_seconds > MAX_EVIDENCE_TTL_SECONDS {
+            return Err(format!(
+                "signing.evidence_ttl_seconds must be between 1 and {MAX_EVIDENCE_TTL_SECONDS}"
+            ));
+        }
         for (i, rule) in clients.iter().enumerate() {
             for key in rule.signing_keys.iter().flatten() {
                 if !crate::signing::valid_key_name(key) {
@@ -512,9 +623,9 @@ impl SigningConfig {
                 }
             }
             for acr in rule.acr.iter().flatten() {
-                if !self.acr_values.contains(acr) {
+                if !self.accepts_acr(acr) {
                     return Err(format!(
-                        "client[{i}].acr {acr:?} is not one of signing.acr_values"
+                        "client[{i}].acr {acr:?} is neither a [[signing.acr]] value nor one of signing.acr_values"
                     ));
                 }
             }
@@ -544,9 +655,14 @@ pub struct CeremonyConfig {
     /// The officers whose approvals count. Empty: ceremonies are refused.
     #[serde(default, rename = "officer")]
     pub officers: Vec<OfficerRule>,
-    /// M: distinct, unexpired officer approvals a ceremony needs before it may run.
+    /// M: distinct, unexpired officer approvals a ceremony needs before it may run. At
+    /// least 2 in `serve` mode (see [`CeremonyConfig::validate_for_serve`]).
     #[serde(default = "default_threshold")]
     pub threshold: u32,
+    /// Whether the proposer's own approval counts towards M. With false, M other
+    /// officers must approve (the proposer's approval is recorded but not counted).
+    #[serde(default = "default_proposer_counts")]
+    pub proposer_counts: bool,
     /// Seconds an approval counts after it was given.
     #[serde(default = "default_approval_ttl")]
     pub approval_ttl_seconds: u64,
@@ -564,6 +680,10 @@ pub struct CeremonyConfig {
 
 fn default_threshold() -> u32 {
     2
+}
+
+fn default_proposer_counts() -> bool {
+    true
 }
 
 fn default_approval_ttl() -> u64 {
@@ -590,6 +710,7 @@ impl Default for CeremonyConfig {
         CeremonyConfig {
             officers: Vec::new(),
             threshold: default_threshold(),
+            proposer_counts: default_proposer_counts(),
             approval_ttl_seconds: default_approval_ttl(),
             max_validity_days: default_max_validity_days(),
             transcript_dir: default_transcript_dir(),
@@ -599,6 +720,20 @@ impl Default for CeremonyConfig {
 }
 
 impl CeremonyConfig {
+    /// The rules of `[ceremony]` for `hsm-service serve` on top of [`Self::validate`]: a
+    /// ceremony needs at least two officers (`threshold >= 2`), so no single person can
+    /// generate, activate or destroy a long-term key. Dev mode keeps its own config.
+    pub fn validate_for_serve(&self) -> Result<(), String> {
+        if self.threshold < 2 {
+            return Err(format!(
+                "ceremony.threshold is {}; `serve` needs at least 2 (no single officer runs a \
+                 key ceremony)",
+                self.threshold
+            ));
+        }
+        Ok(())
+    }
+
     /// Consistency checks of `[ceremony]`.
     pub fn validate(&self) -> Result<(), String> {
         for (i, o) in self.officers.iter().enumerate() {
@@ -622,6 +757,17 @@ impl CeremonyConfig {
         {
             return Err(format!(
                 "ceremony.threshold must be between 1 and the number of officers ({})",
+                self.officers.len()
+            ));
+        }
+        if !self.officers.is_empty()
+            && !self.proposer_counts
+            && self.threshold as usize >= self.officers.len()
+        {
+            return Err(format!(
+                "ceremony.threshold {} with proposer_counts = false needs more officers than \
+                 that ({} configured): the proposer's approval does not count",
+                self.threshold,
                 self.officers.len()
             ));
         }
@@ -692,6 +838,20 @@ impl Config {
             path: path.to_owned(),
             message,
         })?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] plus the rules that hold for `hsm-service serve` only (dev mode
+    /// writes and loads its own config with [`Config::load`]).
+    pub fn load_for_serve(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load(path)?;
+        config
+            .ceremony
+            .validate_for_serve()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
         Ok(config)
     }
 
@@ -824,6 +984,9 @@ impl Config {
                 (Some(_), None) | (None, Some(_)) => {}
                 _ => return Err(format!("client[{i}]: set exactly one of cn and uri")),
             }
+            if let Err(e) = crate::store::validate_tenant(rule.tenant()) {
+                return Err(format!("client[{i}] tenant {:?}: {e}", rule.tenant()));
+            }
             if rule
                 .issuer_fingerprint
                 .as_deref()
@@ -885,7 +1048,19 @@ mod tests {
         assert_eq!(config.clients[0].role, Role::LoginService);
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.signing.issuer, "https://login.eid.example");
-        assert_eq!(config.signing.acr_values.len(), 2);
+        assert!(config.signing.acr_values.is_empty(), "deprecated");
+        assert_eq!(config.signing.acr.len(), 2);
+        assert_eq!(config.signing.evidence_ttl_seconds, 120);
+        let otp = crate::common::AuthMethod::Otp;
+        assert!(config
+            .signing
+            .evidence_reaches(crate::signing::NSIS_ACR_VALUES[0], otp));
+        assert!(!config
+            .signing
+            .evidence_reaches(crate::signing::NSIS_ACR_VALUES[1], otp));
+        assert_eq!(config.clients[0].tenant(), "default");
+        assert_eq!(config.clients[1].tenant(), "officer-alice");
+        assert!(!config.clients[0].unbound_assertions);
         assert!(!config.signing.bootstrap_default_key);
         assert_eq!(
             config.clients[0].signing_keys,
@@ -947,6 +1122,41 @@ mod tests {
     }
 
     #[test]
+    fn serve_needs_two_officers_and_proposer_counts_is_checked() {
+        let text = include_str!("../config.example.toml");
+        let base: Config = toml::from_str(text).expect("parses");
+        assert!(base.ceremony.proposer_counts, "documented default: true");
+        assert!(base.ceremony.validate_for_serve().is_ok());
+        // Dev mode may keep M = 1 (Config::load); serve refuses it.
+        let mut one = base.ceremony.clone();
+        one.threshold = 1;
+        assert!(one.validate().is_ok());
+        let err = one.validate_for_serve().expect_err("M = 1 in serve");
+        assert!(
+            err.contains("ceremony.threshold is 1") && err.contains("at least 2"),
+            "{err}"
+        );
+        // Without officers too: the rule is about the config, not the officer count.
+        let none = CeremonyConfig {
+            threshold: 1,
+            ..Default::default()
+        };
+        assert!(none.validate_for_serve().is_err());
+        assert!(CeremonyConfig::default().validate_for_serve().is_ok());
+        // proposer_counts = false needs M officers besides the proposer.
+        let mut strict = base.ceremony.clone();
+        strict.proposer_counts = false;
+        assert!(strict.validate().is_ok(), "M = 2 of 3, proposer excluded");
+        strict.threshold = 3;
+        let err = strict.validate().expect_err("3 of 3 without the proposer");
+        assert!(err.contains("proposer_counts = false"), "{err}");
+        let flipped = text.replace("proposer_counts = true\n", "proposer_counts = false\n");
+        assert_ne!(flipped, text);
+        let parsed: Config = toml::from_str(&flipped).expect("parses");
+        assert!(!parsed.ceremony.proposer_counts);
+    }
+
+    #[test]
     fn signing_section_defaults_and_checks() {
         let text = include_str!("../config.example.toml");
         let start = text.find("[signing]").expect("[signing]");
@@ -984,6 +1194,26 @@ mod tests {
             (
                 Box::new(|c| c.signing.acr_values.push(String::new())),
                 "empty value",
+            ),
+            (
+                Box::new(|c| c.signing.acr[0].value = String::new()),
+                "signing.acr[0].value must not be empty",
+            ),
+            (
+                Box::new(|c| c.signing.acr[1].value = c.signing.acr[0].value.clone()),
+                "signing.acr[1].value",
+            ),
+            (
+                Box::new(|c| c.signing.acr[0].evidence = vec!["sms".into()]),
+                "not an evidence method (known: otp)",
+            ),
+            (
+                Box::new(|c| c.signing.evidence_ttl_seconds = 0),
+                "evidence_ttl_seconds",
+            ),
+            (
+                Box::new(|c| c.signing.evidence_ttl_seconds = MAX_EVIDENCE_TTL_SECONDS + 1),
+                "evidence_ttl_seconds",
             ),
         ];
         for (mutate, expected) in cases {
@@ -1072,6 +1302,16 @@ mod tests {
                 "failure window too long",
                 Box::new(|c| c.credentials.failure_window_seconds = 30 * 86_400 + 1),
                 "credentials.failure_window_seconds must be 60..2592000",
+            ),
+            (
+                "empty tenant",
+                Box::new(|c| c.clients[0].tenant = Some(String::new())),
+                "client[0] tenant",
+            ),
+            (
+                "control character in tenant",
+                Box::new(|c| c.clients[0].tenant = Some("a\u{0}b".into())),
+                "client[0] tenant",
             ),
             (
                 "issuer fingerprint not hex",

@@ -22,9 +22,11 @@ use crate::auth::Role;
 use crate::config::{ClientRule, Config, CredentialsConfig, HsmConfig, LogConfig, ServerConfig};
 use crate::hsm::{module, TokenSelector};
 
-/// Client certificates the dev PKI issues, and the role each maps to.
-pub const DEV_CLIENTS: [(&str, Role); 5] = [
+/// Client certificates the dev PKI issues, and the role each maps to. The two login
+/// services are two tenants (each its cn), so tenant separation can be tried by hand.
+pub const DEV_CLIENTS: [(&str, Role); 6] = [
     ("login-service", Role::LoginService),
+    ("login-service-b", Role::LoginService),
     ("officer-1", Role::Officer),
     ("officer-2", Role::Officer),
     ("officer-3", Role::Officer),
@@ -184,6 +186,8 @@ fn dev_config(
                 role: *role,
                 signing_keys: None,
                 acr: None,
+                tenant: None,
+                unbound_assertions: false,
                 issuer_fingerprint: None,
             })
             .collect(),
@@ -271,6 +275,11 @@ fn ensure_token(
 /// entry of [`DEV_CLIENTS`]. Made as a whole when `ca.crt` is missing.
 fn ensure_pki(dir: &Path) -> Result<(), String> {
     if dir.join("ca.crt").exists() {
+        if !dir.join("login-service-b.crt").exists() {
+            tracing::warn!(
+                "this dev directory predates pki/login-service-b.*: delete it to get the second tenant"
+            );
+        }
         return Ok(());
     }
     create_private_dir(dir)?;

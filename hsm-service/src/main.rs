@@ -175,7 +175,7 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
         }
         Command::BackupKek { .. } => Err("backup-kek runs without the service".into()),
         Command::Serve { config } => {
-            let config = Config::load(config).map_err(|e| e.to_string())?;
+            let config = Config::load_for_serve(config).map_err(|e| e.to_string())?;
             if let Some(conf) = &config.hsm.softhsm2_conf {
                 dev::point_softhsm_at(conf)?;
             }

@@ -190,6 +190,10 @@ pub(crate) async fn start_with_store(
         .with_audit(audit.clone())
         .with_seed_master(credentials.seed_rotator()),
     );
+    ceremonies
+        .recover_interrupted()
+        .await
+        .map_err(|e| StartError::Store(format!("interrupted ceremonies: {e}")))?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -453,7 +457,8 @@ async fn open_credentials(
         config.credentials.clone(),
         version,
         clock,
-    ))
+    )
+    .with_evidence_ttl(config.signing.evidence_ttl_seconds))
 }
 
 /// File name of the embedded store under the data directory.

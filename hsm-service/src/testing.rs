@@ -70,6 +70,17 @@ impl DevEnv {
         DevEnv { dir, config }
     }
 
+    /// Let the dev client `cn` sign assertions without evidence (`unbound_assertions =
+    /// true` in its `[[client]]` rule), for tests and benches of signing itself.
+    pub fn allow_unbound_assertions(&mut self, cn: &str) -> &mut DevEnv {
+        for rule in &mut self.config.clients {
+            if rule.cn.as_deref() == Some(cn) {
+                rule.unbound_assertions = true;
+            }
+        }
+        self
+    }
+
     /// Path of a file of the dev PKI, e.g. `pki("officer-1.crt")`.
     pub fn pki(&self, file: &str) -> PathBuf {
         self.dir.path().join("pki").join(file)

@@ -234,6 +234,7 @@ async fn refused_verifications_and_lifecycle_changes_are_recorded() {
         .update_credential_state(pb::UpdateCredentialStateRequest {
             credential_id: "r1".into(),
             action: pb::CredentialAction::Unlock as i32,
+            tenant: "login-service".into(),
         })
         .await
         .expect("unlock");
@@ -242,6 +243,7 @@ async fn refused_verifications_and_lifecycle_changes_are_recorded() {
         .update_credential_state(pb::UpdateCredentialStateRequest {
             credential_id: "r1".into(),
             action: pb::CredentialAction::Disable as i32,
+            tenant: String::new(),
         })
         .await
         .expect("disable");
@@ -254,6 +256,7 @@ async fn refused_verifications_and_lifecycle_changes_are_recorded() {
         .credentials()
         .delete_credential(pb::DeleteCredentialRequest {
             credential_id: "r1".into(),
+            tenant: String::new(),
         })
         .await
         .expect("delete");
@@ -363,6 +366,7 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
                         .update_credential_state(pb::UpdateCredentialStateRequest {
                             credential_id: "flood-0".into(),
                             action: pb::CredentialAction::Unlock as i32,
+                            tenant: String::new(),
                         })
                         .await
                         .expect_err("a login service may not unlock");

@@ -212,30 +212,47 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
         .into_inner()
         .ceremonies;
     assert_eq!(list.len(), 2);
-    // Every proposal, approval, refusal, step and key state change is in the audit trail.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Every proposal, approval, refusal, step and key state change is in the audit trail,
+    // durably before each reply: read at once, no waiting.
     let (trail, _) = server
         .state()
         .audit
         .export_range(1, 100_000)
         .expect("export");
-    let trail = String::from_utf8(trail).expect("utf-8");
-    for action in [
-        "ceremony.propose",
-        "ceremony.approve",
-        "ceremony.execute",
-        "ceremony.step",
-        "key.state",
-    ] {
-        assert!(
-            trail.contains(&format!("\"action\":\"{action}\"")),
-            "{action} not audited"
-        );
-    }
-    assert!(
-        trail.contains("\"outcome\":\"denied\""),
-        "refusals are audited"
+    let records: Vec<Value> = String::from_utf8(trail)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let count = |action: &str, object: &str, outcome: &str| {
+        records
+            .iter()
+            .filter(|r| r["action"] == action && r["object"] == object && r["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(count("ceremony.propose", &id, "ok"), 1);
+    assert_eq!(
+        count("ceremony.propose", "", "denied"),
+        1,
+        "the second proposal"
     );
+    assert_eq!(count("ceremony.approve", &id, "ok"), 3, "o1 twice, o2");
+    assert_eq!(
+        count("ceremony.approve", &id, "denied"),
+        1,
+        "after execution"
+    );
+    assert_eq!(count("ceremony.execute", &id, "denied"), 2, "1 of 2, twice");
+    assert_eq!(count("ceremony.execute", &other, "denied"), 1);
+    assert_eq!(
+        count("ceremony.execute", &id, "ok"),
+        2,
+        "started, succeeded"
+    );
+    assert_eq!(count("ceremony.step", &id, "ok"), 6);
+    for key in ["root-ca/v1", "assertion/v2"] {
+        assert!(count("key.state", key, "ok") >= 1, "{key}");
+    }
     server.shutdown().await.expect("shutdown");
 }
 
@@ -410,7 +427,7 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
     );
 
     let store = server.state().store.clone();
-    let all = store.list(None, 100).await.expect("list");
+    let all = store.list(None, None, 100).await.expect("list");
     assert_eq!(all.len(), 8);
     for rec in &all {
         assert_eq!(rec.master_key_version, 2, "{}", rec.id);

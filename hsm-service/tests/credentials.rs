@@ -305,12 +305,14 @@ async fn roles_per_rpc() {
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = auditor
         .get_credential(pb::GetCredentialRequest {
+            tenant: String::new(),
             credential_id: "r".into(),
         })
         .await
         .expect_err("auditors do not read credentials");
     assert_eq!(err.code(), Code::PermissionDenied);
     let unlock = pb::UpdateCredentialStateRequest {
+        tenant: "login-service".into(),
         credential_id: "r".into(),
         action: pb::CredentialAction::Unlock as i32,
     };
@@ -324,6 +326,7 @@ async fn roles_per_rpc() {
         .await
         .expect("officer unlocks");
     let disable = pb::UpdateCredentialStateRequest {
+        tenant: String::new(),
         credential_id: "r".into(),
         action: pb::CredentialAction::Disable as i32,
     };
@@ -335,6 +338,7 @@ async fn roles_per_rpc() {
     assert_eq!(c.state, pb::CredentialState::Disabled as i32);
     let got = officer
         .get_credential(pb::GetCredentialRequest {
+            tenant: "login-service".into(),
             credential_id: "r".into(),
         })
         .await
@@ -343,6 +347,7 @@ async fn roles_per_rpc() {
     assert_eq!(got.credential_id, "r");
     officer
         .delete_credential(pb::DeleteCredentialRequest {
+            tenant: "login-service".into(),
             credential_id: "r".into(),
         })
         .await
@@ -402,6 +407,7 @@ async fn lockout_then_officer_unlock() {
     assert!((1..=30).contains(&locked.retry_after_seconds));
     let got = login
         .get_credential(pb::GetCredentialRequest {
+            tenant: String::new(),
             credential_id: "l".into(),
         })
         .await
@@ -414,6 +420,7 @@ async fn lockout_then_officer_unlock() {
     let mut officer = credentials(env.dir.path(), "officer-3", addr).await;
     let c = officer
         .update_credential_state(pb::UpdateCredentialStateRequest {
+            tenant: "login-service".into(),
             credential_id: "l".into(),
             action: pb::CredentialAction::Unlock as i32,
         })
@@ -549,6 +556,7 @@ async fn malformed_requests_get_invalid_argument() {
     );
     let err = c
         .update_credential_state(pb::UpdateCredentialStateRequest {
+            tenant: String::new(),
             credential_id: "m".into(),
             action: 0,
         })
@@ -559,6 +567,7 @@ async fn malformed_requests_get_invalid_argument() {
         .list_credentials(pb::ListCredentialsRequest {
             page_size: 5000,
             page_token: String::new(),
+            tenant: String::new(),
         })
         .await
         .expect_err("page too big");
@@ -567,6 +576,7 @@ async fn malformed_requests_get_invalid_argument() {
         .list_credentials(pb::ListCredentialsRequest {
             page_size: 10,
             page_token: "not a token!".into(),
+            tenant: String::new(),
         })
         .await
         .expect_err("bad token");
@@ -597,6 +607,7 @@ async fn list_pages_through_every_credential() {
             .list_credentials(pb::ListCredentialsRequest {
                 page_size: 3,
                 page_token: token,
+                tenant: String::new(),
             })
             .await
             .expect("list")

@@ -25,12 +25,14 @@ const SUBSTANTIAL: &str = NSIS_ACR_VALUES[0];
 const HIGH: &str = NSIS_ACR_VALUES[1];
 
 /// A dev service whose login-service may use `keys`, with `extra` versions created,
-/// published and activated (name, algorithm).
+/// published and activated (name, algorithm). These tests are about signing itself, so
+/// the login service may sign unbound assertions (tests/evidence.rs binds them).
 async fn service(
     keys: Option<&[&str]>,
     extra: &[(&str, Algorithm)],
 ) -> (DevEnv, RunningServer, HsmClient) {
     let mut env = DevEnv::new();
+    env.allow_unbound_assertions("login-service");
     for rule in &mut env.config.clients {
         if rule.cn.as_deref() == Some("login-service") {
             rule.signing_keys = keys.map(|k| k.iter().map(|s| (*s).to_owned()).collect());
@@ -58,6 +60,7 @@ fn request(key: &str) -> SignAssertionRequest {
         ttl_seconds: 120,
         auth_time: 0,
         extra_claims_json: r#"{"loa":"substantial","cpr_verified":true}"#.into(),
+        evidence_id: String::new(),
     }
 }
 
@@ -272,6 +275,7 @@ async fn malformed_or_forbidden_assertion_requests_are_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acr_is_limited_per_client() {
     let mut env = DevEnv::new();
+    env.allow_unbound_assertions("login-service");
     for rule in &mut env.config.clients {
         if rule.cn.as_deref() == Some("login-service") {
             rule.acr = Some(vec![SUBSTANTIAL.to_owned()]);
@@ -643,7 +647,8 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_survive_a_restart_and_dev_bootstrap_runs_once() {
-    let env = DevEnv::new();
+    let mut env = DevEnv::new();
+    env.allow_unbound_assertions("login-service");
     let server = env.start().await;
     let before = server.state().signing.list(None);
     assert_eq!(before.len(), 1, "dev mode created the default key");

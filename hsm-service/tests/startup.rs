@@ -51,13 +51,38 @@ async fn dev_mode_comes_up_is_reused_and_stops_cleanly_on_sigterm() {
         "pki/ca.crt",
         "pki/server.crt",
         "pki/login-service.key",
+        "pki/login-service-b.crt",
+        "pki/login-service-b.key",
         "pki/officer-3.crt",
         "pki/auditor.key",
     ] {
         assert!(dir.path().join(file).is_file(), "{file} missing");
     }
+    // The second login service is its own tenant (its cn); neither may sign unbound, and
+    // OTP evidence reaches NSIS Substantial but not High.
+    let written: hsm_service::config::Config =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("config.toml")).expect("config"))
+            .expect("parses");
+    let b = written
+        .clients
+        .iter()
+        .find(|r| r.cn.as_deref() == Some("login-service-b"))
+        .expect("a rule for login-service-b");
+    assert_eq!(b.tenant(), "login-service-b");
+    assert!(written.clients.iter().all(|r| !r.unbound_assertions));
+    let otp = hsm_service::common::AuthMethod::Otp;
+    let nsis = hsm_service::signing::NSIS_ACR_VALUES;
+    assert!(written.signing.evidence_reaches(nsis[0], otp));
+    assert!(!written.signing.evidence_reaches(nsis[1], otp));
+    assert!(written.signing.accepts_acr(nsis[1]));
     use std::os::unix::fs::PermissionsExt;
-    for secret in ["user.pin", "so.pin", "pki/ca.key", "pki/login-service.key"] {
+    for secret in [
+        "user.pin",
+        "so.pin",
+        "pki/ca.key",
+        "pki/login-service.key",
+        "pki/login-service-b.key",
+    ] {
         let mode = std::fs::metadata(dir.path().join(secret))
             .expect("meta")
             .permissions()
@@ -114,6 +139,26 @@ fn refuses_an_unknown_config_key() {
     let line = refusal(dir.path(), &text);
     assert!(line.contains("unknown field `token_lable`"), "{line}");
     assert!(line.contains("line "), "{line}");
+}
+
+#[test]
+fn serve_refuses_a_ceremony_threshold_below_two() {
+    let dir = dev_dir();
+    let text = dev_config(dir.path());
+    let at = text
+        .find("[ceremony]")
+        .expect("[ceremony] in the dev config");
+    let (head, tail) = text.split_at(at);
+    assert!(tail.contains("\nthreshold = 2\n"), "{tail}");
+    let text = format!(
+        "{head}{}",
+        tail.replacen("\nthreshold = 2\n", "\nthreshold = 1\n", 1)
+    );
+    let line = refusal(dir.path(), &text);
+    assert!(
+        line.contains("ceremony.threshold is 1") && line.contains("at least 2"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -24,33 +24,10 @@ impl CeremonyApi {
         CeremonyApi { state }
     }
 
-    /// The caller, required to hold one of `allowed`; a refusal of a mapped caller is a
-    /// ceremony event.
-    fn caller<T>(
-        &self,
-        request: &Request<T>,
-        allowed: &[Role],
-        action: &str,
-        object: &str,
-    ) -> Result<Identity, Error> {
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Error::PermissionDenied("no client certificate".into()))?;
-        let identity = self.state.authorizer.identify(leaf.as_ref())?;
-        if allowed.contains(&identity.role) {
-            return Ok(identity);
-        }
-        let err = Error::PermissionDenied(format!(
-            "role {} may not call this method",
-            identity.role.as_str()
-        ));
-        Err(self
-            .state
-            .ceremonies
-            .refused(&identity, action, object, err))
+    /// The caller, required to hold one of `allowed`; a refusal is recorded by the
+    /// authorizer like every other refused call.
+    fn caller<T>(&self, request: &Request<T>, allowed: &[Role]) -> Result<Identity, Error> {
+        crate::auth::authorize(&self.state.authorizer, request, allowed)
     }
 }
 
@@ -91,7 +68,7 @@ impl CeremonyService for CeremonyApi {
         &self,
         request: Request<ProposeCeremonyRequest>,
     ) -> Result<Response<CeremonyInfo>, Status> {
-        let caller = self.caller(&request, &[Role::Officer], "ceremony.propose", "")?;
+        let caller = self.caller(&request, &[Role::Officer])?;
         let r = request.into_inner();
         let v = self.state.ceremonies.propose(&caller, &r.plan_toml).await?;
         Ok(Response::new(info(v)))
@@ -102,7 +79,7 @@ impl CeremonyService for CeremonyApi {
         request: Request<ApproveCeremonyRequest>,
     ) -> Result<Response<CeremonyInfo>, Status> {
         let object = request.get_ref().ceremony_id.clone();
-        let caller = self.caller(&request, &[Role::Officer], "ceremony.approve", &object)?;
+        let caller = self.caller(&request, &[Role::Officer])?;
         // The share is secret: zeroized when this call ends; only its parsed form stays
         // (in memory, see `ceremony`).
         let share = zeroize::Zeroizing::new(request.into_inner().kek_share);
@@ -120,7 +97,7 @@ impl CeremonyService for CeremonyApi {
         request: Request<ExecuteCeremonyRequest>,
     ) -> Result<Response<ExecuteCeremonyResponse>, Status> {
         let object = request.get_ref().ceremony_id.clone();
-        let caller = self.caller(&request, &[Role::Officer], "ceremony.execute", &object)?;
+        let caller = self.caller(&request, &[Role::Officer])?;
         let x = self.state.ceremonies.execute(&caller, &object).await?;
         Ok(Response::new(ExecuteCeremonyResponse {
             ceremony: Some(info(x.view)),
@@ -134,12 +111,7 @@ impl CeremonyService for CeremonyApi {
         request: Request<GetCeremonyRequest>,
     ) -> Result<Response<CeremonyInfo>, Status> {
         let object = request.get_ref().ceremony_id.clone();
-        self.caller(
-            &request,
-            &[Role::Officer, Role::Auditor],
-            "ceremony.show",
-            &object,
-        )?;
+        self.caller(&request, &[Role::Officer, Role::Auditor])?;
         Ok(Response::new(info(self.state.ceremonies.get(&object)?)))
     }
 
@@ -147,12 +119,7 @@ impl CeremonyService for CeremonyApi {
         &self,
         request: Request<ListCeremoniesRequest>,
     ) -> Result<Response<ListCeremoniesResponse>, Status> {
-        self.caller(
-            &request,
-            &[Role::Officer, Role::Auditor],
-            "ceremony.list",
-            "",
-        )?;
+        self.caller(&request, &[Role::Officer, Role::Auditor])?;
         Ok(Response::new(ListCeremoniesResponse {
             ceremonies: self
                 .state

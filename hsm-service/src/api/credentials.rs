@@ -6,11 +6,11 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::State;
-use crate::auth::{authorize, Role};
+use crate::auth::{authorize, Identity, Role};
 use crate::credentials::{Action, NewCredential, Outcome, Verdict};
 use crate::error::Error;
 use crate::otp::{HashAlgorithm, OtpKind};
-use crate::store::CredentialRecord;
+use crate::store::{CredentialKey, CredentialRecord};
 
 const LOGIN: &[Role] = &[Role::LoginService];
 const LOGIN_OR_OFFICER: &[Role] = &[Role::LoginService, Role::Officer];
@@ -29,6 +29,72 @@ impl CredentialApi {
 
 fn invalid(m: impl Into<String>) -> Status {
     Status::from(Error::InvalidArgument(m.into()))
+}
+
+/// The tenant a call acts on: a login service's own (from its certificate's rule; it may
+/// not name one), or for an officer the one the request names (required).
+fn tenant_of(caller: &Identity, requested: &str) -> Result<String, Status> {
+    match caller.role {
+        Role::Officer => {
+            if requested.is_empty() {
+                return Err(invalid(
+                    "tenant: officers must name the credential's tenant",
+                ));
+            }
+            crate::credentials::check_tenant(requested)?;
+            Ok(requested.to_owned())
+        }
+        _ if !requested.is_empty() => Err(invalid(
+            "tenant is for officers: a login service acts on its own tenant's credentials",
+        )),
+        _ => Ok(caller.tenant.clone()),
+    }
+}
+
+/// Which tenant a listing covers: a login service's own; for an officer the named one,
+/// or every tenant (`None`).
+fn list_scope(caller: &Identity, requested: &str) -> Result<Option<String>, Status> {
+    if caller.role == Role::Officer && requested.is_empty() {
+        Ok(None)
+    } else {
+        tenant_of(caller, requested).map(Some)
+    }
+}
+
+/// Page tokens: the last id of a one-tenant listing; for a listing of every tenant,
+/// `hex(tenant):id` (hex, so that any tenant name survives and ':' separates).
+fn page_token(scoped: bool, last: &CredentialRecord) -> String {
+    if scoped {
+        last.id.clone()
+    } else {
+        format!("{}:{}", crate::common::hex(last.tenant.as_bytes()), last.id)
+    }
+}
+
+fn parse_page_token(scope: Option<&str>, token: &str) -> Result<Option<CredentialKey>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid("page_token is not a token from a previous page");
+    let (tenant, id) = match scope {
+        Some(t) => (t.to_owned(), token),
+        None => {
+            let (h, id) = token.split_once(':').ok_or_else(bad)?;
+            let bytes = (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(bad)?;
+            let tenant = String::from_utf8(bytes).map_err(|_| bad())?;
+            crate::credentials::check_tenant(&tenant).map_err(|_| bad())?;
+            (tenant, id)
+        }
+    };
+    crate::credentials::check_id(id).map_err(|_| bad())?;
+    Ok(Some(CredentialKey {
+        tenant,
+        id: id.to_owned(),
+    }))
 }
 
 #[tonic::async_trait]
@@ -58,6 +124,7 @@ impl CredentialService for CredentialApi {
             .credentials
             .create_by(
                 Some(&caller.actor()),
+                &caller.tenant,
                 NewCredential {
                     id: (!r.credential_id.is_empty()).then_some(r.credential_id),
                     kind,
@@ -69,6 +136,7 @@ impl CredentialService for CredentialApi {
                     issuer: r.issuer,
                     account_name: r.account_name,
                     initial_counter: r.initial_counter,
+                    subject: (!r.subject.is_empty()).then_some(r.subject),
                 },
             )
             .await?;
@@ -89,15 +157,21 @@ impl CredentialService for CredentialApi {
         let caller = authorize(&self.state.authorizer, &request, LOGIN)?;
         let r = request.into_inner();
         let code = Zeroizing::new(r.code);
-        let o = self
+        let v = self
             .state
             .credentials
-            .verify_by(Some(&caller.actor()), &r.credential_id, &code)
+            .verify_by(
+                Some(&caller.actor()),
+                &caller.tenant,
+                &r.credential_id,
+                &code,
+            )
             .await?;
         Ok(Response::new(pb::VerifyCodeResponse {
-            result: verdict(o.verdict) as i32,
-            remaining_attempts: o.remaining_attempts,
-            retry_after_seconds: o.retry_after_seconds,
+            result: verdict(v.outcome.verdict) as i32,
+            remaining_attempts: v.outcome.remaining_attempts,
+            retry_after_seconds: v.outcome.retry_after_seconds,
+            evidence_id: v.evidence_id.unwrap_or_default(),
         }))
     }
 
@@ -111,7 +185,13 @@ impl CredentialService for CredentialApi {
         let (o, rec): (Outcome, CredentialRecord) = self
             .state
             .credentials
-            .resync_by(Some(&caller.actor()), &r.credential_id, &code1, &code2)
+            .resync_by(
+                Some(&caller.actor()),
+                &caller.tenant,
+                &r.credential_id,
+                &code1,
+                &code2,
+            )
             .await?;
         let now = self.state.clock.now();
         Ok(Response::new(pb::ResyncCredentialResponse {
@@ -126,11 +206,13 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::GetCredentialRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
+        let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
+        let r = request.get_ref();
+        let tenant = tenant_of(&caller, &r.tenant)?;
         let rec = self
             .state
             .credentials
-            .get(&request.get_ref().credential_id)
+            .get(&tenant, &r.credential_id)
             .await?;
         Ok(Response::new(to_proto(&rec, self.state.clock.now())))
     }
@@ -139,25 +221,23 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
+        let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
         let r = request.into_inner();
         let size = match r.page_size {
             0 => 100,
             n @ 1..=1000 => n as usize,
             _ => return Err(invalid("page_size must be at most 1000")),
         };
-        let after = if r.page_token.is_empty() {
-            None
-        } else {
-            crate::credentials::check_id(&r.page_token)
-                .map_err(|_| invalid("page_token is not a token from a previous page"))?;
-            Some(r.page_token.as_str())
-        };
-        let page = self.state.credentials.list(after, size).await?;
-        let next_page_token = if page.len() == size {
-            page.last().map(|c| c.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
+        let scope = list_scope(&caller, &r.tenant)?;
+        let after = parse_page_token(scope.as_deref(), &r.page_token)?;
+        let page = self
+            .state
+            .credentials
+            .list(scope.as_deref(), after.as_ref(), size)
+            .await?;
+        let next_page_token = match page.last() {
+            Some(last) if page.len() == size => page_token(scope.is_some(), last),
+            _ => String::new(),
         };
         let now = self.state.clock.now();
         Ok(Response::new(pb::ListCredentialsResponse {
@@ -184,11 +264,13 @@ impl CredentialService for CredentialApi {
             LOGIN_OR_OFFICER
         };
         let caller = authorize(&self.state.authorizer, &request, roles)?;
+        let tenant = tenant_of(&caller, &request.get_ref().tenant)?;
         let rec = self
             .state
             .credentials
             .update_state_by(
                 Some(&caller.actor()),
+                &tenant,
                 &request.get_ref().credential_id,
                 action,
             )
@@ -202,9 +284,10 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
         let caller = authorize(&self.state.authorizer, &request, LOGIN_OR_OFFICER)?;
         let id = &request.get_ref().credential_id;
+        let tenant = tenant_of(&caller, &request.get_ref().tenant)?;
         self.state
             .credentials
-            .delete_by(Some(&caller.actor()), id)
+            .delete_by(Some(&caller.actor()), &tenant, id)
             .await?;
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }
@@ -254,5 +337,7 @@ pub fn to_proto(r: &CredentialRecord, now: u64) -> pb::Credential {
         created_at: r.created_at,
         updated_at: r.updated_at,
         last_accepted: r.last_accepted,
+        subject: r.subject.clone().unwrap_or_default(),
+        tenant: r.tenant.clone(),
     }
 }

@@ -51,6 +51,9 @@ fn grant(identity: Identity) -> Grant {
     Grant {
         keys: identity.signing_keys,
         acr: identity.acr,
+        tenant: identity.tenant,
+        unbound_assertions: identity.unbound_assertions,
+        rule: identity.rule,
     }
 }
 
@@ -114,6 +117,7 @@ impl SigningService for Signing {
             ttl_seconds: r.ttl_seconds,
             auth_time: r.auth_time,
             extra_claims_json: r.extra_claims_json,
+            evidence_id: r.evidence_id,
         };
         let signed = self
             .state

@@ -62,6 +62,13 @@ pub struct Identity {
     pub signing_keys: Option<Vec<String>>,
     /// `acr` values the caller may assert (`acr` of its rule; `None`: all configured).
     pub acr: Option<Vec<String>>,
+    /// The tenant whose credentials and evidence the caller sees (its rule's `tenant`,
+    /// default the rule's cn or uri). From the verified certificate's rule only.
+    pub tenant: String,
+    /// Whether its rule allows assertions without evidence (`unbound_assertions`).
+    pub unbound_assertions: bool,
+    /// The rule that matched, for messages (e.g. `[[client]] cn = "login-service"`).
+    pub rule: String,
 }
 
 /// Maps certificates to identities, with a small cache so that the DER is parsed once
@@ -211,6 +218,9 @@ impl Authorizer {
                 role: rule.role,
                 signing_keys: rule.signing_keys.clone(),
                 acr: rule.acr.clone(),
+                tenant: rule.tenant().to_owned(),
+                unbound_assertions: rule.unbound_assertions,
+                rule: rule.describe(),
             }),
             None => Err(format!(
                 "client certificate {subject:?} is not mapped to a role"

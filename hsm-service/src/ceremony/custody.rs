@@ -53,10 +53,20 @@ impl Ceremonies {
             .insert(fingerprint, share);
     }
 
+    /// Fingerprints of the officers holding a share for ceremony `id` (approvals
+    /// counting or not).
+    pub(super) fn share_holders(&self, id: &str) -> BTreeSet<String> {
+        let held = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(id)
+            .map(|by_officer| by_officer.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The shares held for `rec` from officers whose approvals count at `now`, by
     /// officer fingerprint.
     pub(super) fn valid_shares(&self, rec: &CeremonyRecord, now: u64) -> Vec<ShareFile> {
         let counting: BTreeSet<&str> = self
+            .quorum
             .counting_approvals(rec, now)
             .map(|(_, a)| a.officer.fingerprint.as_str())
             .collect();

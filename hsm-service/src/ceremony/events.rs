@@ -1,85 +1,229 @@
 //! Ceremony events: proposals, approvals, refusals, steps and their outcomes, key state
-//! changes. [`Ceremonies::event`] is the one place they are routed to the log and the
-//! audit trail.
+//! changes.
+//!
+//! An event is appended to the audit trail inside the store write job that makes the
+//! change it describes (a proposal, an approval, the claim, the outcome, a key the
+//! ceremony created), so neither exists without the other. Events of no store change
+//! (a refusal, a step's end, an HSM state change) get their own write, awaited before
+//! the ceremony goes on or the caller hears back. The log line (target
+//! `hsm_service::ceremony::event`) follows the commit. Details never hold a secret.
 
 use serde_json::{json, Value};
 
-use super::Ceremonies;
-use crate::audit::{Details, Event};
+use super::{store_err, Ceremonies};
+use crate::audit::log::append_in;
+use crate::audit::{Actor, Details, Event};
 use crate::auth::Identity;
-use crate::error::Error;
+use crate::error::{Error, Result};
+use crate::store::Rollback;
 
-impl Ceremonies {
-    /// The one place where ceremony events are emitted: proposals, approvals, refusals,
-    /// steps and their outcomes, key state changes. Today they go to the log (target
-    /// `hsm_service::ceremony::event`); the audit trail takes them from here. `details`
-    /// never holds a secret.
-    pub fn event(
-        &self,
-        actor: &Identity,
-        action: &str,
-        object: &str,
-        outcome: &str,
-        details: &Value,
-    ) {
-        self.record(actor, action, object, outcome, details);
-        tracing::info!(
-            target: "hsm_service::ceremony::event",
-            actor_subject = %actor.subject,
-            actor_fingerprint = %actor.fingerprint,
-            actor_role = actor.role.as_str(),
-            action,
-            object,
-            outcome,
-            details = %details,
-            "ceremony event"
-        );
-    }
+/// Who caused a ceremony event: an officer's certificate, or the service itself.
+#[derive(Debug, Clone)]
+pub(super) struct Who {
+    actor: Actor,
+    role: &'static str,
+}
 
-    /// The audit record of an event, written in the background (the ceremony's own
-    /// state is already durable in the store when an event is emitted).
-    fn record(&self, actor: &Identity, action: &str, object: &str, outcome: &str, details: &Value) {
-        let Some(log) = self.audit.clone() else {
-            return;
-        };
-        let action: &'static str = match action {
-            "ceremony.propose" => "ceremony.propose",
-            "ceremony.approve" => "ceremony.approve",
-            "ceremony.execute" => "ceremony.execute",
-            "ceremony.step" => "ceremony.step",
-            "ceremony.backup" => "ceremony.backup",
-            "ceremony.restore" => "ceremony.restore",
-            "key.state" => "key.state",
-            _ => "ceremony.event",
-        };
-        let event = Event::new(self.clock.now_ms(), actor.actor(), action, object).with_details(
-            Details::new()
-                .str("outcome", outcome)
-                .str("details", &details.to_string()),
-        );
-        let event = match outcome {
-            "refused" => event.denied(),
-            "failed" => event.failed("step failed"),
-            _ => event,
-        };
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = log.record(event).await {
-                    tracing::error!(error = %e, "audit: cannot record a ceremony event");
-                }
-            });
+impl Who {
+    /// The caller `id`.
+    pub fn of(id: &Identity) -> Who {
+        Who {
+            actor: id.actor(),
+            role: id.role.as_str(),
         }
     }
 
-    /// Emit a refusal event for `err` and hand it back.
-    pub fn refused(&self, actor: &Identity, action: &str, object: &str, err: Error) -> Error {
-        self.event(
-            actor,
+    /// The service acting on its own (start-up recovery).
+    pub fn service() -> Who {
+        Who {
+            actor: Actor::service(),
+            role: "service",
+        }
+    }
+}
+
+/// One ceremony event, before it is recorded.
+#[derive(Debug, Clone)]
+pub(super) struct CeremonyEvent {
+    time_ms: u64,
+    who: Who,
+    action: &'static str,
+    object: String,
+    outcome: String,
+    details: Value,
+}
+
+impl CeremonyEvent {
+    /// `actor` did `action` on `object` with `outcome` at `time_ms`. An outcome of
+    /// `refused` is recorded as denied, `failed` as failed.
+    pub fn new(
+        time_ms: u64,
+        who: &Who,
+        action: &'static str,
+        object: &str,
+        outcome: &str,
+        details: Value,
+    ) -> CeremonyEvent {
+        CeremonyEvent {
+            time_ms,
+            who: who.clone(),
+            action,
+            object: object.to_owned(),
+            outcome: outcome.to_owned(),
+            details,
+        }
+    }
+
+    /// A refusal of `action` on `object` because of `err`.
+    pub fn refusal(
+        time_ms: u64,
+        who: &Who,
+        action: &'static str,
+        object: &str,
+        err: &Error,
+    ) -> CeremonyEvent {
+        Self::new(
+            time_ms,
+            who,
             action,
             object,
             "refused",
-            &json!({ "reason": err.to_string() }),
+            json!({ "reason": err.to_string() }),
+        )
+    }
+
+    /// The audit record.
+    fn audit(&self) -> Event {
+        let event = Event::new(
+            self.time_ms,
+            self.who.actor.clone(),
+            self.action,
+            &self.object,
+        )
+        .with_details(
+            Details::new()
+                .str("outcome", &self.outcome)
+                .str("details", &self.details.to_string()),
         );
+        match self.outcome.as_str() {
+            "refused" => event.denied(),
+            "failed" => event.failed(
+                self.details
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("step failed"),
+            ),
+            _ => event,
+        }
+    }
+
+    /// The log line, once recorded.
+    fn log(&self) {
+        tracing::info!(
+            target: "hsm_service::ceremony::event",
+            actor_subject = %self.who.actor.subject,
+            actor_fingerprint = %self.who.actor.fingerprint,
+            actor_role = self.who.role,
+            action = self.action,
+            object = %self.object,
+            outcome = %self.outcome,
+            details = %self.details,
+            "ceremony event"
+        );
+    }
+}
+
+/// Whether events go to the audit trail (an audit log is configured). Copied into store
+/// write jobs, which run on the committer thread.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Trail {
+    on: bool,
+}
+
+impl Trail {
+    /// Append `events` to the audit chain in `txn` (nothing without an audit log).
+    pub fn append(
+        self,
+        txn: &redb::WriteTransaction,
+        events: &[CeremonyEvent],
+    ) -> std::result::Result<(), Rollback> {
+        if self.on {
+            for e in events {
+                append_in(txn, e.audit())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Ceremonies {
+    /// Where this service's events go, for a store write job.
+    pub(super) fn trail(&self) -> Trail {
+        Trail {
+            on: self.audit.is_some(),
+        }
+    }
+
+    /// An event by `actor` now.
+    pub(super) fn note(
+        &self,
+        actor: &Identity,
+        action: &'static str,
+        object: &str,
+        outcome: &str,
+        details: Value,
+    ) -> CeremonyEvent {
+        CeremonyEvent::new(
+            self.clock.now_ms(),
+            &Who::of(actor),
+            action,
+            object,
+            outcome,
+            details,
+        )
+    }
+
+    /// `events` were committed with their change: log them and count them towards the
+    /// next audit checkpoint.
+    pub(super) fn emitted(&self, events: &[CeremonyEvent]) {
+        for e in events {
+            e.log();
+        }
+        if let Some(log) = &self.audit {
+            log.appended(events.len() as u64);
+        }
+    }
+
+    /// Record `event`, which goes with no store change, in its own durable write.
+    pub(super) async fn emit(&self, event: CeremonyEvent) -> Result<()> {
+        let trail = self.trail();
+        let events = [event];
+        if trail.on {
+            let batch = events.clone();
+            self.store
+                .write(move |txn| trail.append(txn, &batch))
+                .await
+                .map_err(store_err)?;
+        }
+        self.emitted(&events);
+        Ok(())
+    }
+
+    /// Record the refusal of `action` on `object` because of `err` (durably, before the
+    /// caller hears of it) and hand `err` back. A refusal that cannot be recorded is
+    /// still a refusal: the recording error is logged and `err` returned.
+    pub(super) async fn refuse(
+        &self,
+        actor: &Identity,
+        action: &'static str,
+        object: &str,
+        err: Error,
+    ) -> Error {
+        let event =
+            CeremonyEvent::refusal(self.clock.now_ms(), &Who::of(actor), action, object, &err);
+        if let Err(e) = self.emit(event).await {
+            tracing::error!(error = %e, action, "audit: cannot record a ceremony refusal");
+        }
         err
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use super::events::CeremonyEvent;
 use super::plan::{self, Plan};
-use super::quorum::counting_officers;
 use super::record::{self, CeremonyRecord, CeremonyState, Change};
 use super::steps::Run;
 use super::{officer_of, parse_id, store_err, Ceremonies, Execution, Transcript};
@@ -18,28 +18,14 @@ impl Ceremonies {
     /// Execute ceremony `id`: only with `threshold` distinct officers' unexpired
     /// approvals, only once. Validation runs again first, before the HSM is touched.
     /// A failing step ends the ceremony (state `failed`); the transcript is written and
-    /// returned either way.
+    /// returned either way. The claim, each step's end and the outcome are audited
+    /// with (or before) the change they describe; a refusal is recorded before it is
+    /// returned.
     pub async fn execute(&self, actor: &Identity, id: &str) -> Result<Execution> {
-        let r = self.execute_inner(actor, id).await;
-        match &r {
-            Ok(x) => self.event(
-                actor,
-                "ceremony.execute",
-                &x.view.record.id,
-                x.view.record.state.as_str(),
-                &json!({ "failure": x.view.record.failure }),
-            ),
-            Err(e) => {
-                self.event(
-                    actor,
-                    "ceremony.execute",
-                    id,
-                    "refused",
-                    &json!({ "reason": e.to_string() }),
-                );
-            }
+        match self.execute_inner(actor, id).await {
+            Ok(x) => Ok(x),
+            Err(e) => Err(self.refuse(actor, "ceremony.execute", id, e).await),
         }
-        r
     }
 
     async fn execute_inner(&self, actor: &Identity, id: &str) -> Result<Execution> {
@@ -50,15 +36,8 @@ impl Ceremonies {
         let now = self.clock.now();
         let parsed = self.check_runnable(&rec, now)?;
         let (json_path, text_path) = self.prepare_transcript_files(&id)?;
-        let mut rec = self.claim(actor, &id, now).await?;
+        let mut rec = self.claim(actor, &id, now, parsed.steps.len()).await?;
         let kek_shares = self.take_shares(&rec, now);
-        self.event(
-            actor,
-            "ceremony.execute",
-            &id,
-            "started",
-            &json!({ "steps": parsed.steps.len() }),
-        );
         let mut run = Run {
             actor,
             id: &id,
@@ -78,7 +57,14 @@ impl Ceremonies {
         let transcript_json = t.to_json()?;
         let transcript_text = t.to_text();
         rec.transcript_json = transcript_json.clone();
-        self.store_outcome(&rec, created).await?;
+        let outcome = self.note(
+            actor,
+            "ceremony.execute",
+            &id,
+            rec.state.as_str(),
+            json!({ "failure": rec.failure }),
+        );
+        self.store_outcome(&rec, created, outcome).await?;
         write_new(&json_path, transcript_json.as_bytes())?;
         write_new(&text_path, transcript_text.as_bytes())?;
         Ok(Execution {
@@ -99,7 +85,7 @@ impl Ceremonies {
                 rec.state.as_str()
             )));
         }
-        if let Some(p) = self.quorum_problem(rec, now) {
+        if let Some(p) = self.quorum.problem(rec, now) {
             return Err(Error::FailedPrecondition(p));
         }
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
@@ -132,19 +118,31 @@ impl Ceremonies {
     }
 
     /// Claim the ceremony atomically: state and quorum checked again in the write, the
-    /// state set to `executing`.
-    async fn claim(&self, actor: &Identity, id: &str, now: u64) -> Result<CeremonyRecord> {
+    /// state set to `executing`, audited in the same write.
+    async fn claim(
+        &self,
+        actor: &Identity,
+        id: &str,
+        now: u64,
+        steps: usize,
+    ) -> Result<CeremonyRecord> {
         let executor = officer_of(actor);
-        let ttl = self.config.approval_ttl_seconds;
-        let need = self.config.threshold as usize;
-        let officers = self.config.officers.clone();
+        let quorum = self.quorum.clone();
         let key = id.to_owned();
+        let events = [self.note(
+            actor,
+            "ceremony.execute",
+            id,
+            "started",
+            json!({ "steps": steps }),
+        )];
+        let (trail, audited) = (self.trail(), events.clone());
         let claimed = self
             .store
             .write(move |txn| {
-                record::update(txn, &key, |current| match current {
+                let claimed = record::update(txn, &key, |current| match current {
                     Some(mut rec) if rec.state == CeremonyState::Proposed => {
-                        if counting_officers(&officers, ttl, &rec, now).len() < need {
+                        if quorum.problem(&rec, now).is_some() {
                             return Change::Keep(None);
                         }
                         rec.state = CeremonyState::Executing;
@@ -153,10 +151,17 @@ impl Ceremonies {
                         Change::Write(Box::new(rec.clone()), Some(Box::new(rec)))
                     }
                     _ => Change::Keep(None),
-                })
+                })?;
+                if claimed.is_some() {
+                    trail.append(txn, &audited)?;
+                }
+                Ok(claimed)
             })
             .await
             .map_err(store_err)?;
+        if claimed.is_some() {
+            self.emitted(&events);
+        }
         claimed.map(|b| *b).ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "ceremony {id} changed while it was being claimed; it was not executed"
@@ -168,49 +173,66 @@ impl Ceremonies {
     async fn run_steps(&self, run: &mut Run<'_>, parsed: &Plan) -> Option<String> {
         for (i, step) in parsed.steps.iter().enumerate() {
             let index = run.t.begin_step(i, step);
-            match self.run_step(run, i, step).await {
+            let done = match self.run_step(run, i, step).await {
                 Ok(()) => {
-                    run.t.end_step(index, None);
-                    self.event(
+                    let ok = self.note(
                         run.actor,
                         "ceremony.step",
                         run.id,
                         "ok",
-                        &json!({ "step": i + 1, "kind": step.kind(), "summary": step.summary() }),
+                        json!({ "step": i + 1, "kind": step.kind(), "summary": step.summary() }),
                     );
+                    self.emit(ok).await
                 }
-                Err(e) => {
-                    run.t.end_step(index, Some(e.to_string()));
-                    self.event(
-                        run.actor,
-                        "ceremony.step",
-                        run.id,
-                        "failed",
-                        &json!({ "step": i + 1, "kind": step.kind(), "error": e.to_string() }),
-                    );
-                    return Some(format!("step {} ({}) failed: {e}", i + 1, step.kind()));
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                run.t.end_step(index, Some(e.to_string()));
+                let failed = self.note(
+                    run.actor,
+                    "ceremony.step",
+                    run.id,
+                    "failed",
+                    json!({ "step": i + 1, "kind": step.kind(), "error": e.to_string() }),
+                );
+                if let Err(audit) = self.emit(failed).await {
+                    tracing::error!(error = %audit, "audit: cannot record a failed ceremony step");
                 }
+                return Some(format!("step {} ({}) failed: {e}", i + 1, step.kind()));
             }
+            run.t.end_step(index, None);
         }
         None
     }
 
-    /// The final record and the index of the keys the ceremony created, in one write.
-    async fn store_outcome(&self, rec: &CeremonyRecord, created: Vec<(String, u32)>) -> Result<()> {
+    /// The final record, the index of the keys the ceremony created (each was recorded
+    /// when it was made; again here, idempotently) and the outcome's audit record, in
+    /// one write.
+    async fn store_outcome(
+        &self,
+        rec: &CeremonyRecord,
+        created: Vec<(String, u32)>,
+        outcome: CeremonyEvent,
+    ) -> Result<()> {
         let final_rec = rec.clone();
         let key = rec.id.clone();
+        let events = [outcome];
+        let (trail, audited) = (self.trail(), events.clone());
         self.store
             .write(move |txn| {
                 record::put_key_origins(txn, &key, &created)?;
-                record::update(txn, &key, |_| Change::Write(Box::new(final_rec), ()))
+                record::update(txn, &key, |_| Change::Write(Box::new(final_rec), ()))?;
+                trail.append(txn, &audited)
             })
             .await
-            .map_err(store_err)
+            .map_err(store_err)?;
+        self.emitted(&events);
+        Ok(())
     }
 }
 
 /// Write a new file; never overwrite one.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

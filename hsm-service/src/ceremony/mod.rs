@@ -8,8 +8,9 @@
 //! order through [`Signer`], every generated key is checked, and a transcript
 //! ([`transcript`]) is written and returned whatever happens.
 //!
-//! Every proposal, approval, refusal, step and key state change goes through
-//! [`Ceremonies::event`], the one place to route them into the audit log.
+//! Every proposal, approval, refusal, step and key state change is audited ([`events`]):
+//! in the same store write as the change it describes, or durably before the ceremony
+//! goes on or the caller hears back.
 //!
 //! # Backups and restores
 //!
@@ -30,6 +31,7 @@ pub mod plan;
 mod propose;
 mod quorum;
 pub mod record;
+mod recovery;
 pub mod shares;
 mod steps;
 pub mod transcript;
@@ -52,6 +54,7 @@ use crate::signing::Signer;
 use crate::store::{EmbeddedStore, StoreError};
 pub use plan::{Plan, Step, Usage};
 pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
+pub use recovery::INTERRUPTED;
 use shares::ShareFile;
 pub use transcript::{SeedRotation, Transcript};
 
@@ -93,6 +96,8 @@ pub struct Ceremonies {
     signer: Arc<Signer>,
     store: Arc<EmbeddedStore>,
     config: CeremonyConfig,
+    /// Which approvals count (from `config`).
+    quorum: quorum::Quorum,
     transcript_dir: PathBuf,
     backup_dir: PathBuf,
     clock: Clock,
@@ -162,6 +167,7 @@ impl Ceremonies {
         Ceremonies {
             signer,
             store,
+            quorum: quorum::Quorum::of(&config),
             config,
             transcript_dir,
             backup_dir,
@@ -198,7 +204,7 @@ impl Ceremonies {
     fn view(&self, record: CeremonyRecord) -> Result<CeremonyView> {
         let plan = plan::from_canonical(&record.canonical_plan)?;
         let now = self.clock.now();
-        let valid = self.valid_officers(&record, now);
+        let valid = self.quorum.counting_officers(&record, now);
         let held = self.valid_shares(&record, now).len();
         Ok(CeremonyView {
             description: plan.description.clone(),

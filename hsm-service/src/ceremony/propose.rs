@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::plan;
+use super::plan::{self, Step};
 use super::record::{self, CeremonyRecord, CeremonyState, Change};
 use super::{officer_of, store_err, Ceremonies, CeremonyView};
 use crate::auth::Identity;
@@ -11,27 +11,13 @@ use crate::error::{Error, Result};
 impl Ceremonies {
     /// Parse and validate a plan and record it as proposed. The same plan proposed twice
     /// is ALREADY_EXISTS (its id is taken).
+    /// The proposal and its audit record are one write; a refusal is recorded before
+    /// it is returned.
     pub async fn propose(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
-        let r = self.propose_inner(actor, plan_toml).await;
-        match &r {
-            Ok(v) => self.event(
-                actor,
-                "ceremony.propose",
-                &v.record.id,
-                "ok",
-                &json!({ "description": v.description, "steps": v.steps }),
-            ),
-            Err(e) => {
-                self.event(
-                    actor,
-                    "ceremony.propose",
-                    "",
-                    "refused",
-                    &json!({ "reason": e.to_string() }),
-                );
-            }
+        match self.propose_inner(actor, plan_toml).await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.refuse(actor, "ceremony.propose", "", e).await),
         }
-        r
     }
 
     async fn propose_inner(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
@@ -53,19 +39,36 @@ impl Ceremonies {
             failure: String::new(),
             transcript_json: String::new(),
         };
-        let key = id.clone();
+        let events = [self.note(
+            actor,
+            "ceremony.propose",
+            &id,
+            "ok",
+            json!({
+                "description": parsed.description,
+                "steps": parsed.steps.iter().map(Step::summary).collect::<Vec<_>>(),
+            }),
+        )];
+        let (key, trail, audited) = (id.clone(), self.trail(), events.clone());
         let stored = self
             .store
             .write(move |txn| {
-                record::update(txn, &key, |current| match current {
+                let stored = record::update(txn, &key, |current| match current {
                     Some(existing) => Change::Keep(Err(existing.state)),
                     None => Change::Write(Box::new(rec.clone()), Ok(Box::new(rec))),
-                })
+                })?;
+                if stored.is_ok() {
+                    trail.append(txn, &audited)?;
+                }
+                Ok(stored)
             })
             .await
             .map_err(store_err)?;
         match stored {
-            Ok(rec) => self.view(*rec),
+            Ok(rec) => {
+                self.emitted(&events);
+                self.view(*rec)
+            }
             Err(state) => Err(Error::AlreadyExists(format!(
                 "ceremony {id} was proposed already (it is {}); a changed plan has another id",
                 state.as_str()

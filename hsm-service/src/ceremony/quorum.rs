@@ -8,10 +8,11 @@ use std::collections::BTreeSet;
 
 use serde_json::json;
 
+use super::events::{CeremonyEvent, Who};
 use super::record::{self, Approval, CeremonyRecord, CeremonyState, Change};
 use super::{officer_of, parse_id, store_err, Ceremonies, CeremonyView};
 use crate::auth::Identity;
-use crate::config::OfficerRule;
+use crate::config::{CeremonyConfig, OfficerRule};
 use crate::error::{Error, Result};
 
 /// Index of the officer-set entry that a certificate (`subject`, `fingerprint`) matches.
@@ -29,32 +30,80 @@ pub(super) fn officer_index(
     })
 }
 
-/// The approvals of `rec` that count at `now` (unexpired after `ttl` seconds, of an
-/// officer of the set), with the index of that officer's entry.
-pub(super) fn counting_approvals<'a>(
-    officers: &'a [OfficerRule],
+/// Which approvals count: the `[ceremony]` rules, owned, so that a store write job (on
+/// the committer thread) can check the quorum again inside its transaction.
+#[derive(Debug, Clone)]
+pub(super) struct Quorum {
+    officers: Vec<OfficerRule>,
     ttl: u64,
-    rec: &'a CeremonyRecord,
-    now: u64,
-) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
-    rec.approvals
-        .iter()
-        .filter(move |a| now < a.approved_at.saturating_add(ttl))
-        .filter_map(|a| {
-            officer_index(officers, &a.officer.subject, &a.officer.fingerprint).map(|i| (i, a))
-        })
+    proposer_counts: bool,
+    threshold: u32,
 }
 
-/// Distinct officer-set entries whose approvals of `rec` count at `now`.
-pub(super) fn counting_officers(
-    officers: &[OfficerRule],
-    ttl: u64,
-    rec: &CeremonyRecord,
-    now: u64,
-) -> BTreeSet<usize> {
-    counting_approvals(officers, ttl, rec, now)
-        .map(|(i, _)| i)
-        .collect()
+impl Quorum {
+    /// The rules of `config`.
+    pub fn of(config: &CeremonyConfig) -> Quorum {
+        Quorum {
+            officers: config.officers.clone(),
+            ttl: config.approval_ttl_seconds,
+            proposer_counts: config.proposer_counts,
+            threshold: config.threshold,
+        }
+    }
+
+    /// M.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// The approvals of `rec` that count at `now` (unexpired, of an officer of the set,
+    /// and not the proposer's when `proposer_counts` is false), with the index of that
+    /// officer's entry.
+    pub fn counting_approvals<'a>(
+        &'a self,
+        rec: &'a CeremonyRecord,
+        now: u64,
+    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
+        // The proposer is a person (an entry), whichever of their certificates approves.
+        let proposer = officer_index(
+            &self.officers,
+            &rec.proposed_by.subject,
+            &rec.proposed_by.fingerprint,
+        );
+        let excluded = if self.proposer_counts { None } else { proposer };
+        rec.approvals
+            .iter()
+            .filter(move |a| now < a.approved_at.saturating_add(self.ttl))
+            .filter_map(|a| {
+                officer_index(&self.officers, &a.officer.subject, &a.officer.fingerprint)
+                    .map(|i| (i, a))
+            })
+            .filter(move |(i, _)| Some(*i) != excluded)
+    }
+
+    /// Distinct officer-set entries whose approvals of `rec` count at `now`.
+    pub fn counting_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
+        self.counting_approvals(rec, now).map(|(i, _)| i).collect()
+    }
+
+    /// Why `rec` cannot run at `now` for lack of approvals (None: it has its quorum).
+    pub fn problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
+        let valid = self.counting_officers(rec, now).len();
+        let need = self.threshold as usize;
+        (valid < need).then(|| {
+            format!(
+                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
+                 (approvals expire after {} seconds{})",
+                rec.id,
+                self.ttl,
+                if self.proposer_counts {
+                    ""
+                } else {
+                    "; the proposer's own approval does not count"
+                }
+            )
+        })
+    }
 }
 
 impl Ceremonies {
@@ -72,79 +121,22 @@ impl Ceremonies {
         })
     }
 
-    /// The approvals of `rec` that count at `now`, with their officer's entry.
-    pub(super) fn counting_approvals<'a>(
-        &'a self,
-        rec: &'a CeremonyRecord,
-        now: u64,
-    ) -> impl Iterator<Item = (usize, &'a Approval)> + 'a {
-        counting_approvals(
-            &self.config.officers,
-            self.config.approval_ttl_seconds,
-            rec,
-            now,
-        )
-    }
-
-    /// Distinct officers whose approvals count at `now`.
-    pub(super) fn valid_officers(&self, rec: &CeremonyRecord, now: u64) -> BTreeSet<usize> {
-        counting_officers(
-            &self.config.officers,
-            self.config.approval_ttl_seconds,
-            rec,
-            now,
-        )
-    }
-
-    /// Why `rec` cannot run at `now` for lack of approvals (None: it has its quorum).
-    pub(super) fn quorum_problem(&self, rec: &CeremonyRecord, now: u64) -> Option<String> {
-        let valid = self.valid_officers(rec, now).len();
-        let need = self.config.threshold as usize;
-        (valid < need).then(|| {
-            format!(
-                "ceremony {} has {valid} valid approval(s) from distinct officers; it needs {need} \
-                 (approvals expire after {} seconds)",
-                rec.id, self.config.approval_ttl_seconds
-            )
-        })
-    }
-
     /// Record the caller's approval of ceremony `id`. Approving again replaces the
     /// earlier approval (it still counts once). `kek_share`, the text of the officer's
     /// backup KEK share file, is for a ceremony with a `restore` step: it must be a share
     /// of the KEK its backup file names, and is held in memory only (replacing an
-    /// earlier share of the same officer).
+    /// earlier share of the same officer). The approval and its audit record are one
+    /// write; a refusal is recorded before it is returned.
     pub async fn approve(
         &self,
         actor: &Identity,
         id: &str,
         kek_share: Option<&str>,
     ) -> Result<CeremonyView> {
-        let r = self.approve_inner(actor, id, kek_share).await;
-        match &r {
-            Ok(v) => self.event(
-                actor,
-                "ceremony.approve",
-                &v.record.id,
-                "ok",
-                &json!({
-                    "valid_approvals": v.valid_approvals,
-                    "threshold": v.threshold,
-                    "kek_share_given": kek_share.is_some(),
-                    "kek_shares_held": v.kek_shares_held,
-                }),
-            ),
-            Err(e) => {
-                self.event(
-                    actor,
-                    "ceremony.approve",
-                    id,
-                    "refused",
-                    &json!({ "reason": e.to_string() }),
-                );
-            }
+        match self.approve_inner(actor, id, kek_share).await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.refuse(actor, "ceremony.approve", id, e).await),
         }
-        r
     }
 
     async fn approve_inner(
@@ -161,12 +153,24 @@ impl Ceremonies {
         };
         let officer = officer_of(actor);
         let fingerprint = officer.fingerprint.clone();
+        // Officers whose shares will be held once this approval is in.
+        let mut with_shares = self.share_holders(&id);
+        if share.is_some() {
+            with_shares.insert(fingerprint.clone());
+        }
         let now = self.clock.now();
-        let key = id.clone();
+        let (key, trail, who, now_ms) = (
+            id.clone(),
+            self.trail(),
+            Who::of(actor),
+            self.clock.now_ms(),
+        );
+        let quorum = self.quorum.clone();
+        let given = share.is_some();
         let outcome = self
             .store
             .write(move |txn| {
-                record::update(txn, &key, |current| match current {
+                let outcome = record::update(txn, &key, |current| match current {
                     None => Change::Keep(Err(None)),
                     Some(rec) if rec.state != CeremonyState::Proposed => {
                         Change::Keep(Err(Some(rec.state)))
@@ -178,17 +182,46 @@ impl Ceremonies {
                             officer,
                             approved_at: now,
                         });
-                        Change::Write(Box::new(rec.clone()), Ok(Box::new(rec)))
+                        Change::Write(Box::new(rec.clone()), Ok(rec))
                     }
-                })
+                })?;
+                let rec = match outcome {
+                    Ok(rec) => rec,
+                    Err(refused) => return Ok(Err(refused)),
+                };
+                let (valid, held) = {
+                    let counting: Vec<_> = quorum.counting_approvals(&rec, now).collect();
+                    let valid: BTreeSet<usize> = counting.iter().map(|(i, _)| *i).collect();
+                    let held = counting
+                        .iter()
+                        .filter(|(_, a)| with_shares.contains(&a.officer.fingerprint))
+                        .count();
+                    (valid.len(), held)
+                };
+                let event = CeremonyEvent::new(
+                    now_ms,
+                    &who,
+                    "ceremony.approve",
+                    &key,
+                    "ok",
+                    json!({
+                        "valid_approvals": valid,
+                        "threshold": quorum.threshold(),
+                        "kek_share_given": given,
+                        "kek_shares_held": held,
+                    }),
+                );
+                trail.append(txn, std::slice::from_ref(&event))?;
+                Ok(Ok((Box::new(rec), event)))
             })
             .await
             .map_err(store_err)?;
         match outcome {
-            Ok(rec) => {
+            Ok((rec, event)) => {
                 if let Some(share) = share {
                     self.hold_share(&id, fingerprint, share);
                 }
+                self.emitted(&[event]);
                 self.view(*rec)
             }
             Err(None) => Err(Error::NotFound(format!("no ceremony {id}"))),

@@ -7,9 +7,11 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use super::backup_file::{self, BackupEntry, BackupFile};
+use super::events::CeremonyEvent;
 use super::plan::{self, Step, Usage};
+use super::record;
 use super::shares::{self, ShareFile};
-use super::{Ceremonies, Transcript};
+use super::{store_err, Ceremonies, Transcript};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::signing::{CertificateRequest, KeyRef, KeyState, KeyVersion};
@@ -120,14 +122,39 @@ impl Ceremonies {
     }
 
     /// The event of a key version's state change (creation included).
-    fn key_changed(&self, run: &Run<'_>, index: usize, k: &KeyVersion) {
-        self.event(
+    fn key_state_event(&self, run: &Run<'_>, index: usize, k: &KeyVersion) -> CeremonyEvent {
+        self.note(
             run.actor,
             "key.state",
             &format!("{}/v{}", k.name, k.version),
             k.state.as_str(),
-            &json!({ "ceremony": run.id, "step": index + 1, "kid": k.kid }),
-        );
+            json!({ "ceremony": run.id, "step": index + 1, "kid": k.kid }),
+        )
+    }
+
+    /// Record a state change of `k` made by step `index`.
+    async fn key_changed(&self, run: &Run<'_>, index: usize, k: &KeyVersion) -> Result<()> {
+        self.emit(self.key_state_event(run, index, k)).await
+    }
+
+    /// Step `index` created `k` (generated or restored): into the transcript, and into
+    /// the index of the keys this ceremony created together with its audit record, so
+    /// that an execution cut short still shows what it made (see
+    /// [`Ceremonies::recover_interrupted`]).
+    async fn key_created(&self, run: &mut Run<'_>, index: usize, k: &KeyVersion) -> Result<()> {
+        run.created(index, k);
+        let events = [self.key_state_event(run, index, k)];
+        let (trail, audited) = (self.trail(), events.clone());
+        let (id, origin) = (run.id.to_owned(), [(k.name.clone(), k.version)]);
+        self.store
+            .write(move |txn| {
+                record::put_key_origins(txn, &id, &origin)?;
+                trail.append(txn, &audited)
+            })
+            .await
+            .map_err(store_err)?;
+        self.emitted(&events);
+        Ok(())
     }
 
     /// `generate-key`: a new key (or version) in the HSM, then its check.
@@ -146,8 +173,7 @@ impl Ceremonies {
             self.signer.create_version(name, alg).await?
         };
         // Listed before the check, so a key that fails it is in the transcript.
-        run.created(index, &k);
-        self.key_changed(run, index, &k);
+        self.key_created(run, index, &k).await?;
         self.check_new_key(run, index, &k).await
     }
 
@@ -185,21 +211,21 @@ impl Ceremonies {
         })?;
         backup_file::write_new(&self.backup_dir.join(file), &text)?;
         let sha256 = backup_file::sha256_hex(&text);
-        self.event(
+        run.t.backup_written(index, file, &backup, &sha256);
+        self.emit(self.note(
             run.actor,
             "ceremony.backup",
             file,
             "ok",
-            &json!({
+            json!({
                 "ceremony": run.id,
                 "step": index + 1,
                 "sha256": sha256,
                 "kek": kek,
                 "keys": backup.keys.iter().map(|k| format!("{}/v{}", k.name, k.version)).collect::<Vec<_>>(),
             }),
-        );
-        run.t.backup_written(index, file, &backup, &sha256);
-        Ok(())
+        ))
+        .await
     }
 
     /// `restore`: keys from a backup file, unwrapped under the KEK recombined from the
@@ -239,14 +265,13 @@ impl Ceremonies {
                     kek.clone(),
                 )
                 .await?;
-            run.created(index, &k);
-            self.key_changed(run, index, &k);
-            self.event(
+            self.key_created(run, index, &k).await?;
+            self.emit(self.note(
                 run.actor,
                 "ceremony.restore",
                 &format!("{}/v{}", k.name, k.version),
                 "ok",
-                &json!({
+                json!({
                     "ceremony": run.id,
                     "step": index + 1,
                     "file": file,
@@ -255,7 +280,8 @@ impl Ceremonies {
                     "kid": k.kid,
                     "shares_used": held.len(),
                 }),
-            );
+            ))
+            .await?;
             self.check_new_key(run, index, &k).await?;
         }
         Ok(())
@@ -322,8 +348,8 @@ impl Ceremonies {
                 .find(|b| b.version == after.version)
                 .map(|b| b.state);
             if was != Some(after.state) {
-                self.key_changed(run, index, &after);
                 run.t.state_change(index, &after, was);
+                self.key_changed(run, index, &after).await?;
             }
         }
         debug_assert_eq!(k.version, r.version);
@@ -346,9 +372,8 @@ impl Ceremonies {
             )));
         }
         let k = self.signer.destroy(key, version, force).await?;
-        self.key_changed(run, index, &k);
         run.t.state_change(index, &k, Some(before.state));
-        Ok(())
+        self.key_changed(run, index, &k).await
     }
 
     /// `rotate-seed-master-key`: a new seed master key, every seed re-wrapped under it.
@@ -357,12 +382,12 @@ impl Ceremonies {
             Error::FailedPrecondition("no credential seed master key to rotate".into())
         })?;
         let r = rotator.rotate(batch_size as usize).await?;
-        self.event(
+        let event = self.note(
             run.actor,
             "ceremony.event",
             &r.new_key_label,
             "ok",
-            &json!({
+            json!({
                 "ceremony": run.id,
                 "step": index + 1,
                 "old_key": r.old_key_label,
@@ -371,7 +396,7 @@ impl Ceremonies {
             }),
         );
         run.t.seed_rotation(index, r);
-        Ok(())
+        self.emit(event).await
     }
 
     /// The check after a key was generated or restored, into the transcript; a failed

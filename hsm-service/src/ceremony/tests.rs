@@ -364,6 +364,9 @@ fn officer(n: u8) -> Identity {
         role: Role::Officer,
         signing_keys: None,
         acr: None,
+        tenant: format!("officer-{n}"),
+        unbound_assertions: false,
+        rule: format!("[[client]] cn = \"officer-{n}\""),
     }
 }
 
@@ -453,5 +456,251 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
     // A failed ceremony does not run again.
     let err = c.execute(&officer(1), &id).await.expect_err("again");
     assert!(err.to_string().contains("runs once"), "{err}");
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Ceremonies over `server`'s signer and store with `config` (no audit log).
+fn ceremonies_with(
+    state: &crate::api::State,
+    env: &DevEnv,
+    config: crate::config::CeremonyConfig,
+) -> Ceremonies {
+    Ceremonies::new(
+        state.signing.clone(),
+        state.store.clone(),
+        config,
+        &env.config.data_dir,
+        crate::common::Clock::system(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_certificates_of_one_officer_entry_count_once() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let state = server.state().clone();
+    let c = ceremonies_with(&state, &env, env.config.ceremony.clone());
+    let id = c
+        .propose(&officer(1), SMALL)
+        .await
+        .expect("propose")
+        .record
+        .id;
+    // officer-1's entry matches on the subject: a second certificate of it (another
+    // fingerprint) is the same person.
+    let mut second = officer(1);
+    second.fingerprint = "ee".repeat(32);
+    c.approve(&officer(1), &id, None).await.expect("approve");
+    let v = c.approve(&second, &id, None).await.expect("approve");
+    assert_eq!(
+        v.record.approvals.len(),
+        2,
+        "both certificates are on record"
+    );
+    assert_eq!(v.valid_approvals, 1, "one officer-set entry counts once");
+    let err = c.execute(&officer(1), &id).await.expect_err("1 of 2");
+    assert!(err.to_string().contains("1 valid approval"), "{err}");
+    c.approve(&officer(2), &id, None).await.expect("approve");
+    let x = c.execute(&second, &id).await.expect("execute");
+    assert_eq!(x.view.record.state, CeremonyState::Succeeded);
+    drop(state);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_proposer_counts_false_the_proposers_approval_does_not_count() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let state = server.state().clone();
+    // The default counts the proposer.
+    assert!(env.config.ceremony.proposer_counts);
+    let mut config = env.config.ceremony.clone();
+    config.proposer_counts = false;
+    let c = ceremonies_with(&state, &env, config);
+    let id = c
+        .propose(&officer(1), SMALL)
+        .await
+        .expect("propose")
+        .record
+        .id;
+    assert_eq!(
+        c.approve(&officer(1), &id, None)
+            .await
+            .expect("the proposer may approve")
+            .valid_approvals,
+        0,
+        "but it does not count"
+    );
+    // Nor does another certificate of the proposer's entry.
+    let mut second = officer(1);
+    second.fingerprint = "ee".repeat(32);
+    assert_eq!(
+        c.approve(&second, &id, None)
+            .await
+            .expect("approve")
+            .valid_approvals,
+        0
+    );
+    assert_eq!(
+        c.approve(&officer(2), &id, None)
+            .await
+            .expect("approve")
+            .valid_approvals,
+        1
+    );
+    let err = c.execute(&officer(1), &id).await.expect_err("1 of 2");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{msg}");
+    assert!(msg.contains("1 valid approval"), "{msg}");
+    assert!(
+        msg.contains("the proposer's own approval does not count"),
+        "{msg}"
+    );
+    assert_eq!(
+        c.approve(&officer(3), &id, None)
+            .await
+            .expect("approve")
+            .valid_approvals,
+        2
+    );
+    let x = c.execute(&officer(1), &id).await.expect("execute");
+    assert_eq!(x.view.record.state, CeremonyState::Succeeded);
+    drop(state);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let state = server.state().clone();
+    let c = &state.ceremonies;
+    let plan = format!("{SMALL}[[step]]\nkind = \"generate-key\"\nname = \"ca-y\"\nalgorithm = \"ES256\"\nusage = \"ca\"\n[[step]]\nkind = \"self-sign\"\nkey = \"ca-x\"\nsubject = \"CN=x\"\nvalidity_days = 10\n");
+    let id = c
+        .propose(&officer(1), &plan)
+        .await
+        .expect("propose")
+        .record
+        .id;
+    c.approve(&officer(1), &id, None).await.expect("approve");
+    c.approve(&officer(2), &id, None).await.expect("approve");
+    // What a crash in step 2 leaves behind: the claim; the key step 1 generated and
+    // recorded (as `steps::key_created` records it); the key step 2 generated in the
+    // HSM, the crash coming before its record; step 3 never ran.
+    let executed_at = crate::common::Clock::system().now();
+    let k = state
+        .signing
+        .create_version("ca-x", "ES256".parse().expect("alg"))
+        .await
+        .expect("key");
+    let unrecorded = state
+        .signing
+        .create_version("ca-y", "ES256".parse().expect("alg"))
+        .await
+        .expect("key");
+    let (key, version) = (id.clone(), k.version);
+    let executor = record::Officer {
+        subject: "officer-3".into(),
+        fingerprint: "03".repeat(32),
+    };
+    state
+        .store
+        .write(move |txn| {
+            record::update(txn, &key, |current| {
+                let mut rec = current.expect("proposed");
+                rec.state = CeremonyState::Executing;
+                rec.executed_by = Some(executor);
+                rec.executed_at = executed_at;
+                record::Change::Write(Box::new(rec), ())
+            })?;
+            record::put_key_origins(txn, &key, &[("ca-x".to_owned(), version)])
+        })
+        .await
+        .expect("crafted");
+    assert_eq!(
+        c.get(&id).expect("get").record.state,
+        CeremonyState::Executing
+    );
+    drop(state);
+    server.shutdown().await.expect("shutdown");
+
+    let server = env.start().await;
+    let state = server.state().clone();
+    let c = &state.ceremonies;
+    let rec = c.get(&id).expect("get").record;
+    assert_eq!(rec.state, CeremonyState::Failed);
+    assert_eq!(rec.failure, "interrupted");
+    let t: Transcript = serde_json::from_str(&rec.transcript_json).expect("transcript");
+    assert_eq!(t.outcome, "failed");
+    assert_eq!(t.failure, "interrupted");
+    assert_eq!(
+        t.executed_by.as_ref().map(|o| o.subject.as_str()),
+        Some("officer-3")
+    );
+    // Both keys, not the dev bootstrap's assertion key (no name of the plan).
+    let created: Vec<(&str, &str)> = t
+        .created_keys
+        .iter()
+        .map(|e| (e.name.as_str(), e.kid.as_str()))
+        .collect();
+    assert_eq!(
+        created,
+        [("ca-x", k.kid.as_str()), ("ca-y", unrecorded.kid.as_str())]
+    );
+    // Both are now indexed as this ceremony's.
+    let origins = c.key_origins().expect("origins");
+    assert_eq!(origins.get(&("ca-y".to_owned(), 1)), Some(&id));
+    assert!(
+        t.steps.iter().all(|s| s.outcome == "unknown"),
+        "{:?}",
+        t.steps
+    );
+    let (json_path, text_path) = c.transcript_paths(&id);
+    assert_eq!(
+        std::fs::read_to_string(json_path).expect("json file"),
+        rec.transcript_json
+    );
+    let text = std::fs::read_to_string(text_path).expect("text file");
+    assert!(
+        text.contains("outcome:     failed") && text.contains("interrupted"),
+        "{text}"
+    );
+    // Audited, by the service, with what was created.
+    let (trail, _) = state.audit.export_range(1, 100_000).expect("export");
+    let records: Vec<serde_json::Value> = String::from_utf8(trail)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r["action"] == "ceremony.execute" && r["object"] == id.as_str())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["outcome"], "failed: interrupted");
+    assert_eq!(failed[0]["actor"]["subject"], "service");
+    let details = failed[0]["details"]["details"].as_str().expect("details");
+    assert!(
+        details.contains("ca-x/v1") && details.contains("ca-y/v1"),
+        "{details}"
+    );
+    // A failed ceremony does not run again.
+    let err = c.execute(&officer(1), &id).await.expect_err("again");
+    assert!(err.to_string().contains("runs once"), "{err}");
+    drop(state);
+    server.shutdown().await.expect("shutdown");
+
+    // Nothing to recover the next time.
+    let server = env.start().await;
+    assert_eq!(
+        server
+            .state()
+            .ceremonies
+            .get(&id)
+            .expect("get")
+            .record
+            .failure,
+        "interrupted"
+    );
     server.shutdown().await.expect("shutdown");
 }

@@ -153,7 +153,7 @@ pub struct StepEntry {
     pub kind: String,
     /// One line.
     pub summary: String,
-    /// `ok`, `failed`, or `not run`.
+    /// `ok`, `failed`, `not run`, or `unknown` (the execution was interrupted).
     pub outcome: String,
     /// Why it failed.
     pub error: String,
@@ -376,6 +376,15 @@ impl Transcript {
                     .collect(),
             });
         }
+    }
+
+    /// The execution was cut short (the service stopped mid-run): which steps ran is
+    /// not known, so each is `unknown`; `keys` are the versions it recorded as created.
+    pub fn interrupted(&mut self, keys: &[KeyVersion]) {
+        for s in &mut self.steps {
+            s.outcome = "unknown".to_owned();
+        }
+        self.created_keys = keys.iter().map(KeyEntry::of).collect();
     }
 
     /// The execution ended; `rec` holds the final state and failure.

@@ -27,25 +27,41 @@ impl From<Error> for Stop {
 }
 
 impl Stop {
-    /// The record still to write for this stop (`None`: written already, or no log), and
-    /// what the caller is answered.
+    /// The record still to write for this stop of a call on `tenant`'s credential
+    /// (`None`: written already, or no log), and what the caller is answered.
     pub(super) fn into_record(
         self,
         event: Option<Event>,
+        tenant: &str,
     ) -> (Option<Event>, Result<Outcome, Error>) {
         match self {
-            Stop::Gate(o) => (event.map(|e| verdict_event(e, &o, None)), Ok(o)),
-            Stop::Error(err) => (event.map(|e| error_event(e, &err)), Err(err)),
+            Stop::Gate(o) => (
+                event.map(|e| verdict_event(e, tenant, &o, None, None)),
+                Ok(o),
+            ),
+            Stop::Error(err) => (event.map(|e| error_event(e, tenant, &err)), Err(err)),
             Stop::Recorded(err) => (None, Err(err)),
         }
     }
 }
 
-/// The verdict as a record: ACCEPTED is "ok", anything else "denied", with the verdict
-/// and the lock state as details (never the code). A decision that locked the
-/// credential says so in the same record (`lock` `temporary` with `locked_until`, or
-/// `hard`, and the failures counted): the lock is audited in the commit that sets it.
-pub(super) fn verdict_event(event: Event, o: &Outcome, lock: Option<LockChange>) -> Event {
+/// Details every credential record starts from: the tenant the call acted on.
+fn base(tenant: &str) -> Details {
+    Details::new().str("tenant", tenant)
+}
+
+/// The verdict as a record: ACCEPTED is "ok", anything else "denied", with the tenant,
+/// the verdict, the lock state and the evidence an accepted code left as details (never
+/// the code). A decision that locked the credential says so in the same record (`lock`
+/// `temporary` with `locked_until`, or `hard`, and the failures counted): the lock is
+/// audited in the commit that sets it.
+pub(super) fn verdict_event(
+    event: Event,
+    tenant: &str,
+    o: &Outcome,
+    evidence_id: Option<&str>,
+    lock: Option<LockChange>,
+) -> Event {
     let name = match o.verdict {
         Verdict::Accepted => "accepted",
         Verdict::Rejected => "rejected",
@@ -53,10 +69,14 @@ pub(super) fn verdict_event(event: Event, o: &Outcome, lock: Option<LockChange>)
         Verdict::Locked => "locked",
         Verdict::Disabled => "disabled",
     };
-    let details = Details::new()
+    let details = base(tenant)
         .str("result", name)
         .u64("remaining_attempts", u64::from(o.remaining_attempts))
         .u64("retry_after_seconds", u64::from(o.retry_after_seconds));
+    let details = match evidence_id {
+        Some(id) => details.str("evidence_id", id),
+        None => details,
+    };
     let details = match lock {
         None => details,
         Some(LockChange::Temporary { until, failures }) => details
@@ -79,7 +99,7 @@ pub(super) fn verdict_event(event: Event, o: &Outcome, lock: Option<LockChange>)
 /// (`result` `not_found` / `invalid`, the latter with the message, which names a field
 /// and never quotes its value); anything else "failed" with the error's kind only (its
 /// detail may describe the token or the store and goes to the server log).
-pub(super) fn error_event(event: Event, e: &Error) -> Event {
+pub(super) fn error_event(event: Event, tenant: &str, e: &Error) -> Event {
     let (result, reason) = match e {
         Error::NotFound(_) => ("not_found", None),
         Error::InvalidArgument(m) => ("invalid", Some(m.as_str())),
@@ -88,7 +108,7 @@ pub(super) fn error_event(event: Event, e: &Error) -> Event {
         Error::Integrity(_) => ("tampered", None),
         _ => ("internal", None),
     };
-    let details = Details::new().str("result", result);
+    let details = base(tenant).str("result", result);
     let details = match reason {
         Some(r) => details.str("reason", r),
         None => details,
@@ -102,16 +122,17 @@ pub(super) fn error_event(event: Event, e: &Error) -> Event {
 
 /// A verification whose credential changed (its seed was re-wrapped) between the read
 /// and the decision: nothing was decided, the caller retries.
-pub(super) fn changed_event(event: Event) -> Event {
+pub(super) fn changed_event(event: Event, tenant: &str) -> Event {
     event
-        .with_details(Details::new().str("result", "changed"))
+        .with_details(base(tenant).str("result", "changed"))
         .failed("credential changed during verification")
 }
 
 /// The record of an enrolment.
 pub(super) fn created_event(event: Event, rec: &CredentialRecord, revealed: bool) -> Event {
     event.with_details(
-        Details::new()
+        base(&rec.tenant)
+            .bool("subject", rec.subject.is_some())
             .str("kind", rec.kind.uri_name())
             .str("algorithm", rec.algorithm.uri_name())
             .u64("digits", u64::from(rec.digits))
@@ -132,7 +153,7 @@ pub(super) fn state_action(action: Action) -> &'static str {
 /// The record of a state change, with the state it leaves.
 pub(super) fn state_event(event: Event, rec: &CredentialRecord) -> Event {
     event.with_details(
-        Details::new()
+        base(&rec.tenant)
             .bool("disabled", rec.disabled)
             .bool("hard_locked", rec.hard_locked)
             .u64("locked_until", rec.locked_until)

@@ -14,20 +14,15 @@ use super::store_error;
 use crate::error::{Error, Result};
 use crate::hsm::binding::{SeedBinding, BINDING_LEN};
 use crate::hsm::Hsm;
-use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+use crate::store::{
+    CredentialKey, CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update,
+};
 
 /// Store meta key set once every record has a binding.
 pub const BINDINGS_MIGRATED_META: &str = "credentials.seed_bindings_migrated";
 
 /// Domain tag of the binding context, versioned with its encoding.
 const CONTEXT_TAG: &[u8] = b"hsm-service seed binding v1";
-
-/// The tenant a record belongs to. Until records carry one (issue 10 §3 adds it), every
-/// record is in the tenant that migration gives them, `default`; the binding covers the
-/// tenant already, so bindings stay valid when the field lands.
-fn tenant_of(_rec: &CredentialRecord) -> &str {
-    "default"
-}
 
 /// The canonical binding context of `rec` in `tenant`: the tag, then tenant, id, kind,
 /// algorithm, digits and period, each with a 4-byte big-endian length, so no two
@@ -64,7 +59,7 @@ pub(super) fn expected(rec: &CredentialRecord) -> Result<SeedBinding> {
         ))
     })?;
     Ok(SeedBinding {
-        context: context(tenant_of(rec), rec),
+        context: context(&rec.tenant, rec),
         mac,
     })
 }
@@ -89,7 +84,7 @@ pub async fn bind_all(hsm: &Hsm, recs: &mut [CredentialRecord]) -> Result<()> {
 async fn macs(hsm: &Hsm, recs: &[CredentialRecord]) -> Result<Vec<[u8; BINDING_LEN]>> {
     let items = recs
         .iter()
-        .map(|r| (context(tenant_of(r), r), r.wrapped_seed.clone()))
+        .map(|r| (context(&r.tenant, r), r.wrapped_seed.clone()))
         .collect();
     Ok(hsm.seed_bindings(items).await?)
 }
@@ -113,7 +108,7 @@ fn tampered(rec: &CredentialRecord, what: &str) {
     tracing::error!(
         target: "hsm_service::tamper",
         credential = %rec.id,
-        tenant = tenant_of(rec),
+        tenant = %rec.tenant,
         master_key_version = rec.master_key_version,
         "possible store tampering: the credential record {what}; refused without unwrapping"
     );
@@ -151,16 +146,20 @@ pub async fn migrate(hsm: &Hsm, store: &EmbeddedStore, batch: usize) -> Result<u
     }
     hsm.ensure_seed_binding_key().await?;
     let mut bound = 0u64;
-    let mut after: Option<String> = None;
+    let mut after: Option<CredentialKey> = None;
     loop {
+        // Every tenant's records, in (tenant, id) order.
         let page = store
-            .list(after.as_deref(), batch.max(1))
+            .list(None, after.as_ref(), batch.max(1))
             .await
             .map_err(store_error)?;
         let Some(last) = page.last() else {
             break;
         };
-        after = Some(last.id.clone());
+        after = Some(CredentialKey {
+            tenant: last.tenant.clone(),
+            id: last.id.clone(),
+        });
         let todo: Vec<CredentialRecord> = page
             .into_iter()
             .filter(|r| r.seed_binding.is_none())
@@ -172,7 +171,7 @@ pub async fn migrate(hsm: &Hsm, store: &EmbeddedStore, batch: usize) -> Result<u
         for (rec, mac) in todo.into_iter().zip(macs) {
             let blob = rec.wrapped_seed;
             let stored = store
-                .update(&rec.id, move |r| {
+                .update(&rec.tenant, &rec.id, move |r| {
                     // Only the blob that was bound, and only if still unbound (another
                     // instance may be migrating too).
                     if r.seed_binding.is_some() || r.wrapped_seed != blob {

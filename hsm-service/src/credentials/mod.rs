@@ -10,6 +10,12 @@
 //!    folding without an early exit;
 //! 5. decide in one atomic, durable store update (group commit): accept only a
 //!    step/counter beyond the last accepted one, otherwise REPLAYED; count failures.
+//!    An accepted code of a credential with a subject leaves an evidence record in the
+//!    same commit (see [`crate::store::evidence`]); its id goes back to the caller.
+//!
+//! Every credential belongs to a tenant (the login service that created it) and every
+//! operation names the tenant: another tenant's id is answered exactly like an id that
+//! does not exist.
 
 mod audit;
 pub mod binding;
@@ -25,11 +31,15 @@ use zeroize::Zeroizing;
 
 use crate::audit::log::AuditLog;
 use crate::audit::{Actor, Event};
+use crate::common::AuthMethod;
 pub use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
-use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+use crate::store::{
+    CredentialKey, CredentialRecord, CredentialStore, Effects, EmbeddedStore, EvidenceRecord,
+    StoreError, Update,
+};
 pub use policy::{LockChange, LockState, Outcome, Policy, Verdict};
 
 /// Store meta key holding the current seed master key version.
@@ -37,6 +47,12 @@ pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
 
 /// Longest credential id.
 pub const MAX_ID_LEN: usize = 128;
+
+/// Longest subject.
+pub const MAX_SUBJECT_LEN: usize = 128;
+
+/// Evidence lifetime when none is configured, in seconds.
+pub const DEFAULT_EVIDENCE_TTL_SECONDS: u64 = 120;
 
 /// Import seeds: at least 80 bits (the shortest seeds in circulation), at most 64 bytes.
 pub const SEED_LEN: std::ops::RangeInclusive<usize> = 10..=64;
@@ -63,6 +79,9 @@ pub struct NewCredential {
     pub account_name: String,
     /// HOTP: the token's current counter.
     pub initial_counter: u64,
+    /// The citizen's pseudonymous id at the login service; `None`: the credential
+    /// produces no evidence.
+    pub subject: Option<String>,
 }
 
 impl std::fmt::Debug for NewCredential {
@@ -83,6 +102,15 @@ pub struct Created {
     pub record: CredentialRecord,
     /// The otpauth:// URI, when a reveal was asked for.
     pub provisioning_uri: Option<Zeroizing<String>>,
+}
+
+/// The answer to a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The verdict.
+    pub outcome: Outcome,
+    /// The evidence of an ACCEPTED code of a credential with a subject.
+    pub evidence_id: Option<String>,
 }
 
 /// State changes.
@@ -106,12 +134,20 @@ pub struct Credentials<S: CredentialStore> {
     master_key_version: Arc<AtomicU32>,
     clock: Clock,
     audit: Option<Arc<AuditLog>>,
+    evidence_ttl_seconds: u64,
+    rng: ring::rand::SystemRandom,
 }
 
 impl<S: CredentialStore> Credentials<S> {
     /// Record every verification and resync in `log`, in the same commit as its state.
     pub fn with_audit(mut self, log: Arc<AuditLog>) -> Self {
         self.audit = Some(log);
+        self
+    }
+
+    /// Evidence of accepted codes expires `seconds` after the verification.
+    pub fn with_evidence_ttl(mut self, seconds: u64) -> Self {
+        self.evidence_ttl_seconds = seconds;
         self
     }
 
@@ -131,6 +167,8 @@ impl<S: CredentialStore> Credentials<S> {
             master_key_version: Arc::new(AtomicU32::new(master_key_version)),
             clock,
             audit: None,
+            evidence_ttl_seconds: DEFAULT_EVIDENCE_TTL_SECONDS,
+            rng: ring::rand::SystemRandom::new(),
         }
     }
 
@@ -145,14 +183,24 @@ impl<S: CredentialStore> Credentials<S> {
         &self.policy
     }
 
-    /// Enrol a credential (recorded as done by the service; see [`Credentials::create_by`]).
-    pub async fn create(&self, new: NewCredential) -> Result<Created> {
-        self.create_by(None, new).await
+    /// Enrol a credential for `tenant` (recorded as done by the service; see
+    /// [`Credentials::create_by`]).
+    pub async fn create(&self, tenant: &str, new: NewCredential) -> Result<Created> {
+        self.create_by(None, tenant, new).await
     }
 
-    /// Enrol a credential for `actor`; with an audit log, the record is written in the
-    /// same commit as the credential.
-    pub async fn create_by(&self, actor: Option<&Actor>, new: NewCredential) -> Result<Created> {
+    /// Enrol a credential of `tenant` for `actor`; with an audit log, the record is
+    /// written in the same commit as the credential.
+    pub async fn create_by(
+        &self,
+        actor: Option<&Actor>,
+        tenant: &str,
+        new: NewCredential,
+    ) -> Result<Created> {
+        check_tenant(tenant)?;
+        if let Some(subject) = &new.subject {
+            check_subject(subject)?;
+        }
         let digits = Digits::new(new.digits).map_err(|_| invalid("digits must be 6, 7 or 8"))?;
         let period_seconds = match (new.kind, new.period_seconds) {
             (OtpKind::Totp, 0) => 30,
@@ -236,7 +284,9 @@ impl<S: CredentialStore> Credentials<S> {
         };
         let now = self.clock.now();
         let mut record = CredentialRecord {
+            tenant: tenant.to_owned(),
             id,
+            subject: new.subject,
             kind: new.kind,
             algorithm: alg,
             digits: digits.get(),
@@ -273,42 +323,82 @@ impl<S: CredentialStore> Credentials<S> {
             other => store_error(other),
         })?;
         self.audited();
-        tracing::info!(credential = %record.id, kind = ?record.kind, "credential created");
+        tracing::info!(tenant, credential = %record.id, kind = ?record.kind, "credential created");
         Ok(Created {
             record,
             provisioning_uri,
         })
     }
 
-    /// Verify a code (recorded as done by the service; see [`Credentials::verify_by`]).
-    pub async fn verify(&self, id: &str, code: &str) -> Result<Outcome> {
-        self.verify_by(None, id, code).await
+    /// Verify a code of `tenant`'s credential (recorded as done by the service; see
+    /// [`Credentials::verify_by`]).
+    pub async fn verify(&self, tenant: &str, id: &str, code: &str) -> Result<Outcome> {
+        Ok(self.verify_by(None, tenant, id, code).await?.outcome)
     }
 
-    /// Verify a code for `actor`. With an audit log every attempt is recorded, once,
-    /// before the answer: a decided verification in the same commit as the state it
-    /// leaves, any other end (unknown id, malformed code, locked, disabled) in one
-    /// audit-only write.
-    pub async fn verify_by(&self, actor: Option<&Actor>, id: &str, code: &str) -> Result<Outcome> {
+    /// Verify a code of `tenant`'s credential for `actor`. With an audit log every
+    /// attempt is recorded, once, before the answer: a decided verification in the same
+    /// commit as the state it leaves (and, for an accepted code of a credential with a
+    /// subject, as its evidence), any other end (unknown id, malformed code, locked,
+    /// disabled) in one audit-only write.
+    pub async fn verify_by(
+        &self,
+        actor: Option<&Actor>,
+        tenant: &str,
+        id: &str,
+        code: &str,
+    ) -> Result<Verified> {
         let event = self.audit_event(actor, "credential.verify", id);
-        match self.decide_verify(id, code, event.clone()).await {
-            Ok((outcome, lock)) => {
+        match self.decide_verify(tenant, id, code, event.clone()).await {
+            Ok((verified, lock)) => {
                 self.audited();
-                log_lock(id, lock);
-                Ok(outcome)
+                log_lock(tenant, id, lock);
+                Ok(verified)
             }
-            Err(stop) => self.record_stop(event, stop).await,
+            Err(stop) => Ok(Verified {
+                outcome: self.record_stop(event, tenant, stop).await?,
+                evidence_id: None,
+            }),
         }
     }
 
-    /// The verification up to its decision, which commits with `event`'s record.
+    /// A fresh evidence id: 128 bits from the system RNG, 32 lower-case hex digits.
+    fn evidence_id(&self) -> Result<String> {
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&self.rng, &mut bytes)
+            .map_err(|_| Error::Internal("system RNG failed".into()))?;
+        Ok(crate::common::hex(&bytes))
+    }
+
+    /// The evidence an accepted code of `rec` at `now` leaves (`None` without a subject).
+    /// Drawn before the commit (the committer must not wait for an RNG), kept only if
+    /// the code is accepted.
+    fn evidence_of(&self, rec: &CredentialRecord, now: u64) -> Result<Option<EvidenceRecord>> {
+        let Some(subject) = &rec.subject else {
+            return Ok(None);
+        };
+        Ok(Some(EvidenceRecord {
+            id: self.evidence_id()?,
+            tenant: rec.tenant.clone(),
+            credential_id: rec.id.clone(),
+            subject: subject.clone(),
+            method: AuthMethod::Otp,
+            auth_time: now,
+            expires_at: now.saturating_add(self.evidence_ttl_seconds),
+            spent_at: None,
+        }))
+    }
+
+    /// The verification up to its decision, which commits with `event`'s record and,
+    /// when the code is accepted, the evidence.
     async fn decide_verify(
         &self,
+        tenant: &str,
         id: &str,
         code: &str,
         event: Option<Event>,
-    ) -> std::result::Result<(Outcome, Option<LockChange>), audit::Stop> {
-        let rec = self.get(id).await?;
+    ) -> std::result::Result<(Verified, Option<LockChange>), audit::Stop> {
+        let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
         let submitted = otp::parse_code(code, digits)
@@ -322,9 +412,14 @@ impl<S: CredentialStore> Credentials<S> {
         let matched =
             ct_to_option(otp::find_match(submitted, &codes)).map(|i| window.start() + u64::from(i));
         let policy = self.policy.clone();
+        let evidence = self.evidence_of(&rec, now)?;
+        let evidence_id = evidence.as_ref().map(|e| e.id.clone());
+        let audit_tenant = tenant.to_owned();
         let seed = rec.wrapped_seed;
-        self.store
-            .update_audited(
+        let (outcome, lock) = self
+            .store
+            .update_with(
+                tenant,
                 id,
                 move |r| {
                     if r.wrapped_seed != seed {
@@ -337,53 +432,77 @@ impl<S: CredentialStore> Credentials<S> {
                         Update::Delete(o) => Update::Delete(Some((o, None))),
                     }
                 },
-                move |d: &Option<(Outcome, Option<LockChange>)>| decision_event(event, d.as_ref()),
+                move |d: &Option<(Outcome, Option<LockChange>)>| {
+                    let accepted = d.is_some_and(|(o, _)| o.verdict == Verdict::Accepted);
+                    let evidence = evidence.filter(|_| accepted);
+                    let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
+                    Effects {
+                        audit: decision_event(event, &audit_tenant, d.as_ref(), evidence_id),
+                        evidence,
+                    }
+                },
             )
             .await
             .map_err(|e| not_found_or(e, id))?
-            .ok_or(audit::Stop::Recorded(changed()))
+            .ok_or(audit::Stop::Recorded(changed()))?;
+        let verified = Verified {
+            outcome,
+            evidence_id: evidence_id.filter(|_| outcome.verdict == Verdict::Accepted),
+        };
+        Ok((verified, lock))
     }
 
     /// Record an attempt that `stop` ended before its decision (one audit-only write),
     /// then answer it.
-    async fn record_stop(&self, event: Option<Event>, stop: audit::Stop) -> Result<Outcome> {
-        let (record, answer) = stop.into_record(event);
+    async fn record_stop(
+        &self,
+        event: Option<Event>,
+        tenant: &str,
+        stop: audit::Stop,
+    ) -> Result<Outcome> {
+        let (record, answer) = stop.into_record(event, tenant);
         if let (Some(record), Some(log)) = (record, &self.audit) {
             log.record(record).await?;
         }
         answer
     }
 
-    /// Resynchronise from two consecutive codes (recorded as done by the service).
+    /// Resynchronise `tenant`'s credential from two consecutive codes (recorded as done by
+    /// the service).
     pub async fn resync(
         &self,
+        tenant: &str,
         id: &str,
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
-        self.resync_by(None, id, code1, code2).await
+        self.resync_by(None, tenant, id, code1, code2).await
     }
 
-    /// Resynchronise for `actor`, recorded like a verification.
+    /// Resynchronise `tenant`'s credential for `actor`, recorded like a verification.
     pub async fn resync_by(
         &self,
         actor: Option<&Actor>,
+        tenant: &str,
         id: &str,
         code1: &str,
         code2: &str,
     ) -> Result<(Outcome, CredentialRecord)> {
         let event = self.audit_event(actor, "credential.resync", id);
-        match self.decide_resync(id, code1, code2, event.clone()).await {
+        match self
+            .decide_resync(tenant, id, code1, code2, event.clone())
+            .await
+        {
             Ok((outcome, lock, rec)) => {
                 self.audited();
-                log_lock(id, lock);
+                log_lock(tenant, id, lock);
                 if outcome.verdict == Verdict::Accepted {
-                    tracing::info!(credential = id, "credential resynchronised");
+                    tracing::info!(tenant, credential = id, "credential resynchronised");
                 }
                 Ok((outcome, rec))
             }
             Err((stop, rec)) => {
-                let outcome = self.record_stop(event, stop).await?;
+                let outcome = self.record_stop(event, tenant, stop).await?;
                 // A gate refusal answers with the record as read.
                 rec.map(|rec| (outcome, rec))
                     .ok_or_else(|| Error::Internal("resync refused without a record".into()))
@@ -395,6 +514,7 @@ impl<S: CredentialStore> Credentials<S> {
     /// the record it read, when it got that far.
     async fn decide_resync(
         &self,
+        tenant: &str,
         id: &str,
         code1: &str,
         code2: &str,
@@ -404,7 +524,7 @@ impl<S: CredentialStore> Credentials<S> {
         (audit::Stop, Option<CredentialRecord>),
     > {
         let stop = |e: Error| (audit::Stop::Error(e), None);
-        let rec = self.get(id).await.map_err(stop)?;
+        let rec = self.get(tenant, id).await.map_err(stop)?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| stop(Error::Internal("stored digits out of range".into())))?;
         let c1 = otp::parse_code(code1, digits).map_err(|_| {
@@ -439,8 +559,10 @@ impl<S: CredentialStore> Credentials<S> {
             .map(|i| window.start() + u64::from(i) + 1);
         let policy = self.policy.clone();
         let seed = rec.wrapped_seed;
+        let audit_tenant = tenant.to_owned();
         self.store
             .update_audited(
+                tenant,
                 id,
                 move |r| {
                     if r.wrapped_seed != seed {
@@ -457,7 +579,8 @@ impl<S: CredentialStore> Credentials<S> {
                     }
                 },
                 move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>| {
-                    decision_event(event, r.as_ref().map(|(o, l, _)| (*o, *l)).as_ref())
+                    let decided = r.as_ref().map(|(o, l, _)| (*o, *l));
+                    decision_event(event, &audit_tenant, decided.as_ref(), None)
                 },
             )
             .await
@@ -465,40 +588,61 @@ impl<S: CredentialStore> Credentials<S> {
             .ok_or((audit::Stop::Recorded(changed()), None))
     }
 
-    /// One credential.
-    pub async fn get(&self, id: &str) -> Result<CredentialRecord> {
+    /// One credential of `tenant`.
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<CredentialRecord> {
         check_id(id)?;
+        check_tenant(tenant)?;
         self.store
-            .get(id)
+            .get(tenant, id)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| Error::NotFound(format!("no credential {id:?}")))
+            .ok_or_else(|| not_found(id))
     }
 
-    /// A page of credentials after `after`, and whether more may follow.
-    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<CredentialRecord>> {
-        self.store.list(after, limit).await.map_err(store_error)
+    /// A page of credentials after `after`: of `tenant` only, or of every tenant.
+    pub async fn list(
+        &self,
+        tenant: Option<&str>,
+        after: Option<&CredentialKey>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>> {
+        if let Some(t) = tenant {
+            check_tenant(t)?;
+        }
+        self.store
+            .list(tenant, after, limit)
+            .await
+            .map_err(store_error)
     }
 
-    /// Enable, disable or unlock (recorded as done by the service; see
-    /// [`Credentials::update_state_by`]).
-    pub async fn update_state(&self, id: &str, action: Action) -> Result<CredentialRecord> {
-        self.update_state_by(None, id, action).await
+    /// Enable, disable or unlock `tenant`'s credential (recorded as done by the service;
+    /// see [`Credentials::update_state_by`]).
+    pub async fn update_state(
+        &self,
+        tenant: &str,
+        id: &str,
+        action: Action,
+    ) -> Result<CredentialRecord> {
+        self.update_state_by(None, tenant, id, action).await
     }
 
-    /// Enable, disable or unlock for `actor`, recorded in the same commit as the change.
+    /// Enable, disable or unlock `tenant`'s credential for `actor`, recorded in the same
+    /// commit as the change.
     pub async fn update_state_by(
         &self,
         actor: Option<&Actor>,
+        tenant: &str,
         id: &str,
         action: Action,
     ) -> Result<CredentialRecord> {
         check_id(id)?;
+        check_tenant(tenant)?;
         let now = self.clock.now();
         let event = self.audit_event(actor, audit::state_action(action), id);
         let rec = self
             .store
             .update_audited(
+                tenant,
                 id,
                 move |r| {
                     match action {
@@ -514,35 +658,40 @@ impl<S: CredentialStore> Credentials<S> {
             .await
             .map_err(|e| not_found_or(e, id))?;
         self.audited();
-        tracing::info!(credential = id, ?action, "credential state changed");
+        tracing::info!(tenant, credential = id, ?action, "credential state changed");
         Ok(rec)
     }
 
-    /// Remove a credential (recorded as done by the service; see
+    /// Remove `tenant`'s credential (recorded as done by the service; see
     /// [`Credentials::delete_by`]).
-    pub async fn delete(&self, id: &str) -> Result<()> {
-        self.delete_by(None, id).await
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
+        self.delete_by(None, tenant, id).await
     }
 
-    /// Remove a credential for `actor` (its wrapped seed goes with it), recorded in the
-    /// same commit.
-    pub async fn delete_by(&self, actor: Option<&Actor>, id: &str) -> Result<()> {
+    /// Remove `tenant`'s credential for `actor` (its wrapped seed goes with it), recorded
+    /// in the same commit.
+    pub async fn delete_by(&self, actor: Option<&Actor>, tenant: &str, id: &str) -> Result<()> {
         check_id(id)?;
+        check_tenant(tenant)?;
         let existed = match self.audit_event(actor, "credential.delete", id) {
-            Some(event) => self.store.delete_audited(id, event).await,
-            None => self.store.delete(id).await,
+            Some(event) => {
+                let event = event.with_details(crate::audit::Details::new().str("tenant", tenant));
+                self.store.delete_audited(tenant, id, event).await
+            }
+            None => self.store.delete(tenant, id).await,
         }
         .map_err(store_error)?;
         if existed {
             self.audited();
-            tracing::info!(credential = id, "credential deleted");
+            tracing::info!(tenant, credential = id, "credential deleted");
             Ok(())
         } else {
-            Err(Error::NotFound(format!("no credential {id:?}")))
+            Err(not_found(id))
         }
     }
 
-    /// The event a verification by `actor` will record, when there is an audit log.
+    /// The event a call by `actor` on credential `id` will record, when there is an audit
+    /// log (the builders in `audit` add the tenant to its details).
     fn audit_event(&self, actor: Option<&Actor>, action: &'static str, id: &str) -> Option<Event> {
         self.audit.as_ref()?;
         let actor = actor.cloned().unwrap_or_else(Actor::service);
@@ -632,25 +781,29 @@ pub async fn ensure_master_key<S: CredentialStore>(
 /// credential changed under the verification.
 fn decision_event(
     event: Option<Event>,
+    tenant: &str,
     decided: Option<&(Outcome, Option<LockChange>)>,
+    evidence_id: Option<&str>,
 ) -> Option<Event> {
     let event = event?;
     Some(match decided {
-        Some((o, lock)) => audit::verdict_event(event, o, *lock),
-        None => audit::changed_event(event),
+        Some((o, lock)) => audit::verdict_event(event, tenant, o, evidence_id, *lock),
+        None => audit::changed_event(event, tenant),
     })
 }
 
 /// A lock a decision set, in the server log (its audit record is the decision's).
-fn log_lock(id: &str, lock: Option<LockChange>) {
+fn log_lock(tenant: &str, id: &str, lock: Option<LockChange>) {
     match lock {
         Some(LockChange::Temporary { until, failures }) => tracing::info!(
+            tenant,
             credential = id,
             locked_until = until,
             failures,
             "credential temporarily locked after failed verifications"
         ),
         Some(LockChange::Hard { failures }) => tracing::warn!(
+            tenant,
             credential = id,
             failures,
             "credential hard-locked after failed verifications; an officer must unlock it"
@@ -675,9 +828,15 @@ fn otp_state(e: otp::OtpError) -> Error {
     Error::FailedPrecondition(format!("credential cannot verify: {e}"))
 }
 
+/// The one answer for an id the caller's tenant does not hold, whether another tenant
+/// holds it or nobody does.
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no credential {id:?}"))
+}
+
 fn not_found_or(e: StoreError, id: &str) -> Error {
     match e {
-        StoreError::NotFound => Error::NotFound(format!("no credential {id:?}")),
+        StoreError::NotFound => not_found(id),
         other => store_error(other),
     }
 }
@@ -703,6 +862,31 @@ pub fn check_id(id: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Subjects: 1..128 characters from `[A-Za-z0-9._:@-]` (a pseudonym, safe in logs).
+pub fn check_subject(subject: &str) -> Result<()> {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
+        return Err(invalid(format!(
+            "subject must be 1 to {MAX_SUBJECT_LEN} characters"
+        )));
+    }
+    if !subject
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err(invalid("subject may contain only A-Z a-z 0-9 . _ : @ -"));
+    }
+    Ok(())
+}
+
+/// Tenants as the store accepts them (they come from the config, or from an officer's
+/// request).
+pub fn check_tenant(tenant: &str) -> Result<()> {
+    crate::store::validate_tenant(tenant).map_err(|e| match e {
+        StoreError::Invalid(m) => invalid(m),
+        other => store_error(other),
+    })
 }
 
 fn check_label(field: &str, value: &str, max: usize) -> Result<()> {

@@ -94,17 +94,21 @@ impl SeedRotator {
         // Two passes: the second catches an enrolment that read the old version just
         // before the switch and was stored behind the first pass's cursor.
         for pass in 0..2 {
-            let mut after: Option<String> = None;
+            let mut after: Option<crate::store::CredentialKey> = None;
             loop {
+                // Every tenant's records, in (tenant, id) order.
                 let page = self
                     .store
-                    .list(after.as_deref(), batch.max(1))
+                    .list(None, after.as_ref(), batch.max(1))
                     .await
                     .map_err(store_error)?;
                 let Some(last) = page.last() else {
                     break;
                 };
-                after = Some(last.id.clone());
+                after = Some(crate::store::CredentialKey {
+                    tenant: last.tenant.clone(),
+                    id: last.id.clone(),
+                });
                 let (done, todo): (Vec<_>, Vec<_>) =
                     page.into_iter().partition(|r| r.master_key_version == new);
                 if pass == 0 {
@@ -161,7 +165,7 @@ impl SeedRotator {
                     let expect = rec.wrapped_seed.clone();
                     let stored = self
                         .store
-                        .update(&rec.id, move |r| {
+                        .update(&rec.tenant, &rec.id, move |r| {
                             if r.master_key_version != from || r.wrapped_seed != expect {
                                 return Update::Keep(false);
                             }
@@ -174,7 +178,12 @@ impl SeedRotator {
                     match stored {
                         Ok(true) => count += 1,
                         Ok(false) => {
-                            if let Some(now) = self.store.get(&rec.id).await.map_err(store_error)? {
+                            if let Some(now) = self
+                                .store
+                                .get(&rec.tenant, &rec.id)
+                                .await
+                                .map_err(store_error)?
+                            {
                                 if now.master_key_version != new {
                                     redo.push(now);
                                 }

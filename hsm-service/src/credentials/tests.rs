@@ -13,9 +13,14 @@ use crate::otp::rfc_vectors;
 use crate::store::{EmbeddedStore, StoreOptions};
 use crate::testing::DevEnv;
 
+/// The tenant the tests' credentials belong to.
+const T: &str = "tenant-a";
+
 fn record(kind: OtpKind) -> CredentialRecord {
     CredentialRecord {
+        tenant: T.into(),
         id: "c".into(),
+        subject: None,
         kind,
         algorithm: HashAlgorithm::Sha1,
         digits: 6,
@@ -568,6 +573,7 @@ fn import(id: &str, kind: OtpKind, alg: HashAlgorithm, digits: u32, seed: &[u8])
         issuer: "Test".into(),
         account_name: "alice".into(),
         initial_counter: 0,
+        subject: None,
     }
 }
 
@@ -593,19 +599,22 @@ fn soft_code(seed: &[u8], alg: HashAlgorithm, factor: u64, digits: u32) -> Strin
 async fn rfc4226_vectors_through_the_hsm() {
     let f = fixture(Policy::default()).await;
     f.service
-        .create(import(
-            "rfc4226",
-            OtpKind::Hotp,
-            HashAlgorithm::Sha1,
-            6,
-            rfc_vectors::RFC4226_SEED,
-        ))
+        .create(
+            T,
+            import(
+                "rfc4226",
+                OtpKind::Hotp,
+                HashAlgorithm::Sha1,
+                6,
+                rfc_vectors::RFC4226_SEED,
+            ),
+        )
         .await
         .expect("create");
     for v in rfc_vectors::RFC4226_VECTORS.iter() {
         let o = f
             .service
-            .verify("rfc4226", &format!("{:06}", v.code))
+            .verify(T, "rfc4226", &format!("{:06}", v.code))
             .await
             .expect("verify");
         assert_eq!(o.verdict, Verdict::Accepted, "counter {}", v.counter);
@@ -616,7 +625,7 @@ async fn rfc4226_vectors_through_the_hsm() {
     );
     assert_eq!(
         f.service
-            .verify("rfc4226", &last)
+            .verify(T, "rfc4226", &last)
             .await
             .expect("verify")
             .verdict,
@@ -625,7 +634,7 @@ async fn rfc4226_vectors_through_the_hsm() {
     let first = format!("{:06}", rfc_vectors::RFC4226_VECTORS[0].code);
     assert_eq!(
         f.service
-            .verify("rfc4226", &first)
+            .verify(T, "rfc4226", &first)
             .await
             .expect("verify")
             .verdict,
@@ -643,13 +652,10 @@ async fn rfc6238_vectors_through_the_hsm() {
     ] {
         let id = format!("rfc6238-{}", alg.uri_name());
         f.service
-            .create(import(
-                &id,
-                OtpKind::Totp,
-                alg,
-                8,
-                rfc_vectors::rfc6238_seed(alg),
-            ))
+            .create(
+                T,
+                import(&id, OtpKind::Totp, alg, 8, rfc_vectors::rfc6238_seed(alg)),
+            )
             .await
             .expect("create");
         let mut vectors: Vec<_> = rfc_vectors::RFC6238_VECTORS
@@ -661,10 +667,14 @@ async fn rfc6238_vectors_through_the_hsm() {
         for v in vectors {
             f.now.store(v.unix_time, Ordering::SeqCst);
             let code = format!("{:08}", v.code);
-            let o = f.service.verify(&id, &code).await.expect("verify");
+            let o = f.service.verify(T, &id, &code).await.expect("verify");
             assert_eq!(o.verdict, Verdict::Accepted, "{alg:?} at {}", v.unix_time);
             assert_eq!(
-                f.service.verify(&id, &code).await.expect("verify").verdict,
+                f.service
+                    .verify(T, &id, &code)
+                    .await
+                    .expect("verify")
+                    .verdict,
                 Verdict::Replayed
             );
         }
@@ -678,13 +688,10 @@ async fn totp_window_edges_and_short_seed() {
     // those of the unpadded seed.
     let seed = b"0123456789";
     f.service
-        .create(import(
-            "short",
-            OtpKind::Totp,
-            HashAlgorithm::Sha256,
-            6,
-            seed,
-        ))
+        .create(
+            T,
+            import("short", OtpKind::Totp, HashAlgorithm::Sha256, 6, seed),
+        )
         .await
         .expect("create");
     let now = f.now.load(Ordering::SeqCst);
@@ -695,7 +702,7 @@ async fn totp_window_edges_and_short_seed() {
     if two_ahead != one_ahead && two_ahead != current {
         assert_eq!(
             f.service
-                .verify("short", &two_ahead)
+                .verify(T, "short", &two_ahead)
                 .await
                 .expect("v")
                 .verdict,
@@ -704,7 +711,7 @@ async fn totp_window_edges_and_short_seed() {
     }
     assert_eq!(
         f.service
-            .verify("short", &one_ahead)
+            .verify(T, "short", &one_ahead)
             .await
             .expect("v")
             .verdict,
@@ -713,7 +720,7 @@ async fn totp_window_edges_and_short_seed() {
     // step+1 accepted: the current step's code is now a replay, even though it is right.
     assert_eq!(
         f.service
-            .verify("short", &current)
+            .verify(T, "short", &current)
             .await
             .expect("v")
             .verdict,
@@ -726,7 +733,10 @@ async fn concurrent_verifications_accept_a_code_once() {
     let f = fixture(Policy::default()).await;
     let seed = rfc_vectors::RFC4226_SEED;
     f.service
-        .create(import("race", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed))
+        .create(
+            T,
+            import("race", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed),
+        )
         .await
         .expect("create");
     let code = soft_code(
@@ -739,7 +749,7 @@ async fn concurrent_verifications_accept_a_code_once() {
         .map(|_| {
             let s = f.service.clone();
             let code = code.clone();
-            tokio::spawn(async move { s.verify("race", &code).await.expect("verify").verdict })
+            tokio::spawn(async move { s.verify(T, "race", &code).await.expect("verify").verdict })
         })
         .collect();
     let mut verdicts = Vec::new();
@@ -756,7 +766,10 @@ async fn locked_credentials_do_no_hsm_work_and_unlock() {
     let f = fixture(Policy::default()).await;
     let seed = rfc_vectors::RFC4226_SEED;
     f.service
-        .create(import("lock", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .create(
+            T,
+            import("lock", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed),
+        )
         .await
         .expect("create");
     let wrong = if soft_code(seed, HashAlgorithm::Sha1, 0, 6) == "000000" {
@@ -766,13 +779,13 @@ async fn locked_credentials_do_no_hsm_work_and_unlock() {
     };
     for _ in 0..5 {
         assert_eq!(
-            f.service.verify("lock", wrong).await.expect("v").verdict,
+            f.service.verify(T, "lock", wrong).await.expect("v").verdict,
             Verdict::Rejected
         );
     }
     let hsm_ops = f.hsm.completed();
     let right = soft_code(seed, HashAlgorithm::Sha1, 0, 6);
-    let o = f.service.verify("lock", &right).await.expect("v");
+    let o = f.service.verify(T, "lock", &right).await.expect("v");
     assert_eq!((o.verdict, o.retry_after_seconds), (Verdict::Locked, 30));
     assert_eq!(
         f.hsm.completed(),
@@ -781,27 +794,31 @@ async fn locked_credentials_do_no_hsm_work_and_unlock() {
     );
     f.now.fetch_add(30, Ordering::SeqCst);
     assert_eq!(
-        f.service.verify("lock", &right).await.expect("v").verdict,
+        f.service
+            .verify(T, "lock", &right)
+            .await
+            .expect("v")
+            .verdict,
         Verdict::Accepted
     );
 
     let rec = f
         .service
-        .update_state("lock", Action::Disable)
+        .update_state(T, "lock", Action::Disable)
         .await
         .expect("disable");
     assert!(rec.disabled);
     let next = soft_code(seed, HashAlgorithm::Sha1, 1, 6);
     assert_eq!(
-        f.service.verify("lock", &next).await.expect("v").verdict,
+        f.service.verify(T, "lock", &next).await.expect("v").verdict,
         Verdict::Disabled
     );
     f.service
-        .update_state("lock", Action::Enable)
+        .update_state(T, "lock", Action::Enable)
         .await
         .expect("enable");
     assert_eq!(
-        f.service.verify("lock", &next).await.expect("v").verdict,
+        f.service.verify(T, "lock", &next).await.expect("v").verdict,
         Verdict::Accepted
     );
 }
@@ -811,18 +828,22 @@ async fn resync_through_the_hsm() {
     let f = fixture(Policy::default()).await;
     let seed = rfc_vectors::RFC4226_SEED;
     f.service
-        .create(import("hotp", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .create(
+            T,
+            import("hotp", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed),
+        )
         .await
         .expect("create");
     // The token was pressed 500 times out of sight: beyond the look-ahead of 10.
     let far = soft_code(seed, HashAlgorithm::Sha1, 500, 6);
     assert_eq!(
-        f.service.verify("hotp", &far).await.expect("v").verdict,
+        f.service.verify(T, "hotp", &far).await.expect("v").verdict,
         Verdict::Rejected
     );
     let (o, rec) = f
         .service
         .resync(
+            T,
             "hotp",
             &soft_code(seed, HashAlgorithm::Sha1, 501, 6),
             &soft_code(seed, HashAlgorithm::Sha1, 502, 6),
@@ -833,7 +854,7 @@ async fn resync_through_the_hsm() {
     assert_eq!((rec.next_counter, rec.failures), (503, 0));
     assert_eq!(
         f.service
-            .verify("hotp", &soft_code(seed, HashAlgorithm::Sha1, 503, 6))
+            .verify(T, "hotp", &soft_code(seed, HashAlgorithm::Sha1, 503, 6))
             .await
             .expect("v")
             .verdict,
@@ -841,7 +862,10 @@ async fn resync_through_the_hsm() {
     );
 
     f.service
-        .create(import("totp", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed))
+        .create(
+            T,
+            import("totp", OtpKind::Totp, HashAlgorithm::Sha1, 6, seed),
+        )
         .await
         .expect("create");
     let step = f.now.load(Ordering::SeqCst) / 30;
@@ -849,6 +873,7 @@ async fn resync_through_the_hsm() {
     let (o, rec) = f
         .service
         .resync(
+            T,
             "totp",
             &soft_code(seed, HashAlgorithm::Sha1, step + 4, 6),
             &soft_code(seed, HashAlgorithm::Sha1, step + 5, 6),
@@ -859,7 +884,11 @@ async fn resync_through_the_hsm() {
     f.now.fetch_add(30, Ordering::SeqCst);
     assert_eq!(
         f.service
-            .verify("totp", &soft_code(seed, HashAlgorithm::Sha1, step + 6, 6))
+            .verify(
+                T,
+                "totp",
+                &soft_code(seed, HashAlgorithm::Sha1, step + 6, 6)
+            )
             .await
             .expect("v")
             .verdict,
@@ -873,18 +902,22 @@ async fn generated_seed_with_reveal_matches_its_uri() {
     let f = fixture(Policy::default()).await;
     let created = f
         .service
-        .create(NewCredential {
-            id: None,
-            kind: OtpKind::Totp,
-            algorithm: HashAlgorithm::Sha1,
-            digits: 6,
-            period_seconds: 30,
-            seed: None,
-            reveal_seed: true,
-            issuer: "MitID".into(),
-            account_name: "alice".into(),
-            initial_counter: 0,
-        })
+        .create(
+            T,
+            NewCredential {
+                id: None,
+                kind: OtpKind::Totp,
+                algorithm: HashAlgorithm::Sha1,
+                digits: 6,
+                period_seconds: 30,
+                seed: None,
+                reveal_seed: true,
+                issuer: "MitID".into(),
+                account_name: "alice".into(),
+                initial_counter: 0,
+                subject: None,
+            },
+        )
         .await
         .expect("create");
     assert_eq!(created.record.id.len(), 32, "generated id");
@@ -910,7 +943,7 @@ async fn generated_seed_with_reveal_matches_its_uri() {
     );
     assert_eq!(
         f.service
-            .verify(&created.record.id, &code)
+            .verify(T, &created.record.id, &code)
             .await
             .expect("v")
             .verdict,
@@ -920,18 +953,22 @@ async fn generated_seed_with_reveal_matches_its_uri() {
     // Without reveal the seed is born in the HSM: no URI, and it verifies nothing we know.
     let hidden = f
         .service
-        .create(NewCredential {
-            id: Some("hidden".into()),
-            kind: OtpKind::Hotp,
-            algorithm: HashAlgorithm::Sha512,
-            digits: 8,
-            period_seconds: 0,
-            seed: None,
-            reveal_seed: false,
-            issuer: String::new(),
-            account_name: String::new(),
-            initial_counter: 0,
-        })
+        .create(
+            T,
+            NewCredential {
+                id: Some("hidden".into()),
+                kind: OtpKind::Hotp,
+                algorithm: HashAlgorithm::Sha512,
+                digits: 8,
+                period_seconds: 0,
+                seed: None,
+                reveal_seed: false,
+                issuer: String::new(),
+                account_name: String::new(),
+                initial_counter: 0,
+                subject: None,
+            },
+        )
         .await
         .expect("create");
     assert!(hidden.provisioning_uri.is_none());
@@ -1028,39 +1065,273 @@ async fn malformed_requests_are_invalid_arguments() {
         ),
     ];
     for (name, new, expected) in cases {
-        match f.service.create(new).await {
+        match f.service.create(T, new).await {
             Err(Error::InvalidArgument(m)) => assert!(m.contains(expected), "{name}: {m}"),
             other => panic!("{name}: {:?}", other.map(|c| c.record.id)),
         }
     }
-    f.service.create(base()).await.expect("create");
+    f.service.create(T, base()).await.expect("create");
     assert!(matches!(
-        f.service.create(base()).await,
+        f.service.create(T, base()).await,
         Err(Error::AlreadyExists(_))
     ));
     for code in ["12345", "1234567", "12345a", " 123456", "١٢٣٤٥٦"] {
         assert!(
             matches!(
-                f.service.verify("x", code).await,
+                f.service.verify(T, "x", code).await,
                 Err(Error::InvalidArgument(_))
             ),
             "{code:?}"
         );
     }
     assert!(matches!(
-        f.service.verify("nope", "123456").await,
+        f.service.verify(T, "nope", "123456").await,
         Err(Error::NotFound(_))
     ));
     assert!(matches!(
-        f.service.resync("x", "123456", "12").await,
+        f.service.resync(T, "x", "123456", "12").await,
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        f.service.delete("nope").await,
+        f.service.delete(T, "nope").await,
         Err(Error::NotFound(_))
     ));
-    f.service.delete("x").await.expect("delete");
-    assert!(matches!(f.service.get("x").await, Err(Error::NotFound(_))));
+    f.service.delete(T, "x").await.expect("delete");
+    assert!(matches!(
+        f.service.get(T, "x").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    let with_subject = NewCredential {
+        subject: Some("citizen:4711@login".into()),
+        ..import("s", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+    };
+    f.service.create(T, with_subject).await.expect("create");
+    f.service
+        .create(T, import("n", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    let code = |c| soft_code(seed, HashAlgorithm::Sha1, c, 6);
+    let wrong = if code(0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+
+    let rejected = f.service.verify_by(None, T, "s", wrong).await.expect("v");
+    assert_eq!(
+        (rejected.outcome.verdict, rejected.evidence_id),
+        (Verdict::Rejected, None)
+    );
+    let now = f.now.load(Ordering::SeqCst);
+    let accepted = f
+        .service
+        .verify_by(None, T, "s", &code(0))
+        .await
+        .expect("v");
+    assert_eq!(accepted.outcome.verdict, Verdict::Accepted);
+    let id = accepted.evidence_id.expect("evidence");
+    assert_eq!(id.len(), 32);
+    assert!(id
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    let e = f
+        .service
+        .store
+        .get_evidence(&id)
+        .expect("read")
+        .expect("durable with the accepted step");
+    assert_eq!(
+        e,
+        EvidenceRecord {
+            id: id.clone(),
+            tenant: T.into(),
+            credential_id: "s".into(),
+            subject: "citizen:4711@login".into(),
+            method: AuthMethod::Otp,
+            auth_time: now,
+            expires_at: now + DEFAULT_EVIDENCE_TTL_SECONDS,
+            spent_at: None,
+        }
+    );
+    let replayed = f
+        .service
+        .verify_by(None, T, "s", &code(0))
+        .await
+        .expect("v");
+    assert_eq!(
+        (replayed.outcome.verdict, replayed.evidence_id),
+        (Verdict::Replayed, None)
+    );
+    let second = f
+        .service
+        .verify_by(None, T, "s", &code(1))
+        .await
+        .expect("v");
+    assert_ne!(
+        second.evidence_id.expect("evidence"),
+        id,
+        "fresh per success"
+    );
+
+    // Without a subject an accepted code leaves nothing.
+    let before = f.service.store.evidence_count().expect("count");
+    let plain = f
+        .service
+        .verify_by(None, T, "n", &code(0))
+        .await
+        .expect("v");
+    assert_eq!(
+        (plain.outcome.verdict, plain.evidence_id),
+        (Verdict::Accepted, None)
+    );
+    assert_eq!(f.service.store.evidence_count().expect("count"), before);
+
+    // The configured lifetime.
+    let service = Credentials::new(
+        f.hsm.clone(),
+        f.service.store.clone(),
+        Policy::default(),
+        1,
+        Clock::from_secs_fn(move || now),
+    )
+    .with_evidence_ttl(30);
+    let third = service
+        .verify_by(None, T, "s", &code(2))
+        .await
+        .expect("v")
+        .evidence_id
+        .expect("evidence");
+    let e = f
+        .service
+        .store
+        .get_evidence(&third)
+        .expect("read")
+        .expect("e");
+    assert_eq!(e.expires_at, now + 30);
+}
+
+#[tokio::test]
+async fn another_tenants_credential_is_not_found_like_a_missing_one() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    let a = f
+        .service
+        .create(T, import("x", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create a");
+    assert_eq!(a.record.tenant, T);
+    // Tenant B may hold the same id: a different credential.
+    let b = f
+        .service
+        .create(
+            "tenant-b",
+            NewCredential {
+                subject: Some("b-subject".into()),
+                ..import("x", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+            },
+        )
+        .await
+        .expect("create b");
+    assert_eq!(
+        (b.record.tenant.as_str(), b.record.id.as_str()),
+        ("tenant-b", "x")
+    );
+    let message = |e: Error| match e {
+        Error::NotFound(m) => m,
+        other => panic!("{other:?}"),
+    };
+    let missing = message(f.service.get(T, "y").await.expect_err("missing"));
+    let code = soft_code(seed, HashAlgorithm::Sha1, 0, 6);
+    // Tenant C sees neither: every operation answers as for an id nobody holds.
+    let c = "tenant-c";
+    let answers = [
+        f.service.get(c, "y").await.map(|_| ()),
+        f.service.get(c, "x").await.map(|_| ()),
+        f.service.verify(c, "x", &code).await.map(|_| ()),
+        f.service.resync(c, "x", &code, &code).await.map(|_| ()),
+        f.service
+            .update_state(c, "x", Action::Disable)
+            .await
+            .map(|_| ()),
+        f.service
+            .update_state(c, "x", Action::Unlock)
+            .await
+            .map(|_| ()),
+        f.service.delete(c, "x").await,
+    ];
+    for (i, answer) in answers.into_iter().enumerate() {
+        let m = message(answer.expect_err("not found"));
+        assert_eq!(m.replace("\"x\"", "\"y\""), missing, "operation {i}");
+    }
+    // Each tenant acts on its own.
+    assert_eq!(
+        f.service.verify(T, "x", &code).await.expect("a").verdict,
+        Verdict::Accepted
+    );
+    assert_eq!(
+        f.service
+            .verify("tenant-b", "x", &code)
+            .await
+            .expect("b")
+            .verdict,
+        Verdict::Accepted,
+        "B's credential is untouched by A's verification"
+    );
+    f.service.delete(T, "x").await.expect("delete a");
+    assert!(f.service.get("tenant-b", "x").await.is_ok());
+    let listed = f
+        .service
+        .list(Some("tenant-b"), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].subject.as_deref(), Some("b-subject"));
+    assert!(f
+        .service
+        .list(Some(T), None, 10)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn subjects_are_validated() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    for (subject, expected) in [
+        (String::new(), "subject must be 1 to 128"),
+        ("a".repeat(129), "subject must be 1 to 128"),
+        ("has space".into(), "subject may contain only"),
+        ("ü".into(), "subject may contain only"),
+        ("a\nb".into(), "subject may contain only"),
+    ] {
+        let new = NewCredential {
+            subject: Some(subject.clone()),
+            ..import("v", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+        };
+        match f.service.create(T, new).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(expected), "{subject:?}: {m}"),
+            other => panic!("{subject:?}: {:?}", other.map(|c| c.record.id)),
+        }
+    }
+    let ok = NewCredential {
+        subject: Some(format!("A-z0.9_:@-{}", "x".repeat(118))),
+        ..import("v", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+    };
+    f.service
+        .create(T, ok)
+        .await
+        .expect("128 characters of the alphabet");
+    assert!(matches!(
+        f.service.get("", "v").await,
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 /// Every attempt leaves exactly one record, written in exactly one write job: decided
@@ -1075,6 +1346,7 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
     f.service
         .create_by(
             Some(&officer),
+            T,
             import("a", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed),
         )
         .await
@@ -1104,29 +1376,33 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
     calls.push(attempt("a", right(1), "locked"));
     for (id, code) in calls {
         let before = jobs();
-        let _ = f.service.verify(id, &code).await;
+        let _ = f.service.verify(T, id, &code).await;
         assert_eq!(jobs() - before, 1, "{id} {code}: one write job per call");
     }
     f.now.fetch_add(3600, Ordering::SeqCst);
     f.service
-        .update_state_by(Some(&officer), "a", Action::Disable)
+        .update_state_by(Some(&officer), T, "a", Action::Disable)
         .await
         .expect("disable");
     let before = jobs();
     assert_eq!(
-        f.service.verify("a", &right(1)).await.expect("v").verdict,
+        f.service
+            .verify(T, "a", &right(1))
+            .await
+            .expect("v")
+            .verdict,
         Verdict::Disabled
     );
     assert_eq!(jobs() - before, 1);
     f.service
-        .update_state_by(Some(&officer), "a", Action::Unlock)
+        .update_state_by(Some(&officer), T, "a", Action::Unlock)
         .await
         .expect("unlock");
     f.service
-        .delete_by(Some(&officer), "a")
+        .delete_by(Some(&officer), T, "a")
         .await
         .expect("delete");
-    assert!(f.service.delete_by(Some(&officer), "a").await.is_err());
+    assert!(f.service.delete_by(Some(&officer), T, "a").await.is_err());
 
     let recs = records(&log);
     let verifies: Vec<(&str, &str)> = recs
@@ -1174,7 +1450,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
     let seed_b = b"another-seed-of-20-b";
     for (id, seed) in [("a", seed_a), ("b", &seed_b[..])] {
         f.service
-            .create(import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+            .create(T, import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
             .await
             .expect("create");
     }
@@ -1182,14 +1458,14 @@ async fn a_blob_moved_into_another_record_never_verifies() {
     // A verifies, so A's unwrapped seed is cached.
     assert_eq!(
         f.service
-            .verify("a", &code(seed_a, 0))
+            .verify(T, "a", &code(seed_a, 0))
             .await
             .expect("a")
             .verdict,
         Verdict::Accepted
     );
-    let a = f.store.get("a").await.expect("get").expect("a");
-    let b_before = f.store.get("b").await.expect("get").expect("b");
+    let a = f.store.get(T, "a").await.expect("get").expect("a");
+    let b_before = f.store.get(T, "b").await.expect("get").expect("b");
     let swaps: [(&str, Option<[u8; 32]>); 3] = [
         ("blob only", b_before.seed_binding),
         ("blob and A's binding", a.seed_binding),
@@ -1198,7 +1474,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
     for (swap, binding) in swaps {
         let (blob, version) = (a.wrapped_seed.clone(), a.master_key_version);
         f.store
-            .update("b", move |r| {
+            .update(T, "b", move |r| {
                 r.wrapped_seed = blob;
                 r.master_key_version = version;
                 r.seed_binding = binding;
@@ -1208,7 +1484,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
             .expect("tamper");
         let (hits, misses, entries) = f.hsm.seed_cache_stats();
         for (whose, c) in [("A's", code(seed_a, 1)), ("B's", code(seed_b, 0))] {
-            let got = f.service.verify("b", &c).await;
+            let got = f.service.verify(T, "b", &c).await;
             assert!(
                 matches!(got, Err(Error::Integrity(ref m)) if m.contains("\"b\" failed its integrity check")),
                 "{swap}, {whose} code: {got:?}"
@@ -1224,7 +1500,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
             assert_eq!(last.outcome, "failed: tampered", "{swap}");
             let resync = f
                 .service
-                .resync("b", &code(seed_a, 2), &code(seed_a, 3))
+                .resync(T, "b", &code(seed_a, 2), &code(seed_a, 3))
                 .await;
             assert!(
                 matches!(resync, Err(Error::Integrity(_))),
@@ -1238,7 +1514,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
         );
         assert_eq!(after.2, entries, "{swap}: nothing was unwrapped");
         assert!(after.1 >= misses, "{swap}");
-        let b_now = f.store.get("b").await.expect("get").expect("b");
+        let b_now = f.store.get(T, "b").await.expect("get").expect("b");
         assert_eq!(
             (b_now.failures, b_now.last_accepted, b_now.next_counter),
             (0, None, 0),
@@ -1248,7 +1524,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
     // A itself is untouched and still verifies.
     assert_eq!(
         f.service
-            .verify("a", &code(seed_a, 1))
+            .verify(T, "a", &code(seed_a, 1))
             .await
             .expect("a")
             .verdict,
@@ -1257,7 +1533,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
     // Restoring B's own blob and binding makes B verify again.
     let b_back = b_before.clone();
     f.store
-        .update("b", move |r| {
+        .update(T, "b", move |r| {
             r.wrapped_seed = b_back.wrapped_seed.clone();
             r.master_key_version = b_back.master_key_version;
             r.seed_binding = b_back.seed_binding;
@@ -1267,7 +1543,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
         .expect("restore");
     assert_eq!(
         f.service
-            .verify("b", &code(seed_b, 0))
+            .verify(T, "b", &code(seed_b, 0))
             .await
             .expect("b")
             .verdict,
@@ -1283,12 +1559,12 @@ async fn start_up_migration_binds_existing_records_once() {
     let seed = rfc_vectors::RFC4226_SEED;
     for id in ["old-1", "old-2", "old-3"] {
         f.service
-            .create(import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+            .create(T, import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
             .await
             .expect("create");
         // As a store from before bindings holds it.
         f.store
-            .update(id, |r| {
+            .update(T, id, |r| {
                 r.seed_binding = None;
                 Update::Write(())
             })
@@ -1301,7 +1577,7 @@ async fn start_up_migration_binds_existing_records_once() {
         EmbeddedStore::open(&fresh.path().join("old.redb"), StoreOptions::default())
             .expect("store"),
     );
-    let mut recs = f.store.list(None, 10).await.expect("list");
+    let mut recs = f.store.list(None, None, 10).await.expect("list");
     recs.iter_mut().for_each(|r| r.seed_binding = None);
     old_store.insert_many(recs).await.expect("copy");
     let bound = binding::migrate(&f.hsm, old_store.as_ref(), 2)
@@ -1324,7 +1600,7 @@ async fn start_up_migration_binds_existing_records_once() {
     );
     assert_eq!(
         migrated
-            .verify("old-2", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+            .verify(T, "old-2", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
             .await
             .expect("verify")
             .verdict,
@@ -1332,14 +1608,67 @@ async fn start_up_migration_binds_existing_records_once() {
     );
     // A record that lost its binding after the migration is refused.
     old_store
-        .update("old-3", |r| {
+        .update(T, "old-3", |r| {
             r.seed_binding = None;
             Update::Write(())
         })
         .await
         .expect("unbind");
     let refused = migrated
-        .verify("old-3", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+        .verify(T, "old-3", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
         .await;
     assert!(matches!(refused, Err(Error::Integrity(_))), "{refused:?}");
+}
+
+/// The verification's record names the tenant and, for an accepted code, the evidence it
+/// left, in the same commit as the accepted step and the evidence itself.
+#[tokio::test]
+async fn the_verification_record_carries_tenant_and_evidence() {
+    let (f, log) = audited_fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    let new = NewCredential {
+        subject: Some("citizen-7".into()),
+        ..import("e", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed)
+    };
+    f.service.create(T, new).await.expect("create");
+    let commits = f.store.commits();
+    let v = f
+        .service
+        .verify_by(None, T, "e", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+        .await
+        .expect("verify");
+    assert_eq!(
+        f.store.commits(),
+        commits + 1,
+        "step, evidence, record: one commit"
+    );
+    let evidence = v.evidence_id.expect("evidence");
+    let missing = f.service.verify_by(None, "tenant-b", "e", "123456").await;
+    assert!(matches!(missing, Err(Error::NotFound(_))));
+    let recs = records(&log);
+    let detail = |r: &crate::audit::AuditRecord, k: &str| {
+        r.details
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let verifies: Vec<_> = recs
+        .iter()
+        .filter(|r| r.action == "credential.verify")
+        .collect();
+    assert_eq!(verifies.len(), 2);
+    assert_eq!(detail(verifies[0], "tenant").as_deref(), Some(T));
+    assert_eq!(detail(verifies[0], "evidence_id"), Some(evidence));
+    assert_eq!(
+        detail(verifies[1], "tenant").as_deref(),
+        Some("tenant-b"),
+        "the tenant that asked"
+    );
+    assert_eq!(detail(verifies[1], "evidence_id"), None);
+    let created = recs
+        .iter()
+        .find(|r| r.action == "credential.create")
+        .expect("create record");
+    assert_eq!(detail(created, "tenant").as_deref(), Some(T));
 }

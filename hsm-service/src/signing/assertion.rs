@@ -41,6 +41,9 @@ pub struct AssertionRequest {
     pub auth_time: u64,
     /// Extra claims, a JSON object text (may be empty).
     pub extra_claims_json: String,
+    /// The evidence of the authentication this assertion reports (empty: none, only
+    /// for a caller whose grant allows unbound assertions).
+    pub evidence_id: String,
 }
 
 /// A signed assertion.
@@ -105,7 +108,10 @@ impl Signer {
         Ok(())
     }
 
-    /// Sign an assertion for a caller with `grant`.
+    /// Sign an assertion for a caller with `grant`: bound to the evidence it cites
+    /// (`amr` and `auth_time` from it, `acr` only as far as `[[signing.acr]]` lets its
+    /// method reach, spent durably before the assertion leaves), or unbound when the
+    /// grant allows it.
     pub async fn sign_assertion(
         &self,
         grant: &Grant,
@@ -127,13 +133,9 @@ impl Signer {
         if req.acr.is_empty() {
             return Err(invalid("acr must not be empty"));
         }
-        if !self.config.acr_values.contains(&req.acr) {
-            return Err(invalid(format!(
-                "acr {:?} is not an accepted value (accepted: {})",
-                req.acr,
-                self.config.acr_values.join(", ")
-            )));
-        }
+        let t = self.clock.now();
+        let basis = self.basis(grant, req, t)?;
+        let claims = Self::claims(&basis, req)?;
         if let Some(allowed) = &grant.acr {
             if !allowed.contains(&req.acr) {
                 return Err(Error::PermissionDenied(format!(
@@ -152,8 +154,7 @@ impl Signer {
             }
             t => t,
         };
-        let t = self.clock.now();
-        let auth_time = match req.auth_time {
+        let auth_time = match claims.auth_time {
             0 => t,
             a if a > t + AUTH_TIME_SKEW => {
                 return Err(invalid(format!("auth_time {a} is in the future")))
@@ -178,7 +179,7 @@ impl Signer {
             audience: &req.audience,
             nonce: &req.nonce,
             acr: &req.acr,
-            amr: &req.amr,
+            amr: &claims.amr,
             auth_time,
             now: t,
             ttl_seconds: ttl,
@@ -189,6 +190,8 @@ impl Signer {
         let expires_at = input.expires_at();
         let signature = self.hsm_sign(&k, input.bytes()).await?;
         self.cover_expiry(&k, expires_at).await?;
+        // Released only to the one request that spent the evidence.
+        self.spend(&basis, &grant.tenant, &req.subject).await?;
         Ok(SignedAssertion {
             jws: input.finish(&signature),
             kid: k.kid,

@@ -10,6 +10,7 @@
 mod assertion;
 mod certs;
 mod ecdsa;
+mod evidence;
 mod jwks;
 mod jws;
 mod lifecycle;
@@ -27,6 +28,7 @@ use std::{fmt, str::FromStr};
 pub use assertion::{AssertionRequest, SignedAssertion, EXPIRY_MARK_STEP};
 pub use certs::CertificateRequest;
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
+pub use evidence::EVIDENCE_ID_LEN;
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use public_key::{jwk, jwks, thumbprint, PublicKey};
 pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN};
@@ -53,12 +55,22 @@ pub const NSIS_ACR_VALUES: [&str; 2] = [
     "https://data.gov.dk/concept/core/nsis/High",
 ];
 
-/// The `[signing]` section dev mode writes: a local issuer, the NSIS levels, and a
-/// default key created at first start.
+/// The `[signing]` section dev mode writes: a local issuer, the NSIS levels (Substantial
+/// reached by OTP evidence, High by nothing yet), and a default key created at first
+/// start.
 pub fn dev_config() -> crate::config::SigningConfig {
     crate::config::SigningConfig {
         issuer: "https://hsm-service.dev.local".to_owned(),
-        acr_values: NSIS_ACR_VALUES.iter().map(|s| (*s).to_owned()).collect(),
+        acr: vec![
+            crate::config::AcrRule {
+                value: NSIS_ACR_VALUES[0].to_owned(),
+                evidence: vec![crate::common::AuthMethod::Otp.as_str().to_owned()],
+            },
+            crate::config::AcrRule {
+                value: NSIS_ACR_VALUES[1].to_owned(),
+                evidence: Vec::new(),
+            },
+        ],
         bootstrap_default_key: true,
         ..Default::default()
     }

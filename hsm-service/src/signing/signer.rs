@@ -27,6 +27,12 @@ pub struct Grant {
     pub keys: Option<Vec<String>>,
     /// `acr` values; `None`: every configured value.
     pub acr: Option<Vec<String>>,
+    /// The caller's tenant: evidence it cites must be of this tenant.
+    pub tenant: String,
+    /// May sign without evidence (`unbound_assertions` of its rule).
+    pub unbound_assertions: bool,
+    /// The caller's `[[client]]` rule, for messages.
+    pub rule: String,
 }
 
 /// Names a key version: `version` 0 is the current one (the active version, else the

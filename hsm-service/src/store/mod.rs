@@ -17,6 +17,7 @@
 use std::future::Future;
 
 mod error;
+pub mod evidence;
 mod group_commit;
 pub mod ops;
 mod record;
@@ -27,7 +28,8 @@ pub mod tables;
 mod tests;
 
 pub use error::{Rollback, StoreError, TxnResult};
-pub use record::{CredentialRecord, MAX_ID_LEN};
+pub use evidence::EvidenceRecord;
+pub use record::{validate_tenant, CredentialRecord, DEFAULT_TENANT, MAX_ID_LEN, MAX_TENANT_LEN};
 pub use redb_store::{EmbeddedStore, StoreOptions, StoreStats};
 
 /// What an update closure decided; the payload is returned to the caller.
@@ -41,7 +43,27 @@ pub enum Update<R> {
     Delete(R),
 }
 
-/// Durable credential state, backend-neutral.
+/// What a credential update writes besides the record, in the same transaction.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// The audit record of the change.
+    pub audit: Option<crate::audit::Event>,
+    /// Evidence of an accepted code (see [`evidence`]).
+    pub evidence: Option<EvidenceRecord>,
+}
+
+/// The key of a credential: ids are unique per tenant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CredentialKey {
+    /// The tenant.
+    pub tenant: String,
+    /// The id within it.
+    pub id: String,
+}
+
+/// Durable credential state, backend-neutral. Every record belongs to a tenant and is
+/// addressed by `(tenant, id)`: a tenant that asks for an id it does not hold gets
+/// exactly what it gets for an id that does not exist.
 ///
 /// Methods return `Send` futures so tonic handlers can await them. The trait
 /// uses return-position `impl Future`, so it is not object safe: make callers
@@ -52,21 +74,24 @@ pub enum Update<R> {
 /// means "not applied" (for OTPs this is the safe direction: a code may be
 /// consumed without the client learning so).
 pub trait CredentialStore: Send + Sync + 'static {
-    /// Inserts a new record; [`StoreError::AlreadyExists`] if the id is
-    /// taken. Durable before returning.
+    /// Inserts a new record; [`StoreError::AlreadyExists`] if its tenant already
+    /// has the id. Durable before returning.
     fn insert(&self, rec: CredentialRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Reads the committed record.
     fn get(
         &self,
+        tenant: &str,
         id: &str,
     ) -> impl Future<Output = Result<Option<CredentialRecord>, StoreError>> + Send;
 
-    /// Pages through records in id order (bytewise): those with id > `after`,
-    /// at most `limit`. An empty page means the end.
+    /// Pages through records in (tenant, id) order (bytewise): those after
+    /// `after`, at most `limit`, of `tenant` only when given (a range scan of that
+    /// tenant), else of every tenant. An empty page means the end.
     fn list(
         &self,
-        after: Option<&str>,
+        tenant: Option<&str>,
+        after: Option<&CredentialKey>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<CredentialRecord>, StoreError>> + Send;
 
@@ -77,7 +102,12 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// returned only after the commit succeeded, so a caller never acts on a
     /// state that was not made durable. [`StoreError::NotFound`] if missing.
     /// The closure must be quick and non-blocking (it runs on the committer).
-    fn update<R, F>(&self, id: &str, f: F) -> impl Future<Output = Result<R, StoreError>> + Send
+    fn update<R, F>(
+        &self,
+        tenant: &str,
+        id: &str,
+        f: F,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send
     where
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static;
@@ -87,6 +117,7 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// together or not at all.
     fn update_audited<R, F, A>(
         &self,
+        tenant: &str,
         id: &str,
         f: F,
         audit: A,
@@ -94,13 +125,38 @@ pub trait CredentialStore: Send + Sync + 'static {
     where
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
-        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static;
+        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static,
+    {
+        self.update_with(tenant, id, f, move |r: &R| Effects {
+            audit: audit(r),
+            evidence: None,
+        })
+    }
+
+    /// [`CredentialStore::update`], plus the [`Effects`] `effects` derives from the
+    /// closure's answer (an audit record, an evidence record), in the same
+    /// transaction. The evidence's `auth_time` dates the purge of stale evidence.
+    fn update_with<R, F, E>(
+        &self,
+        tenant: &str,
+        id: &str,
+        f: F,
+        effects: E,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
+        E: FnOnce(&R) -> Effects + Send + 'static;
 
     /// Deletes a record; `true` if it existed. Durable before returning.
-    fn delete(&self, id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn delete(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// [`CredentialStore::insert`], plus `audit` in the same transaction when the insert
-    /// succeeds (nothing is recorded for an id that is taken).
+    /// succeeds (nothing is recorded for an id its tenant already has).
     fn insert_audited(
         &self,
         rec: CredentialRecord,
@@ -111,15 +167,16 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// existed.
     fn delete_audited(
         &self,
+        tenant: &str,
         id: &str,
         audit: crate::audit::Event,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Number of credentials.
+    /// Number of credentials of every tenant.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Inserts all records in one transaction, or none of them
-    /// ([`StoreError::AlreadyExists`] if any id is taken or repeated). For
+    /// ([`StoreError::AlreadyExists`] if any key is taken or repeated). For
     /// imports; callers chunk large sets.
     fn insert_many(
         &self,

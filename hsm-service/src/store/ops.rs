@@ -16,52 +16,56 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::record::{decode, encode, validate_id};
+use super::record::{decode, encode, key, validate_key};
 use super::tables::{CREDENTIALS, META, RESERVED_META_PREFIX};
 use super::{CredentialRecord, Rollback, StoreError, TxnResult, Update};
 
 /// Reads a record as this transaction sees it (including earlier, still
 /// uncommitted writes of the same batch).
-pub fn get(txn: &WriteTransaction, id: &str) -> TxnResult<Option<CredentialRecord>> {
+pub fn get(txn: &WriteTransaction, tenant: &str, id: &str) -> TxnResult<Option<CredentialRecord>> {
     let table = txn.open_table(CREDENTIALS)?;
-    let guard = table.get(id)?;
-    Ok(guard.map(|g| decode(id, g.value())).transpose())
+    let guard = table.get(key(tenant, id).as_str())?;
+    Ok(guard.map(|g| decode(tenant, id, g.value())).transpose())
 }
 
-/// Inserts a new record; `Ok(Err(AlreadyExists))` if the id is taken.
+/// Inserts a new record; `Ok(Err(AlreadyExists))` if its tenant already has the id.
 pub fn insert(txn: &WriteTransaction, rec: &CredentialRecord) -> TxnResult<()> {
-    if let Err(e) = validate_id(&rec.id) {
+    if let Err(e) = validate_key(&rec.tenant, &rec.id) {
         return Ok(Err(e));
     }
+    let k = key(&rec.tenant, &rec.id);
     let mut table = txn.open_table(CREDENTIALS)?;
-    if table.get(rec.id.as_str())?.is_some() {
+    if table.get(k.as_str())?.is_some() {
         return Ok(Err(StoreError::AlreadyExists));
     }
-    table.insert(rec.id.as_str(), encode(rec).as_slice())?;
+    table.insert(k.as_str(), encode(rec).as_slice())?;
     Ok(Ok(()))
 }
 
-/// Inserts all records or none: `Ok(Err(AlreadyExists))` if any id is taken
-/// or repeated in `recs`, and then nothing is written.
+/// Inserts all records or none: `Ok(Err(AlreadyExists))` if any (tenant, id) is
+/// taken or repeated in `recs`, and then nothing is written.
 pub fn insert_many(txn: &WriteTransaction, recs: &[CredentialRecord]) -> TxnResult<()> {
     let mut seen = HashSet::with_capacity(recs.len());
+    let mut keys = Vec::with_capacity(recs.len());
     for r in recs {
-        if let Err(e) = validate_id(&r.id) {
+        if let Err(e) = validate_key(&r.tenant, &r.id) {
             return Ok(Err(e));
         }
-        if !seen.insert(r.id.as_str()) {
+        let k = key(&r.tenant, &r.id);
+        if !seen.insert(k.clone()) {
             return Ok(Err(StoreError::AlreadyExists));
         }
+        keys.push(k);
     }
     let mut table = txn.open_table(CREDENTIALS)?;
     // All checks before the first write, so a refusal leaves the txn clean.
-    for r in recs {
-        if table.get(r.id.as_str())?.is_some() {
+    for k in &keys {
+        if table.get(k.as_str())?.is_some() {
             return Ok(Err(StoreError::AlreadyExists));
         }
     }
-    for r in recs {
-        table.insert(r.id.as_str(), encode(r).as_slice())?;
+    for (r, k) in recs.iter().zip(&keys) {
+        table.insert(k.as_str(), encode(r).as_slice())?;
     }
     Ok(Ok(()))
 }
@@ -73,16 +77,18 @@ pub fn insert_many(txn: &WriteTransaction, recs: &[CredentialRecord]) -> TxnResu
 /// `Delete` removes the record. `f` runs before anything is written and under
 /// `catch_unwind`, so a panicking `f` yields `Ok(Err(Aborted))` and leaves the
 /// transaction clean: one bad verification cannot cost the rest of its batch.
-/// Changing `id` is refused with `Ok(Err(Invalid))`.
+/// Changing `tenant` or `id` is refused with `Ok(Err(Invalid))`.
 pub fn update<R>(
     txn: &WriteTransaction,
+    tenant: &str,
     id: &str,
     f: impl FnOnce(&mut CredentialRecord) -> Update<R>,
 ) -> TxnResult<R> {
+    let k = key(tenant, id);
     let mut table = txn.open_table(CREDENTIALS)?;
-    let mut rec = match table.get(id)? {
+    let mut rec = match table.get(k.as_str())? {
         None => return Ok(Err(StoreError::NotFound)),
-        Some(g) => match decode(id, g.value()) {
+        Some(g) => match decode(tenant, id, g.value()) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         },
@@ -93,6 +99,7 @@ pub fn update<R>(
         Ok(o) => o,
         Err(_) => {
             tracing::error!(
+                tenant,
                 credential = id,
                 "store update closure panicked; nothing written"
             );
@@ -104,25 +111,25 @@ pub fn update<R>(
     match outcome {
         Update::Keep(r) => Ok(Ok(r)),
         Update::Write(r) => {
-            if rec.id != id {
+            if rec.id != id || rec.tenant != tenant {
                 return Ok(Err(StoreError::Invalid(
-                    "an update must not change the credential id".into(),
+                    "an update must not change the credential's tenant or id".into(),
                 )));
             }
-            table.insert(id, encode(&rec).as_slice())?;
+            table.insert(k.as_str(), encode(&rec).as_slice())?;
             Ok(Ok(r))
         }
         Update::Delete(r) => {
-            table.remove(id)?;
+            table.remove(k.as_str())?;
             Ok(Ok(r))
         }
     }
 }
 
 /// Deletes a record; `true` if it existed.
-pub fn delete(txn: &WriteTransaction, id: &str) -> Result<bool, Rollback> {
+pub fn delete(txn: &WriteTransaction, tenant: &str, id: &str) -> Result<bool, Rollback> {
     let mut table = txn.open_table(CREDENTIALS)?;
-    let existed = table.remove(id)?.is_some();
+    let existed = table.remove(key(tenant, id).as_str())?.is_some();
     Ok(existed)
 }
 

@@ -1,10 +1,12 @@
 //! The credential record and its on-disk encoding.
 //!
 //! Encoding: one format-version byte, then postcard of a private struct with
-//! the enums as `u8` codes. The id is the table key and is not repeated in the
-//! value. A new format gets a new version byte and a new private struct; old
-//! versions stay decodable (format 1: no seed binding, a failure count without
-//! times; format 2 adds both).
+//! the enums as `u8` codes. The table key is `tenant NUL id` ([`key`]): ids are
+//! unique per tenant, one tenant's records are one contiguous key range, and
+//! neither is repeated in the value. A new format gets a new version byte and a
+//! new private struct; old versions stay decodable (format 1, written before
+//! issue 10, decodes with no subject, no seed binding and its failure count
+//! without times; format 2 adds the three).
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -16,9 +18,18 @@ use crate::otp::{HashAlgorithm, OtpKind};
 /// small; generated ids are far shorter.
 pub const MAX_ID_LEN: usize = 256;
 
-/// First byte of every encoded record in format 1.
+/// Longest tenant name, in bytes.
+pub const MAX_TENANT_LEN: usize = 128;
+
+/// The tenant of records written before tenants existed (store schema 1).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Separates tenant and id in a table key; tenants never contain it.
+const KEY_SEPARATOR: char = '\0';
+
+/// First byte of every encoded record in format 1 (no subject).
 const FORMAT_V1: u8 = 1;
-/// Format 2: format 1, then the seed binding and the failure times.
+/// Format 2: format 1 plus the subject, the seed binding and the failure times.
 const FORMAT_V2: u8 = 2;
 
 /// One credential's durable state.
@@ -26,8 +37,14 @@ const FORMAT_V2: u8 = 2;
 /// `Debug` never prints `wrapped_seed`, only its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CredentialRecord {
-    /// Unique id; the store key. Immutable once inserted.
+    /// The tenant (login service) that created it; with `id`, the store key.
+    /// Immutable once inserted.
+    pub tenant: String,
+    /// Unique within its tenant. Immutable once inserted.
     pub id: String,
+    /// The citizen's pseudonymous id at the login service; evidence of an accepted
+    /// code names it. `None`: the credential produces no evidence.
+    pub subject: Option<String>,
     /// HOTP or TOTP.
     pub kind: OtpKind,
     /// HMAC hash.
@@ -81,7 +98,9 @@ pub struct CredentialRecord {
 impl std::fmt::Debug for CredentialRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialRecord")
+            .field("tenant", &self.tenant)
             .field("id", &self.id)
+            .field("subject", &self.subject)
             .field("kind", &self.kind)
             .field("algorithm", &self.algorithm)
             .field("digits", &self.digits)
@@ -142,6 +161,8 @@ struct RecordV1<'a> {
 struct RecordV2<'a> {
     #[serde(borrow)]
     v1: RecordV1<'a>,
+    #[serde(borrow)]
+    subject: Option<&'a str>,
     seed_binding: Option<[u8; 32]>,
     failure_times: Vec<u64>,
 }
@@ -179,6 +200,48 @@ fn alg_from(c: u8) -> Option<HashAlgorithm> {
     }
 }
 
+/// The table key of `(tenant, id)`.
+pub(super) fn key(tenant: &str, id: &str) -> String {
+    let mut k = String::with_capacity(tenant.len() + 1 + id.len());
+    k.push_str(tenant);
+    k.push(KEY_SEPARATOR);
+    k.push_str(id);
+    k
+}
+
+/// `(tenant, id)` of a table key.
+pub(super) fn split_key(k: &str) -> Result<(&str, &str), StoreError> {
+    k.split_once(KEY_SEPARATOR)
+        .ok_or_else(|| StoreError::Corrupt(format!("credential key {k:?} has no tenant")))
+}
+
+/// The key range holding exactly `tenant`'s records: `tenant NUL` up to (excluding)
+/// `tenant \x01`.
+pub(super) fn tenant_range(tenant: &str) -> (String, String) {
+    (format!("{tenant}\0"), format!("{tenant}\u{1}"))
+}
+
+/// Checks a tenant before it becomes part of a key.
+pub fn validate_tenant(tenant: &str) -> Result<(), StoreError> {
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN {
+        return Err(StoreError::Invalid(format!(
+            "tenant must be 1 to {MAX_TENANT_LEN} bytes"
+        )));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(
+            "tenant may not contain control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a tenant and an id before they become a key.
+pub(super) fn validate_key(tenant: &str, id: &str) -> Result<(), StoreError> {
+    validate_tenant(tenant)?;
+    validate_id(id)
+}
+
 /// Checks an id before it becomes a key.
 pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
     if id.is_empty() {
@@ -189,45 +252,53 @@ pub(super) fn validate_id(id: &str) -> Result<(), StoreError> {
             "credential id longer than {MAX_ID_LEN} bytes"
         )));
     }
+    if id.contains(KEY_SEPARATOR) {
+        return Err(StoreError::Invalid("credential id contains NUL".into()));
+    }
     Ok(())
 }
 
-/// Encodes a record's value (everything but the id). The buffer is zeroized
-/// on drop because it holds a copy of the wrapped seed.
+/// Encodes a record's value (everything but tenant and id), in the newest format.
+/// The buffer is zeroized on drop because it holds a copy of the wrapped seed.
 pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
+    let v1 = RecordV1 {
+        kind: kind_code(rec.kind),
+        algorithm: alg_code(rec.algorithm),
+        digits: rec.digits,
+        period_seconds: rec.period_seconds,
+        t0: rec.t0,
+        wrapped_seed: &rec.wrapped_seed,
+        master_key_version: rec.master_key_version,
+        issuer: &rec.issuer,
+        account_name: &rec.account_name,
+        last_accepted: rec.last_accepted,
+        next_counter: rec.next_counter,
+        drift_steps: rec.drift_steps,
+        failures: rec.failures,
+        locked_until: rec.locked_until,
+        hard_locked: rec.hard_locked,
+        disabled: rec.disabled,
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
+    };
     let v = RecordV2 {
-        v1: RecordV1 {
-            kind: kind_code(rec.kind),
-            algorithm: alg_code(rec.algorithm),
-            digits: rec.digits,
-            period_seconds: rec.period_seconds,
-            t0: rec.t0,
-            wrapped_seed: &rec.wrapped_seed,
-            master_key_version: rec.master_key_version,
-            issuer: &rec.issuer,
-            account_name: &rec.account_name,
-            last_accepted: rec.last_accepted,
-            next_counter: rec.next_counter,
-            drift_steps: rec.drift_steps,
-            failures: rec.failures,
-            locked_until: rec.locked_until,
-            hard_locked: rec.hard_locked,
-            disabled: rec.disabled,
-            created_at: rec.created_at,
-            updated_at: rec.updated_at,
-        },
+        v1,
+        subject: rec.subject.as_deref(),
         seed_binding: rec.seed_binding,
         failure_times: rec.failure_times.clone(),
     };
-    // Upper bound (varints <= 10 bytes, 4 length prefixes) so the Vec never
-    // reallocates, which would leave an unzeroized copy of the seed behind.
+    let subject_len = rec.subject.as_ref().map_or(0, String::len);
+    // Upper bound (varints <= 10 bytes, 5 length prefixes, option tags, the binding)
+    // so the Vec never reallocates, which would leave an unzeroized copy of the seed
+    // behind.
     let cap = 1
-        + 17 * 10
+        + 19 * 10
         + 33
         + 10 * rec.failure_times.len()
         + rec.wrapped_seed.len()
         + rec.issuer.len()
-        + rec.account_name.len();
+        + rec.account_name.len()
+        + subject_len;
     let mut buf = Vec::with_capacity(cap);
     buf.push(FORMAT_V2);
     // Serializing plain integers, bools and slices into a Vec cannot fail.
@@ -235,30 +306,51 @@ pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(buf)
 }
 
-/// Decodes the value stored under `id`. Errors name the id and the defect,
-/// never the bytes.
-pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+/// Decodes the value stored under table key `k`. Errors name the key and the
+/// defect, never the bytes.
+pub(super) fn decode_keyed(k: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    let (tenant, id) = split_key(k)?;
+    decode(tenant, id, bytes)
+}
+
+/// Decodes the value stored for `(tenant, id)`, in any known format. Errors name the
+/// id and the defect, never the bytes.
+pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
     let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
-    let (v, seed_binding, failure_times) = match version {
-        FORMAT_V1 => {
-            let v: RecordV1<'_> = take_all(body).map_err(|e| corrupt(&e))?;
+    let taken = match version {
+        FORMAT_V1 => postcard::take_from_bytes::<RecordV1<'_>>(body).map(|(v1, rest)| {
             // Format 1 kept a count only: its failures are taken as made at the last
             // change, so they leave the failure window a window after it.
-            let n = usize::try_from(v.failures)
+            let n = usize::try_from(v1.failures)
                 .unwrap_or(usize::MAX)
                 .min(crate::credentials::policy::MAX_COUNTED_FAILURES);
-            let times = vec![v.updated_at; n];
-            (v, None, times)
-        }
-        FORMAT_V2 => {
-            let v: RecordV2<'_> = take_all(body).map_err(|e| corrupt(&e))?;
-            (v.v1, v.seed_binding, v.failure_times)
-        }
-        other => return Err(corrupt(&format!("unknown record format version {other}"))),
+            let failure_times = vec![v1.updated_at; n];
+            let v2 = RecordV2 {
+                v1,
+                subject: None,
+                seed_binding: None,
+                failure_times,
+            };
+            (v2, rest)
+        }),
+        FORMAT_V2 => postcard::take_from_bytes::<RecordV2<'_>>(body),
+        _ => return Err(corrupt(&format!("unknown record format version {version}"))),
     };
+    let (v2, rest) = taken.map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+    if !rest.is_empty() {
+        return Err(corrupt("trailing bytes after record"));
+    }
+    let RecordV2 {
+        v1: v,
+        subject,
+        seed_binding,
+        failure_times,
+    } = v2;
     Ok(CredentialRecord {
+        tenant: tenant.to_owned(),
         id: id.to_owned(),
+        subject: subject.map(str::to_owned),
         kind: kind_from(v.kind).ok_or_else(|| corrupt(&format!("unknown kind code {}", v.kind)))?,
         algorithm: alg_from(v.algorithm)
             .ok_or_else(|| corrupt(&format!("unknown algorithm code {}", v.algorithm)))?,
@@ -283,38 +375,12 @@ pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<CredentialRecord, StoreEr
     })
 }
 
-/// A record in format 1, as versions before format 2 wrote it (tests of old stores).
+/// Encodes in format 1 (no subject, binding or failure times), as a store of schema 1 holds it: for the
+/// migration and decoding tests.
 #[cfg(test)]
 pub(super) fn encode_v1(rec: &CredentialRecord) -> Vec<u8> {
-    let v = RecordV1 {
-        kind: kind_code(rec.kind),
-        algorithm: alg_code(rec.algorithm),
-        digits: rec.digits,
-        period_seconds: rec.period_seconds,
-        t0: rec.t0,
-        wrapped_seed: &rec.wrapped_seed,
-        master_key_version: rec.master_key_version,
-        issuer: &rec.issuer,
-        account_name: &rec.account_name,
-        last_accepted: rec.last_accepted,
-        next_counter: rec.next_counter,
-        drift_steps: rec.drift_steps,
-        failures: rec.failures,
-        locked_until: rec.locked_until,
-        hard_locked: rec.hard_locked,
-        disabled: rec.disabled,
-        created_at: rec.created_at,
-        updated_at: rec.updated_at,
-    };
-    postcard::to_extend(&v, vec![FORMAT_V1]).expect("postcard encoding into a Vec is infallible")
-}
-
-/// One postcard value that is the whole of `body`.
-fn take_all<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    let (v, rest): (T, _) =
-        postcard::take_from_bytes(body).map_err(|e| format!("undecodable: {e}"))?;
-    if !rest.is_empty() {
-        return Err("trailing bytes after record".into());
-    }
-    Ok(v)
+    let full = encode(rec);
+    let (v2, _): (RecordV2<'_>, _) = postcard::take_from_bytes(&full[1..]).expect("own encoding");
+    postcard::to_extend(&v2.v1, vec![FORMAT_V1])
+        .expect("postcard encoding into a Vec is infallible")
 }

@@ -10,10 +10,15 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use tokio::sync::mpsc;
 
+use super::evidence::{self, EvidenceRecord};
 use super::group_commit::{self, BoxedJob, Shared};
-use super::record::decode;
-use super::tables::{self, CREDENTIALS, META, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
-use super::{ops, CredentialRecord, CredentialStore, Rollback, StoreError, Update};
+use super::record::{decode, decode_keyed, key, tenant_range, DEFAULT_TENANT};
+use super::tables::{
+    self, CREDENTIALS, EVIDENCE, LEGACY_CREDENTIALS, META, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
+};
+use super::{
+    ops, CredentialKey, CredentialRecord, CredentialStore, Effects, Rollback, StoreError, Update,
+};
 
 /// Options of [`EmbeddedStore::open`].
 #[derive(Debug, Clone)]
@@ -91,6 +96,9 @@ impl EmbeddedStore {
     /// Opens (creating if missing) the data file at `path`, whose directory
     /// must exist. Checks the schema version recorded in the meta table and
     /// refuses a newer one with [`StoreError::SchemaTooNew`], without writing.
+    /// An older one is migrated in one transaction before anything else runs
+    /// (schema 1 -> 2: every credential moves to the tenant
+    /// [`DEFAULT_TENANT`], its id unchanged).
     /// After a crash this includes redb's repair, which scans the whole file
     /// unless `quick_repair` was on. Blocking: call it before serving, or via
     /// `spawn_blocking`.
@@ -103,17 +111,23 @@ impl EmbeddedStore {
         let db = Database::builder()
             .set_cache_size(options.cache_size_bytes)
             .create(path)?;
-        check_schema(&db)?;
-        // Create missing tables and record the schema, durably, before any
-        // job can run.
+        let found = check_schema(&db)?;
+        // Create missing tables, migrate, and record the schema, durably,
+        // before any job can run.
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(options.quick_repair);
         tables::create_all(&txn)?;
-        {
-            let mut meta = txn.open_table(META)?;
-            if meta.get(SCHEMA_VERSION_KEY)?.is_none() {
-                meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())?;
-            }
+        if found == Some(1) {
+            let moved = migrate_v1_credentials(&txn)?;
+            tracing::info!(
+                credentials = moved,
+                tenant = DEFAULT_TENANT,
+                "store schema 1 -> 2: credentials moved to the default tenant"
+            );
+        }
+        if found != Some(SCHEMA_VERSION) {
+            txn.open_table(META)?
+                .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
 
@@ -190,6 +204,20 @@ impl EmbeddedStore {
         self.write(move |txn| ops::insert_many(txn, &recs))
             .await
             .and_then(|r| r)
+    }
+
+    /// Reads an evidence record (committed state).
+    pub fn get_evidence(&self, id: &str) -> Result<Option<EvidenceRecord>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(EVIDENCE)?;
+            let guard = table.get(id)?;
+            guard.map(|g| evidence::decode(id, g.value())).transpose()
+        })
+    }
+
+    /// Number of evidence records kept (spent and expired ones until purged).
+    pub fn evidence_count(&self) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(EVIDENCE)?.len()?))
     }
 
     /// Reads a meta value (committed state).
@@ -273,17 +301,18 @@ impl Drop for EmbeddedStore {
     }
 }
 
-/// Refuses a file whose schema is newer than this build, before writing.
-fn check_schema(db: &Database) -> Result<(), StoreError> {
+/// The schema version of the file (`None`: fresh); refuses a file whose schema
+/// is newer than this build, before writing.
+fn check_schema(db: &Database) -> Result<Option<u32>, StoreError> {
     let txn = db.begin_read()?;
     let meta = match txn.open_table(META) {
         Ok(t) => t,
         // Fresh file: `open` creates the tables next.
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let Some(v) = meta.get(SCHEMA_VERSION_KEY)? else {
-        return Ok(());
+        return Ok(None);
     };
     let bytes: [u8; 4] = v.value().try_into().map_err(|_| {
         StoreError::Corrupt(format!("meta {SCHEMA_VERSION_KEY:?}: expected 4 bytes"))
@@ -300,8 +329,28 @@ fn check_schema(db: &Database) -> Result<(), StoreError> {
             "meta {SCHEMA_VERSION_KEY:?} is 0"
         )));
     }
-    // Older versions would be migrated here; version 1 is the first.
-    Ok(())
+    Ok(Some(found))
+}
+
+/// Schema 1 -> 2: copy every record of the id-keyed table under the tenant
+/// [`DEFAULT_TENANT`] (values unchanged: format 1 still decodes), then drop the old
+/// table. One transaction, so a crash leaves either schema, never a mix.
+fn migrate_v1_credentials(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let mut moved = 0u64;
+    {
+        let legacy = txn.open_table(LEGACY_CREDENTIALS)?;
+        let mut table = txn.open_table(CREDENTIALS)?;
+        for item in legacy.iter()? {
+            let (k, v) = item?;
+            // Decoding checks each value before it moves, so a corrupt record
+            // stops the migration instead of being carried along.
+            decode(DEFAULT_TENANT, k.value(), v.value())?;
+            table.insert(key(DEFAULT_TENANT, k.value()).as_str(), v.value())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(LEGACY_CREDENTIALS)?;
+    Ok(moved)
 }
 
 impl CredentialStore for EmbeddedStore {
@@ -313,11 +362,11 @@ impl CredentialStore for EmbeddedStore {
 
     /// Runs on the calling thread: one B-tree lookup in a snapshot, a few
     /// microseconds from the page cache, cheaper than a `spawn_blocking` hop.
-    async fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+    async fn get(&self, tenant: &str, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
         self.read(|txn| {
             let table = txn.open_table(CREDENTIALS)?;
-            let guard = table.get(id)?;
-            guard.map(|g| decode(id, g.value())).transpose()
+            let guard = table.get(key(tenant, id).as_str())?;
+            guard.map(|g| decode(tenant, id, g.value())).transpose()
         })
     }
 
@@ -325,38 +374,52 @@ impl CredentialStore for EmbeddedStore {
     /// a runtime worker.
     async fn list(
         &self,
-        after: Option<&str>,
+        tenant: Option<&str>,
+        after: Option<&CredentialKey>,
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, StoreError> {
         let db = self.db.clone();
-        let after = after.map(str::to_owned);
-        tokio::task::spawn_blocking(move || list_blocking(&db, after.as_deref(), limit))
-            .await
-            .map_err(|e| StoreError::Backend(format!("list task failed: {e}")))?
+        let tenant = tenant.map(str::to_owned);
+        let after = after.cloned();
+        tokio::task::spawn_blocking(move || {
+            list_blocking(&db, tenant.as_deref(), after.as_ref(), limit)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("list task failed: {e}")))?
     }
 
-    async fn update<R, F>(&self, id: &str, f: F) -> Result<R, StoreError>
+    async fn update<R, F>(&self, tenant: &str, id: &str, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
     {
-        let id = id.to_owned();
-        self.write(move |txn| ops::update(txn, &id, f))
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.write(move |txn| ops::update(txn, &tenant, &id, f))
             .await
             .and_then(|r| r)
     }
 
-    async fn update_audited<R, F, A>(&self, id: &str, f: F, audit: A) -> Result<R, StoreError>
+    async fn update_with<R, F, E>(
+        &self,
+        tenant: &str,
+        id: &str,
+        f: F,
+        effects: E,
+    ) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
-        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static,
+        E: FnOnce(&R) -> Effects + Send + 'static,
     {
-        let id = id.to_owned();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
         self.write(move |txn| {
-            let answer = ops::update(txn, &id, f)?;
+            let answer = ops::update(txn, &tenant, &id, f)?;
             if let Ok(value) = &answer {
-                if let Some(event) = audit(value) {
+                let Effects { audit, evidence } = effects(value);
+                if let Some(e) = evidence {
+                    evidence::insert_in(txn, &e, e.auth_time)?;
+                }
+                if let Some(event) = audit {
                     crate::audit::log::append_in(txn, event)?;
                 }
             }
@@ -366,9 +429,9 @@ impl CredentialStore for EmbeddedStore {
         .and_then(|r| r)
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.write(move |txn| ops::delete(txn, &id)).await
+    async fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.write(move |txn| ops::delete(txn, &tenant, &id)).await
     }
 
     async fn insert_audited(
@@ -389,12 +452,13 @@ impl CredentialStore for EmbeddedStore {
 
     async fn delete_audited(
         &self,
+        tenant: &str,
         id: &str,
         audit: crate::audit::Event,
     ) -> Result<bool, StoreError> {
-        let id = id.to_owned();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
         self.write(move |txn| {
-            let existed = ops::delete(txn, &id)?;
+            let existed = ops::delete(txn, &tenant, &id)?;
             if existed {
                 crate::audit::log::append_in(txn, audit)?;
             }
@@ -415,20 +479,36 @@ impl CredentialStore for EmbeddedStore {
 
 fn list_blocking(
     db: &Database,
-    after: Option<&str>,
+    tenant: Option<&str>,
+    after: Option<&CredentialKey>,
     limit: usize,
 ) -> Result<Vec<CredentialRecord>, StoreError> {
     use std::ops::Bound;
     let txn = db.begin_read()?;
     let table = txn.open_table(CREDENTIALS)?;
-    let lower = match after {
-        Some(a) => Bound::Excluded(a),
+    let after = after.map(|a| key(&a.tenant, &a.id));
+    let scope = tenant.map(tenant_range);
+    let lower = match (&after, &scope) {
+        (Some(a), Some((start, _))) if a.as_str() < start.as_str() => {
+            Bound::Included(start.as_str())
+        }
+        (Some(a), _) => Bound::Excluded(a.as_str()),
+        (None, Some((start, _))) => Bound::Included(start.as_str()),
+        (None, None) => Bound::Unbounded,
+    };
+    let upper = match &scope {
+        Some((_, end)) => Bound::Excluded(end.as_str()),
         None => Bound::Unbounded,
     };
     let mut out = Vec::with_capacity(limit.min(1024));
-    for item in table.range::<&str>((lower, Bound::Unbounded))?.take(limit) {
+    if let (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(u)) = (lower, upper) {
+        if l >= u {
+            return Ok(out);
+        }
+    }
+    for item in table.range::<&str>((lower, upper))?.take(limit) {
         let (k, v) = item?;
-        out.push(decode(k.value(), v.value())?);
+        out.push(decode_keyed(k.value(), v.value())?);
     }
     Ok(out)
 }

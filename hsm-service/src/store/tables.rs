@@ -6,8 +6,20 @@
 
 use redb::TableDefinition;
 
-/// Credential records: id -> encoded [`super::CredentialRecord`] (without id).
-pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// Credential records: `tenant NUL id` -> encoded [`super::CredentialRecord`] (without
+/// tenant and id). Since schema 2.
+pub const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenant_credentials");
+
+/// Schema 1's credential table (id -> record, no tenant); migrated into
+/// [`CREDENTIALS`] under the tenant `default` and deleted at open.
+pub const LEGACY_CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+
+/// Evidence of accepted codes: evidence id -> encoded `super::EvidenceRecord`.
+pub const EVIDENCE: TableDefinition<&str, &[u8]> = TableDefinition::new("evidence");
+
+/// Expiry index of [`EVIDENCE`]: (expires_at, evidence id) -> (), for purging.
+pub const EVIDENCE_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("evidence_expiry");
 
 /// Small key-value settings: key -> opaque bytes. Keys starting with
 /// [`RESERVED_META_PREFIX`] belong to the store itself.
@@ -35,13 +47,18 @@ pub const RESERVED_META_PREFIX: &str = "store.";
 pub const SCHEMA_VERSION_KEY: &str = "store.schema_version";
 
 /// Schema version this build writes and understands. A file with a higher
-/// version is refused at open.
-pub const SCHEMA_VERSION: u32 = 1;
+/// version is refused at open; version 1 (credentials keyed by id alone) is
+/// migrated at open.
+///
+/// 1: first release. 2: credentials keyed by tenant and id, evidence tables.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Creates every table in `txn` (redb creates a table on first write-open),
 /// so read transactions never see "table does not exist".
 pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(CREDENTIALS)?;
+    txn.open_table(EVIDENCE)?;
+    txn.open_table(EVIDENCE_EXPIRY)?;
     txn.open_table(META)?;
     txn.open_table(SIGNING_KEYS)?;
     txn.open_table(AUDIT_LOG)?;

@@ -5,13 +5,18 @@ use std::time::{Duration, Instant};
 
 use redb::ReadableTableMetadata;
 
-use super::tables::{CREDENTIALS, META, SCHEMA_VERSION_KEY};
+use super::tables::{CREDENTIALS, LEGACY_CREDENTIALS, META, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::*;
 use crate::otp::{HashAlgorithm, OtpKind};
 
+/// The tenant of the records most tests use.
+const T: &str = "tenant-a";
+
 fn rec(id: &str) -> CredentialRecord {
     CredentialRecord {
+        tenant: T.into(),
         id: id.into(),
+        subject: Some(format!("subject-{id}")),
         kind: OtpKind::Totp,
         algorithm: HashAlgorithm::Sha256,
         digits: 6,
@@ -32,6 +37,13 @@ fn rec(id: &str) -> CredentialRecord {
         disabled: false,
         created_at: 1_700_000_000,
         updated_at: 1_700_000_000,
+    }
+}
+
+fn key_of(r: &CredentialRecord) -> CredentialKey {
+    CredentialKey {
+        tenant: r.tenant.clone(),
+        id: r.id.clone(),
     }
 }
 
@@ -104,7 +116,7 @@ fn spawn_increment(
 ) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
     let (s, id) = (store.clone(), id.to_owned());
     tokio::spawn(async move {
-        s.update(&id, |r| {
+        s.update(T, &id, |r| {
             let seen = r.failures;
             r.failures += 1;
             Update::Write(seen)
@@ -120,27 +132,34 @@ async fn round_trip_list_delete_count() {
         store.insert(rec(id)).await.unwrap();
     }
     assert_eq!(store.count().await.unwrap(), 5);
-    assert_eq!(store.get("c").await.unwrap(), Some(rec("c")));
-    assert_eq!(store.get("zz").await.unwrap(), None);
+    assert_eq!(store.get(T, "c").await.unwrap(), Some(rec("c")));
+    assert_eq!(store.get(T, "zz").await.unwrap(), None);
 
     let mut pages = Vec::new();
-    let mut after: Option<String> = None;
+    let mut after: Option<CredentialKey> = None;
     loop {
-        let page = store.list(after.as_deref(), 2).await.unwrap();
+        let page = store.list(None, after.as_ref(), 2).await.unwrap();
         if page.is_empty() {
             break;
         }
         assert!(page.len() <= 2);
-        after = Some(page.last().unwrap().id.clone());
+        after = Some(key_of(page.last().unwrap()));
         pages.push(page.into_iter().map(|r| r.id).collect::<Vec<_>>());
     }
     assert_eq!(pages, vec![vec!["a", "b"], vec!["c", "d"], vec!["e"]]);
-    assert_eq!(store.list(Some("b"), 10).await.unwrap().len(), 3);
-    assert_eq!(store.list(None, 0).await.unwrap().len(), 0);
+    assert_eq!(
+        store
+            .list(None, Some(&key_of(&rec("b"))), 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(store.list(None, None, 0).await.unwrap().len(), 0);
 
-    assert!(store.delete("c").await.unwrap());
-    assert!(!store.delete("c").await.unwrap());
-    assert_eq!(store.get("c").await.unwrap(), None);
+    assert!(store.delete(T, "c").await.unwrap());
+    assert!(!store.delete(T, "c").await.unwrap());
+    assert_eq!(store.get(T, "c").await.unwrap(), None);
     assert_eq!(store.count().await.unwrap(), 4);
 }
 
@@ -151,9 +170,9 @@ async fn already_exists_not_found_invalid() {
     let mut other = rec("a");
     other.issuer = "someone else".into();
     assert_eq!(store.insert(other).await, Err(StoreError::AlreadyExists));
-    assert_eq!(store.get("a").await.unwrap(), Some(rec("a")));
+    assert_eq!(store.get(T, "a").await.unwrap(), Some(rec("a")));
 
-    let r = store.update("missing", |_| Update::Write(())).await;
+    let r = store.update(T, "missing", |_| Update::Write(())).await;
     assert_eq!(r, Err(StoreError::NotFound));
     assert!(matches!(
         store.insert(rec("")).await,
@@ -165,13 +184,13 @@ async fn already_exists_not_found_invalid() {
         Err(StoreError::Invalid(_))
     ));
     let r = store
-        .update("a", |r| {
+        .update(T, "a", |r| {
             r.id = "b".into();
             Update::Write(())
         })
         .await;
     assert!(matches!(r, Err(StoreError::Invalid(_))));
-    assert_eq!(store.get("b").await.unwrap(), None);
+    assert_eq!(store.get(T, "b").await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -193,27 +212,27 @@ async fn update_keep_write_delete() {
     store.insert(rec("a")).await.unwrap();
 
     let r = store
-        .update("a", |r| {
+        .update(T, "a", |r| {
             r.failures = 99;
             Update::Keep("kept")
         })
         .await;
     assert_eq!(r, Ok("kept"));
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 0);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 0);
 
     let r = store
-        .update("a", |r| {
+        .update(T, "a", |r| {
             r.failures = 3;
             r.last_accepted = Some(7);
             Update::Write(r.failures)
         })
         .await;
     assert_eq!(r, Ok(3));
-    let got = store.get("a").await.unwrap().unwrap();
+    let got = store.get(T, "a").await.unwrap().unwrap();
     assert_eq!((got.failures, got.last_accepted), (3, Some(7)));
 
-    assert_eq!(store.update("a", |_| Update::Delete(())).await, Ok(()));
-    assert_eq!(store.get("a").await.unwrap(), None);
+    assert_eq!(store.update(T, "a", |_| Update::Delete(())).await, Ok(()));
+    assert_eq!(store.get(T, "a").await.unwrap(), None);
     assert_eq!(store.count().await.unwrap(), 0);
 }
 
@@ -234,7 +253,7 @@ async fn closure_sees_earlier_writes_of_same_batch() {
         seen.push(t.await.unwrap().unwrap());
     }
     assert_eq!(seen, (0..10).collect::<Vec<u32>>());
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 10);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 10);
     // gate batch + the one batch of ten updates
     assert_eq!(store.commits() - before, 2);
 }
@@ -247,7 +266,7 @@ async fn concurrent_replay_check_accepts_exactly_once() {
     for _ in 0..32 {
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
-            s.update("a", |r| {
+            s.update(T, "a", |r| {
                 if r.last_accepted.is_none_or(|l| 5 > l) {
                     r.last_accepted = Some(5);
                     Update::Write(true)
@@ -266,7 +285,7 @@ async fn concurrent_replay_check_accepts_exactly_once() {
     }
     assert_eq!(accepted, 1);
     assert_eq!(
-        store.get("a").await.unwrap().unwrap().last_accepted,
+        store.get(T, "a").await.unwrap().unwrap().last_accepted,
         Some(5)
     );
 }
@@ -322,7 +341,7 @@ async fn max_batch_bounds_batch_size() {
         t.await.unwrap().unwrap();
     }
     assert_eq!(store.commits() - before, 1 + 40 / 8);
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 40);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -337,7 +356,7 @@ async fn batch_delay_and_non_durable_mode_work() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 50);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 50);
     assert!(store.commits() < 51);
 }
 
@@ -349,7 +368,7 @@ async fn durable_across_reopen() {
         let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
         store.insert(rec("a")).await.unwrap();
         store
-            .update("a", |r| {
+            .update(T, "a", |r| {
                 r.last_accepted = Some(42);
                 Update::Write(())
             })
@@ -359,7 +378,7 @@ async fn durable_across_reopen() {
     }
     let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
     assert_eq!(
-        store.get("a").await.unwrap().unwrap().last_accepted,
+        store.get(T, "a").await.unwrap().unwrap().last_accepted,
         Some(42)
     );
     assert_eq!(store.get_meta("master_key_version").unwrap(), Some(vec![3]));
@@ -394,7 +413,7 @@ async fn drop_finishes_queued_jobs() {
         .await
         .unwrap();
     let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 1);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 1);
 }
 
 const CRASH_ENV: &str = "STORE_CRASH_CHILD_PATH";
@@ -446,7 +465,7 @@ fn run_crash_child_if_asked() {
     rt.block_on(async {
         let store = EmbeddedStore::open(path.as_ref(), opts).unwrap();
         store
-            .update(&id, |r| {
+            .update(T, &id, |r| {
                 r.last_accepted = Some(1234);
                 Update::Write(())
             })
@@ -475,7 +494,7 @@ fn crash_after_acknowledged_update_survives() {
     crash_child(&path, "a", false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
-    let got = rt.block_on(store.get("a")).unwrap().unwrap();
+    let got = rt.block_on(store.get(T, "a")).unwrap().unwrap();
     assert_eq!(got.last_accepted, Some(1234));
 }
 
@@ -498,11 +517,11 @@ async fn failed_commit_fails_every_job_of_the_batch() {
             "{r:?}"
         );
     }
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 0);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 0);
     assert_eq!(store.stats().failed_batches, 2);
     // The committer carries on.
     assert_eq!(spawn_increment(&store, "a").await.unwrap(), Ok(0));
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 1);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 1);
 }
 
 /// Queues A (increment), then `bad`, then C (increment) in one batch.
@@ -538,7 +557,7 @@ where
 async fn rollback_job_aborts_batch_but_not_later_jobs() {
     let (a, b, c, store, _dir) = batch_with_bad_job(|txn| {
         // Writes, then gives up: the write must not survive.
-        ops::update(txn, "c", |r| {
+        ops::update(txn, T, "c", |r| {
             r.failures = 77;
             Update::Write(())
         })??;
@@ -548,14 +567,14 @@ async fn rollback_job_aborts_batch_but_not_later_jobs() {
     assert!(matches!(a, Err(StoreError::Aborted(_))), "{a:?}");
     assert_eq!(b, Err(StoreError::Invalid("changed my mind".into())));
     assert_eq!(c, Ok(0));
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 0);
-    assert_eq!(store.get("c").await.unwrap().unwrap().failures, 1);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 0);
+    assert_eq!(store.get(T, "c").await.unwrap().unwrap().failures, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn panicking_write_job_does_not_kill_committer() {
     let (a, b, c, store, _dir) = batch_with_bad_job(|txn| {
-        ops::update(txn, "c", |r| {
+        ops::update(txn, T, "c", |r| {
             r.failures = 77;
             Update::Write(())
         })??;
@@ -565,8 +584,8 @@ async fn panicking_write_job_does_not_kill_committer() {
     assert!(matches!(a, Err(StoreError::Aborted(_))), "{a:?}");
     assert!(matches!(b, Err(StoreError::Aborted(_))), "{b:?}");
     assert_eq!(c, Ok(0));
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 0);
-    assert_eq!(store.get("c").await.unwrap().unwrap().failures, 1);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 0);
+    assert_eq!(store.get(T, "c").await.unwrap().unwrap().failures, 1);
     assert_eq!(spawn_increment(&store, "a").await.unwrap(), Ok(0));
 }
 
@@ -581,7 +600,7 @@ async fn panicking_update_closure_costs_only_its_own_call() {
     wait_queued(&store, 1).await;
     let s = store.clone();
     let bad = tokio::spawn(async move {
-        s.update("a", |r| -> Update<()> {
+        s.update(T, "a", |r| -> Update<()> {
             r.failures = 1000;
             panic!("closure bug")
         })
@@ -594,7 +613,7 @@ async fn panicking_update_closure_costs_only_its_own_call() {
     assert_eq!(a1.await.unwrap(), Ok(0));
     assert!(matches!(bad.await.unwrap(), Err(StoreError::Aborted(_))));
     assert_eq!(a2.await.unwrap(), Ok(1));
-    assert_eq!(store.get("a").await.unwrap().unwrap().failures, 2);
+    assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 2);
     assert_eq!(store.commits() - before, 2);
 }
 
@@ -604,12 +623,12 @@ async fn generic_write_composes_with_ops_atomically() {
     store.insert(rec("a")).await.unwrap();
     let r = store
         .write(|txn| {
-            let seen = ops::update(txn, "a", |r| {
+            let seen = ops::update(txn, T, "a", |r| {
                 r.failures += 1;
                 Update::Write(r.failures)
             })??;
             ops::put_meta(txn, "last_touched", b"a")??;
-            let missing = ops::update(txn, "nope", |_| Update::Write(()))?;
+            let missing = ops::update(txn, T, "nope", |_| Update::Write(()))?;
             Ok((seen, missing, ops::count(txn)?))
         })
         .await
@@ -630,7 +649,7 @@ async fn meta_reserved_keys_and_missing() {
     assert!(matches!(r, Err(StoreError::Invalid(_))));
     assert_eq!(
         store.get_meta(SCHEMA_VERSION_KEY).unwrap(),
-        Some(1u32.to_le_bytes().to_vec())
+        Some(SCHEMA_VERSION.to_le_bytes().to_vec())
     );
     store.put_meta("k", vec![1, 2]).await.unwrap();
     store.put_meta("k", vec![3]).await.unwrap();
@@ -656,7 +675,7 @@ fn refuses_newer_schema() {
         err,
         StoreError::SchemaTooNew {
             found: 99,
-            supported: 1
+            supported: SCHEMA_VERSION
         }
     );
     assert!(err.to_string().contains("newer"));
@@ -685,13 +704,14 @@ async fn corrupt_record_is_reported_without_bytes() {
         let txn = db.begin_write().unwrap();
         {
             let mut t = txn.open_table(CREDENTIALS).unwrap();
-            t.insert("bad", garbage.as_slice()).unwrap();
-            t.insert("badver", [9u8, 1, 2].as_slice()).unwrap();
+            t.insert("tenant-a\0bad", garbage.as_slice()).unwrap();
+            t.insert("tenant-a\0badver", [9u8, 1, 2].as_slice())
+                .unwrap();
         }
         txn.commit().unwrap();
     }
     let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
-    let err = store.get("bad").await.unwrap_err();
+    let err = store.get(T, "bad").await.unwrap_err();
     let StoreError::Corrupt(msg) = &err else {
         panic!("{err:?}")
     };
@@ -699,17 +719,17 @@ async fn corrupt_record_is_reported_without_bytes() {
     for b in ["dead", "beef", "222", "173", "190", "239"] {
         assert!(!msg.to_lowercase().contains(b), "{msg}");
     }
-    let err = store.get("badver").await.unwrap_err();
+    let err = store.get(T, "badver").await.unwrap_err();
     assert!(err.to_string().contains("format version 9"), "{err}");
     assert!(matches!(
-        store.update("bad", |_| Update::Write(())).await,
+        store.update(T, "bad", |_| Update::Write(())).await,
         Err(StoreError::Corrupt(_))
     ));
     assert!(matches!(
-        store.list(None, 10).await,
+        store.list(None, None, 10).await,
         Err(StoreError::Corrupt(_))
     ));
-    assert_eq!(store.get("good").await.unwrap(), Some(rec("good")));
+    assert_eq!(store.get(T, "good").await.unwrap(), Some(rec("good")));
 }
 
 #[test]
@@ -732,20 +752,25 @@ fn encoding_round_trips_and_rejects_junk() {
         r.failures = 2;
         let bytes = encode(&r);
         assert_eq!(bytes[0], 2, "format version byte");
-        assert_eq!(decode("x", &bytes).unwrap(), r);
+        assert_eq!(decode(T, "x", &bytes).unwrap(), r);
+        r.subject = None;
+        assert_eq!(decode(T, "x", &encode(&r)).unwrap(), r, "no subject");
         let mut extra = bytes.to_vec();
         extra.push(0);
-        assert!(matches!(decode("x", &extra), Err(StoreError::Corrupt(_))));
         assert!(matches!(
-            decode("x", &bytes[..bytes.len() - 1]),
+            decode(T, "x", &extra),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode(T, "x", &bytes[..bytes.len() - 1]),
             Err(StoreError::Corrupt(_))
         ));
     }
-    assert!(matches!(decode("x", &[]), Err(StoreError::Corrupt(_))));
+    assert!(matches!(decode(T, "x", &[]), Err(StoreError::Corrupt(_))));
     // kind code 7
     let mut bytes = encode(&rec("x")).to_vec();
     bytes[1] = 7;
-    let err = decode("x", &bytes).unwrap_err();
+    let err = decode(T, "x", &bytes).unwrap_err();
     assert!(err.to_string().contains("kind code 7"), "{err}");
 }
 
@@ -756,7 +781,7 @@ fn format_1_records_still_decode() {
     old.failures = 3;
     old.updated_at = 1_000;
     old.locked_until = 1_030;
-    let got = decode("x", &encode_v1(&old)).unwrap();
+    let got = decode(T, "x", &encode_v1(&old)).unwrap();
     // No binding yet (the start-up migration adds it); the failures count from the
     // record's last change.
     assert_eq!(got.seed_binding, None);
@@ -764,13 +789,14 @@ fn format_1_records_still_decode() {
     assert_eq!(got.failures, 3);
     let expected = CredentialRecord {
         failure_times: vec![1_000; 3],
+        subject: None,
         ..old
     };
     assert_eq!(got, expected);
     // A huge old count keeps a bounded number of times.
     let mut many = rec("y");
     many.failures = u32::MAX;
-    let got = decode("y", &encode_v1(&many)).unwrap();
+    let got = decode(T, "y", &encode_v1(&many)).unwrap();
     assert_eq!(
         got.failure_times.len(),
         crate::credentials::policy::MAX_COUNTED_FAILURES
@@ -792,9 +818,9 @@ fn futures_are_send() {
     fn is_send<T: Send>(_: &T) {}
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&db_path(&dir), StoreOptions::default()).unwrap();
-    is_send(&store.get("a"));
-    is_send(&store.list(None, 1));
-    is_send(&store.update("a", |_| Update::Keep(())));
+    is_send(&store.get(T, "a"));
+    is_send(&store.list(None, None, 1));
+    is_send(&store.update(T, "a", |_| Update::Keep(())));
     is_send(&store.insert(rec("a")));
     is_send(&store.write(|_| Ok::<_, Rollback>(())));
     is_send(&store.put_meta("k", vec![]));
@@ -853,11 +879,11 @@ async fn measure(store: &EmbeddedStore, n: u64, samples: u64, seed: u64) -> (f64
     for s in 0..samples {
         let id = scale_id(splitmix(seed ^ s) % n);
         let t = Instant::now();
-        let r = store.get(&id).await.unwrap().expect("present");
+        let r = store.get(T, &id).await.unwrap().expect("present");
         tg += t.elapsed();
         let t = Instant::now();
         store
-            .update(&id, move |r| {
+            .update(T, &id, move |r| {
                 r.failures += 1;
                 r.updated_at += 1;
                 Update::Write(())
@@ -881,7 +907,7 @@ async fn throughput(store: &Arc<EmbeddedStore>, n: u64, tasks: u64, per_task: u6
             tokio::spawn(async move {
                 for j in 0..per_task {
                     let id = scale_id(splitmix(k * 1_000_003 + j) % n);
-                    s.update(&id, |r| {
+                    s.update(T, &id, |r| {
                         r.failures += 1;
                         Update::Write(())
                     })
@@ -948,7 +974,7 @@ async fn scale_one_million() {
     )
     .unwrap();
     let full_repair = t.elapsed();
-    let got = qr.get(&crash_id).await.unwrap().unwrap();
+    let got = qr.get(T, &crash_id).await.unwrap().unwrap();
     assert_eq!(got.last_accepted, Some(1234));
     let quick = measure(&qr, TOTAL, 2_000, 4).await;
     let qr = Arc::new(qr);
@@ -1077,4 +1103,327 @@ async fn audit_chain_continues_from_the_stored_head_after_rollbacks() {
     let report = hsm_audit::verify(lines.as_slice(), &std::collections::HashMap::new());
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.records, 3 + 34);
+}
+
+#[tokio::test]
+async fn ids_are_scoped_per_tenant() {
+    let (_dir, store) = open_tmp();
+    let mut b = rec("x");
+    b.tenant = "tenant-b".into();
+    b.failures = 7;
+    store.insert(rec("x")).await.unwrap();
+    store.insert(b.clone()).await.unwrap();
+    assert_eq!(store.insert(rec("x")).await, Err(StoreError::AlreadyExists));
+    assert_eq!(store.get(T, "x").await.unwrap(), Some(rec("x")));
+    assert_eq!(store.get("tenant-b", "x").await.unwrap(), Some(b.clone()));
+    // A tenant whose name is a prefix of another's sees nothing of it.
+    assert_eq!(store.get("tenant", "x").await.unwrap(), None);
+    assert_eq!(
+        store.update("tenant-c", "x", |_| Update::Write(())).await,
+        Err(StoreError::NotFound)
+    );
+    store.insert(rec("y")).await.unwrap();
+    let mut z = rec("z");
+    z.tenant = "tenant-a-longer".into();
+    store.insert(z).await.unwrap();
+
+    // One tenant's listing is a range scan of exactly its records, paged.
+    let ids = |page: Vec<CredentialRecord>| -> Vec<(String, String)> {
+        page.into_iter().map(|r| (r.tenant, r.id)).collect()
+    };
+    let a = store.list(Some(T), None, 10).await.unwrap();
+    assert_eq!(ids(a), [(T.into(), "x".into()), (T.into(), "y".into())]);
+    let first = store.list(Some(T), None, 1).await.unwrap();
+    let after = key_of(&first[0]);
+    assert_eq!(
+        ids(store.list(Some(T), Some(&after), 10).await.unwrap()),
+        [(T.into(), "y".into())]
+    );
+    // A cursor of another tenant does not leak into this tenant's range.
+    let foreign = CredentialKey {
+        tenant: "tenant-b".into(),
+        id: "x".into(),
+    };
+    assert!(store
+        .list(Some(T), Some(&foreign), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.list(Some("tenant-b"), None, 10).await.unwrap(),
+        vec![b]
+    );
+    assert!(store
+        .list(Some("nobody"), None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Every tenant: (tenant, id) order.
+    assert_eq!(
+        ids(store.list(None, None, 10).await.unwrap()),
+        [
+            (T.into(), "x".into()),
+            (T.into(), "y".into()),
+            ("tenant-a-longer".into(), "z".into()),
+            ("tenant-b".into(), "x".into())
+        ]
+    );
+    assert!(store.delete("tenant-b", "x").await.unwrap());
+    assert_eq!(store.get(T, "x").await.unwrap(), Some(rec("x")));
+    // Tenants and ids that cannot be keys are refused.
+    let mut bad = rec("q");
+    bad.tenant = "a\0b".into();
+    assert!(matches!(
+        store.insert(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut bad = rec("q");
+    bad.tenant = String::new();
+    assert!(matches!(
+        store.insert(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.insert(rec("a\0b")).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+/// A data file as schema 1 wrote it: id-keyed credentials in format 1.
+fn write_schema_1(path: &std::path::Path, recs: &[CredentialRecord]) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert(SCHEMA_VERSION_KEY, 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        let mut t = txn.open_table(LEGACY_CREDENTIALS).unwrap();
+        for r in recs {
+            t.insert(r.id.as_str(), super::record::encode_v1(r).as_slice())
+                .unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn schema_1_migrates_to_the_default_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let old: Vec<CredentialRecord> = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            let mut r = rec(id);
+            r.tenant = DEFAULT_TENANT.into();
+            r.subject = None;
+            r.failures = 2;
+            // Format 1 kept a count only: its failures count from the last change.
+            r.failure_times = vec![r.updated_at; 2];
+            r
+        })
+        .collect();
+    write_schema_1(&path, &old);
+    {
+        let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.get_meta(SCHEMA_VERSION_KEY).unwrap(),
+            Some(SCHEMA_VERSION.to_le_bytes().to_vec())
+        );
+        assert_eq!(store.count().await.unwrap(), 3);
+        assert_eq!(
+            store.list(Some(DEFAULT_TENANT), None, 10).await.unwrap(),
+            old
+        );
+        assert_eq!(store.get(T, "a").await.unwrap(), None);
+        // Migrated records keep working: updates rewrite them in the new format.
+        store
+            .update(DEFAULT_TENANT, "a", |r| {
+                r.failures = 0;
+                Update::Write(())
+            })
+            .await
+            .unwrap();
+        let legacy_gone = store
+            .read(|txn| match txn.open_table(LEGACY_CREDENTIALS) {
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(true),
+                Ok(_) => Ok(false),
+                Err(e) => Err(e.into()),
+            })
+            .unwrap();
+        assert!(legacy_gone, "the schema 1 table is dropped");
+    }
+    // A second open finds schema 2 and migrates nothing again.
+    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    assert_eq!(store.count().await.unwrap(), 3);
+    assert_eq!(
+        store
+            .get(DEFAULT_TENANT, "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .failures,
+        0
+    );
+}
+
+#[test]
+fn schema_1_with_a_corrupt_record_is_not_half_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    write_schema_1(&path, &[rec("a")]);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LEGACY_CREDENTIALS)
+            .unwrap()
+            .insert("z", [1u8, 0xff].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = EmbeddedStore::open(&path, StoreOptions::default()).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    let db = redb::Database::create(&path).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let v = redb::ReadableTable::get(&txn.open_table(META).unwrap(), SCHEMA_VERSION_KEY)
+        .unwrap()
+        .unwrap()
+        .value()
+        .to_vec();
+    assert_eq!(v, 1u32.to_le_bytes(), "still schema 1");
+    assert_eq!(
+        redb::ReadableTableMetadata::len(&txn.open_table(LEGACY_CREDENTIALS).unwrap()).unwrap(),
+        2
+    );
+}
+
+fn evidence_rec(id: &str, now: u64) -> EvidenceRecord {
+    EvidenceRecord {
+        id: id.into(),
+        tenant: T.into(),
+        credential_id: "x".into(),
+        subject: "subject-x".into(),
+        method: crate::common::AuthMethod::Otp,
+        auth_time: now,
+        expires_at: now + 120,
+        spent_at: None,
+    }
+}
+
+#[tokio::test]
+async fn evidence_rides_in_the_credential_update_and_is_spent_once() {
+    use super::evidence::{spend_in, Spend};
+    let (_dir, store) = open_tmp();
+    store.insert(rec("x")).await.unwrap();
+    let commits = store.commits();
+    // Written in the same job (and commit) as the record change, only when asked.
+    let e = evidence_rec("e1", 1_000);
+    let seen = store
+        .update_with(
+            T,
+            "x",
+            |r| {
+                r.last_accepted = Some(5);
+                Update::Write(true)
+            },
+            move |accepted| Effects {
+                audit: None,
+                evidence: accepted.then_some(e),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(seen);
+    assert_eq!(store.commits(), commits + 1, "one commit for both");
+    assert_eq!(
+        store.get_evidence("e1").unwrap(),
+        Some(evidence_rec("e1", 1_000))
+    );
+    assert_eq!(
+        store.get(T, "x").await.unwrap().unwrap().last_accepted,
+        Some(5)
+    );
+    // A rolled-back update leaves no evidence.
+    store
+        .update_with(T, "x", |_| Update::Keep(false), |_| Effects::default())
+        .await
+        .unwrap();
+    assert_eq!(store.evidence_count().unwrap(), 1);
+
+    // 32 concurrent spends: the committer decides them one after the other.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .write(|txn| {
+                    spend_in(txn, "e1", |e| match e {
+                        Some(e) if e.spent_at.is_none() => Spend::Spend(1_001, true),
+                        _ => Spend::Refuse(false),
+                    })
+                })
+                .await
+                .unwrap()
+                .unwrap()
+        });
+    }
+    let mut spent = 0;
+    while let Some(r) = tasks.join_next().await {
+        spent += usize::from(r.unwrap());
+    }
+    assert_eq!(spent, 1);
+    assert_eq!(
+        store.get_evidence("e1").unwrap().unwrap().spent_at,
+        Some(1_001)
+    );
+    let missing = store
+        .write(|txn| spend_in(txn, "nope", |e| Spend::Refuse(e.is_none())))
+        .await
+        .unwrap();
+    assert_eq!(missing, Ok(true));
+}
+
+#[tokio::test]
+async fn stale_evidence_is_purged_by_later_inserts() {
+    use super::evidence::{insert_in, PURGE_GRACE_SECONDS, PURGE_PER_INSERT};
+    let (_dir, store) = open_tmp();
+    let old = 1_000u64;
+    for i in 0..10 {
+        let e = evidence_rec(&format!("old-{i}"), old);
+        store
+            .write(move |txn| insert_in(txn, &e, old))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.evidence_count().unwrap(), 10);
+    // Still inside the grace period after expiry: nothing goes.
+    let soon = old + 120 + PURGE_GRACE_SECONDS;
+    let e = evidence_rec("soon", soon);
+    store
+        .write(move |txn| insert_in(txn, &e, soon))
+        .await
+        .unwrap();
+    assert_eq!(store.evidence_count().unwrap(), 11);
+    // Past it: each insert removes up to PURGE_PER_INSERT stale records, oldest first.
+    let later = soon + 1;
+    let e = evidence_rec("later-0", later);
+    store
+        .write(move |txn| insert_in(txn, &e, later))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.evidence_count().unwrap(),
+        12 - PURGE_PER_INSERT as u64
+    );
+    for i in 1..5 {
+        let e = evidence_rec(&format!("later-{i}"), later);
+        store
+            .write(move |txn| insert_in(txn, &e, later))
+            .await
+            .unwrap();
+    }
+    // The ten stale ones are gone, the fresh ones stay.
+    assert_eq!(store.evidence_count().unwrap(), 6);
+    assert_eq!(store.get_evidence("old-3").unwrap(), None);
+    assert!(store.get_evidence("soon").unwrap().is_some());
+    assert!(store.get_evidence("later-4").unwrap().is_some());
 }

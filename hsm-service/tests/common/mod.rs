@@ -190,14 +190,77 @@ pub async fn execute(
         .map(|r| r.into_inner())
 }
 
+/// The HOTP code (HMAC-SHA-1, 6 digits) of `seed` at `counter`, in software.
+pub fn hotp(seed: &[u8], counter: u64) -> String {
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, seed),
+        &hsm_service::otp::moving_factor(counter),
+    );
+    let digits = hsm_service::otp::Digits::new(6).expect("digits");
+    format!("{:06}", hsm_service::otp::truncate(tag.as_ref(), digits))
+}
+
+/// The seed of the credentials [`enrol`] makes.
+pub const EVIDENCE_SEED: &[u8] = b"evidence-seed-000001";
+
+/// Enrol HOTP credential `id` with [`EVIDENCE_SEED`] for `subject` (empty: none).
+pub async fn enrol(c: &HsmClient, id: &str, subject: &str) {
+    c.credentials()
+        .create_credential(hsm_client::proto::CreateCredentialRequest {
+            credential_id: id.into(),
+            kind: hsm_client::proto::OtpKind::Hotp as i32,
+            seed: EVIDENCE_SEED.to_vec(),
+            subject: subject.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create credential");
+}
+
+/// VerifyCode of credential `id` (made by [`enrol`]) at HOTP `counter`: the response.
+pub async fn verify_hotp(
+    c: &HsmClient,
+    id: &str,
+    counter: u64,
+) -> hsm_client::proto::VerifyCodeResponse {
+    c.credentials()
+        .verify_code(hsm_client::proto::VerifyCodeRequest {
+            credential_id: id.into(),
+            code: hotp(EVIDENCE_SEED, counter),
+        })
+        .await
+        .expect("verify")
+        .into_inner()
+}
+
+/// Evidence of a fresh authentication of `subject`: enrols a credential for it and
+/// verifies its first code; the evidence id of that ACCEPTED.
+pub async fn evidence_for(c: &HsmClient, subject: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("evidence-{}-{n}", std::process::id());
+    enrol(c, &id, subject).await;
+    let r = verify_hotp(c, &id, 0).await;
+    assert_eq!(r.result, hsm_client::proto::VerifyResult::Accepted as i32);
+    assert_eq!(
+        r.evidence_id.len(),
+        32,
+        "an ACCEPTED code of a subject gives evidence"
+    );
+    r.evidence_id
+}
+
 /// `SignAssertion` with the default key for `citizen-1`, audience `https://bank.example`
-/// (what [`verify`] expects).
+/// (what [`verify`] expects), bound to the evidence of a fresh authentication of
+/// `citizen-1` (so it needs no `unbound_assertions`).
 pub async fn sign_default_assertion(c: &HsmClient) -> hsm_client::proto::SignAssertionResponse {
+    let evidence_id = evidence_for(c, "citizen-1").await;
     c.signing()
         .sign_assertion(hsm_client::proto::SignAssertionRequest {
             subject: "citizen-1".into(),
             audience: vec!["https://bank.example".into()],
             acr: hsm_service::signing::NSIS_ACR_VALUES[0].into(),
+            evidence_id,
             ..Default::default()
         })
         .await

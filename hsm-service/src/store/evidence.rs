@@ -1,0 +1,179 @@
+//! Evidence records: what an accepted code leaves for an assertion to cite.
+//!
+//! An evidence record is written in the same transaction as the accepted step that
+//! created it ([`insert_in`], called by the credential update job) and spent in one
+//! conditional write decided on the committer ([`spend_in`]), so two assertions can
+//! never cite one evidence. Records are kept until `expires_at +` [`PURGE_GRACE_SECONDS`]
+//! (so a late reuse is still answered "spent" or "expired", not "unknown"), then purged:
+//! every insert also deletes up to [`PURGE_PER_INSERT`] records past that point, oldest
+//! first (through the expiry index), so the table holds about one TTL plus the grace of
+//! accepted codes and never grows with time.
+//!
+//! Encoding: one format byte, then postcard of a private struct; the id is the key.
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::tables::{EVIDENCE, EVIDENCE_EXPIRY};
+use super::{Rollback, StoreError, TxnResult};
+use crate::common::AuthMethod;
+
+/// How long a spent or expired record stays after its expiry, in seconds.
+pub const PURGE_GRACE_SECONDS: u64 = 600;
+
+/// Most stale records one insert purges (more than one, so a backlog drains).
+pub const PURGE_PER_INSERT: usize = 4;
+
+const FORMAT_V1: u8 = 1;
+
+/// One successful authentication, as an assertion may cite it once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceRecord {
+    /// Opaque, unguessable id (32 lower-case hex digits, 128 random bits).
+    pub id: String,
+    /// The tenant whose credential authenticated.
+    pub tenant: String,
+    /// The credential that authenticated.
+    pub credential_id: String,
+    /// The credential's subject (the citizen's pseudonym at the login service).
+    pub subject: String,
+    /// How.
+    pub method: AuthMethod,
+    /// When (Unix seconds): the assertion's `auth_time`.
+    pub auth_time: u64,
+    /// Unusable from this Unix second on.
+    pub expires_at: u64,
+    /// When an assertion cited it (Unix seconds); `None` while unspent.
+    pub spent_at: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EvidenceV1<'a> {
+    #[serde(borrow)]
+    tenant: &'a str,
+    #[serde(borrow)]
+    credential_id: &'a str,
+    #[serde(borrow)]
+    subject: &'a str,
+    method: u8,
+    auth_time: u64,
+    expires_at: u64,
+    spent_at: Option<u64>,
+}
+
+fn encode(e: &EvidenceRecord) -> Vec<u8> {
+    let v = EvidenceV1 {
+        tenant: &e.tenant,
+        credential_id: &e.credential_id,
+        subject: &e.subject,
+        method: e.method.code(),
+        auth_time: e.auth_time,
+        expires_at: e.expires_at,
+        spent_at: e.spent_at,
+    };
+    postcard::to_extend(&v, vec![FORMAT_V1]).expect("postcard encoding into a Vec is infallible")
+}
+
+/// Decodes the value stored under `id`; errors name the id and the defect.
+pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<EvidenceRecord, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("evidence {id:?}: {what}"));
+    let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
+    if version != FORMAT_V1 {
+        return Err(corrupt(&format!("unknown format version {version}")));
+    }
+    let (v, rest): (EvidenceV1<'_>, _) =
+        postcard::take_from_bytes(body).map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+    if !rest.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok(EvidenceRecord {
+        id: id.to_owned(),
+        tenant: v.tenant.to_owned(),
+        credential_id: v.credential_id.to_owned(),
+        subject: v.subject.to_owned(),
+        method: AuthMethod::from_code(v.method)
+            .ok_or_else(|| corrupt(&format!("unknown method code {}", v.method)))?,
+        auth_time: v.auth_time,
+        expires_at: v.expires_at,
+        spent_at: v.spent_at,
+    })
+}
+
+/// Inserts `e` (a fresh random id: an existing id is a broken RNG, and rolls the batch
+/// back) and purges up to [`PURGE_PER_INSERT`] records stale at `now`.
+pub fn insert_in(txn: &WriteTransaction, e: &EvidenceRecord, now: u64) -> Result<(), Rollback> {
+    purge_in(txn, now, PURGE_PER_INSERT)?;
+    let mut table = txn.open_table(EVIDENCE)?;
+    if table.insert(e.id.as_str(), encode(e).as_slice())?.is_some() {
+        return Err(Rollback(StoreError::Invalid(
+            "evidence id collision: the random number generator is broken".into(),
+        )));
+    }
+    txn.open_table(EVIDENCE_EXPIRY)?
+        .insert((e.expires_at, e.id.as_str()), ())?;
+    Ok(())
+}
+
+/// Deletes up to `limit` records whose `expires_at + PURGE_GRACE_SECONDS < now`,
+/// oldest first; returns how many.
+pub fn purge_in(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, Rollback> {
+    let cutoff = now.saturating_sub(PURGE_GRACE_SECONDS);
+    let mut index = txn.open_table(EVIDENCE_EXPIRY)?;
+    let mut stale = Vec::new();
+    for item in index.range::<(u64, &str)>(..(cutoff, ""))?.take(limit) {
+        let (k, _) = item?;
+        let (expires_at, id) = k.value();
+        stale.push((expires_at, id.to_owned()));
+    }
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let mut table = txn.open_table(EVIDENCE)?;
+    for (expires_at, id) in &stale {
+        index.remove((*expires_at, id.as_str()))?;
+        table.remove(id.as_str())?;
+    }
+    Ok(stale.len())
+}
+
+/// Reads a record as this transaction sees it.
+pub fn get_in(txn: &WriteTransaction, id: &str) -> TxnResult<Option<EvidenceRecord>> {
+    let table = txn.open_table(EVIDENCE)?;
+    let guard = table.get(id)?;
+    Ok(guard.map(|g| decode(id, g.value())).transpose())
+}
+
+/// What a spend decision returns: whether to mark the evidence spent, and the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spend<R> {
+    /// Mark it spent at the given Unix second, and answer `R`.
+    Spend(u64, R),
+    /// Leave it as it is, and answer `R`.
+    Refuse(R),
+}
+
+/// The exactly-once step: `decide` sees the record as this transaction sees it (`None`:
+/// no such id) and says whether to spend it. Runs on the committer, so concurrent spends
+/// of one id are decided one after the other and at most one sees it unspent.
+pub fn spend_in<R>(
+    txn: &WriteTransaction,
+    id: &str,
+    decide: impl FnOnce(Option<&EvidenceRecord>) -> Spend<R>,
+) -> TxnResult<R> {
+    let current = match get_in(txn, id)? {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    match decide(current.as_ref()) {
+        Spend::Refuse(r) => Ok(Ok(r)),
+        Spend::Spend(at, r) => {
+            let Some(mut e) = current else {
+                return Ok(Err(StoreError::NotFound));
+            };
+            e.spent_at = Some(at);
+            txn.open_table(EVIDENCE)?
+                .insert(id, encode(&e).as_slice())?;
+            Ok(Ok(r))
+        }
+    }
+}
