@@ -8,7 +8,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hsm_client::proto::SignAssertionRequest;
 use hsm_service::signing::{
-    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Grant, Signer, NSIS_ACR_VALUES,
+    prepare_assertion, Algorithm, AssertionParams, AssertionRequest, Caller, Grant, Signer, Usage,
+    NSIS_ACR_VALUES,
 };
 use hsm_service::testing::DevEnv;
 use ring::rand::SystemRandom;
@@ -72,7 +73,7 @@ fn signing(c: &mut Criterion) {
         let server = env.start().await;
         let signer = &server.state().signing;
         let k = signer
-            .create_version("eddsa", Algorithm::EdDsa)
+            .create_version("eddsa", Algorithm::EdDsa, Usage::Signing)
             .await
             .expect("create");
         signer.publish("eddsa", k.version).await.expect("publish");
@@ -86,10 +87,14 @@ fn signing(c: &mut Criterion) {
     });
     let signer: Arc<Signer> = server.state().signing.clone();
     // Signing itself is measured: unbound (no evidence to spend).
-    let grant = Grant {
-        keys: Some(vec!["assertion".into(), "eddsa".into()]),
-        unbound_assertions: true,
-        ..Grant::default()
+    let caller = Caller {
+        grant: Grant {
+            keys: Some(vec!["assertion".into(), "eddsa".into()]),
+            unbound_assertions: true,
+            tenant: "login-service".into(),
+            ..Grant::default()
+        },
+        actor: hsm_service::audit::Actor::new("login-service", ""),
     };
 
     let rng = SystemRandom::new();
@@ -126,7 +131,7 @@ fn signing(c: &mut Criterion) {
         g.bench_function("hsm", |b| {
             b.to_async(&rt).iter(|| async {
                 signer
-                    .sign_assertion(&grant, &request(key))
+                    .sign_assertion(&caller, &request(key))
                     .await
                     .expect("sign")
             })

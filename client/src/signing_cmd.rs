@@ -65,7 +65,7 @@ pub struct AssertionArgs {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["message", "message_file", "digest"])))]
 pub struct RawArgs {
-    /// Signing key name (default: the service's default assertion key).
+    /// Raw key name (default: the service's default raw key, `documents` in dev mode).
     #[arg(long, default_value = "")]
     signing_key: String,
     /// The message, as text.
@@ -110,8 +110,13 @@ pub enum Encoding {
 /// `hsmctl keys`.
 #[derive(Subcommand)]
 pub enum KeysCommand {
-    /// Print the JWK Set relying parties verify with.
-    Jwks,
+    /// Print a JWK Set: the assertion keys relying parties verify with (default), or
+    /// with `--usage raw` the keys `hsmctl sign raw` signs with.
+    Jwks {
+        /// Which key set: `signing` (assertions) or `raw` (raw signatures).
+        #[arg(long, default_value = "signing")]
+        usage: String,
+    },
     /// List every key version and its state (role officer or auditor).
     List,
     /// Certificates of a key: show the stored chain, make a CSR, self-sign, issue.
@@ -339,10 +344,12 @@ pub async fn keys(
     as_json: bool,
 ) -> Result<ExitCode, ClientError> {
     match cmd {
-        KeysCommand::Jwks => {
+        KeysCommand::Jwks { usage } => {
             let text = client
                 .signing()
-                .get_jwks(GetJwksRequest {})
+                .get_jwks(GetJwksRequest {
+                    usage: usage.clone(),
+                })
                 .await?
                 .into_inner()
                 .jwks_json;
@@ -376,6 +383,7 @@ pub async fn keys(
                             "sensitive": k.sensitive, "extractable": k.extractable,
                             "local": k.local, "origin": k.origin,
                             "wrap_with_trusted": k.wrap_with_trusted,
+                            "usage": k.usage,
                         })
                     })
                     .collect();
@@ -396,8 +404,8 @@ pub async fn keys(
                         &k.ceremony_id
                     };
                     println!(
-                        "{} v{}  {:<11} {:<5} kid {}  certificates {}  {attrs}  ceremony {origin}\n    public key SHA-256 {}",
-                        k.name, k.version, k.state, k.algorithm, k.kid, k.certificates, k.public_key_sha256
+                        "{} v{}  {:<11} {:<5} usage {:<7} kid {}  certificates {}  {attrs}  ceremony {origin}\n    public key SHA-256 {}",
+                        k.name, k.version, k.state, k.algorithm, k.usage, k.kid, k.certificates, k.public_key_sha256
                     );
                 }
             }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use hsm_service::signing::{Algorithm, KeyRef, NSIS_ACR_VALUES};
+use hsm_service::signing::{
+    Algorithm, CertificateRequest, Issuance, KeyRef, Usage, NSIS_ACR_VALUES,
+};
 use hsm_service::testing::DevEnv;
 use serde_json::Value;
 
@@ -248,7 +250,7 @@ async fn sign_raw_message_digest_and_der_verify_with_openssl() {
     let spki = server
         .state()
         .signing
-        .get(&KeyRef::new("assertion", 0))
+        .get(&KeyRef::new("documents", 0))
         .expect("key")
         .public_key_der;
     let public = write(
@@ -357,16 +359,43 @@ async fn keys_jwks_and_list() {
     let v: Value = serde_json::from_str(&stdout(&out)).expect("pretty JSON");
     assert_eq!(v["keys"][0]["alg"], "ES256");
     assert_eq!(v["keys"][0]["use"], "sig");
+    assert_eq!(
+        v["keys"].as_array().expect("keys").len(),
+        1,
+        "assertion keys only"
+    );
+    let state = server.state();
+    let kid = |name: &str| state.signing.get(&KeyRef::new(name, 0)).expect("key").kid;
+    assert_eq!(v["keys"][0]["kid"], kid("assertion").as_str());
+    // The raw keys' set: the dev `documents` key, which `hsmctl sign raw` uses.
+    let raw = json(&hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &["keys", "jwks", "--usage", "raw", "--json"],
+    ));
+    assert_eq!(raw["keys"].as_array().expect("keys").len(), 1);
+    assert_eq!(raw["keys"][0]["kid"], kid("documents").as_str());
+    let out = hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &["keys", "jwks", "--usage", "ca", "--json"],
+    );
+    assert_eq!(json(&out)["error"]["code"], "InvalidArgument");
 
     let out = hsmctl(&env, addr, "officer-1", &["keys", "list", "--json"]);
     let v = json(&out);
     assert_eq!(v["keys"][0]["name"], "assertion");
     assert_eq!(v["keys"][0]["version"], 1);
     assert_eq!(v["keys"][0]["state"], "active");
+    assert_eq!(v["keys"][0]["usage"], "signing");
+    assert_eq!(v["keys"][1]["name"], "documents");
+    assert_eq!(v["keys"][1]["usage"], "raw");
     assert_eq!(v["keys"][0]["key_id"].as_str().expect("hex").len(), 32);
     let out = hsmctl(&env, addr, "officer-1", &["keys", "list"]);
     assert!(
-        stdout(&out).contains("assertion v1  active"),
+        stdout(&out).contains("assertion v1  active") && stdout(&out).contains("usage raw"),
         "{}",
         stdout(&out)
     );
@@ -382,10 +411,9 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
     let env = DevEnv::new();
     let server = env.start().await;
     let addr = server.local_addr();
-    server
-        .state()
-        .signing
-        .create_version("root-ca", Algorithm::Es256)
+    let signer = server.state().signing.clone();
+    signer
+        .create_version("root-ca", Algorithm::Es256, Usage::Ca)
         .await
         .expect("CA key");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -407,6 +435,7 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
     let (ok, text) = openssl(&["req", "-in", &csr, "-verify", "-noout"]);
     assert!(ok && text.contains("verify OK"), "{text}");
 
+    // A ca key is certified only in a ceremony; issuing is always a ca key's work.
     let out = hsmctl(
         &env,
         addr,
@@ -422,11 +451,17 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
             "--days",
             "3650",
             "--is-ca",
+            "--json",
         ],
     );
-    assert!(out.status.success(), "{out:?}");
-    let root = write(dir.path(), "root.pem", &out.stdout);
-
+    let v = json(&out);
+    assert_eq!(v["error"]["code"], "PermissionDenied");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("use a key ceremony")),
+        "{v}"
+    );
     let out = hsmctl(
         &env,
         addr,
@@ -439,12 +474,54 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
             "root-ca",
             "--subject",
             "CN=Assertions,O=Dev,C=DK",
-            "--dns",
-            "idp.dev.local",
             "--json",
         ],
     );
-    let v = json(&out);
+    assert_eq!(json(&out)["error"]["code"], "PermissionDenied");
+
+    // What a ceremony's self-sign and issue-certificate steps do.
+    let by = Issuance::Ceremony {
+        id: "cli-test".into(),
+        actor: hsm_service::audit::Actor::new("officer-1", ""),
+    };
+    let root_der = signer
+        .self_sign(
+            &KeyRef::new("root-ca", 0),
+            &CertificateRequest {
+                subject: "CN=Dev Root,C=DK".into(),
+                validity_days: 3650,
+                is_ca: true,
+                dns_names: vec![],
+            },
+            &by,
+        )
+        .await
+        .expect("root");
+    let root = write(
+        dir.path(),
+        "root.pem",
+        hsm_service::pki::to_pem("CERTIFICATE", &root_der).as_bytes(),
+    );
+    signer
+        .issue_certificate(
+            &KeyRef::new("assertion", 0),
+            &KeyRef::new("root-ca", 0),
+            &CertificateRequest {
+                subject: "CN=Assertions,O=Dev,C=DK".into(),
+                validity_days: 365,
+                is_ca: false,
+                dns_names: vec!["idp.dev.local".into()],
+            },
+            &by,
+        )
+        .await
+        .expect("leaf");
+    let v = json(&hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["keys", "cert", "show", "--json"],
+    ));
     let certs = v["certificates"].as_array().expect("chain");
     assert_eq!(certs.len(), 2);
     let leaf = write(
@@ -454,6 +531,28 @@ async fn keys_cert_csr_self_sign_issue_and_show() {
     );
     let (ok, text) = openssl(&["verify", "-CAfile", &root, &leaf]);
     assert!(ok && text.contains(": OK"), "{text}");
+
+    // An officer may self-sign a signing key directly (not as a CA).
+    let out = hsmctl(
+        &env,
+        addr,
+        "officer-1",
+        &[
+            "keys",
+            "cert",
+            "self-sign",
+            "--signing-key",
+            "documents",
+            "--subject",
+            "CN=Documents,C=DK",
+            "--days",
+            "30",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let own = write(dir.path(), "own.pem", &out.stdout);
+    let (ok, text) = openssl(&["x509", "-in", &own, "-noout", "-subject"]);
+    assert!(ok && text.contains("CN = Documents"), "{text}");
 
     // Anyone may read the stored chain; only officers may make certificates.
     let out = hsmctl(&env, addr, "login-service", &["keys", "cert", "show"]);

@@ -390,7 +390,7 @@ pub struct ClientRule {
     /// The role granted.
     pub role: Role,
     /// Signing keys (by name) this client may sign with. Absent: only
-    /// `signing.default_key`.
+    /// `signing.default_key` and `signing.default_raw_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_keys: Option<Vec<String>>,
     /// `acr` values this client may put in assertions; each must be a
@@ -462,9 +462,12 @@ pub struct SigningConfig {
     /// The `iss` claim of every assertion. Empty: SignAssertion is refused.
     #[serde(default)]
     pub issuer: String,
-    /// Key used when a request names none.
+    /// Key used when a SignAssertion request names none (usage `signing`).
     #[serde(default = "default_signing_key")]
     pub default_key: String,
+    /// Key used when a Sign request names none (usage `raw`).
+    #[serde(default = "default_raw_key")]
+    pub default_raw_key: String,
     /// Lifetime of an assertion whose request gives none, in seconds.
     #[serde(default = "default_ttl")]
     pub default_ttl_seconds: u32,
@@ -484,14 +487,19 @@ pub struct SigningConfig {
     /// Oldest `auth_time` accepted, in seconds before now.
     #[serde(default = "default_max_auth_age")]
     pub max_auth_age_seconds: u64,
-    /// Dev and tests: create `default_key` (ES256) and make it active at start when it
-    /// has no version yet. Production keys come from key ceremonies.
+    /// Dev and tests: create `default_key` (ES256, usage `signing`) and
+    /// `default_raw_key` (ES256, usage `raw`) and make them active at start when they
+    /// have no version yet. Production keys come from key ceremonies.
     #[serde(default)]
     pub bootstrap_default_key: bool,
 }
 
 fn default_signing_key() -> String {
     "assertion".to_owned()
+}
+
+fn default_raw_key() -> String {
+    "documents".to_owned()
 }
 
 fn default_ttl() -> u32 {
@@ -518,6 +526,7 @@ impl Default for SigningConfig {
         SigningConfig {
             issuer: String::new(),
             default_key: default_signing_key(),
+            default_raw_key: default_raw_key(),
             default_ttl_seconds: default_ttl(),
             max_ttl_seconds: default_max_ttl(),
             acr_values: Vec::new(),
@@ -561,6 +570,19 @@ impl SigningConfig {
                 "signing.default_key {:?}: {}",
                 self.default_key,
                 crate::signing::KEY_NAME_RULE
+            ));
+        }
+        if !crate::signing::valid_key_name(&self.default_raw_key) {
+            return Err(format!(
+                "signing.default_raw_key {:?}: {}",
+                self.default_raw_key,
+                crate::signing::KEY_NAME_RULE
+            ));
+        }
+        if self.default_raw_key == self.default_key {
+            return Err(format!(
+                "signing.default_raw_key {:?} is signing.default_key: a key signs for one usage only",
+                self.default_raw_key
             ));
         }
         if self.default_ttl_seconds == 0 || self.default_ttl_seconds > self.max_ttl_seconds {

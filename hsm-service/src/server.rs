@@ -175,6 +175,7 @@ pub(crate) async fn start_with_store(
         store.clone(),
         config.signing.clone(),
         clock.clone(),
+        audit.clone(),
     )
     .await
     .map(Arc::new)

@@ -15,7 +15,7 @@ use hsm_client::proto::{
 };
 use hsm_client::HsmClient;
 use hsm_service::server::RunningServer;
-use hsm_service::signing::{Algorithm, KeyRef, KeyState, NSIS_ACR_VALUES};
+use hsm_service::signing::{Algorithm, KeyRef, KeyState, Usage, NSIS_ACR_VALUES};
 use hsm_service::testing::DevEnv;
 use jsonwebtoken::jwk::JwkSet;
 use serde_json::Value;
@@ -25,11 +25,12 @@ const SUBSTANTIAL: &str = NSIS_ACR_VALUES[0];
 const HIGH: &str = NSIS_ACR_VALUES[1];
 
 /// A dev service whose login-service may use `keys`, with `extra` versions created,
-/// published and activated (name, algorithm). These tests are about signing itself, so
-/// the login service may sign unbound assertions (tests/evidence.rs binds them).
+/// published and activated (name, algorithm, usage). These tests are about signing
+/// itself, so the login service may sign unbound assertions (tests/evidence.rs binds
+/// them).
 async fn service(
     keys: Option<&[&str]>,
-    extra: &[(&str, Algorithm)],
+    extra: &[(&str, Algorithm, Usage)],
 ) -> (DevEnv, RunningServer, HsmClient) {
     let mut env = DevEnv::new();
     env.allow_unbound_assertions("login-service");
@@ -40,8 +41,11 @@ async fn service(
     }
     let server = env.start().await;
     let signer = &server.state().signing;
-    for (name, alg) in extra {
-        let k = signer.create_version(name, *alg).await.expect("create");
+    for (name, alg, usage) in extra {
+        let k = signer
+            .create_version(name, *alg, *usage)
+            .await
+            .expect("create");
         signer.publish(name, k.version).await.expect("publish");
         signer.activate(name, k.version).await.expect("activate");
     }
@@ -71,9 +75,9 @@ async fn assertions_verify_with_an_independent_jwt_library_for_every_algorithm()
     let (_env, server, client) = service(
         Some(&["assertion", "es384", "eddsa", "ps256"]),
         &[
-            ("es384", Algorithm::Es384),
-            ("eddsa", Algorithm::EdDsa),
-            ("ps256", Algorithm::Ps256),
+            ("es384", Algorithm::Es384, Usage::Signing),
+            ("eddsa", Algorithm::EdDsa, Usage::Signing),
+            ("ps256", Algorithm::Ps256, Usage::Signing),
         ],
     )
     .await;
@@ -266,7 +270,7 @@ async fn malformed_or_forbidden_assertion_requests_are_rejected() {
     assert_eq!(err.code(), Code::PermissionDenied);
     officer
         .signing()
-        .get_jwks(GetJwksRequest {})
+        .get_jwks(GetJwksRequest::default())
         .await
         .expect("anyone reads the JWKS");
     server.shutdown().await.expect("shutdown");
@@ -319,11 +323,11 @@ async fn raw_signatures_verify_independently() {
     use p256::ecdsa::signature::Verifier;
     use p256::pkcs8::DecodePublicKey;
     let (_env, server, client) = service(
-        Some(&["assertion", "es384", "eddsa", "ps256"]),
+        Some(&["documents", "es384", "eddsa", "ps256"]),
         &[
-            ("es384", Algorithm::Es384),
-            ("eddsa", Algorithm::EdDsa),
-            ("ps256", Algorithm::Ps256),
+            ("es384", Algorithm::Es384, Usage::Raw),
+            ("eddsa", Algorithm::EdDsa, Usage::Raw),
+            ("ps256", Algorithm::Ps256, Usage::Raw),
         ],
     )
     .await;
@@ -337,8 +341,8 @@ async fn raw_signatures_verify_independently() {
             .public_key_der
     };
 
-    // ES256: message (raw and DER) and digest.
-    let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&spki("assertion")).expect("p256");
+    // ES256 (the default raw key): message (raw and DER) and digest.
+    let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&spki("documents")).expect("p256");
     let raw = client
         .signing()
         .sign(sign_request(""))
@@ -424,8 +428,8 @@ async fn raw_signatures_verify_independently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_raw_signing_requests_are_rejected() {
     let (_env, server, client) = service(
-        Some(&["assertion", "eddsa"]),
-        &[("eddsa", Algorithm::EdDsa)],
+        Some(&["documents", "eddsa"]),
+        &[("eddsa", Algorithm::EdDsa, Usage::Raw)],
     )
     .await;
     type Mutation = Box<dyn Fn(&mut SignRequest)>;
@@ -474,7 +478,7 @@ async fn malformed_raw_signing_requests_are_rejected() {
             "algorithm not the key's",
             Box::new(|r| r.algorithm = SignatureAlgorithm::Ps256 as i32),
             Code::InvalidArgument,
-            "algorithm PS256 does not match key \"assertion\"",
+            "algorithm PS256 does not match key \"documents\"",
         ),
         (
             "unknown algorithm value",
@@ -545,7 +549,7 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
 
     // A new version is pending, then published: in the JWKS, not yet signing.
     let v2 = signer
-        .create_version("assertion", Algorithm::Es256)
+        .create_version("assertion", Algorithm::Es256, Usage::Signing)
         .await
         .expect("v2");
     assert_eq!((v2.version, v2.state), (2, KeyState::Pending));
@@ -615,7 +619,7 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
 
     // A version that never signed needs no force; the list keeps the history.
     let v3 = signer
-        .create_version("assertion", Algorithm::EdDsa)
+        .create_version("assertion", Algorithm::EdDsa, Usage::Signing)
         .await
         .expect("v3");
     signer
@@ -636,6 +640,7 @@ async fn rotation_publishes_first_keeps_the_old_key_and_destroys_it_on_the_token
         .keys;
     let states: Vec<(u32, &str)> = listed
         .iter()
+        .filter(|k| k.name == "assertion")
         .map(|k| (k.version, k.state.as_str()))
         .collect();
     assert_eq!(
@@ -651,15 +656,28 @@ async fn keys_survive_a_restart_and_dev_bootstrap_runs_once() {
     env.allow_unbound_assertions("login-service");
     let server = env.start().await;
     let before = server.state().signing.list(None);
-    assert_eq!(before.len(), 1, "dev mode created the default key");
-    let facts = server
-        .state()
-        .hsm
-        .private_key_facts(&before[0].key_id)
-        .await
-        .expect("facts");
-    assert!(facts.token && facts.sensitive && facts.sign);
-    assert!(!facts.extractable && !facts.decrypt);
+    let made: Vec<(&str, KeyState, Usage)> = before
+        .iter()
+        .map(|k| (k.name.as_str(), k.state, k.usage))
+        .collect();
+    assert_eq!(
+        made,
+        vec![
+            ("assertion", KeyState::Active, Usage::Signing),
+            ("documents", KeyState::Active, Usage::Raw)
+        ],
+        "dev mode created the default assertion key and the default raw key"
+    );
+    for k in &before {
+        let facts = server
+            .state()
+            .hsm
+            .private_key_facts(&k.key_id)
+            .await
+            .expect("facts");
+        assert!(facts.token && facts.sensitive && facts.sign);
+        assert!(!facts.extractable && !facts.decrypt);
+    }
     server.shutdown().await.expect("shutdown");
 
     let server = env.start().await;
@@ -674,6 +692,14 @@ async fn keys_survive_a_restart_and_dev_bootstrap_runs_once() {
     assert_eq!(r.kid, before[0].kid);
     verify(&r.jws, &jwks(&client).await).expect("verifies");
     server.shutdown().await.expect("shutdown");
+}
+
+/// The shape of a CertificateResponse, from a chain the signer returned.
+fn hsm_service_leaf(chain_der: Vec<Vec<u8>>) -> hsm_client::proto::CertificateResponse {
+    hsm_client::proto::CertificateResponse {
+        certificate_der: chain_der[0].clone(),
+        chain_der,
+    }
 }
 
 fn openssl(args: &[&str]) -> (bool, String) {
@@ -695,10 +721,9 @@ fn openssl(args: &[&str]) -> (bool, String) {
 async fn openssl_verifies_the_csr_and_a_two_level_chain() {
     let (env, server, login) = service(None, &[]).await;
     // A CA key in the HSM: generated, never published (it signs certificates, not JWTs).
-    server
-        .state()
-        .signing
-        .create_version("root-ca", Algorithm::Es384)
+    let signer = server.state().signing.clone();
+    signer
+        .create_version("root-ca", Algorithm::Es384, Usage::Ca)
         .await
         .expect("CA key");
     let officer = common::client(env.dir.path(), "officer-1", server.local_addr()).await;
@@ -725,35 +750,84 @@ async fn openssl_verifies_the_csr_and_a_two_level_chain() {
     assert!(ok && out.contains("verify OK"), "{out}");
     assert!(out.contains("CN = Assertions"), "{out}");
 
-    let root = officer
+    // The ca key signs only inside a ceremony: the direct RPCs refuse it.
+    let root_request = SelfSignCertificateRequest {
+        key: "root-ca".into(),
+        version: 0,
+        subject: "CN=Dev Root,O=hsm-service dev,C=DK".into(),
+        validity_days: 3650,
+        ca: true,
+        dns_names: vec![],
+    };
+    let leaf_request = IssueCertificateRequest {
+        key: "assertion".into(),
+        version: 0,
+        issuer_key: "root-ca".into(),
+        issuer_version: 0,
+        subject: "CN=Assertions,O=hsm-service dev,C=DK".into(),
+        validity_days: 365,
+        ca: false,
+        dns_names: vec!["idp.dev.local".into()],
+    };
+    let err = officer
         .keys()
-        .self_sign_certificate(SelfSignCertificateRequest {
-            key: "root-ca".into(),
-            version: 0,
-            subject: "CN=Dev Root,O=hsm-service dev,C=DK".into(),
-            validity_days: 3650,
-            ca: true,
-            dns_names: vec![],
-        })
+        .self_sign_certificate(root_request.clone())
         .await
-        .expect("root")
-        .into_inner()
-        .certificate_der;
-    let leaf = officer
+        .expect_err("a ca key outside a ceremony");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("use a key ceremony"),
+        "{}",
+        err.message()
+    );
+
+    // What the ceremony steps self-sign and issue-certificate do.
+    let by = hsm_service::signing::Issuance::Ceremony {
+        id: "test-ceremony".into(),
+        actor: hsm_service::audit::Actor::new("officer-1", ""),
+    };
+    let cert_request = |subject: &str, days: u32, ca: bool, dns: Vec<String>| {
+        hsm_service::signing::CertificateRequest {
+            subject: subject.into(),
+            validity_days: days,
+            is_ca: ca,
+            dns_names: dns,
+        }
+    };
+    let root = signer
+        .self_sign(
+            &KeyRef::new("root-ca", 0),
+            &cert_request(&root_request.subject, 3650, true, vec![]),
+            &by,
+        )
+        .await
+        .expect("root in a ceremony");
+    let err = officer
         .keys()
-        .issue_certificate(IssueCertificateRequest {
-            key: "assertion".into(),
-            version: 0,
-            issuer_key: "root-ca".into(),
-            issuer_version: 0,
-            subject: "CN=Assertions,O=hsm-service dev,C=DK".into(),
-            validity_days: 365,
-            ca: false,
-            dns_names: vec!["idp.dev.local".into()],
-        })
+        .issue_certificate(leaf_request.clone())
         .await
-        .expect("issue")
-        .into_inner();
+        .expect_err("issuing is a ca key's signature");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("use a key ceremony"),
+        "{}",
+        err.message()
+    );
+    let chain_der = signer
+        .issue_certificate(
+            &KeyRef::new("assertion", 0),
+            &KeyRef::new("root-ca", 0),
+            &cert_request(
+                &leaf_request.subject,
+                365,
+                false,
+                leaf_request.dns_names.clone(),
+            ),
+            &by,
+        )
+        .await
+        .expect("issued in a ceremony");
+    let leaf = hsm_service_leaf(chain_der);
     assert_eq!(
         leaf.chain_der,
         vec![leaf.certificate_der.clone(), root.clone()]
@@ -789,7 +863,7 @@ async fn openssl_verifies_the_csr_and_a_two_level_chain() {
     assert_eq!(chain, leaf.chain_der);
     let text = login
         .signing()
-        .get_jwks(GetJwksRequest {})
+        .get_jwks(GetJwksRequest::default())
         .await
         .expect("jwks")
         .into_inner()
@@ -847,11 +921,11 @@ async fn openssl_verifies_the_csr_and_a_two_level_chain() {
                 officer
                     .keys()
                     .self_sign_certificate(SelfSignCertificateRequest {
-                        key: "root-ca".into(),
+                        key: "assertion".into(),
                         version: 0,
                         subject: "CN=x".into(),
                         validity_days: 0,
-                        ca: true,
+                        ca: false,
                         dns_names: vec![],
                     })
                     .await
@@ -859,9 +933,27 @@ async fn openssl_verifies_the_csr_and_a_two_level_chain() {
             ),
         ),
         (
-            "issuer without a CA certificate",
+            "a CA certificate for a signing key",
             (
                 Code::FailedPrecondition,
+                officer
+                    .keys()
+                    .self_sign_certificate(SelfSignCertificateRequest {
+                        key: "assertion".into(),
+                        version: 0,
+                        subject: "CN=x".into(),
+                        validity_days: 1,
+                        ca: true,
+                        dns_names: vec![],
+                    })
+                    .await
+                    .expect_err("not a ca key"),
+            ),
+        ),
+        (
+            "a signing key as issuer",
+            (
+                Code::PermissionDenied,
                 officer
                     .keys()
                     .issue_certificate(IssueCertificateRequest {

@@ -75,6 +75,92 @@ async fn revoked_certificate_fails_the_handshake_and_crls_reload() {
     server.shutdown().await.expect("shutdown");
 }
 
+/// The real binary: `serve` with a CRL, the CRL file replaced, SIGHUP.
+#[tokio::test]
+async fn sighup_reloads_the_crls_of_a_running_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, _) = common::spawn_dev(dir.path());
+    assert!(common::terminate(&mut child).success());
+    let ca = pki::dev_ca(dir.path());
+    let crl_path = dir.path().join("clients.crl");
+    std::fs::write(&crl_path, pki::crl(&ca, 1, &[]).0).expect("write CRL");
+    let dev_config = std::fs::read_to_string(dir.path().join("config.toml")).expect("config");
+    assert!(dev_config.contains("client_crls = []"), "{dev_config}");
+    let config = dev_config
+        .replace("127.0.0.1:50051", "127.0.0.1:0")
+        .replace("client_crls = []", "client_crls = [\"clients.crl\"]");
+    let path = dir.path().join("serve.toml");
+    std::fs::write(&path, config).expect("write");
+    let (mut child, addr) = common::spawn_serve(&path);
+    let pki_dir = dir.path().join("pki");
+    let login = ClientConfig {
+        endpoint: format!("https://{addr}"),
+        ca: pki_dir.join("ca.crt"),
+        cert: pki_dir.join("login-service.crt"),
+        key: pki_dir.join("login-service.key"),
+    };
+    let officer = ClientConfig {
+        cert: pki_dir.join("officer-1.crt"),
+        key: pki_dir.join("officer-1.key"),
+        ..login.clone()
+    };
+    assert!(serves(&login).await);
+
+    let revoked = pki::serial(&pki_dir.join("login-service.crt"));
+    std::fs::write(&crl_path, pki::crl(&ca, 2, &[revoked]).0).expect("write CRL");
+    common::hangup(&child);
+    // The signal is handled asynchronously: wait (bounded) for the new CRLs to apply.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !refused(&login).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the CRLs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(serves(&officer).await);
+    assert!(
+        common::terminate(&mut child).success(),
+        "SIGHUP must not stop it"
+    );
+}
+
+/// A client that connects and never finishes its handshake delays nobody, and is
+/// dropped after `handshake_timeout_seconds`.
+#[tokio::test]
+async fn a_stalled_handshake_does_not_stall_the_accept_loop() {
+    use tokio::io::AsyncReadExt;
+    let mut env = DevEnv::new();
+    env.config.server.limits.handshake_timeout_seconds = 5;
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let mut stalled: Vec<tokio::net::TcpStream> = Vec::new();
+    for _ in 0..8 {
+        stalled.push(tokio::net::TcpStream::connect(addr).await.expect("tcp"));
+    }
+    // Served while the stalled handshakes are still pending (a serial accept loop
+    // would serve it only after their timeouts).
+    let client = common::client(env.dir.path(), "auditor", addr).await;
+    client.health().await.expect("health while others stall");
+    for conn in &stalled {
+        let mut buf = [0u8; 16];
+        let still_open = matches!(
+            conn.try_read(&mut buf),
+            Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        assert!(still_open, "served only after the stalled handshakes ended");
+    }
+    // The stalled connections are closed by the server once their time is up.
+    for conn in &mut stalled {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), conn.read(&mut buf))
+            .await
+            .expect("the server closes a stalled handshake");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    server.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_bad_crl_file_stops_the_start_with_its_name() {
     let mut env = DevEnv::new();

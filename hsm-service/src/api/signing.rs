@@ -16,8 +16,8 @@ use crate::auth::{authorize, Identity, Role};
 use crate::common::hex;
 use crate::error::Error;
 use crate::signing::{
-    Algorithm, AssertionRequest, CertificateRequest, Grant, KeyRef, KeyVersion, SignInput,
-    SignatureEncoding,
+    Algorithm, AssertionRequest, Caller, CertificateRequest, Grant, Issuance, KeyRef, KeyVersion,
+    SignInput, SignatureEncoding, Usage,
 };
 
 /// Every role may read public keys and certificates.
@@ -47,13 +47,29 @@ impl Keys {
     }
 }
 
-fn grant(identity: Identity) -> Grant {
-    Grant {
-        keys: identity.signing_keys,
-        acr: identity.acr,
-        tenant: identity.tenant,
-        unbound_assertions: identity.unbound_assertions,
-        rule: identity.rule,
+/// The signer's view of a caller: its grant (tenant included) and its audit actor.
+fn caller(identity: Identity) -> Caller {
+    Caller {
+        actor: identity.actor(),
+        grant: Grant {
+            keys: identity.signing_keys,
+            acr: identity.acr,
+            tenant: identity.tenant,
+            unbound_assertions: identity.unbound_assertions,
+            rule: identity.rule,
+        },
+    }
+}
+
+/// `GetJwksRequest.usage`: empty is the assertion key set.
+fn jwks_usage(usage: &str) -> Result<Usage, Error> {
+    match usage {
+        "" => Ok(Usage::Signing),
+        u => u.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "usage {u:?} is not a key set (expected empty, \"signing\" or \"raw\")"
+            ))
+        }),
     }
 }
 
@@ -105,7 +121,7 @@ impl SigningService for Signing {
         &self,
         request: Request<SignAssertionRequest>,
     ) -> Result<Response<SignAssertionResponse>, Status> {
-        let caller = authorize(&self.state.authorizer, &request, &[Role::LoginService])?;
+        let identity = authorize(&self.state.authorizer, &request, &[Role::LoginService])?;
         let r = request.into_inner();
         let req = AssertionRequest {
             key: r.key,
@@ -122,7 +138,7 @@ impl SigningService for Signing {
         let signed = self
             .state
             .signing
-            .sign_assertion(&grant(caller), &req)
+            .sign_assertion(&caller(identity), &req)
             .await?;
         Ok(Response::new(SignAssertionResponse {
             jws: signed.jws,
@@ -132,7 +148,7 @@ impl SigningService for Signing {
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let caller = authorize(&self.state.authorizer, &request, &[Role::LoginService])?;
+        let identity = authorize(&self.state.authorizer, &request, &[Role::LoginService])?;
         let r = request.into_inner();
         let input = match (r.message, r.digest) {
             (Some(m), None) => SignInput::Message(m),
@@ -154,7 +170,7 @@ impl SigningService for Signing {
         let sig = self
             .state
             .signing
-            .sign_raw(&grant(caller), &r.key, algorithm, input, encoding)
+            .sign_raw(&caller(identity), &r.key, algorithm, input, encoding)
             .await?;
         Ok(Response::new(SignResponse {
             signature: sig.signature,
@@ -173,8 +189,9 @@ impl SigningService for Signing {
         request: Request<GetJwksRequest>,
     ) -> Result<Response<GetJwksResponse>, Status> {
         authorize(&self.state.authorizer, &request, &ANYONE)?;
+        let usage = jwks_usage(&request.get_ref().usage)?;
         Ok(Response::new(GetJwksResponse {
-            jwks_json: self.state.signing.jwks()?,
+            jwks_json: self.state.signing.jwks(usage)?,
         }))
     }
 
@@ -214,6 +231,7 @@ fn info(k: KeyVersion) -> KeyVersionInfo {
         local: false,
         origin: k.origin.as_str().to_owned(),
         wrap_with_trusted: false,
+        usage: k.usage.as_str().to_owned(),
     }
 }
 
@@ -274,7 +292,7 @@ impl KeyService for Keys {
         &self,
         request: Request<SelfSignCertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        authorize(&self.state.authorizer, &request, &[Role::Officer])?;
+        let officer = authorize(&self.state.authorizer, &request, &[Role::Officer])?;
         let r = request.into_inner();
         let key = key_ref(&self.state, r.key, r.version);
         let req = CertificateRequest {
@@ -283,7 +301,8 @@ impl KeyService for Keys {
             is_ca: r.ca,
             dns_names: r.dns_names,
         };
-        let cert = self.state.signing.self_sign(&key, &req).await?;
+        let by = Issuance::Officer(officer.actor());
+        let cert = self.state.signing.self_sign(&key, &req, &by).await?;
         Ok(Response::new(CertificateResponse {
             certificate_der: cert.clone(),
             chain_der: vec![cert],
@@ -294,7 +313,7 @@ impl KeyService for Keys {
         &self,
         request: Request<IssueCertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        authorize(&self.state.authorizer, &request, &[Role::Officer])?;
+        let officer = authorize(&self.state.authorizer, &request, &[Role::Officer])?;
         let r = request.into_inner();
         if r.issuer_key.is_empty() {
             return Err(Error::InvalidArgument("issuer_key must not be empty".into()).into());
@@ -310,7 +329,7 @@ impl KeyService for Keys {
         let chain = self
             .state
             .signing
-            .issue_certificate(&key, &issuer, &req)
+            .issue_certificate(&key, &issuer, &req, &Issuance::Officer(officer.actor()))
             .await?;
         Ok(Response::new(CertificateResponse {
             certificate_der: chain.first().cloned().unwrap_or_default(),

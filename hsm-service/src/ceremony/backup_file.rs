@@ -321,6 +321,7 @@ mod tests {
             destroyed_at: 0,
             last_expiry: 0,
             origin: crate::signing::KeyOrigin::GeneratedForBackup,
+            usage: crate::signing::Usage::Signing,
         };
         BackupFile {
             format: FORMAT.into(),

@@ -14,29 +14,65 @@ use super::{officer_of, parse_id, store_err, Ceremonies, Execution, Transcript};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 
+/// A ceremony claimed for execution, with what its run needs.
+struct Claimed {
+    rec: CeremonyRecord,
+    parsed: Plan,
+    now: u64,
+    json_path: PathBuf,
+    text_path: PathBuf,
+}
+
 impl Ceremonies {
     /// Execute ceremony `id`: only with `threshold` distinct officers' unexpired
     /// approvals, only once. Validation runs again first, before the HSM is touched.
     /// A failing step ends the ceremony (state `failed`); the transcript is written and
     /// returned either way. The claim, each step's end and the outcome are audited
-    /// with (or before) the change they describe; a refusal is recorded before it is
-    /// returned.
+    /// with (or before) the change they describe; a refusal (before the claim) and an
+    /// error after it are recorded before they are returned.
     pub async fn execute(&self, actor: &Identity, id: &str) -> Result<Execution> {
-        match self.execute_inner(actor, id).await {
+        let checked = parse_id(id).and_then(|id| self.require_officer(actor).map(|_| id));
+        let id = match checked {
+            Ok(id) => id,
+            Err(e) => return Err(self.refuse(actor, "ceremony.execute", id, e).await),
+        };
+        let _one = self.executing.lock().await;
+        let claimed = match self.claim_checked(actor, &id).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.refuse(actor, "ceremony.execute", &id, e).await),
+        };
+        match self.run(actor, claimed).await {
             Ok(x) => Ok(x),
-            Err(e) => Err(self.refuse(actor, "ceremony.execute", id, e).await),
+            Err(e) => Err(self.execution_error(actor, &id, e).await),
         }
     }
 
-    async fn execute_inner(&self, actor: &Identity, id: &str) -> Result<Execution> {
-        let id = parse_id(id)?;
-        self.require_officer(actor)?;
-        let _one = self.executing.lock().await;
-        let rec = self.load(&id)?;
+    /// The checks, then the claim. Runs under the execution lock.
+    async fn claim_checked(&self, actor: &Identity, id: &str) -> Result<Claimed> {
+        let rec = self.load(id)?;
         let now = self.clock.now();
         let parsed = self.check_runnable(&rec, now)?;
-        let (json_path, text_path) = self.prepare_transcript_files(&id)?;
-        let mut rec = self.claim(actor, &id, now, parsed.steps.len()).await?;
+        let (json_path, text_path) = self.prepare_transcript_files(id)?;
+        let rec = self.claim(actor, id, now, parsed.steps.len()).await?;
+        Ok(Claimed {
+            rec,
+            parsed,
+            now,
+            json_path,
+            text_path,
+        })
+    }
+
+    /// Run a claimed ceremony's steps, then store and write its outcome.
+    async fn run(&self, actor: &Identity, claimed: Claimed) -> Result<Execution> {
+        let Claimed {
+            mut rec,
+            parsed,
+            now,
+            json_path,
+            text_path,
+        } = claimed;
+        let id = rec.id.clone();
         let kek_shares = self.take_shares(&rec, now);
         let mut run = Run {
             actor,
@@ -73,6 +109,23 @@ impl Ceremonies {
             transcript_json,
             transcript_text,
         })
+    }
+
+    /// Record that the execution of claimed ceremony `id` ended in `err` (not a refusal:
+    /// it ran; if its outcome could not be stored it stays `executing` and is marked
+    /// interrupted at the next start) and hand `err` back.
+    async fn execution_error(&self, actor: &Identity, id: &str, err: Error) -> Error {
+        let event = self.note(
+            actor,
+            "ceremony.execute",
+            id,
+            "failed",
+            json!({ "reason": err.to_string() }),
+        );
+        if let Err(e) = self.emit(event).await {
+            tracing::error!(error = %e, "audit: cannot record a ceremony execution error");
+        }
+        err
     }
 
     /// Everything that must hold before a ceremony is claimed: still proposed, its

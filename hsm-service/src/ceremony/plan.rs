@@ -58,25 +58,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
-/// What a key is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Usage {
-    /// A certificate authority key: signs certificates only, never in the JWKS.
-    Ca,
-    /// A signing key: signs assertions and messages; published in the JWKS.
-    Signing,
-}
-
-impl Usage {
-    /// The name used in plans and transcripts.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Usage::Ca => "ca",
-            Usage::Signing => "signing",
-        }
-    }
-}
+/// What a key is for: `ca`, `signing` or `raw` (the key's stored, immutable usage).
+pub use crate::signing::Usage;
 
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +72,7 @@ pub enum Step {
         name: String,
         /// `ES256`, `ES384`, `EdDSA` or `PS256`.
         algorithm: String,
-        /// `ca` or `signing`.
+        /// `ca`, `signing` or `raw`.
         usage: Usage,
         /// Allowed to add a version to a key name that exists already (rotation).
         #[serde(default)]

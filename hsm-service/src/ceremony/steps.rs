@@ -14,7 +14,7 @@ use super::shares::{self, ShareFile};
 use super::{store_err, Ceremonies, Transcript};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::signing::{CertificateRequest, KeyRef, KeyState, KeyVersion};
+use crate::signing::{CertificateRequest, Issuance, KeyRef, KeyState, KeyVersion};
 
 /// One execution in progress: who runs it, and what its steps made so far.
 pub(super) struct Run<'a> {
@@ -33,6 +33,14 @@ pub(super) struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The authority this execution gives a `ca` key to sign certificates.
+    fn issuance(&self) -> Issuance {
+        Issuance::Ceremony {
+            id: self.id.to_owned(),
+            actor: self.actor.actor(),
+        }
+    }
+
     /// The version a step's key reference means: the one the plan created, else the
     /// one the plan names (0: the current one).
     fn key_ref(&self, name: &str, version: Option<u32>) -> KeyRef {
@@ -66,10 +74,11 @@ impl Ceremonies {
             Step::GenerateKey {
                 name,
                 algorithm,
+                usage,
                 backup,
                 ..
             } => {
-                self.generate_key(run, index, name, algorithm, *backup)
+                self.generate_key(run, index, name, algorithm, *usage, *backup)
                     .await
             }
             Step::Backup { keys, kek, file } => self.backup(run, index, keys, kek, file).await,
@@ -164,13 +173,14 @@ impl Ceremonies {
         index: usize,
         name: &str,
         algorithm: &str,
+        usage: Usage,
         backup: bool,
     ) -> Result<()> {
         let alg = algorithm.parse()?;
         let k = if backup {
-            self.signer.create_backup_version(name, alg).await?
+            self.signer.create_backup_version(name, alg, usage).await?
         } else {
-            self.signer.create_version(name, alg).await?
+            self.signer.create_version(name, alg, usage).await?
         };
         // Listed before the check, so a key that fails it is in the transcript.
         self.key_created(run, index, &k).await?;
@@ -304,7 +314,7 @@ impl Ceremonies {
             is_ca: true,
             dns_names: Vec::new(),
         };
-        let cert = self.signer.self_sign(&r, &req).await?;
+        let cert = self.signer.self_sign(&r, &req, &run.issuance()).await?;
         let k = self.signer.get(&r)?;
         run.t.certificate(index, &k, &[cert]);
         Ok(())
@@ -319,7 +329,10 @@ impl Ceremonies {
         issuer: &KeyRef,
         req: &CertificateRequest,
     ) -> Result<()> {
-        let chain = self.signer.issue_certificate(key, issuer, req).await?;
+        let chain = self
+            .signer
+            .issue_certificate(key, issuer, req, &run.issuance())
+            .await?;
         let k = self.signer.get(key)?;
         run.t.certificate(index, &k, &chain);
         Ok(())

@@ -590,12 +590,20 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
     let executed_at = crate::common::Clock::system().now();
     let k = state
         .signing
-        .create_version("ca-x", "ES256".parse().expect("alg"))
+        .create_version(
+            "ca-x",
+            "ES256".parse().expect("alg"),
+            crate::signing::Usage::Ca,
+        )
         .await
         .expect("key");
     let unrecorded = state
         .signing
-        .create_version("ca-y", "ES256".parse().expect("alg"))
+        .create_version(
+            "ca-y",
+            "ES256".parse().expect("alg"),
+            crate::signing::Usage::Ca,
+        )
         .await
         .expect("key");
     let (key, version) = (id.clone(), k.version);

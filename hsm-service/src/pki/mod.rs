@@ -8,7 +8,7 @@
 mod build;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{fmt, str::FromStr};
 

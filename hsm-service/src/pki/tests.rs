@@ -82,6 +82,22 @@ fn self_signed(key: &SoftKey, subject: &str) -> Vec<u8> {
     sign(tbs, key)
 }
 
+/// A self-signed CA certificate, for other modules' tests.
+pub(crate) fn self_signed_ca_der() -> Vec<u8> {
+    self_signed(&SoftKey::p256(7), ROOT_DN)
+}
+
+/// A leaf (not CA) certificate issued by [`self_signed_ca_der`], for other modules' tests.
+pub(crate) fn leaf_der() -> Vec<u8> {
+    let root = SoftKey::p256(7);
+    issue(
+        &self_signed(&root, ROOT_DN),
+        &root,
+        &SoftKey::p256(8),
+        "Leaf",
+    )
+}
+
 fn issue(issuer_der: &[u8], issuer_key: &SoftKey, leaf_key: &SoftKey, cn: &str) -> Vec<u8> {
     let issuer = IssuerCertificate::from_der(issuer_der).unwrap();
     let tbs =

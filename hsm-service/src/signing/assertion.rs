@@ -7,10 +7,16 @@
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::rand::SecureRandom;
 
-use super::signer::{invalid, store_err, Grant, Signer};
-use super::versions::{self, KeyVersion};
+use super::evidence::{spend_checked_in, Basis};
+use super::signer::{invalid, store_err, Caller, Signer};
+use super::versions::{self, KeyVersion, Usage};
 use super::{prepare_assertion, AssertionParams};
+use crate::audit::log::append_in;
+use crate::audit::{Details, Event};
 use crate::error::{Error, Result};
+
+/// Audit action of a signed assertion (object: its `jti`).
+pub const ASSERTION_ACTION: &str = "assertion.sign";
 
 /// Granularity of the durable `last_expiry` mark, in seconds.
 pub const EXPIRY_MARK_STEP: u64 = 60;
@@ -83,38 +89,34 @@ fn check_list(field: &str, values: &[String]) -> Result<()> {
     Ok(())
 }
 
-impl Signer {
-    /// Make sure the durable `last_expiry` of `k` covers `exp` before an assertion
-    /// with that expiry leaves the service.
-    async fn cover_expiry(&self, k: &KeyVersion, exp: u64) -> Result<()> {
-        let current = self
-            .read_keys()
-            .get(&(k.name.clone(), k.version))
-            .map_or(0, |k| k.last_expiry);
-        if current >= exp {
-            return Ok(());
+/// The `auth_time` to assert: `requested` (0: `now`) unless it is more than
+/// [`AUTH_TIME_SKEW`] in the future or more than `max_age` seconds ago. Checked
+/// arithmetic: no value of the request or the config can overflow.
+fn checked_auth_time(requested: u64, now: u64, max_age: u64) -> Result<u64> {
+    match requested {
+        0 => Ok(now),
+        a if a > now.saturating_add(AUTH_TIME_SKEW) => {
+            Err(invalid(format!("auth_time {a} is in the future")))
         }
-        let _w = self.writes.lock().await;
-        let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
-        let (name, version) = (k.name.clone(), k.version);
-        let updated = self
-            .store
-            .write(move |txn| versions::raise_last_expiry(txn, &name, version, mark))
-            .await
-            .and_then(|r| r)
-            .map_err(store_err)?;
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.insert((updated.name.clone(), updated.version), updated);
-        Ok(())
+        // `a + max_age < now`, where an overflowing sum is later than any `now`.
+        a if a.checked_add(max_age).is_some_and(|oldest| oldest < now) => Err(invalid(format!(
+            "auth_time {a} is more than {max_age} seconds ago"
+        ))),
+        a => Ok(a),
     }
+}
 
-    /// Sign an assertion for a caller with `grant`: bound to the evidence it cites
-    /// (`amr` and `auth_time` from it, `acr` only as far as `[[signing.acr]]` lets its
-    /// method reach, spent durably before the assertion leaves), or unbound when the
-    /// grant allows it.
+impl Signer {
+    /// Sign an assertion for `caller`, with the active version of a `signing` key the
+    /// caller's grant names: bound to the evidence it cites (`amr` and `auth_time` from
+    /// it, `acr` only as far as `[[signing.acr]]` lets its method reach), or unbound when
+    /// the grant allows it. The assertion leaves only once, in one store write job
+    /// (shared with other requests by group commit), its evidence is spent, its record
+    /// (kid, jti, exp, acr, evidence, tenant, subject) is in the audit trail and its
+    /// key's durable `last_expiry` covers it.
     pub async fn sign_assertion(
         &self,
-        grant: &Grant,
+        caller: &Caller,
         req: &AssertionRequest,
     ) -> Result<SignedAssertion> {
         if self.config.issuer.is_empty() {
@@ -122,7 +124,9 @@ impl Signer {
                 "assertion signing is not configured (signing.issuer is empty)".into(),
             ));
         }
-        let name = self.granted(grant, &req.key)?;
+        let grant = &caller.grant;
+        let name = self.granted(grant, &req.key, Usage::Signing)?;
+        let k = self.signing_version(&name, Usage::Signing)?;
         if req.subject.is_empty() {
             return Err(invalid("subject must not be empty"));
         }
@@ -154,20 +158,7 @@ impl Signer {
             }
             t => t,
         };
-        let auth_time = match claims.auth_time {
-            0 => t,
-            a if a > t + AUTH_TIME_SKEW => {
-                return Err(invalid(format!("auth_time {a} is in the future")))
-            }
-            a if a + self.config.max_auth_age_seconds < t => {
-                return Err(invalid(format!(
-                    "auth_time {a} is more than {} seconds ago",
-                    self.config.max_auth_age_seconds
-                )))
-            }
-            a => a,
-        };
-        let k = self.signing_version(&name)?;
+        let auth_time = checked_auth_time(claims.auth_time, t, self.config.max_auth_age_seconds)?;
         let mut jti = [0u8; 16];
         self.rng
             .fill(&mut jti)
@@ -189,13 +180,128 @@ impl Signer {
         let input = prepare_assertion(k.algorithm, &k.kid, &params)?;
         let expires_at = input.expires_at();
         let signature = self.hsm_sign(&k, input.bytes()).await?;
-        self.cover_expiry(&k, expires_at).await?;
+        let event = self
+            .event(&caller.actor, ASSERTION_ACTION, &jti)
+            .with_details(
+                Details::new()
+                    .str("kid", &k.kid)
+                    .str("key", &k.name)
+                    .u64("version", u64::from(k.version))
+                    .u64("exp", expires_at)
+                    .str("acr", &req.acr)
+                    .str("evidence_id", &req.evidence_id)
+                    .str("tenant", &grant.tenant)
+                    .str("subject", &req.subject),
+            );
+        let spend = match &basis {
+            Basis::Evidence(e) => Some(Spend {
+                id: e.id.clone(),
+                tenant: grant.tenant.clone(),
+                subject: req.subject.clone(),
+                now: self.clock.now(),
+            }),
+            Basis::Unbound => None,
+        };
         // Released only to the one request that spent the evidence.
-        self.spend(&basis, &grant.tenant, &req.subject).await?;
+        self.commit_assertion(&k, expires_at, spend, event).await?;
         Ok(SignedAssertion {
             jws: input.finish(&signature),
             kid: k.kid,
             expires_at,
         })
+    }
+
+    /// The one write job of an assertion: spend its evidence (decided on the committer;
+    /// a refusal writes nothing), raise the durable `last_expiry` of `k` when it does
+    /// not cover `exp` yet, and append the assertion's audit record.
+    async fn commit_assertion(
+        &self,
+        k: &KeyVersion,
+        exp: u64,
+        spend: Option<Spend>,
+        event: Event,
+    ) -> Result<()> {
+        let current = self
+            .read_keys()
+            .get(&(k.name.clone(), k.version))
+            .map_or(0, |k| k.last_expiry);
+        let raise = current < exp;
+        // Memory follows the store in order: hold `writes` across a raising job.
+        let _w = if raise {
+            Some(self.writes.lock().await)
+        } else {
+            None
+        };
+        let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
+        let (name, version) = (k.name.clone(), k.version);
+        let updated = self
+            .store
+            .write(move |txn| {
+                if let Some(s) = spend {
+                    if let Err(refused) =
+                        spend_checked_in(txn, &s.id, &s.tenant, &s.subject, s.now)?
+                    {
+                        return Ok(Err(refused));
+                    }
+                }
+                let updated = if raise {
+                    match versions::raise_last_expiry(txn, &name, version, mark)? {
+                        Ok(k) => Some(k),
+                        Err(e) => return Ok(Err(store_err(e))),
+                    }
+                } else {
+                    None
+                };
+                append_in(txn, event)?;
+                Ok(Ok(updated))
+            })
+            .await
+            .map_err(store_err)??;
+        self.audit.appended(1);
+        if let Some(updated) = updated {
+            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            keys.insert((updated.name.clone(), updated.version), updated);
+        }
+        Ok(())
+    }
+}
+
+/// The evidence an assertion spends: decided again on the committer at `now`.
+struct Spend {
+    id: String,
+    tenant: String,
+    subject: String,
+    now: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_time_bounds_use_checked_arithmetic() {
+        let now = 1_700_000_000;
+        assert_eq!(checked_auth_time(0, now, 60).unwrap(), now);
+        assert_eq!(checked_auth_time(now - 60, now, 60).unwrap(), now - 60);
+        assert!(checked_auth_time(now - 61, now, 60).is_err());
+        assert_eq!(
+            checked_auth_time(now + AUTH_TIME_SKEW, now, 60).unwrap(),
+            now + AUTH_TIME_SKEW
+        );
+        assert!(checked_auth_time(now + AUTH_TIME_SKEW + 1, now, 60).is_err());
+        // Values where `auth_time + max_age` (or `now + skew`) would overflow u64.
+        assert_eq!(checked_auth_time(1, now, u64::MAX).unwrap(), 1);
+        assert_eq!(checked_auth_time(now, now, u64::MAX).unwrap(), now);
+        assert!(checked_auth_time(u64::MAX, now, u64::MAX).is_err());
+        assert!(checked_auth_time(u64::MAX - 1, now, u64::MAX - 1).is_err());
+        assert_eq!(
+            checked_auth_time(u64::MAX, u64::MAX, u64::MAX).unwrap(),
+            u64::MAX
+        );
+        assert_eq!(
+            checked_auth_time(u64::MAX - 5, u64::MAX - 1, 10).unwrap(),
+            u64::MAX - 5
+        );
+        assert!(checked_auth_time(1, u64::MAX, u64::MAX - 2).is_err());
     }
 }

@@ -2,10 +2,16 @@
 
 use std::str::FromStr;
 
-use super::signer::{invalid, KeyRef, Signer};
-use super::versions::KeyVersion;
+use super::signer::{invalid, store_err, KeyRef, Signer};
+use super::versions::{self, KeyVersion, Usage};
+use crate::audit::log::append_in;
+use crate::audit::{Actor, Details};
+use crate::common::hex;
 use crate::error::{Error, Result};
 use crate::pki::{self, CertificateParams, IssuerCertificate, IssuerRef, KeyUsage, Name};
+
+/// Audit action of an issued certificate (object: the certified key version).
+pub const CERTIFICATE_ACTION: &str = "certificate.issue";
 
 /// Longest certificate validity the service issues, in days.
 const MAX_VALIDITY_DAYS: u32 = 20 * 366;
@@ -21,6 +27,66 @@ pub struct CertificateRequest {
     pub is_ca: bool,
     /// DNS subject alternative names.
     pub dns_names: Vec<String>,
+}
+
+/// On whose authority a certificate is made. A `ca` key signs only inside an executed
+/// key ceremony; an officer's direct request may certify the other keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issuance {
+    /// A direct KeyService request by this officer.
+    Officer(Actor),
+    /// A step of the executed ceremony `id`, run by `actor`.
+    Ceremony {
+        /// The ceremony id.
+        id: String,
+        /// The officer who executes it.
+        actor: Actor,
+    },
+}
+
+impl Issuance {
+    fn actor(&self) -> &Actor {
+        match self {
+            Issuance::Officer(a) | Issuance::Ceremony { actor: a, .. } => a,
+        }
+    }
+
+    fn ceremony(&self) -> &str {
+        match self {
+            Issuance::Officer(_) => "",
+            Issuance::Ceremony { id, .. } => id,
+        }
+    }
+
+    /// Refuse a `ca` key outside a ceremony.
+    fn allows(&self, k: &KeyVersion) -> Result<()> {
+        if k.usage == Usage::Ca && matches!(self, Issuance::Officer(_)) {
+            return Err(Error::PermissionDenied(format!(
+                "{} v{} is a ca key: it signs certificates only inside an executed ceremony; \
+                 use a key ceremony",
+                k.name, k.version
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A CA certificate is for a `ca` key, and a `ca` key gets CA certificates only.
+fn check_kind(k: &KeyVersion, req: &CertificateRequest) -> Result<()> {
+    if req.is_ca != (k.usage == Usage::Ca) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} v{} is a {} key: {}",
+            k.name,
+            k.version,
+            k.usage,
+            if req.is_ca {
+                "only ca keys get CA certificates"
+            } else {
+                "a ca key gets CA certificates only"
+            }
+        )));
+    }
+    Ok(())
 }
 
 impl Signer {
@@ -62,36 +128,95 @@ impl Signer {
         })
     }
 
-    async fn store_chain(&self, k: &KeyVersion, chain: Vec<Vec<u8>>) -> Result<()> {
+    /// Store `chain` for `k` and the audit record of its leaf (serial, subject, issuer
+    /// kid) in one transaction.
+    async fn store_chain(
+        &self,
+        k: &KeyVersion,
+        chain: Vec<Vec<u8>>,
+        issuer: &KeyVersion,
+        req: &CertificateRequest,
+        serial: &[u8],
+        by: &Issuance,
+    ) -> Result<()> {
         let _w = self.writes.lock().await;
         let mut k = self.get(&KeyRef::new(k.name.clone(), k.version))?;
         k.certificate_chain = chain;
-        self.put(vec![k]).await
+        let event = self
+            .event(
+                by.actor(),
+                CERTIFICATE_ACTION,
+                &format!("{}/v{}", k.name, k.version),
+            )
+            .with_details(
+                Details::new()
+                    .str("serial", &hex(serial))
+                    .str("subject", &req.subject)
+                    .bool("ca", req.is_ca)
+                    .str("kid", &k.kid)
+                    .str("issuer_kid", &issuer.kid)
+                    .str("issuer", &format!("{}/v{}", issuer.name, issuer.version))
+                    .str("ceremony", by.ceremony()),
+            );
+        let copy = k.clone();
+        self.store
+            .write(move |txn| {
+                versions::put_all(txn, std::slice::from_ref(&copy))?;
+                append_in(txn, event)?;
+                Ok(())
+            })
+            .await
+            .map_err(store_err)?;
+        self.audit.appended(1);
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        keys.insert((k.name.clone(), k.version), k);
+        Ok(())
     }
 
-    /// A self-signed certificate for `key` (DER), stored as its chain.
-    pub async fn self_sign(&self, key: &KeyRef, req: &CertificateRequest) -> Result<Vec<u8>> {
+    /// A self-signed certificate for `key` (DER), stored as its chain. A `ca` key only
+    /// in a ceremony (PERMISSION_DENIED "use a key ceremony" otherwise).
+    pub async fn self_sign(
+        &self,
+        key: &KeyRef,
+        req: &CertificateRequest,
+        by: &Issuance,
+    ) -> Result<Vec<u8>> {
         let k = self.usable(key)?;
-        let params = self.params(req, self.serial().await?)?;
+        by.allows(&k)?;
+        check_kind(&k, req)?;
+        let serial = self.serial().await?;
+        let params = self.params(req, serial.clone())?;
         let pk = k.public_key()?;
         let name = Name::from_str(&req.subject)?;
         let tbs = pki::certificate_to_sign(&params, &pk, IssuerRef::new(&name, &pk, k.algorithm))?;
         let signature = self.hsm_sign(&k, tbs.bytes()).await?;
         let cert = tbs.assemble(&signature)?;
-        self.store_chain(&k, vec![cert.clone()]).await?;
+        self.store_chain(&k, vec![cert.clone()], &k, req, &serial, by)
+            .await?;
         Ok(cert)
     }
 
-    /// A certificate for `key` issued by `issuer`, a key whose stored chain starts with
-    /// a CA certificate. Stores and returns the chain, leaf first.
+    /// A certificate for `key` issued by `issuer`, a `ca` key whose stored chain starts
+    /// with a CA certificate; only inside a ceremony (PERMISSION_DENIED otherwise).
+    /// Stores and returns the chain, leaf first.
     pub async fn issue_certificate(
         &self,
         key: &KeyRef,
         issuer: &KeyRef,
         req: &CertificateRequest,
+        by: &Issuance,
     ) -> Result<Vec<Vec<u8>>> {
         let k = self.usable(key)?;
         let ca = self.usable(issuer)?;
+        if ca.usage != Usage::Ca {
+            return Err(Error::PermissionDenied(format!(
+                "issuer {} v{} is a {} key; only ca keys issue certificates",
+                ca.name, ca.version, ca.usage
+            )));
+        }
+        by.allows(&ca)?;
+        by.allows(&k)?;
+        check_kind(&k, req)?;
         let Some(ca_cert) = ca.certificate_chain.first() else {
             return Err(Error::FailedPrecondition(format!(
                 "issuer {} v{} has no certificate; self-sign it or import its chain first",
@@ -110,13 +235,15 @@ impl Signer {
                 ca.name, ca.version
             )));
         }
-        let params = self.params(req, self.serial().await?)?;
+        let serial = self.serial().await?;
+        let params = self.params(req, serial.clone())?;
         let tbs = pki::certificate_to_sign(&params, &k.public_key()?, ca_info.issuer_ref())?;
         let signature = self.hsm_sign(&ca, tbs.bytes()).await?;
         let leaf = tbs.assemble(&signature)?;
         let mut chain = vec![leaf];
         chain.extend(ca.certificate_chain.iter().cloned());
-        self.store_chain(&k, chain.clone()).await?;
+        self.store_chain(&k, chain.clone(), &ca, req, &serial, by)
+            .await?;
         Ok(chain)
     }
 

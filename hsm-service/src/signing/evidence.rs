@@ -102,7 +102,8 @@ pub(super) fn decide(
 }
 
 /// Spends evidence `id` inside `txn` if it still passes every check at `now`;
-/// `Ok(Err(..))` (nothing written) when it does not.
+/// `Ok(Err(..))` (nothing written) when it does not. Runs in the assertion's one write
+/// job (`assertion::commit_assertion`), with its audit record.
 pub(super) fn spend_checked_in(
     txn: &WriteTransaction,
     id: &str,
@@ -211,20 +212,6 @@ impl Signer {
                 auth_time: req.auth_time,
             }),
         }
-    }
-
-    /// Spend the evidence of `basis`, durably, deciding on the committer. `Ok` only
-    /// for the one request that spent it.
-    pub(super) async fn spend(&self, basis: &Basis, tenant: &str, subject: &str) -> Result<()> {
-        let Basis::Evidence(e) = basis else {
-            return Ok(());
-        };
-        let now = self.clock.now();
-        let (id, tenant, subject) = (e.id.clone(), tenant.to_owned(), subject.to_owned());
-        self.store
-            .write(move |txn| spend_checked_in(txn, &id, &tenant, &subject, now))
-            .await
-            .map_err(store_err)?
     }
 }
 

@@ -3,45 +3,52 @@
 //! destroy.
 
 use super::signer::{invalid, kind_of, public_key_of, KeyRef, Signer};
-use super::versions::{KeyOrigin, KeyState, KeyVersion};
+use super::versions::{KeyOrigin, KeyState, KeyVersion, Usage};
 use super::{thumbprint, Algorithm, PublicKey};
 use crate::error::{Error, Result};
 use crate::hsm::backup::WrappedKeyPair;
 
-/// The record of a key version that was just put on the token: `pending`, no dates.
-fn pending_version(
-    key: KeyRef,
-    algorithm: Algorithm,
-    key_id: Vec<u8>,
-    public: &PublicKey,
-    certificate_chain: Vec<Vec<u8>>,
-    origin: KeyOrigin,
-    created_at: u64,
-) -> Result<KeyVersion> {
-    Ok(KeyVersion {
-        name: key.name,
-        version: key.version,
-        state: KeyState::Pending,
-        algorithm,
-        key_id,
-        kid: thumbprint(public),
-        public_key_der: public.to_spki_der()?,
-        certificate_chain,
-        created_at,
-        published_at: 0,
-        activated_at: 0,
-        retired_at: 0,
-        destroyed_at: 0,
-        last_expiry: 0,
-        origin,
-    })
-}
-
 impl Signer {
-    /// Generate a new version of `name` in the HSM, never extractable, in state
-    /// `pending`.
-    pub async fn create_version(&self, name: &str, algorithm: Algorithm) -> Result<KeyVersion> {
-        self.generate_version(name, algorithm, KeyOrigin::Generated)
+    /// The record of a key version that was just put on the token: `pending`, no dates,
+    /// no certificates.
+    fn pending_version(
+        &self,
+        key: KeyRef,
+        algorithm: Algorithm,
+        key_id: Vec<u8>,
+        public: &PublicKey,
+        origin: KeyOrigin,
+        usage: Usage,
+    ) -> Result<KeyVersion> {
+        Ok(KeyVersion {
+            name: key.name,
+            version: key.version,
+            state: KeyState::Pending,
+            algorithm,
+            key_id,
+            kid: thumbprint(public),
+            public_key_der: public.to_spki_der()?,
+            certificate_chain: Vec::new(),
+            created_at: self.clock.now(),
+            published_at: 0,
+            activated_at: 0,
+            retired_at: 0,
+            destroyed_at: 0,
+            last_expiry: 0,
+            origin,
+            usage,
+        })
+    }
+
+    /// Generate a new version of `name` for `usage` in the HSM, never extractable, in
+    /// state `pending`. A new version of an existing name keeps the name's usage.
+    pub async fn create_version(
+        &self,
+        name: &str,
+        algorithm: Algorithm,
+        usage: Usage,
+    ) -> Result<KeyVersion> {
+        self.generate_version(name, algorithm, KeyOrigin::Generated, usage)
             .await
     }
 
@@ -51,9 +58,15 @@ impl Signer {
         &self,
         name: &str,
         algorithm: Algorithm,
+        usage: Usage,
     ) -> Result<KeyVersion> {
-        self.generate_version(name, algorithm, KeyOrigin::GeneratedForBackup)
+        self.generate_version(name, algorithm, KeyOrigin::GeneratedForBackup, usage)
             .await
+    }
+
+    /// The usage every version of `name` has (None: no version yet).
+    fn usage_of(&self, name: &str) -> Option<Usage> {
+        self.list(Some(name)).last().map(|k| k.usage)
     }
 
     async fn generate_version(
@@ -61,6 +74,7 @@ impl Signer {
         name: &str,
         algorithm: Algorithm,
         origin: KeyOrigin,
+        usage: Usage,
     ) -> Result<KeyVersion> {
         if !super::valid_key_name(name) {
             return Err(invalid(format!(
@@ -69,6 +83,11 @@ impl Signer {
             )));
         }
         let _c = self.creations.lock().await;
+        if let Some(existing) = self.usage_of(name).filter(|u| *u != usage) {
+            return Err(Error::FailedPrecondition(format!(
+                "key {name:?} is a {existing} key; a new version keeps its usage (not {usage})"
+            )));
+        }
         let version = self
             .list(Some(name))
             .last()
@@ -88,17 +107,16 @@ impl Signer {
         };
         let public = public_key_of(&pair.public)
             .map_err(|e| Error::Internal(format!("public key of {label}: {e}")))?;
-        let k = pending_version(
+        let k = self.pending_version(
             KeyRef::new(name, version),
             algorithm,
             pair.id,
             &public,
-            Vec::new(),
             origin,
-            self.clock.now(),
+            usage,
         )?;
         self.record_new(&k, &label).await?;
-        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), "signing key version created");
+        tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, origin = origin.as_str(), usage = %usage, "signing key version created");
         Ok(k)
     }
 
@@ -142,7 +160,9 @@ impl Signer {
 
     /// Put a backed-up key pair onto the token as version `version` of `name`, in state
     /// `pending`, with the certificate chain it had, unwrapped under `kek` (the KEK
-    /// recombined from the officers' shares). Refused when this service has that
+    /// recombined from the officers' shares). Backup files do not say the usage: the
+    /// restored version has the usage of the name's other versions on this service, else
+    /// the one its chain shows (a CA certificate: `ca`; otherwise `signing`). Refused when this service has that
     /// version already, when the backup's algorithm and key kind disagree, or when a key
     /// with its CKA_ID is on the token.
     pub async fn restore_version(
@@ -175,15 +195,18 @@ impl Signer {
         }
         let label = format!("sig/{name}/v{version}");
         self.hsm.restore_key_pair(wrapped, &label, kek).await?;
-        let k = pending_version(
+        let usage = self
+            .usage_of(name)
+            .unwrap_or_else(|| super::versions::chain_usage(&certificate_chain));
+        let mut k = self.pending_version(
             KeyRef::new(name, version),
             algorithm,
             wrapped.id.clone(),
             &public,
-            certificate_chain,
             KeyOrigin::Restored,
-            self.clock.now(),
+            usage,
         )?;
+        k.certificate_chain = certificate_chain;
         self.record_new(&k, &label).await?;
         tracing::info!(key = %name, version, kid = %k.kid, alg = %algorithm, "signing key version restored from a backup");
         Ok(k)
@@ -212,6 +235,12 @@ impl Signer {
                 return Err(Error::FailedPrecondition(format!(
                     "{} v{} is {}; only a pending version can be published",
                     k.name, k.version, k.state
+                )));
+            }
+            if k.usage == Usage::Ca {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} v{} is a ca key; ca keys are never published (they are in no JWKS)",
+                    k.name, k.version
                 )));
             }
             let mut k = k.clone();

@@ -25,16 +25,16 @@ pub(crate) mod tests;
 
 use std::{fmt, str::FromStr};
 
-pub use assertion::{AssertionRequest, SignedAssertion, EXPIRY_MARK_STEP};
-pub use certs::CertificateRequest;
+pub use assertion::{AssertionRequest, SignedAssertion, ASSERTION_ACTION, EXPIRY_MARK_STEP};
+pub use certs::{CertificateRequest, Issuance, CERTIFICATE_ACTION};
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use evidence::EVIDENCE_ID_LEN;
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use public_key::{jwk, jwks, thumbprint, PublicKey};
-pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN};
+pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN, RAW_SIGNATURE_ACTION};
 pub use self_test::{SelfTest, SELF_TEST_PREFIX};
-pub use signer::{Grant, KeyRef, Signer};
-pub use versions::{KeyOrigin, KeyState, KeyVersion};
+pub use signer::{Caller, Grant, KeyRef, Signer};
+pub use versions::{KeyOrigin, KeyState, KeyVersion, Usage};
 
 /// What a key name may look like (said in error messages).
 pub const KEY_NAME_RULE: &str =

@@ -1,8 +1,14 @@
 //! Raw signatures over caller bytes: [`Signer::sign_raw`].
 
-use super::signer::{invalid, mechanism_of, Grant, Signer};
+use super::signer::{invalid, mechanism_of, store_err, Caller, Signer};
+use super::versions::Usage;
 use super::{ecdsa_raw_to_der, Algorithm};
+use crate::audit::log::append_in;
+use crate::audit::{sha256_hex, Details};
 use crate::error::Result;
+
+/// Audit action of a raw signature (object: the key version's `kid`).
+pub const RAW_SIGNATURE_ACTION: &str = "signature.sign";
 
 /// Largest message a raw signature may cover.
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
@@ -40,18 +46,20 @@ pub struct RawSignature {
 }
 
 impl Signer {
-    /// A raw signature by the active version of `name` for a caller with `grant`.
-    /// `algorithm`, when given, must be the key's.
+    /// A raw signature by the active version of `name` (empty: the default raw key), a
+    /// `raw` key the caller's grant names. `algorithm`, when given, must be the key's.
+    /// The signature leaves only once its record (kid, SHA-256 of the message or of the
+    /// digest as given) is in the audit trail: one store write job per call.
     pub async fn sign_raw(
         &self,
-        grant: &Grant,
+        caller: &Caller,
         name: &str,
         algorithm: Option<Algorithm>,
         input: SignInput,
         encoding: SignatureEncoding,
     ) -> Result<RawSignature> {
-        let name = self.granted(grant, name)?;
-        let k = self.signing_version(&name)?;
+        let name = self.granted(&caller.grant, name, Usage::Raw)?;
+        let k = self.signing_version(&name, Usage::Raw)?;
         if let Some(alg) = algorithm {
             if alg != k.algorithm {
                 return Err(invalid(format!(
@@ -67,6 +75,11 @@ impl Signer {
                 k.algorithm
             )));
         }
+        let input_kind = match &input {
+            SignInput::Message(_) => "message",
+            SignInput::Digest(_) => "digest",
+        };
+        let input_sha256;
         let to_sign = match input {
             SignInput::Message(m) => {
                 if m.len() > MAX_MESSAGE_LEN {
@@ -75,6 +88,7 @@ impl Signer {
                         m.len()
                     )));
                 }
+                input_sha256 = sha256_hex(&m);
                 k.algorithm.digest(&m).unwrap_or(m)
             }
             SignInput::Digest(d) => match k.algorithm.digest_algorithm() {
@@ -93,6 +107,7 @@ impl Signer {
                             d.len()
                         )));
                     }
+                    input_sha256 = sha256_hex(&d);
                     d
                 }
             },
@@ -105,6 +120,22 @@ impl Signer {
             SignatureEncoding::Der => ecdsa_raw_to_der(&raw)?,
             SignatureEncoding::Raw => raw,
         };
+        let event = self
+            .event(&caller.actor, RAW_SIGNATURE_ACTION, &k.kid)
+            .with_details(
+                Details::new()
+                    .str("key", &k.name)
+                    .u64("version", u64::from(k.version))
+                    .str("algorithm", k.algorithm.jws_name())
+                    .str("input", input_kind)
+                    .str("sha256", &input_sha256)
+                    .str("tenant", &caller.grant.tenant),
+            );
+        self.store
+            .write(move |txn| append_in(txn, event))
+            .await
+            .map_err(store_err)?;
+        self.audit.appended(1);
         Ok(RawSignature {
             signature,
             kid: k.kid,

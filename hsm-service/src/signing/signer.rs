@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use super::versions::{self, KeyState, KeyVersion};
+use super::versions::{self, KeyState, KeyVersion, Usage};
 use super::{Algorithm, PublicKey, SigningError};
+use crate::audit::log::AuditLog;
+use crate::audit::{Actor, Event};
 use crate::common::Clock;
 use crate::config::SigningConfig;
 use crate::error::{Error, Result};
@@ -23,7 +25,8 @@ use crate::store::{EmbeddedStore, StoreError};
 /// What a caller's configuration lets it sign with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grant {
-    /// Key names; `None`: the configured default key only.
+    /// Key names; `None`: the configured default keys only (`default_key` for
+    /// assertions, `default_raw_key` for raw signatures).
     pub keys: Option<Vec<String>>,
     /// `acr` values; `None`: every configured value.
     pub acr: Option<Vec<String>>,
@@ -33,6 +36,16 @@ pub struct Grant {
     pub unbound_assertions: bool,
     /// The caller's `[[client]]` rule, for messages.
     pub rule: String,
+}
+
+/// Who asks for a signature: what they may sign with, and who they are in the audit
+/// trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// What the caller's `[[client]]` rule lets it sign with.
+    pub grant: Grant,
+    /// The caller's certificate, as the audit trail names it.
+    pub actor: Actor,
 }
 
 /// Names a key version: `version` 0 is the current one (the active version, else the
@@ -68,6 +81,8 @@ pub struct Signer {
     pub(super) creations: tokio::sync::Mutex<()>,
     pub(super) rng: ring::rand::SystemRandom,
     pub(super) clock: Clock,
+    /// Every signature and certificate is recorded here, durably before the reply.
+    pub(super) audit: Arc<AuditLog>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -141,14 +156,29 @@ impl Signer {
         &self.hsm
     }
 
-    /// Load the key records from the store. With `config.bootstrap_default_key`, create
-    /// the default key (ES256), publish and activate it when it has no version yet.
+    /// Load the key records from the store (records written before usages were stored
+    /// are rewritten once with the usage they were made for). With
+    /// `config.bootstrap_default_key`, create the default assertion key (ES256,
+    /// `signing`) and the default raw key (ES256, `raw`), publish and activate each when
+    /// it has no version yet.
     pub async fn open(
         hsm: Hsm,
         store: Arc<EmbeddedStore>,
         config: SigningConfig,
         clock: Clock,
+        audit: Arc<AuditLog>,
     ) -> Result<Signer> {
+        let migrated = store
+            .write(versions::migrate_all)
+            .await
+            .and_then(|r| r)
+            .map_err(store_err)?;
+        if migrated > 0 {
+            tracing::info!(
+                records = migrated,
+                "signing key records migrated to format 3 (usage)"
+            );
+        }
         let loaded = store.read(versions::load_all).map_err(store_err)?;
         let signer = Signer {
             hsm,
@@ -164,17 +194,30 @@ impl Signer {
             creations: tokio::sync::Mutex::new(()),
             rng: ring::rand::SystemRandom::new(),
             clock,
+            audit,
         };
         if signer.config.bootstrap_default_key {
-            let name = signer.config.default_key.clone();
-            if signer.list(Some(&name)).is_empty() {
-                let k = signer.create_version(&name, Algorithm::Es256).await?;
-                signer.publish(&name, k.version).await?;
-                signer.activate(&name, k.version).await?;
-                tracing::info!(key = %name, kid = %k.kid, "created the default assertion key (bootstrap)");
+            let defaults = [
+                (signer.config.default_key.clone(), Usage::Signing),
+                (signer.config.default_raw_key.clone(), Usage::Raw),
+            ];
+            for (name, usage) in defaults {
+                if signer.list(Some(&name)).is_empty() {
+                    let k = signer
+                        .create_version(&name, Algorithm::Es256, usage)
+                        .await?;
+                    signer.publish(&name, k.version).await?;
+                    signer.activate(&name, k.version).await?;
+                    tracing::info!(key = %name, kid = %k.kid, usage = %usage, "created a default key (bootstrap)");
+                }
             }
         }
         Ok(signer)
+    }
+
+    /// `event` at now, by `actor`.
+    pub(super) fn event(&self, actor: &Actor, action: &'static str, object: &str) -> Event {
+        Event::new(self.clock.now_ms(), actor.clone(), action, object)
     }
 
     /// The configuration this signer runs with.
@@ -245,17 +288,17 @@ impl Signer {
         Ok(())
     }
 
-    /// The key `name` (empty: the default) for a caller with `grant`: refused when the
-    /// grant does not name it, unknown when no such key exists.
-    pub(super) fn granted(&self, grant: &Grant, name: &str) -> Result<String> {
-        let name = if name.is_empty() {
-            self.config.default_key.as_str()
-        } else {
-            name
+    /// The key `name` (empty: the default key of `usage`) for a caller with `grant`:
+    /// refused when the grant does not name it, unknown when no such key exists.
+    pub(super) fn granted(&self, grant: &Grant, name: &str, usage: Usage) -> Result<String> {
+        let name = match name {
+            "" if usage == Usage::Raw => self.config.default_raw_key.as_str(),
+            "" => self.config.default_key.as_str(),
+            n => n,
         };
         let allowed = match &grant.keys {
             Some(keys) => keys.iter().any(|k| k == name),
-            None => name == self.config.default_key,
+            None => name == self.config.default_key || name == self.config.default_raw_key,
         };
         if !allowed {
             return Err(Error::PermissionDenied(format!(
@@ -273,8 +316,28 @@ impl Signer {
         Ok(name.to_owned())
     }
 
-    pub(super) fn signing_version(&self, name: &str) -> Result<KeyVersion> {
-        self.active(name).ok_or_else(|| {
+    /// The active version of `name`, which must be a key of `usage`: a key signs for
+    /// its own usage only (PERMISSION_DENIED otherwise, whatever the grant says; checked
+    /// before the state, so a `ca` key, never active, is refused for its usage too).
+    pub(super) fn signing_version(&self, name: &str, usage: Usage) -> Result<KeyVersion> {
+        let keys = self.read_keys();
+        let mut active = None;
+        for (_, k) in keys.range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX)) {
+            if k.usage != usage {
+                let rpc = match usage {
+                    Usage::Raw => "Sign signs with raw keys only",
+                    _ => "SignAssertion signs with signing keys only",
+                };
+                return Err(Error::PermissionDenied(format!(
+                    "key {name:?} is a {} key; {rpc}",
+                    k.usage
+                )));
+            }
+            if k.state == KeyState::Active {
+                active = Some(k.clone());
+            }
+        }
+        active.ok_or_else(|| {
             Error::FailedPrecondition(format!("signing key {name:?} has no active version"))
         })
     }

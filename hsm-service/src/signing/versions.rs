@@ -83,6 +83,57 @@ impl KeyOrigin {
     }
 }
 
+/// What a key version signs, fixed when it is made: each usage has its own RPC and its
+/// own key set, so that no signature of one usage can pass for another.
+///
+/// The postcard encoding of a record is the variant index: append new variants at the
+/// end, never reorder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Usage {
+    /// Assertions: signs only through SignAssertion; in the assertion JWKS
+    /// (`GetJwks` with usage empty or `signing`).
+    #[default]
+    Signing,
+    /// Certificates: signs only inside an executed key ceremony; never in a JWKS.
+    Ca,
+    /// Caller bytes: signs only through the `Sign` RPC; in the raw keys' JWKS
+    /// (`GetJwks` with usage `raw`), never in the assertion JWKS.
+    Raw,
+}
+
+impl Usage {
+    /// The name used in plans, transcripts, listings and `GetJwksRequest.usage`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Usage::Signing => "signing",
+            Usage::Ca => "ca",
+            Usage::Raw => "raw",
+        }
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Usage {
+    type Err = super::SigningError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "signing" => Ok(Usage::Signing),
+            "ca" => Ok(Usage::Ca),
+            "raw" => Ok(Usage::Raw),
+            _ => Err(super::SigningError::InvalidArgument(format!(
+                "unknown key usage {s:?} (expected signing, ca or raw)"
+            ))),
+        }
+    }
+}
+
 /// One version of a named signing key: public metadata only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyVersion {
@@ -120,6 +171,10 @@ pub struct KeyVersion {
     /// as `Generated`.
     #[serde(skip)]
     pub origin: KeyOrigin,
+    /// What the version signs; never changes. Stored after the origin (format 3);
+    /// records of formats 1 and 2 are migrated once at start (see [`migrated_usage`]).
+    #[serde(skip)]
+    pub usage: Usage,
 }
 
 impl KeyVersion {
@@ -130,10 +185,41 @@ impl KeyVersion {
 }
 
 /// Format of the encoded records; bumped when [`KeyVersion`] changes shape.
-/// 1: the postcard body. 2: the body, then the postcard [`KeyOrigin`].
-const FORMAT: u8 = 2;
-/// The format before [`KeyOrigin`]; still read.
+/// 1: the postcard body. 2: the body, then the postcard [`KeyOrigin`]. 3: the body, the
+/// origin, then the postcard [`Usage`].
+const FORMAT: u8 = 3;
+/// The format before [`Usage`]; still read (and rewritten at start).
+const FORMAT_2: u8 = 2;
+/// The format before [`KeyOrigin`]; still read (and rewritten at start).
 const FORMAT_1: u8 = 1;
+
+/// The usage of a version recorded before usages were stored: what it was made for.
+/// Ceremonies never publish a `ca` key and always give it a CA certificate (self-signed
+/// or issued with usage `ca`), and the bootstrap key is an assertion key, so: a version
+/// that was never published and whose stored leaf certificate is a CA certificate is
+/// `ca`; every other one is `signing` (raw keys did not exist).
+pub fn migrated_usage(k: &KeyVersion) -> Usage {
+    let never_published =
+        k.published_at == 0 && matches!(k.state, KeyState::Pending | KeyState::Destroyed);
+    if never_published {
+        chain_usage(&k.certificate_chain)
+    } else {
+        Usage::Signing
+    }
+}
+
+/// The usage a certificate chain shows: `ca` when its leaf is a CA certificate, else
+/// `signing`.
+pub fn chain_usage(chain: &[Vec<u8>]) -> Usage {
+    let ca_certificate = chain
+        .first()
+        .is_some_and(|leaf| crate::pki::IssuerCertificate::from_der(leaf).is_ok());
+    if ca_certificate {
+        Usage::Ca
+    } else {
+        Usage::Signing
+    }
+}
 
 /// Store key of a version: sorts by name, then version.
 pub(crate) fn store_key(name: &str, version: u32) -> String {
@@ -146,6 +232,7 @@ pub(crate) fn encode(k: &KeyVersion) -> Result<Vec<u8>, StoreError> {
         |e: postcard::Error| StoreError::Invalid(format!("encoding signing key record: {e}"));
     out.extend_from_slice(&postcard::to_allocvec(k).map_err(invalid)?);
     out.extend_from_slice(&postcard::to_allocvec(&k.origin).map_err(invalid)?);
+    out.extend_from_slice(&postcard::to_allocvec(&k.usage).map_err(invalid)?);
     Ok(out)
 }
 
@@ -155,10 +242,23 @@ pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<KeyVersion, StoreError> 
         Some((&FORMAT, body)) => {
             let (mut k, rest): (KeyVersion, _) =
                 postcard::take_from_bytes(body).map_err(corrupt)?;
-            k.origin = postcard::from_bytes(rest).map_err(corrupt)?;
+            let (origin, rest) = postcard::take_from_bytes(rest).map_err(corrupt)?;
+            k.origin = origin;
+            k.usage = postcard::from_bytes(rest).map_err(corrupt)?;
             Ok(k)
         }
-        Some((&FORMAT_1, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&FORMAT_2, body)) => {
+            let (mut k, rest): (KeyVersion, _) =
+                postcard::take_from_bytes(body).map_err(corrupt)?;
+            k.origin = postcard::from_bytes(rest).map_err(corrupt)?;
+            k.usage = migrated_usage(&k);
+            Ok(k)
+        }
+        Some((&FORMAT_1, body)) => {
+            let mut k: KeyVersion = postcard::from_bytes(body).map_err(corrupt)?;
+            k.usage = migrated_usage(&k);
+            Ok(k)
+        }
         Some((v, _)) => Err(StoreError::Corrupt(format!(
             "signing key {key:?}: unknown format version {v}"
         ))),
@@ -175,6 +275,30 @@ pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<KeyVersion>, S
         out.push(decode(k.value(), v.value())?);
     }
     Ok(out)
+}
+
+/// Rewrite every record of an older format in the current one, so that the usage
+/// [`migrated_usage`] gives it is stored once and never derived again. Returns how many
+/// records were rewritten.
+pub(crate) fn migrate_all(txn: &WriteTransaction) -> Result<Result<usize, StoreError>, Rollback> {
+    let mut table = txn.open_table(SIGNING_KEYS)?;
+    let mut old = Vec::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        if v.value().first() != Some(&FORMAT) {
+            match decode(k.value(), v.value()) {
+                Ok(version) => old.push(version),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+    for k in &old {
+        table.insert(
+            store_key(&k.name, k.version).as_str(),
+            encode(k)?.as_slice(),
+        )?;
+    }
+    Ok(Ok(old.len()))
 }
 
 /// Write `versions` (insert or replace), all in this transaction.
@@ -234,7 +358,54 @@ mod tests {
             destroyed_at: 0,
             last_expiry: 9,
             origin,
+            usage: Usage::Raw,
         }
+    }
+
+    /// The bytes a format 2 service wrote: the body, then the origin.
+    fn format_2(k: &KeyVersion) -> Vec<u8> {
+        let mut out = vec![FORMAT_2];
+        out.extend(postcard::to_allocvec(k).unwrap());
+        out.extend(postcard::to_allocvec(&k.origin).unwrap());
+        out
+    }
+
+    #[test]
+    fn older_formats_migrate_to_what_the_key_was_made_for() {
+        // A published or active key (the bootstrap key, every assertion key) is signing.
+        let mut k = sample(KeyOrigin::Restored);
+        assert_eq!(decode("k", &format_2(&k)).unwrap().usage, Usage::Signing);
+        assert_eq!(
+            decode("k", &format_2(&k)).unwrap().origin,
+            KeyOrigin::Restored
+        );
+        // Never published and certified as a CA (what a ceremony makes of a ca key): ca.
+        let ca = crate::pki::tests::self_signed_ca_der();
+        k.state = KeyState::Pending;
+        k.published_at = 0;
+        k.certificate_chain = vec![ca.clone()];
+        assert_eq!(decode("k", &format_2(&k)).unwrap().usage, Usage::Ca);
+        let mut old = vec![FORMAT_1];
+        old.extend(postcard::to_allocvec(&k).unwrap());
+        assert_eq!(decode("k", &old).unwrap().usage, Usage::Ca);
+        // The same certificate on a key that was published: it signed assertions.
+        k.published_at = 5;
+        k.state = KeyState::VerifyOnly;
+        assert_eq!(decode("k", &format_2(&k)).unwrap().usage, Usage::Signing);
+        // Pending without a CA certificate: signing.
+        k.state = KeyState::Pending;
+        k.published_at = 0;
+        k.certificate_chain = vec![crate::pki::tests::leaf_der(), ca];
+        assert_eq!(decode("k", &format_2(&k)).unwrap().usage, Usage::Signing);
+    }
+
+    #[test]
+    fn usage_names_round_trip_and_unknown_is_invalid() {
+        for u in [Usage::Signing, Usage::Ca, Usage::Raw] {
+            assert_eq!(u.as_str().parse::<Usage>().unwrap(), u);
+        }
+        assert!("challenge".parse::<Usage>().is_err());
+        assert!("".parse::<Usage>().is_err());
     }
 
     #[test]
@@ -252,11 +423,10 @@ mod tests {
         // A record written before the origin existed: format 1, the body alone.
         let mut old = vec![FORMAT_1];
         old.extend(postcard::to_allocvec(&sample(KeyOrigin::Restored)).unwrap());
-        assert_eq!(
-            decode("k", &old).expect("format 1"),
-            sample(KeyOrigin::Generated)
-        );
-        // Format 2 without its origin, and an unknown format, are corrupt.
+        let mut expected = sample(KeyOrigin::Generated);
+        expected.usage = Usage::Signing;
+        assert_eq!(decode("k", &old).expect("format 1"), expected);
+        // Format 3 without its usage, and an unknown format, are corrupt.
         let mut cut = encode(&sample(KeyOrigin::Restored)).unwrap();
         cut.pop();
         assert!(matches!(decode("k", &cut), Err(StoreError::Corrupt(_))));

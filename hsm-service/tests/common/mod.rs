@@ -94,6 +94,11 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     wait_bounded(child, Duration::from_secs(30))
 }
 
+/// Send SIGHUP (the service re-reads its CRLs).
+pub fn hangup(child: &Child) {
+    signal(child, "HUP");
+}
+
 /// Send SIGKILL and reap.
 pub fn kill(child: &mut Child) {
     signal(child, "KILL");
@@ -128,7 +133,7 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus 
 pub async fn jwks(client: &HsmClient) -> jsonwebtoken::jwk::JwkSet {
     let text = client
         .signing()
-        .get_jwks(hsm_client::proto::GetJwksRequest {})
+        .get_jwks(hsm_client::proto::GetJwksRequest::default())
         .await
         .expect("jwks")
         .into_inner()
@@ -266,4 +271,33 @@ pub async fn sign_default_assertion(c: &HsmClient) -> hsm_client::proto::SignAss
         .await
         .expect("sign assertion")
         .into_inner()
+}
+
+/// The whole audit trail as an auditor exports it, parsed record by record.
+pub async fn audit_records(auditor: &HsmClient) -> Vec<hsm_service::audit::AuditRecord> {
+    let mut stream = auditor
+        .audit()
+        .export_audit(hsm_client::proto::ExportAuditRequest { from_seq: 1 })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        jsonl.extend_from_slice(&chunk.jsonl);
+    }
+    String::from_utf8(jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| hsm_service::audit::AuditRecord::from_json_line(l).expect("a record"))
+        .collect()
+}
+
+/// The string detail `key` of `record` (empty when absent).
+pub fn detail<'a>(record: &'a hsm_service::audit::AuditRecord, key: &str) -> &'a str {
+    record
+        .details
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
 }

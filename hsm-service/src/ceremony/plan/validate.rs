@@ -273,9 +273,9 @@ impl Validation<'_> {
         self.validity(at, validity_days)?;
         Self::subject(at, subject)?;
         if let Some(mut t) = t {
-            if t.usage == Some(Usage::Signing) {
+            if let Some(u) = t.usage.filter(|u| *u != Usage::Ca) {
                 return Err(at.bad(format!(
-                    "{key:?} is a signing key; only a ca key is self-signed"
+                    "{key:?} is a {u} key; only a ca key is self-signed"
                 )));
             }
             t.certified = true;
@@ -306,7 +306,7 @@ impl Validation<'_> {
             return Err(at.bad("dns_names entries must be 1 to 253 characters"));
         }
         if let Some(ti) = ti {
-            if ti.usage == Some(Usage::Signing) {
+            if ti.usage.is_some_and(|u| u != Usage::Ca) {
                 return Err(at.bad(format!("issuer {issuer:?} is not a ca key")));
             }
             if !ti.certified {
