@@ -46,7 +46,9 @@ pub use self::error::AuditError;
 pub use self::record::{
     sha256_hex, Actor, AuditRecord, DetailValue, Details, Head, GENESIS_PREV, SERVICE_SUBJECT,
 };
-pub use self::verify::{verify, verify_with, Problem, ProblemKind, VerifyOptions, VerifyReport};
+pub use self::verify::{
+    verify, verify_with, KeyPin, Problem, ProblemKind, VerifyOptions, VerifyReport,
+};
 
 /// The action of checkpoint records (reserved: never use it for an [`Event`]).
 pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";

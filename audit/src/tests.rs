@@ -1544,3 +1544,92 @@ fn every_builder_bounds_and_cleans_what_it_records() {
     assert!(!line.contains('\u{202e}') && !line.contains("\\n"));
     assert!(r.hash_matches());
 }
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_pinned_key_refuses_checkpoints_by_any_other_key() {
+    let real = TestSigner::new(KEY_ID);
+    let log = text(&lines_of(&build_log(30, 10, &real)));
+    let pin = |id: &str, key: &[u8]| VerifyOptions {
+        pinned_key: Some(format!("{id}:{}", hex_of(key)).parse().unwrap()),
+        ..Default::default()
+    };
+    // Pinned to the key that signed it: intact, even with no keys file at all.
+    let report = verify_with(
+        Cursor::new(&log),
+        &HashMap::new(),
+        &pin(KEY_ID, &real.public()),
+    );
+    assert!(report.is_fully_covered(), "{report}");
+    assert_eq!(report.checkpoints, 3);
+
+    // Pinned to another key: every checkpoint of this log is refused, even though the
+    // keys file trusts the key that made them.
+    let other = TestSigner::new("audit-other");
+    let report = verify_with(
+        Cursor::new(&log),
+        &real.trusted(),
+        &pin("audit-other", &other.public()),
+    );
+    assert_eq!(report.checkpoints, 0);
+    assert_eq!(report.problems.len(), 3, "{report}");
+    assert!(report
+        .problems
+        .iter()
+        .all(|p| p.kind == ProblemKind::CheckpointNotPinnedKey
+            && p.message.contains("not the pinned key \"audit-other\"")));
+
+    // The right id with another public key: the signatures do not verify.
+    let report = verify_with(
+        Cursor::new(&log),
+        &real.trusted(),
+        &pin(KEY_ID, &other.public()),
+    );
+    assert_eq!(report.problems.len(), 3, "{report}");
+    assert!(report
+        .problems
+        .iter()
+        .all(|p| p.kind == ProblemKind::CheckpointSignatureInvalid));
+}
+
+#[test]
+fn key_pins_and_anchors_parse_strictly() {
+    let key = TestSigner::new(KEY_ID).public();
+    let pin: KeyPin = format!("audit-0011:{}", hex_of(&key).to_uppercase())
+        .parse()
+        .unwrap();
+    assert_eq!(
+        (pin.key_id.as_str(), pin.public_key),
+        ("audit-0011", key.clone())
+    );
+    for bad in [
+        "no-colon".to_owned(),
+        format!(":{}", hex_of(&key)),
+        "audit-1:zz".to_owned(),
+        format!("audit-1:{}", &hex_of(&key)[2..]),
+        format!("audit-1:{}", hex_of(&key[..33])),
+    ] {
+        assert!(bad.parse::<KeyPin>().is_err(), "{bad}");
+    }
+    let hash = sha256_hex(b"x");
+    let head: Head = format!("41:{}", hash.to_uppercase()).parse().unwrap();
+    assert_eq!(
+        head,
+        Head {
+            seq: 41,
+            hash: hash.clone()
+        }
+    );
+    for bad in [
+        "41".to_owned(),
+        format!("-1:{hash}"),
+        format!("x:{hash}"),
+        format!("41:{}", &hash[1..]),
+        "41:".to_owned(),
+    ] {
+        assert!(bad.parse::<Head>().is_err(), "{bad}");
+    }
+}

@@ -24,6 +24,78 @@ pub struct VerifyOptions {
     /// [`ProblemKind::Truncated`]; a different hash at that seq as
     /// [`ProblemKind::Altered`].
     pub expected_head: Option<Head>,
+    /// The one key checkpoints must be signed with, known out of band (e.g. read from
+    /// the HSM at the key ceremony). When set, it is the only trusted key: a checkpoint
+    /// by any other key id is [`ProblemKind::CheckpointNotPinnedKey`], and one under
+    /// the pinned id that does not verify with the pinned public key is
+    /// [`ProblemKind::CheckpointSignatureInvalid`].
+    pub pinned_key: Option<KeyPin>,
+}
+
+/// A checkpoint key pinned out of band: its id and its uncompressed P-256 public key
+/// (`0x04||x||y`). Written `KEYID:HEX` on the command line ([`std::str::FromStr`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPin {
+    /// The key id checkpoints name.
+    pub key_id: String,
+    /// The public key, 65 bytes.
+    pub public_key: Vec<u8>,
+}
+
+impl std::str::FromStr for KeyPin {
+    type Err = String;
+
+    /// `KEYID:HEX`: the id as `hsmctl audit keys` prints it, then the 130 hex digits of
+    /// the uncompressed public key.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (key_id, hex) = s
+            .rsplit_once(':')
+            .ok_or("expected KEYID:HEX (the key id, a colon, the public key in hex)")?;
+        if key_id.is_empty() || key_id.len() > 256 || key_id.chars().any(char::is_control) {
+            return Err("the key id must be 1 to 256 printable characters".into());
+        }
+        let public_key = decode_hex(hex).ok_or("the public key is not hex")?;
+        if public_key.len() != 65 || public_key[0] != 0x04 {
+            return Err(format!(
+                "the public key must be an uncompressed P-256 point (65 bytes starting 04), got {} bytes",
+                public_key.len()
+            ));
+        }
+        Ok(KeyPin {
+            key_id: key_id.to_owned(),
+            public_key,
+        })
+    }
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    /// `SEQ:HASH`: a record's decimal seq and its 64-hex-digit hash (as a verification
+    /// report prints the head), e.g. kept out of band as the anchor of the next segment.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seq, hash) = s
+            .split_once(':')
+            .ok_or("expected SEQ:HASH (a record's seq, a colon, its hash)")?;
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| format!("the seq {seq:?} is not a decimal number"))?;
+        let hash = hash.to_ascii_lowercase();
+        if !crate::record::is_hash_hex(&hash) {
+            return Err("the hash must be 64 hex digits".into());
+        }
+        Ok(Head { seq, hash })
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The kind of a verification problem.
@@ -48,6 +120,9 @@ pub enum ProblemKind {
     CheckpointMalformed,
     /// A checkpoint is signed with a key id that is not trusted.
     CheckpointUnknownKey,
+    /// A checkpoint is signed with a key other than the pinned one
+    /// ([`VerifyOptions::pinned_key`]).
+    CheckpointNotPinnedKey,
     /// A checkpoint signature does not verify under the trusted key.
     CheckpointSignatureInvalid,
     /// A validly signed checkpoint names a head that is not what the log contains.
@@ -304,6 +379,7 @@ impl Block {
 
 struct Verifier<'a> {
     keys: &'a HashMap<String, Vec<u8>>,
+    pinned: Option<KeyPin>,
     anchor_seq: u64,
     expected_head: Option<Head>,
     window: Window,
@@ -343,6 +419,7 @@ impl<'a> Verifier<'a> {
         );
         Verifier {
             keys,
+            pinned: options.pinned_key.clone(),
             anchor_seq: anchor.seq,
             expected_head: options.expected_head.clone(),
             window,
@@ -558,17 +635,29 @@ impl<'a> Verifier<'a> {
                 return;
             }
         };
-        let Some(key) = self.keys.get(&claim.key_id) else {
-            self.push(
-                line,
-                Some(r.seq),
+        let key = match &self.pinned {
+            Some(pin) if pin.key_id == claim.key_id => Ok(pin.public_key.as_slice()),
+            Some(pin) => Err((
+                ProblemKind::CheckpointNotPinnedKey,
+                format!(
+                    "{at}: checkpoint signed with key id \"{}\", not the pinned key \"{}\"",
+                    claim.key_id, pin.key_id
+                ),
+            )),
+            None => self.keys.get(&claim.key_id).map(Vec::as_slice).ok_or((
                 ProblemKind::CheckpointUnknownKey,
                 format!(
                     "{at}: checkpoint signed with unknown key id \"{}\"",
                     claim.key_id
                 ),
-            );
-            return;
+            )),
+        };
+        let key = match key {
+            Ok(k) => k,
+            Err((kind, message)) => {
+                self.push(line, Some(r.seq), kind, message);
+                return;
+            }
         };
         if !verify_checkpoint_signature(key, &claim.head, &claim.signature) {
             self.push(

@@ -39,9 +39,18 @@ pub enum Cmd {
     Verify {
         /// The exported JSON Lines file.
         file: PathBuf,
-        /// The keys file written by `hsmctl audit keys`.
-        #[arg(long)]
-        keys: PathBuf,
+        /// The keys file written by `hsmctl audit keys` (not needed with --expect-key).
+        #[arg(long, required_unless_present = "expect_key")]
+        keys: Option<PathBuf>,
+        /// Pin the checkpoint key, as kept out of band (e.g. from the key ceremony): its
+        /// id and its uncompressed P-256 public key in hex. Then it is the only trusted
+        /// key: a checkpoint by any other key is a problem.
+        #[arg(long, value_name = "KEYID:HEX")]
+        expect_key: Option<hsm_audit::KeyPin>,
+        /// Verify a later segment from a value kept out of band: the seq and hash of the
+        /// record just before the file's first line (a previous verification prints it).
+        #[arg(long, value_name = "SEQ:HASH")]
+        from_anchor: Option<hsm_audit::Head>,
     },
 }
 
@@ -135,27 +144,26 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
 
 /// `hsmctl audit verify`, offline.
 pub fn verify(cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
-    let Cmd::Verify { file, keys } = cmd else {
+    let Cmd::Verify {
+        file,
+        keys,
+        expect_key,
+        from_anchor,
+    } = cmd
+    else {
         return Ok(ExitCode::FAILURE);
     };
-    let text = std::fs::read_to_string(keys).map_err(|e| read_err(keys, e))?;
-    let bad_keys = |m: &str| {
-        read_err(
-            keys,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned()),
-        )
+    let trusted = match keys {
+        Some(path) => read_keys(path, expect_key.as_ref())?,
+        None => HashMap::new(),
     };
-    let parsed: HashMap<String, String> =
-        serde_json::from_str(&text).map_err(|e| bad_keys(&e.to_string()))?;
-    let mut trusted = HashMap::new();
-    for (id, hex) in parsed {
-        let key = data_encoding::HEXLOWER_PERMISSIVE
-            .decode(hex.as_bytes())
-            .map_err(|_| bad_keys("key values must be hex"))?;
-        trusted.insert(id, key);
-    }
+    let options = hsm_audit::VerifyOptions {
+        anchor: from_anchor.clone(),
+        pinned_key: expect_key.clone(),
+        ..Default::default()
+    };
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| read_err(file, e))?);
-    let report = hsm_audit::verify(reader, &trusted);
+    let report = hsm_audit::verify_with(reader, &trusted, &options);
     if json_out {
         let problems: Vec<_> = report
             .problems
@@ -169,6 +177,7 @@ pub fn verify(cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
                 "records": report.records,
                 "checkpoints": report.checkpoints,
                 "uncovered_tail": report.uncovered_tail,
+                "head": report.head.as_ref().map(|h| json!({ "seq": h.seq, "hash": h.hash })),
                 "problems": problems,
             })
         );
@@ -177,10 +186,53 @@ pub fn verify(cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
         if !format!("{report}").ends_with('\n') {
             println!();
         }
+        if let (true, Some(head)) = (report.is_ok(), &report.head) {
+            // What an auditor keeps to verify the next segment against.
+            println!(
+                "  head {}:{} (--from-anchor for the next segment)",
+                head.seq, head.hash
+            );
+        }
     }
     Ok(if report.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The keys file of `hsmctl audit keys`: key id -> hex public key. With a pin, the file
+/// must not give the pinned id another key.
+fn read_keys(
+    path: &std::path::Path,
+    pin: Option<&hsm_audit::KeyPin>,
+) -> Result<HashMap<String, Vec<u8>>, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|e| read_err(path, e))?;
+    let bad_keys = |m: &str| {
+        read_err(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned()),
+        )
+    };
+    let parsed: HashMap<String, String> =
+        serde_json::from_str(&text).map_err(|e| bad_keys(&e.to_string()))?;
+    let mut trusted = HashMap::new();
+    for (id, hex) in parsed {
+        let key = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(hex.as_bytes())
+            .map_err(|_| bad_keys("key values must be hex"))?;
+        trusted.insert(id, key);
+    }
+    if let Some(pin) = pin {
+        if trusted
+            .get(&pin.key_id)
+            .is_some_and(|k| *k != pin.public_key)
+        {
+            return Err(bad_keys(&format!(
+                "the keys file gives {} another public key than --expect-key",
+                pin.key_id
+            )));
+        }
+    }
+    Ok(trusted)
 }

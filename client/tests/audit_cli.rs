@@ -220,3 +220,138 @@ async fn swapped_records_are_pinpointed() {
         "{v}"
     );
 }
+
+/// `hsmctl audit verify` with any flags, offline, JSON output.
+fn verify_with(env: &DevEnv, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["audit", "verify", "--json"];
+    all.extend_from_slice(args);
+    hsmctl(env, "127.0.0.1:9".parse().expect("addr"), "auditor", &all)
+}
+
+/// The (only) key of a keys file as `KEYID:HEX`.
+fn pin_of(keys: &Path) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(keys).expect("keys")).expect("json");
+    let (id, hex) = map.iter().next().expect("one key");
+    format!("{id}:{}", hex.as_str().expect("hex"))
+}
+
+fn other_public_key_hex() -> String {
+    use ring::signature::KeyPair as _;
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key");
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("key");
+    pair.public_key()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_key_pins_the_checkpoint_key() {
+    let env = DevEnv::new();
+    let (log, keys) = exported(&env).await;
+    let log = log.display().to_string();
+    let pin = pin_of(&keys);
+
+    // The pin alone is enough: no keys file needed.
+    let out = verify_with(&env, &[&log, "--expect-key", &pin]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(json(&out)["checkpoints"].as_u64().expect("n") >= 1);
+
+    // Pinned to another key: every checkpoint is refused, though the keys file trusts
+    // the key that signed them.
+    let other = format!("audit-other:{}", other_public_key_hex());
+    let keys = keys.display().to_string();
+    let out = verify_with(&env, &[&log, "--keys", &keys, "--expect-key", &other]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let v = json(&out);
+    let problems = v["problems"].as_array().expect("problems");
+    assert!(!problems.is_empty());
+    assert!(
+        problems
+            .iter()
+            .all(|p| p["kind"] == "CheckpointNotPinnedKey"),
+        "{v}"
+    );
+
+    // The service's key id with another public key: the keys file contradicts the pin.
+    let id = pin.split(':').next().expect("id");
+    let wrong = format!("{id}:{}", other_public_key_hex());
+    let out = verify_with(&env, &[&log, "--keys", &keys, "--expect-key", &wrong]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("another public key than --expect-key"),
+        "{out:?}"
+    );
+    let out = verify_with(&env, &[&log, "--expect-key", &wrong]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(json(&out)["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .all(|p| p["kind"] == "CheckpointSignatureInvalid"));
+
+    // A malformed pin is refused before anything is read.
+    let out = verify_with(&env, &[&log, "--expect-key", "audit-1:xyz"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--expect-key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_anchor_verifies_a_segment_against_a_value_kept_out_of_band() {
+    let env = DevEnv::new();
+    let (log, keys) = exported(&env).await;
+    let keys = keys.display().to_string();
+
+    // The whole log verifies and prints its head: the anchor of the next segment.
+    let out = verify_with(&env, &[&log.display().to_string(), "--keys", &keys]);
+    assert!(out.status.success());
+    let head = &json(&out)["head"];
+    assert!(head["seq"].as_u64().expect("seq") > 3);
+
+    // A segment from record 4 on, anchored at record 3 (seq:hash kept out of band).
+    let l = lines(&log);
+    let third = hsm_service::audit::AuditRecord::from_json_line(&l[2]).expect("record");
+    let segment = env.dir.path().join("segment.jsonl");
+    write_lines(&segment, &l[3..]);
+    let segment = segment.display().to_string();
+    let anchor = format!("{}:{}", third.seq, third.hash);
+    let out = verify_with(&env, &[&segment, "--keys", &keys, "--from-anchor", &anchor]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // A wrong anchor is refused at the first record.
+    let wrong = format!(
+        "{}:{}",
+        third.seq,
+        hsm_service::audit::sha256_hex(b"elsewhere")
+    );
+    let out = verify_with(&env, &[&segment, "--keys", &keys, "--from-anchor", &wrong]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(
+        (
+            v["problems"][0]["kind"].as_str(),
+            v["problems"][0]["line"].as_u64()
+        ),
+        (Some("Altered"), Some(1)),
+        "{v}"
+    );
+    // So is an anchor at the wrong seq, and a malformed one.
+    let out = verify_with(
+        &env,
+        &[
+            &segment,
+            "--keys",
+            &keys,
+            "--from-anchor",
+            &format!("2:{}", third.hash),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = verify_with(&env, &[&segment, "--keys", &keys, "--from-anchor", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SEQ:HASH"));
+}

@@ -1500,6 +1500,12 @@ mod tests {
                 MAX_AUTH_AGE_SECONDS,
             ),
             (
+                "signing.evidence_ttl_seconds",
+                |c, v| c.signing.evidence_ttl_seconds = v,
+                1,
+                MAX_EVIDENCE_TTL_SECONDS,
+            ),
+            (
                 "ceremony.approval_ttl_seconds",
                 |c, v| c.ceremony.approval_ttl_seconds = v,
                 60,

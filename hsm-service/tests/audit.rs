@@ -443,3 +443,103 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
     }
     server.shutdown().await.expect("shutdown");
 }
+
+/// The service refuses to start, with one line, when the store's audit key and the
+/// token's disagree: a tampered public key, a removed token object, or an audit log
+/// whose key entries were removed (a new key would let a rewritten log be re-signed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_key_is_pinned_at_start_up() {
+    use hsm_service::store::{EmbeddedStore, StoreOptions};
+    use ring::signature::KeyPair as _;
+
+    let env = DevEnv::new();
+    let server = env.start().await;
+    server.shutdown().await.expect("shutdown");
+    let path = env.config.data_dir.join(hsm_service::server::STORE_FILE);
+    let store = || EmbeddedStore::open(&path, StoreOptions::default()).expect("store");
+    let start_error = || async {
+        let e = match hsm_service::server::start(env.config.clone()).await {
+            Ok(_) => panic!("the service must refuse to start"),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(e.lines().count(), 1, "{e}");
+        e
+    };
+    let (cka_id, public_key) = {
+        let s = store();
+        (
+            s.get_meta("audit.key_id").expect("meta").expect("key id"),
+            s.get_meta("audit.public_key")
+                .expect("meta")
+                .expect("public key"),
+        )
+    };
+
+    // Another valid P-256 public key in the store.
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key");
+    let other = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+        .expect("key")
+        .public_key()
+        .as_ref()
+        .to_vec();
+    store()
+        .put_meta("audit.public_key", other)
+        .await
+        .expect("tamper");
+    let e = start_error().await;
+    assert!(
+        e.contains("does not match the public key the store records"),
+        "{e}"
+    );
+
+    // Put it back: the service starts again.
+    store()
+        .put_meta("audit.public_key", public_key.clone())
+        .await
+        .expect("restore");
+    env.start().await.shutdown().await.expect("starts again");
+
+    // The store's key entries gone while the log has records: no new key.
+    let s = store();
+    s.write(|txn| {
+        let mut meta = txn.open_table(hsm_service::store::tables::META)?;
+        meta.remove("audit.key_id")?;
+        meta.remove("audit.public_key")?;
+        Ok(())
+    })
+    .await
+    .expect("remove");
+    drop(s);
+    let e = start_error().await;
+    assert!(
+        e.contains("holds checkpoints") && e.contains("refusing to create a new one"),
+        "{e}"
+    );
+    let s = store();
+    s.put_meta("audit.key_id", cka_id.clone())
+        .await
+        .expect("id");
+    s.put_meta("audit.public_key", public_key)
+        .await
+        .expect("pk");
+    drop(s);
+
+    // The token's key removed.
+    let hsm = hsm_service::hsm::Hsm::open(
+        &hsm_service::hsm::HsmSettings {
+            module: env.config.hsm.module.clone(),
+            token: env.config.token(),
+            sessions: 1,
+            queue_capacity: 16,
+            seed_cache_capacity: 16,
+        },
+        env.config.user_pin().expect("pin"),
+    )
+    .expect("hsm");
+    assert!(hsm.destroy_key_pair(&cka_id).await.expect("destroy") >= 1);
+    drop(hsm);
+    let e = start_error().await;
+    assert!(e.contains("the token has no audit key"), "{e}");
+}

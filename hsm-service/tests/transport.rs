@@ -125,6 +125,104 @@ async fn sighup_reloads_the_crls_of_a_running_service() {
     );
 }
 
+/// The server's HTTP/2 SETTINGS carry the configured stream limit (tonic's default is
+/// none at all), read with a raw h2 client over the same mTLS.
+#[tokio::test]
+async fn http2_settings_carry_the_stream_limit() {
+    let mut env = DevEnv::new();
+    env.config.server.limits.max_concurrent_streams = 77;
+    env.config.server.limits.max_concurrent_calls_per_connection = 7;
+    let server = env.start().await;
+
+    let stream = raw_tls(&env, server.local_addr()).await;
+    let (mut client, mut connection) = h2::client::handshake(stream).await.expect("h2");
+    // One health call, so the server's SETTINGS have surely arrived.
+    let request = http::Request::post("https://localhost/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = client.send_request(request, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .expect("empty HealthCheckRequest");
+    let response = tokio::select! {
+        r = response => r.expect("response"),
+        c = &mut connection => panic!("connection ended first: {c:?}"),
+    };
+    assert_eq!(response.status(), 200);
+    assert_eq!(connection.max_concurrent_send_streams(), 77);
+    // Close it: an unpolled connection would hold the graceful shutdown until the
+    // server's keepalive gives up on it.
+    drop((client, connection));
+    server.shutdown().await.expect("shutdown");
+}
+
+/// An mTLS connection (ALPN h2) as the dev auditor, for speaking HTTP/2 by hand.
+async fn raw_tls(
+    env: &DevEnv,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(env.pki("ca.crt")).expect("ca"))
+        .expect("root");
+    let chain = vec![CertificateDer::from_pem_file(env.pki("auditor.crt")).expect("crt")];
+    let key = PrivateKeyDer::from_pem_file(env.pki("auditor.key")).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client config");
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("mTLS handshake")
+}
+
+/// A peer that never answers the server's keepalive PINGs is disconnected after
+/// `keepalive_interval_seconds` + `keepalive_timeout_seconds`.
+#[tokio::test]
+async fn an_unresponsive_peer_is_dropped_by_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = DevEnv::new();
+    env.config.server.limits.keepalive_interval_seconds = 1;
+    env.config.server.limits.keepalive_timeout_seconds = 1;
+    let server = env.start().await;
+    let mut stream = raw_tls(&env, server.local_addr()).await;
+    // The client preface and an empty SETTINGS frame, then silence.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let mut received = Vec::new();
+    // Ends with a TLS close_notify or a reset: either way the connection is gone.
+    let _ended = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut received),
+    )
+    .await
+    .expect("the server closes the connection");
+    let mut frame_types = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        frame_types.push(rest[3]);
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    const PING: u8 = 6;
+    assert!(
+        frame_types.contains(&PING),
+        "no keepalive PING: {frame_types:?}"
+    );
+    server.shutdown().await.expect("shutdown");
+}
+
 /// A client that connects and never finishes its handshake delays nobody, and is
 /// dropped after `handshake_timeout_seconds`.
 #[tokio::test]

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::hsm::sign::{KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::hsm::Hsm;
 use crate::store::tables::AUDIT_LOG;
-use crate::store::{EmbeddedStore, Rollback, StoreError};
+use crate::store::{ops, EmbeddedStore, Rollback, StoreError};
 
 /// Store meta key: the audit key's CKA_ID (hex).
 const KEY_ID_META: &str = "audit.key_id";
@@ -111,6 +111,12 @@ pub struct AuditLog {
 impl AuditLog {
     /// Open the trail; on first start create the audit key (P-256, on the token,
     /// non-extractable, sign-only) and remember its id and public key in the store.
+    ///
+    /// The key is created only for a log that no key has signed yet (records written
+    /// offline before the first start, e.g. by `ceremony backup-kek`, are fine): a new key
+    /// would let whoever can start the service re-sign a rewritten log. On every later start the token's key must
+    /// sign for the public key the store recorded (checked with a test signature), or the
+    /// service refuses to start with one line saying which.
     pub async fn open(
         store: Arc<EmbeddedStore>,
         hsm: Hsm,
@@ -122,28 +128,28 @@ impl AuditLog {
             store.get_meta(KEY_ID_META).map_err(internal)?,
             store.get_meta(PUBLIC_KEY_META).map_err(internal)?,
         ) {
-            (Some(id), Some(pk)) => (id, pk),
+            (Some(id), Some(pk)) => {
+                check_token_key(&hsm, &id, &pk).await?;
+                (id, pk)
+            }
+            (None, None) => {
+                let signed = store
+                    .read(|txn| last_checkpoint_seq(&txn.open_table(AUDIT_LOG)?))
+                    .map_err(internal)?;
+                if let Some(seq) = signed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the audit log holds checkpoints (the last at seq {seq}) but the store records no audit key: refusing to create a new one (it could re-sign a rewritten log); restore the store's audit key entries"
+                    )));
+                }
+                create_key(&store, &hsm).await?
+            }
             _ => {
-                let pair = hsm
-                    .generate_signing_key_pair(KeyPairKind::EcP256, "audit-checkpoint")
-                    .await?;
-                let point = match &pair.public {
-                    PublicKeyAttributes::Ec { ec_point } => uncompressed_point(ec_point)?,
-                    _ => return Err(Error::Internal("audit key is not an EC key".into())),
-                };
-                store
-                    .put_meta(KEY_ID_META, pair.id.clone())
-                    .await
-                    .map_err(internal)?;
-                store
-                    .put_meta(PUBLIC_KEY_META, point.clone())
-                    .await
-                    .map_err(internal)?;
-                tracing::info!("created the audit checkpoint key");
-                (pair.id, point)
+                return Err(Error::FailedPrecondition(
+                    "the store records only half of the audit key (its id or its public key is missing): refusing to start".into(),
+                ))
             }
         };
-        let key_id = format!("audit-{}", &crate::common::hex(&cka_id)[..16]);
+        let key_id = key_name(&cka_id);
         let log = Arc::new(AuditLog {
             store,
             hsm,
@@ -317,6 +323,73 @@ impl AuditLog {
     }
 }
 
+/// The name verifiers know the audit key by: `audit-` and the first 8 bytes of its
+/// CKA_ID in hex.
+fn key_name(cka_id: &[u8]) -> String {
+    let hex = crate::common::hex(cka_id);
+    format!("audit-{}", &hex[..hex.len().min(16)])
+}
+
+/// Create the audit key on the token and record its id and public key, together.
+async fn create_key(store: &EmbeddedStore, hsm: &Hsm) -> Result<(Vec<u8>, Vec<u8>)> {
+    let pair = hsm
+        .generate_signing_key_pair(KeyPairKind::EcP256, "audit-checkpoint")
+        .await?;
+    let point = match &pair.public {
+        PublicKeyAttributes::Ec { ec_point } => uncompressed_point(ec_point)?,
+        _ => return Err(Error::Internal("audit key is not an EC key".into())),
+    };
+    let (id, pk) = (pair.id.clone(), point.clone());
+    store
+        .write(move |txn| {
+            if let Err(e) = ops::put_meta(txn, KEY_ID_META, &id)? {
+                return Ok(Err(e));
+            }
+            ops::put_meta(txn, PUBLIC_KEY_META, &pk)
+        })
+        .await
+        .and_then(|r| r)
+        .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+    tracing::info!(key_id = %key_name(&pair.id), "created the audit checkpoint key");
+    Ok((pair.id, point))
+}
+
+/// Domain-separated statement of the start-up check (never a checkpoint statement, and
+/// the signature is not kept).
+const KEY_CHECK_STATEMENT: &[u8] = b"eid-hsm-audit-key-check-v1\n";
+
+/// The token's audit key must be there and sign for `public_key`, the key the store
+/// recorded (and verifiers trust).
+async fn check_token_key(hsm: &Hsm, cka_id: &[u8], public_key: &[u8]) -> Result<()> {
+    let name = key_name(cka_id);
+    let digest = ring::digest::digest(&ring::digest::SHA256, KEY_CHECK_STATEMENT);
+    let signature = match hsm
+        .sign(cka_id, SignMechanism::Ecdsa, digest.as_ref().to_vec())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) if e.kind() == crate::hsm::ErrorKind::NotFound => {
+            return Err(Error::FailedPrecondition(format!(
+                "the token has no audit key {name}, which the store records: wrong token, or the key was removed; refusing to start (a new key could re-sign a rewritten log)"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let verifies = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        public_key,
+    )
+    .verify(KEY_CHECK_STATEMENT, &signature)
+    .is_ok();
+    if verifies {
+        Ok(())
+    } else {
+        Err(Error::FailedPrecondition(format!(
+            "the token's audit key {name} does not match the public key the store records: tampered store or a different key under that id; refusing to start"
+        )))
+    }
+}
+
 /// One task per log writes the refused calls of each window; it ends with the log.
 fn spawn_denied_flusher(log: &Arc<AuditLog>) {
     let weak = Arc::downgrade(log);
@@ -331,6 +404,24 @@ fn spawn_denied_flusher(log: &Arc<AuditLog>) {
             }
         }
     });
+}
+
+/// The seq of the last checkpoint record, searching from the end (`None`: no key has
+/// signed this log).
+fn last_checkpoint_seq(
+    table: &redb::ReadOnlyTable<u64, &[u8]>,
+) -> std::result::Result<Option<u64>, StoreError> {
+    for entry in table.iter()?.rev() {
+        let (seq, line) = entry?;
+        let record = std::str::from_utf8(line.value())
+            .ok()
+            .and_then(|l| AuditRecord::from_json_line(l).ok());
+        // An unreadable record may have been a checkpoint: treat it as one.
+        if record.is_none_or(|r| r.is_checkpoint()) {
+            return Ok(Some(seq.value()));
+        }
+    }
+    Ok(None)
 }
 
 /// The last stored record, checked against its own hash (`None`: empty log).
