@@ -543,3 +543,52 @@ async fn the_audit_key_is_pinned_at_start_up() {
     let e = start_error().await;
     assert!(e.contains("the token has no audit key"), "{e}");
 }
+
+/// Calls the role gate refuses before their body is read are counted through the same
+/// path: one record for the caller, its count, the method named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_the_role_gate_are_aggregated_too() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let auditor = common::client(env.dir.path(), "auditor", addr).await;
+    for _ in 0..50 {
+        let e = auditor
+            .credentials()
+            .verify_code(pb::VerifyCodeRequest {
+                credential_id: "x".into(),
+                code: "000000".into(),
+            })
+            .await
+            .expect_err("auditors do not verify codes");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+    auditor
+        .audit()
+        .checkpoint_audit(pb::CheckpointAuditRequest {})
+        .await
+        .expect("checkpoint");
+    let (jsonl, _) = export(&auditor).await;
+    let denied: Vec<hsm_service::audit::AuditRecord> = std::str::from_utf8(&jsonl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| hsm_service::audit::AuditRecord::from_json_line(l).expect("record"))
+        .filter(|r| r.action == "auth.denied")
+        .collect();
+    let count = |r: &hsm_service::audit::AuditRecord| {
+        r.details
+            .as_ref()
+            .and_then(|d| d.get("count"))
+            .and_then(|v| v.as_u64())
+            .expect("count")
+    };
+    assert_eq!(denied.iter().map(count).sum::<u64>(), 50);
+    assert!(denied.len() <= 2, "{} records", denied.len());
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.object == "hsm.v1.CredentialService/VerifyCode"
+                && r.actor.subject == "auditor")
+    );
+    server.shutdown().await.expect("shutdown");
+}
