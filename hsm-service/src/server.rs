@@ -451,6 +451,10 @@ async fn open_credentials(
     crate::credentials::ensure_master_key(hsm, store.as_ref(), version)
         .await
         .map_err(|e| StartError::Hsm(format!("seed master key: {e}")))?;
+    // Before serving: after it, a record without a seed binding is refused.
+    crate::credentials::binding::migrate(hsm, store, 500)
+        .await
+        .map_err(|e| StartError::Hsm(format!("seed bindings: {e}")))?;
     Ok(Credentials::new(
         hsm.clone(),
         store.clone(),
