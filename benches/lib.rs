@@ -108,11 +108,17 @@ impl CredentialBench {
             1,
         ))
         .expect("master key");
+        rt.block_on(credentials::binding::migrate(
+            &bench.hsm,
+            store.as_ref(),
+            500,
+        ))
+        .expect("binding key");
         let now = Arc::new(AtomicU64::new(1_700_000_000));
         let clock_now = now.clone();
         let policy = Policy {
             lockout_threshold: u32::MAX - 1,
-            hard_lockout_threshold: u32::MAX,
+            hard_lockout_threshold: 0,
             ..Policy::default()
         };
         let service = Arc::new(Credentials::new(
@@ -166,6 +172,21 @@ pub fn software_code(seed: &[u8], factor: u64) -> String {
         "{:06}",
         otp::truncate(tag.as_ref(), otp::Digits::new(6).expect("digits"))
     )
+}
+
+/// The binding `blob` needs for `seed_macs`, to a bench context, computed by the HSM.
+pub fn seed_binding(
+    rt: &tokio::runtime::Runtime,
+    hsm: &hsm_service::hsm::Hsm,
+    blob: &[u8],
+) -> hsm_service::hsm::binding::SeedBinding {
+    rt.block_on(hsm.ensure_seed_binding_key())
+        .expect("binding key");
+    let context = b"bench context".to_vec();
+    let mac = rt
+        .block_on(hsm.seed_bindings(vec![(context.clone(), blob.to_vec())]))
+        .expect("bind")[0];
+    hsm_service::hsm::binding::SeedBinding { context, mac }
 }
 
 /// An HMAC key as the service's seed cache holds one: a sensitive, sign-only session

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cryptoki::mechanism::Mechanism;
-use hsm_benches::{session_hmac_key, software_code, Bench, CredentialBench};
+use hsm_benches::{seed_binding, session_hmac_key, software_code, Bench, CredentialBench};
 use hsm_client::proto as pb;
 use hsm_service::otp::{self, Digits, HashAlgorithm, OtpKind};
 
@@ -43,6 +43,7 @@ fn hmac(c: &mut Criterion) {
         )
         .expect("wrap")
         .into();
+    let binding = seed_binding(&rt, &bench.hsm, &wrapped);
     let ring_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, SEED);
 
     let mut g = c.benchmark_group("otp/hmac_sha1");
@@ -70,6 +71,7 @@ fn hmac(c: &mut Criterion) {
                 .seed_macs(
                     1,
                     wrapped.clone(),
+                    binding.clone(),
                     HashAlgorithm::Sha1,
                     vec![otp::moving_factor(1)],
                 )
@@ -110,7 +112,13 @@ fn hmac(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             bench
                 .hsm
-                .seed_macs(1, wrapped.clone(), HashAlgorithm::Sha1, factors())
+                .seed_macs(
+                    1,
+                    wrapped.clone(),
+                    binding.clone(),
+                    HashAlgorithm::Sha1,
+                    factors(),
+                )
                 .await
                 .expect("macs")
         })
@@ -120,16 +128,19 @@ fn hmac(c: &mut Criterion) {
     let small = Bench::with_seed_cache(1, 1);
     rt.block_on(small.hsm.ensure_seed_master_key(1))
         .expect("master key");
-    let blobs: Vec<Arc<[u8]>> = [b"seed-one-seed-one-01", b"seed-two-seed-two-02"]
+    let blobs: Vec<(Arc<[u8]>, _)> = [b"seed-one-seed-one-01", b"seed-two-seed-two-02"]
         .iter()
         .map(|s| {
-            rt.block_on(
-                small
-                    .hsm
-                    .wrap_seed(1, otp::pad_seed(*s, HashAlgorithm::Sha1)),
-            )
-            .expect("wrap")
-            .into()
+            let blob: Arc<[u8]> = rt
+                .block_on(
+                    small
+                        .hsm
+                        .wrap_seed(1, otp::pad_seed(*s, HashAlgorithm::Sha1)),
+                )
+                .expect("wrap")
+                .into();
+            let binding = seed_binding(&rt, &small.hsm, &blob);
+            (blob, binding)
         })
         .collect();
     let mut g = c.benchmark_group("otp/totp_window1");
@@ -138,10 +149,10 @@ fn hmac(c: &mut Criterion) {
         let mut i = 0usize;
         b.to_async(&rt).iter(|| {
             i += 1;
-            let blob = blobs[i % 2].clone();
+            let (blob, binding) = blobs[i % 2].clone();
             let hsm = small.hsm.clone();
             async move {
-                hsm.seed_macs(1, blob, HashAlgorithm::Sha1, factors())
+                hsm.seed_macs(1, blob, binding, HashAlgorithm::Sha1, factors())
                     .await
                     .expect("macs")
             }
@@ -200,7 +211,7 @@ fn verify_grpc(c: &mut Criterion) {
     let rt = runtime();
     let mut env = hsm_service::testing::DevEnv::new();
     env.config.credentials.lockout_threshold = u32::MAX - 1;
-    env.config.credentials.hard_lockout_threshold = u32::MAX;
+    env.config.credentials.hard_lockout_threshold = 0;
     let server = rt.block_on(env.start());
     let client = rt
         .block_on(

@@ -128,6 +128,12 @@ async fn make_chunk(
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
+    // Each record's own seed binding, as enrolment computes it.
+    for chunk in out.chunks_mut(500) {
+        hsm_service::credentials::binding::bind_all(&hsm, chunk)
+            .await
+            .expect("bind");
+    }
     out
 }
 

@@ -87,7 +87,8 @@ pub struct TransportLimits {
     /// Streams the server may reset for protocol errors on one connection before it
     /// closes it.
     pub max_local_reset_streams: usize,
-    /// Seconds a call may take, including a client's shorter `grpc-timeout`.
+    /// Seconds a call may take (ExecuteCeremony exempt); a client's shorter
+    /// `grpc-timeout` wins.
     pub request_timeout_seconds: u64,
     /// Seconds between HTTP/2 keepalive pings on an idle connection.
     pub keepalive_interval_seconds: u64,
@@ -299,6 +300,13 @@ impl Default for AuditConfig {
     }
 }
 
+/// Highest lockout thresholds: NIST SP 800-63B §5.2.2 allows at most 100 consecutive
+/// failed attempts on one account.
+pub const MAX_FAILURE_THRESHOLD: u32 = 100;
+
+/// Longest failure window: 30 days.
+pub const MAX_FAILURE_WINDOW_SECONDS: u32 = 30 * 86_400;
+
 /// Verification policy of HOTP/TOTP credentials.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -307,9 +315,13 @@ pub struct CredentialsConfig {
     pub totp_window: u32,
     /// HOTP: counters looked ahead of the expected one.
     pub hotp_look_ahead: u32,
-    /// Consecutive failures after which the credential locks with back-off.
+    /// Seconds a failed verification counts towards a lock; older ones are forgotten.
+    pub failure_window_seconds: u32,
+    /// Failures (inside the window, since the last success) at which the credential
+    /// locks with back-off.
     pub lockout_threshold: u32,
-    /// Consecutive failures after which it stays locked until an officer unlocks it.
+    /// Failures inside the window at which it stays locked until an officer unlocks
+    /// it; 0 (the default) turns the hard lock off.
     pub hard_lockout_threshold: u32,
     /// Back-off of the first lock in seconds; doubles with each further failure.
     pub base_backoff_seconds: u32,
@@ -330,8 +342,9 @@ impl Default for CredentialsConfig {
         CredentialsConfig {
             totp_window: 1,
             hotp_look_ahead: 10,
+            failure_window_seconds: 86_400,
             lockout_threshold: 5,
-            hard_lockout_threshold: 20,
+            hard_lockout_threshold: 0,
             base_backoff_seconds: 30,
             max_backoff_seconds: 86_400,
             resync_hotp_look_ahead: 1000,
@@ -956,10 +969,22 @@ impl Config {
         if c.hotp_look_ahead > 100 {
             return Err("credentials.hotp_look_ahead must be at most 100".into());
         }
-        if c.lockout_threshold == 0 || c.hard_lockout_threshold < c.lockout_threshold {
-            return Err(
-                "credentials: need 1 <= lockout_threshold <= hard_lockout_threshold".into(),
-            );
+        if c.lockout_threshold == 0 || c.lockout_threshold > MAX_FAILURE_THRESHOLD {
+            return Err(format!(
+                "credentials.lockout_threshold must be 1..{MAX_FAILURE_THRESHOLD}"
+            ));
+        }
+        if c.hard_lockout_threshold != 0
+            && !(c.lockout_threshold..=MAX_FAILURE_THRESHOLD).contains(&c.hard_lockout_threshold)
+        {
+            return Err(format!(
+                "credentials.hard_lockout_threshold must be 0 (off) or lockout_threshold..{MAX_FAILURE_THRESHOLD}"
+            ));
+        }
+        if !(60..=MAX_FAILURE_WINDOW_SECONDS).contains(&c.failure_window_seconds) {
+            return Err(format!(
+                "credentials.failure_window_seconds must be 60..{MAX_FAILURE_WINDOW_SECONDS} (30 days)"
+            ));
         }
         if c.base_backoff_seconds == 0 || c.max_backoff_seconds < c.base_backoff_seconds {
             return Err(
@@ -1276,6 +1301,39 @@ mod tests {
                 "rule with cn and uri",
                 Box::new(|c| c.clients[1].uri = Some("u".into())),
                 "client[1]",
+            ),
+            (
+                "no lockout",
+                Box::new(|c| c.credentials.lockout_threshold = 0),
+                "credentials.lockout_threshold must be 1..100",
+            ),
+            (
+                "lockout beyond NIST's 100",
+                Box::new(|c| c.credentials.lockout_threshold = 101),
+                "credentials.lockout_threshold must be 1..100",
+            ),
+            (
+                "hard lock before the temporary one",
+                Box::new(|c| {
+                    c.credentials.lockout_threshold = 5;
+                    c.credentials.hard_lockout_threshold = 4;
+                }),
+                "hard_lockout_threshold must be 0 (off) or lockout_threshold..100",
+            ),
+            (
+                "hard lock beyond NIST's 100",
+                Box::new(|c| c.credentials.hard_lockout_threshold = 101),
+                "hard_lockout_threshold must be 0 (off) or lockout_threshold..100",
+            ),
+            (
+                "failure window too short",
+                Box::new(|c| c.credentials.failure_window_seconds = 59),
+                "credentials.failure_window_seconds must be 60..2592000",
+            ),
+            (
+                "failure window too long",
+                Box::new(|c| c.credentials.failure_window_seconds = 30 * 86_400 + 1),
+                "credentials.failure_window_seconds must be 60..2592000",
             ),
             (
                 "empty tenant",

@@ -26,6 +26,10 @@ pub enum Error {
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] hsm::Error),
+    /// Stored state failed an integrity check (a wrapped seed not bound to its record:
+    /// tampering or corruption). The message names the object only.
+    #[error("{0}")]
+    Integrity(String),
     /// A bug or an unexpected state; detail goes to the log only.
     #[error("{0}")]
     Internal(String),

@@ -34,6 +34,8 @@ impl From<Error> for Status {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")
             }
+            // Logged as tampering where it was found; the caller learns only that.
+            Error::Integrity(m) => Status::data_loss(m),
         }
     }
 }
@@ -80,6 +82,11 @@ mod tests {
                 Error::Internal("secret detail".into()),
                 Code::Internal,
                 "internal error",
+            ),
+            (
+                Error::Integrity("credential \"b\" failed its integrity check".into()),
+                Code::DataLoss,
+                "credential \"b\" failed its integrity check",
             ),
         ];
         for (e, code, text) in cases {

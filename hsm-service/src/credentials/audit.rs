@@ -7,7 +7,7 @@ use crate::audit::{Details, Event};
 use crate::error::Error;
 use crate::store::CredentialRecord;
 
-use super::{Action, Outcome, Verdict};
+use super::{Action, LockChange, Outcome, Verdict};
 
 /// Why a verification (or resync) ended without its store update deciding it.
 pub(super) enum Stop {
@@ -35,7 +35,10 @@ impl Stop {
         tenant: &str,
     ) -> (Option<Event>, Result<Outcome, Error>) {
         match self {
-            Stop::Gate(o) => (event.map(|e| verdict_event(e, tenant, &o, None)), Ok(o)),
+            Stop::Gate(o) => (
+                event.map(|e| verdict_event(e, tenant, &o, None, None)),
+                Ok(o),
+            ),
             Stop::Error(err) => (event.map(|e| error_event(e, tenant, &err)), Err(err)),
             Stop::Recorded(err) => (None, Err(err)),
         }
@@ -49,12 +52,15 @@ fn base(tenant: &str) -> Details {
 
 /// The verdict as a record: ACCEPTED is "ok", anything else "denied", with the tenant,
 /// the verdict, the lock state and the evidence an accepted code left as details (never
-/// the code).
+/// the code). A decision that locked the credential says so in the same record (`lock`
+/// `temporary` with `locked_until`, or `hard`, and the failures counted): the lock is
+/// audited in the commit that sets it.
 pub(super) fn verdict_event(
     event: Event,
     tenant: &str,
     o: &Outcome,
     evidence_id: Option<&str>,
+    lock: Option<LockChange>,
 ) -> Event {
     let name = match o.verdict {
         Verdict::Accepted => "accepted",
@@ -67,10 +73,21 @@ pub(super) fn verdict_event(
         .str("result", name)
         .u64("remaining_attempts", u64::from(o.remaining_attempts))
         .u64("retry_after_seconds", u64::from(o.retry_after_seconds));
-    let event = event.with_details(match evidence_id {
+    let details = match evidence_id {
         Some(id) => details.str("evidence_id", id),
         None => details,
-    });
+    };
+    let details = match lock {
+        None => details,
+        Some(LockChange::Temporary { until, failures }) => details
+            .str("lock", "temporary")
+            .u64("locked_until", until)
+            .u64("failures", u64::from(failures)),
+        Some(LockChange::Hard { failures }) => details
+            .str("lock", "hard")
+            .u64("failures", u64::from(failures)),
+    };
+    let event = event.with_details(details);
     if o.verdict == Verdict::Accepted {
         event
     } else {
@@ -88,6 +105,7 @@ pub(super) fn error_event(event: Event, tenant: &str, e: &Error) -> Event {
         Error::InvalidArgument(m) => ("invalid", Some(m.as_str())),
         Error::FailedPrecondition(_) => ("failed_precondition", None),
         Error::Hsm(_) => ("hsm_error", None),
+        Error::Integrity(_) => ("tampered", None),
         _ => ("internal", None),
     };
     let details = base(tenant).str("result", result);

@@ -18,6 +18,7 @@
 //! does not exist.
 
 mod audit;
+pub mod binding;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]
@@ -39,7 +40,7 @@ use crate::store::{
     CredentialKey, CredentialRecord, CredentialStore, Effects, EmbeddedStore, EvidenceRecord,
     StoreError, Update,
 };
-pub use policy::{Outcome, Policy, Verdict};
+pub use policy::{LockChange, LockState, Outcome, Policy, Verdict};
 
 /// Store meta key holding the current seed master key version.
 pub const MASTER_KEY_VERSION_META: &str = "credentials.seed_master_key_version";
@@ -282,7 +283,7 @@ impl<S: CredentialStore> Credentials<S> {
             }
         };
         let now = self.clock.now();
-        let record = CredentialRecord {
+        let mut record = CredentialRecord {
             tenant: tenant.to_owned(),
             id,
             subject: new.subject,
@@ -293,18 +294,21 @@ impl<S: CredentialStore> Credentials<S> {
             t0: self.policy.totp_t0,
             wrapped_seed,
             master_key_version: version,
+            seed_binding: None,
             issuer,
             account_name: new.account_name,
             last_accepted: None,
             next_counter: new.initial_counter,
             drift_steps: 0,
             failures: 0,
+            failure_times: Vec::new(),
             locked_until: 0,
             hard_locked: false,
             disabled: false,
             created_at: now,
             updated_at: now,
         };
+        record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
         let inserted = match self.audit_event(actor, "credential.create", &record.id) {
             Some(event) => {
                 let event = audit::created_event(event, &record, provisioning_uri.is_some());
@@ -346,16 +350,9 @@ impl<S: CredentialStore> Credentials<S> {
     ) -> Result<Verified> {
         let event = self.audit_event(actor, "credential.verify", id);
         match self.decide_verify(tenant, id, code, event.clone()).await {
-            Ok(verified) => {
+            Ok((verified, lock)) => {
                 self.audited();
-                let outcome = verified.outcome;
-                if outcome.verdict == Verdict::Rejected && outcome.remaining_attempts == 0 {
-                    tracing::warn!(
-                        tenant,
-                        credential = id,
-                        "credential hard-locked after repeated failures"
-                    );
-                }
+                log_lock(tenant, id, lock);
                 Ok(verified)
             }
             Err(stop) => Ok(Verified {
@@ -400,7 +397,7 @@ impl<S: CredentialStore> Credentials<S> {
         id: &str,
         code: &str,
         event: Option<Event>,
-    ) -> std::result::Result<Verified, audit::Stop> {
+    ) -> std::result::Result<(Verified, Option<LockChange>), audit::Stop> {
         let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
             .map_err(|_| Error::Internal("stored digits out of range".into()))?;
@@ -419,7 +416,7 @@ impl<S: CredentialStore> Credentials<S> {
         let evidence_id = evidence.as_ref().map(|e| e.id.clone());
         let audit_tenant = tenant.to_owned();
         let seed = rec.wrapped_seed;
-        let outcome = self
+        let (outcome, lock) = self
             .store
             .update_with(
                 tenant,
@@ -428,18 +425,19 @@ impl<S: CredentialStore> Credentials<S> {
                     if r.wrapped_seed != seed {
                         return Update::Keep(None);
                     }
+                    let before = LockState::of(r);
                     match policy::apply_verify(r, matched, now, &policy) {
-                        Update::Write(o) => Update::Write(Some(o)),
-                        Update::Keep(o) => Update::Keep(Some(o)),
-                        Update::Delete(o) => Update::Delete(Some(o)),
+                        Update::Write(o) => Update::Write(Some((o, before.change(r)))),
+                        Update::Keep(o) => Update::Keep(Some((o, None))),
+                        Update::Delete(o) => Update::Delete(Some((o, None))),
                     }
                 },
-                move |o: &Option<Outcome>| {
-                    let accepted = o.is_some_and(|o| o.verdict == Verdict::Accepted);
+                move |d: &Option<(Outcome, Option<LockChange>)>| {
+                    let accepted = d.is_some_and(|(o, _)| o.verdict == Verdict::Accepted);
                     let evidence = evidence.filter(|_| accepted);
                     let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
                     Effects {
-                        audit: decision_event(event, &audit_tenant, o.as_ref(), evidence_id),
+                        audit: decision_event(event, &audit_tenant, d.as_ref(), evidence_id),
                         evidence,
                     }
                 },
@@ -447,10 +445,11 @@ impl<S: CredentialStore> Credentials<S> {
             .await
             .map_err(|e| not_found_or(e, id))?
             .ok_or(audit::Stop::Recorded(changed()))?;
-        Ok(Verified {
+        let verified = Verified {
             outcome,
             evidence_id: evidence_id.filter(|_| outcome.verdict == Verdict::Accepted),
-        })
+        };
+        Ok((verified, lock))
     }
 
     /// Record an attempt that `stop` ended before its decision (one audit-only write),
@@ -494,12 +493,13 @@ impl<S: CredentialStore> Credentials<S> {
             .decide_resync(tenant, id, code1, code2, event.clone())
             .await
         {
-            Ok(result) => {
+            Ok((outcome, lock, rec)) => {
                 self.audited();
-                if result.0.verdict == Verdict::Accepted {
+                log_lock(tenant, id, lock);
+                if outcome.verdict == Verdict::Accepted {
                     tracing::info!(tenant, credential = id, "credential resynchronised");
                 }
-                Ok(result)
+                Ok((outcome, rec))
             }
             Err((stop, rec)) => {
                 let outcome = self.record_stop(event, tenant, stop).await?;
@@ -519,8 +519,10 @@ impl<S: CredentialStore> Credentials<S> {
         code1: &str,
         code2: &str,
         event: Option<Event>,
-    ) -> std::result::Result<(Outcome, CredentialRecord), (audit::Stop, Option<CredentialRecord>)>
-    {
+    ) -> std::result::Result<
+        (Outcome, Option<LockChange>, CredentialRecord),
+        (audit::Stop, Option<CredentialRecord>),
+    > {
         let stop = |e: Error| (audit::Stop::Error(e), None);
         let rec = self.get(tenant, id).await.map_err(stop)?;
         let digits = Digits::new(u32::from(rec.digits))
@@ -566,16 +568,19 @@ impl<S: CredentialStore> Credentials<S> {
                     if r.wrapped_seed != seed {
                         return Update::Keep(None);
                     }
+                    let before = LockState::of(r);
                     let decided = policy::apply_resync(r, matched, current_step, now, &policy);
+                    let lock = before.change(r);
                     let snapshot = r.clone();
                     match decided {
-                        Update::Write(o) => Update::Write(Some((o, snapshot))),
-                        Update::Keep(o) => Update::Keep(Some((o, snapshot))),
-                        Update::Delete(o) => Update::Delete(Some((o, snapshot))),
+                        Update::Write(o) => Update::Write(Some((o, lock, snapshot))),
+                        Update::Keep(o) => Update::Keep(Some((o, None, snapshot))),
+                        Update::Delete(o) => Update::Delete(Some((o, None, snapshot))),
                     }
                 },
-                move |r: &Option<(Outcome, CredentialRecord)>| {
-                    decision_event(event, &audit_tenant, r.as_ref().map(|(o, _)| o), None)
+                move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>| {
+                    let decided = r.as_ref().map(|(o, l, _)| (*o, *l));
+                    decision_event(event, &audit_tenant, decided.as_ref(), None)
                 },
             )
             .await
@@ -643,11 +648,7 @@ impl<S: CredentialStore> Credentials<S> {
                     match action {
                         Action::Enable => r.disabled = false,
                         Action::Disable => r.disabled = true,
-                        Action::Unlock => {
-                            r.hard_locked = false;
-                            r.locked_until = 0;
-                            r.failures = 0;
-                        }
+                        Action::Unlock => policy::forget_failures(r),
                     }
                     r.updated_at = now;
                     Update::Write(r.clone())
@@ -713,15 +714,19 @@ impl<S: CredentialStore> Credentials<S> {
     ) -> Result<Vec<u32>> {
         let factors: Vec<[u8; 8]> = window.map(otp::moving_factor).collect();
         let len = rec.algorithm.digest_len();
+        // The HSM checks the binding before it unwraps (once per cached handle).
+        let bound = binding::expected(rec)?;
         let macs = self
             .hsm
             .seed_macs(
                 rec.master_key_version,
                 Arc::from(rec.wrapped_seed.as_slice()),
+                bound,
                 rec.algorithm,
                 factors,
             )
-            .await?;
+            .await
+            .map_err(|e| binding::refused(rec, e))?;
         Ok(macs
             .chunks_exact(len)
             .map(|mac| otp::truncate(mac, digits))
@@ -777,14 +782,34 @@ pub async fn ensure_master_key<S: CredentialStore>(
 fn decision_event(
     event: Option<Event>,
     tenant: &str,
-    o: Option<&Outcome>,
+    decided: Option<&(Outcome, Option<LockChange>)>,
     evidence_id: Option<&str>,
 ) -> Option<Event> {
     let event = event?;
-    Some(match o {
-        Some(o) => audit::verdict_event(event, tenant, o, evidence_id),
+    Some(match decided {
+        Some((o, lock)) => audit::verdict_event(event, tenant, o, evidence_id, *lock),
         None => audit::changed_event(event, tenant),
     })
+}
+
+/// A lock a decision set, in the server log (its audit record is the decision's).
+fn log_lock(tenant: &str, id: &str, lock: Option<LockChange>) {
+    match lock {
+        Some(LockChange::Temporary { until, failures }) => tracing::info!(
+            tenant,
+            credential = id,
+            locked_until = until,
+            failures,
+            "credential temporarily locked after failed verifications"
+        ),
+        Some(LockChange::Hard { failures }) => tracing::warn!(
+            tenant,
+            credential = id,
+            failures,
+            "credential hard-locked after failed verifications; an officer must unlock it"
+        ),
+        None => {}
+    }
 }
 
 fn ct_to_option(c: subtle::CtOption<u32>) -> Option<u32> {

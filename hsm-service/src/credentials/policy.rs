@@ -2,11 +2,17 @@
 //! to compute, and what a match (or a miss) does to the record. No I/O, no clock: the
 //! caller passes `now`, so every rule is table-tested in `tests.rs`.
 //!
-//! Lockout is built so that it cannot be turned into a denial of service cheaply: after
-//! `lockout_threshold` consecutive failures the credential is locked for a back-off that
-//! doubles with each further failure, and while locked it answers LOCKED without HSM
-//! work and without counting. Reaching the hard lock (`hard_lockout_threshold`) thus
-//! takes an attacker the sum of all back-offs (days with the defaults), not a burst.
+//! Lockout is built so that an attacker who only knows a credential id cannot turn it
+//! against the citizen for long (see the README, "Lockout"):
+//! - a failure counts for `failure_window_seconds` only (default a day); the record keeps
+//!   the times of the failures that still count, so the rule is exact, not a decay guess;
+//! - at `lockout_threshold` counted failures the credential locks for a back-off that
+//!   doubles with each further counted failure, capped at `max_backoff_seconds`; while
+//!   locked it answers LOCKED without HSM work and without counting;
+//! - the hard lock (until an officer unlocks) is opt-in (`hard_lockout_threshold`, 0 =
+//!   off, the default) and reached only by that many failures inside one window, so a
+//!   slow drip of wrong codes never reaches it;
+//! - a success forgets every failure.
 
 use std::ops::RangeInclusive;
 
@@ -43,12 +49,16 @@ pub struct Outcome {
 /// The policy, from the config.
 pub type Policy = CredentialsConfig;
 
+/// Most failure times a record keeps: beyond the NIST SP 800-63B bound of 100
+/// consecutive failures plus every doubling of the back-off, more change nothing.
+pub const MAX_COUNTED_FAILURES: usize = 132;
+
 /// Refusal without HSM work: disabled, hard-locked, or inside a back-off.
 pub fn gate(rec: &CredentialRecord, now: u64, p: &Policy) -> Option<Outcome> {
     if rec.disabled {
         return Some(Outcome {
             verdict: Verdict::Disabled,
-            remaining_attempts: remaining(rec, p),
+            remaining_attempts: remaining(rec, now, p),
             retry_after_seconds: 0,
         });
     }
@@ -70,15 +80,31 @@ fn locked(retry_after_seconds: u32) -> Outcome {
     }
 }
 
-/// Failures left before the next lock.
-pub fn remaining(rec: &CredentialRecord, p: &Policy) -> u32 {
-    if rec.hard_locked {
-        0
-    } else if rec.failures < p.lockout_threshold {
-        p.lockout_threshold - rec.failures
-    } else {
-        p.hard_lockout_threshold.saturating_sub(rec.failures)
+/// Whether a failure at `at` still counts at `now`.
+fn counts(at: u64, now: u64, p: &Policy) -> bool {
+    at.saturating_add(u64::from(p.failure_window_seconds)) > now
+}
+
+/// Failures that still count at `now`.
+pub fn counted_failures(rec: &CredentialRecord, now: u64, p: &Policy) -> u32 {
+    let n = rec
+        .failure_times
+        .iter()
+        .filter(|&&at| counts(at, now, p))
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Wrong codes that will be answered REJECTED, from `now`, before the next lock: 0 while
+/// locked; down from `lockout_threshold` as failures count; 1 once past it (every further
+/// counted failure locks again). Failures leaving the window give attempts back.
+pub fn remaining(rec: &CredentialRecord, now: u64, p: &Policy) -> u32 {
+    if rec.hard_locked || rec.locked_until > now {
+        return 0;
     }
+    p.lockout_threshold
+        .saturating_sub(counted_failures(rec, now, p))
+        .max(1)
 }
 
 /// The moving factors to compute for a verification at `now`.
@@ -156,7 +182,7 @@ pub fn apply_verify(
         }
         Some(_) => Update::Keep(Outcome {
             verdict: Verdict::Replayed,
-            remaining_attempts: remaining(rec, p),
+            remaining_attempts: remaining(rec, now, p),
             retry_after_seconds: 0,
         }),
         None => fail(rec, now, p),
@@ -197,7 +223,7 @@ pub fn apply_resync(
         }
         Some(_) => Update::Keep(Outcome {
             verdict: Verdict::Replayed,
-            remaining_attempts: remaining(rec, p),
+            remaining_attempts: remaining(rec, now, p),
             retry_after_seconds: 0,
         }),
         None => fail(rec, now, p),
@@ -206,9 +232,16 @@ pub fn apply_resync(
 
 fn accept(rec: &mut CredentialRecord, c: u64, now: u64) {
     rec.last_accepted = Some(c);
-    rec.failures = 0;
-    rec.locked_until = 0;
+    forget_failures(rec);
     rec.updated_at = now;
+}
+
+/// A success or an officer's unlock: no failure counts any more, no lock holds.
+pub fn forget_failures(rec: &mut CredentialRecord) {
+    rec.failures = 0;
+    rec.failure_times.clear();
+    rec.locked_until = 0;
+    rec.hard_locked = false;
 }
 
 fn accepted(p: &Policy) -> Outcome {
@@ -219,12 +252,18 @@ fn accepted(p: &Policy) -> Outcome {
     }
 }
 
-/// Count a failure and lock when a threshold is reached.
+/// Count a failure (forgetting those that left the window) and lock when a threshold is
+/// reached.
 fn fail(rec: &mut CredentialRecord, now: u64, p: &Policy) -> Update<Outcome> {
-    rec.failures = rec.failures.saturating_add(1);
+    rec.failure_times.retain(|&at| counts(at, now, p));
+    if rec.failure_times.len() >= MAX_COUNTED_FAILURES {
+        rec.failure_times.remove(0);
+    }
+    rec.failure_times.push(now);
+    rec.failures = u32::try_from(rec.failure_times.len()).unwrap_or(u32::MAX);
     rec.updated_at = now;
     let mut retry_after_seconds = 0;
-    if rec.failures >= p.hard_lockout_threshold {
+    if p.hard_lockout_threshold > 0 && rec.failures >= p.hard_lockout_threshold {
         rec.hard_locked = true;
     } else if rec.failures >= p.lockout_threshold {
         let backoff = backoff_seconds(rec.failures, p);
@@ -233,13 +272,63 @@ fn fail(rec: &mut CredentialRecord, now: u64, p: &Policy) -> Update<Outcome> {
     }
     Update::Write(Outcome {
         verdict: Verdict::Rejected,
-        remaining_attempts: remaining(rec, p),
+        remaining_attempts: remaining(rec, now, p),
         retry_after_seconds,
     })
 }
 
-/// Back-off after the `failures`-th consecutive failure (at or past the threshold):
-/// base, then doubling, capped.
+/// A lock the record holds, to tell what a decision changed (see [`LockState::change`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockState {
+    hard: bool,
+    until: u64,
+}
+
+/// A lock a decision set, for its audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockChange {
+    /// Locked until `until` (unix seconds) after `failures` counted failures.
+    Temporary {
+        /// When the back-off ends.
+        until: u64,
+        /// Failures counted when it locked.
+        failures: u32,
+    },
+    /// Locked until an officer unlocks it, after `failures` counted failures.
+    Hard {
+        /// Failures counted when it locked.
+        failures: u32,
+    },
+}
+
+impl LockState {
+    /// The lock `rec` holds now.
+    pub fn of(rec: &CredentialRecord) -> LockState {
+        LockState {
+            hard: rec.hard_locked,
+            until: rec.locked_until,
+        }
+    }
+
+    /// The lock a decision set, going from `self` to `after` (`None`: it set none).
+    pub fn change(self, after: &CredentialRecord) -> Option<LockChange> {
+        if after.hard_locked && !self.hard {
+            Some(LockChange::Hard {
+                failures: after.failures,
+            })
+        } else if after.locked_until > self.until {
+            Some(LockChange::Temporary {
+                until: after.locked_until,
+                failures: after.failures,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Back-off after the `failures`-th counted failure (at or past the threshold): base,
+/// then doubling, capped.
 pub fn backoff_seconds(failures: u32, p: &Policy) -> u32 {
     let doublings = failures.saturating_sub(p.lockout_threshold).min(31);
     let raw = u64::from(p.base_backoff_seconds) << doublings;

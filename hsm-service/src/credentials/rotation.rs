@@ -151,12 +151,17 @@ impl SeedRotator {
                 by_version.entry(r.master_key_version).or_default().push(r);
             }
             for (from, recs) in by_version {
-                let blobs: Vec<Arc<[u8]>> = recs
-                    .iter()
-                    .map(|r| Arc::from(r.wrapped_seed.as_slice()))
-                    .collect();
-                let rewrapped = self.hsm.rewrap_seeds(from, new, blobs).await?;
-                for (rec, blob) in recs.into_iter().zip(rewrapped) {
+                let items = super::binding::rewrap_items(&recs)?;
+                let rewrapped = self.hsm.rewrap_seeds(from, new, items).await?;
+                for (rec, out) in recs.into_iter().zip(rewrapped) {
+                    let Some((blob, mac)) = out else {
+                        // Never re-bind a blob that is not bound to its record: that
+                        // would launder a moved seed. The record stays as it is.
+                        return Err(super::binding::refused(
+                            &rec,
+                            crate::hsm::Error::BindingMismatch,
+                        ));
+                    };
                     let expect = rec.wrapped_seed.clone();
                     let stored = self
                         .store
@@ -165,6 +170,7 @@ impl SeedRotator {
                                 return Update::Keep(false);
                             }
                             r.wrapped_seed = blob;
+                            r.seed_binding = Some(mac);
                             r.master_key_version = new;
                             Update::Write(true)
                         })

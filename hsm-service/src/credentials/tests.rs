@@ -28,12 +28,14 @@ fn record(kind: OtpKind) -> CredentialRecord {
         t0: 0,
         wrapped_seed: vec![1; 40],
         master_key_version: 1,
+        seed_binding: None,
         issuer: String::new(),
         account_name: String::new(),
         last_accepted: None,
         next_counter: 0,
         drift_steps: 0,
         failures: 0,
+        failure_times: Vec::new(),
         locked_until: 0,
         hard_locked: false,
         disabled: false,
@@ -48,54 +50,313 @@ fn outcome(u: Update<Outcome>) -> Outcome {
     }
 }
 
+/// One attempt at `now` with a wrong code (`None`) or the code of step `matched`, as the
+/// service decides it: the gate first, then the decision on the record.
+fn attempt(rec: &mut CredentialRecord, matched: Option<u64>, now: u64, p: &Policy) -> Outcome {
+    match policy::gate(rec, now, p) {
+        Some(refused) => refused,
+        None => outcome(policy::apply_verify(rec, matched, now, p)),
+    }
+}
+
+/// An attacker who knows only the id sends a wrong code as soon as the credential takes
+/// one (one second after a plain rejection, at the end of each lock): what each failure
+/// answers, with the default policy.
 #[test]
 fn lockout_table_with_default_policy() {
     let p = Policy::default();
+    assert_eq!(
+        (p.failure_window_seconds, p.hard_lockout_threshold),
+        (86_400, 0)
+    );
     let mut rec = record(OtpKind::Totp);
-    let mut now = 1_000_000;
-    // (failure number, remaining after it, retry_after, hard locked)
-    let table: [(u32, u32, u32, bool); 8] = [
-        (1, 4, 0, false),
-        (4, 1, 0, false),
-        (5, 15, 30, false),
-        (6, 14, 60, false),
-        (7, 13, 120, false),
-        (10, 10, 960, false),
-        (19, 1, 86_400, false),
-        (20, 0, 0, true),
+    let start = 1_000_000;
+    let mut now = start;
+    // (failure number, seconds since the first, failures counted, remaining, retry_after)
+    let table: &[(u32, u64, u32, u32, u32)] = &[
+        (1, 0, 1, 4, 0),
+        (2, 1, 2, 3, 0),
+        (4, 3, 4, 1, 0),
+        (5, 4, 5, 0, 30),
+        (6, 34, 6, 0, 60),
+        (7, 94, 7, 0, 120),
+        (10, 934, 10, 0, 960),
+        (15, 30_694, 15, 0, 30_720),
+        (16, 61_414, 16, 0, 61_440),
+        // A day after the first failures they no longer count: back to the start.
+        (17, 122_854, 2, 3, 0),
+        (20, 122_857, 5, 0, 30),
     ];
-    let mut expected = table.iter().peekable();
+    let mut expected = table.iter();
+    let mut row = expected.next();
     for n in 1..=20u32 {
-        let o = outcome(policy::apply_verify(&mut rec, None, now, &p));
+        let o = attempt(&mut rec, None, now, &p);
         assert_eq!(o.verdict, Verdict::Rejected, "failure {n}");
-        if let Some(&&(at, remaining, retry, hard)) = expected.peek() {
+        assert!(!rec.hard_locked, "the hard lock is off by default");
+        if let Some(&(at, since, counted, remaining, retry)) = row {
             if at == n {
-                assert_eq!(
-                    o.remaining_attempts, remaining,
-                    "remaining after failure {n}"
+                let got = (
+                    now - start,
+                    policy::counted_failures(&rec, now, &p),
+                    o.remaining_attempts,
+                    o.retry_after_seconds,
                 );
-                assert_eq!(o.retry_after_seconds, retry, "back-off after failure {n}");
-                assert_eq!(rec.hard_locked, hard, "hard lock after failure {n}");
-                expected.next();
+                assert_eq!(got, (since, counted, remaining, retry), "failure {n}");
+                row = expected.next();
             }
         }
-        // While locked, attempts are refused without counting.
         if rec.locked_until > now {
-            let before = rec.failures;
-            let o = outcome(policy::apply_verify(&mut rec, Some(99), now, &p));
-            assert_eq!(o.verdict, Verdict::Locked);
-            assert_eq!(o.retry_after_seconds as u64, rec.locked_until - now);
-            assert_eq!(rec.failures, before);
+            // While locked, every attempt (even the right code) is refused without
+            // counting, and says how long to wait.
+            let before = rec.failure_times.clone();
+            let o = attempt(&mut rec, Some(99), now + 1, &p);
+            assert_eq!(
+                (
+                    o.verdict,
+                    o.remaining_attempts,
+                    u64::from(o.retry_after_seconds)
+                ),
+                (Verdict::Locked, 0, rec.locked_until - now - 1),
+                "failure {n}"
+            );
+            assert_eq!(rec.failure_times, before);
             now = rec.locked_until;
+        } else {
+            now += 1;
         }
     }
-    assert!(expected.next().is_none());
-    let o = outcome(policy::apply_verify(&mut rec, Some(1), now + 1_000_000, &p));
+    assert!(row.is_none(), "every row checked");
+}
+
+/// Each lockout rule, as a row: a policy, failures at given seconds, then what the
+/// credential answers at a later second.
+#[test]
+fn lockout_rules_table() {
+    let small = Policy {
+        failure_window_seconds: 100,
+        lockout_threshold: 3,
+        base_backoff_seconds: 10,
+        max_backoff_seconds: 40,
+        ..Policy::default()
+    };
+    let hard = Policy {
+        hard_lockout_threshold: 5,
+        ..small.clone()
+    };
+    struct Row {
+        rule: &'static str,
+        policy: Policy,
+        failures: Vec<u64>,
+        at: u64,
+        // (verdict of a wrong code at `at`, remaining, retry_after, hard locked after)
+        expect: (Verdict, u32, u32, bool),
+    }
+    let rows = vec![
+        Row {
+            rule: "failures inside the window count",
+            policy: small.clone(),
+            failures: vec![0, 10],
+            at: 99,
+            expect: (Verdict::Rejected, 0, 10, false),
+        },
+        Row {
+            rule: "a failure exactly a window old no longer counts",
+            policy: small.clone(),
+            failures: vec![0, 10],
+            at: 100,
+            expect: (Verdict::Rejected, 1, 0, false),
+        },
+        Row {
+            rule: "all failures older than the window: a fresh start",
+            policy: small.clone(),
+            failures: vec![0, 10],
+            at: 500,
+            expect: (Verdict::Rejected, 2, 0, false),
+        },
+        Row {
+            rule: "inside a back-off: locked, not counted",
+            policy: small.clone(),
+            failures: vec![0, 1, 2],
+            at: 5,
+            expect: (Verdict::Locked, 0, 7, false),
+        },
+        Row {
+            rule: "after a back-off, the next counted failure locks again, doubled",
+            policy: small.clone(),
+            failures: vec![0, 1, 2],
+            at: 12,
+            expect: (Verdict::Rejected, 0, 20, false),
+        },
+        Row {
+            rule: "the back-off is capped",
+            policy: small.clone(),
+            failures: vec![0, 1, 2, 12, 32],
+            at: 80,
+            expect: (Verdict::Rejected, 0, 40, false),
+        },
+        Row {
+            rule: "the hard lock is off by default: never reached",
+            policy: small.clone(),
+            failures: vec![0, 1, 2, 12, 32, 72],
+            at: 99,
+            expect: (Verdict::Locked, 0, 13, false),
+        },
+        Row {
+            rule: "hard lock on: reached by failures inside one window",
+            policy: hard.clone(),
+            failures: vec![0, 1, 2, 12],
+            at: 32,
+            expect: (Verdict::Rejected, 0, 0, true),
+        },
+        Row {
+            rule: "hard lock on: not reached when earlier failures left the window",
+            policy: hard.clone(),
+            failures: vec![0, 1, 2, 12],
+            at: 101,
+            expect: (Verdict::Rejected, 0, 10, false),
+        },
+        Row {
+            rule: "hard lock on: a slow drip never reaches it",
+            policy: hard.clone(),
+            failures: (0..50).map(|i| i * 100).collect(),
+            at: 5_000,
+            expect: (Verdict::Rejected, 2, 0, false),
+        },
+    ];
+    for row in rows {
+        let p = &row.policy;
+        let mut rec = record(OtpKind::Hotp);
+        for &t in &row.failures {
+            let o = attempt(&mut rec, None, t, p);
+            assert_eq!(
+                o.verdict,
+                Verdict::Rejected,
+                "{}: setup failure at {t}",
+                row.rule
+            );
+        }
+        let o = attempt(&mut rec, None, row.at, p);
+        let got = (
+            o.verdict,
+            o.remaining_attempts,
+            o.retry_after_seconds,
+            rec.hard_locked,
+        );
+        assert_eq!(got, row.expect, "{}", row.rule);
+        if rec.hard_locked {
+            let later = attempt(&mut rec, Some(1), row.at + 1_000_000, p);
+            assert_eq!(
+                (later.verdict, later.retry_after_seconds),
+                (Verdict::Locked, 0),
+                "{}: the hard lock never expires",
+                row.rule
+            );
+        }
+    }
+}
+
+/// `remaining_attempts` says how many wrong codes are answered REJECTED before the next
+/// lock, at every point: the count is checked against what actually happens.
+#[test]
+fn remaining_attempts_are_truthful() {
+    let p = Policy {
+        failure_window_seconds: 1_000,
+        ..Policy::default()
+    };
+    let mut rec = record(OtpKind::Hotp);
+    let mut now = 0;
+    for round in 0..40 {
+        let said = policy::gate(&rec, now, &p).map_or_else(
+            || policy::remaining(&rec, now, &p),
+            |o| o.remaining_attempts,
+        );
+        // Spend them: exactly `said` rejections, the last of which locks.
+        for k in 1..=said {
+            let o = attempt(&mut rec, None, now, &p);
+            assert_eq!(o.verdict, Verdict::Rejected, "round {round}, attempt {k}");
+            assert_eq!(o.remaining_attempts, said - k, "round {round}, attempt {k}");
+            now += 7;
+        }
+        assert!(
+            rec.locked_until > now - 7,
+            "round {round}: locked after {said}"
+        );
+        // Wait out the lock, and in some rounds long enough for failures to leave
+        // the window.
+        now = rec.locked_until + if round % 4 == 3 { 900 } else { 0 };
+    }
+}
+
+#[test]
+fn lock_changes_are_reported_for_the_audit_record() {
+    use policy::{LockChange, LockState};
+    let p = Policy {
+        hard_lockout_threshold: 6,
+        ..Policy::default()
+    };
+    let mut rec = record(OtpKind::Hotp);
+    let mut changes = Vec::new();
+    let mut now = 100;
+    for _ in 0..6 {
+        let before = LockState::of(&rec);
+        attempt(&mut rec, None, now, &p);
+        changes.push(before.change(&rec));
+        now = rec.locked_until.max(now + 1);
+    }
     assert_eq!(
-        (o.verdict, o.retry_after_seconds),
-        (Verdict::Locked, 0),
-        "hard lock never expires"
+        changes,
+        vec![
+            None,
+            None,
+            None,
+            None,
+            Some(LockChange::Temporary {
+                until: 134,
+                failures: 5
+            }),
+            Some(LockChange::Hard { failures: 6 }),
+        ]
     );
+    // A refusal while locked changes nothing.
+    let before = LockState::of(&rec);
+    attempt(&mut rec, None, now, &p);
+    assert_eq!(before.change(&rec), None);
+}
+
+/// OWASP ASVS 2.2.1 (at most 100 failed attempts per hour on one account) and the
+/// attacker's rate over a month, with the default policy: an attacker at full speed.
+#[test]
+fn default_policy_bounds_an_attacker() {
+    let p = Policy::default();
+    let mut rec = record(OtpKind::Totp);
+    let start = 1_000_000u64;
+    let mut now = start;
+    let mut failures = Vec::new();
+    while now < start + 30 * 86_400 {
+        if let Some(o) = policy::gate(&rec, now, &p) {
+            assert_eq!(o.verdict, Verdict::Locked);
+            now = rec.locked_until;
+            continue;
+        }
+        let o = attempt(&mut rec, None, now, &p);
+        assert_eq!(o.verdict, Verdict::Rejected);
+        failures.push(now);
+        now += 1;
+    }
+    let most_within = |span: u64| {
+        (0..failures.len())
+            .map(|i| failures[i..].partition_point(|&t| t < failures[i] + span))
+            .max()
+            .unwrap_or(0)
+    };
+    assert_eq!(most_within(3_600), 11, "per hour (ASVS 2.2.1: <= 100)");
+    assert_eq!(most_within(86_400), 16, "per day");
+    assert_eq!(failures.len(), 304, "in 30 days");
+    assert!(!rec.hard_locked);
+    // The attacker stops: the lock ends by itself, and a window later nothing counts.
+    let quiet = rec.locked_until + u64::from(p.failure_window_seconds);
+    assert_eq!(policy::gate(&rec, rec.locked_until, &p), None);
+    assert_eq!(policy::remaining(&rec, quiet, &p), p.lockout_threshold);
 }
 
 #[test]
@@ -117,10 +378,14 @@ fn success_resets_failures_and_replay_is_not_counted() {
     for _ in 0..3 {
         policy::apply_verify(&mut rec, None, 100, &p);
     }
-    assert_eq!(rec.failures, 3);
+    assert_eq!((rec.failures, rec.failure_times.len()), (3, 3));
     let o = outcome(policy::apply_verify(&mut rec, Some(7), 100, &p));
     assert_eq!(o.verdict, Verdict::Accepted);
     assert_eq!((rec.failures, rec.last_accepted), (0, Some(7)));
+    assert!(
+        rec.failure_times.is_empty(),
+        "a success forgets every failure"
+    );
     for step in [7, 6] {
         let u = policy::apply_verify(&mut rec, Some(step), 100, &p);
         assert!(
@@ -237,6 +502,9 @@ async fn fixture(policy: Policy) -> Fixture {
     ensure_master_key(&hsm, store.as_ref(), 1)
         .await
         .expect("master key");
+    binding::migrate(&hsm, store.as_ref(), 500)
+        .await
+        .expect("binding key");
     let now = Arc::new(AtomicU64::new(1_700_000_000));
     let clock_now = now.clone();
     let clock: Clock = Clock::from_secs_fn(move || clock_now.load(Ordering::SeqCst));
@@ -260,7 +528,7 @@ async fn fixture(policy: Policy) -> Fixture {
 
 /// The fixture with an audit log; checkpoints only on request.
 async fn audited_fixture(policy: Policy) -> (Fixture, Arc<crate::audit::log::AuditLog>) {
-    let mut f = fixture(policy).await;
+    let mut f = fixture(policy.clone()).await;
     let log = crate::audit::log::AuditLog::open(
         f.store.clone(),
         f.hsm.clone(),
@@ -269,14 +537,8 @@ async fn audited_fixture(policy: Policy) -> (Fixture, Arc<crate::audit::log::Aud
     )
     .await
     .expect("audit log");
-    let service = Credentials::new(
-        f.hsm.clone(),
-        f.store.clone(),
-        Policy::default(),
-        1,
-        f.clock.clone(),
-    )
-    .with_audit(log.clone());
+    let service = Credentials::new(f.hsm.clone(), f.store.clone(), policy, 1, f.clock.clone())
+        .with_audit(log.clone());
     f.service = Arc::new(service);
     (f, log)
 }
@@ -1174,6 +1436,188 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
         recs.iter().all(|r| !r.to_json_line().contains(&right(0))),
         "no code in the trail"
     );
+}
+
+/// Someone with write access to the store (not to the HSM) copies credential A's wrapped
+/// seed into B's record, with and without A's binding: neither B's codes nor A's are
+/// ever ACCEPTED for B, each attempt is refused as tampering (DATA_LOSS, audited
+/// `tampered`) before any unwrap, even while A's unwrapped seed is in the cache, and
+/// nothing is counted against B.
+#[tokio::test]
+async fn a_blob_moved_into_another_record_never_verifies() {
+    let (f, log) = audited_fixture(Policy::default()).await;
+    let seed_a = rfc_vectors::RFC4226_SEED;
+    let seed_b = b"another-seed-of-20-b";
+    for (id, seed) in [("a", seed_a), ("b", &seed_b[..])] {
+        f.service
+            .create(T, import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+            .await
+            .expect("create");
+    }
+    let code = |seed: &[u8], c| soft_code(seed, HashAlgorithm::Sha1, c, 6);
+    // A verifies, so A's unwrapped seed is cached.
+    assert_eq!(
+        f.service
+            .verify(T, "a", &code(seed_a, 0))
+            .await
+            .expect("a")
+            .verdict,
+        Verdict::Accepted
+    );
+    let a = f.store.get(T, "a").await.expect("get").expect("a");
+    let b_before = f.store.get(T, "b").await.expect("get").expect("b");
+    let swaps: [(&str, Option<[u8; 32]>); 3] = [
+        ("blob only", b_before.seed_binding),
+        ("blob and A's binding", a.seed_binding),
+        ("blob without a binding", None),
+    ];
+    for (swap, binding) in swaps {
+        let (blob, version) = (a.wrapped_seed.clone(), a.master_key_version);
+        f.store
+            .update(T, "b", move |r| {
+                r.wrapped_seed = blob;
+                r.master_key_version = version;
+                r.seed_binding = binding;
+                Update::Write(())
+            })
+            .await
+            .expect("tamper");
+        let (hits, misses, entries) = f.hsm.seed_cache_stats();
+        for (whose, c) in [("A's", code(seed_a, 1)), ("B's", code(seed_b, 0))] {
+            let got = f.service.verify(T, "b", &c).await;
+            assert!(
+                matches!(got, Err(Error::Integrity(ref m)) if m.contains("\"b\" failed its integrity check")),
+                "{swap}, {whose} code: {got:?}"
+            );
+            let status = tonic::Status::from(got.unwrap_err());
+            assert_eq!(status.code(), tonic::Code::DataLoss, "{swap}");
+            let last = records(&log).pop().expect("a record");
+            assert_eq!(
+                (last.action.as_str(), last.object.as_str(), result_of(&last)),
+                ("credential.verify", "b", "tampered"),
+                "{swap}, {whose} code"
+            );
+            assert_eq!(last.outcome, "failed: tampered", "{swap}");
+            let resync = f
+                .service
+                .resync(T, "b", &code(seed_a, 2), &code(seed_a, 3))
+                .await;
+            assert!(
+                matches!(resync, Err(Error::Integrity(_))),
+                "{swap}: {resync:?}"
+            );
+        }
+        let after = f.hsm.seed_cache_stats();
+        assert_eq!(
+            after.0, hits,
+            "{swap}: A's cached seed was never used for B"
+        );
+        assert_eq!(after.2, entries, "{swap}: nothing was unwrapped");
+        assert!(after.1 >= misses, "{swap}");
+        let b_now = f.store.get(T, "b").await.expect("get").expect("b");
+        assert_eq!(
+            (b_now.failures, b_now.last_accepted, b_now.next_counter),
+            (0, None, 0),
+            "{swap}: nothing counted or consumed"
+        );
+    }
+    // A itself is untouched and still verifies.
+    assert_eq!(
+        f.service
+            .verify(T, "a", &code(seed_a, 1))
+            .await
+            .expect("a")
+            .verdict,
+        Verdict::Accepted
+    );
+    // Restoring B's own blob and binding makes B verify again.
+    let b_back = b_before.clone();
+    f.store
+        .update(T, "b", move |r| {
+            r.wrapped_seed = b_back.wrapped_seed.clone();
+            r.master_key_version = b_back.master_key_version;
+            r.seed_binding = b_back.seed_binding;
+            Update::Write(())
+        })
+        .await
+        .expect("restore");
+    assert_eq!(
+        f.service
+            .verify(T, "b", &code(seed_b, 0))
+            .await
+            .expect("b")
+            .verdict,
+        Verdict::Accepted
+    );
+}
+
+/// Records from before bindings get one at start-up, once; enrolments and re-wraps
+/// always bind; after the migration an unbound record is refused.
+#[tokio::test]
+async fn start_up_migration_binds_existing_records_once() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    for id in ["old-1", "old-2", "old-3"] {
+        f.service
+            .create(T, import(id, OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+            .await
+            .expect("create");
+        // As a store from before bindings holds it.
+        f.store
+            .update(T, id, |r| {
+                r.seed_binding = None;
+                Update::Write(())
+            })
+            .await
+            .expect("unbind");
+    }
+    // The fixture migrated an empty store; a store from before bindings has no mark.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let old_store = Arc::new(
+        EmbeddedStore::open(&fresh.path().join("old.redb"), StoreOptions::default())
+            .expect("store"),
+    );
+    let mut recs = f.store.list(None, None, 10).await.expect("list");
+    recs.iter_mut().for_each(|r| r.seed_binding = None);
+    old_store.insert_many(recs).await.expect("copy");
+    let bound = binding::migrate(&f.hsm, old_store.as_ref(), 2)
+        .await
+        .expect("migrate");
+    assert_eq!(bound, 3);
+    assert_eq!(
+        binding::migrate(&f.hsm, old_store.as_ref(), 2)
+            .await
+            .expect("again"),
+        0,
+        "one time only"
+    );
+    let migrated = Credentials::new(
+        f.hsm.clone(),
+        old_store.clone(),
+        Policy::default(),
+        1,
+        f.clock.clone(),
+    );
+    assert_eq!(
+        migrated
+            .verify(T, "old-2", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+            .await
+            .expect("verify")
+            .verdict,
+        Verdict::Accepted
+    );
+    // A record that lost its binding after the migration is refused.
+    old_store
+        .update(T, "old-3", |r| {
+            r.seed_binding = None;
+            Update::Write(())
+        })
+        .await
+        .expect("unbind");
+    let refused = migrated
+        .verify(T, "old-3", &soft_code(seed, HashAlgorithm::Sha1, 0, 6))
+        .await;
+    assert!(matches!(refused, Err(Error::Integrity(_))), "{refused:?}");
 }
 
 /// The verification's record names the tenant and, for an accepted code, the evidence it

@@ -63,6 +63,9 @@ pub enum Error {
     /// cryptoki failed outside a PKCS#11 call (conversion, missing symbol).
     #[error("PKCS#11 binding error: {0}")]
     Binding(String),
+    /// A wrapped seed's binding MAC does not match its record: it was not unwrapped.
+    #[error("the wrapped seed is not bound to its record (binding MAC mismatch)")]
+    BindingMismatch,
 }
 
 impl Error {
@@ -74,7 +77,7 @@ impl Error {
             Error::ShutDown => ErrorKind::Unavailable,
             Error::ObjectNotFound(_) | Error::TokenNotFound(_) => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::InvalidInput,
-            Error::Load { .. } | Error::Binding(_) => ErrorKind::Internal,
+            Error::Load { .. } | Error::Binding(_) | Error::BindingMismatch => ErrorKind::Internal,
         }
     }
 

@@ -10,6 +10,7 @@
 //! types.
 
 pub mod backup;
+pub mod binding;
 pub mod error;
 pub mod module;
 pub mod objects;

@@ -28,6 +28,7 @@ use cryptoki::object::{
 use cryptoki::session::Session;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::binding::{self, SeedBinding, BINDING_LEN};
 use super::{objects, Error, Hsm, Result};
 use crate::otp::HashAlgorithm;
 
@@ -56,9 +57,10 @@ pub(crate) struct SeedCacheShared {
 /// signs with it. That matters because PKCS#11 may reuse a destroyed handle's number for
 /// a new object (SoftHSM does): a shared cache could, after a race, sign with another
 /// credential's seed. Keyed by the wrapped blob itself, so a credential deleted and
-/// re-created under the same id can never use a stale seed.
+/// re-created under the same id can never use a stale seed, and by the binding it was
+/// checked against (see [`SeedKey`]).
 pub(crate) struct WorkerSeeds {
-    map: lru::LruCache<Arc<[u8]>, ObjectHandle>,
+    map: lru::LruCache<SeedKey, ObjectHandle>,
     epoch: u64,
     shared: Arc<SeedCacheShared>,
 }
@@ -88,8 +90,27 @@ impl WorkerSeeds {
 
     #[cfg(test)]
     pub(crate) fn peek(&self, wrapped: &[u8]) -> Option<ObjectHandle> {
-        self.map.peek(wrapped).copied()
+        self.map
+            .iter()
+            .find(|(k, _)| &*k.wrapped == wrapped)
+            .map(|(_, h)| *h)
     }
+}
+
+/// What an unwrapped handle is cached under: the blob and the binding (record context
+/// and stored MAC) that the HSM checked before unwrapping it.
+///
+/// Why the binding check is once per cache entry and not once per verification: the
+/// MAC is a deterministic function of (binding key, context, blob), and the binding key
+/// never changes, so a check that passed for this exact triple passes again. Keying the
+/// cache by the triple (not by the blob alone) is what makes that sound: credential B
+/// holding A's blob has another context, misses the cache even while A's handle is in
+/// it, and is checked (and refused) before any unwrap. The hot path (a hit) thus costs
+/// no extra HSM call; only a miss, which unwraps anyway, adds one `C_Sign`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SeedKey {
+    wrapped: Arc<[u8]>,
+    binding: SeedBinding,
 }
 
 fn hmac_mechanism(alg: HashAlgorithm) -> Mechanism<'static> {
@@ -312,18 +333,21 @@ impl Hsm {
     }
 
     /// Re-wrap seeds from master key `old` to master key `new`, in one pool job: each
-    /// blob is unwrapped under `old` into a session object that is sensitive and
-    /// extractable only so that `C_WrapKey` can wrap it (no sign, no verify), wrapped
-    /// under `new` (`CKM_AES_KEY_WRAP_PAD`) and destroyed at once, whatever happens. No
-    /// plaintext seed leaves the HSM. Returns the new blobs in the order given. Only from
-    /// a master key without the unwrap template: one with it never unwraps into an
-    /// extractable object (see [`confined_key`]).
+    /// blob's binding is checked first (a blob not bound to its record is never
+    /// re-wrapped, which would launder it: its item is `None`); it is then unwrapped
+    /// under `old` into a session object that is sensitive and extractable only so that
+    /// `C_WrapKey` can wrap it (no sign, no verify), wrapped under `new`
+    /// (`CKM_AES_KEY_WRAP_PAD`) and destroyed at once, whatever happens, and the new blob
+    /// is bound to the same context. No plaintext seed leaves the HSM. Returns the new
+    /// blobs and bindings in the order given. Only from a master key without the unwrap
+    /// template: one with it never unwraps into an extractable object (see
+    /// [`confined_key`]).
     pub async fn rewrap_seeds(
         &self,
         old: u32,
         new: u32,
-        blobs: Vec<Arc<[u8]>>,
-    ) -> Result<Vec<Vec<u8>>> {
+        items: Vec<(Arc<[u8]>, SeedBinding)>,
+    ) -> Result<Vec<Option<(Vec<u8>, [u8; BINDING_LEN])>>> {
         if old == new {
             return Err(Error::Invalid(format!(
                 "re-wrap from master key version {old} to itself"
@@ -331,6 +355,7 @@ impl Hsm {
         }
         let from = self.master_key(old).await?;
         let to = self.master_key(new).await?;
+        let bind = self.binding_key().await?;
         self.inner
             .pool
             .submit(move |w| {
@@ -339,12 +364,18 @@ impl Hsm {
                         return Err(confined_key(old));
                     }
                     let template = transient_seed_template();
-                    blobs
+                    items
                         .iter()
-                        .map(|blob| {
+                        .map(|(blob, b)| {
+                            match binding::check(s, bind, blob, b) {
+                                Err(Error::BindingMismatch) => return Ok(None),
+                                other => other?,
+                            }
                             let key =
                                 s.unwrap_key(&Mechanism::AesKeyWrapPad, from, blob, &template)?;
-                            wrap_and_destroy(s, to, key)
+                            let wrapped = wrap_and_destroy(s, to, key)?;
+                            let mac = binding::compute(s, bind, &b.context, &wrapped)?;
+                            Ok(Some((wrapped, mac)))
                         })
                         .collect()
                 })
@@ -353,35 +384,41 @@ impl Hsm {
     }
 
     /// HMAC of each 8-byte moving factor with the seed in `wrapped`, computed by the HSM.
-    /// The seed is unwrapped into a cached session object on first use. Returns the MACs
-    /// concatenated (`alg.digest_len()` bytes each), zeroized on drop.
+    /// The seed is unwrapped into a cached session object on first use, after the HSM
+    /// checked `binding` (see [`SeedKey`]; [`Error::BindingMismatch`] when it does not
+    /// match, and nothing is unwrapped). Returns the MACs concatenated
+    /// (`alg.digest_len()` bytes each), zeroized on drop.
     pub async fn seed_macs(
         &self,
         version: u32,
         wrapped: Arc<[u8]>,
+        binding: SeedBinding,
         alg: HashAlgorithm,
         factors: Vec<[u8; 8]>,
     ) -> Result<Zeroizing<Vec<u8>>> {
         let master = self.master_key(version).await?;
+        let bind = self.binding_key().await?;
+        let key = SeedKey { wrapped, binding };
         self.inner
             .pool
             .submit(move |w| {
                 let mechanism = hmac_mechanism(alg);
+                let keys = KeysOf { master, bind };
                 w.run(true, |s, seeds| {
                     let epoch = seeds.shared.epoch.load(Ordering::Relaxed);
                     if seeds.epoch != epoch {
                         seeds.destroy_all(s);
                         seeds.epoch = epoch;
                     }
-                    let handle = unwrapped(s, seeds, master, &wrapped)?;
+                    let handle = unwrapped(s, seeds, keys, &key)?;
                     let out = macs(s, &mechanism, handle, alg, &factors);
                     if out.as_ref().is_err_and(Error::is_stale_handle) {
                         // Only this thread uses its handles, so this means the object
                         // went away underneath us: forget it and unwrap afresh, once.
-                        if seeds.map.pop(&wrapped).is_some() {
+                        if seeds.map.pop(&key).is_some() {
                             seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);
                         }
-                        let handle = unwrapped(s, seeds, master, &wrapped)?;
+                        let handle = unwrapped(s, seeds, keys, &key)?;
                         return macs(s, &mechanism, handle, alg, &factors);
                     }
                     out
@@ -415,26 +452,35 @@ pub(crate) fn confined_key(version: u32) -> Error {
     ))
 }
 
-/// The unwrapped handle for `wrapped`, from this worker's cache or by unwrapping now.
+/// The token keys a verification's unwrap needs.
+#[derive(Clone, Copy)]
+struct KeysOf {
+    master: ObjectHandle,
+    bind: ObjectHandle,
+}
+
+/// The unwrapped handle for `key`, from this worker's cache or, once its binding is
+/// checked, by unwrapping now.
 fn unwrapped(
     session: &Session,
     seeds: &mut WorkerSeeds,
-    master: ObjectHandle,
-    wrapped: &Arc<[u8]>,
+    keys: KeysOf,
+    key: &SeedKey,
 ) -> Result<ObjectHandle> {
-    if let Some(h) = seeds.map.get(wrapped) {
+    if let Some(h) = seeds.map.get(key) {
         seeds.shared.hits.fetch_add(1, Ordering::Relaxed);
         return Ok(*h);
     }
     seeds.shared.misses.fetch_add(1, Ordering::Relaxed);
+    binding::check(session, keys.bind, &key.wrapped, &key.binding)?;
     let handle = session.unwrap_key(
         &Mechanism::AesKeyWrapPad,
-        master,
-        wrapped,
+        keys.master,
+        &key.wrapped,
         &verification_seed_template(),
     )?;
     seeds.shared.entries.fetch_add(1, Ordering::Relaxed);
-    if let Some((_, evicted)) = seeds.map.push(wrapped.clone(), handle) {
+    if let Some((_, evicted)) = seeds.map.push(key.clone(), handle) {
         // The least recently used seed of this worker: nobody else holds its handle.
         let _ = session.destroy_object(evicted);
         seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);

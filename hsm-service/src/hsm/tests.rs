@@ -188,6 +188,17 @@ async fn wrapped_seed(hsm: &Hsm, seed: &[u8]) -> std::sync::Arc<[u8]> {
     hsm.wrap_seed(1, padded).await.expect("wrap").into()
 }
 
+/// A binding of `blob` to a test context, computed by the HSM.
+pub(crate) async fn bound(hsm: &Hsm, blob: &[u8]) -> super::binding::SeedBinding {
+    hsm.ensure_seed_binding_key().await.expect("binding key");
+    let context = b"test context".to_vec();
+    let mac = hsm
+        .seed_bindings(vec![(context.clone(), blob.to_vec())])
+        .await
+        .expect("bind")[0];
+    super::binding::SeedBinding { context, mac }
+}
+
 #[tokio::test]
 async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
     let env = DevEnv::new();
@@ -199,19 +210,30 @@ async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
     let a = wrapped_seed(&hsm, rfc).await;
     let b = wrapped_seed(&hsm, &[7u8; 20]).await;
     assert!(hsm.ensure_seed_master_key(2).await.expect("v2"));
+    let (bound_a, bound_b) = (bound(&hsm, &a).await, bound(&hsm, &b).await);
     let out = hsm
-        .rewrap_seeds(1, 2, vec![a.clone(), b.clone()])
+        .rewrap_seeds(
+            1,
+            2,
+            vec![(a.clone(), bound_a.clone()), (b.clone(), bound_b.clone())],
+        )
         .await
         .expect("rewrap");
+    let out: Vec<(Vec<u8>, [u8; 32])> = out.into_iter().map(|o| o.expect("bound")).collect();
     assert_eq!(out.len(), 2);
-    assert_ne!(&out[0][..], &a[..]);
+    assert_ne!(&out[0].0[..], &a[..]);
+    // The new blob is bound to the same context, with a new MAC.
+    assert_eq!(out[0].1, bound(&hsm, &out[0].0).await.mac);
+    assert_ne!(out[0].1, bound_a.mac);
     // Under the new key the HSM computes the same HMAC as before.
     let mac = |version: u32, blob: std::sync::Arc<[u8]>| {
         let hsm = hsm.clone();
         async move {
+            let binding = bound(&hsm, &blob).await;
             hsm.seed_macs(
                 version,
                 blob,
+                binding,
                 crate::otp::HashAlgorithm::Sha1,
                 vec![crate::otp::moving_factor(0)],
             )
@@ -219,21 +241,36 @@ async fn seeds_rewrap_under_a_new_master_key_inside_the_hsm() {
             .expect("macs")
         }
     };
-    let new_a: std::sync::Arc<[u8]> = out[0].clone().into();
+    let new_a: std::sync::Arc<[u8]> = out[0].0.clone().into();
+    let new_b: std::sync::Arc<[u8]> = out[1].0.clone().into();
     assert_eq!(
         &mac(2, new_a.clone()).await[..],
         &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..]
     );
-    assert_eq!(*mac(1, b).await, *mac(2, out[1].clone().into()).await);
+    assert_eq!(*mac(1, b.clone()).await, *mac(2, new_b).await);
     // A blob of the new key does not unwrap under the old one; nor to itself.
-    assert!(hsm.rewrap_seeds(1, 2, vec![new_a.clone()]).await.is_err());
-    assert!(hsm.rewrap_seeds(2, 2, vec![new_a.clone()]).await.is_err());
+    let bound_new_a = bound(&hsm, &new_a).await;
+    assert!(hsm
+        .rewrap_seeds(1, 2, vec![(new_a.clone(), bound_new_a.clone())])
+        .await
+        .is_err());
+    assert!(hsm
+        .rewrap_seeds(2, 2, vec![(new_a.clone(), bound_new_a.clone())])
+        .await
+        .is_err());
+    // A blob under another record's binding is not re-wrapped (that would launder it).
+    let swapped = hsm
+        .rewrap_seeds(1, 2, vec![(b.clone(), bound_a.clone()), (b, bound_b)])
+        .await
+        .expect("rewrap");
+    assert!(swapped[0].is_none(), "a blob not bound to its record");
+    assert!(swapped[1].is_some());
     // The new key has the unwrap template: its seeds never come out again, not even
     // re-wrapped under another master key.
     assert!(hsm.seed_master_key_confined(2).await.expect("confined"));
     assert!(hsm.ensure_seed_master_key(3).await.expect("v3"));
     let refused = hsm
-        .rewrap_seeds(2, 3, vec![new_a])
+        .rewrap_seeds(2, 3, vec![(new_a, bound_new_a)])
         .await
         .expect_err("confined");
     assert!(
@@ -257,10 +294,12 @@ async fn stale_unwrapped_seed_is_unwrapped_again() {
     let hsm = open(&env, 1, 16);
     let wrapped = wrapped_seed(&hsm, crate::otp::rfc_vectors::RFC4226_SEED).await;
     let factors = || vec![crate::otp::moving_factor(0)];
+    let binding = bound(&hsm, &wrapped).await;
     let first = hsm
         .seed_macs(
             1,
             wrapped.clone(),
+            binding.clone(),
             crate::otp::HashAlgorithm::Sha1,
             factors(),
         )
@@ -279,7 +318,13 @@ async fn stale_unwrapped_seed_is_unwrapped_again() {
         .await
         .expect("destroy");
     let again = hsm
-        .seed_macs(1, wrapped, crate::otp::HashAlgorithm::Sha1, factors())
+        .seed_macs(
+            1,
+            wrapped,
+            binding,
+            crate::otp::HashAlgorithm::Sha1,
+            factors(),
+        )
         .await
         .expect("recovered");
     assert_eq!(*first, *again);
@@ -317,7 +362,9 @@ async fn concurrent_hmacs_with_eviction_use_the_right_seed() {
         .collect();
     let mut blobs = Vec::new();
     for seed in &seeds {
-        blobs.push(wrapped_seed(&hsm, seed).await);
+        let blob = wrapped_seed(&hsm, seed).await;
+        let binding = bound(&hsm, &blob).await;
+        blobs.push((blob, binding));
     }
     let mut calls = tokio::task::JoinSet::new();
     for round in 0..400usize {
@@ -326,11 +373,17 @@ async fn concurrent_hmacs_with_eviction_use_the_right_seed() {
         } else {
             round % seeds.len()
         };
-        let (hsm, blob, seed) = (hsm.clone(), blobs[i].clone(), seeds[i].clone());
+        let (hsm, (blob, binding), seed) = (hsm.clone(), blobs[i].clone(), seeds[i].clone());
         calls.spawn(async move {
             let factor = crate::otp::moving_factor(round as u64);
             let mac = hsm
-                .seed_macs(1, blob, crate::otp::HashAlgorithm::Sha1, vec![factor])
+                .seed_macs(
+                    1,
+                    blob,
+                    binding,
+                    crate::otp::HashAlgorithm::Sha1,
+                    vec![factor],
+                )
                 .await
                 .expect("macs");
             let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &seed);
@@ -348,7 +401,8 @@ async fn concurrent_hmacs_with_eviction_use_the_right_seed() {
     let (_, before, _) = hsm.seed_cache_stats();
     hsm.seed_macs(
         1,
-        blobs[0].clone(),
+        blobs[0].0.clone(),
+        blobs[0].1.clone(),
         crate::otp::HashAlgorithm::Sha1,
         vec![crate::otp::moving_factor(1)],
     )
@@ -729,10 +783,12 @@ async fn master_key_unwraps_only_into_sensitive_sign_only_session_keys() {
         unwrap_as_pin_holder(&hsm, blob.clone(), base(false, true)).await,
         Ok(false)
     );
+    let binding = bound(&hsm, &blob).await;
     let macs = hsm
         .seed_macs(
             1,
             blob,
+            binding,
             crate::otp::HashAlgorithm::Sha1,
             vec![crate::otp::moving_factor(0)],
         )
@@ -742,4 +798,54 @@ async fn master_key_unwraps_only_into_sensitive_sign_only_session_keys() {
         &macs[..],
         &crate::otp::rfc_vectors::RFC4226_VECTORS[0].hmac[..]
     );
+}
+
+/// A blob is unwrapped only under the binding the HSM computed for it, and the check
+/// holds even while another record's handle for the same blob is cached.
+#[tokio::test]
+async fn seed_macs_refuse_a_blob_under_another_binding_before_unwrapping() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 4);
+    let blob = wrapped_seed(&hsm, crate::otp::rfc_vectors::RFC4226_SEED).await;
+    let a = bound(&hsm, &blob).await;
+    let factors = || vec![crate::otp::moving_factor(0)];
+    let sha1 = crate::otp::HashAlgorithm::Sha1;
+    hsm.seed_macs(1, blob.clone(), a.clone(), sha1, factors())
+        .await
+        .expect("bound");
+    let (hits, misses, entries) = hsm.seed_cache_stats();
+    // Another record's context with A's MAC, then with a MAC of another blob.
+    let other_blob = wrapped_seed(&hsm, &[9u8; 20]).await;
+    let mut b_context = a.context.clone();
+    b_context.extend_from_slice(b" of b");
+    let refusals = [
+        super::binding::SeedBinding {
+            context: b_context.clone(),
+            mac: a.mac,
+        },
+        super::binding::SeedBinding {
+            context: a.context.clone(),
+            mac: bound(&hsm, &other_blob).await.mac,
+        },
+        super::binding::SeedBinding {
+            context: a.context.clone(),
+            mac: [0; 32],
+        },
+    ];
+    for b in refusals {
+        let r = hsm.seed_macs(1, blob.clone(), b, sha1, factors()).await;
+        assert!(matches!(r, Err(Error::BindingMismatch)), "{r:?}");
+    }
+    let after = hsm.seed_cache_stats();
+    assert_eq!(
+        after.0, hits,
+        "a refused binding never uses the cached handle"
+    );
+    assert_eq!(after.1, misses + 3);
+    assert_eq!(after.2, entries, "and nothing was unwrapped");
+    // The right binding still hits the cache: no HSM check on the hot path.
+    hsm.seed_macs(1, blob, a, sha1, factors())
+        .await
+        .expect("bound");
+    assert_eq!(hsm.seed_cache_stats().0, hits + 1);
 }

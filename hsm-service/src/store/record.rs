@@ -5,7 +5,8 @@
 //! unique per tenant, one tenant's records are one contiguous key range, and
 //! neither is repeated in the value. A new format gets a new version byte and a
 //! new private struct; old versions stay decodable (format 1, written before
-//! subjects existed, decodes with no subject).
+//! issue 10, decodes with no subject, no seed binding and its failure count
+//! without times; format 2 adds the three).
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -28,7 +29,7 @@ const KEY_SEPARATOR: char = '\0';
 
 /// First byte of every encoded record in format 1 (no subject).
 const FORMAT_V1: u8 = 1;
-/// Format 2: format 1 plus the subject.
+/// Format 2: format 1 plus the subject, the seed binding and the failure times.
 const FORMAT_V2: u8 = 2;
 
 /// One credential's durable state.
@@ -59,6 +60,11 @@ pub struct CredentialRecord {
     pub wrapped_seed: Vec<u8>,
     /// Which master key version wrapped `wrapped_seed`.
     pub master_key_version: u32,
+    /// HMAC-SHA256 computed in the HSM with the seed binding key over this record's
+    /// tenant, id, kind, algorithm, digits, period and `wrapped_seed`
+    /// (`credentials::binding`): a blob moved into another record does not match it.
+    /// `None` only in records from before bindings, until the start-up migration.
+    pub seed_binding: Option<[u8; 32]>,
     /// Issuer shown in authenticator apps.
     pub issuer: String,
     /// Account name shown in authenticator apps.
@@ -70,8 +76,12 @@ pub struct CredentialRecord {
     pub next_counter: u64,
     /// TOTP drift (in steps) recorded by resync.
     pub drift_steps: i64,
-    /// Consecutive failed verifications.
+    /// Failed verifications that counted when the record was last written (those inside
+    /// the failure window, since the last success): `failure_times.len()`.
     pub failures: u32,
+    /// Unix seconds of those failures, oldest first (the lockout policy drops the ones
+    /// that left the window and keeps a bounded number).
+    pub failure_times: Vec<u64>,
     /// Unix seconds until which the credential is temporarily locked.
     pub locked_until: u64,
     /// Locked until an officer unlocks it.
@@ -101,12 +111,14 @@ impl std::fmt::Debug for CredentialRecord {
                 &format_args!("<{} bytes>", self.wrapped_seed.len()),
             )
             .field("master_key_version", &self.master_key_version)
+            .field("seed_binding", &self.seed_binding.is_some())
             .field("issuer", &self.issuer)
             .field("account_name", &self.account_name)
             .field("last_accepted", &self.last_accepted)
             .field("next_counter", &self.next_counter)
             .field("drift_steps", &self.drift_steps)
             .field("failures", &self.failures)
+            .field("failure_times", &self.failure_times)
             .field("locked_until", &self.locked_until)
             .field("hard_locked", &self.hard_locked)
             .field("disabled", &self.disabled)
@@ -143,13 +155,16 @@ struct RecordV1<'a> {
     updated_at: u64,
 }
 
-/// Format 2 as stored: format 1's fields, then the subject.
+/// Format 2 as stored: format 1's fields, then what issue 10 added. Field order is the
+/// wire format: never reorder, only add a new format version.
 #[derive(Serialize, Deserialize)]
 struct RecordV2<'a> {
     #[serde(borrow)]
     v1: RecordV1<'a>,
     #[serde(borrow)]
     subject: Option<&'a str>,
+    seed_binding: Option<[u8; 32]>,
+    failure_times: Vec<u64>,
 }
 
 // Codes start at 1 so that zeroed bytes never decode as a valid record.
@@ -269,12 +284,17 @@ pub(super) fn encode(rec: &CredentialRecord) -> Zeroizing<Vec<u8>> {
     let v = RecordV2 {
         v1,
         subject: rec.subject.as_deref(),
+        seed_binding: rec.seed_binding,
+        failure_times: rec.failure_times.clone(),
     };
     let subject_len = rec.subject.as_ref().map_or(0, String::len);
-    // Upper bound (varints <= 10 bytes, 4 length prefixes, option tag) so the Vec
-    // never reallocates, which would leave an unzeroized copy of the seed behind.
+    // Upper bound (varints <= 10 bytes, 5 length prefixes, option tags, the binding)
+    // so the Vec never reallocates, which would leave an unzeroized copy of the seed
+    // behind.
     let cap = 1
-        + 18 * 10
+        + 19 * 10
+        + 33
+        + 10 * rec.failure_times.len()
         + rec.wrapped_seed.len()
         + rec.issuer.len()
         + rec.account_name.len()
@@ -299,8 +319,21 @@ pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialR
     let corrupt = |what: &str| StoreError::Corrupt(format!("credential {id:?}: {what}"));
     let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
     let taken = match version {
-        FORMAT_V1 => postcard::take_from_bytes::<RecordV1<'_>>(body)
-            .map(|(v1, rest)| (RecordV2 { v1, subject: None }, rest)),
+        FORMAT_V1 => postcard::take_from_bytes::<RecordV1<'_>>(body).map(|(v1, rest)| {
+            // Format 1 kept a count only: its failures are taken as made at the last
+            // change, so they leave the failure window a window after it.
+            let n = usize::try_from(v1.failures)
+                .unwrap_or(usize::MAX)
+                .min(crate::credentials::policy::MAX_COUNTED_FAILURES);
+            let failure_times = vec![v1.updated_at; n];
+            let v2 = RecordV2 {
+                v1,
+                subject: None,
+                seed_binding: None,
+                failure_times,
+            };
+            (v2, rest)
+        }),
         FORMAT_V2 => postcard::take_from_bytes::<RecordV2<'_>>(body),
         _ => return Err(corrupt(&format!("unknown record format version {version}"))),
     };
@@ -308,7 +341,12 @@ pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialR
     if !rest.is_empty() {
         return Err(corrupt("trailing bytes after record"));
     }
-    let RecordV2 { v1: v, subject } = v2;
+    let RecordV2 {
+        v1: v,
+        subject,
+        seed_binding,
+        failure_times,
+    } = v2;
     Ok(CredentialRecord {
         tenant: tenant.to_owned(),
         id: id.to_owned(),
@@ -321,12 +359,14 @@ pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialR
         t0: v.t0,
         wrapped_seed: v.wrapped_seed.to_vec(),
         master_key_version: v.master_key_version,
+        seed_binding,
         issuer: v.issuer.to_owned(),
         account_name: v.account_name.to_owned(),
         last_accepted: v.last_accepted,
         next_counter: v.next_counter,
         drift_steps: v.drift_steps,
         failures: v.failures,
+        failure_times,
         locked_until: v.locked_until,
         hard_locked: v.hard_locked,
         disabled: v.disabled,
@@ -335,7 +375,7 @@ pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialR
     })
 }
 
-/// Encodes in format 1 (no subject), as a store of schema 1 holds it: for the
+/// Encodes in format 1 (no subject, binding or failure times), as a store of schema 1 holds it: for the
 /// migration and decoding tests.
 #[cfg(test)]
 pub(super) fn encode_v1(rec: &CredentialRecord) -> Vec<u8> {

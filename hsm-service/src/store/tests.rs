@@ -24,12 +24,14 @@ fn rec(id: &str) -> CredentialRecord {
         t0: 0,
         wrapped_seed: vec![0xA5; 40],
         master_key_version: 1,
+        seed_binding: None,
         issuer: "Example eID".into(),
         account_name: format!("user-{id}"),
         last_accepted: None,
         next_counter: 0,
         drift_steps: 0,
         failures: 0,
+        failure_times: Vec::new(),
         locked_until: 0,
         hard_locked: false,
         disabled: false,
@@ -745,6 +747,9 @@ fn encoding_round_trips_and_rejects_junk() {
         r.drift_steps = -3;
         r.wrapped_seed = (0..=255).collect();
         r.hard_locked = true;
+        r.seed_binding = Some([0xb1; 32]);
+        r.failure_times = vec![1, u64::MAX];
+        r.failures = 2;
         let bytes = encode(&r);
         assert_eq!(bytes[0], 2, "format version byte");
         assert_eq!(decode(T, "x", &bytes).unwrap(), r);
@@ -767,6 +772,35 @@ fn encoding_round_trips_and_rejects_junk() {
     bytes[1] = 7;
     let err = decode(T, "x", &bytes).unwrap_err();
     assert!(err.to_string().contains("kind code 7"), "{err}");
+}
+
+#[test]
+fn format_1_records_still_decode() {
+    use super::record::{decode, encode_v1};
+    let mut old = rec("x");
+    old.failures = 3;
+    old.updated_at = 1_000;
+    old.locked_until = 1_030;
+    let got = decode(T, "x", &encode_v1(&old)).unwrap();
+    // No binding yet (the start-up migration adds it); the failures count from the
+    // record's last change.
+    assert_eq!(got.seed_binding, None);
+    assert_eq!(got.failure_times, vec![1_000; 3]);
+    assert_eq!(got.failures, 3);
+    let expected = CredentialRecord {
+        failure_times: vec![1_000; 3],
+        subject: None,
+        ..old
+    };
+    assert_eq!(got, expected);
+    // A huge old count keeps a bounded number of times.
+    let mut many = rec("y");
+    many.failures = u32::MAX;
+    let got = decode(T, "y", &encode_v1(&many)).unwrap();
+    assert_eq!(
+        got.failure_times.len(),
+        crate::credentials::policy::MAX_COUNTED_FAILURES
+    );
 }
 
 #[test]
@@ -1183,6 +1217,8 @@ async fn schema_1_migrates_to_the_default_tenant() {
             r.tenant = DEFAULT_TENANT.into();
             r.subject = None;
             r.failures = 2;
+            // Format 1 kept a count only: its failures count from the last change.
+            r.failure_times = vec![r.updated_at; 2];
             r
         })
         .collect();
