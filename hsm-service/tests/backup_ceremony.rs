@@ -3,7 +3,9 @@
 //! backup ceremony; service B, on a freshly initialised token, restores the key in the
 //! example restore ceremony, with the KEK shares handed in with the approvals. With one
 //! share (M - 1) the restore is refused and B's token stays without the key; with two, B
-//! signs assertions that verify under A's JWKS.
+//! signs assertions that verify under A's JWKS. A `raw` key comes back `raw`: the
+//! backup file carries each key's usage, and a file whose key has another usage on the
+//! restoring service is refused.
 
 mod common;
 
@@ -232,6 +234,164 @@ async fn backup_ceremony_then_restore_ceremony_on_a_new_token_needs_m_shares() {
     let signed = common::sign_default_assertion(&b_login).await;
     assert_eq!(signed.kid, kid);
     common::verify(&signed.jws, &a_jwks).expect("B's assertion verifies under A's JWKS");
+
+    drop(server_a);
+    drop(server_b);
+}
+
+/// A plan that makes a `raw` key `receipts` for backup, publishes and activates it and
+/// writes it to `receipts-backup.json`.
+const RAW_BACKUP_PLAN: &str = r#"version = 1
+description = "Backup-able raw key"
+
+[[step]]
+kind = "generate-key"
+name = "receipts"
+algorithm = "ES256"
+usage = "raw"
+backup = true
+
+[[step]]
+kind = "publish"
+key = "receipts"
+
+[[step]]
+kind = "activate"
+key = "receipts"
+
+[[step]]
+kind = "backup"
+keys = ["receipts"]
+kek = "backup-kek-1"
+file = "receipts-backup.json"
+"#;
+
+/// The plan restoring every key of backup file `file` (SHA-256 `sha256`) and, when
+/// `key` is given, publishing and activating it.
+fn restore_plan(file: &str, sha256: &str, key: Option<&str>) -> String {
+    let mut plan = format!(
+        "version = 1\n[[step]]\nkind = \"restore\"\nfile = \"{file}\"\nsha256 = \"{sha256}\"\n"
+    );
+    if let Some(key) = key {
+        plan.push_str(&format!(
+            "[[step]]\nkind = \"publish\"\nkey = \"{key}\"\n[[step]]\nkind = \"activate\"\nkey = \"{key}\"\n"
+        ));
+    }
+    plan
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_key_restores_as_raw_and_a_usage_clash_is_refused() {
+    let a = DevEnv::new();
+    let shares_dir = tempfile::tempdir().expect("tempdir");
+    let (share_paths, _) = provision_kek(&a, shares_dir.path()).await;
+    let share = |i: usize| std::fs::read_to_string(&share_paths[i]).expect("share file");
+    let server_a = a.start().await;
+    let addr_a = server_a.local_addr();
+    let a1 = common::client(a.dir.path(), "officer-1", addr_a).await;
+    let a2 = common::client(a.dir.path(), "officer-2", addr_a).await;
+    let a3 = common::client(a.dir.path(), "officer-3", addr_a).await;
+    let a_login = common::client(a.dir.path(), "login-service", addr_a).await;
+
+    let id = propose(&a1, RAW_BACKUP_PLAN).await.expect("propose backup");
+    approve(&a1, &id, "").await.expect("approve");
+    approve(&a2, &id, "").await.expect("approve");
+    let r = execute(&a3, &id).await.expect("execute backup");
+    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript");
+    assert_eq!(t["outcome"], "succeeded", "{}", r.transcript_text);
+    let sha256 = t["steps"][3]["backup"]["sha256"]
+        .as_str()
+        .expect("sha256")
+        .to_owned();
+    let kid = t["steps"][0]["keys"][0]["kid"]
+        .as_str()
+        .expect("kid")
+        .to_owned();
+    let file_a = a.dir.path().join("backups").join("receipts-backup.json");
+    let text = std::fs::read_to_string(&file_a).expect("backup file");
+    let parsed = hsm_service::ceremony::backup_file::BackupFile::parse(&text).expect("parse");
+    assert_eq!(parsed.format, hsm_service::ceremony::backup_file::FORMAT);
+    assert_eq!(
+        parsed.key("receipts", None).expect("receipts").usage,
+        Some(hsm_service::signing::Usage::Raw),
+        "{text}"
+    );
+    assert!(common::jwks_of_usage(&a_login, "raw")
+        .await
+        .find(&kid)
+        .is_some());
+
+    // Service B, fresh: the file's usage counts, not what its (empty) chain shows.
+    let b = DevEnv::new();
+    let server_b = b.start().await;
+    let addr_b = server_b.local_addr();
+    let b1 = common::client(b.dir.path(), "officer-1", addr_b).await;
+    let b2 = common::client(b.dir.path(), "officer-2", addr_b).await;
+    let b3 = common::client(b.dir.path(), "officer-3", addr_b).await;
+    let b_login = common::client(b.dir.path(), "login-service", addr_b).await;
+    let backups_b = b.dir.path().join("backups");
+    std::fs::create_dir_all(&backups_b).expect("mkdir");
+    std::fs::copy(&file_a, backups_b.join("receipts-backup.json")).expect("copy");
+
+    // A backup file naming, as a raw key, a name that is a signing key on B is refused
+    // when proposed, before anything touches B's token.
+    let clash = text.replace("\"name\": \"receipts\"", "\"name\": \"assertion\"");
+    assert_ne!(clash, text);
+    std::fs::write(backups_b.join("clash.json"), &clash).expect("write");
+    let clash_sha = hsm_service::ceremony::backup_file::sha256_hex(&clash);
+    let err = propose(&b1, &restore_plan("clash.json", &clash_sha, None))
+        .await
+        .expect_err("usage clash");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains(
+            "backup file clash.json has \"assertion\" v1 as a raw key; \"assertion\" is a signing key on this service"
+        ),
+        "{err:?}"
+    );
+
+    let id = propose(
+        &b1,
+        &restore_plan("receipts-backup.json", &sha256, Some("receipts")),
+    )
+    .await
+    .expect("propose restore");
+    approve(&b1, &id, &share(0)).await.expect("approve");
+    approve(&b2, &id, &share(1)).await.expect("approve");
+    let r = execute(&b3, &id).await.expect("execute restore");
+    let t: Value = serde_json::from_str(&r.transcript_json).expect("transcript");
+    assert_eq!(t["outcome"], "succeeded", "{}", r.transcript_text);
+    assert_eq!(t["steps"][0]["keys"][0]["kid"], kid.as_str());
+
+    let restored: Vec<_> = b1
+        .keys()
+        .list_keys(ListKeysRequest {})
+        .await
+        .expect("list keys")
+        .into_inner()
+        .keys
+        .into_iter()
+        .filter(|k| k.name == "receipts")
+        .collect();
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    assert_eq!(restored[0].usage, "raw", "{restored:?}");
+    assert_eq!(restored[0].origin, "restored");
+    assert_eq!(restored[0].state, "active");
+    assert!(
+        common::jwks_of_usage(&b_login, "raw")
+            .await
+            .find(&kid)
+            .is_some(),
+        "in B's raw key set"
+    );
+    assert!(
+        common::jwks(&b_login).await.find(&kid).is_none(),
+        "never in B's assertion JWKS"
+    );
+    assert!(common::jwks_of_usage(&b_login, "signing")
+        .await
+        .find(&kid)
+        .is_none());
 
     drop(server_a);
     drop(server_b);

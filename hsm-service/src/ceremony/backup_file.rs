@@ -1,7 +1,14 @@
 //! The backup file a `backup` step writes and a `restore` step reads: JSON naming the
 //! plan, the KEK (label and check value, never its value) and, per key, its name,
-//! version, kind, CKA_ID, public key and private key wrapped under the KEK. Parsed
-//! strictly (unknown fields refused); it holds nothing secret without the KEK.
+//! version, kind, usage, CKA_ID, public key and private key wrapped under the KEK.
+//! Parsed strictly (unknown fields refused); it holds nothing secret without the KEK.
+//!
+//! Format 2 ([`FORMAT`]) records each key's usage, so that a restore gives the key back
+//! exactly the usage it was made with. Format 1 ([`FORMAT_V1`]) had none: it is still
+//! read, and its keys take the usage the restore infers (see
+//! `Signer::restore_version`). That inference is sound for format 1 because only
+//! services without `raw` keys wrote it: the service that introduced `raw` writes
+//! format 2.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde::{Deserialize, Serialize};
@@ -9,10 +16,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::hsm::backup::WrappedKeyPair;
 use crate::hsm::{KeyPairKind, PublicKeyAttributes};
-use crate::signing::KeyVersion;
+use crate::signing::{KeyVersion, Usage};
 
-/// `format` of version 1.
-pub const FORMAT: &str = "hsm-key-backup-v1";
+/// `format` of the version written: 2, with each key's usage.
+pub const FORMAT: &str = "hsm-key-backup-v2";
+/// `format` of version 1 (no usage; still read).
+pub const FORMAT_V1: &str = "hsm-key-backup-v1";
 /// Largest backup file read.
 pub const MAX_BACKUP_LEN: usize = 1 << 20;
 
@@ -20,7 +29,7 @@ pub const MAX_BACKUP_LEN: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupFile {
-    /// [`FORMAT`].
+    /// [`FORMAT`] (or [`FORMAT_V1`] for a file written before usages were recorded).
     pub format: String,
     /// Id of the ceremony that made it.
     pub plan_id: String,
@@ -44,6 +53,10 @@ pub struct BackupEntry {
     pub algorithm: String,
     /// `ec-p256`, `ec-p384`, `ed25519` or `rsa-3072`.
     pub kind: String,
+    /// What the key signs (`signing`, `ca`, `raw`): present in format 2, absent in
+    /// format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
     /// CKA_ID, base64.
     pub id: String,
     /// The public key.
@@ -120,6 +133,7 @@ impl BackupEntry {
             version: k.version,
             algorithm: k.algorithm.jws_name().to_owned(),
             kind: kind_name(w.kind).to_owned(),
+            usage: Some(k.usage),
             id: STANDARD.encode(&w.id),
             public,
             wrapped_private_key: STANDARD.encode(&w.wrapped_private_key),
@@ -205,12 +219,15 @@ impl BackupFile {
             )));
         }
         let file: BackupFile = serde_json::from_str(text).map_err(invalid)?;
-        if file.format != FORMAT {
-            return Err(invalid(format!(
-                "format {:?}, expected {FORMAT:?}",
-                file.format
-            )));
-        }
+        let with_usage = match file.format.as_str() {
+            FORMAT => true,
+            FORMAT_V1 => false,
+            other => {
+                return Err(invalid(format!(
+                    "format {other:?}, expected {FORMAT:?} (or {FORMAT_V1:?})"
+                )))
+            }
+        };
         super::shares::check_kek_label(&file.kek_label)?;
         if file.kek_check.len() != 16 || !file.kek_check.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid("kek_check is not 16 hex digits"));
@@ -227,6 +244,21 @@ impl BackupFile {
             k.chain()?;
             if k.version == 0 {
                 return Err(invalid(format!("key {:?}: version 0", k.name)));
+            }
+            match (with_usage, k.usage) {
+                (true, None) => {
+                    return Err(invalid(format!(
+                        "key {:?}: no usage (format {FORMAT} records each key's usage)",
+                        k.name
+                    )))
+                }
+                (false, Some(_)) => {
+                    return Err(invalid(format!(
+                        "key {:?}: usage in a {FORMAT_V1} file (that format has none)",
+                        k.name
+                    )))
+                }
+                _ => {}
             }
         }
         Ok(file)
@@ -305,7 +337,7 @@ mod tests {
             },
             wrapped_private_key: vec![8; 1232],
         };
-        let version = |name: &str, version, algorithm, chain: Vec<Vec<u8>>| KeyVersion {
+        let version = |name: &str, version, algorithm, usage, chain: Vec<Vec<u8>>| KeyVersion {
             name: name.into(),
             version,
             state: crate::signing::KeyState::Active,
@@ -321,7 +353,7 @@ mod tests {
             destroyed_at: 0,
             last_expiry: 0,
             origin: crate::signing::KeyOrigin::GeneratedForBackup,
-            usage: crate::signing::Usage::Signing,
+            usage,
         };
         BackupFile {
             format: FORMAT.into(),
@@ -330,7 +362,13 @@ mod tests {
             kek_check: "0123456789abcdef".into(),
             keys: vec![
                 BackupEntry::new(
-                    &version("assertion", 1, crate::signing::Algorithm::Es256, vec![]),
+                    &version(
+                        "documents",
+                        1,
+                        crate::signing::Algorithm::Es256,
+                        Usage::Raw,
+                        vec![],
+                    ),
                     &w,
                 ),
                 BackupEntry::new(
@@ -338,6 +376,7 @@ mod tests {
                         "root",
                         2,
                         crate::signing::Algorithm::Ps256,
+                        Usage::Ca,
                         vec![vec![0x30, 1], vec![0x30, 2]],
                     ),
                     &r,
@@ -353,12 +392,17 @@ mod tests {
         let back = BackupFile::parse(&text).expect("parse");
         assert_eq!(back, file);
         let w = back
-            .key("assertion", None)
+            .key("documents", None)
             .expect("key")
             .wrapped()
             .expect("wrapped");
         assert_eq!(w.id, vec![1, 2, 3]);
         assert_eq!(w.wrapped_private_key, vec![9; 40]);
+        // Each key's usage is in the file, by name, and comes back as it was.
+        assert_eq!(back.format, FORMAT);
+        assert!(text.contains("\"usage\": \"raw\"") && text.contains("\"usage\": \"ca\""));
+        assert_eq!(back.key("documents", None).unwrap().usage, Some(Usage::Raw));
+        assert_eq!(back.key("root", None).unwrap().usage, Some(Usage::Ca));
         assert!(back.key("root", Some(1)).is_err());
         let root = back.key("root", Some(2)).expect("root");
         assert_eq!(root.algorithm, "PS256");
@@ -389,6 +433,11 @@ mod tests {
         bad_chain.keys[1].certificate_chain[1] = "%%".into();
         let mut version_0 = sample();
         version_0.keys[0].version = 0;
+        let mut no_usage = sample();
+        no_usage.keys[1].usage = None;
+        let mut v1_with_usage = sample();
+        v1_with_usage.format = FORMAT_V1.into();
+        v1_with_usage.keys[1].usage = None;
         for (f, want) in [
             (twice, "twice"),
             (wrong_type, "does not match kind"),
@@ -400,6 +449,11 @@ mod tests {
             (not_b64, "not base64"),
             (bad_chain, "certificate_chain is not base64"),
             (version_0, "version 0"),
+            (no_usage, "key \"root\": no usage"),
+            (
+                v1_with_usage,
+                "key \"documents\": usage in a hsm-key-backup-v1 file",
+            ),
         ] {
             let e = BackupFile::parse(&f.to_text().unwrap()).expect_err(want);
             assert!(
@@ -410,6 +464,9 @@ mod tests {
         let e = BackupFile::parse(&text.replacen("{", "{\"extra\": 1,", 1)).expect_err("unknown");
         assert!(e.to_string().contains("unknown field"), "{e}");
         assert!(BackupFile::parse("not json").is_err());
+        let e = BackupFile::parse(&text.replacen("\"raw\"", "\"challenge\"", 1))
+            .expect_err("unknown usage");
+        assert!(e.to_string().contains("unknown variant"), "{e}");
         assert!(BackupFile::parse(&" ".repeat(MAX_BACKUP_LEN + 1)).is_err());
 
         let dir = tempfile::tempdir().expect("tempdir");
@@ -418,5 +475,26 @@ mod tests {
         let e = write_new(&path, "other").expect_err("exists");
         assert!(e.to_string().contains("never overwritten"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+
+    /// A file of format 1, as services before usages wrote it (no `usage` fields), is
+    /// still read; its keys' usage is left to the restore's inference.
+    #[test]
+    fn format_1_files_still_parse_without_usages() {
+        let mut old = sample();
+        old.format = FORMAT_V1.into();
+        for k in &mut old.keys {
+            k.usage = None;
+        }
+        let text = old.to_text().expect("text");
+        assert!(!text.contains("usage"), "{text}");
+        assert!(text.contains("\"format\": \"hsm-key-backup-v1\""), "{text}");
+        let back = BackupFile::parse(&text).expect("format 1 parses");
+        assert_eq!(back, old);
+        assert!(back.keys.iter().all(|k| k.usage.is_none()));
+        assert_eq!(
+            back.key("root", Some(2)).unwrap().wrapped().unwrap().kind,
+            KeyPairKind::Rsa3072
+        );
     }
 }

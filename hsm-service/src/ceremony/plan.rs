@@ -173,8 +173,9 @@ pub enum Step {
         file: String,
     },
     /// Put keys from the backup file `file` (in the service's backup directory) onto
-    /// the token with their names and versions, in state `pending`, unwrapped under the
-    /// KEK recombined from the shares the approving officers handed in.
+    /// the token with their names, versions and the usages the file records, in state
+    /// `pending`, unwrapped under the KEK recombined from the shares the approving
+    /// officers handed in.
     Restore {
         /// File name in the backup directory.
         file: String,

@@ -14,7 +14,7 @@ use super::shares::{self, ShareFile};
 use super::{store_err, Ceremonies, Transcript};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::signing::{CertificateRequest, Issuance, KeyRef, KeyState, KeyVersion};
+use crate::signing::{BackedUpKey, CertificateRequest, Issuance, KeyRef, KeyState, KeyVersion};
 
 /// One execution in progress: who runs it, and what its steps made so far.
 pub(super) struct Run<'a> {
@@ -267,11 +267,14 @@ impl Ceremonies {
             let k = self
                 .signer
                 .restore_version(
-                    &e.name,
-                    e.version,
-                    e.algorithm.parse()?,
-                    &e.wrapped()?,
-                    e.chain()?,
+                    BackedUpKey {
+                        name: &e.name,
+                        version: e.version,
+                        algorithm: e.algorithm.parse()?,
+                        usage: e.usage,
+                        wrapped: &e.wrapped()?,
+                        certificate_chain: e.chain()?,
+                    },
                     kek.clone(),
                 )
                 .await?;

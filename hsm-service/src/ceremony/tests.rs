@@ -112,7 +112,7 @@ fn validation_refusals_name_the_step_and_reason() {
     }
 }
 
-fn backup_file_text(keys: &[(&str, u32)]) -> String {
+fn backup_file_text(keys: &[(&str, u32, crate::signing::Usage)]) -> String {
     use super::backup_file::{BackupEntry, BackupFile, PublicKey, FORMAT};
     BackupFile {
         format: FORMAT.into(),
@@ -121,11 +121,12 @@ fn backup_file_text(keys: &[(&str, u32)]) -> String {
         kek_check: "0123456789abcdef".into(),
         keys: keys
             .iter()
-            .map(|(name, version)| BackupEntry {
+            .map(|(name, version, usage)| BackupEntry {
                 name: (*name).into(),
                 version: *version,
                 algorithm: "ES256".into(),
                 kind: "ec-p256".into(),
+                usage: Some(*usage),
                 id: "AQID".into(),
                 public: PublicKey::Ec {
                     ec_point: "BAQE".into(),
@@ -142,12 +143,17 @@ fn backup_file_text(keys: &[(&str, u32)]) -> String {
 #[test]
 fn backup_and_restore_steps_are_validated() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let restorable = backup_file_text(&[("other", 2), ("more", 1)]);
-    let clashing = backup_file_text(&[("bk", 1)]);
+    use crate::signing::Usage;
+    let restorable = backup_file_text(&[("other", 2, Usage::Signing), ("more", 1, Usage::Raw)]);
+    let clashing = backup_file_text(&[("bk", 1, Usage::Signing)]);
+    // `bk` is a signing key here: a raw `bk` v2 from a backup must not join it.
+    let other_usage = backup_file_text(&[("bk", 2, Usage::Raw)]);
     std::fs::write(dir.path().join("b.json"), &restorable).unwrap();
     std::fs::write(dir.path().join("clash.json"), &clashing).unwrap();
+    std::fs::write(dir.path().join("usage.json"), &other_usage).unwrap();
     let sha = super::backup_file::sha256_hex(&restorable);
     let clash_sha = super::backup_file::sha256_hex(&clashing);
+    let usage_sha = super::backup_file::sha256_hex(&other_usage);
     let mut c = ctx();
     c.backup_dir = dir.path().to_owned();
     c.existing.insert(
@@ -264,6 +270,18 @@ fn backup_and_restore_steps_are_validated() {
         (
             plan(&[&restore("clash.json", &clash_sha, "")]),
             "bk v1 exists on this service",
+        ),
+        (
+            plan(&[&restore("usage.json", &usage_sha, "")]),
+            "step 1 (restore): backup file usage.json has \"bk\" v2 as a raw key; \"bk\" is a signing key on this service",
+        ),
+        // The file's usage is tracked: a restored raw key is not certified as a CA.
+        (
+            plan(&[
+                &restore("b.json", &sha, "\"more\""),
+                "kind = \"self-sign\"\nkey = \"more\"\nsubject = \"CN=more\"\nvalidity_days = 10",
+            ]),
+            "step 2 (self-sign): \"more\" is a raw key; only a ca key is self-signed",
         ),
         (
             plan(&[&gen("other", false), &restore("b.json", &sha, "")]),
@@ -718,5 +736,60 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
             .failure,
         "interrupted"
     );
+    server.shutdown().await.expect("shutdown");
+}
+
+/// The restore path itself (behind plan validation, which refuses the same): a backed-up
+/// version whose usage differs from its name's usage on this service is refused before
+/// anything is put on the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_with_another_usage_is_refused_before_the_token() {
+    use crate::hsm::{backup::WrappedKeyPair, KeyPairKind, PublicKeyAttributes};
+    use crate::signing::{Algorithm, Usage};
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let signer = server.state().signing.clone();
+    let point = p256::ecdsa::SigningKey::from_slice(&[7; 32])
+        .unwrap()
+        .verifying_key()
+        .to_sec1_point(false);
+    let mut ec_point = vec![0x04, 65];
+    ec_point.extend_from_slice(point.as_bytes());
+    let wrapped = WrappedKeyPair {
+        kind: KeyPairKind::EcP256,
+        id: vec![0xb0, 0x0b],
+        public: PublicKeyAttributes::Ec { ec_point },
+        wrapped_private_key: vec![9; 40],
+    };
+    // A zero KEK: had the restore reached the token, the unwrap would fail otherwise.
+    let kek = || zeroize::Zeroizing::new(vec![0u8; 32]);
+    for (name, usage, here) in [
+        ("assertion", Usage::Raw, "signing"),
+        ("documents", Usage::Signing, "raw"),
+    ] {
+        let err = signer
+            .restore_version(
+                crate::signing::BackedUpKey {
+                    name,
+                    version: 9,
+                    algorithm: Algorithm::Es256,
+                    usage: Some(usage),
+                    wrapped: &wrapped,
+                    certificate_chain: vec![],
+                },
+                kek(),
+            )
+            .await
+            .expect_err("usage clash");
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "{name} v9 was backed up as a {usage} key; {name} is a {here} key"
+            )),
+            "{err}"
+        );
+        assert!(!signer.list(Some(name)).iter().any(|k| k.version == 9));
+    }
+    assert!(signer.hsm().private_key_facts(&[0xb0, 0x0b]).await.is_err());
     server.shutdown().await.expect("shutdown");
 }

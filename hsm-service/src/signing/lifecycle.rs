@@ -8,6 +8,23 @@ use super::{thumbprint, Algorithm, PublicKey};
 use crate::error::{Error, Result};
 use crate::hsm::backup::WrappedKeyPair;
 
+/// A key version as a backup file gives it, for [`Signer::restore_version`].
+#[derive(Debug)]
+pub struct BackedUpKey<'a> {
+    /// Key name.
+    pub name: &'a str,
+    /// Version.
+    pub version: u32,
+    /// Algorithm it signs with.
+    pub algorithm: Algorithm,
+    /// The usage the file records (`None`: a format-1 file, which records none).
+    pub usage: Option<Usage>,
+    /// The key pair, its private key wrapped under the KEK.
+    pub wrapped: &'a WrappedKeyPair,
+    /// Its certificate chain, DER, leaf first.
+    pub certificate_chain: Vec<Vec<u8>>,
+}
+
 impl Signer {
     /// The record of a key version that was just put on the token: `pending`, no dates,
     /// no certificates.
@@ -160,20 +177,26 @@ impl Signer {
 
     /// Put a backed-up key pair onto the token as version `version` of `name`, in state
     /// `pending`, with the certificate chain it had, unwrapped under `kek` (the KEK
-    /// recombined from the officers' shares). Backup files do not say the usage: the
-    /// restored version has the usage of the name's other versions on this service, else
-    /// the one its chain shows (a CA certificate: `ca`; otherwise `signing`). Refused when this service has that
-    /// version already, when the backup's algorithm and key kind disagree, or when a key
-    /// with its CKA_ID is on the token.
+    /// recombined from the officers' shares), with `usage`, the usage the backup file
+    /// records. A format-1 backup file records none (`None`): the restored version then
+    /// has the usage of the name's other versions on this service, else the one its
+    /// chain shows (a CA certificate: `ca`; otherwise `signing`). Refused, before anything
+    /// is put on the token, when this service has that version already, when the name
+    /// has another usage here, when the backup's algorithm and key kind disagree, or
+    /// when a key with its CKA_ID is on the token.
     pub async fn restore_version(
         &self,
-        name: &str,
-        version: u32,
-        algorithm: Algorithm,
-        wrapped: &WrappedKeyPair,
-        certificate_chain: Vec<Vec<u8>>,
+        key: BackedUpKey<'_>,
         kek: zeroize::Zeroizing<Vec<u8>>,
     ) -> Result<KeyVersion> {
+        let BackedUpKey {
+            name,
+            version,
+            algorithm,
+            usage,
+            wrapped,
+            certificate_chain,
+        } = key;
         if !super::valid_key_name(name) || version == 0 {
             return Err(invalid(format!(
                 "key name {name:?} v{version}: {}, version from 1",
@@ -193,11 +216,19 @@ impl Signer {
                 "{name} v{version} exists on this service; a restore never replaces a key"
             )));
         }
+        let usage = match (usage, self.usage_of(name)) {
+            (Some(backed_up), Some(here)) if backed_up != here => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{name} v{version} was backed up as a {backed_up} key; {name} is a {here} \
+                     key on this service (every version of a name has one usage)"
+                )))
+            }
+            (Some(backed_up), _) => backed_up,
+            (None, Some(here)) => here,
+            (None, None) => super::versions::chain_usage(&certificate_chain),
+        };
         let label = format!("sig/{name}/v{version}");
         self.hsm.restore_key_pair(wrapped, &label, kek).await?;
-        let usage = self
-            .usage_of(name)
-            .unwrap_or_else(|| super::versions::chain_usage(&certificate_chain));
         let mut k = self.pending_version(
             KeyRef::new(name, version),
             algorithm,

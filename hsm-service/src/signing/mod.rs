@@ -30,6 +30,7 @@ pub use certs::{CertificateRequest, Issuance, CERTIFICATE_ACTION};
 pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use evidence::EVIDENCE_ID_LEN;
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
+pub use lifecycle::BackedUpKey;
 pub use public_key::{jwk, jwks, thumbprint, PublicKey};
 pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN, RAW_SIGNATURE_ACTION};
 pub use self_test::{SelfTest, SELF_TEST_PREFIX};

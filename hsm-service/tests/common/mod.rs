@@ -141,6 +141,20 @@ pub async fn jwks(client: &HsmClient) -> jsonwebtoken::jwk::JwkSet {
     serde_json::from_str(&text).expect("a JWK Set")
 }
 
+/// The service's JWK Set of the keys of `usage` (`GetJwks` with that usage).
+pub async fn jwks_of_usage(client: &HsmClient, usage: &str) -> jsonwebtoken::jwk::JwkSet {
+    let text = client
+        .signing()
+        .get_jwks(hsm_client::proto::GetJwksRequest {
+            usage: usage.to_owned(),
+        })
+        .await
+        .expect("jwks")
+        .into_inner()
+        .jwks_json;
+    serde_json::from_str(&text).expect("a JWK Set")
+}
+
 /// Verify `jws` the way a relying party does: pick the JWK by `kid`, check signature,
 /// issuer, audience and expiry with jsonwebtoken (audience `https://bank.example`).
 pub fn verify(jws: &str, set: &jsonwebtoken::jwk::JwkSet) -> Result<serde_json::Value, String> {

@@ -26,7 +26,8 @@ fn current(versions: &[ExistingKey]) -> Option<&ExistingKey> {
 /// What validation knows about a key that a step refers to.
 #[derive(Debug, Clone, Copy)]
 struct Tracked {
-    /// None for a restored key (its usage is not recorded).
+    /// None for a key restored from a format-1 backup file (its usage is not recorded
+    /// there; the restore infers it).
     usage: Option<Usage>,
     state: KeyState,
     certified: bool,
@@ -481,6 +482,15 @@ impl Validation<'_> {
             if self.created.contains_key(&e.name) {
                 return Err(at.bad(format!("{:?} is created by an earlier step", e.name)));
             }
+            if let (Some(file_usage), Some(here)) = (e.usage, self.usage_of(&e.name, None)) {
+                if file_usage != here {
+                    return Err(at.bad(format!(
+                        "backup file {file} has {:?} v{} as a {file_usage} key; {:?} is a {here} \
+                         key on this service (every version of a name has one usage)",
+                        e.name, e.version, e.name
+                    )));
+                }
+            }
             if self
                 .ctx
                 .existing
@@ -496,7 +506,7 @@ impl Validation<'_> {
             self.created.insert(
                 e.name.clone(),
                 Tracked {
-                    usage: None,
+                    usage: e.usage,
                     state: KeyState::Pending,
                     certified: !e.certificate_chain.is_empty(),
                     backup: false,
