@@ -6,9 +6,9 @@
 //! Format 2 ([`FORMAT`]) records each key's usage, so that a restore gives the key back
 //! exactly the usage it was made with. Format 1 ([`FORMAT_V1`]) had none: it is still
 //! read, and its keys take the usage the restore infers (see
-//! `Signer::restore_version`). That inference is sound for format 1 because only
-//! services without `raw` keys wrote it: the service that introduced `raw` writes
-//! format 2.
+//! `Signer::restore_version`). That inference is sound for format 1 because `raw` keys
+//! and format 2 came in one change set: no released service wrote a `raw` key into a
+//! format-1 file.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde::{Deserialize, Serialize};
