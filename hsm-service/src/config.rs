@@ -87,7 +87,8 @@ pub struct TransportLimits {
     /// Streams the server may reset for protocol errors on one connection before it
     /// closes it.
     pub max_local_reset_streams: usize,
-    /// Seconds a call may take, including a client's shorter `grpc-timeout`.
+    /// Seconds a call may take (ExecuteCeremony exempt); a client's shorter
+    /// `grpc-timeout` wins.
     pub request_timeout_seconds: u64,
     /// Seconds between HTTP/2 keepalive pings on an idle connection.
     pub keepalive_interval_seconds: u64,
@@ -1192,6 +1193,7 @@ mod tests {
         let config: Config = toml::from_str(&without).expect("parses without [signing]");
         assert_eq!(config.signing, SigningConfig::default());
         assert_eq!(config.signing.default_key, "assertion");
+        assert_eq!(config.signing.default_raw_key, "documents");
         assert_eq!(config.signing.max_ttl_seconds, 3600);
 
         let base: Config = toml::from_str(text).expect("parses");
@@ -1204,6 +1206,14 @@ mod tests {
             (
                 Box::new(|c| c.signing.default_key = "Bad Name".into()),
                 "signing.default_key",
+            ),
+            (
+                Box::new(|c| c.signing.default_raw_key = "Bad Name".into()),
+                "signing.default_raw_key",
+            ),
+            (
+                Box::new(|c| c.signing.default_raw_key = "assertion".into()),
+                "a key signs for one usage only",
             ),
             (
                 Box::new(|c| c.clients[0].acr = Some(vec!["urn:other".into()])),

@@ -36,6 +36,7 @@ use crate::store::{EmbeddedStore, StoreOptions};
 
 mod accept;
 mod oversize;
+mod timeout;
 mod tls;
 
 pub use tls::TlsConfigSource;
@@ -250,6 +251,9 @@ pub(crate) async fn start_with_store(
     let signing_size = limits.max_signing_request_bytes;
     let router = transport(limits)
         .layer(oversize::OversizeStatusLayer)
+        .layer(timeout::RequestTimeoutLayer::new(Duration::from_secs(
+            limits.request_timeout_seconds,
+        )))
         .layer(RoleGateLayer::new(state.authorizer.clone()))
         .add_service(health_service)
         .add_service(reflection)
@@ -337,7 +341,6 @@ fn transport(limits: &TransportLimits) -> tonic::transport::Server {
         .concurrency_limit_per_connection(limits.max_concurrent_calls_per_connection)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
         .http2_max_local_error_reset_streams(Some(limits.max_local_reset_streams))
-        .timeout(secs(limits.request_timeout_seconds))
         .http2_keepalive_interval(Some(secs(limits.keepalive_interval_seconds)))
         .http2_keepalive_timeout(Some(secs(limits.keepalive_timeout_seconds)))
         .max_connection_age(secs(limits.max_connection_age_seconds))

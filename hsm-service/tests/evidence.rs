@@ -178,7 +178,22 @@ async fn thirty_two_concurrent_assertions_with_one_evidence_give_exactly_one() {
         codes.iter().all(|c| *c == Code::FailedPrecondition),
         "{codes:?}"
     );
-    common::verify(&ok[0], &common::jwks(&a).await).expect("the one verifies");
+    let claims = common::verify(&ok[0], &common::jwks(&a).await).expect("the one verifies");
+    // One assertion record for the evidence, with the one jti; the refusals left none.
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let records = common::audit_records(&auditor).await;
+    let cited: Vec<_> = records
+        .iter()
+        .filter(|r| r.action == hsm_service::signing::ASSERTION_ACTION)
+        .filter(|r| common::detail(r, "evidence_id") == evidence)
+        .collect();
+    assert_eq!(cited.len(), 1);
+    assert_eq!(cited[0].object, claims["jti"].as_str().expect("jti"));
+    assert_eq!(common::detail(cited[0], "tenant"), "login-service");
+    // The verification that produced the evidence is recorded with it too.
+    assert!(records.iter().any(|r| r.action == "credential.verify"
+        && common::detail(r, "evidence_id") == evidence
+        && common::detail(r, "tenant") == "login-service"));
     server.shutdown().await.expect("shutdown");
 }
 

@@ -227,6 +227,7 @@ impl Ceremonies {
                     version: k.version,
                     state: k.state,
                     origin: k.origin,
+                    usage: k.usage,
                 });
         }
         Ok(plan::Context {

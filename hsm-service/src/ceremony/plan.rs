@@ -372,6 +372,8 @@ pub struct ExistingKey {
     pub state: KeyState,
     /// How it came to be on the token.
     pub origin: KeyOrigin,
+    /// What it signs (every version of a name has the same usage).
+    pub usage: Usage,
 }
 
 /// What validation checks a plan against.

@@ -22,6 +22,7 @@ fn ctx() -> Context {
             version: 1,
             state: KeyState::Active,
             origin: KeyOrigin::Generated,
+            usage: crate::signing::Usage::Signing,
         }],
     );
     c
@@ -94,6 +95,12 @@ fn validation_refusals_name_the_step_and_reason() {
         (format!("{}[[step]]\nkind = \"generate-key\"\nname = \"s\"\nalgorithm = \"ES256\"\nusage = \"signing\"\n[[step]]\nkind = \"issue-certificate\"\nissuer = \"ca\"\nkey = \"s\"\nsubject = \"CN=s\"\nvalidity_days = 10\nusage = \"signing\"\n", step(gen_ca)), "has no certificate yet"),
         (step("kind = \"destroy\"\nkey = \"assertion\"\nversion = 2"), "has no version 2"),
         (format!("{}[[step]]\nkind = \"destroy\"\nkey = \"ca\"\nversion = 1\n", step(gen_ca)), "does not destroy its own keys"),
+        // Usages (`raw` keys and the usage of the service's own keys).
+        (step("kind = \"generate-key\"\nname = \"assertion\"\nalgorithm = \"ES256\"\nusage = \"raw\"\nnew_version = true"), "is a signing key; a new version keeps its usage"),
+        (step("kind = \"self-sign\"\nkey = \"assertion\"\nsubject = \"CN=x\"\nvalidity_days = 10"), "is a signing key; only a ca key is self-signed"),
+        (step("kind = \"generate-key\"\nname = \"r\"\nalgorithm = \"ES256\"\nusage = \"raw\"\n[[step]]\nkind = \"self-sign\"\nkey = \"r\"\nsubject = \"CN=x\"\nvalidity_days = 10"), "is a raw key; only a ca key is self-signed"),
+        (step("kind = \"generate-key\"\nname = \"r\"\nalgorithm = \"ES256\"\nusage = \"raw\"\n[[step]]\nkind = \"issue-certificate\"\nissuer = \"assertion\"\nkey = \"r\"\nsubject = \"CN=r\"\nvalidity_days = 10\nusage = \"raw\""), "issuer \"assertion\" is not a ca key"),
+        (format!("{}[[step]]\nkind = \"self-sign\"\nkey = \"ca\"\nsubject = \"CN=ca\"\nvalidity_days = 10\n[[step]]\nkind = \"issue-certificate\"\nissuer = \"ca\"\nkey = \"assertion\"\nsubject = \"CN=a\"\nvalidity_days = 10\nusage = \"raw\"\n", step(gen_ca)), "usage raw does not match the usage signing of \"assertion\""),
     ];
     for (text, expected) in cases {
         let err = plan::parse(&text)
@@ -149,6 +156,7 @@ fn backup_and_restore_steps_are_validated() {
             version: 1,
             state: KeyState::Pending,
             origin: KeyOrigin::GeneratedForBackup,
+            usage: crate::signing::Usage::Signing,
         }],
     );
     c.keks.insert(

@@ -234,16 +234,12 @@ impl Signer {
         };
         let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
         let (name, version) = (k.name.clone(), k.version);
-        let updated = self
+        let (updated, spent) = self
             .store
             .write(move |txn| {
-                if let Some(s) = spend {
-                    if let Err(refused) =
-                        spend_checked_in(txn, &s.id, &s.tenant, &s.subject, s.now)?
-                    {
-                        return Ok(Err(refused));
-                    }
-                }
+                // The raise first: a refusal of the spend after it leaves only a harmlessly
+                // higher mark (memory follows below), whereas a refusal after a spend would
+                // lose the evidence.
                 let updated = if raise {
                     match versions::raise_last_expiry(txn, &name, version, mark)? {
                         Ok(k) => Some(k),
@@ -252,16 +248,24 @@ impl Signer {
                 } else {
                     None
                 };
+                if let Some(s) = spend {
+                    if let Err(refused) =
+                        spend_checked_in(txn, &s.id, &s.tenant, &s.subject, s.now)?
+                    {
+                        return Ok(Ok((updated, Err(refused))));
+                    }
+                }
                 append_in(txn, event)?;
-                Ok(Ok(updated))
+                Ok(Ok((updated, Ok(()))))
             })
             .await
             .map_err(store_err)??;
-        self.audit.appended(1);
         if let Some(updated) = updated {
             let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
             keys.insert((updated.name.clone(), updated.version), updated);
         }
+        spent?;
+        self.audit.appended(1);
         Ok(())
     }
 }

@@ -399,6 +399,63 @@ mod tests {
         assert_eq!(decode("k", &format_2(&k)).unwrap().usage, Usage::Signing);
     }
 
+    #[tokio::test]
+    async fn migration_rewrites_older_records_once_with_their_usage() {
+        use crate::store::{EmbeddedStore, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            EmbeddedStore::open(&dir.path().join("store.redb"), StoreOptions::default()).unwrap();
+        // A format 2 service's records: the bootstrap key (active) and a ca key.
+        let mut active = sample(KeyOrigin::Generated);
+        active.name = "assertion".into();
+        let mut ca = sample(KeyOrigin::Generated);
+        ca.name = "root-ca".into();
+        ca.version = 1;
+        ca.state = KeyState::Pending;
+        ca.published_at = 0;
+        ca.certificate_chain = vec![crate::pki::tests::self_signed_ca_der()];
+        let old = [
+            (active.clone(), format_2(&active)),
+            (ca.clone(), format_2(&ca)),
+        ];
+        store
+            .write(move |txn| {
+                let mut table = txn.open_table(SIGNING_KEYS)?;
+                for (k, bytes) in &old {
+                    table.insert(store_key(&k.name, k.version).as_str(), bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let migrated = store.write(migrate_all).await.unwrap().unwrap();
+        assert_eq!(migrated, 2);
+        let stored = |k: &KeyVersion| {
+            let key = store_key(&k.name, k.version);
+            store
+                .read(|txn| {
+                    let table = txn.open_table(SIGNING_KEYS)?;
+                    let bytes = table.get(key.as_str())?.unwrap().value().to_vec();
+                    Ok(bytes)
+                })
+                .unwrap()
+        };
+        assert_eq!(stored(&active)[0], FORMAT);
+        assert_eq!(stored(&ca)[0], FORMAT);
+        let loaded = store.read(load_all).unwrap();
+        let usages: Vec<(String, Usage)> =
+            loaded.iter().map(|k| (k.name.clone(), k.usage)).collect();
+        assert_eq!(
+            usages,
+            vec![
+                ("assertion".into(), Usage::Signing),
+                ("root-ca".into(), Usage::Ca)
+            ]
+        );
+        // Once only: the usage is stored, never derived again.
+        assert_eq!(store.write(migrate_all).await.unwrap().unwrap(), 0);
+    }
+
     #[test]
     fn usage_names_round_trip_and_unknown_is_invalid() {
         for u in [Usage::Signing, Usage::Ca, Usage::Raw] {

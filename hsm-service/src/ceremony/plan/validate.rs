@@ -249,6 +249,11 @@ impl Validation<'_> {
                  (set new_version = true to add a version, i.e. rotate)"
             )));
         }
+        if let Some(u) = self.usage_of(name, None).filter(|u| *u != usage) {
+            return Err(at.bad(format!(
+                "key {name:?} is a {u} key; a new version keeps its usage (usage = \"{u}\")"
+            )));
+        }
         self.created.insert(
             name.to_owned(),
             Tracked {
@@ -259,6 +264,20 @@ impl Validation<'_> {
             },
         );
         Ok(())
+    }
+
+    /// The usage of `name`: what the plan made it (`tracked`, None for a restored key),
+    /// else the usage of its versions on the service.
+    fn usage_of(&self, name: &str, tracked: Option<&Tracked>) -> Option<Usage> {
+        match tracked {
+            Some(t) => t.usage,
+            None => self
+                .ctx
+                .existing
+                .get(name)
+                .and_then(|v| v.last())
+                .map(|k| k.usage),
+        }
     }
 
     fn self_sign(
@@ -272,12 +291,12 @@ impl Validation<'_> {
         let t = self.lookup(at, "key", key, version)?;
         self.validity(at, validity_days)?;
         Self::subject(at, subject)?;
+        if let Some(u) = self.usage_of(key, t.as_ref()).filter(|u| *u != Usage::Ca) {
+            return Err(at.bad(format!(
+                "{key:?} is a {u} key; only a ca key is self-signed"
+            )));
+        }
         if let Some(mut t) = t {
-            if let Some(u) = t.usage.filter(|u| *u != Usage::Ca) {
-                return Err(at.bad(format!(
-                    "{key:?} is a {u} key; only a ca key is self-signed"
-                )));
-            }
             t.certified = true;
             self.created.insert(key.to_owned(), t);
         }
@@ -305,10 +324,20 @@ impl Validation<'_> {
         if dns_names.iter().any(|d| d.is_empty() || d.len() > 253) {
             return Err(at.bad("dns_names entries must be 1 to 253 characters"));
         }
+        if self
+            .usage_of(issuer, ti.as_ref())
+            .is_some_and(|u| u != Usage::Ca)
+        {
+            return Err(at.bad(format!("issuer {issuer:?} is not a ca key")));
+        }
+        // A restored key's usage is not tracked: the plan's word counts.
+        if let Some(u) = self.usage_of(key, tk.as_ref()).filter(|u| *u != usage) {
+            return Err(at.bad(format!(
+                "usage {} does not match the usage {u} of {key:?}",
+                usage.as_str()
+            )));
+        }
         if let Some(ti) = ti {
-            if ti.usage.is_some_and(|u| u != Usage::Ca) {
-                return Err(at.bad(format!("issuer {issuer:?} is not a ca key")));
-            }
             if !ti.certified {
                 return Err(at.bad(format!(
                     "issuer {issuer:?} has no certificate yet; self-sign or certify it in an earlier step"
@@ -316,14 +345,6 @@ impl Validation<'_> {
             }
         }
         if let Some(mut tk) = tk {
-            // A restored key's usage is not recorded: the plan's word counts.
-            if tk.usage.is_some_and(|u| u != usage) {
-                return Err(at.bad(format!(
-                    "usage {} does not match the usage {} that {key:?} was generated with",
-                    usage.as_str(),
-                    tk.usage.map_or("?", Usage::as_str)
-                )));
-            }
             tk.certified = true;
             self.created.insert(key.to_owned(), tk);
         }
@@ -340,12 +361,13 @@ impl Validation<'_> {
         from: KeyState,
         to: KeyState,
     ) -> Result<()> {
-        if let Some(mut t) = self.lookup(at, "key", key, version)? {
-            if t.usage == Some(Usage::Ca) {
-                return Err(at.bad(format!(
-                    "{key:?} is a ca key; ca keys are never published or activated"
-                )));
-            }
+        let t = self.lookup(at, "key", key, version)?;
+        if self.usage_of(key, t.as_ref()) == Some(Usage::Ca) {
+            return Err(at.bad(format!(
+                "{key:?} is a ca key; ca keys are never published or activated"
+            )));
+        }
+        if let Some(mut t) = t {
             if t.state != from {
                 return Err(at.bad(format!(
                     "{key:?} will be {} at this step, not {from}",
