@@ -500,3 +500,67 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
         }
     }
 }
+
+/// A caller that gives up (here: a 1 ms `grpc-timeout`, as a disconnect or a connection
+/// closed at its maximum age would) cannot cut an execution half-way: it runs to its
+/// recorded outcome instead of staying `executing` until the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_whose_caller_gives_up_still_runs_to_its_outcome() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let dir = env.dir.path();
+    let o1 = common::client(dir, "officer-1", addr).await;
+    let o2 = common::client(dir, "officer-2", addr).await;
+    let id = propose(&o1, EXAMPLE).await.expect("propose");
+    approve(&o1, &id).await.expect("approve 1");
+    assert_eq!(approve(&o2, &id).await.expect("approve 2"), 2);
+
+    let mut request = tonic::Request::new(hsm_client::proto::ExecuteCeremonyRequest {
+        ceremony_id: id.clone(),
+    });
+    request.set_timeout(std::time::Duration::from_millis(1));
+    let err = o1
+        .ceremonies()
+        .execute_ceremony(request)
+        .await
+        .expect_err("the caller gave up after 1 ms");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let state = loop {
+        let shown = o1
+            .ceremonies()
+            .get_ceremony(GetCeremonyRequest {
+                ceremony_id: id.clone(),
+            })
+            .await
+            .expect("show")
+            .into_inner();
+        if shown.state != "executing" && shown.state != "proposed" {
+            break shown;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} after 60 s",
+            shown.state
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(state.state, "succeeded", "{}", state.failure);
+    let keys = o1
+        .keys()
+        .list_keys(ListKeysRequest::default())
+        .await
+        .expect("list keys")
+        .into_inner();
+    assert!(
+        keys.keys.iter().any(|k| k.name == "root-ca"),
+        "the plan's keys exist: {:?}",
+        keys.keys.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
+    server.shutdown().await.expect("shutdown");
+}

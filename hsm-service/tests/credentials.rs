@@ -621,3 +621,66 @@ async fn list_pages_through_every_credential() {
     assert_eq!(seen, (0..7).map(|i| format!("p{i}")).collect::<Vec<_>>());
     server.shutdown().await.expect("shutdown");
 }
+
+/// Store tampering seen from a login service: credential A's wrapped seed copied into
+/// B's record in the store. Neither B's code nor A's is ever ACCEPTED for B; each call
+/// fails with DATA_LOSS (the seed fails its integrity check), nothing is counted, and A
+/// keeps working.
+#[tokio::test]
+async fn a_wrapped_seed_moved_between_records_answers_data_loss() {
+    use hsm_service::store::{CredentialStore, Update};
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let mut login = credentials(env.dir.path(), "login-service", server.local_addr()).await;
+    let (seed_a, seed_b) = (b"seed-of-credential-a", b"seed-of-credential-b");
+    for (id, seed) in [("a", seed_a), ("b", seed_b)] {
+        login
+            .create_credential(import(
+                id,
+                pb::OtpKind::Hotp,
+                pb::HashAlgorithm::Sha1,
+                6,
+                seed,
+            ))
+            .await
+            .expect("create");
+    }
+    let sha1 = HashAlgorithm::Sha1;
+    assert_eq!(
+        verify(&mut login, "a", &code(seed_a, sha1, 0, 6)).await,
+        pb::VerifyResult::Accepted
+    );
+    let store = server.state().store.clone();
+    let tenant = "login-service";
+    let a = store.get(tenant, "a").await.expect("get").expect("a");
+    let (blob, binding) = (a.wrapped_seed.clone(), a.seed_binding);
+    store
+        .update(tenant, "b", move |r| {
+            r.wrapped_seed = blob;
+            r.seed_binding = binding;
+            Update::Write(())
+        })
+        .await
+        .expect("tamper");
+    for c in [code(seed_a, sha1, 1, 6), code(seed_b, sha1, 0, 6)] {
+        let err = login
+            .verify_code(pb::VerifyCodeRequest {
+                credential_id: "b".into(),
+                code: c,
+            })
+            .await
+            .expect_err("never a verdict");
+        assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+        assert!(
+            err.message().contains("failed its integrity check"),
+            "{err:?}"
+        );
+    }
+    let b = store.get(tenant, "b").await.expect("get").expect("b");
+    assert_eq!((b.failures, b.last_accepted), (0, None));
+    assert_eq!(
+        verify(&mut login, "a", &code(seed_a, sha1, 1, 6)).await,
+        pb::VerifyResult::Accepted
+    );
+    server.shutdown().await.expect("shutdown");
+}

@@ -98,7 +98,11 @@ impl CeremonyService for CeremonyApi {
     ) -> Result<Response<ExecuteCeremonyResponse>, Status> {
         let object = request.get_ref().ceremony_id.clone();
         let caller = self.caller(&request, &[Role::Officer])?;
-        let x = self.state.ceremonies.execute(&caller, &object).await?;
+        let x = self
+            .state
+            .ceremonies
+            .execute_to_completion(&caller, &object)
+            .await?;
         Ok(Response::new(ExecuteCeremonyResponse {
             ceremony: Some(info(x.view)),
             transcript_json: x.transcript_json,

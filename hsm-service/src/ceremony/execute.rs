@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::json;
 
@@ -24,6 +25,23 @@ struct Claimed {
 }
 
 impl Ceremonies {
+    /// [`Ceremonies::execute`] in a task of its own, so that nothing the caller does can
+    /// cut a run half-way: a handler's future is dropped when its client disconnects,
+    /// sends a short `grpc-timeout`, or its connection reaches the maximum age, and a run
+    /// dropped between two steps would stay `executing` (keys made, outcome unrecorded)
+    /// until the next start-up recovers it. The task runs to the recorded outcome; the
+    /// caller gets the answer if it is still there.
+    pub async fn execute_to_completion(
+        self: &Arc<Self>,
+        actor: &Identity,
+        id: &str,
+    ) -> Result<Execution> {
+        let (this, actor, id) = (self.clone(), actor.clone(), id.to_owned());
+        tokio::spawn(async move { this.execute(&actor, &id).await })
+            .await
+            .map_err(|e| Error::Internal(format!("ceremony execution task: {e}")))?
+    }
+
     /// Execute ceremony `id`: only with `threshold` distinct officers' unexpired
     /// approvals, only once. Validation runs again first, before the HSM is touched.
     /// A failing step ends the ceremony (state `failed`); the transcript is written and
