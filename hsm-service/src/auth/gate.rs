@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use tonic::codegen::{http, Service};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use super::{check, Authorizer, Role};
+use super::{check, Authorizer, GatedCaller, Role};
 
 const LOGIN: &[Role] = &[Role::LoginService];
 const OFFICER: &[Role] = &[Role::Officer];
@@ -136,10 +136,16 @@ where
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(TlsConnectInfo::peer_certs);
             let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-            if let Err(e) = check(&self.authorizer, leaf, method, allowed) {
-                let status = tonic::Status::from(e);
-                return Box::pin(std::future::ready(Ok(status.into_http())));
-            }
+            let identity = match check(&self.authorizer, leaf, method, allowed) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    let status = tonic::Status::from(e);
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
+            };
+            request
+                .extensions_mut()
+                .insert(GatedCaller { identity, method });
             // The handlers' own refusals (`authorize`) name the method from this: tonic's
             // generated servers do not set it (only its clients do).
             if let Some((service, name)) = method.split_once('/') {

@@ -236,6 +236,11 @@ pub fn authorize<T>(
     request: &tonic::Request<T>,
     allowed: &[Role],
 ) -> Result<Identity, Error> {
+    // The role gate has mapped the certificate already: only the handler's (possibly
+    // narrower) role check is left, without a second fingerprint and cache lookup.
+    if let Some(gated) = request.extensions().get::<GatedCaller>() {
+        return require_role(authorizer, gated.identity.clone(), gated.method, allowed);
+    }
     let method = request
         .extensions()
         .get::<tonic::GrpcMethod>()
@@ -271,6 +276,24 @@ pub(crate) fn check(
             return Err(e);
         }
     };
+    require_role(authorizer, identity, method, allowed)
+}
+
+/// What the role gate established for a request it let through: the caller and the
+/// method (`service/method`), carried to the handler in the request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct GatedCaller {
+    pub(crate) identity: Identity,
+    pub(crate) method: &'static str,
+}
+
+/// `identity` if its role is one of `allowed`, else PERMISSION_DENIED, recorded.
+fn require_role(
+    authorizer: &Authorizer,
+    identity: Identity,
+    method: &str,
+    allowed: &[Role],
+) -> Result<Identity, Error> {
     if allowed.contains(&identity.role) {
         Ok(identity)
     } else {
