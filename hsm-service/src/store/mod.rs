@@ -16,6 +16,7 @@
 
 use std::future::Future;
 
+pub mod backend;
 mod error;
 pub mod evidence;
 mod group_commit;
@@ -23,6 +24,7 @@ pub mod ops;
 mod record;
 mod redb_store;
 pub mod tables;
+pub mod uow;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,41 @@
+//! What a storage engine implements: batches for the group committer, snapshots for
+//! readers. `store/redb/` and `store/postgres/` are the two implementations; the rest of
+//! `store` (the [`super::Store`] handle, group commit, typed operations) is written once
+//! against these traits.
+
+use super::uow::{ReadTxn, Txn};
+use super::StoreError;
+
+/// One open write transaction of the group committer. Dropping it without
+/// [`BatchTxn::commit`] rolls it back.
+pub trait BatchTxn: Txn {
+    /// Makes everything written durable (redb: fsync; PostgreSQL: COMMIT with
+    /// `synchronous_commit = on`), or fails and keeps nothing.
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// A storage engine. Object safe: the [`super::Store`] handle holds an `Arc<dyn Backend>`.
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and `hsmctl status` (`redb`, `postgres`).
+    fn kind(&self) -> &'static str;
+
+    /// Begins the write transaction of one group-commit batch. Called only from the
+    /// committer thread, one batch at a time; may block (network, disk).
+    fn begin_batch(&self) -> Result<Box<dyn BatchTxn + '_>, StoreError>;
+
+    /// Runs `f` on a read-only snapshot of committed state, on the calling thread. May
+    /// block: async callers go through [`super::Store::read`], which moves the call to a
+    /// blocking thread when [`Backend::reads_block`] says so.
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&mut dyn ReadTxn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// Whether [`Backend::read`] waits on I/O (network) rather than memory-mapped pages.
+    fn reads_block(&self) -> bool;
+
+    /// Whether the engine is reachable now (health: NOT_SERVING when not).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
