@@ -489,7 +489,7 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
 /// Ceremonies over a running server's signer and store with `config` (no audit log).
 fn ceremonies_with(
     signing: &Arc<Signer>,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<Store>,
     env: &DevEnv,
     config: crate::config::CeremonyConfig,
 ) -> Ceremonies {
