@@ -245,6 +245,14 @@ pub(crate) async fn start_with_store(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(monitor_health(hsm.clone(), health, shutdown_rx.clone()));
+    // Key versions another instance changes (a ceremony run there) reach this one
+    // within a refresh period (see signing::signer).
+    tokio::spawn(
+        state
+            .signing
+            .clone()
+            .watch(crate::signing::REFRESH_PERIOD, shutdown_rx.clone()),
+    );
 
     let limits = &config.server.limits;
     let small = limits.max_request_bytes;
