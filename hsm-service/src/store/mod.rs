@@ -21,6 +21,7 @@ mod error;
 pub mod evidence;
 mod group_commit;
 pub mod ops;
+pub mod postgres;
 mod record;
 mod redb_store;
 pub mod tables;
