@@ -30,6 +30,11 @@ pub enum Error {
     /// tampering or corruption). The message names the object only.
     #[error("{0}")]
     Integrity(String),
+    /// A dependency (the store's database) is unreachable or the operation lost a race
+    /// with another instance and was rolled back: nothing was acknowledged, the caller
+    /// may retry. Detail goes to the log only.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug or an unexpected state; detail goes to the log only.
     #[error("{0}")]
     Internal(String),

@@ -77,6 +77,9 @@ pub use self::migrate::SCHEMA_VERSION;
 /// How often the health probe asks the database whether it answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long start-up waits for the audit chain's lock before refusing.
+const CHAIN_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Longest chain (instance) name.
 pub const MAX_INSTANCE_LEN: usize = 64;
 
@@ -190,7 +193,7 @@ impl PgBackend {
                 "store: PostgreSQL schema migrated"
             );
         }
-        lock_chain(&mut conn, &opts.instance)?;
+        lock_chain(&mut conn, &opts.instance, CHAIN_LOCK_WAIT)?;
         let pool = r2d2::Pool::builder()
             .max_size(opts.pool_size)
             .min_idle(Some(0))
@@ -290,23 +293,30 @@ impl Drop for PgBackend {
     }
 }
 
-/// Takes the session-level advisory lock of `chain` on the committer's session.
-fn lock_chain(conn: &mut PgConn, chain: &str) -> Result<(), StoreError> {
-    let row = conn
-        .client
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtextextended('hsm-service audit chain ' || $1, 0))",
-            &[&chain],
-        )
-        .map_err(|e| map_err(&e, "locking the audit chain"))?;
-    if row.get::<_, bool>(0) {
-        Ok(())
-    } else {
-        Err(StoreError::Unavailable(format!(
-            "audit chain {chain:?} is in use by another running instance: give each instance \
-             its own store.instance"
-        )))
+/// Takes the session-level advisory lock of `chain` on the committer's session, trying
+/// for up to `wait` (a restarted instance's previous session may still be ending).
+fn lock_chain(conn: &mut PgConn, chain: &str, wait: Duration) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let row = conn
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('hsm-service audit chain ' || $1, 0))",
+                &[&chain],
+            )
+            .map_err(|e| map_err(&e, "locking the audit chain"))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    Err(StoreError::Unavailable(format!(
+        "audit chain {chain:?} is in use by another running instance: give each instance \
+         its own store.instance"
+    )))
 }
 
 fn probe(pool: &r2d2::Pool<Manager>, healthy: &AtomicBool, stop: &mpsc::Receiver<()>) {
@@ -347,7 +357,7 @@ impl Backend for PgBackend {
                     self.set_healthy(false);
                 }
             })?;
-            lock_chain(&mut conn, &self.chain)?;
+            lock_chain(&mut conn, &self.chain, Duration::ZERO)?;
             tracing::info!(chain = %self.chain, "store: committer reconnected to PostgreSQL");
             *guard = Some(conn);
         }

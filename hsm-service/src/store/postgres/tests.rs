@@ -399,3 +399,23 @@ fn connection_loss_fails_the_batch_then_recovers() {
     write(&b, |t| t.put(Table::Meta, "k", b"back")).expect("back");
     assert_eq!(get(&b, Table::Meta, "k"), Some(b"back".to_vec()));
 }
+
+#[test]
+fn a_ca_file_without_a_certificate_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").expect("write");
+    let mut o = super::PgOptions::new("postgresql://hsm@127.0.0.1:1/hsm", "a");
+    o.ca_file = Some(ca);
+    let err = PgBackend::open(&o).expect_err("refused before connecting");
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("holds no certificate")),
+        "{err:?}"
+    );
+    o.ca_file = Some(dir.path().join("missing.pem"));
+    let err = PgBackend::open(&o).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("store.ca_file")),
+        "{err:?}"
+    );
+}
