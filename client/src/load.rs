@@ -7,16 +7,26 @@
 //!
 //! Latencies go into an HdrHistogram (microseconds, 3 significant digits). Requests that
 //! complete during the warm-up are not counted.
+//!
+//! Several targets (`--addr A --addr B`, e.g. two instances over one shared store): each
+//! request goes to the next target in turn (round robin per request, over one connection
+//! per target); credentials are created and deleted through the first target. The
+//! summary counts the measured requests per target.
+//!
+//! `verify-hotp` sends every credential's codes in counter order and never has two
+//! requests of one credential in flight at once (a caller skips to a credential that is
+//! free), so with at least as many credentials as requests in flight every answer is
+//! ACCEPTED: the summary's `accepted_share` says whether it was.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::proto as pb;
-use crate::{ClientError, HsmClient};
+use crate::{ClientConfig, ClientError, HsmClient};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -25,6 +35,10 @@ use tokio::sync::mpsc;
 /// `hsmctl bench` options.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// A target endpoint (`https://HOST:PORT`); repeat it for several instances, which
+    /// then get the requests in turn (round robin per request). Default: `--endpoint`.
+    #[arg(long = "addr", value_name = "ENDPOINT")]
+    addr: Vec<String>,
     /// What each request does.
     #[arg(long, value_enum, default_value = "verify-totp")]
     scenario: Scenario,
@@ -92,7 +106,10 @@ impl BenchArgs {
 pub enum Scenario {
     /// VerifyCode on TOTP credentials (window 1: three HMACs each).
     VerifyTotp,
-    /// VerifyCode on HOTP credentials (look-ahead 10: eleven HMACs each).
+    /// VerifyCode on HOTP credentials, every credential's codes in order and one request
+    /// per credential in flight: the accepted path (the service computes the HMACs from
+    /// the last accepted counter to the next one plus the look-ahead: 12 with the
+    /// default look-ahead of 10).
     VerifyHotp,
     /// SignAssertion alone, unbound (the caller's `[[client]]` rule needs
     /// `unbound_assertions = true`; otherwise every call is FAILED_PRECONDITION).
@@ -134,11 +151,46 @@ struct Cred {
     id: String,
     seed: Vec<u8>,
     hotp_counter: AtomicU64,
+    /// A verify-hotp request of this credential is in flight.
+    busy: AtomicBool,
+}
+
+/// One endpoint the generator sends to, and its connection.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `https://HOST:PORT`, as given.
+    pub endpoint: String,
+    /// The connected client.
+    pub client: HsmClient,
+}
+
+/// Connect to every `--addr` of `args` (or to `base.endpoint` when there is none) with the
+/// CA, certificate and key of `base`.
+pub async fn connect_targets(
+    base: &ClientConfig,
+    args: &BenchArgs,
+) -> Result<Vec<Target>, ClientError> {
+    let endpoints = if args.addr.is_empty() {
+        vec![base.endpoint.clone()]
+    } else {
+        args.addr.clone()
+    };
+    let mut targets = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let client = base
+            .clone()
+            .with_endpoint(endpoint.clone())
+            .connect()
+            .await?;
+        targets.push(Target { endpoint, client });
+    }
+    Ok(targets)
 }
 
 /// Everything a request needs.
 struct Workload {
-    client: HsmClient,
+    targets: Vec<Target>,
+    next_target: AtomicUsize,
     args: BenchArgs,
     creds: Vec<Cred>,
     rng: AtomicU64,
@@ -149,15 +201,16 @@ struct Sample {
     done: Instant,
     latency_us: u64,
     outcome: String,
+    target: usize,
 }
 
-/// Run the bench and print the summary.
+/// Run the bench against `targets` (round robin) and print the summary.
 pub async fn run(
-    client: &HsmClient,
+    targets: &[Target],
     args: &BenchArgs,
     json_out: bool,
 ) -> Result<ExitCode, ClientError> {
-    let summary = measure(client, args, json_out).await?;
+    let summary = measure(targets, args, json_out).await?;
     if json_out {
         println!("{summary}");
     } else {
@@ -166,14 +219,17 @@ pub async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Run the bench (and write `--plot` if asked) and return the summary that
-/// `hsmctl bench --json` prints, without printing it. `quiet` hides the
-/// progress bar.
+/// Run the bench against `targets` (round robin per request; at least one) and write
+/// `--plot` if asked; return the summary that `hsmctl bench --json` prints, without
+/// printing it. `quiet` hides the progress bar.
 pub async fn measure(
-    client: &HsmClient,
+    targets: &[Target],
     args: &BenchArgs,
     quiet: bool,
 ) -> Result<Value, ClientError> {
+    let Some(first) = targets.first() else {
+        return Err(usage("at least one target endpoint is needed"));
+    };
     if !(0.0..=1.0).contains(&args.wrong_share) {
         return Err(usage("--wrong-share must be between 0 and 1"));
     }
@@ -183,9 +239,10 @@ pub async fn measure(
     if args.concurrency == 0 || args.credentials == 0 {
         return Err(usage("--concurrency and --credentials must be at least 1"));
     }
-    let creds = setup(client, args).await?;
+    let creds = setup(&first.client, args).await?;
     let workload = Arc::new(Workload {
-        client: client.clone(),
+        targets: targets.to_vec(),
+        next_target: AtomicUsize::new(0),
         args: args.clone(),
         creds,
         rng: AtomicU64::new(seed_u64()),
@@ -203,7 +260,7 @@ pub async fn measure(
         bar.finish_and_clear();
     }
     cleanup(&workload).await;
-    let summary = report.summary(args);
+    let summary = report.summary(args, targets);
     if let Some(path) = &args.plot {
         report
             .plot(path)
@@ -251,6 +308,7 @@ async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, Client
             id,
             seed,
             hotp_counter: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
         });
         if pending.len() >= 32 {
             if let Some(r) = pending.join_next().await {
@@ -264,17 +322,23 @@ async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, Client
     Ok(creds)
 }
 
+/// Delete the credentials again (32 at a time, through the first target).
 async fn cleanup(w: &Workload) {
+    let mut pending = tokio::task::JoinSet::new();
     for c in &w.creds {
-        let _ = w
-            .client
-            .credentials()
-            .delete_credential(pb::DeleteCredentialRequest {
-                credential_id: c.id.clone(),
-                tenant: String::new(),
-            })
-            .await;
+        let mut client = w.targets[0].client.credentials();
+        let req = pb::DeleteCredentialRequest {
+            credential_id: c.id.clone(),
+            tenant: String::new(),
+        };
+        pending.spawn(async move {
+            let _ = client.delete_credential(req).await;
+        });
+        if pending.len() >= 32 {
+            let _ = pending.join_next().await;
+        }
     }
+    while pending.join_next().await.is_some() {}
 }
 
 impl Workload {
@@ -292,39 +356,66 @@ impl Workload {
         (self.next_random() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn pick(&self) -> &Cred {
+    fn pick(&self) -> usize {
         let u = self.unit();
         let f = match self.args.distribution {
             Distribution::Uniform => u,
             Distribution::Skewed => u * u * u,
         };
-        let i = ((f * self.creds.len() as f64) as usize).min(self.creds.len() - 1);
-        &self.creds[i]
+        ((f * self.creds.len() as f64) as usize).min(self.creds.len() - 1)
     }
 
-    /// One request of the scenario; the outcome name (verdict or gRPC code).
-    async fn one(&self) -> String {
-        match self.args.scenario {
-            Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify().await.0,
-            Scenario::SignAssertion => self.sign(None).await,
-            Scenario::Mixed => {
+    /// verify-hotp: the picked credential, or the next one after it that has no request in
+    /// flight, marked busy until the guard drops (so its codes reach the service in
+    /// counter order). When every credential is busy (more in flight than credentials),
+    /// the picked one, unguarded: its answers may then be REPLAYED, which the summary's
+    /// `accepted_share` shows.
+    fn pick_free(&self) -> (&Cred, Option<BusyGuard<'_>>) {
+        let start = self.pick();
+        let n = self.creds.len();
+        for k in 0..n {
+            let c = &self.creds[(start + k) % n];
+            if c.busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return (c, Some(BusyGuard(&c.busy)));
+            }
+        }
+        (&self.creds[start], None)
+    }
+
+    /// One request of the scenario to the next target in turn; the outcome name (verdict
+    /// or gRPC code) and the target's index.
+    async fn one(&self) -> (String, usize) {
+        let t = self.next_target.fetch_add(1, Ordering::Relaxed) % self.targets.len();
+        let client = &self.targets[t].client;
+        let outcome = match self.args.scenario {
+            Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify(client).await.0,
+            Scenario::SignAssertion => self.sign(client, None).await,
+            Scenario::Mixed => 'mixed: {
                 // As a login does: an accepted code, then an assertion citing its evidence.
-                let (v, evidence) = self.verify().await;
+                let (v, evidence) = self.verify(client).await;
                 if let Some(evidence) = evidence {
-                    let s = self.sign(Some(&evidence)).await;
+                    let s = self.sign(client, Some(&evidence)).await;
                     if s != "OK" {
-                        return format!("sign {s}");
+                        break 'mixed format!("sign {s}");
                     }
                 }
                 v
             }
-        }
+        };
+        (outcome, t)
     }
 
     /// A verification: the outcome name, and for an ACCEPTED code its evidence (id and
     /// subject).
-    async fn verify(&self) -> (String, Option<(String, String)>) {
-        let cred = self.pick();
+    async fn verify(&self, client: &HsmClient) -> (String, Option<(String, String)>) {
+        let (cred, _busy) = if self.args.scenario == Scenario::VerifyHotp {
+            self.pick_free()
+        } else {
+            (&self.creds[self.pick()], None)
+        };
         let wrong = self.unit() < self.args.wrong_share;
         let factor = match self.args.scenario {
             Scenario::VerifyHotp => cred.hotp_counter.fetch_add(1, Ordering::Relaxed),
@@ -336,8 +427,7 @@ impl Workload {
             let last = code.pop().and_then(|c| c.to_digit(10)).unwrap_or(0);
             code.push(char::from_digit((last + 1) % 10, 10).unwrap_or('0'));
         }
-        let r = self
-            .client
+        let r = client
             .credentials()
             .verify_code(pb::VerifyCodeRequest {
                 credential_id: cred.id.clone(),
@@ -364,13 +454,12 @@ impl Workload {
 
     /// An assertion citing `evidence` (id, subject), or unbound (the caller's rule must
     /// say `unbound_assertions = true`): the outcome name.
-    async fn sign(&self, evidence: Option<&(String, String)>) -> String {
+    async fn sign(&self, client: &HsmClient, evidence: Option<&(String, String)>) -> String {
         let (evidence_id, subject) = match evidence {
             Some((id, subject)) => (id.clone(), subject.clone()),
             None => (String::new(), "bench-subject".to_owned()),
         };
-        let r = self
-            .client
+        let r = client
             .signing()
             .sign_assertion(pb::SignAssertionRequest {
                 key: self.args.signing_key.clone(),
@@ -385,6 +474,15 @@ impl Workload {
             Ok(_) => "OK".into(),
             Err(s) => format!("{:?}", s.code()),
         }
+    }
+}
+
+/// Clears a credential's busy mark when its verify-hotp request is done.
+struct BusyGuard<'a>(&'a AtomicBool);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -416,6 +514,8 @@ struct Report {
     /// Per second of measurement: (requests, histogram).
     per_second: Vec<Histogram<u64>>,
     outcomes: BTreeMap<String, u64>,
+    /// Measured requests per target (index of `--addr`).
+    per_target: Vec<u64>,
     dropped: u64,
 }
 
@@ -450,7 +550,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
                                 && measured_count.load(Ordering::Relaxed) < limit
                             {
                                 let sent = Instant::now();
-                                let outcome = w.one().await;
+                                let (outcome, target) = w.one().await;
                                 let done = Instant::now();
                                 if done >= measure_from {
                                     measured_count.fetch_add(1, Ordering::Relaxed);
@@ -461,6 +561,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
                                         done,
                                         latency_us,
                                         outcome,
+                                        target,
                                     })
                                     .is_err()
                                 {
@@ -495,7 +596,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
                         let in_flight = in_flight.clone();
                         let measured_count = measured_count.clone();
                         tokio::spawn(async move {
-                            let outcome = w.one().await;
+                            let (outcome, target) = w.one().await;
                             let done = Instant::now();
                             in_flight.fetch_sub(1, Ordering::Relaxed);
                             if done >= measure_from {
@@ -507,6 +608,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
                                 done,
                                 latency_us,
                                 outcome,
+                                target,
                             });
                         });
                     }
@@ -515,6 +617,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
             }
         })
     };
+    let targets = w.targets.len();
     let stop_progress = stop.clone();
     let ticker = progress.map(|bar| {
         tokio::spawn(async move {
@@ -536,6 +639,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
         histogram: new_histogram(),
         per_second: Vec::new(),
         outcomes: BTreeMap::new(),
+        per_target: vec![0; targets],
         dropped: 0,
     };
     let mut last_done = measure_from;
@@ -552,6 +656,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
         }
         let _ = report.per_second[second].record(v);
         *report.outcomes.entry(s.outcome).or_default() += 1;
+        report.per_target[s.target] += 1;
     }
     let _ = producer.await;
     stop.notify_one();
@@ -564,7 +669,7 @@ async fn drive(w: Arc<Workload>, progress: Option<indicatif::ProgressBar>) -> Re
 }
 
 impl Report {
-    fn summary(&self, args: &BenchArgs) -> Value {
+    fn summary(&self, args: &BenchArgs, targets: &[Target]) -> Value {
         let h = &self.histogram;
         let ms = |v: u64| v as f64 / 1000.0;
         let requests = h.len();
@@ -573,6 +678,17 @@ impl Report {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .partition(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+        // Verify scenarios: the share of measured requests answered ACCEPTED.
+        let accepted_share = match args.scenario {
+            Scenario::SignAssertion => Value::Null,
+            _ if requests == 0 => Value::Null,
+            _ => json!(outcomes.get("ACCEPTED").copied().unwrap_or(0) as f64 / requests as f64),
+        };
+        let per_target: Vec<Value> = targets
+            .iter()
+            .zip(&self.per_target)
+            .map(|(t, n)| json!({ "endpoint": t.endpoint, "requests": n }))
+            .collect();
         json!({
             "scenario": args.scenario.to_possible_value().map(|v| v.get_name().to_owned()),
             "mode": if args.rate.is_some() { "open" } else { "closed" },
@@ -592,7 +708,9 @@ impl Report {
                 "mean": h.mean() / 1000.0,
             },
             "outcomes": outcomes,
+            "accepted_share": accepted_share,
             "errors": errors,
+            "targets": per_target,
             "dropped": self.dropped,
         })
     }
@@ -699,6 +817,18 @@ fn print_summary(s: &Value) {
         l["max"].as_f64().unwrap_or(0.0)
     );
     println!("outcomes: {}", s["outcomes"]);
+    if let Some(share) = s["accepted_share"].as_f64() {
+        println!("accepted: {:.2}%", 100.0 * share);
+    }
+    if let Some(targets) = s["targets"].as_array().filter(|t| t.len() > 1) {
+        for t in targets {
+            println!(
+                "target {}: {} requests",
+                t["endpoint"].as_str().unwrap_or(""),
+                t["requests"]
+            );
+        }
+    }
     if s["errors"].as_object().is_some_and(|e| !e.is_empty()) {
         println!("errors by status: {}", s["errors"]);
     }

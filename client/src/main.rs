@@ -114,15 +114,17 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(conn: &Connection) -> Result<HsmClient, ClientError> {
+fn client_config(conn: &Connection) -> ClientConfig {
     ClientConfig {
         endpoint: conn.endpoint.clone(),
         ca: conn.ca.clone(),
         cert: conn.cert.clone(),
         key: conn.key.clone(),
     }
-    .connect()
-    .await
+}
+
+async fn connect(conn: &Connection) -> Result<HsmClient, ClientError> {
+    client_config(conn).connect().await
 }
 
 async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
@@ -130,6 +132,11 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         if cmd.offline() {
             return audit_cmd::verify(cmd, cli.json);
         }
+    }
+    if let Command::Bench(args) = &cli.command {
+        // Its own targets: every `--addr`, or `--endpoint`.
+        let targets = bench_cmd::connect_targets(&client_config(&cli.conn), args).await?;
+        return bench_cmd::run(&targets, args, cli.json).await;
     }
     let client = connect(&cli.conn).await?;
     match &cli.command {
@@ -151,7 +158,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             })
         }
         Command::Audit(cmd) => audit_cmd::run(&client, cmd, cli.json).await,
-        Command::Bench(args) => bench_cmd::run(&client, args, cli.json).await,
+        Command::Bench(_) => unreachable!("handled above"),
         Command::Credential(cmd) => credential_cmd::run(&client, cmd, cli.json).await,
         Command::Status => {
             let s = client

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Role;
+use crate::common::Role;
 
 /// The whole file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -589,6 +589,9 @@ pub struct AcrRule {
 /// Longest `[signing] evidence_ttl_seconds`.
 pub const MAX_EVIDENCE_TTL_SECONDS: u64 = 900;
 
+/// Evidence lifetime when none is configured, in seconds.
+pub const DEFAULT_EVIDENCE_TTL_SECONDS: u64 = 120;
+
 /// Assertion signing (`[signing]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -649,7 +652,7 @@ fn default_max_auth_age() -> u64 {
 }
 
 fn default_evidence_ttl() -> u64 {
-    crate::credentials::DEFAULT_EVIDENCE_TTL_SECONDS
+    DEFAULT_EVIDENCE_TTL_SECONDS
 }
 /// The longest `signing.max_auth_age_seconds` (30 days): `auth_time` arithmetic stays
 /// far from overflow and an assertion never vouches for a month-old login.
@@ -699,18 +702,18 @@ impl SigningConfig {
 
     /// Consistency checks of `[signing]` and of the clients' signing grants.
     pub fn validate(&self, clients: &[ClientRule]) -> Result<(), String> {
-        if !crate::signing::valid_key_name(&self.default_key) {
+        if !crate::common::valid_key_name(&self.default_key) {
             return Err(format!(
                 "signing.default_key {:?}: {}",
                 self.default_key,
-                crate::signing::KEY_NAME_RULE
+                crate::common::KEY_NAME_RULE
             ));
         }
-        if !crate::signing::valid_key_name(&self.default_raw_key) {
+        if !crate::common::valid_key_name(&self.default_raw_key) {
             return Err(format!(
                 "signing.default_raw_key {:?}: {}",
                 self.default_raw_key,
-                crate::signing::KEY_NAME_RULE
+                crate::common::KEY_NAME_RULE
             ));
         }
         if self.default_raw_key == self.default_key {
@@ -771,10 +774,10 @@ impl SigningConfig {
         }
         for (i, rule) in clients.iter().enumerate() {
             for key in rule.signing_keys.iter().flatten() {
-                if !crate::signing::valid_key_name(key) {
+                if !crate::common::valid_key_name(key) {
                     return Err(format!(
                         "client[{i}].signing_keys {key:?}: {}",
-                        crate::signing::KEY_NAME_RULE
+                        crate::common::KEY_NAME_RULE
                     ));
                 }
             }
@@ -1219,10 +1222,10 @@ mod tests {
         let otp = crate::common::AuthMethod::Otp;
         assert!(config
             .signing
-            .evidence_reaches(crate::signing::NSIS_ACR_VALUES[0], otp));
+            .evidence_reaches("https://data.gov.dk/concept/core/nsis/Substantial", otp));
         assert!(!config
             .signing
-            .evidence_reaches(crate::signing::NSIS_ACR_VALUES[1], otp));
+            .evidence_reaches("https://data.gov.dk/concept/core/nsis/High", otp));
         assert_eq!(config.clients[0].tenant(), "default");
         assert_eq!(config.clients[1].tenant(), "officer-alice");
         assert!(!config.clients[0].unbound_assertions);

@@ -3,7 +3,9 @@
 //! one-time codes, signs assertions, and runs key ceremonies under an officer quorum.
 //!
 //! Data flows one way: `api -> {credentials, signing, ceremony} -> {otp, store, audit,
-//! hsm}`. Domain modules never see proto types; `hsm` never sees proto or store types.
+//! hsm}`, plus the leaf `common` every module may use. Domain modules never see proto
+//! types; `hsm` never sees proto or store types; `store` never imports a domain module or
+//! `audit`. `tests/layering.rs` holds the full table and checks every import against it.
 //! See the README's design section for why things are the way they are.
 #![forbid(unsafe_code)]
 

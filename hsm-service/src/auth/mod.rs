@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
 use x509_cert::der::Decode;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
@@ -25,29 +24,8 @@ use crate::error::Error;
 pub mod gate;
 
 pub use gate::RoleGateLayer;
-
-/// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    /// An upstream login service: credentials, assertions, public keys, events.
-    LoginService,
-    /// A security officer: ceremonies, key inventory, credential unlock.
-    Officer,
-    /// An auditor: reads and verifies the audit trail.
-    Auditor,
-}
-
-impl Role {
-    /// The name used in config files and status output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::LoginService => "login-service",
-            Role::Officer => "officer",
-            Role::Auditor => "auditor",
-        }
-    }
-}
+// The role names are configuration vocabulary too, so they live in the leaf `common`.
+pub use crate::common::Role;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,6 +38,8 @@ pub mod transcript;
 pub mod words;
 
 #[cfg(test)]
+mod backup_restore_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};

@@ -485,15 +485,16 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
     server.shutdown().await.expect("shutdown");
 }
 
-/// Ceremonies over `server`'s signer and store with `config` (no audit log).
+/// Ceremonies over a running server's signer and store with `config` (no audit log).
 fn ceremonies_with(
-    state: &crate::api::State,
+    signing: &Arc<Signer>,
+    store: &Arc<EmbeddedStore>,
     env: &DevEnv,
     config: crate::config::CeremonyConfig,
 ) -> Ceremonies {
     Ceremonies::new(
-        state.signing.clone(),
-        state.store.clone(),
+        signing.clone(),
+        store.clone(),
         config,
         &env.config.data_dir,
         crate::common::Clock::system(),
@@ -505,7 +506,12 @@ async fn two_certificates_of_one_officer_entry_count_once() {
     let env = DevEnv::new();
     let server = env.start().await;
     let state = server.state().clone();
-    let c = ceremonies_with(&state, &env, env.config.ceremony.clone());
+    let c = ceremonies_with(
+        &state.signing,
+        &state.store,
+        &env,
+        env.config.ceremony.clone(),
+    );
     let id = c
         .propose(&officer(1), SMALL)
         .await
@@ -542,7 +548,7 @@ async fn with_proposer_counts_false_the_proposers_approval_does_not_count() {
     assert!(env.config.ceremony.proposer_counts);
     let mut config = env.config.ceremony.clone();
     config.proposer_counts = false;
-    let c = ceremonies_with(&state, &env, config);
+    let c = ceremonies_with(&state.signing, &state.store, &env, config);
     let id = c
         .propose(&officer(1), SMALL)
         .await

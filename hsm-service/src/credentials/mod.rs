@@ -51,8 +51,8 @@ pub const MAX_ID_LEN: usize = 128;
 /// Longest subject.
 pub const MAX_SUBJECT_LEN: usize = 128;
 
-/// Evidence lifetime when none is configured, in seconds.
-pub const DEFAULT_EVIDENCE_TTL_SECONDS: u64 = 120;
+/// Evidence lifetime when none is configured, in seconds (a configuration default).
+pub use crate::config::DEFAULT_EVIDENCE_TTL_SECONDS;
 
 /// Import seeds: at least 80 bits (the shortest seeds in circulation), at most 64 bytes.
 pub const SEED_LEN: std::ops::RangeInclusive<usize> = 10..=64;

@@ -24,7 +24,7 @@ use x509_cert::{
 };
 
 use super::{Name, PkiError};
-use crate::signing::{ecdsa_raw_to_der, Algorithm, PublicKey};
+use crate::common::{ecdsa_raw_to_der, Algorithm, PublicKey};
 
 const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 const ECDSA_WITH_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");

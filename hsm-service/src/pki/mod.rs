@@ -1,6 +1,6 @@
 //! X.509 certificates and PKCS#10 requests whose signatures come from the HSM.
 //!
-//! Two-phase like [`crate::signing`]: [`csr_to_sign`] / [`certificate_to_sign`]
+//! Two-phase like `signing`: [`csr_to_sign`] / [`certificate_to_sign`]
 //! return a [`ToBeSigned`] holding the DER to be signed, the HSM module signs
 //! [`ToBeSigned::bytes`] (or [`ToBeSigned::digest`]), and
 //! [`ToBeSigned::assemble`] produces the final DER.
@@ -20,7 +20,7 @@ pub use build::{
     ToBeSigned,
 };
 
-use crate::signing::SigningError;
+use crate::common::SigningError;
 
 /// Errors from building or assembling certificates and requests.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

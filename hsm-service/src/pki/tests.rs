@@ -11,7 +11,8 @@ use x509_cert::{
 };
 
 use super::*;
-use crate::signing::{tests::SoftKey, Algorithm, PublicKey};
+use crate::common::soft_key::SoftKey;
+use crate::common::{Algorithm, PublicKey};
 
 /// 2023-11-14: inside the validity of the certificates below. OpenSSL is
 /// pinned to it with `-attime` so the tests do not depend on the clock.

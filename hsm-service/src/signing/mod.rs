@@ -9,12 +9,10 @@
 
 mod assertion;
 mod certs;
-mod ecdsa;
 mod evidence;
 mod jwks;
 mod jws;
 mod lifecycle;
-mod public_key;
 mod raw;
 mod self_test;
 mod signer;
@@ -23,32 +21,21 @@ pub mod versions;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::{fmt, str::FromStr};
-
+// Key vocabulary shared with `pki` and `config` lives in the leaf `common`; re-exported so
+// `signing::Algorithm` etc. keep their names.
+pub use crate::common::{
+    ecdsa_der_to_raw, ecdsa_raw_to_der, jwk, jwks, thumbprint, valid_key_name, Algorithm,
+    DigestAlgorithm, PublicKey, SigningError, KEY_NAME_RULE,
+};
 pub use assertion::{AssertionRequest, SignedAssertion, ASSERTION_ACTION, EXPIRY_MARK_STEP};
 pub use certs::{CertificateRequest, Issuance, CERTIFICATE_ACTION};
-pub use ecdsa::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use evidence::EVIDENCE_ID_LEN;
 pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use lifecycle::BackedUpKey;
-pub use public_key::{jwk, jwks, thumbprint, PublicKey};
 pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN, RAW_SIGNATURE_ACTION};
 pub use self_test::{SelfTest, SELF_TEST_PREFIX};
 pub use signer::{Caller, Grant, KeyRef, Signer};
 pub use versions::{KeyOrigin, KeyState, KeyVersion, Usage};
-
-/// What a key name may look like (said in error messages).
-pub const KEY_NAME_RULE: &str =
-    "a key name is 1 to 64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit";
-
-/// True when `name` follows [`KEY_NAME_RULE`].
-pub fn valid_key_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name.len() <= 64
-        && chars
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
-}
 
 /// The NSIS assurance levels the dev config accepts as `acr`.
 pub const NSIS_ACR_VALUES: [&str; 2] = [
@@ -74,116 +61,5 @@ pub fn dev_config() -> crate::config::SigningConfig {
         ],
         bootstrap_default_key: true,
         ..Default::default()
-    }
-}
-
-/// Errors from building signing inputs or handling keys and signatures.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SigningError {
-    /// A caller-supplied value is unusable; the message says which and why.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// Public key material is malformed or of an unsupported type.
-    #[error("invalid public key: {0}")]
-    InvalidKey(String),
-    /// A signature does not have the expected encoding or length.
-    #[error("invalid signature encoding: {0}")]
-    InvalidSignature(String),
-    /// Serialising a structure failed (should not happen with valid input).
-    #[error("encoding failed: {0}")]
-    Encoding(String),
-}
-
-/// JWS signature algorithms the HSM keys are used with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Algorithm {
-    /// ECDSA on P-256 with SHA-256.
-    Es256,
-    /// ECDSA on P-384 with SHA-384.
-    Es384,
-    /// Ed25519 (PureEdDSA: the HSM hashes the whole message itself).
-    EdDsa,
-    /// RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt.
-    Ps256,
-}
-
-/// Digests used by the [`Algorithm`]s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DigestAlgorithm {
-    /// SHA-256 (32-byte output).
-    Sha256,
-    /// SHA-384 (48-byte output).
-    Sha384,
-}
-
-impl DigestAlgorithm {
-    /// Hashes `data`.
-    pub fn digest(self, data: &[u8]) -> Vec<u8> {
-        let alg = match self {
-            Self::Sha256 => &ring::digest::SHA256,
-            Self::Sha384 => &ring::digest::SHA384,
-        };
-        ring::digest::digest(alg, data).as_ref().to_vec()
-    }
-}
-
-impl Algorithm {
-    /// The JWS `alg` header value.
-    pub fn jws_name(self) -> &'static str {
-        match self {
-            Self::Es256 => "ES256",
-            Self::Es384 => "ES384",
-            Self::EdDsa => "EdDSA",
-            Self::Ps256 => "PS256",
-        }
-    }
-
-    /// The digest the HSM is given instead of the message; `None` for EdDSA,
-    /// where the whole message must be passed (CKM_EDDSA hashes internally).
-    pub fn digest_algorithm(self) -> Option<DigestAlgorithm> {
-        match self {
-            Self::Es256 | Self::Ps256 => Some(DigestAlgorithm::Sha256),
-            Self::Es384 => Some(DigestAlgorithm::Sha384),
-            Self::EdDsa => None,
-        }
-    }
-
-    /// Hashes `message` with this algorithm's digest; `None` for EdDSA.
-    pub fn digest(self, message: &[u8]) -> Option<Vec<u8>> {
-        self.digest_algorithm().map(|d| d.digest(message))
-    }
-
-    /// Upper bound of the raw signature length, used to size buffers once.
-    pub(crate) fn max_signature_len(self) -> usize {
-        match self {
-            Self::Es256 | Self::EdDsa => 64,
-            Self::Es384 => 96,
-            // Up to RSA-4096; larger moduli still work, with one reallocation.
-            Self::Ps256 => 512,
-        }
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.jws_name())
-    }
-}
-
-impl FromStr for Algorithm {
-    type Err = SigningError;
-
-    /// Parses a JWS `alg` name (case-sensitive, as JWS requires).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "ES256" => Ok(Self::Es256),
-            "ES384" => Ok(Self::Es384),
-            "EdDSA" => Ok(Self::EdDsa),
-            "PS256" => Ok(Self::Ps256),
-            _ => Err(SigningError::InvalidArgument(format!(
-                "unsupported algorithm {s:?} (expected ES256, ES384, EdDSA or PS256)"
-            ))),
-        }
     }
 }
