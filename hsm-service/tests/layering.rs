@@ -247,6 +247,21 @@ const EXTERNAL: &[(&str, &[&str], &str)] = &[
         "only store names the embedded engine's types",
     ),
     (
+        "postgres",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
+    ),
+    (
+        "tokio_postgres_rustls",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
+    ),
+    (
+        "r2d2",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
+    ),
+    (
         "hsm_proto",
         &["api", "server", "dev", "testing", "main"],
         "domain modules, store and hsm never see proto types",
