@@ -12,7 +12,7 @@ use cryptoki::session::{Session, UserType};
 use hsm_service::credentials::{self, Credentials, NewCredential, Policy};
 use hsm_service::hsm::{module, Hsm, HsmSettings};
 use hsm_service::otp::{self, HashAlgorithm, OtpKind};
-use hsm_service::store::{EmbeddedStore, StoreOptions};
+use hsm_service::store::{Store, StoreOptions};
 use hsm_service::testing::DevEnv;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -71,9 +71,9 @@ pub struct CredentialBench {
     /// Keeps the store directory alive.
     pub dir: tempfile::TempDir,
     /// The store.
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<Store>,
     /// The service.
-    pub service: Arc<Credentials<EmbeddedStore>>,
+    pub service: Arc<Credentials<Store>>,
     /// The service's clock, in unix seconds.
     pub now: Arc<AtomicU64>,
 }
@@ -100,8 +100,10 @@ impl CredentialBench {
             durable,
             ..StoreOptions::default()
         };
-        let store =
-            Arc::new(EmbeddedStore::open(&dir.path().join("store.redb"), options).expect("store"));
+        let store = Arc::new(
+            Store::open_redb(&dir.path().join(hsm_service::store::EMBEDDED_FILE), options)
+                .expect("store"),
+        );
         rt.block_on(credentials::ensure_master_key(
             &bench.hsm,
             store.as_ref(),

@@ -71,7 +71,7 @@ fn main() {
         rows.push((made, verify, read));
     }
     let created = started.elapsed();
-    let size = std::fs::metadata(cb.dir.path().join("store.redb"))
+    let size = std::fs::metadata(cb.dir.path().join(hsm_service::store::EMBEDDED_FILE))
         .expect("store file")
         .len();
     println!(

@@ -128,8 +128,12 @@ async fn approve_with_share_restores_a_backup_on_another_service() {
     let a = DevEnv::new();
     let so_pin = std::fs::read_to_string(a.dir.path().join("so.pin")).expect("so.pin");
     let shares = tempfile::tempdir().expect("tempdir");
+    let store = hsm_service::server::open_store(&a.config, Default::default())
+        .await
+        .expect("store");
     let (paths, _) = hsm_service::ceremony::shares::backup_kek_offline(
         &a.config,
+        store,
         &so_pin.trim().to_owned().into(),
         "backup-kek-1",
         2,

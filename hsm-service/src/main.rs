@@ -152,11 +152,16 @@ fn backup_kek(command: &Command) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("backup-kek: runtime: {e}"))?;
-    let (paths, check) = runtime
-        .block_on(hsm_service::ceremony::shares::backup_kek_offline(
-            &config, &so_pin, label, *threshold, *shares, out,
-        ))
-        .map_err(|e| format!("backup-kek: {e}"))?;
+    let (paths, check) = runtime.block_on(async {
+        let store = hsm_service::server::open_store(&config, Default::default())
+            .await
+            .map_err(|e| format!("backup-kek: {e} (backup-kek runs with the service stopped)"))?;
+        hsm_service::ceremony::shares::backup_kek_offline(
+            &config, store, &so_pin, label, *threshold, *shares, out,
+        )
+        .await
+        .map_err(|e| format!("backup-kek: {e}"))
+    })?;
     println!("trusted KEK {label:?} created (check value {check}); {threshold} of {shares} shares needed to restore:");
     for p in &paths {
         println!("{}", p.display());

@@ -32,7 +32,7 @@ use crate::auth::{Authorizer, RoleGateLayer};
 use crate::config::{Config, TransportLimits};
 use crate::credentials::Credentials;
 use crate::hsm::{Hsm, HsmSettings};
-use crate::store::{EmbeddedStore, StoreOptions};
+use crate::store::{Store, StoreOptions};
 
 mod accept;
 mod oversize;
@@ -158,7 +158,7 @@ pub(crate) async fn start_with_store(
         "HSM token opened"
     );
 
-    let store = open_store(&config, store_options).await?;
+    let store = Arc::new(open_store(&config, store_options).await?);
     let clock = crate::common::Clock::system();
     let audit = AuditLog::open(
         store.clone(),
@@ -427,11 +427,11 @@ pub const SERVICES: [&str; 6] = [
 async fn open_credentials(
     config: &Config,
     hsm: &Hsm,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<Store>,
     clock: crate::common::Clock,
-) -> Result<Credentials<EmbeddedStore>, StartError> {
+) -> Result<Credentials<Store>, StartError> {
     use crate::credentials::MASTER_KEY_VERSION_META;
-    let version = match store.get_meta(MASTER_KEY_VERSION_META) {
+    let version = match store.get_meta(MASTER_KEY_VERSION_META).await {
         Ok(Some(bytes)) => {
             let arr: [u8; 4] = bytes
                 .as_slice()
@@ -466,26 +466,17 @@ async fn open_credentials(
 }
 
 /// File name of the embedded store under the data directory.
-pub const STORE_FILE: &str = "store.redb";
+pub const STORE_FILE: &str = crate::store::EMBEDDED_FILE;
 
-async fn open_store(
-    config: &Config,
-    options: StoreOptions,
-) -> Result<Arc<EmbeddedStore>, StartError> {
-    if config.store.backend == crate::config::StoreBackendKind::Postgres {
-        return Err(StartError::Store(
-            "store.backend = \"postgres\" is not served by this build yet (the unit of work \
-             that routes every module through the backend has not landed); use \"redb\""
-                .into(),
-        ));
-    }
+/// Opens the store of `config` (the embedded one in its data directory, created if
+/// missing), off the runtime's workers.
+pub async fn open_store(config: &Config, options: StoreOptions) -> Result<Store, StartError> {
     let dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StartError::Store(format!("data_dir {}: {e}", dir.display())))?;
         let path = dir.join(STORE_FILE);
-        EmbeddedStore::open(&path, options)
-            .map(Arc::new)
+        Store::open_redb(&path, options)
             .map_err(|e| StartError::Store(format!("{}: {e}", path.display())))
     })
     .await

@@ -183,9 +183,9 @@ async fn a_checkpoint_over_an_unchanged_head_returns_the_existing_one() {
     let again = checkpoint().await;
     assert_eq!((again.seq, again.head_seq), (first.seq, first.head_seq));
     assert_eq!(first.head_seq + 1, first.seq);
-    let len_before = server.state().audit.len().expect("len");
+    let len_before = server.state().audit.len().await.expect("len");
     checkpoint().await;
-    assert_eq!(server.state().audit.len().expect("len"), len_before);
+    assert_eq!(server.state().audit.len().await.expect("len"), len_before);
     server.shutdown().await.expect("shutdown");
 }
 
@@ -449,14 +449,14 @@ async fn a_flood_of_refused_calls_is_aggregated_and_verifications_go_on() {
 /// whose key entries were removed (a new key would let a rewritten log be re-signed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_key_is_pinned_at_start_up() {
-    use hsm_service::store::{EmbeddedStore, StoreOptions};
+    use hsm_service::store::{Store, StoreOptions, Table};
     use ring::signature::KeyPair as _;
 
     let env = DevEnv::new();
     let server = env.start().await;
     server.shutdown().await.expect("shutdown");
     let path = env.config.data_dir.join(hsm_service::server::STORE_FILE);
-    let store = || EmbeddedStore::open(&path, StoreOptions::default()).expect("store");
+    let store = || Store::open_redb(&path, StoreOptions::default()).expect("store");
     let start_error = || async {
         let e = match hsm_service::server::start(env.config.clone()).await {
             Ok(_) => panic!("the service must refuse to start"),
@@ -468,8 +468,12 @@ async fn the_audit_key_is_pinned_at_start_up() {
     let (cka_id, public_key) = {
         let s = store();
         (
-            s.get_meta("audit.key_id").expect("meta").expect("key id"),
+            s.get_meta("audit.key_id")
+                .await
+                .expect("meta")
+                .expect("key id"),
             s.get_meta("audit.public_key")
+                .await
                 .expect("meta")
                 .expect("public key"),
         )
@@ -504,9 +508,8 @@ async fn the_audit_key_is_pinned_at_start_up() {
     // The store's key entries gone while the log has records: no new key.
     let s = store();
     s.write(|txn| {
-        let mut meta = txn.open_table(hsm_service::store::tables::META)?;
-        meta.remove("audit.key_id")?;
-        meta.remove("audit.public_key")?;
+        txn.delete(Table::Meta, "audit.key_id")?;
+        txn.delete(Table::Meta, "audit.public_key")?;
         Ok(())
     })
     .await

@@ -42,8 +42,12 @@ async fn provision_kek(env: &DevEnv, dir: &std::path::Path) -> (Vec<std::path::P
             .trim()
             .to_owned(),
     );
+    let store = hsm_service::server::open_store(&env.config, Default::default())
+        .await
+        .expect("store");
     hsm_service::ceremony::shares::backup_kek_offline(
         &env.config,
+        store,
         &so_pin,
         "backup-kek-1",
         2,

@@ -111,24 +111,28 @@ fn backup_kek_writes_m_of_n_share_files_and_refuses_to_overwrite() {
     assert!(std::fs::read_dir(other.path()).unwrap().next().is_none());
 
     // The store knows the KEK (for plans) and the audit trail has its record.
-    let store = hsm_service::store::EmbeddedStore::open(
+    let store = hsm_service::store::Store::open_redb(
         &dir.path().join(hsm_service::server::STORE_FILE),
         Default::default(),
     )
     .expect("store");
-    let keks = hsm_service::ceremony::shares::load_keks(&store).expect("KEK records");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let keks = runtime
+        .block_on(hsm_service::ceremony::shares::load_keks(&store))
+        .expect("KEK records");
     let rec = keks.get("backup-kek-1").expect("record of backup-kek-1");
     assert!(stdout.contains(&rec.check), "{stdout}");
     assert_eq!((rec.threshold, rec.shares, keks.len()), (2, 3, 1));
     let audit: Vec<String> = store
-        .read(|txn| {
-            use redb::ReadableTable as _;
-            let table = txn.open_table(hsm_service::store::tables::AUDIT_LOG)?;
-            let mut out = Vec::new();
-            for item in table.iter()? {
-                out.push(String::from_utf8_lossy(item?.1.value()).into_owned());
-            }
-            Ok(out)
+        .read_blocking(|txn| {
+            let lines = txn.audit_range(hsm_service::store::DEFAULT_CHAIN, 0, usize::MAX)?;
+            Ok(lines
+                .into_iter()
+                .map(|(_, line)| String::from_utf8_lossy(&line).into_owned())
+                .collect())
         })
         .expect("audit records");
     let created: Vec<&String> = audit

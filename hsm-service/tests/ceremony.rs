@@ -218,6 +218,7 @@ async fn root_and_assertion_key_ceremony_end_to_end() {
         .state()
         .audit
         .export_range(1, 100_000)
+        .await
         .expect("export");
     let records: Vec<Value> = String::from_utf8(trail)
         .expect("utf-8")
@@ -433,7 +434,7 @@ async fn seed_master_key_rotation_rewraps_every_credential() {
         assert_eq!(rec.master_key_version, 2, "{}", rec.id);
     }
     assert_eq!(
-        store.get_meta(MASTER_KEY_VERSION_META).expect("meta"),
+        store.get_meta(MASTER_KEY_VERSION_META).await.expect("meta"),
         Some(2u32.to_be_bytes().to_vec())
     );
     // Both master keys are on the token: the old one is kept.

@@ -42,19 +42,12 @@ impl AuditService for AuditApi {
         tokio::spawn(async move {
             loop {
                 let from = next;
-                let log = log.clone();
-                let chunk =
-                    tokio::task::spawn_blocking(move || log.export_range(from, CHUNK)).await;
-                let (jsonl, records) = match chunk {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                // The store moves the read off the runtime's workers when its engine's
+                // reads block.
+                let (jsonl, records) = match log.export_range(from, CHUNK).await {
+                    Ok(c) => c,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("export task: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 };

@@ -116,7 +116,9 @@ impl CeremonyService for CeremonyApi {
     ) -> Result<Response<CeremonyInfo>, Status> {
         let object = request.get_ref().ceremony_id.clone();
         self.caller(&request, &[Role::Officer, Role::Auditor])?;
-        Ok(Response::new(info(self.state.ceremonies.get(&object)?)))
+        Ok(Response::new(info(
+            self.state.ceremonies.get(&object).await?,
+        )))
     }
 
     async fn list_ceremonies(
@@ -128,7 +130,8 @@ impl CeremonyService for CeremonyApi {
             ceremonies: self
                 .state
                 .ceremonies
-                .list()?
+                .list()
+                .await?
                 .into_iter()
                 .map(info)
                 .collect(),

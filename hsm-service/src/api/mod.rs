@@ -16,16 +16,16 @@ use crate::auth::Authorizer;
 use crate::common::Clock;
 use crate::credentials::Credentials;
 use crate::hsm::Hsm;
-use crate::store::EmbeddedStore;
+use crate::store::Store;
 
 /// What every service handler shares.
 pub struct AppState {
     /// The token.
     pub hsm: Hsm,
     /// Durable state.
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<Store>,
     /// HOTP/TOTP credentials.
-    pub credentials: Credentials<EmbeddedStore>,
+    pub credentials: Credentials<Store>,
     /// The clock the service runs on.
     pub clock: Clock,
     /// The audit trail.

@@ -246,7 +246,7 @@ impl KeyService for Keys {
             &request,
             &[Role::Officer, Role::Auditor],
         )?;
-        let origins = self.state.ceremonies.key_origins()?;
+        let origins = self.state.ceremonies.key_origins().await?;
         let mut keys = Vec::new();
         for k in self.state.signing.list(None) {
             let facts = if k.state == crate::signing::KeyState::Destroyed {

@@ -1,16 +1,14 @@
-//! The audit trail in the service: records in the store's `audit_log` table, appended
+//! The audit trail in the service: records appended to an audit chain of the store
 //! inside the same write transaction as the change they record, and checkpoints signed
 //! by an audit key in the HSM.
 //!
-//! The chain's head is read from the table inside each write transaction rather than kept
-//! in memory, so a batch that fails to commit cannot leave the chain pointing at records
-//! that were never stored, and seq order is commit order (the group commit has one
-//! writer).
+//! The chain's head is read from the store inside each write transaction rather than
+//! kept in memory, so a batch that fails to commit cannot leave the chain pointing at
+//! records that were never stored, and seq order is commit order (a chain has one
+//! writer: the group committer of its instance; the backend refuses a seq taken twice).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-
-use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::denied::{DeniedCalls, DENIED_WINDOW};
 use super::{checkpoint_statement, AuditRecord, Chain, CheckpointClaim, Event, Head};
@@ -18,63 +16,65 @@ use crate::common::Clock;
 use crate::error::{Error, Result};
 use crate::hsm::sign::{KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::hsm::Hsm;
-use crate::store::tables::AUDIT_LOG;
-use crate::store::{ops, EmbeddedStore, Rollback, StoreError};
+use crate::store::{ops, ChainName, ReadTxn, Rollback, Store, StoreError, Txn, DEFAULT_CHAIN};
 
 /// Store meta key: the audit key's CKA_ID (hex).
 const KEY_ID_META: &str = "audit.key_id";
 /// Store meta key: the audit key's public key (uncompressed P-256 point).
 const PUBLIC_KEY_META: &str = "audit.public_key";
 
-/// Append `event` to the chain inside `txn`.
+/// Append `event` to `chain` inside `txn`.
 pub fn append_in(
-    txn: &redb::WriteTransaction,
+    txn: &mut dyn Txn,
+    chain: &ChainName,
     event: Event,
 ) -> std::result::Result<AuditRecord, Rollback> {
-    let mut table = txn.open_table(AUDIT_LOG)?;
-    let mut chain = resume_for_append(&table)?;
-    let (record, line) = chain.append_with_line(event);
-    table.insert(record.seq, line.as_bytes())?;
-    LAST_APPENDED.with_borrow_mut(|last| *last = Some((line.into_bytes(), chain)));
+    let mut state = resume_for_append(txn, chain)?;
+    let (record, line) = state.append_with_line(event);
+    txn.audit_put(chain, record.seq, line.as_bytes())?;
+    LAST_APPENDED
+        .with_borrow_mut(|last| *last = Some((chain.to_owned(), line.into_bytes(), state)));
     Ok(record)
 }
 
 thread_local! {
-    /// The stored bytes of the last record this thread appended, and the chain right
-    /// after appending it. Every verification appends a record, so without this each
-    /// append would parse the previous record's JSON and recompute its hash (canonical
-    /// form + SHA-256) only to learn what this thread computed one job earlier.
+    /// The chain name, the stored bytes of the last record this thread appended to it,
+    /// and the chain right after appending it. Every verification appends a record, so
+    /// without this each append would parse the previous record's JSON and recompute
+    /// its hash (canonical form + SHA-256) only to learn what this thread computed one
+    /// job earlier.
     ///
-    /// It is only a shortcut for [`resume`], used when the stored head is byte for byte
-    /// the record remembered here: the head is still read from the table inside the
-    /// transaction, so a rolled-back batch (whose records are gone from the table) or a
+    /// It is only a shortcut for [`resume`], used when the stored head of the same chain
+    /// is byte for byte the record remembered here: the head is still read from the
+    /// store inside the transaction, so a rolled-back batch (whose records are gone) or a
     /// head written by anything else falls back to parsing and checking the stored
     /// record. For [`Chain::append`] the two chains are the same: it reads only the next
     /// seq and the last hash, which are the remembered record's seq + 1 and its hash
     /// (computed by this thread when it sealed it), exactly what `resume` would find.
-    static LAST_APPENDED: std::cell::RefCell<Option<(Vec<u8>, Chain)>> =
+    static LAST_APPENDED: std::cell::RefCell<Option<(String, Vec<u8>, Chain)>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// The chain to append to: the remembered one when the table's last record is the one
-/// this thread appended last, otherwise [`resume`] from the stored record.
-fn resume_for_append<T: ReadableTable<u64, &'static [u8]>>(
-    table: &T,
-) -> std::result::Result<Chain, Rollback> {
-    let last = table.last()?;
-    let stored = last.as_ref().map(|(_, v)| v.value());
+/// The chain to append to: the remembered one when the store's last record of `chain`
+/// is the one this thread appended last, otherwise [`resume`] from the stored record.
+fn resume_for_append(txn: &mut dyn Txn, chain: &ChainName) -> std::result::Result<Chain, Rollback> {
+    let last = txn.audit_last(chain)?;
+    let stored = last.as_ref().map(|(_, v)| v.as_slice());
     let remembered = LAST_APPENDED.with_borrow_mut(Option::take);
-    if let (Some(stored), Some((bytes, chain))) = (stored, remembered) {
-        if stored == bytes.as_slice() {
-            return Ok(chain);
+    if let (Some(stored), Some((name, bytes, state))) = (stored, remembered) {
+        if name == chain && stored == bytes.as_slice() {
+            return Ok(state);
         }
     }
     resume_from(stored)
 }
 
-fn resume<T: ReadableTable<u64, &'static [u8]>>(table: &T) -> std::result::Result<Chain, Rollback> {
-    let last = table.last()?;
-    resume_from(last.as_ref().map(|(_, v)| v.value()))
+fn resume<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    chain: &ChainName,
+) -> std::result::Result<Chain, Rollback> {
+    let last = txn.audit_last(chain)?;
+    resume_from(last.as_ref().map(|(_, v)| v.as_slice()))
 }
 
 /// The chain after `last`, the stored bytes of the last record (`None`: empty log),
@@ -93,7 +93,9 @@ fn resume_from(last: Option<&[u8]>) -> std::result::Result<Chain, Rollback> {
 
 /// The service's audit trail.
 pub struct AuditLog {
-    store: Arc<EmbeddedStore>,
+    store: Arc<Store>,
+    /// The chain this instance appends to and reads.
+    chain: Arc<str>,
     hsm: Hsm,
     key_cka_id: Vec<u8>,
     key_id: String,
@@ -117,24 +119,40 @@ impl AuditLog {
     /// would let whoever can start the service re-sign a rewritten log. On every later start the token's key must
     /// sign for the public key the store recorded (checked with a test signature), or the
     /// service refuses to start with one line saying which.
+    ///
+    /// It appends to and reads the chain [`DEFAULT_CHAIN`] (see [`AuditLog::open_chain`]).
     pub async fn open(
-        store: Arc<EmbeddedStore>,
+        store: Arc<Store>,
+        hsm: Hsm,
+        interval: u64,
+        clock: Clock,
+    ) -> Result<Arc<AuditLog>> {
+        AuditLog::open_chain(store, DEFAULT_CHAIN, hsm, interval, clock).await
+    }
+
+    /// [`AuditLog::open`] on the audit chain `chain` of the store.
+    pub async fn open_chain(
+        store: Arc<Store>,
+        chain: &ChainName,
         hsm: Hsm,
         interval: u64,
         clock: Clock,
     ) -> Result<Arc<AuditLog>> {
         let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let chain: Arc<str> = Arc::from(chain);
         let (cka_id, public_key) = match (
-            store.get_meta(KEY_ID_META).map_err(internal)?,
-            store.get_meta(PUBLIC_KEY_META).map_err(internal)?,
+            store.get_meta(KEY_ID_META).await.map_err(internal)?,
+            store.get_meta(PUBLIC_KEY_META).await.map_err(internal)?,
         ) {
             (Some(id), Some(pk)) => {
                 check_token_key(&hsm, &id, &pk).await?;
                 (id, pk)
             }
             (None, None) => {
+                let c = chain.clone();
                 let signed = store
-                    .read(|txn| last_checkpoint_seq(&txn.open_table(AUDIT_LOG)?))
+                    .read(move |txn| last_checkpoint_seq(txn, &c))
+                    .await
                     .map_err(internal)?;
                 if let Some(seq) = signed {
                     return Err(Error::FailedPrecondition(format!(
@@ -152,6 +170,7 @@ impl AuditLog {
         let key_id = key_name(&cka_id);
         let log = Arc::new(AuditLog {
             store,
+            chain,
             hsm,
             key_cka_id: cka_id,
             key_id,
@@ -167,6 +186,11 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The chain this log appends to: what write jobs pass to [`append_in`].
+    pub fn chain(&self) -> Arc<str> {
+        self.chain.clone()
+    }
+
     /// Key id -> uncompressed public key, for offline verification.
     pub fn trusted_keys(&self) -> std::collections::HashMap<String, Vec<u8>> {
         [(self.key_id.clone(), self.public_key.clone())]
@@ -178,9 +202,10 @@ impl AuditLog {
     /// the store: start, stop, refusals). Verifications go through the credential
     /// update's transaction instead (see `credentials`).
     pub async fn record(self: &Arc<Self>, event: Event) -> Result<AuditRecord> {
+        let chain = self.chain.clone();
         let record = self
             .store
-            .write(move |txn| append_in(txn, event))
+            .write(move |txn| append_in(txn, &chain, event))
             .await
             .map_err(|e| Error::Internal(format!("audit: {e}")))?;
         self.appended(1);
@@ -218,10 +243,11 @@ impl AuditLog {
             return Ok(0);
         }
         let n = events.len() as u64;
+        let chain = self.chain.clone();
         self.store
             .write(move |txn| {
                 for event in events {
-                    append_in(txn, event)?;
+                    append_in(txn, &chain, event)?;
                 }
                 Ok(())
             })
@@ -250,9 +276,11 @@ impl AuditLog {
         self.flush_denied().await?;
         let _one_at_a_time = self.checkpoint_lock.lock().await;
         let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let chain = self.chain.clone();
         let last = self
             .store
-            .read(|txn| last_record(&txn.open_table(AUDIT_LOG)?).map_err(|r| r.0))
+            .read(move |txn| Ok(last_record(txn, &chain)?))
+            .await
             .map_err(internal)?;
         let Some(last) = last else { return Ok(None) };
         if covers_all_before_it(&last) {
@@ -271,17 +299,17 @@ impl AuditLog {
         let key_id = self.key_id.clone();
         let now_ms = self.clock.now_ms();
         let appended = head.seq;
+        let chain = self.chain.clone();
         let record = self
             .store
             .write(move |txn| {
-                let mut table = txn.open_table(AUDIT_LOG)?;
-                let mut chain = resume(&table)?;
+                let mut state = resume(txn, &chain)?;
                 // Refused here: nothing written, the batch goes on (Ok(Err(..))).
-                let record = match chain.checkpoint_record(&head, &key_id, &signature, now_ms) {
+                let record = match state.checkpoint_record(&head, &key_id, &signature, now_ms) {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e)),
                 };
-                table.insert(record.seq, record.to_json_line().as_bytes())?;
+                txn.audit_put(&chain, record.seq, record.to_json_line().as_bytes())?;
                 Ok(Ok(record))
             })
             .await
@@ -292,34 +320,40 @@ impl AuditLog {
         Ok(Some(record))
     }
 
-    /// Up to `limit` records with `seq >= from`, as JSON lines; and how many.
-    pub fn export_range(&self, from: u64, limit: usize) -> Result<(Vec<u8>, u32)> {
-        self.store
-            .read(|txn| {
-                let table = txn.open_table(AUDIT_LOG)?;
+    /// Up to `limit` records of this log's chain with `seq >= from`, as JSON lines; and
+    /// how many.
+    pub async fn export_range(&self, from: u64, limit: usize) -> Result<(Vec<u8>, u32)> {
+        let (store, chain) = (self.store.clone(), self.chain.clone());
+        // A chunk can be large: on tokio's blocking pool, whatever the engine.
+        tokio::task::spawn_blocking(move || {
+            store.read_blocking(move |txn| {
                 let mut out = Vec::new();
                 let mut n = 0u32;
-                for entry in table.range(from..)?.take(limit) {
-                    let (_, v) = entry?;
-                    out.extend_from_slice(v.value());
+                for (_, line) in txn.audit_range(&chain, from, limit)? {
+                    out.extend_from_slice(&line);
                     out.push(b'\n');
                     n += 1;
                 }
                 Ok((out, n))
             })
-            .map_err(|e| Error::Internal(format!("audit export: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("audit export task: {e}")))?
+        .map_err(|e| Error::Internal(format!("audit export: {e}")))
     }
 
-    /// Number of records.
-    pub fn len(&self) -> Result<u64> {
+    /// Number of records of this log's chain.
+    pub async fn len(&self) -> Result<u64> {
+        let chain = self.chain.clone();
         self.store
-            .read(|txn| Ok(txn.open_table(AUDIT_LOG)?.len()?))
+            .read(move |txn| Ok(txn.audit_count(&chain)?))
+            .await
             .map_err(|e| Error::Internal(format!("audit: {e}")))
     }
 
-    /// True when nothing has been recorded.
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
+    /// True when nothing has been recorded on this log's chain.
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
     }
 }
 
@@ -331,7 +365,7 @@ fn key_name(cka_id: &[u8]) -> String {
 }
 
 /// Create the audit key on the token and record its id and public key, together.
-async fn create_key(store: &EmbeddedStore, hsm: &Hsm) -> Result<(Vec<u8>, Vec<u8>)> {
+async fn create_key(store: &Store, hsm: &Hsm) -> Result<(Vec<u8>, Vec<u8>)> {
     let pair = hsm
         .generate_signing_key_pair(KeyPairKind::EcP256, "audit-checkpoint")
         .await?;
@@ -406,33 +440,43 @@ fn spawn_denied_flusher(log: &Arc<AuditLog>) {
     });
 }
 
-/// The seq of the last checkpoint record, searching from the end (`None`: no key has
-/// signed this log).
-fn last_checkpoint_seq(
-    table: &redb::ReadOnlyTable<u64, &[u8]>,
+/// The seq of the last checkpoint record of `chain`, searching from the end (`None`: no
+/// key has signed this chain).
+fn last_checkpoint_seq<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    chain: &ChainName,
 ) -> std::result::Result<Option<u64>, StoreError> {
-    for entry in table.iter()?.rev() {
-        let (seq, line) = entry?;
-        let record = std::str::from_utf8(line.value())
-            .ok()
-            .and_then(|l| AuditRecord::from_json_line(l).ok());
-        // An unreadable record may have been a checkpoint: treat it as one.
-        if record.is_none_or(|r| r.is_checkpoint()) {
-            return Ok(Some(seq.value()));
+    const PAGE: usize = 4096;
+    let mut found = None;
+    let mut from = 0u64;
+    loop {
+        let page = txn.audit_range(chain, from, PAGE)?;
+        for (seq, line) in &page {
+            let record = std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| AuditRecord::from_json_line(l).ok());
+            // An unreadable record may have been a checkpoint: treat it as one.
+            if record.is_none_or(|r| r.is_checkpoint()) {
+                found = Some(*seq);
+            }
+        }
+        match page.last() {
+            Some((seq, _)) if page.len() == PAGE => from = seq + 1,
+            _ => return Ok(found),
         }
     }
-    Ok(None)
 }
 
-/// The last stored record, checked against its own hash (`None`: empty log).
-fn last_record<T: ReadableTable<u64, &'static [u8]>>(
-    table: &T,
+/// The last stored record of `chain`, checked against its own hash (`None`: empty).
+fn last_record<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    chain: &ChainName,
 ) -> std::result::Result<Option<AuditRecord>, Rollback> {
-    let Some((_, v)) = table.last()? else {
+    let Some((_, v)) = txn.audit_last(chain)? else {
         return Ok(None);
     };
     let corrupt = |e: String| Rollback(StoreError::Corrupt(format!("audit log head: {e}")));
-    let record = AuditRecord::from_json_line(std::str::from_utf8(v.value()).unwrap_or(""))
+    let record = AuditRecord::from_json_line(std::str::from_utf8(&v).unwrap_or(""))
         .map_err(|e| corrupt(e.to_string()))?;
     if !record.hash_matches() {
         return Err(corrupt(format!(
@@ -459,5 +503,98 @@ fn uncompressed_point(ec_point: &[u8]) -> Result<Vec<u8>> {
         _ => Err(Error::Internal(
             "unexpected EC point encoding of the audit key".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::{gate, wait_queued};
+
+    /// Appends one audit record through the store (its own job, so its own place in a batch).
+    fn spawn_audit(
+        store: &Arc<Store>,
+        n: u64,
+    ) -> tokio::task::JoinHandle<std::result::Result<AuditRecord, StoreError>> {
+        let s = store.clone();
+        tokio::spawn(async move {
+            s.write(move |txn| {
+                let event = Event::new(
+                    1_700_000_000_000 + n,
+                    crate::audit::Actor::service(),
+                    "test.event",
+                    &format!("object-{n}"),
+                );
+                append_in(txn, DEFAULT_CHAIN, event)
+            })
+            .await
+        })
+    }
+
+    /// The committer remembers the record it appended last, to skip re-reading it for the
+    /// next append; after a rolled-back batch or a failed commit that record is not stored,
+    /// and the chain must continue from the stored head instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn audit_chain_continues_from_the_stored_head_after_rollbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            Store::open_redb(
+                &dir.path().join(crate::store::EMBEDDED_FILE),
+                crate::store::StoreOptions::default(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(spawn_audit(&store, 1).await.unwrap().unwrap().seq, 1);
+
+        // Batch: an append, then a job that rolls the batch back.
+        let g = gate(&store).await;
+        let rolled_back = spawn_audit(&store, 2);
+        wait_queued(&store, 1).await;
+        let s = store.clone();
+        let bad = tokio::spawn(async move {
+            s.write(|_txn| Err::<(), _>(Rollback(StoreError::Invalid("no".into()))))
+                .await
+        });
+        wait_queued(&store, 2).await;
+        g.open().await;
+        assert!(matches!(
+            rolled_back.await.unwrap(),
+            Err(StoreError::Aborted(_))
+        ));
+        assert!(bad.await.unwrap().is_err());
+        let second = spawn_audit(&store, 3).await.unwrap().unwrap();
+        assert_eq!(second.seq, 2);
+
+        // An append whose commit fails.
+        let g = gate(&store).await;
+        let failed = spawn_audit(&store, 4);
+        wait_queued(&store, 1).await;
+        store.fail_next_commits(2);
+        let g_task = g.task;
+        g.release.send(()).unwrap();
+        assert!(g_task.await.unwrap().is_err());
+        assert!(failed.await.unwrap().is_err());
+        let third = spawn_audit(&store, 5).await.unwrap().unwrap();
+        assert_eq!((third.seq, third.prev.as_str()), (3, second.hash.as_str()));
+
+        // Many appends in shared batches, then the whole stored log verifies.
+        let tasks: Vec<_> = (6..40).map(|n| spawn_audit(&store, n)).collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let lines = store
+            .read(|txn| {
+                let mut out = Vec::new();
+                for (_, line) in txn.audit_range(DEFAULT_CHAIN, 0, usize::MAX)? {
+                    out.extend_from_slice(&line);
+                    out.push(b'\n');
+                }
+                Ok(out)
+            })
+            .await
+            .unwrap();
+        let report = hsm_audit::verify(lines.as_slice(), &std::collections::HashMap::new());
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.records, 3 + 34);
     }
 }

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 impl Ceremonies {
     /// Parse a share handed in for ceremony `id` and check that it is a share of the KEK
     /// of a backup file the ceremony restores from. Errors never quote the share.
-    pub(super) fn check_share(&self, id: &str, text: &str) -> Result<ShareFile> {
-        let rec = self.load(id)?;
+    pub(super) async fn check_share(&self, id: &str, text: &str) -> Result<ShareFile> {
+        let rec = self.load(id).await?;
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
         let sources = self.restore_sources(&parsed)?;
         if sources.is_empty() {

@@ -15,7 +15,9 @@ use crate::audit::log::append_in;
 use crate::audit::{Actor, Details, Event};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::store::Rollback;
+use std::sync::Arc;
+
+use crate::store::{Rollback, Txn};
 
 /// Who caused a ceremony event: an officer's certificate, or the service itself.
 #[derive(Debug, Clone)]
@@ -133,23 +135,28 @@ impl CeremonyEvent {
     }
 }
 
-/// Whether events go to the audit trail (an audit log is configured). Copied into store
-/// write jobs, which run on the committer thread.
-#[derive(Debug, Clone, Copy)]
+/// Where events go: the audit chain of the configured audit log (none without one).
+/// Moved into store write jobs, which run on the committer thread.
+#[derive(Debug, Clone)]
 pub(super) struct Trail {
-    on: bool,
+    chain: Option<Arc<str>>,
 }
 
 impl Trail {
+    /// Whether events are recorded at all.
+    pub fn on(&self) -> bool {
+        self.chain.is_some()
+    }
+
     /// Append `events` to the audit chain in `txn` (nothing without an audit log).
     pub fn append(
-        self,
-        txn: &redb::WriteTransaction,
+        &self,
+        txn: &mut dyn Txn,
         events: &[CeremonyEvent],
     ) -> std::result::Result<(), Rollback> {
-        if self.on {
+        if let Some(chain) = &self.chain {
             for e in events {
-                append_in(txn, e.audit())?;
+                append_in(txn, chain, e.audit())?;
             }
         }
         Ok(())
@@ -160,7 +167,7 @@ impl Ceremonies {
     /// Where this service's events go, for a store write job.
     pub(super) fn trail(&self) -> Trail {
         Trail {
-            on: self.audit.is_some(),
+            chain: self.audit.as_ref().map(|log| log.chain()),
         }
     }
 
@@ -198,7 +205,7 @@ impl Ceremonies {
     pub(super) async fn emit(&self, event: CeremonyEvent) -> Result<()> {
         let trail = self.trail();
         let events = [event];
-        if trail.on {
+        if trail.on() {
             let batch = events.clone();
             self.store
                 .write(move |txn| trail.append(txn, &batch))

@@ -67,9 +67,9 @@ impl Ceremonies {
 
     /// The checks, then the claim. Runs under the execution lock.
     async fn claim_checked(&self, actor: &Identity, id: &str) -> Result<Claimed> {
-        let rec = self.load(id)?;
+        let rec = self.load(id).await?;
         let now = self.clock.now();
-        let parsed = self.check_runnable(&rec, now)?;
+        let parsed = self.check_runnable(&rec, now).await?;
         let (json_path, text_path) = self.prepare_transcript_files(id)?;
         let rec = self.claim(actor, id, now, parsed.steps.len()).await?;
         Ok(Claimed {
@@ -148,7 +148,7 @@ impl Ceremonies {
 
     /// Everything that must hold before a ceremony is claimed: still proposed, its
     /// quorum, its plan valid against the keys now, the shares its restores need.
-    fn check_runnable(&self, rec: &CeremonyRecord, now: u64) -> Result<Plan> {
+    async fn check_runnable(&self, rec: &CeremonyRecord, now: u64) -> Result<Plan> {
         if rec.state != CeremonyState::Proposed {
             return Err(Error::FailedPrecondition(format!(
                 "ceremony {} is {}; a ceremony runs once",
@@ -160,7 +160,7 @@ impl Ceremonies {
             return Err(Error::FailedPrecondition(p));
         }
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
-        plan::validate(&parsed, &self.context()?)?;
+        plan::validate(&parsed, &self.context().await?)?;
         let sources = self.restore_sources(&parsed)?;
         if let Some(p) = self.shares_problem(rec, &sources, now) {
             return Err(Error::FailedPrecondition(p));

@@ -53,7 +53,7 @@ use crate::config::CeremonyConfig;
 use crate::credentials::rotation::SeedRotator;
 use crate::error::{Error, Result};
 use crate::signing::Signer;
-use crate::store::{EmbeddedStore, StoreError};
+use crate::store::{Store, StoreError};
 pub use plan::{Plan, Step, Usage};
 pub use record::{Approval, CeremonyRecord, CeremonyState, Officer};
 pub use recovery::INTERRUPTED;
@@ -96,7 +96,7 @@ pub struct Execution {
 /// Ceremonies: proposals, approvals, execution.
 pub struct Ceremonies {
     signer: Arc<Signer>,
-    store: Arc<EmbeddedStore>,
+    store: Arc<Store>,
     config: CeremonyConfig,
     /// Which approvals count (from `config`).
     quorum: quorum::Quorum,
@@ -152,7 +152,7 @@ impl Ceremonies {
     /// taken relative to `data_dir`.
     pub fn new(
         signer: Arc<Signer>,
-        store: Arc<EmbeddedStore>,
+        store: Arc<Store>,
         config: CeremonyConfig,
         data_dir: &std::path::Path,
         clock: Clock,
@@ -219,7 +219,7 @@ impl Ceremonies {
         })
     }
 
-    fn context(&self) -> Result<plan::Context> {
+    async fn context(&self) -> Result<plan::Context> {
         let mut existing: BTreeMap<String, Vec<plan::ExistingKey>> = BTreeMap::new();
         for k in self.signer.list(None) {
             existing
@@ -236,28 +236,31 @@ impl Ceremonies {
             max_validity_days: self.config.max_validity_days,
             existing,
             seed_rotation: self.seed_master.is_some(),
-            keks: shares::load_keks(&self.store)?,
+            keks: shares::load_keks(&self.store).await?,
             backup_dir: self.backup_dir.clone(),
         })
     }
 
-    fn load(&self, id: &str) -> Result<CeremonyRecord> {
+    async fn load(&self, id: &str) -> Result<CeremonyRecord> {
+        let key = id.to_owned();
         self.store
-            .read(|txn| record::load(txn, id))
+            .read(move |txn| record::load(txn, &key))
+            .await
             .map_err(store_err)?
             .ok_or_else(|| Error::NotFound(format!("no ceremony {id}")))
     }
 
     /// One ceremony.
-    pub fn get(&self, id: &str) -> Result<CeremonyView> {
+    pub async fn get(&self, id: &str) -> Result<CeremonyView> {
         let id = parse_id(id)?;
-        self.view(self.load(&id)?)
+        self.view(self.load(&id).await?)
     }
 
     /// Every ceremony, in id order.
-    pub fn list(&self) -> Result<Vec<CeremonyView>> {
+    pub async fn list(&self) -> Result<Vec<CeremonyView>> {
         self.store
-            .read(record::load_all)
+            .read(|txn| record::load_all(txn))
+            .await
             .map_err(store_err)?
             .into_iter()
             .map(|r| self.view(r))
@@ -265,8 +268,11 @@ impl Ceremonies {
     }
 
     /// Which ceremony created each key version (`(name, version)` -> ceremony id).
-    pub fn key_origins(&self) -> Result<HashMap<(String, u32), String>> {
-        self.store.read(record::key_origins).map_err(store_err)
+    pub async fn key_origins(&self) -> Result<HashMap<(String, u32), String>> {
+        self.store
+            .read(|txn| record::key_origins(txn))
+            .await
+            .map_err(store_err)
     }
 
     /// `<transcript_dir>/<id>.json` and `.txt`.

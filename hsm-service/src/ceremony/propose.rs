@@ -23,7 +23,7 @@ impl Ceremonies {
     async fn propose_inner(&self, actor: &Identity, plan_toml: &str) -> Result<CeremonyView> {
         self.require_officer(actor)?;
         let parsed = plan::parse(plan_toml)?;
-        plan::validate(&parsed, &self.context()?)?;
+        plan::validate(&parsed, &self.context().await?)?;
         let canonical = plan::canonical(&parsed)?;
         let id = plan::id_of(&canonical);
         let rec = CeremonyRecord {

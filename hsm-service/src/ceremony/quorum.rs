@@ -149,7 +149,7 @@ impl Ceremonies {
         self.require_officer(actor)?;
         let share = match kek_share {
             None => None,
-            Some(text) => Some(self.check_share(&id, text)?),
+            Some(text) => Some(self.check_share(&id, text).await?),
         };
         let officer = officer_of(actor);
         let fingerprint = officer.fingerprint.clone();

@@ -1,11 +1,9 @@
 //! The durable record of a ceremony (store table `ceremonies`) and the index of the keys
 //! ceremonies created (table `ceremony_keys`).
 
-use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use crate::store::tables::{CEREMONIES, CEREMONY_KEYS};
-use crate::store::{Rollback, StoreError};
+use crate::store::{KeyRange, ReadTxn, Rollback, StoreError, Table, Txn};
 
 /// Where a ceremony is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,24 +99,23 @@ fn decode(key: &str, bytes: &[u8]) -> Result<CeremonyRecord, StoreError> {
 }
 
 /// One ceremony.
-pub(crate) fn load(
-    txn: &redb::ReadTransaction,
+pub(crate) fn load<T: ReadTxn + ?Sized>(
+    txn: &mut T,
     id: &str,
 ) -> Result<Option<CeremonyRecord>, StoreError> {
-    let table = txn.open_table(CEREMONIES)?;
-    let found = table.get(id)?;
-    found.map(|g| decode(id, g.value())).transpose()
+    txn.get(Table::Ceremonies, id)?
+        .map(|v| decode(id, &v))
+        .transpose()
 }
 
 /// Every ceremony, in id order.
-pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<CeremonyRecord>, StoreError> {
-    let table = txn.open_table(CEREMONIES)?;
-    let mut out = Vec::new();
-    for item in table.iter()? {
-        let (k, v) = item?;
-        out.push(decode(k.value(), v.value())?);
-    }
-    Ok(out)
+pub(crate) fn load_all<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+) -> Result<Vec<CeremonyRecord>, StoreError> {
+    txn.scan(Table::Ceremonies, &KeyRange::all(), usize::MAX)?
+        .iter()
+        .map(|(k, v)| decode(k, v))
+        .collect()
 }
 
 /// What an update decided.
@@ -129,21 +126,20 @@ pub(crate) enum Change<T> {
     Keep(T),
 }
 
-/// Read-modify-write of one ceremony in this transaction: `change` sees the current
-/// record (or `None`) and decides.
+/// Read-modify-write of one ceremony in this transaction (a locking read): `change`
+/// sees the current record (or `None`) and decides.
 pub(crate) fn update<T>(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     id: &str,
     change: impl FnOnce(Option<CeremonyRecord>) -> Change<T>,
 ) -> Result<T, Rollback> {
-    let mut table = txn.open_table(CEREMONIES)?;
-    let current = match table.get(id)? {
-        Some(g) => Some(decode(id, g.value())?),
+    let current = match txn.get(Table::Ceremonies, id)? {
+        Some(v) => Some(decode(id, &v)?),
         None => None,
     };
     match change(current) {
         Change::Write(rec, answer) => {
-            table.insert(id, encode(&rec)?.as_slice())?;
+            txn.put(Table::Ceremonies, id, &encode(&rec)?)?;
             Ok(answer)
         }
         Change::Keep(answer) => Ok(answer),
@@ -152,33 +148,29 @@ pub(crate) fn update<T>(
 
 /// Record which ceremony created the key versions `keys` (`(name, version)`).
 pub(crate) fn put_key_origins(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     ceremony_id: &str,
     keys: &[(String, u32)],
 ) -> Result<(), Rollback> {
-    let mut table = txn.open_table(CEREMONY_KEYS)?;
     for (name, version) in keys {
         let key = crate::signing::versions::store_key(name, *version);
-        table.insert(key.as_str(), ceremony_id.as_bytes())?;
+        txn.put(Table::CeremonyKeys, &key, ceremony_id.as_bytes())?;
     }
     Ok(())
 }
 
 /// The ceremony that created each key version: `"<name>/<version>"` store keys ->
 /// ceremony id.
-pub(crate) fn key_origins(
-    txn: &redb::ReadTransaction,
+pub(crate) fn key_origins<T: ReadTxn + ?Sized>(
+    txn: &mut T,
 ) -> Result<std::collections::HashMap<(String, u32), String>, StoreError> {
-    let table = txn.open_table(CEREMONY_KEYS)?;
     let mut out = std::collections::HashMap::new();
-    for item in table.iter()? {
-        let (k, v) = item?;
-        let key = k.value();
+    for (key, v) in txn.scan(Table::CeremonyKeys, &KeyRange::all(), usize::MAX)? {
         if let Some((name, version)) = key.rsplit_once('/') {
             if let Ok(version) = version.parse::<u32>() {
                 out.insert(
                     (name.to_owned(), version),
-                    String::from_utf8_lossy(v.value()).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
                 );
             }
         }

@@ -27,7 +27,8 @@ impl Ceremonies {
     pub async fn recover_interrupted(&self) -> Result<Vec<String>> {
         let interrupted: Vec<CeremonyRecord> = self
             .store
-            .read(record::load_all)
+            .read(|txn| record::load_all(txn))
+            .await
             .map_err(store_err)?
             .into_iter()
             .filter(|r| r.state == CeremonyState::Executing)
@@ -45,8 +46,12 @@ impl Ceremonies {
     /// restores, created since the claim, recorded for no ceremony. Keys are made only
     /// by ceremonies (and the dev bootstrap, at start-up), one ceremony at a time, so
     /// nothing else fits that description. In name and version order.
-    fn keys_created_by(&self, rec: &CeremonyRecord, parsed: &Plan) -> Result<Vec<KeyVersion>> {
-        let origins = self.key_origins()?;
+    async fn keys_created_by(
+        &self,
+        rec: &CeremonyRecord,
+        parsed: &Plan,
+    ) -> Result<Vec<KeyVersion>> {
+        let origins = self.key_origins().await?;
         let names = self.names_created_by(parsed);
         Ok(self
             .signer
@@ -85,7 +90,7 @@ impl Ceremonies {
     async fn fail_interrupted(&self, mut rec: CeremonyRecord) -> Result<String> {
         let id = rec.id.clone();
         let parsed = plan::from_canonical(&rec.canonical_plan)?;
-        let keys = self.keys_created_by(&rec, &parsed)?;
+        let keys = self.keys_created_by(&rec, &parsed).await?;
         let mut t = Transcript::start(&rec, &parsed, rec.executed_at);
         t.interrupted(&keys);
         rec.state = CeremonyState::Failed;

@@ -314,26 +314,16 @@ pub struct KekRecord {
 }
 
 /// Every KEK record in the store, by label.
-pub fn load_keks(
-    store: &crate::store::EmbeddedStore,
+pub async fn load_keks(
+    store: &crate::store::Store,
 ) -> Result<std::collections::BTreeMap<String, KekRecord>> {
     let corrupt = |e: String| Error::Internal(format!("backup KEK records: {e}"));
     store
-        .read(|txn| {
-            let table = txn.open_table(crate::store::tables::META)?;
-            let mut out = Vec::new();
-            for item in table.range(KEK_META_PREFIX..)? {
-                let (k, v) = item?;
-                if !k.value().starts_with(KEK_META_PREFIX) {
-                    break;
-                }
-                out.push(v.value().to_vec());
-            }
-            Ok(out)
-        })
+        .read(|txn| Ok(crate::store::ops::meta_with_prefix(txn, KEK_META_PREFIX)?))
+        .await
         .map_err(|e| corrupt(e.to_string()))?
         .into_iter()
-        .map(|v| {
+        .map(|(_, v)| {
             serde_json::from_slice::<KekRecord>(&v)
                 .map(|r| (r.label.clone(), r))
                 .map_err(|e| corrupt(e.to_string()))
@@ -341,10 +331,11 @@ pub fn load_keks(
         .collect()
 }
 
-/// Store `rec` and its audit record (action `backup-kek.create`, actor `actor`) in one
-/// durable commit. Refuses a label that has a record already.
+/// Store `rec` and its audit record (action `backup-kek.create`, actor `actor`, on the
+/// audit chain `chain`) in one durable commit. Refuses a label that has a record already.
 pub async fn record_kek(
-    store: &crate::store::EmbeddedStore,
+    store: &crate::store::Store,
+    chain: &crate::store::ChainName,
     rec: KekRecord,
     actor: crate::audit::Actor,
 ) -> Result<()> {
@@ -363,6 +354,7 @@ pub async fn record_kek(
             .u64("threshold", u64::from(rec.threshold))
             .u64("shares", u64::from(rec.shares)),
     );
+    let chain = chain.to_owned();
     let stored = store
         .write(move |txn| {
             if crate::store::ops::get_meta(txn, &key)?.is_some() {
@@ -371,7 +363,7 @@ pub async fn record_kek(
             if let Err(e) = crate::store::ops::put_meta(txn, &key, &value)? {
                 return Err(crate::store::Rollback(e));
             }
-            crate::audit::log::append_in(txn, event)?;
+            crate::audit::log::append_in(txn, &chain, event)?;
             Ok(true)
         })
         .await
@@ -429,28 +421,22 @@ pub fn provision_backup_kek(
     Ok((write_share_files(dir, &files)?, check))
 }
 
-/// `hsm-service backup-kek`, everything but the command line: with the service of
-/// `config` stopped, open its store (locked while the service runs, so a running service
-/// is refused before the token is touched), provision KEK `label` M-of-N with the share
-/// files in `dir` ([`provision_backup_kek`]), and record it ([`record_kek`]) with its
-/// audit record, so that plans can name it. Returns the share files' paths and the KEK's
-/// check value.
+/// `hsm-service backup-kek`, everything but the command line and opening the store:
+/// with the service of `config` stopped (the caller opened its `store`, which the
+/// embedded engine locks while the service runs, so a running service is refused before
+/// the token is touched), provision KEK `label` M-of-N with the share files in `dir`
+/// ([`provision_backup_kek`]), and record it ([`record_kek`]) with its audit record on
+/// the chain [`crate::store::DEFAULT_CHAIN`], so that plans can name it. Closes `store`.
+/// Returns the share files' paths and the KEK's check value.
 pub async fn backup_kek_offline(
     config: &crate::config::Config,
+    store: crate::store::Store,
     so_pin: &secrecy::SecretString,
     label: &str,
     threshold: u8,
     shares: u8,
     dir: &std::path::Path,
 ) -> Result<(Vec<std::path::PathBuf>, String)> {
-    let store_path = config.data_dir.join(crate::server::STORE_FILE);
-    let store =
-        crate::store::EmbeddedStore::open(&store_path, Default::default()).map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "store {}: {e} (backup-kek runs with the service stopped)",
-                store_path.display()
-            ))
-        })?;
     let settings = crate::hsm::HsmSettings {
         module: config.hsm.module.clone(),
         token: config.token(),
@@ -468,6 +454,7 @@ pub async fn backup_kek_offline(
     };
     record_kek(
         &store,
+        crate::store::DEFAULT_CHAIN,
         record,
         crate::audit::Actor::new("security-officer (offline backup-kek)", ""),
     )

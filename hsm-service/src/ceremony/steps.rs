@@ -196,7 +196,8 @@ impl Ceremonies {
         kek: &str,
         file: &str,
     ) -> Result<()> {
-        let record = shares::load_keks(&self.store)?
+        let record = shares::load_keks(&self.store)
+            .await?
             .remove(kek)
             .ok_or_else(|| Error::FailedPrecondition(format!("KEK {kek:?} is not provisioned")))?;
         let mut entries = Vec::with_capacity(keys.len());

@@ -421,10 +421,10 @@ async fn expired_approvals_do_not_count() {
         .id;
     c.approve(&officer(1), &id, None).await.expect("approve");
     c.approve(&officer(2), &id, None).await.expect("approve");
-    assert_eq!(c.get(&id).expect("get").valid_approvals, 2);
+    assert_eq!(c.get(&id).await.expect("get").valid_approvals, 2);
     // Both approvals expire.
     t.fetch_add(ttl, Ordering::SeqCst);
-    assert_eq!(c.get(&id).expect("get").valid_approvals, 0);
+    assert_eq!(c.get(&id).await.expect("get").valid_approvals, 0);
     let err = c.execute(&officer(3), &id).await.expect_err("expired");
     assert!(err.to_string().contains("0 valid approval"), "{err}");
     // One fresh approval and one expired one are still not enough.
@@ -475,6 +475,7 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
     assert!(c.transcript_paths(&id).0.exists());
     assert_eq!(
         c.key_origins()
+            .await
             .expect("origins")
             .get(&("ca-x".to_owned(), 1)),
         Some(&id)
@@ -488,7 +489,7 @@ async fn a_failing_step_stops_and_the_transcript_lists_what_was_made() {
 /// Ceremonies over a running server's signer and store with `config` (no audit log).
 fn ceremonies_with(
     signing: &Arc<Signer>,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<Store>,
     env: &DevEnv,
     config: crate::config::CeremonyConfig,
 ) -> Ceremonies {
@@ -658,7 +659,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
         .await
         .expect("crafted");
     assert_eq!(
-        c.get(&id).expect("get").record.state,
+        c.get(&id).await.expect("get").record.state,
         CeremonyState::Executing
     );
     drop(state);
@@ -667,7 +668,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
     let server = env.start().await;
     let state = server.state().clone();
     let c = &state.ceremonies;
-    let rec = c.get(&id).expect("get").record;
+    let rec = c.get(&id).await.expect("get").record;
     assert_eq!(rec.state, CeremonyState::Failed);
     assert_eq!(rec.failure, "interrupted");
     let t: Transcript = serde_json::from_str(&rec.transcript_json).expect("transcript");
@@ -688,7 +689,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
         [("ca-x", k.kid.as_str()), ("ca-y", unrecorded.kid.as_str())]
     );
     // Both are now indexed as this ceremony's.
-    let origins = c.key_origins().expect("origins");
+    let origins = c.key_origins().await.expect("origins");
     assert_eq!(origins.get(&("ca-y".to_owned(), 1)), Some(&id));
     assert!(
         t.steps.iter().all(|s| s.outcome == "unknown"),
@@ -706,7 +707,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
         "{text}"
     );
     // Audited, by the service, with what was created.
-    let (trail, _) = state.audit.export_range(1, 100_000).expect("export");
+    let (trail, _) = state.audit.export_range(1, 100_000).await.expect("export");
     let records: Vec<serde_json::Value> = String::from_utf8(trail)
         .expect("utf-8")
         .lines()
@@ -737,6 +738,7 @@ async fn a_ceremony_interrupted_mid_run_fails_at_start_up_with_a_transcript() {
             .state()
             .ceremonies
             .get(&id)
+            .await
             .expect("get")
             .record
             .failure,

@@ -14,9 +14,7 @@ use super::store_error;
 use crate::error::{Error, Result};
 use crate::hsm::binding::{SeedBinding, BINDING_LEN};
 use crate::hsm::Hsm;
-use crate::store::{
-    CredentialKey, CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update,
-};
+use crate::store::{CredentialKey, CredentialRecord, CredentialStore, Store, StoreError, Update};
 
 /// Store meta key set once every record has a binding.
 pub const BINDINGS_MIGRATED_META: &str = "credentials.seed_bindings_migrated";
@@ -126,9 +124,10 @@ pub(super) fn rewrap_items(recs: &[CredentialRecord]) -> Result<Vec<(Arc<[u8]>, 
 /// starts skip the scan. Creates the binding key on the token first; refuses when the
 /// store says records were bound but the token lacks the key (a wrong token: a new key
 /// would make every record fail its check). Returns the records bound.
-pub async fn migrate(hsm: &Hsm, store: &EmbeddedStore, batch: usize) -> Result<u64> {
+pub async fn migrate(hsm: &Hsm, store: &Store, batch: usize) -> Result<u64> {
     let migrated = store
         .get_meta(BINDINGS_MIGRATED_META)
+        .await
         .map_err(store_error)?
         .is_some();
     if migrated {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use crate::audit::log::AuditLog;
+use crate::audit::log::{append_in, AuditLog};
 use crate::audit::{Actor, Event};
 use crate::common::AuthMethod;
 pub use crate::common::Clock;
@@ -37,8 +37,8 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
 use crate::store::{
-    CredentialKey, CredentialRecord, CredentialStore, Effects, EmbeddedStore, EvidenceRecord,
-    StoreError, Update,
+    CredentialKey, CredentialRecord, CredentialStore, EvidenceRecord, Rollback, Store, StoreError,
+    Txn, Update,
 };
 pub use policy::{LockChange, LockState, Outcome, Policy, Verdict};
 
@@ -310,9 +310,13 @@ impl<S: CredentialStore> Credentials<S> {
         };
         record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
         let inserted = match self.audit_event(actor, "credential.create", &record.id) {
-            Some(event) => {
+            Some((event, chain)) => {
                 let event = audit::created_event(event, &record, provisioning_uri.is_some());
-                self.store.insert_audited(record.clone(), event).await
+                self.store
+                    .insert_with(record.clone(), move |txn| {
+                        append_in(txn, &chain, event).map(drop)
+                    })
+                    .await
             }
             None => self.store.insert(record.clone()).await,
         };
@@ -396,7 +400,7 @@ impl<S: CredentialStore> Credentials<S> {
         tenant: &str,
         id: &str,
         code: &str,
-        event: Option<Event>,
+        event: Option<(Event, Arc<str>)>,
     ) -> std::result::Result<(Verified, Option<LockChange>), audit::Stop> {
         let rec = self.get(tenant, id).await?;
         let digits = Digits::new(u32::from(rec.digits))
@@ -432,14 +436,15 @@ impl<S: CredentialStore> Credentials<S> {
                         Update::Delete(o) => Update::Delete(Some((o, None))),
                     }
                 },
-                move |d: &Option<(Outcome, Option<LockChange>)>| {
+                move |d: &Option<(Outcome, Option<LockChange>)>, txn: &mut dyn Txn| {
                     let accepted = d.is_some_and(|(o, _)| o.verdict == Verdict::Accepted);
                     let evidence = evidence.filter(|_| accepted);
                     let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
-                    Effects {
-                        audit: decision_event(event, &audit_tenant, d.as_ref(), evidence_id),
-                        evidence,
+                    record_decision(txn, event, &audit_tenant, d.as_ref(), evidence_id)?;
+                    if let Some(e) = evidence {
+                        crate::store::evidence::insert_in(txn, &e, e.auth_time)?;
                     }
+                    Ok(())
                 },
             )
             .await
@@ -456,11 +461,11 @@ impl<S: CredentialStore> Credentials<S> {
     /// then answer it.
     async fn record_stop(
         &self,
-        event: Option<Event>,
+        event: Option<(Event, Arc<str>)>,
         tenant: &str,
         stop: audit::Stop,
     ) -> Result<Outcome> {
-        let (record, answer) = stop.into_record(event, tenant);
+        let (record, answer) = stop.into_record(event.map(|(e, _)| e), tenant);
         if let (Some(record), Some(log)) = (record, &self.audit) {
             log.record(record).await?;
         }
@@ -518,7 +523,7 @@ impl<S: CredentialStore> Credentials<S> {
         id: &str,
         code1: &str,
         code2: &str,
-        event: Option<Event>,
+        event: Option<(Event, Arc<str>)>,
     ) -> std::result::Result<
         (Outcome, Option<LockChange>, CredentialRecord),
         (audit::Stop, Option<CredentialRecord>),
@@ -561,7 +566,7 @@ impl<S: CredentialStore> Credentials<S> {
         let seed = rec.wrapped_seed;
         let audit_tenant = tenant.to_owned();
         self.store
-            .update_audited(
+            .update_with(
                 tenant,
                 id,
                 move |r| {
@@ -578,9 +583,10 @@ impl<S: CredentialStore> Credentials<S> {
                         Update::Delete(o) => Update::Delete(Some((o, None, snapshot))),
                     }
                 },
-                move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>| {
+                move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>,
+                      txn: &mut dyn Txn| {
                     let decided = r.as_ref().map(|(o, l, _)| (*o, *l));
-                    decision_event(event, &audit_tenant, decided.as_ref(), None)
+                    record_decision(txn, event, &audit_tenant, decided.as_ref(), None)
                 },
             )
             .await
@@ -641,7 +647,7 @@ impl<S: CredentialStore> Credentials<S> {
         let event = self.audit_event(actor, audit::state_action(action), id);
         let rec = self
             .store
-            .update_audited(
+            .update_with(
                 tenant,
                 id,
                 move |r| {
@@ -653,7 +659,10 @@ impl<S: CredentialStore> Credentials<S> {
                     r.updated_at = now;
                     Update::Write(r.clone())
                 },
-                move |r: &CredentialRecord| event.map(|e| audit::state_event(e, r)),
+                move |r: &CredentialRecord, txn: &mut dyn Txn| match event {
+                    Some((e, chain)) => append_in(txn, &chain, audit::state_event(e, r)).map(drop),
+                    None => Ok(()),
+                },
             )
             .await
             .map_err(|e| not_found_or(e, id))?;
@@ -674,9 +683,13 @@ impl<S: CredentialStore> Credentials<S> {
         check_id(id)?;
         check_tenant(tenant)?;
         let existed = match self.audit_event(actor, "credential.delete", id) {
-            Some(event) => {
+            Some((event, chain)) => {
                 let event = event.with_details(crate::audit::Details::new().str("tenant", tenant));
-                self.store.delete_audited(tenant, id, event).await
+                self.store
+                    .delete_with(tenant, id, move |txn| {
+                        append_in(txn, &chain, event).map(drop)
+                    })
+                    .await
             }
             None => self.store.delete(tenant, id).await,
         }
@@ -690,12 +703,21 @@ impl<S: CredentialStore> Credentials<S> {
         }
     }
 
-    /// The event a call by `actor` on credential `id` will record, when there is an audit
-    /// log (the builders in `audit` add the tenant to its details).
-    fn audit_event(&self, actor: Option<&Actor>, action: &'static str, id: &str) -> Option<Event> {
-        self.audit.as_ref()?;
+    /// The event a call by `actor` on credential `id` will record, and the audit chain it
+    /// goes to, when there is an audit log (the builders in `audit` add the tenant to its
+    /// details).
+    fn audit_event(
+        &self,
+        actor: Option<&Actor>,
+        action: &'static str,
+        id: &str,
+    ) -> Option<(Event, Arc<str>)> {
+        let log = self.audit.as_ref()?;
         let actor = actor.cloned().unwrap_or_else(Actor::service);
-        Some(Event::new(self.clock.now_ms(), actor, action, id))
+        Some((
+            Event::new(self.clock.now_ms(), actor, action, id),
+            log.chain(),
+        ))
     }
 
     /// Tell the audit log that a record was appended through the store.
@@ -734,7 +756,7 @@ impl<S: CredentialStore> Credentials<S> {
     }
 }
 
-impl Credentials<EmbeddedStore> {
+impl Credentials<Store> {
     /// The seed master key rotation of this service (the `rotate-seed-master-key`
     /// ceremony step runs it): it moves [`Credentials::master_key_version`] on.
     pub fn seed_rotator(&self) -> rotation::SeedRotator {
@@ -780,16 +802,34 @@ pub async fn ensure_master_key<S: CredentialStore>(
 /// The record of a decision made in the store update: the verdict, or (`None`) that the
 /// credential changed under the verification.
 fn decision_event(
-    event: Option<Event>,
+    event: Event,
     tenant: &str,
     decided: Option<&(Outcome, Option<LockChange>)>,
     evidence_id: Option<&str>,
-) -> Option<Event> {
-    let event = event?;
-    Some(match decided {
+) -> Event {
+    match decided {
         Some((o, lock)) => audit::verdict_event(event, tenant, o, evidence_id, *lock),
         None => audit::changed_event(event, tenant),
-    })
+    }
+}
+
+/// Appends the record of a decision (when there is an audit log) inside the decision's
+/// own transaction.
+fn record_decision(
+    txn: &mut dyn Txn,
+    event: Option<(Event, Arc<str>)>,
+    tenant: &str,
+    decided: Option<&(Outcome, Option<LockChange>)>,
+    evidence_id: Option<&str>,
+) -> std::result::Result<(), Rollback> {
+    if let Some((event, chain)) = event {
+        append_in(
+            txn,
+            &chain,
+            decision_event(event, tenant, decided, evidence_id),
+        )?;
+    }
+    Ok(())
 }
 
 /// A lock a decision set, in the server log (its audit record is the decision's).

@@ -17,7 +17,7 @@ use super::{store_error, MASTER_KEY_VERSION_META};
 use crate::error::{Error, Result};
 use crate::hsm::seeds::master_key_label;
 use crate::hsm::Hsm;
-use crate::store::{CredentialRecord, CredentialStore, EmbeddedStore, StoreError, Update};
+use crate::store::{CredentialRecord, CredentialStore, Store, StoreError, Update};
 
 /// What a rotation did (it goes into the ceremony transcript as is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +37,7 @@ pub struct SeedRotation {
 #[derive(Clone)]
 pub struct SeedRotator {
     hsm: Hsm,
-    store: Arc<EmbeddedStore>,
+    store: Arc<Store>,
     version: Arc<AtomicU32>,
 }
 
@@ -51,7 +51,7 @@ impl std::fmt::Debug for SeedRotator {
 
 impl SeedRotator {
     /// A rotator over `store`, moving `version` on.
-    pub fn new(hsm: Hsm, store: Arc<EmbeddedStore>, version: Arc<AtomicU32>) -> SeedRotator {
+    pub fn new(hsm: Hsm, store: Arc<Store>, version: Arc<AtomicU32>) -> SeedRotator {
         SeedRotator {
             hsm,
             store,

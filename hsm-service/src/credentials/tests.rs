@@ -10,7 +10,7 @@ use super::policy::{self, backoff_seconds};
 use super::*;
 use crate::hsm::{Hsm, HsmSettings};
 use crate::otp::rfc_vectors;
-use crate::store::{EmbeddedStore, StoreOptions};
+use crate::store::{Store, StoreOptions, EMBEDDED_FILE};
 use crate::testing::DevEnv;
 
 /// The tenant the tests' credentials belong to.
@@ -480,9 +480,9 @@ struct Fixture {
     _dir: tempfile::TempDir,
     hsm: Hsm,
     now: Arc<AtomicU64>,
-    store: Arc<EmbeddedStore>,
+    store: Arc<Store>,
     clock: Clock,
-    service: Arc<Credentials<EmbeddedStore>>,
+    service: Arc<Credentials<Store>>,
 }
 
 async fn fixture(policy: Policy) -> Fixture {
@@ -497,7 +497,7 @@ async fn fixture(policy: Policy) -> Fixture {
     let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(
-        EmbeddedStore::open(&dir.path().join("s.redb"), StoreOptions::default()).expect("store"),
+        Store::open_redb(&dir.path().join(EMBEDDED_FILE), StoreOptions::default()).expect("store"),
     );
     ensure_master_key(&hsm, store.as_ref(), 1)
         .await
@@ -544,8 +544,8 @@ async fn audited_fixture(policy: Policy) -> (Fixture, Arc<crate::audit::log::Aud
 }
 
 /// The records of the log, parsed.
-fn records(log: &crate::audit::log::AuditLog) -> Vec<crate::audit::AuditRecord> {
-    let (jsonl, _) = log.export_range(1, usize::MAX).expect("export");
+async fn records(log: &crate::audit::log::AuditLog) -> Vec<crate::audit::AuditRecord> {
+    let (jsonl, _) = log.export_range(1, usize::MAX).await.expect("export");
     std::str::from_utf8(&jsonl)
         .expect("utf-8")
         .lines()
@@ -1144,6 +1144,7 @@ async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
         .service
         .store
         .get_evidence(&id)
+        .await
         .expect("read")
         .expect("durable with the accepted step");
     assert_eq!(
@@ -1180,7 +1181,7 @@ async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
     );
 
     // Without a subject an accepted code leaves nothing.
-    let before = f.service.store.evidence_count().expect("count");
+    let before = f.service.store.evidence_count().await.expect("count");
     let plain = f
         .service
         .verify_by(None, T, "n", &code(0))
@@ -1190,7 +1191,10 @@ async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
         (plain.outcome.verdict, plain.evidence_id),
         (Verdict::Accepted, None)
     );
-    assert_eq!(f.service.store.evidence_count().expect("count"), before);
+    assert_eq!(
+        f.service.store.evidence_count().await.expect("count"),
+        before
+    );
 
     // The configured lifetime.
     let service = Credentials::new(
@@ -1211,6 +1215,7 @@ async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
         .service
         .store
         .get_evidence(&third)
+        .await
         .expect("read")
         .expect("e");
     assert_eq!(e.expires_at, now + 30);
@@ -1404,7 +1409,7 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
         .expect("delete");
     assert!(f.service.delete_by(Some(&officer), T, "a").await.is_err());
 
-    let recs = records(&log);
+    let recs = records(&log).await;
     let verifies: Vec<(&str, &str)> = recs
         .iter()
         .filter(|r| r.action == "credential.verify")
@@ -1491,7 +1496,7 @@ async fn a_blob_moved_into_another_record_never_verifies() {
             );
             let status = tonic::Status::from(got.unwrap_err());
             assert_eq!(status.code(), tonic::Code::DataLoss, "{swap}");
-            let last = records(&log).pop().expect("a record");
+            let last = records(&log).await.pop().expect("a record");
             assert_eq!(
                 (last.action.as_str(), last.object.as_str(), result_of(&last)),
                 ("credential.verify", "b", "tampered"),
@@ -1574,7 +1579,7 @@ async fn start_up_migration_binds_existing_records_once() {
     // The fixture migrated an empty store; a store from before bindings has no mark.
     let fresh = tempfile::tempdir().expect("tempdir");
     let old_store = Arc::new(
-        EmbeddedStore::open(&fresh.path().join("old.redb"), StoreOptions::default())
+        Store::open_redb(&fresh.path().join(EMBEDDED_FILE), StoreOptions::default())
             .expect("store"),
     );
     let mut recs = f.store.list(None, None, 10).await.expect("list");
@@ -1645,7 +1650,7 @@ async fn the_verification_record_carries_tenant_and_evidence() {
     let evidence = v.evidence_id.expect("evidence");
     let missing = f.service.verify_by(None, "tenant-b", "e", "123456").await;
     assert!(matches!(missing, Err(Error::NotFound(_))));
-    let recs = records(&log);
+    let recs = records(&log).await;
     let detail = |r: &crate::audit::AuditRecord, k: &str| {
         r.details
             .as_ref()

@@ -138,7 +138,7 @@ impl Signer {
             return Err(invalid("acr must not be empty"));
         }
         let t = self.clock.now();
-        let basis = self.basis(grant, req, t)?;
+        let basis = self.basis(grant, req, t).await?;
         let claims = Self::claims(&basis, req)?;
         if let Some(allowed) = &grant.acr {
             if !allowed.contains(&req.acr) {
@@ -234,6 +234,7 @@ impl Signer {
         };
         let mark = (exp / EXPIRY_MARK_STEP + 1) * EXPIRY_MARK_STEP;
         let (name, version) = (k.name.clone(), k.version);
+        let chain = self.audit.chain();
         let (updated, spent) = self
             .store
             .write(move |txn| {
@@ -255,7 +256,7 @@ impl Signer {
                         return Ok(Ok((updated, Err(refused))));
                     }
                 }
-                append_in(txn, event)?;
+                append_in(txn, &chain, event)?;
                 Ok(Ok((updated, Ok(()))))
             })
             .await

@@ -159,10 +159,11 @@ impl Signer {
                     .str("ceremony", by.ceremony()),
             );
         let copy = k.clone();
+        let chain = self.audit.chain();
         self.store
             .write(move |txn| {
                 versions::put_all(txn, std::slice::from_ref(&copy))?;
-                append_in(txn, event)?;
+                append_in(txn, &chain, event)?;
                 Ok(())
             })
             .await

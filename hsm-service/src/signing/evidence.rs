@@ -9,13 +9,11 @@
 //! Order of the checks, so that nothing of another tenant leaks: unknown, other tenant,
 //! other subject, spent, expired.
 
-use redb::WriteTransaction;
-
 use super::signer::{invalid, store_err, Grant, Signer};
 use super::AssertionRequest;
 use crate::error::{Error, Result};
 use crate::store::evidence::{spend_in, Spend};
-use crate::store::{EvidenceRecord, Rollback, TxnResult};
+use crate::store::{EvidenceRecord, Rollback, Txn, TxnResult};
 
 /// Length of an evidence id: 32 lower-case hex digits (128 bits).
 pub const EVIDENCE_ID_LEN: usize = 32;
@@ -105,7 +103,7 @@ pub(super) fn decide(
 /// `Ok(Err(..))` (nothing written) when it does not. Runs in the assertion's one write
 /// job (`assertion::commit_assertion`), with its audit record.
 pub(super) fn spend_checked_in(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     id: &str,
     tenant: &str,
     subject: &str,
@@ -149,7 +147,12 @@ fn claims_from(e: &EvidenceRecord, req: &AssertionRequest) -> Result<Claims> {
 impl Signer {
     /// The basis of `req` for a caller with `grant` at `now`, with `acr` checked against
     /// it: refused before any HSM work when the evidence cannot back the request.
-    pub(super) fn basis(&self, grant: &Grant, req: &AssertionRequest, now: u64) -> Result<Basis> {
+    pub(super) async fn basis(
+        &self,
+        grant: &Grant,
+        req: &AssertionRequest,
+        now: u64,
+    ) -> Result<Basis> {
         if req.evidence_id.is_empty() {
             if !grant.unbound_assertions {
                 return Err(Error::FailedPrecondition(format!(
@@ -165,6 +168,7 @@ impl Signer {
         let e = self
             .store
             .get_evidence(&req.evidence_id)
+            .await
             .map_err(store_err)?
             .ok_or_else(|| unknown(&req.evidence_id))?;
         if let Some(err) = refusal(&e, &grant.tenant, &req.subject, now) {

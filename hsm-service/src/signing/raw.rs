@@ -131,8 +131,9 @@ impl Signer {
                     .str("sha256", &input_sha256)
                     .str("tenant", &caller.grant.tenant),
             );
+        let chain = self.audit.chain();
         self.store
-            .write(move |txn| append_in(txn, event))
+            .write(move |txn| append_in(txn, &chain, event))
             .await
             .map_err(store_err)?;
         self.audit.appended(1);

@@ -20,7 +20,7 @@ use crate::config::SigningConfig;
 use crate::error::{Error, Result};
 use crate::hsm::{Hsm, KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::pki;
-use crate::store::{EmbeddedStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// What a caller's configuration lets it sign with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl KeyRef {
 /// Named, versioned signing keys in the HSM, and the signing done with them.
 pub struct Signer {
     pub(super) hsm: Hsm,
-    pub(super) store: Arc<EmbeddedStore>,
+    pub(super) store: Arc<Store>,
     pub(super) config: SigningConfig,
     pub(super) keys: RwLock<BTreeMap<(String, u32), KeyVersion>>,
     /// Serialises record writes, so that memory follows the store in order. Held only
@@ -163,7 +163,7 @@ impl Signer {
     /// it has no version yet.
     pub async fn open(
         hsm: Hsm,
-        store: Arc<EmbeddedStore>,
+        store: Arc<Store>,
         config: SigningConfig,
         clock: Clock,
         audit: Arc<AuditLog>,
@@ -179,7 +179,10 @@ impl Signer {
                 "signing key records migrated to format 3 (usage)"
             );
         }
-        let loaded = store.read(versions::load_all).map_err(store_err)?;
+        let loaded = store
+            .read(|txn| versions::load_all(txn))
+            .await
+            .map_err(store_err)?;
         let signer = Signer {
             hsm,
             store,

@@ -4,12 +4,10 @@
 //! the HSM (found by its CKA_ID) and one record in the store's `signing_keys` table with
 //! everything public about it. The private key never leaves the HSM.
 
-use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{Algorithm, PublicKey};
-use crate::store::tables::SIGNING_KEYS;
-use crate::store::{Rollback, StoreError};
+use crate::store::{KeyRange, ReadTxn, Rollback, StoreError, Table, Txn};
 
 /// Where a key version is in its life.
 ///
@@ -267,47 +265,37 @@ pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<KeyVersion, StoreError> 
 }
 
 /// Every version in the table, in name and version order.
-pub(crate) fn load_all(txn: &redb::ReadTransaction) -> Result<Vec<KeyVersion>, StoreError> {
-    let table = txn.open_table(SIGNING_KEYS)?;
-    let mut out = Vec::new();
-    for item in table.iter()? {
-        let (k, v) = item?;
-        out.push(decode(k.value(), v.value())?);
-    }
-    Ok(out)
+pub(crate) fn load_all<T: ReadTxn + ?Sized>(txn: &mut T) -> Result<Vec<KeyVersion>, StoreError> {
+    txn.scan(Table::SigningKeys, &KeyRange::all(), usize::MAX)?
+        .iter()
+        .map(|(k, v)| decode(k, v))
+        .collect()
 }
 
 /// Rewrite every record of an older format in the current one, so that the usage
 /// [`migrated_usage`] gives it is stored once and never derived again. Returns how many
 /// records were rewritten.
-pub(crate) fn migrate_all(txn: &WriteTransaction) -> Result<Result<usize, StoreError>, Rollback> {
-    let mut table = txn.open_table(SIGNING_KEYS)?;
+pub(crate) fn migrate_all(txn: &mut dyn Txn) -> Result<Result<usize, StoreError>, Rollback> {
     let mut old = Vec::new();
-    for item in table.iter()? {
-        let (k, v) = item?;
-        if v.value().first() != Some(&FORMAT) {
-            match decode(k.value(), v.value()) {
+    for (k, v) in txn.scan(Table::SigningKeys, &KeyRange::all(), usize::MAX)? {
+        if v.first() != Some(&FORMAT) {
+            match decode(&k, &v) {
                 Ok(version) => old.push(version),
                 Err(e) => return Ok(Err(e)),
             }
         }
     }
-    for k in &old {
-        table.insert(
-            store_key(&k.name, k.version).as_str(),
-            encode(k)?.as_slice(),
-        )?;
-    }
+    put_all(txn, &old)?;
     Ok(Ok(old.len()))
 }
 
 /// Write `versions` (insert or replace), all in this transaction.
-pub(crate) fn put_all(txn: &WriteTransaction, versions: &[KeyVersion]) -> Result<(), Rollback> {
-    let mut table = txn.open_table(SIGNING_KEYS)?;
+pub(crate) fn put_all(txn: &mut dyn Txn, versions: &[KeyVersion]) -> Result<(), Rollback> {
     for k in versions {
-        table.insert(
-            store_key(&k.name, k.version).as_str(),
-            encode(k)?.as_slice(),
+        txn.put(
+            Table::SigningKeys,
+            &store_key(&k.name, k.version),
+            &encode(k)?,
         )?;
     }
     Ok(())
@@ -315,15 +303,14 @@ pub(crate) fn put_all(txn: &WriteTransaction, versions: &[KeyVersion]) -> Result
 
 /// Raise `last_expiry` of one version to at least `mark`, as the store sees it now.
 pub(crate) fn raise_last_expiry(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     name: &str,
     version: u32,
     mark: u64,
 ) -> Result<Result<KeyVersion, StoreError>, Rollback> {
     let key = store_key(name, version);
-    let mut table = txn.open_table(SIGNING_KEYS)?;
-    let current = match table.get(key.as_str())? {
-        Some(g) => decode(&key, g.value()),
+    let current = match txn.get(Table::SigningKeys, &key)? {
+        Some(bytes) => decode(&key, &bytes),
         None => Err(StoreError::NotFound),
     };
     let mut k = match current {
@@ -332,7 +319,7 @@ pub(crate) fn raise_last_expiry(
     };
     if k.last_expiry < mark {
         k.last_expiry = mark;
-        table.insert(key.as_str(), encode(&k)?.as_slice())?;
+        txn.put(Table::SigningKeys, &key, &encode(&k)?)?;
     }
     Ok(Ok(k))
 }
@@ -401,10 +388,13 @@ mod tests {
 
     #[tokio::test]
     async fn migration_rewrites_older_records_once_with_their_usage() {
-        use crate::store::{EmbeddedStore, StoreOptions};
+        use crate::store::{Store, StoreOptions};
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            EmbeddedStore::open(&dir.path().join("store.redb"), StoreOptions::default()).unwrap();
+        let store = Store::open_redb(
+            &dir.path().join(crate::store::EMBEDDED_FILE),
+            StoreOptions::default(),
+        )
+        .unwrap();
         // A format 2 service's records: the bootstrap key (active) and a ca key.
         let mut active = sample(KeyOrigin::Generated);
         active.name = "assertion".into();
@@ -420,9 +410,8 @@ mod tests {
         ];
         store
             .write(move |txn| {
-                let mut table = txn.open_table(SIGNING_KEYS)?;
                 for (k, bytes) in &old {
-                    table.insert(store_key(&k.name, k.version).as_str(), bytes.as_slice())?;
+                    txn.put(Table::SigningKeys, &store_key(&k.name, k.version), bytes)?;
                 }
                 Ok(())
             })
@@ -432,17 +421,11 @@ mod tests {
         assert_eq!(migrated, 2);
         let stored = |k: &KeyVersion| {
             let key = store_key(&k.name, k.version);
-            store
-                .read(|txn| {
-                    let table = txn.open_table(SIGNING_KEYS)?;
-                    let bytes = table.get(key.as_str())?.unwrap().value().to_vec();
-                    Ok(bytes)
-                })
-                .unwrap()
+            store.read(move |txn| Ok(txn.get(Table::SigningKeys, &key)?.unwrap()))
         };
-        assert_eq!(stored(&active)[0], FORMAT);
-        assert_eq!(stored(&ca)[0], FORMAT);
-        let loaded = store.read(load_all).unwrap();
+        assert_eq!(stored(&active).await.unwrap()[0], FORMAT);
+        assert_eq!(stored(&ca).await.unwrap()[0], FORMAT);
+        let loaded = store.read(|txn| load_all(txn)).await.unwrap();
         let usages: Vec<(String, Usage)> =
             loaded.iter().map(|k| (k.name.clone(), k.usage)).collect();
         assert_eq!(

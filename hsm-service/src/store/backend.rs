@@ -9,6 +9,10 @@ use super::StoreError;
 /// One open write transaction of the group committer. Dropping it without
 /// [`BatchTxn::commit`] rolls it back.
 pub trait BatchTxn: Txn {
+    /// This transaction as the jobs see it (implement as `self`). Spelled out rather
+    /// than left to trait upcasting, which needs Rust 1.86 (the workspace's MSRV is 1.85).
+    fn as_txn(&mut self) -> &mut dyn Txn;
+
     /// Makes everything written durable (redb: fsync; PostgreSQL: COMMIT with
     /// `synchronous_commit = on`), or fails and keeps nothing.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;

@@ -55,45 +55,12 @@ pub enum StoreError {
     Closed,
 }
 
-impl StoreError {
-    /// Wraps any backend error's text.
-    pub(super) fn backend(e: impl std::fmt::Display) -> Self {
-        StoreError::Backend(e.to_string())
-    }
-}
-
-/// Maps every redb error type to [`StoreError::Backend`] so `?` works on
-/// redb calls in the store's own read paths.
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::backend(e)
-            }
-        }
-        impl From<$t> for Rollback {
-            fn from(e: $t) -> Self {
-                Rollback(StoreError::backend(e))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError,
-    redb::DatabaseError,
-    redb::SetDurabilityError
-);
-
 /// Returned (as `Err`) by a write job to say "this transaction must not
 /// commit". The whole group-commit batch is rolled back: the job gets the
 /// wrapped error, the other jobs that already ran in the batch get
 /// [`StoreError::Aborted`], and jobs not yet run go on in the next batch.
 ///
-/// Any redb error converts into it with `?`, which is the safe default: after
+/// Every backend's errors convert into it with `?`, which is the safe default: after
 /// a failed write the transaction's contents are unknown. Per-operation
 /// outcomes that leave the transaction clean (not found, already exists) are
 /// returned inside `Ok` instead; see [`TxnResult`].
@@ -103,6 +70,13 @@ pub struct Rollback(pub StoreError);
 impl From<StoreError> for Rollback {
     fn from(e: StoreError) -> Self {
         Rollback(e)
+    }
+}
+
+/// Outside a write job (a read), a [`Rollback`] is just its error.
+impl From<Rollback> for StoreError {
+    fn from(r: Rollback) -> Self {
+        r.0
     }
 }
 

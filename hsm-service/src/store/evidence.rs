@@ -9,12 +9,13 @@
 //! first (through the expiry index), so the table holds about one TTL plus the grace of
 //! accepted codes and never grows with time.
 //!
-//! Encoding: one format byte, then postcard of a private struct; the id is the key.
+//! Encoding: one format byte, then postcard of a private struct; the id is the key. The
+//! expiry index ([`Table::EvidenceExpiry`]) is keyed by [`expiry_key`], so that key
+//! order is expiry order.
 
-use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::tables::{EVIDENCE, EVIDENCE_EXPIRY};
+use super::uow::{KeyRange, ReadTxn, Table, Txn};
 use super::{Rollback, StoreError, TxnResult};
 use crate::common::AuthMethod;
 
@@ -61,7 +62,7 @@ struct EvidenceV1<'a> {
     spent_at: Option<u64>,
 }
 
-fn encode(e: &EvidenceRecord) -> Vec<u8> {
+pub(super) fn encode(e: &EvidenceRecord) -> Vec<u8> {
     let v = EvidenceV1 {
         tenant: &e.tenant,
         credential_id: &e.credential_id,
@@ -99,48 +100,51 @@ pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<EvidenceRecord, StoreErro
     })
 }
 
+/// The expiry index key of evidence `id` expiring at `expires_at`: the time in 20
+/// digits (so that text order is time order), NUL, the id.
+pub fn expiry_key(expires_at: u64, id: &str) -> String {
+    format!("{expires_at:020}\0{id}")
+}
+
 /// Inserts `e` (a fresh random id: an existing id is a broken RNG, and rolls the batch
 /// back) and purges up to [`PURGE_PER_INSERT`] records stale at `now`.
-pub fn insert_in(txn: &WriteTransaction, e: &EvidenceRecord, now: u64) -> Result<(), Rollback> {
+pub fn insert_in(txn: &mut dyn Txn, e: &EvidenceRecord, now: u64) -> Result<(), Rollback> {
     purge_in(txn, now, PURGE_PER_INSERT)?;
-    let mut table = txn.open_table(EVIDENCE)?;
-    if table.insert(e.id.as_str(), encode(e).as_slice())?.is_some() {
+    if txn.get(Table::Evidence, &e.id)?.is_some() {
         return Err(Rollback(StoreError::Invalid(
             "evidence id collision: the random number generator is broken".into(),
         )));
     }
-    txn.open_table(EVIDENCE_EXPIRY)?
-        .insert((e.expires_at, e.id.as_str()), ())?;
+    txn.put(Table::Evidence, &e.id, &encode(e))?;
+    txn.put(Table::EvidenceExpiry, &expiry_key(e.expires_at, &e.id), &[])?;
     Ok(())
 }
 
 /// Deletes up to `limit` records whose `expires_at + PURGE_GRACE_SECONDS < now`,
 /// oldest first; returns how many.
-pub fn purge_in(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, Rollback> {
+pub fn purge_in(txn: &mut dyn Txn, now: u64, limit: usize) -> Result<usize, Rollback> {
     let cutoff = now.saturating_sub(PURGE_GRACE_SECONDS);
-    let mut index = txn.open_table(EVIDENCE_EXPIRY)?;
-    let mut stale = Vec::new();
-    for item in index.range::<(u64, &str)>(..(cutoff, ""))?.take(limit) {
-        let (k, _) = item?;
-        let (expires_at, id) = k.value();
-        stale.push((expires_at, id.to_owned()));
-    }
-    if stale.is_empty() {
-        return Ok(0);
-    }
-    let mut table = txn.open_table(EVIDENCE)?;
-    for (expires_at, id) in &stale {
-        index.remove((*expires_at, id.as_str()))?;
-        table.remove(id.as_str())?;
+    let range = KeyRange {
+        end: Some(format!("{cutoff:020}")),
+        ..KeyRange::all()
+    };
+    let stale = txn.scan(Table::EvidenceExpiry, &range, limit)?;
+    for (k, _) in &stale {
+        let (_, id) = k.split_once('\0').ok_or_else(|| {
+            Rollback(StoreError::Corrupt(format!(
+                "evidence expiry key {k:?} has no id"
+            )))
+        })?;
+        txn.delete(Table::EvidenceExpiry, k)?;
+        txn.delete(Table::Evidence, id)?;
     }
     Ok(stale.len())
 }
 
 /// Reads a record as this transaction sees it.
-pub fn get_in(txn: &WriteTransaction, id: &str) -> TxnResult<Option<EvidenceRecord>> {
-    let table = txn.open_table(EVIDENCE)?;
-    let guard = table.get(id)?;
-    Ok(guard.map(|g| decode(id, g.value())).transpose())
+pub fn get_in<T: ReadTxn + ?Sized>(txn: &mut T, id: &str) -> TxnResult<Option<EvidenceRecord>> {
+    let bytes = txn.get(Table::Evidence, id)?;
+    Ok(bytes.map(|b| decode(id, &b)).transpose())
 }
 
 /// What a spend decision returns: whether to mark the evidence spent, and the answer.
@@ -153,10 +157,10 @@ pub enum Spend<R> {
 }
 
 /// The exactly-once step: `decide` sees the record as this transaction sees it (`None`:
-/// no such id) and says whether to spend it. Runs on the committer, so concurrent spends
+/// no such id; read with a locking read) and says whether to spend it. Concurrent spends
 /// of one id are decided one after the other and at most one sees it unspent.
 pub fn spend_in<R>(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     id: &str,
     decide: impl FnOnce(Option<&EvidenceRecord>) -> Spend<R>,
 ) -> TxnResult<R> {
@@ -171,8 +175,7 @@ pub fn spend_in<R>(
                 return Ok(Err(StoreError::NotFound));
             };
             e.spent_at = Some(at);
-            txn.open_table(EVIDENCE)?
-                .insert(id, encode(&e).as_slice())?;
+            txn.put(Table::Evidence, id, &encode(&e))?;
             Ok(Ok(r))
         }
     }

@@ -23,8 +23,11 @@
 //! `ops::update`). If the binary is built with `panic = "abort"`, a panic
 //! aborts the process instead; nothing of the open batch was committed then.
 //!
-//! It is a `std::thread`, not a tokio task: commit blocks on fsync for
-//! milliseconds, which must not stall a runtime worker.
+//! It is a `std::thread`, not a tokio task: commit blocks on fsync (or a network
+//! round trip) for milliseconds, which must not stall a runtime worker.
+//!
+//! Backend-neutral: the committer holds an `Arc<dyn Backend>` and only calls
+//! [`Backend::begin_batch`], the jobs, and [`BatchTxn::commit`].
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -32,9 +35,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::backend::{Backend, BatchTxn};
+use super::uow::Txn;
 use super::{Rollback, StoreError};
 
 /// Counters shared between the committer and the store handle.
@@ -43,8 +47,9 @@ pub(super) struct Shared {
     pub(super) commits: AtomicU64,
     pub(super) committed_jobs: AtomicU64,
     pub(super) failed_batches: AtomicU64,
-    /// Test hook: fail this many upcoming commits as if redb's commit failed
-    /// (redb offers no way to make a real commit fail on demand).
+    /// Test hook: fail this many upcoming commits as if the backend's commit failed
+    /// (the batch is rolled back instead of committed; no engine offers a way to make a
+    /// real commit fail on demand).
     #[cfg(test)]
     pub(super) fail_next_commits: std::sync::atomic::AtomicU32,
 }
@@ -52,7 +57,7 @@ pub(super) struct Shared {
 /// A type-erased write job.
 pub(super) trait Job: Send {
     /// Runs the job inside the batch transaction; `Err` rolls the batch back.
-    fn run(&mut self, txn: &WriteTransaction) -> Result<(), StoreError>;
+    fn run(&mut self, txn: &mut dyn Txn) -> Result<(), StoreError>;
     /// Answers the caller: `Ok` only after the batch committed.
     fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
 }
@@ -69,9 +74,9 @@ struct TypedJob<T, F> {
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send,
-    F: FnOnce(&WriteTransaction) -> Result<T, Rollback> + Send,
+    F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send,
 {
-    fn run(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+    fn run(&mut self, txn: &mut dyn Txn) -> Result<(), StoreError> {
         let f = self
             .f
             .take()
@@ -109,7 +114,7 @@ where
 pub(super) fn job<T, F>(f: F) -> (BoxedJob, oneshot::Receiver<Result<T, StoreError>>)
 where
     T: Send + 'static,
-    F: FnOnce(&WriteTransaction) -> Result<T, Rollback> + Send + 'static,
+    F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send + 'static,
 {
     let (reply, rx) = oneshot::channel();
     let job = TypedJob {
@@ -125,14 +130,12 @@ where
 pub(super) struct Config {
     pub(super) max_batch: usize,
     pub(super) max_batch_delay: Duration,
-    pub(super) durable: bool,
-    pub(super) quick_repair: bool,
 }
 
 /// The committer's main loop; returns when the channel is closed and every
 /// queued job has been answered.
 pub(super) fn run(
-    db: Arc<Database>,
+    backend: Arc<dyn Backend>,
     mut rx: mpsc::Receiver<BoxedJob>,
     cfg: Config,
     shared: Arc<Shared>,
@@ -153,7 +156,7 @@ pub(super) fn run(
             channel_open = fill(&mut rx, &mut pending, &cfg);
         }
         let n = pending.len().min(cfg.max_batch);
-        commit_batch(&db, &mut pending, n, &cfg, &shared);
+        commit_batch(&*backend, &mut pending, n, &shared);
     }
     tracing::debug!("store committer stopped");
 }
@@ -181,10 +184,9 @@ fn fill(rx: &mut mpsc::Receiver<BoxedJob>, pending: &mut VecDeque<BoxedJob>, cfg
 
 /// Runs the first `n` pending jobs in one transaction and answers them.
 fn commit_batch(
-    db: &Database,
+    backend: &dyn Backend,
     pending: &mut VecDeque<BoxedJob>,
     n: usize,
-    cfg: &Config,
     shared: &Shared,
 ) {
     let fail_all = |pending: &mut VecDeque<BoxedJob>, e: StoreError| {
@@ -194,7 +196,7 @@ fn commit_batch(
             j.finish(Err(e.clone()));
         }
     };
-    let txn = match begin(db, cfg) {
+    let mut txn = match backend.begin_batch() {
         Ok(t) => t,
         Err(e) => return fail_all(pending, e),
     };
@@ -204,12 +206,11 @@ fn commit_batch(
         let Some(mut j) = pending.pop_front() else {
             break;
         };
-        if let Err(e) = j.run(&txn) {
-            // Roll back everything this batch did; the jobs after `j` never
-            // ran and stay at the front of `pending` for the next batch.
-            if let Err(ae) = txn.abort() {
-                tracing::warn!(error = %ae, "store: aborting the batch transaction failed");
-            }
+        if let Err(e) = j.run(txn.as_txn()) {
+            // Roll back everything this batch did (dropping the transaction); the
+            // jobs after `j` never ran and stay at the front of `pending` for the
+            // next batch.
+            drop(txn);
             shared.failed_batches.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, rolled_back = done.len(), "store write job failed; batch rolled back");
             j.finish(Err(e));
@@ -230,7 +231,7 @@ fn commit_batch(
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
             .is_ok()
         {
-            let _ = txn.abort();
+            drop(txn);
             shared.failed_batches.fetch_add(1, Ordering::Relaxed);
             let e = StoreError::Backend("commit failed: injected test failure".into());
             for d in done {
@@ -240,7 +241,7 @@ fn commit_batch(
         }
     }
 
-    match txn.commit() {
+    match BatchTxn::commit(txn) {
         Ok(()) => {
             shared.commits.fetch_add(1, Ordering::Relaxed);
             shared
@@ -252,20 +253,10 @@ fn commit_batch(
         }
         Err(e) => {
             shared.failed_batches.fetch_add(1, Ordering::Relaxed);
-            let e = StoreError::Backend(format!("commit failed: {e}"));
             tracing::error!(error = %e, jobs = done.len(), "store commit failed");
             for d in done {
                 d.finish(Err(e.clone()));
             }
         }
     }
-}
-
-fn begin(db: &Database, cfg: &Config) -> Result<WriteTransaction, StoreError> {
-    let mut txn = db.begin_write()?;
-    if !cfg.durable {
-        txn.set_durability(Durability::None)?;
-    }
-    txn.set_quick_repair(cfg.quick_repair);
-    Ok(txn)
 }

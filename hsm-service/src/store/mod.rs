@@ -1,18 +1,21 @@
-//! Durable credential state.
+//! Durable state, behind one storage interface.
 //!
-//! [`CredentialStore`] is the backend-neutral interface (a PostgreSQL backend
-//! can follow); [`EmbeddedStore`] implements it on one embedded ACID file
-//! (redb) in the data directory.
+//! Layers, from the bottom:
+//! * [`uow`]: the unit of work every backend implements ([`Txn`], [`ReadTxn`],
+//!   [`Table`]) and [`backend`]: the engine itself ([`Backend`], [`BatchTxn`]).
+//!   `store/redb/` (the embedded default, one file in the data directory) is the only
+//!   module that names redb types; a PostgreSQL backend plugs in through
+//!   [`Store::with_backend`].
+//! * [`Store`]: group commit in front of any backend (concurrent writes share one
+//!   commit), snapshot reads, and [`CredentialStore`].
+//! * Typed operations written once against the unit of work: [`ops`] (credentials,
+//!   meta), [`evidence`]; other modules keep their own encodings (key versions,
+//!   ceremonies, audit lines) and write them through [`Store::write`] into the same
+//!   transaction as the change they belong to.
 //!
-//! Every write is durable (fsync) before its future resolves. Concurrent
-//! writes share one commit through a group-commit committer thread, so the
-//! fsync cost is paid once per batch, not once per verification. Reads run on
-//! MVCC snapshots and never wait for writes.
-//!
-//! Other modules that need durable state (audit log, signing key metadata)
-//! define their tables in [`tables`], write through [`EmbeddedStore::write`]
-//! (optionally together with [`ops`] calls, atomically) and read through
-//! [`EmbeddedStore::read`].
+//! Every write is durable before its future resolves. `store` imports no domain
+//! module: what a credential change writes besides the record (its audit record, its
+//! evidence) is a closure of the caller, run inside the same transaction.
 
 use std::future::Future;
 
@@ -20,20 +23,25 @@ pub mod backend;
 mod error;
 pub mod evidence;
 mod group_commit;
+mod handle;
 pub mod ops;
 pub mod postgres;
 mod record;
-mod redb_store;
-pub mod tables;
+pub mod redb;
 pub mod uow;
 
 #[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
 mod tests;
 
+pub use self::redb::{RedbBackend, FILE_NAME as EMBEDDED_FILE};
+pub use backend::{Backend, BatchTxn};
 pub use error::{Rollback, StoreError, TxnResult};
 pub use evidence::EvidenceRecord;
+pub use handle::{Store, StoreOptions, StoreStats};
 pub use record::{validate_tenant, CredentialRecord, DEFAULT_TENANT, MAX_ID_LEN, MAX_TENANT_LEN};
-pub use redb_store::{EmbeddedStore, StoreOptions, StoreStats};
+pub use uow::{ChainName, KeyRange, ReadTxn, Table, Txn, DEFAULT_CHAIN};
 
 /// What an update closure decided; the payload is returned to the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,15 +52,6 @@ pub enum Update<R> {
     Keep(R),
     /// Remove the record.
     Delete(R),
-}
-
-/// What a credential update writes besides the record, in the same transaction.
-#[derive(Debug, Default)]
-pub struct Effects {
-    /// The audit record of the change.
-    pub audit: Option<crate::audit::Event>,
-    /// Evidence of an accepted code (see [`evidence`]).
-    pub evidence: Option<EvidenceRecord>,
 }
 
 /// The key of a credential: ids are unique per tenant.
@@ -115,30 +114,10 @@ pub trait CredentialStore: Send + Sync + 'static {
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static;
 
-    /// [`CredentialStore::update`], plus the audit record `audit` derives from the
-    /// closure's answer, in the same transaction: the change and its record are durable
-    /// together or not at all.
-    fn update_audited<R, F, A>(
-        &self,
-        tenant: &str,
-        id: &str,
-        f: F,
-        audit: A,
-    ) -> impl Future<Output = Result<R, StoreError>> + Send
-    where
-        R: Send + 'static,
-        F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
-        A: FnOnce(&R) -> Option<crate::audit::Event> + Send + 'static,
-    {
-        self.update_with(tenant, id, f, move |r: &R| Effects {
-            audit: audit(r),
-            evidence: None,
-        })
-    }
-
-    /// [`CredentialStore::update`], plus the [`Effects`] `effects` derives from the
-    /// closure's answer (an audit record, an evidence record), in the same
-    /// transaction. The evidence's `auth_time` dates the purge of stale evidence.
+    /// [`CredentialStore::update`], plus what `effects` writes, given the closure's
+    /// answer, into the same transaction (the caller's audit record, evidence): the
+    /// change and its effects are durable together or not at all. `effects` runs only
+    /// when the update itself succeeded; its `Err` rolls the whole batch back.
     fn update_with<R, F, E>(
         &self,
         tenant: &str,
@@ -149,7 +128,7 @@ pub trait CredentialStore: Send + Sync + 'static {
     where
         R: Send + 'static,
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
-        E: FnOnce(&R) -> Effects + Send + 'static;
+        E: FnOnce(&R, &mut dyn Txn) -> Result<(), Rollback> + Send + 'static;
 
     /// Deletes a record; `true` if it existed. Durable before returning.
     fn delete(
@@ -158,22 +137,26 @@ pub trait CredentialStore: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// [`CredentialStore::insert`], plus `audit` in the same transaction when the insert
-    /// succeeds (nothing is recorded for an id its tenant already has).
-    fn insert_audited(
+    /// [`CredentialStore::insert`], plus what `effects` writes into the same transaction
+    /// when the insert succeeds (it does not run for an id its tenant already has).
+    fn insert_with<E>(
         &self,
         rec: CredentialRecord,
-        audit: crate::audit::Event,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        effects: E,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send
+    where
+        E: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static;
 
-    /// [`CredentialStore::delete`], plus `audit` in the same transaction when the record
-    /// existed.
-    fn delete_audited(
+    /// [`CredentialStore::delete`], plus what `effects` writes into the same transaction
+    /// when the record existed.
+    fn delete_with<E>(
         &self,
         tenant: &str,
         id: &str,
-        audit: crate::audit::Event,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+        effects: E,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send
+    where
+        E: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static;
 
     /// Number of credentials of every tenant.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;

@@ -1,9 +1,11 @@
-//! Store operations inside a caller-supplied write transaction.
+//! Store operations inside a caller-supplied transaction of the unit of work.
 //!
-//! These are the building blocks of [`super::EmbeddedStore`]'s own writes and
-//! are public so that other modules can combine them with their own tables in
-//! ONE job of [`super::EmbeddedStore::write`] (e.g. a credential update and
-//! its audit entry commit together or not at all).
+//! These are the building blocks of [`super::Store`]'s own writes and are public so
+//! that other modules can combine them with their own tables in ONE job of
+//! [`super::Store::write`] (e.g. a credential update and its audit record commit
+//! together or not at all). They are written once, against [`Txn`] / [`ReadTxn`], for
+//! every backend. Read-only operations are generic over the transaction so that they
+//! take a write [`Txn`] (locking reads) and a read-only snapshot alike.
 //!
 //! Convention ([`TxnResult`]): an operation that fails *before writing*
 //! (not found, already exists, corrupt record, invalid request) returns
@@ -14,37 +16,40 @@
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use super::record::{decode, decode_keyed, encode, key, tenant_range, validate_key};
+use super::uow::{KeyRange, ReadTxn, Table, Txn};
+use super::{CredentialKey, CredentialRecord, Rollback, StoreError, TxnResult, Update};
 
-use super::record::{decode, encode, key, validate_key};
-use super::tables::{CREDENTIALS, META, RESERVED_META_PREFIX};
-use super::{CredentialRecord, Rollback, StoreError, TxnResult, Update};
+/// Meta keys with this prefix are written only by the store.
+pub const RESERVED_META_PREFIX: &str = "store.";
 
-/// Reads a record as this transaction sees it (including earlier, still
-/// uncommitted writes of the same batch).
-pub fn get(txn: &WriteTransaction, tenant: &str, id: &str) -> TxnResult<Option<CredentialRecord>> {
-    let table = txn.open_table(CREDENTIALS)?;
-    let guard = table.get(key(tenant, id).as_str())?;
-    Ok(guard.map(|g| decode(tenant, id, g.value())).transpose())
+/// Reads a record as this transaction sees it (in a write transaction: a locking read
+/// that includes earlier, still uncommitted writes of the same batch).
+pub fn get<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    tenant: &str,
+    id: &str,
+) -> TxnResult<Option<CredentialRecord>> {
+    let bytes = txn.get(Table::Credentials, &key(tenant, id))?;
+    Ok(bytes.map(|b| decode(tenant, id, &b)).transpose())
 }
 
 /// Inserts a new record; `Ok(Err(AlreadyExists))` if its tenant already has the id.
-pub fn insert(txn: &WriteTransaction, rec: &CredentialRecord) -> TxnResult<()> {
+pub fn insert(txn: &mut dyn Txn, rec: &CredentialRecord) -> TxnResult<()> {
     if let Err(e) = validate_key(&rec.tenant, &rec.id) {
         return Ok(Err(e));
     }
     let k = key(&rec.tenant, &rec.id);
-    let mut table = txn.open_table(CREDENTIALS)?;
-    if table.get(k.as_str())?.is_some() {
+    if txn.get(Table::Credentials, &k)?.is_some() {
         return Ok(Err(StoreError::AlreadyExists));
     }
-    table.insert(k.as_str(), encode(rec).as_slice())?;
+    txn.put(Table::Credentials, &k, &encode(rec))?;
     Ok(Ok(()))
 }
 
 /// Inserts all records or none: `Ok(Err(AlreadyExists))` if any (tenant, id) is
 /// taken or repeated in `recs`, and then nothing is written.
-pub fn insert_many(txn: &WriteTransaction, recs: &[CredentialRecord]) -> TxnResult<()> {
+pub fn insert_many(txn: &mut dyn Txn, recs: &[CredentialRecord]) -> TxnResult<()> {
     let mut seen = HashSet::with_capacity(recs.len());
     let mut keys = Vec::with_capacity(recs.len());
     for r in recs {
@@ -57,15 +62,14 @@ pub fn insert_many(txn: &WriteTransaction, recs: &[CredentialRecord]) -> TxnResu
         }
         keys.push(k);
     }
-    let mut table = txn.open_table(CREDENTIALS)?;
     // All checks before the first write, so a refusal leaves the txn clean.
     for k in &keys {
-        if table.get(k.as_str())?.is_some() {
+        if txn.get(Table::Credentials, k)?.is_some() {
             return Ok(Err(StoreError::AlreadyExists));
         }
     }
     for (r, k) in recs.iter().zip(&keys) {
-        table.insert(k.as_str(), encode(r).as_slice())?;
+        txn.put(Table::Credentials, k, &encode(r))?;
     }
     Ok(Ok(()))
 }
@@ -73,22 +77,21 @@ pub fn insert_many(txn: &WriteTransaction, recs: &[CredentialRecord]) -> TxnResu
 /// Read-modify-write of one record.
 ///
 /// `f` gets a detached copy of the current record (as this transaction sees
-/// it). `Update::Write` stores the copy, `Keep` discards any change to it,
-/// `Delete` removes the record. `f` runs before anything is written and under
+/// it; a locking read). `Update::Write` stores the copy, `Keep` discards any change to
+/// it, `Delete` removes the record. `f` runs before anything is written and under
 /// `catch_unwind`, so a panicking `f` yields `Ok(Err(Aborted))` and leaves the
 /// transaction clean: one bad verification cannot cost the rest of its batch.
 /// Changing `tenant` or `id` is refused with `Ok(Err(Invalid))`.
 pub fn update<R>(
-    txn: &WriteTransaction,
+    txn: &mut dyn Txn,
     tenant: &str,
     id: &str,
     f: impl FnOnce(&mut CredentialRecord) -> Update<R>,
 ) -> TxnResult<R> {
     let k = key(tenant, id);
-    let mut table = txn.open_table(CREDENTIALS)?;
-    let mut rec = match table.get(k.as_str())? {
+    let mut rec = match txn.get(Table::Credentials, &k)? {
         None => return Ok(Err(StoreError::NotFound)),
-        Some(g) => match decode(tenant, id, g.value()) {
+        Some(b) => match decode(tenant, id, &b) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         },
@@ -116,38 +119,76 @@ pub fn update<R>(
                     "an update must not change the credential's tenant or id".into(),
                 )));
             }
-            table.insert(k.as_str(), encode(&rec).as_slice())?;
+            txn.put(Table::Credentials, &k, &encode(&rec))?;
             Ok(Ok(r))
         }
         Update::Delete(r) => {
-            table.remove(k.as_str())?;
+            txn.delete(Table::Credentials, &k)?;
             Ok(Ok(r))
         }
     }
 }
 
 /// Deletes a record; `true` if it existed.
-pub fn delete(txn: &WriteTransaction, tenant: &str, id: &str) -> Result<bool, Rollback> {
-    let mut table = txn.open_table(CREDENTIALS)?;
-    let existed = table.remove(key(tenant, id).as_str())?.is_some();
-    Ok(existed)
+pub fn delete(txn: &mut dyn Txn, tenant: &str, id: &str) -> Result<bool, Rollback> {
+    txn.delete(Table::Credentials, &key(tenant, id))
 }
 
 /// Number of credentials as this transaction sees it.
-pub fn count(txn: &WriteTransaction) -> Result<u64, Rollback> {
-    Ok(txn.open_table(CREDENTIALS)?.len()?)
+pub fn count<T: ReadTxn + ?Sized>(txn: &mut T) -> Result<u64, Rollback> {
+    txn.count(Table::Credentials)
+}
+
+/// Pages through records in (tenant, id) order (bytewise): those after `after`, at
+/// most `limit`, of `tenant` only when given, else of every tenant.
+pub fn list<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    tenant: Option<&str>,
+    after: Option<&CredentialKey>,
+    limit: usize,
+) -> Result<Vec<CredentialRecord>, StoreError> {
+    let after = after.map(|a| key(&a.tenant, &a.id));
+    let range = match (tenant.map(tenant_range), after) {
+        (Some((start, end)), Some(a)) if a.as_str() >= start.as_str() => KeyRange {
+            start: a,
+            after: true,
+            end: Some(end),
+        },
+        (Some((start, end)), _) => KeyRange {
+            start,
+            after: false,
+            end: Some(end),
+        },
+        (None, Some(a)) => KeyRange {
+            start: a,
+            after: true,
+            end: None,
+        },
+        (None, None) => KeyRange::all(),
+    };
+    txn.scan(Table::Credentials, &range, limit)
+        .map_err(|r| r.0)?
+        .into_iter()
+        .map(|(k, v)| decode_keyed(&k, &v))
+        .collect()
 }
 
 /// Reads a meta value as this transaction sees it.
-pub fn get_meta(txn: &WriteTransaction, key: &str) -> Result<Option<Vec<u8>>, Rollback> {
-    let table = txn.open_table(META)?;
-    let v = table.get(key)?.map(|g| g.value().to_vec());
-    Ok(v)
+pub fn get_meta<T: ReadTxn + ?Sized>(txn: &mut T, key: &str) -> Result<Option<Vec<u8>>, Rollback> {
+    txn.get(Table::Meta, key)
+}
+
+/// Every meta entry whose key starts with `prefix`, in key order.
+pub fn meta_with_prefix<T: ReadTxn + ?Sized>(
+    txn: &mut T,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, Rollback> {
+    txn.scan(Table::Meta, &KeyRange::prefix(prefix), usize::MAX)
 }
 
 /// Sets a meta value; keys starting with `store.` are refused
 /// (`Ok(Err(Invalid))`), they belong to the store itself.
-pub fn put_meta(txn: &WriteTransaction, key: &str, value: &[u8]) -> TxnResult<()> {
+pub fn put_meta(txn: &mut dyn Txn, key: &str, value: &[u8]) -> TxnResult<()> {
     if key.starts_with(RESERVED_META_PREFIX) {
         return Ok(Err(StoreError::Invalid(format!(
             "meta keys starting with {RESERVED_META_PREFIX:?} are reserved"
@@ -156,6 +197,6 @@ pub fn put_meta(txn: &WriteTransaction, key: &str, value: &[u8]) -> TxnResult<()
     if key.is_empty() {
         return Ok(Err(StoreError::Invalid("empty meta key".into())));
     }
-    txn.open_table(META)?.insert(key, value)?;
+    txn.put(Table::Meta, key, value)?;
     Ok(Ok(()))
 }

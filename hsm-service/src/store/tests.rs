@@ -3,9 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::ReadableTableMetadata;
-
-use super::tables::{CREDENTIALS, LEGACY_CREDENTIALS, META, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use super::test_support::{gate, wait_queued};
 use super::*;
 use crate::otp::{HashAlgorithm, OtpKind};
 
@@ -47,71 +45,29 @@ fn key_of(r: &CredentialRecord) -> CredentialKey {
     }
 }
 
-fn db_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    dir.path().join("store.redb")
+/// The engine the generic cases run on here (the conformance suite runs them on every
+/// backend).
+fn open_store(path: &std::path::Path, opts: StoreOptions) -> Result<Store, StoreError> {
+    Store::open_redb(path, opts)
 }
 
-fn open_with(opts: StoreOptions) -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+fn db_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join(EMBEDDED_FILE)
+}
+
+fn open_with(opts: StoreOptions) -> (tempfile::TempDir, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&db_path(&dir), opts).unwrap();
+    let store = open_store(&db_path(&dir), opts).unwrap();
     (dir, Arc::new(store))
 }
 
-fn open_tmp() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+fn open_tmp() -> (tempfile::TempDir, Arc<Store>) {
     open_with(StoreOptions::default())
-}
-
-/// Occupies the committer with a job that blocks until released, so that the
-/// jobs queued meanwhile deterministically form the next batch.
-struct Gate {
-    release: std::sync::mpsc::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), StoreError>>,
-}
-
-impl Gate {
-    async fn open(self) {
-        self.release.send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-async fn gate(store: &Arc<EmbeddedStore>) -> Gate {
-    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let s = store.clone();
-    let task = tokio::spawn(async move {
-        s.write(move |_txn| {
-            started_tx.send(()).unwrap();
-            let _ = release_rx.recv();
-            Ok::<(), Rollback>(())
-        })
-        .await
-    });
-    tokio::task::spawn_blocking(move || {
-        started_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("gate job did not start")
-    })
-    .await
-    .unwrap();
-    Gate { release, task }
-}
-
-async fn wait_queued(store: &EmbeddedStore, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.queued() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} jobs queued",
-            store.queued()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 /// Spawns an update that increments `failures` and returns the value it saw.
 fn spawn_increment(
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<Store>,
     id: &str,
 ) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
     let (s, id) = (store.clone(), id.to_owned());
@@ -365,7 +321,7 @@ async fn durable_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     {
-        let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+        let store = open_store(&path, StoreOptions::default()).unwrap();
         store.insert(rec("a")).await.unwrap();
         store
             .update(T, "a", |r| {
@@ -376,15 +332,18 @@ async fn durable_across_reopen() {
             .unwrap();
         store.put_meta("master_key_version", vec![3]).await.unwrap();
     }
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    let store = open_store(&path, StoreOptions::default()).unwrap();
     assert_eq!(
         store.get(T, "a").await.unwrap().unwrap().last_accepted,
         Some(42)
     );
-    assert_eq!(store.get_meta("master_key_version").unwrap(), Some(vec![3]));
+    assert_eq!(
+        store.get_meta("master_key_version").await.unwrap(),
+        Some(vec![3])
+    );
     store.close().unwrap();
     // close() released the file: it can be opened again at once.
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    let store = open_store(&path, StoreOptions::default()).unwrap();
     assert_eq!(store.count().await.unwrap(), 1);
 }
 
@@ -392,7 +351,7 @@ async fn durable_across_reopen() {
 async fn drop_finishes_queued_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let store = Arc::new(EmbeddedStore::open(&path, StoreOptions::default()).unwrap());
+    let store = Arc::new(open_store(&path, StoreOptions::default()).unwrap());
     store.insert(rec("a")).await.unwrap();
     let g = gate(&store).await;
     let t = spawn_increment(&store, "a");
@@ -412,7 +371,7 @@ async fn drop_finishes_queued_jobs() {
     tokio::task::spawn_blocking(move || drop(store))
         .await
         .unwrap();
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    let store = open_store(&path, StoreOptions::default()).unwrap();
     assert_eq!(store.get(T, "a").await.unwrap().unwrap().failures, 1);
 }
 
@@ -463,7 +422,7 @@ fn run_crash_child_if_asked() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = EmbeddedStore::open(path.as_ref(), opts).unwrap();
+        let store = open_store(path.as_ref(), opts).unwrap();
         store
             .update(T, &id, |r| {
                 r.last_accepted = Some(1234);
@@ -488,12 +447,12 @@ fn crash_after_acknowledged_update_survives() {
     let path = db_path(&dir);
     {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+        let store = open_store(&path, StoreOptions::default()).unwrap();
         rt.block_on(store.insert(rec("a"))).unwrap();
     }
     crash_child(&path, "a", false);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    let store = open_store(&path, StoreOptions::default()).unwrap();
     let got = rt.block_on(store.get(T, "a")).unwrap().unwrap();
     assert_eq!(got.last_accepted, Some(1234));
 }
@@ -531,11 +490,11 @@ async fn batch_with_bad_job<F>(
     Result<u32, StoreError>,
     Result<(), StoreError>,
     Result<u32, StoreError>,
-    Arc<EmbeddedStore>,
+    Arc<Store>,
     tempfile::TempDir,
 )
 where
-    F: FnOnce(&redb::WriteTransaction) -> Result<(), Rollback> + Send + 'static,
+    F: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static,
 {
     let (dir, store) = open_tmp();
     store.insert(rec("a")).await.unwrap();
@@ -634,9 +593,13 @@ async fn generic_write_composes_with_ops_atomically() {
         .await
         .unwrap();
     assert_eq!(r, (1, Err(StoreError::NotFound), 1));
-    assert_eq!(store.get_meta("last_touched").unwrap(), Some(b"a".to_vec()));
+    assert_eq!(
+        store.get_meta("last_touched").await.unwrap(),
+        Some(b"a".to_vec())
+    );
     let n = store
-        .read(|txn| Ok(txn.open_table(CREDENTIALS)?.len()?))
+        .read(|txn| Ok(txn.count(Table::Credentials)?))
+        .await
         .unwrap();
     assert_eq!(n, 1);
 }
@@ -644,50 +607,20 @@ async fn generic_write_composes_with_ops_atomically() {
 #[tokio::test]
 async fn meta_reserved_keys_and_missing() {
     let (_dir, store) = open_tmp();
-    assert_eq!(store.get_meta("nothing").unwrap(), None);
-    let r = store.put_meta(SCHEMA_VERSION_KEY, vec![9, 9, 9, 9]).await;
+    assert_eq!(store.get_meta("nothing").await.unwrap(), None);
+    let schema = store.get_meta("store.schema_version").await.unwrap();
+    assert!(schema.is_some(), "the store records its schema");
+    let r = store
+        .put_meta("store.schema_version", vec![9, 9, 9, 9])
+        .await;
     assert!(matches!(r, Err(StoreError::Invalid(_))));
     assert_eq!(
-        store.get_meta(SCHEMA_VERSION_KEY).unwrap(),
-        Some(SCHEMA_VERSION.to_le_bytes().to_vec())
+        store.get_meta("store.schema_version").await.unwrap(),
+        schema
     );
     store.put_meta("k", vec![1, 2]).await.unwrap();
     store.put_meta("k", vec![3]).await.unwrap();
-    assert_eq!(store.get_meta("k").unwrap(), Some(vec![3]));
-}
-
-#[test]
-fn refuses_newer_schema() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db_path(&dir);
-    drop(EmbeddedStore::open(&path, StoreOptions::default()).unwrap());
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(SCHEMA_VERSION_KEY, 99u32.to_le_bytes().as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
-    let err = EmbeddedStore::open(&path, StoreOptions::default()).unwrap_err();
-    assert_eq!(
-        err,
-        StoreError::SchemaTooNew {
-            found: 99,
-            supported: SCHEMA_VERSION
-        }
-    );
-    assert!(err.to_string().contains("newer"));
-    // Nothing was rewritten by the refused open.
-    let db = redb::Database::create(&path).unwrap();
-    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-    let v = redb::ReadableTable::get(&txn.open_table(META).unwrap(), SCHEMA_VERSION_KEY)
-        .unwrap()
-        .unwrap()
-        .value()
-        .to_vec();
-    assert_eq!(v, 99u32.to_le_bytes());
+    assert_eq!(store.get_meta("k").await.unwrap(), Some(vec![3]));
 }
 
 #[tokio::test]
@@ -696,21 +629,19 @@ async fn corrupt_record_is_reported_without_bytes() {
     let path = db_path(&dir);
     let garbage: Vec<u8> = vec![1, 0xde, 0xad, 0xbe, 0xef];
     {
-        let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+        let store = open_store(&path, StoreOptions::default()).unwrap();
         store.insert(rec("good")).await.unwrap();
     }
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(CREDENTIALS).unwrap();
-            t.insert("tenant-a\0bad", garbage.as_slice()).unwrap();
-            t.insert("tenant-a\0badver", [9u8, 1, 2].as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
+    let store = open_store(&path, StoreOptions::default()).unwrap();
+    store
+        .write(move |txn| {
+            txn.put(Table::Credentials, "tenant-a\0bad", &garbage)?;
+            txn.put(Table::Credentials, "tenant-a\0badver", &[9u8, 1, 2])
+        })
+        .await
+        .unwrap();
+    drop(store);
+    let store = open_store(&path, StoreOptions::default()).unwrap();
     let err = store.get(T, "bad").await.unwrap_err();
     let StoreError::Corrupt(msg) = &err else {
         panic!("{err:?}")
@@ -817,7 +748,7 @@ fn debug_hides_wrapped_seed() {
 fn futures_are_send() {
     fn is_send<T: Send>(_: &T) {}
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&db_path(&dir), StoreOptions::default()).unwrap();
+    let store = open_store(&db_path(&dir), StoreOptions::default()).unwrap();
     is_send(&store.get(T, "a"));
     is_send(&store.list(None, None, 1));
     is_send(&store.update(T, "a", |_| Update::Keep(())));
@@ -834,7 +765,7 @@ fn bad_options_are_refused() {
         ..StoreOptions::default()
     };
     assert!(matches!(
-        EmbeddedStore::open(&db_path(&dir), opts),
+        open_store(&db_path(&dir), opts),
         Err(StoreError::Invalid(_))
     ));
 }
@@ -874,7 +805,7 @@ fn scale_rec(i: u64) -> CredentialRecord {
 
 /// Mean microseconds of (get, update, get+update) over `samples` random ids
 /// out of the first `n`, one caller at a time (latency, not throughput).
-async fn measure(store: &EmbeddedStore, n: u64, samples: u64, seed: u64) -> (f64, f64, f64) {
+async fn measure(store: &Store, n: u64, samples: u64, seed: u64) -> (f64, f64, f64) {
     let (mut tg, mut tu) = (Duration::ZERO, Duration::ZERO);
     for s in 0..samples {
         let id = scale_id(splitmix(seed ^ s) % n);
@@ -898,7 +829,7 @@ async fn measure(store: &EmbeddedStore, n: u64, samples: u64, seed: u64) -> (f64
 }
 
 /// Concurrent updates: (updates per second, commits used).
-async fn throughput(store: &Arc<EmbeddedStore>, n: u64, tasks: u64, per_task: u64) -> (f64, u64) {
+async fn throughput(store: &Arc<Store>, n: u64, tasks: u64, per_task: u64) -> (f64, u64) {
     let before = store.commits();
     let t = Instant::now();
     let handles: Vec<_> = (0..tasks)
@@ -932,12 +863,12 @@ async fn scale_one_million() {
     const SAMPLES: u64 = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let store = Arc::new(EmbeddedStore::open(&path, StoreOptions::default()).unwrap());
+    let store = Arc::new(open_store(&path, StoreOptions::default()).unwrap());
     let file_per_cred = |n: u64| std::fs::metadata(&path).unwrap().len() as f64 / n as f64;
 
     let mut inserted = 0;
     let mut insert_time = Duration::ZERO;
-    let insert_chunk = |store: Arc<EmbeddedStore>, from: u64| async move {
+    let insert_chunk = |store: Arc<Store>, from: u64| async move {
         let recs = (from..from + CHUNK).map(scale_rec).collect();
         let t = Instant::now();
         store.insert_many(recs).await.unwrap();
@@ -965,7 +896,7 @@ async fn scale_one_million() {
     let crash_id = scale_id(7);
     crash_child(&path, &crash_id, false);
     let t = Instant::now();
-    let qr = EmbeddedStore::open(
+    let qr = open_store(
         &path,
         StoreOptions {
             quick_repair: true,
@@ -982,7 +913,7 @@ async fn scale_one_million() {
     drop(Arc::into_inner(qr).unwrap());
     crash_child(&path, &crash_id, true);
     let t = Instant::now();
-    let nd = EmbeddedStore::open(
+    let nd = open_store(
         &path,
         StoreOptions {
             durable: false,
@@ -1022,87 +953,6 @@ async fn scale_one_million() {
         "scale: at 1M with durable=false (bench only): get {:.1} us, update {:.1} us, get+update {:.1} us; 64 updaters: {:.0} updates/s, {} commits",
         nondurable.0, nondurable.1, nondurable.2, nd_tp.0, nd_tp.1
     );
-}
-
-/// Appends one audit record through the store (its own job, so its own place in a batch).
-fn spawn_audit(
-    store: &Arc<EmbeddedStore>,
-    n: u64,
-) -> tokio::task::JoinHandle<Result<crate::audit::AuditRecord, StoreError>> {
-    let s = store.clone();
-    tokio::spawn(async move {
-        s.write(move |txn| {
-            let event = crate::audit::Event::new(
-                1_700_000_000_000 + n,
-                crate::audit::Actor::service(),
-                "test.event",
-                &format!("object-{n}"),
-            );
-            crate::audit::log::append_in(txn, event)
-        })
-        .await
-    })
-}
-
-/// The committer remembers the record it appended last, to skip re-reading it for the
-/// next append; after a rolled-back batch or a failed commit that record is not stored,
-/// and the chain must continue from the stored head instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn audit_chain_continues_from_the_stored_head_after_rollbacks() {
-    let (_dir, store) = open_tmp();
-    assert_eq!(spawn_audit(&store, 1).await.unwrap().unwrap().seq, 1);
-
-    // Batch: an append, then a job that rolls the batch back.
-    let g = gate(&store).await;
-    let rolled_back = spawn_audit(&store, 2);
-    wait_queued(&store, 1).await;
-    let s = store.clone();
-    let bad = tokio::spawn(async move {
-        s.write(|_txn| Err::<(), _>(Rollback(StoreError::Invalid("no".into()))))
-            .await
-    });
-    wait_queued(&store, 2).await;
-    g.open().await;
-    assert!(matches!(
-        rolled_back.await.unwrap(),
-        Err(StoreError::Aborted(_))
-    ));
-    assert!(bad.await.unwrap().is_err());
-    let second = spawn_audit(&store, 3).await.unwrap().unwrap();
-    assert_eq!(second.seq, 2);
-
-    // An append whose commit fails.
-    let g = gate(&store).await;
-    let failed = spawn_audit(&store, 4);
-    wait_queued(&store, 1).await;
-    store.fail_next_commits(2);
-    let g_task = g.task;
-    g.release.send(()).unwrap();
-    assert!(g_task.await.unwrap().is_err());
-    assert!(failed.await.unwrap().is_err());
-    let third = spawn_audit(&store, 5).await.unwrap().unwrap();
-    assert_eq!((third.seq, third.prev.as_str()), (3, second.hash.as_str()));
-
-    // Many appends in shared batches, then the whole stored log verifies.
-    let tasks: Vec<_> = (6..40).map(|n| spawn_audit(&store, n)).collect();
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    let lines = store
-        .read(|txn| {
-            let table = txn.open_table(super::tables::AUDIT_LOG)?;
-            let mut out = Vec::new();
-            for entry in redb::ReadableTable::iter(&table)? {
-                let (_, v) = entry?;
-                out.extend_from_slice(v.value());
-                out.push(b'\n');
-            }
-            Ok(out)
-        })
-        .unwrap();
-    let report = hsm_audit::verify(lines.as_slice(), &std::collections::HashMap::new());
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.records, 3 + 34);
 }
 
 #[tokio::test]
@@ -1189,113 +1039,6 @@ async fn ids_are_scoped_per_tenant() {
     ));
 }
 
-/// A data file as schema 1 wrote it: id-keyed credentials in format 1.
-fn write_schema_1(path: &std::path::Path, recs: &[CredentialRecord]) {
-    let db = redb::Database::create(path).unwrap();
-    let txn = db.begin_write().unwrap();
-    {
-        let mut meta = txn.open_table(META).unwrap();
-        meta.insert(SCHEMA_VERSION_KEY, 1u32.to_le_bytes().as_slice())
-            .unwrap();
-        let mut t = txn.open_table(LEGACY_CREDENTIALS).unwrap();
-        for r in recs {
-            t.insert(r.id.as_str(), super::record::encode_v1(r).as_slice())
-                .unwrap();
-        }
-    }
-    txn.commit().unwrap();
-}
-
-#[tokio::test]
-async fn schema_1_migrates_to_the_default_tenant() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db_path(&dir);
-    let old: Vec<CredentialRecord> = ["a", "b", "c"]
-        .iter()
-        .map(|id| {
-            let mut r = rec(id);
-            r.tenant = DEFAULT_TENANT.into();
-            r.subject = None;
-            r.failures = 2;
-            // Format 1 kept a count only: its failures count from the last change.
-            r.failure_times = vec![r.updated_at; 2];
-            r
-        })
-        .collect();
-    write_schema_1(&path, &old);
-    {
-        let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
-        assert_eq!(
-            store.get_meta(SCHEMA_VERSION_KEY).unwrap(),
-            Some(SCHEMA_VERSION.to_le_bytes().to_vec())
-        );
-        assert_eq!(store.count().await.unwrap(), 3);
-        assert_eq!(
-            store.list(Some(DEFAULT_TENANT), None, 10).await.unwrap(),
-            old
-        );
-        assert_eq!(store.get(T, "a").await.unwrap(), None);
-        // Migrated records keep working: updates rewrite them in the new format.
-        store
-            .update(DEFAULT_TENANT, "a", |r| {
-                r.failures = 0;
-                Update::Write(())
-            })
-            .await
-            .unwrap();
-        let legacy_gone = store
-            .read(|txn| match txn.open_table(LEGACY_CREDENTIALS) {
-                Err(redb::TableError::TableDoesNotExist(_)) => Ok(true),
-                Ok(_) => Ok(false),
-                Err(e) => Err(e.into()),
-            })
-            .unwrap();
-        assert!(legacy_gone, "the schema 1 table is dropped");
-    }
-    // A second open finds schema 2 and migrates nothing again.
-    let store = EmbeddedStore::open(&path, StoreOptions::default()).unwrap();
-    assert_eq!(store.count().await.unwrap(), 3);
-    assert_eq!(
-        store
-            .get(DEFAULT_TENANT, "a")
-            .await
-            .unwrap()
-            .unwrap()
-            .failures,
-        0
-    );
-}
-
-#[test]
-fn schema_1_with_a_corrupt_record_is_not_half_migrated() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db_path(&dir);
-    write_schema_1(&path, &[rec("a")]);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(LEGACY_CREDENTIALS)
-            .unwrap()
-            .insert("z", [1u8, 0xff].as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
-    let err = EmbeddedStore::open(&path, StoreOptions::default()).unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
-    let db = redb::Database::create(&path).unwrap();
-    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-    let v = redb::ReadableTable::get(&txn.open_table(META).unwrap(), SCHEMA_VERSION_KEY)
-        .unwrap()
-        .unwrap()
-        .value()
-        .to_vec();
-    assert_eq!(v, 1u32.to_le_bytes(), "still schema 1");
-    assert_eq!(
-        redb::ReadableTableMetadata::len(&txn.open_table(LEGACY_CREDENTIALS).unwrap()).unwrap(),
-        2
-    );
-}
-
 fn evidence_rec(id: &str, now: u64) -> EvidenceRecord {
     EvidenceRecord {
         id: id.into(),
@@ -1325,9 +1068,9 @@ async fn evidence_rides_in_the_credential_update_and_is_spent_once() {
                 r.last_accepted = Some(5);
                 Update::Write(true)
             },
-            move |accepted| Effects {
-                audit: None,
-                evidence: accepted.then_some(e),
+            move |accepted: &bool, txn: &mut dyn Txn| match accepted {
+                true => evidence::insert_in(txn, &e, e.auth_time),
+                false => Ok(()),
             },
         )
         .await
@@ -1335,7 +1078,7 @@ async fn evidence_rides_in_the_credential_update_and_is_spent_once() {
     assert!(seen);
     assert_eq!(store.commits(), commits + 1, "one commit for both");
     assert_eq!(
-        store.get_evidence("e1").unwrap(),
+        store.get_evidence("e1").await.unwrap(),
         Some(evidence_rec("e1", 1_000))
     );
     assert_eq!(
@@ -1344,10 +1087,15 @@ async fn evidence_rides_in_the_credential_update_and_is_spent_once() {
     );
     // A rolled-back update leaves no evidence.
     store
-        .update_with(T, "x", |_| Update::Keep(false), |_| Effects::default())
+        .update_with(
+            T,
+            "x",
+            |_| Update::Keep(false),
+            |_: &bool, _: &mut dyn Txn| Ok(()),
+        )
         .await
         .unwrap();
-    assert_eq!(store.evidence_count().unwrap(), 1);
+    assert_eq!(store.evidence_count().await.unwrap(), 1);
 
     // 32 concurrent spends: the committer decides them one after the other.
     let mut tasks = tokio::task::JoinSet::new();
@@ -1372,7 +1120,7 @@ async fn evidence_rides_in_the_credential_update_and_is_spent_once() {
     }
     assert_eq!(spent, 1);
     assert_eq!(
-        store.get_evidence("e1").unwrap().unwrap().spent_at,
+        store.get_evidence("e1").await.unwrap().unwrap().spent_at,
         Some(1_001)
     );
     let missing = store
@@ -1394,7 +1142,7 @@ async fn stale_evidence_is_purged_by_later_inserts() {
             .await
             .unwrap();
     }
-    assert_eq!(store.evidence_count().unwrap(), 10);
+    assert_eq!(store.evidence_count().await.unwrap(), 10);
     // Still inside the grace period after expiry: nothing goes.
     let soon = old + 120 + PURGE_GRACE_SECONDS;
     let e = evidence_rec("soon", soon);
@@ -1402,7 +1150,7 @@ async fn stale_evidence_is_purged_by_later_inserts() {
         .write(move |txn| insert_in(txn, &e, soon))
         .await
         .unwrap();
-    assert_eq!(store.evidence_count().unwrap(), 11);
+    assert_eq!(store.evidence_count().await.unwrap(), 11);
     // Past it: each insert removes up to PURGE_PER_INSERT stale records, oldest first.
     let later = soon + 1;
     let e = evidence_rec("later-0", later);
@@ -1411,7 +1159,7 @@ async fn stale_evidence_is_purged_by_later_inserts() {
         .await
         .unwrap();
     assert_eq!(
-        store.evidence_count().unwrap(),
+        store.evidence_count().await.unwrap(),
         12 - PURGE_PER_INSERT as u64
     );
     for i in 1..5 {
@@ -1422,8 +1170,8 @@ async fn stale_evidence_is_purged_by_later_inserts() {
             .unwrap();
     }
     // The ten stale ones are gone, the fresh ones stay.
-    assert_eq!(store.evidence_count().unwrap(), 6);
-    assert_eq!(store.get_evidence("old-3").unwrap(), None);
-    assert!(store.get_evidence("soon").unwrap().is_some());
-    assert!(store.get_evidence("later-4").unwrap().is_some());
+    assert_eq!(store.evidence_count().await.unwrap(), 6);
+    assert_eq!(store.get_evidence("old-3").await.unwrap(), None);
+    assert!(store.get_evidence("soon").await.unwrap().is_some());
+    assert!(store.get_evidence("later-4").await.unwrap().is_some());
 }

@@ -313,6 +313,10 @@ impl Txn for PgBatch<'_> {
 }
 
 impl BatchTxn for PgBatch<'_> {
+    fn as_txn(&mut self) -> &mut dyn Txn {
+        self
+    }
+
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         self.flush().map_err(|Rollback(e)| e)?;
         if self.failed {
