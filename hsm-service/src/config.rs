@@ -411,6 +411,15 @@ impl StoreConfig {
         }
     }
 
+    /// The audit chain this instance appends to: [`crate::store::DEFAULT_CHAIN`] in the
+    /// embedded store (one instance), the instance name in PostgreSQL.
+    pub fn audit_chain(&self) -> String {
+        match self.backend {
+            StoreBackendKind::Redb => crate::store::uow::DEFAULT_CHAIN.to_owned(),
+            StoreBackendKind::Postgres => self.instance_name(),
+        }
+    }
+
     /// The PostgreSQL options this section describes (reads the password file).
     pub fn postgres_options(&self) -> Result<crate::store::postgres::PgOptions, String> {
         let url = self.url.clone().ok_or("store.url is not set")?;

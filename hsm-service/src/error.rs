@@ -42,3 +42,15 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A store failure as a domain error, the same everywhere: a retryable one (the database
+/// unreachable, a batch rolled back; see [`crate::store::StoreError::is_retryable`]) is
+/// [`Error::Unavailable`], anything else [`Error::Internal`]. `what` names the caller's
+/// context for the log.
+pub fn store_failure(what: &str, e: crate::store::StoreError) -> Error {
+    if e.is_retryable() {
+        Error::Unavailable(format!("{what}: {e}"))
+    } else {
+        Error::Internal(format!("{what}: {e}"))
+    }
+}

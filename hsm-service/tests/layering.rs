@@ -67,10 +67,11 @@ const TABLE: &[Rule] = &[
         may_import: &["common", "otp"],
     },
     // The domain error type; it wraps the HSM's error (`From<hsm::Error>`), so it is
-    // not a leaf: `hsm` and `store` do not use it.
+    // not a leaf: `hsm` and `store` do not use it. It names `store` for the one mapping
+    // of a store failure (`store_failure`: retryable ones are UNAVAILABLE).
     Rule {
         module: "error",
-        may_import: &["common", "hsm"],
+        may_import: &["common", "hsm", "store"],
     },
     // The audit log: records hashed, checkpoints signed with the audit key (`hsm`),
     // written through the store's unit of work.

@@ -55,6 +55,16 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether nothing was acknowledged and a retry may succeed: the database is
+    /// unreachable ([`StoreError::Unavailable`]), or the batch was rolled back because
+    /// another job of it failed or it lost a race with another instance
+    /// ([`StoreError::Aborted`]). Callers answer these `UNAVAILABLE`.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Aborted(_))
+    }
+}
+
 /// Returned (as `Err`) by a write job to say "this transaction must not
 /// commit". The whole group-commit batch is rolled back: the job gets the
 /// wrapped error, the other jobs that already ran in the batch get

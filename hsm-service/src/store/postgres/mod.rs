@@ -155,7 +155,8 @@ pub struct PgBackend {
     connect: Arc<ConnectInfo>,
     /// The committer's own session (None after it was lost: the next batch reconnects).
     committer: Mutex<Option<PgConn>>,
-    pool: r2d2::Pool<Manager>,
+    /// Always `Some` until dropped (taken in `Drop`, see there).
+    pool: Option<r2d2::Pool<Manager>>,
     chain: String,
     healthy: Arc<AtomicBool>,
     /// Dropping it stops the health probe.
@@ -213,7 +214,7 @@ impl PgBackend {
         Ok(PgBackend {
             connect,
             committer: Mutex::new(Some(conn)),
-            pool,
+            pool: Some(pool),
             chain: opts.instance.clone(),
             healthy,
             stop_probe: Some(stop_probe),
@@ -224,6 +225,10 @@ impl PgBackend {
     /// The audit chain this instance writes (and holds the lock of).
     pub fn chain(&self) -> &str {
         &self.chain
+    }
+
+    fn pool(&self) -> Result<&r2d2::Pool<Manager>, StoreError> {
+        self.pool.as_ref().ok_or(StoreError::Closed)
     }
 
     pub(super) fn set_healthy(&self, up: bool) {
@@ -240,7 +245,8 @@ impl PgBackend {
         &self,
         f: &mut dyn FnMut(&mut dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), ReadFailure> {
-        let mut conn = self.pool.get().map_err(|e| {
+        let pool = self.pool().map_err(ReadFailure::After)?;
+        let mut conn = pool.get().map_err(|e| {
             self.set_healthy(false);
             // The pool already waited for a connection: no retry.
             ReadFailure::After(StoreError::Unavailable(format!(
@@ -289,6 +295,20 @@ impl Drop for PgBackend {
         drop(self.stop_probe.take());
         if let Some(p) = self.probe.take() {
             let _ = p.join();
+        }
+        // A `postgres::Client` drives its own small runtime and closes the session with
+        // it, which panics on a tokio worker (the last `Store` handle is often dropped
+        // there). So the sessions are closed on a thread of their own.
+        let committer = match self.committer.get_mut() {
+            Ok(c) => c.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let pool = self.pool.take();
+        if let Ok(closer) = std::thread::Builder::new()
+            .name("store-pg-close".into())
+            .spawn(move || drop((committer, pool)))
+        {
+            let _ = closer.join();
         }
     }
 }
@@ -379,7 +399,7 @@ impl Backend for PgBackend {
     ) -> Result<(), StoreError> {
         // Every idle pooled connection may have died with the same outage; each one
         // found dead is discarded, so at most pool size + 1 attempts reach a fresh one.
-        let mut attempts = self.pool.max_size() + 1;
+        let mut attempts = self.pool()?.max_size() + 1;
         loop {
             attempts -= 1;
             match self.read_once(f) {

@@ -7,7 +7,20 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::sync::Arc;
+
 use super::{PgBackend, PgOptions};
+use crate::store::{Store, StoreOptions};
+
+/// Runs `f` on a thread of its own: a `postgres::Client` drives its own runtime, which
+/// must not be started or dropped on a tokio worker, so every helper here is safe to call
+/// from an async test.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
 
 /// The variable naming the test cluster (a superuser URL with trust authentication).
 pub const URL_VAR: &str = "HSM_TEST_POSTGRES_URL";
@@ -88,28 +101,24 @@ impl TestDatabase {
 
     /// Runs `sql` on the cluster's admin database.
     pub fn admin(&self, sql: &str) {
-        let mut c = postgres::Client::connect(&self.admin_url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.admin_url));
-        c.batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        run(&self.admin_url, sql);
     }
 
     /// Runs `sql` in this database (as the cluster's admin user, outside any backend).
     pub fn execute(&self, sql: &str) {
-        let mut c = postgres::Client::connect(&self.url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url));
-        c.batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        run(&self.url, sql);
     }
 
     /// The first column of the first row of `sql` in this database, as text.
     pub fn query_text(&self, sql: &str) -> Option<String> {
-        let mut c = postgres::Client::connect(&self.url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url));
-        let rows = c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-        rows.into_iter().find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
+        off_runtime(|| {
+            let mut c = postgres::Client::connect(&self.url, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url));
+            let rows = c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.into_iter().find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
         })
     }
 
@@ -140,19 +149,58 @@ impl TestDatabase {
 
     /// A backend on this database with chain `instance`.
     pub fn backend(&self, instance: &str) -> PgBackend {
-        PgBackend::open(&self.options(instance)).expect("open the PostgreSQL backend")
+        let o = self.options(instance);
+        off_runtime(move || PgBackend::open(&o).expect("open the PostgreSQL backend"))
     }
+
+    /// A [`Store`] (group commit and all) on this database with chain `instance`: one
+    /// service instance's store.
+    pub fn store(&self, instance: &str) -> Arc<Store> {
+        let backend = self.backend(instance);
+        Arc::new(
+            Store::with_backend(Arc::new(backend), StoreOptions::default())
+                .expect("a store over PostgreSQL"),
+        )
+    }
+}
+
+/// Runs `sql` on the database `url` names.
+fn run(url: &str, sql: &str) {
+    off_runtime(|| {
+        let mut c = postgres::Client::connect(url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        c.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    });
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let url = &self.admin_url;
+        off_runtime(move || {
+            if let Ok(mut c) = postgres::Client::connect(url, postgres::NoTls) {
+                let _ = c.batch_execute(&sql);
+            }
+        });
     }
+}
+
+/// A [`Store`] over PostgreSQL on a database of its own, chain `default`; `None` when
+/// PostgreSQL tests are skipped (see [`cluster_url`]). The store is dropped before its
+/// database.
+pub struct PgTestStore {
+    /// The store (field order: dropped first).
+    pub store: Arc<Store>,
+    /// Its database (more instances: [`TestDatabase::store`] with another chain).
+    pub db: TestDatabase,
+}
+
+/// The conformance suite's one call: a fresh PostgreSQL-backed [`Store`].
+pub fn test_postgres_store() -> Option<PgTestStore> {
+    let db = TestDatabase::create()?;
+    let store = db.store(crate::store::DEFAULT_CHAIN);
+    Some(PgTestStore { store, db })
 }
 
 #[cfg(test)]

@@ -419,3 +419,175 @@ fn a_ca_file_without_a_certificate_is_refused() {
         "{err:?}"
     );
 }
+
+mod store {
+    //! The [`crate::store::Store`] handle (group commit, typed operations) over
+    //! PostgreSQL, with two instances on one database.
+
+    use std::sync::Arc;
+
+    use crate::otp::{HashAlgorithm, OtpKind};
+    use crate::store::postgres::testing::{test_postgres_store, TestDatabase};
+    use crate::store::{CredentialRecord, CredentialStore, Store, StoreError, Update};
+
+    const T: &str = "tenant-a";
+
+    fn rec(id: &str) -> CredentialRecord {
+        CredentialRecord {
+            tenant: T.into(),
+            id: id.into(),
+            subject: Some(format!("subject-{id}")),
+            kind: OtpKind::Totp,
+            algorithm: HashAlgorithm::Sha256,
+            digits: 6,
+            period_seconds: 30,
+            t0: 0,
+            wrapped_seed: vec![0xA5; 40],
+            master_key_version: 1,
+            seed_binding: None,
+            issuer: "Example eID".into(),
+            account_name: format!("user-{id}"),
+            last_accepted: None,
+            next_counter: 0,
+            drift_steps: 0,
+            failures: 0,
+            failure_times: Vec::new(),
+            locked_until: 0,
+            hard_locked: false,
+            disabled: false,
+            created_at: 1_700_000_000,
+            updated_at: 1_700_000_000,
+        }
+    }
+
+    async fn two_instances() -> Option<(Arc<Store>, Arc<Store>, TestDatabase)> {
+        tokio::task::spawn_blocking(|| {
+            let db = TestDatabase::create()?;
+            Some((db.store("one"), db.store("two"), db))
+        })
+        .await
+        .expect("set-up")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn round_trip_through_the_store() {
+        let Some(t) = tokio::task::spawn_blocking(test_postgres_store)
+            .await
+            .expect("set-up")
+        else {
+            return;
+        };
+        let store = t.store.clone();
+        assert_eq!(store.kind(), "postgres");
+        assert!(store.healthy());
+        for id in ["b", "a", "c"] {
+            store.insert(rec(id)).await.expect("insert");
+        }
+        assert_eq!(store.insert(rec("a")).await, Err(StoreError::AlreadyExists));
+        assert_eq!(store.count().await.unwrap(), 3);
+        assert_eq!(store.get(T, "a").await.unwrap(), Some(rec("a")));
+        let ids: Vec<String> = store
+            .list(Some(T), None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(store.delete(T, "b").await.unwrap());
+        assert!(!store.delete(T, "b").await.unwrap());
+        assert_eq!(store.count().await.unwrap(), 2);
+        drop(store);
+        drop(t);
+    }
+
+    /// The replay check of the hot path, 32 concurrent calls spread over two instances:
+    /// exactly one accepts the step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replay_check_accepts_exactly_once_across_two_instances() {
+        let Some((one, two, _db)) = two_instances().await else {
+            return;
+        };
+        one.insert(rec("a")).await.expect("insert");
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            tasks.push(tokio::spawn(async move {
+                s.update(T, "a", |r| {
+                    if r.last_accepted.is_none_or(|l| 5 > l) {
+                        r.last_accepted = Some(5);
+                        Update::Write(true)
+                    } else {
+                        Update::Keep(false)
+                    }
+                })
+                .await
+            }));
+        }
+        let mut accepted = 0;
+        for t in tasks {
+            if t.await.unwrap().expect("update") {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 1);
+        assert_eq!(
+            two.get(T, "a").await.unwrap().unwrap().last_accepted,
+            Some(5)
+        );
+    }
+
+    /// Failure counts from both instances add up exactly (no lost update).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn failure_counts_are_exact_across_two_instances() {
+        let Some((one, two, _db)) = two_instances().await else {
+            return;
+        };
+        one.insert(rec("a")).await.expect("insert");
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            tasks.push(tokio::spawn(async move {
+                s.update(T, "a", |r| {
+                    r.failures += 1;
+                    Update::Write(())
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().expect("update");
+        }
+        assert_eq!(one.get(T, "a").await.unwrap().unwrap().failures, 40);
+    }
+
+    /// The same new id created on both instances at once: one wins; every other call
+    /// either sees it (AlreadyExists) or lost the race and was rolled back (Aborted,
+    /// answered UNAVAILABLE: retry).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_concurrent_insert_of_an_id_wins() {
+        let Some((one, two, _db)) = two_instances().await else {
+            return;
+        };
+        let mut tasks = Vec::new();
+        for i in 0..16u32 {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            tasks.push(tokio::spawn(async move {
+                let mut r = rec("new");
+                r.failures = i;
+                (i, s.insert(r).await)
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                (i, Ok(())) => winners.push(i),
+                (_, Err(StoreError::AlreadyExists | StoreError::Aborted(_))) => {}
+                (_, Err(e)) => panic!("{e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let stored = two.get(T, "new").await.unwrap().expect("stored");
+        assert_eq!(stored.failures, winners[0]);
+    }
+}
