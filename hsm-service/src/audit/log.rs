@@ -29,11 +29,11 @@ pub fn append_in(
     chain: &ChainName,
     event: Event,
 ) -> std::result::Result<AuditRecord, Rollback> {
-    let mut state = resume_for_append(txn, chain)?;
+    let (mut state, name) = resume_for_append(txn, chain)?;
     let (record, line) = state.append_with_line(event);
     txn.audit_put(chain, record.seq, line.as_bytes())?;
-    LAST_APPENDED
-        .with_borrow_mut(|last| *last = Some((chain.to_owned(), line.into_bytes(), state)));
+    let name = name.unwrap_or_else(|| chain.to_owned());
+    LAST_APPENDED.with_borrow_mut(|last| *last = Some((name, line.into_bytes(), state)));
     Ok(record)
 }
 
@@ -57,16 +57,24 @@ thread_local! {
 
 /// The chain to append to: the remembered one when the store's last record of `chain`
 /// is the one this thread appended last, otherwise [`resume`] from the stored record.
-fn resume_for_append(txn: &mut dyn Txn, chain: &ChainName) -> std::result::Result<Chain, Rollback> {
+/// Also hands back the remembered name when it is `chain`'s, to be remembered again
+/// without a new allocation.
+fn resume_for_append(
+    txn: &mut dyn Txn,
+    chain: &ChainName,
+) -> std::result::Result<(Chain, Option<String>), Rollback> {
     let last = txn.audit_last(chain)?;
     let stored = last.as_ref().map(|(_, v)| v.as_slice());
-    let remembered = LAST_APPENDED.with_borrow_mut(Option::take);
-    if let (Some(stored), Some((name, bytes, state))) = (stored, remembered) {
-        if name == chain && stored == bytes.as_slice() {
-            return Ok(state);
-        }
+    let Some((name, bytes, state)) = LAST_APPENDED.with_borrow_mut(Option::take) else {
+        return Ok((resume_from(stored)?, None));
+    };
+    if name != chain {
+        return Ok((resume_from(stored)?, None));
     }
-    resume_from(stored)
+    if stored == Some(bytes.as_slice()) {
+        return Ok((state, Some(name)));
+    }
+    Ok((resume_from(stored)?, Some(name)))
 }
 
 fn resume<T: ReadTxn + ?Sized>(

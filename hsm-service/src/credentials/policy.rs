@@ -50,8 +50,9 @@ pub struct Outcome {
 pub type Policy = CredentialsConfig;
 
 /// Most failure times a record keeps: beyond the NIST SP 800-63B bound of 100
-/// consecutive failures plus every doubling of the back-off, more change nothing.
-pub const MAX_COUNTED_FAILURES: usize = 132;
+/// consecutive failures plus every doubling of the back-off, more change nothing. (The
+/// store owns the number: it caps format 1 records' counts with it when decoding.)
+pub const MAX_COUNTED_FAILURES: usize = crate::store::MAX_FAILURE_TIMES;
 
 /// Refusal without HSM work: disabled, hard-locked, or inside a back-off.
 pub fn gate(rec: &CredentialRecord, now: u64, p: &Policy) -> Option<Outcome> {

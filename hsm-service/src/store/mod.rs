@@ -40,7 +40,10 @@ pub use backend::{Backend, BatchTxn};
 pub use error::{Rollback, StoreError, TxnResult};
 pub use evidence::EvidenceRecord;
 pub use handle::{Store, StoreOptions, StoreStats};
-pub use record::{validate_tenant, CredentialRecord, DEFAULT_TENANT, MAX_ID_LEN, MAX_TENANT_LEN};
+pub use record::{
+    validate_tenant, CredentialRecord, DEFAULT_TENANT, MAX_FAILURE_TIMES, MAX_ID_LEN,
+    MAX_TENANT_LEN,
+};
 pub use uow::{ChainName, KeyRange, ReadTxn, Table, Txn, DEFAULT_CHAIN};
 
 /// What an update closure decided; the payload is returned to the caller.

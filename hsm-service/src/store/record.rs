@@ -21,6 +21,11 @@ pub const MAX_ID_LEN: usize = 256;
 /// Longest tenant name, in bytes.
 pub const MAX_TENANT_LEN: usize = 128;
 
+/// Most failure times a record keeps (the credential policy counts no more: the NIST SP
+/// 800-63B bound of 100 consecutive failures plus every doubling of the back-off). Here
+/// because decoding a format 1 record caps its count with it.
+pub const MAX_FAILURE_TIMES: usize = 132;
+
 /// The tenant of records written before tenants existed (store schema 1).
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -324,7 +329,7 @@ pub(super) fn decode(tenant: &str, id: &str, bytes: &[u8]) -> Result<CredentialR
             // change, so they leave the failure window a window after it.
             let n = usize::try_from(v1.failures)
                 .unwrap_or(usize::MAX)
-                .min(crate::credentials::policy::MAX_COUNTED_FAILURES);
+                .min(MAX_FAILURE_TIMES);
             let failure_times = vec![v1.updated_at; n];
             let v2 = RecordV2 {
                 v1,

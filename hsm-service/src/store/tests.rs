@@ -728,10 +728,7 @@ fn format_1_records_still_decode() {
     let mut many = rec("y");
     many.failures = u32::MAX;
     let got = decode(T, "y", &encode_v1(&many)).unwrap();
-    assert_eq!(
-        got.failure_times.len(),
-        crate::credentials::policy::MAX_COUNTED_FAILURES
-    );
+    assert_eq!(got.failure_times.len(), MAX_FAILURE_TIMES);
 }
 
 #[test]
