@@ -30,8 +30,9 @@ pub struct Config {
     /// Audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
-    /// Where durable state lives: the embedded file (default) or PostgreSQL.
-    #[serde(default)]
+    /// Where durable state lives: the embedded file (default) or PostgreSQL. Not written
+    /// out when it is the default (a dev config keeps naming no store).
+    #[serde(default, skip_serializing_if = "StoreConfig::is_default")]
     pub store: StoreConfig,
     /// Client certificate to role mapping; first match wins.
     #[serde(default, rename = "client")]
@@ -354,6 +355,10 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
+    fn is_default(&self) -> bool {
+        *self == StoreConfig::default()
+    }
+
     /// Checks the section (files are checked for existence by [`Config::validate`]).
     pub fn validate(&self) -> Result<(), String> {
         match self.backend {
