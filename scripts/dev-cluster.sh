@@ -12,14 +12,15 @@
 # Everything lives in $HSM_DEV_CLUSTER_DIR (default .hsm-dev-cluster): data/ (token,
 # PINs, dev PKI, config.toml with the [store] section), postgres/ (the cluster), logs and
 # pid files. Delete the directory (after stop) to start afresh. HSM_DEV_CLUSTER_PROFILE=dev
-# uses a debug build instead of the release one. On a fresh Debian machine
+# uses a debug build instead of the release one; HSM_DEV_CLUSTER_PORTS="P1 P2" other ports. On a fresh Debian machine
 # run it as root or with sudo the first time: it installs SoftHSM2 and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR=${HSM_DEV_CLUSTER_DIR:-.hsm-dev-cluster}
 PG_PORT=${HSM_DEV_CLUSTER_PG_PORT:-54330}
-PORTS=(50051 50052)
+# shellcheck disable=SC2206 # two port numbers, split on purpose
+PORTS=(${HSM_DEV_CLUSTER_PORTS:-50051 50052})
 # Cargo profile of the binaries (release, like scripts/dev.sh; `dev` builds faster).
 PROFILE=${HSM_DEV_CLUSTER_PROFILE:-release}
 if [ "$PROFILE" = dev ]; then BIN=target/debug; else BIN=target/$PROFILE; fi

@@ -34,6 +34,19 @@ enum Command {
         /// Listen address.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Keep the state in this PostgreSQL database (URL without a password) instead of
+        /// the embedded file: written into the data directory's config.toml on first run,
+        /// used from there afterwards. Several `dev` processes over one such data
+        /// directory, each with its own --listen, are one service.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// File holding the database password (with --postgres).
+        #[arg(long, value_name = "FILE")]
+        postgres_password_file: Option<PathBuf>,
+        /// This instance's name, its audit chain (PostgreSQL store only); default
+        /// store.instance of the config, else dev-<ip>-<port> of the listen address.
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
     },
     /// Run with a configuration file.
     Serve {
@@ -172,9 +185,18 @@ fn backup_kek(command: &Command) -> Result<(), String> {
 
 fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
     match &cli.command {
-        Command::Dev { data_dir, listen } => {
+        Command::Dev {
+            data_dir,
+            listen,
+            postgres,
+            postgres_password_file,
+            instance,
+        } => {
             let mut opts = DevOptions::new(data_dir);
             opts.listen = *listen;
+            opts.postgres = postgres.clone();
+            opts.postgres_password_file = postgres_password_file.clone();
+            opts.instance = instance.clone();
             let config = dev::prepare(&opts)?;
             Ok((config, Some(data_dir.clone())))
         }
