@@ -125,13 +125,45 @@ where
     }
 }
 
-/// Spawns `n` jobs, job `i` made by `make(i)`, and waits for all of them (in job order).
-async fn concurrently<T, Fut>(n: usize, make: impl Fn(usize) -> Fut) -> Vec<T>
+/// Spawns `n` futures, the `i`th made by `make(i)`, and waits for all of them (in order).
+async fn spawn_all<T, Fut>(n: usize, make: impl Fn(usize) -> Fut) -> Vec<T>
 where
     T: Send + 'static,
     Fut: Future<Output = T> + Send + 'static,
 {
     let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("a job panicked"));
+    }
+    out
+}
+
+/// Runs `n` write jobs at once, job `i` made by `make(i)` and sent to [`Env::handle`]`(i)`
+/// (each makes exactly one `Store::write` before it is answered): every instance's
+/// committer is held (see [`gate`]) until all its jobs are queued, so they contend for
+/// real: the jobs of one instance share one batch, and the batches of the instances
+/// run at the same time. Answers in job order.
+async fn concurrently<T, Fut>(env: &Env, n: usize, make: impl Fn(usize) -> Fut) -> Vec<T>
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let mut gates = Vec::new();
+    for h in &env.handles {
+        gates.push(gate(&h.store).await);
+    }
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    let k = env.handles.len();
+    for (j, h) in env.handles.iter().enumerate() {
+        wait_queued(&h.store, (j..n).step_by(k).count()).await;
+    }
+    for (release, _) in &gates {
+        release.send(()).expect("the gate waits");
+    }
+    for (_, task) in gates {
+        task.await.expect("the gate job");
+    }
     let mut out = Vec::with_capacity(n);
     for t in tasks {
         out.push(t.await.expect("a job panicked"));
@@ -296,7 +328,7 @@ fn counter_value(bytes: Option<Vec<u8>>) -> Result<u64, Rollback> {
 async fn locking_read_then_write_is_not_overtaken(env: &Env) {
     const N: usize = 64;
     const KEY: &str = "conformance.counter";
-    let seen = concurrently(N, |i| {
+    let seen = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
         async move {
             retrying(|| {
@@ -311,15 +343,31 @@ async fn locking_read_then_write_is_not_overtaken(env: &Env) {
         }
     })
     .await;
-    let seen: BTreeSet<u64> = seen.into_iter().collect();
+    // And once more without holding the committers: batches form as they come.
+    let free = spawn_all(N, |i| {
+        let store = env.handle(i).store.clone();
+        async move {
+            retrying(|| {
+                store.write(|txn| {
+                    let current = counter_value(txn.get(Table::Meta, KEY)?)?;
+                    txn.put(Table::Meta, KEY, (current + 1).to_string().as_bytes())?;
+                    Ok(current)
+                })
+            })
+            .await
+            .expect("increment")
+        }
+    })
+    .await;
+    let seen: BTreeSet<u64> = seen.into_iter().chain(free).collect();
     assert_eq!(
         seen,
-        (0..N as u64).collect::<BTreeSet<_>>(),
+        (0..2 * N as u64).collect::<BTreeSet<_>>(),
         "two jobs read the same counter value: a read was overtaken"
     );
     for h in &env.handles {
         let v = h.store.get_meta(KEY).await.expect("read the counter");
-        assert_eq!(counter_value(v).unwrap(), N as u64, "lost update");
+        assert_eq!(counter_value(v).unwrap(), 2 * N as u64, "lost update");
     }
 }
 
@@ -328,7 +376,10 @@ async fn locking_read_then_write_is_not_overtaken(env: &Env) {
 /// is the one stored.
 async fn insert_of_a_taken_key_is_refused(env: &Env) {
     let store = env.store();
-    store.insert(credential("taken")).await.expect("first insert");
+    store
+        .insert(credential("taken"))
+        .await
+        .expect("first insert");
     let mut again = credential("taken");
     again.subject = Some("someone else".into());
     assert_eq!(store.insert(again).await, Err(StoreError::AlreadyExists));
@@ -347,7 +398,7 @@ async fn insert_of_a_taken_key_is_refused(env: &Env) {
     );
 
     const N: usize = 32;
-    let answers = concurrently(N, |i| {
+    let answers = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
         async move {
             retrying(|| {
@@ -385,7 +436,7 @@ async fn replay_under_32_way_concurrency(env: &Env) {
     const STEP: u64 = 101;
     let store = env.store();
     store.insert(credential("replayed")).await.unwrap();
-    let verdicts = concurrently(N, |i| {
+    let verdicts = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
         async move {
             retrying(|| {
@@ -448,7 +499,7 @@ async fn lockout_counts_are_exact(env: &Env) {
     let store = env.store();
     let default = Policy::default();
     store.insert(credential("locking")).await.unwrap();
-    let outcomes = concurrently(32, |i| {
+    let outcomes = concurrently(env, 32, |i| {
         let store = env.handle(i).store.clone();
         async move {
             retrying(|| {
@@ -469,8 +520,9 @@ async fn lockout_counts_are_exact(env: &Env) {
         .iter()
         .filter(|o| o.verdict == Verdict::Locked)
         .count();
-    assert_eq!(rejected, default.lockout_threshold as usize, "{outcomes:?}");
-    assert_eq!(rejected + locked, 32, "{outcomes:?}");
+    let verdicts: Vec<Verdict> = outcomes.iter().map(|o| o.verdict).collect();
+    assert_eq!(rejected, default.lockout_threshold as usize, "{verdicts:?}");
+    assert_eq!(rejected + locked, 32, "{verdicts:?}");
     let rec = store.get(TENANT, "locking").await.unwrap().unwrap();
     assert_eq!(rec.failures, default.lockout_threshold);
     assert_eq!(rec.failure_times.len(), default.lockout_threshold as usize);
@@ -482,7 +534,7 @@ async fn lockout_counts_are_exact(env: &Env) {
         ..Policy::default()
     };
     store.insert(credential("counting")).await.unwrap();
-    let remaining = concurrently(N, |i| {
+    let remaining = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
         let p = lenient.clone();
         async move {
@@ -522,7 +574,7 @@ async fn evidence_is_spent_exactly_once(env: &Env) {
         .write(move |txn| evidence::insert_in(txn, &e, NOW))
         .await
         .unwrap();
-    let spent = concurrently(N, |i| {
+    let spent = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
         let id = id.clone();
         async move {
@@ -651,7 +703,7 @@ async fn ceremony_is_claimed_once(env: &Env) {
         .await
         .unwrap();
     let before = audit_total(env).await;
-    let claims = concurrently(N, |i| {
+    let claims = concurrently(env, N, |i| {
         let h = env.handle(i);
         let (store, chain, id) = (h.store.clone(), h.chain.clone(), id.clone());
         async move {
@@ -700,14 +752,19 @@ async fn ceremony_is_claimed_once(env: &Env) {
 /// append continues the chain.
 async fn audit_chain_is_continuous(env: &Env) {
     const N: usize = 64;
-    let seqs = concurrently(N, |i| {
+    let seqs = concurrently(env, N, |i| {
         let h = env.handle(i);
         let (store, chain) = (h.store.clone(), h.chain.clone());
         async move {
             retrying(|| {
                 let chain = chain.clone();
                 store.write(move |txn| {
-                    Ok(audit::log::append_in(txn, &chain, event("conformance.append", &format!("job-{i}")))?.seq)
+                    Ok(audit::log::append_in(
+                        txn,
+                        &chain,
+                        event("conformance.append", &format!("job-{i}")),
+                    )?
+                    .seq)
                 })
             })
             .await
@@ -741,12 +798,16 @@ async fn audit_chain_is_continuous(env: &Env) {
     let chain = h.chain.clone();
     let next = h
         .store
-        .write(move |txn| Ok(audit::log::append_in(txn, &chain, event("conformance.after", "y"))?.seq))
+        .write(move |txn| {
+            Ok(audit::log::append_in(txn, &chain, event("conformance.after", "y"))?.seq)
+        })
         .await
         .unwrap();
     assert_eq!(next, count_before + 1, "the rolled-back record left a gap");
     let records = verified_chain(&h.store, &h.chain).await;
-    assert!(records.iter().all(|r| r.action != "conformance.rolled-back"));
+    assert!(records
+        .iter()
+        .all(|r| r.action != "conformance.rolled-back"));
     let chains = h.store.read(|txn| Ok(txn.audit_chains()?)).await.unwrap();
     assert_eq!(chains, env.chains());
     let chain = h.chain.clone();
@@ -775,9 +836,14 @@ async fn kek_records_round_trip(env: &Env) {
         .await
         .unwrap();
     let other = env.handle(1);
-    shares::record_kek(&other.store, &other.chain, rec("kek-a", 2), Actor::service())
-        .await
-        .unwrap();
+    shares::record_kek(
+        &other.store,
+        &other.chain,
+        rec("kek-a", 2),
+        Actor::service(),
+    )
+    .await
+    .unwrap();
     let again = shares::record_kek(&h.store, &h.chain, rec("kek-a", 4), Actor::service()).await;
     assert!(
         matches!(again, Err(hsm_service::Error::AlreadyExists(_))),
@@ -819,7 +885,11 @@ async fn rolled_back_batch_leaves_nothing(env: &Env) {
                         return Err(Rollback(e));
                     }
                     txn.put(Table::Meta, &format!("conformance.rb/{name}"), b"1")?;
-                    evidence::insert_in(txn, &evidence_record(&format!("ev-{name}"), NOW + 60), NOW)?;
+                    evidence::insert_in(
+                        txn,
+                        &evidence_record(&format!("ev-{name}"), NOW + 60),
+                        NOW,
+                    )?;
                     audit::log::append_in(txn, &chain, event("conformance.batch", name))?;
                     if fail {
                         return Err(Rollback(StoreError::Invalid("planted failure".into())));
@@ -847,12 +917,22 @@ async fn rolled_back_batch_leaves_nothing(env: &Env) {
     );
     assert_eq!(c.await.unwrap(), Ok(()), "the job after the failed one");
     for name in ["a", "b"] {
-        assert_eq!(store.get(TENANT, name).await.unwrap(), None, "credential {name}");
         assert_eq!(
-            store.get_meta(&format!("conformance.rb/{name}")).await.unwrap(),
+            store.get(TENANT, name).await.unwrap(),
+            None,
+            "credential {name}"
+        );
+        assert_eq!(
+            store
+                .get_meta(&format!("conformance.rb/{name}"))
+                .await
+                .unwrap(),
             None
         );
-        assert_eq!(store.get_evidence(&format!("ev-{name}")).await.unwrap(), None);
+        assert_eq!(
+            store.get_evidence(&format!("ev-{name}")).await.unwrap(),
+            None
+        );
     }
     assert!(store.get(TENANT, "c").await.unwrap().is_some());
     assert_eq!(store.evidence_count().await.unwrap(), 1);
@@ -865,8 +945,8 @@ async fn rolled_back_batch_leaves_nothing(env: &Env) {
 /// and in a snapshot; bounds and paging with `KeyRange { after: true }` are exact.
 async fn scan_order_is_bytewise_and_paging_exact(env: &Env) {
     const KEYS: &[&str] = &[
-        "b", "a\u{0}b", "aa", "\u{7f}", "a/b", "é", "B", "a0", "😀", "a", "z", "a\u{0}",
-        "~", "\u{ffff}", "ab", "a\u{1}",
+        "b", "a\u{0}b", "aa", "\u{7f}", "a/b", "é", "B", "a0", "😀", "a", "z", "a\u{0}", "~",
+        "\u{ffff}", "ab", "a\u{1}",
     ];
     let store = env.store();
     store
@@ -905,6 +985,7 @@ async fn scan_order_is_bytewise_and_paging_exact(env: &Env) {
             break;
         }
         assert!(page.len() <= 3);
+        assert!(paged.len() < KEYS.len(), "paging does not end: {paged:?}");
         range = KeyRange {
             start: page.last().unwrap().0.clone(),
             after: true,
@@ -924,7 +1005,11 @@ async fn scan_order_is_bytewise_and_paging_exact(env: &Env) {
         })
     };
     let expect = |range: &KeyRange| -> Vec<String> {
-        sorted.iter().filter(|k| range.contains(k)).cloned().collect()
+        sorted
+            .iter()
+            .filter(|k| range.contains(k))
+            .cloned()
+            .collect()
     };
     let ranges = [
         KeyRange::prefix("a"),
@@ -1011,8 +1096,7 @@ async fn meta_reserved_prefix_is_refused(env: &Env) {
     let inner = store
         .write(|txn| {
             let refused = ops::put_meta(txn, "store.planted", b"x")?;
-            ops::put_meta(txn, "conformance.after-refusal", b"y")?
-                .map_err(Rollback)?;
+            ops::put_meta(txn, "conformance.after-refusal", b"y")?.map_err(Rollback)?;
             Ok(refused)
         })
         .await
@@ -1068,10 +1152,7 @@ async fn read_snapshot_is_consistent(env: &Env) {
     tokio::task::spawn_blocking(move || read_started_rx.recv().unwrap())
         .await
         .unwrap();
-    let count_before = store
-        .read(|txn| Ok(txn.count(Table::Meta)?))
-        .await
-        .unwrap();
+    let count_before = store.read(|txn| Ok(txn.count(Table::Meta)?)).await.unwrap();
     store
         .write(|txn| {
             txn.put(Table::Meta, "conformance.x", b"1")?;
@@ -1104,7 +1185,7 @@ async fn read_snapshot_is_consistent(env: &Env) {
             }
         })
     };
-    let readers = concurrently(4, |i| {
+    let readers = spawn_all(4, |i| {
         let store = env.handle(i).store.clone();
         async move {
             for _ in 0..40 {
@@ -1154,12 +1235,11 @@ async fn concurrent_writes_share_commits(env: &Env) {
         let after = store.stats();
         let commits = after.commits - before.commits;
         assert_eq!(after.committed_jobs - before.committed_jobs, N as u64 + 1);
-        assert!(
-            commits < N as u64,
-            "{} jobs took {commits} commits",
-            N + 1
+        assert!(commits < N as u64, "{} jobs took {commits} commits", N + 1);
+        assert_eq!(
+            commits, 2,
+            "the gate's commit and one for the {N} queued jobs"
         );
-        assert_eq!(commits, 2, "the gate's commit and one for the {N} queued jobs");
         let keys = store
             .read(move |txn| Ok(ops::meta_with_prefix(txn, &format!("conformance.gc/{n}/"))?))
             .await
