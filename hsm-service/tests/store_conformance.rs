@@ -91,6 +91,26 @@ fn redb_env() -> Option<Env> {
     })
 }
 
+/// Two instances on one fresh PostgreSQL database (chains `default` and `second`);
+/// `None` (after one printed line) without a test cluster, a panic under `CI=true`.
+fn postgres_env() -> Option<Env> {
+    let pg = hsm_service::store::postgres::testing::test_postgres_store()?;
+    let second = pg.db.store("second");
+    Some(Env {
+        handles: vec![
+            Handle {
+                store: pg.store,
+                chain: DEFAULT_CHAIN.to_owned(),
+            },
+            Handle {
+                store: second,
+                chain: "second".to_owned(),
+            },
+        ],
+        _storage: Box::new(pg.db),
+    })
+}
+
 /// Runs one case on a runtime of its own, then drops the env off the runtime.
 fn run_case<'a, Fut: Future<Output = ()> + 'a>(env: &'a Env, case: impl FnOnce(&'a Env) -> Fut) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -169,6 +189,34 @@ where
         out.push(t.await.expect("a job panicked"));
     }
     out
+}
+
+/// A meeting point of `n` jobs on different committers; gives up after a few seconds
+/// (a backend whose read blocks until the other commits must not hang the suite).
+struct Rendezvous {
+    arrived: std::sync::Mutex<usize>,
+    all: std::sync::Condvar,
+    n: usize,
+}
+
+impl Rendezvous {
+    fn new(n: usize) -> Rendezvous {
+        Rendezvous {
+            arrived: std::sync::Mutex::new(0),
+            all: std::sync::Condvar::new(),
+            n,
+        }
+    }
+
+    fn wait(&self) {
+        let mut arrived = self.arrived.lock().unwrap();
+        *arrived += 1;
+        self.all.notify_all();
+        let (_guard, _timeout) = self
+            .all
+            .wait_timeout_while(arrived, Duration::from_secs(3), |a| *a < self.n)
+            .unwrap();
+    }
 }
 
 fn credential(id: &str) -> CredentialRecord {
@@ -397,16 +445,30 @@ async fn insert_of_a_taken_key_is_refused(env: &Env) {
         Err(StoreError::NotFound)
     );
 
+    // The first job of each instance waits, after its read found the key absent, until
+    // every instance's has read it: all of them then believe it absent at once, and the
+    // backend alone must keep more than one from committing.
     const N: usize = 32;
+    let all_read = Arc::new(Rendezvous::new(env.handles.len()));
     let answers = concurrently(env, N, |i| {
         let store = env.handle(i).store.clone();
+        let all_read = (i < env.handles.len()).then(|| all_read.clone());
         async move {
+            let mut all_read = all_read;
             retrying(|| {
                 let mut rec = credential("raced");
                 rec.subject = Some(format!("job-{i}"));
-                store.insert(rec)
+                let wait = all_read.take();
+                store.write(move |txn| {
+                    let inserted = ops::insert(txn, &rec)?;
+                    if let Some(w) = wait {
+                        w.wait();
+                    }
+                    Ok(inserted)
+                })
             })
             .await
+            .and_then(|r| r)
         }
     })
     .await;
@@ -1269,6 +1331,7 @@ macro_rules! conformance {
 macro_rules! every_backend {
     ($($case:ident),* $(,)?) => {
         conformance!(redb, super::redb_env, [$($case),*]);
+        conformance!(postgres, super::postgres_env, [$($case),*]);
     };
 }
 
