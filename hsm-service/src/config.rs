@@ -30,6 +30,10 @@ pub struct Config {
     /// Audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Where durable state lives: the embedded file (default) or PostgreSQL. Not written
+    /// out when it is the default (a dev config keeps naming no store).
+    #[serde(default, skip_serializing_if = "StoreConfig::is_default")]
+    pub store: StoreConfig,
     /// Client certificate to role mapping; first match wins.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientRule>,
@@ -297,6 +301,149 @@ impl Default for AuditConfig {
         AuditConfig {
             checkpoint_interval: 1000,
         }
+    }
+}
+
+/// The storage engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackendKind {
+    /// One embedded file (redb) in `data_dir`: nothing to install, one instance.
+    #[default]
+    Redb,
+    /// A PostgreSQL database several instances share.
+    Postgres,
+}
+
+/// `[store]`: where durable state lives. Every key but `backend` is for PostgreSQL only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `redb` (default) or `postgres`.
+    pub backend: StoreBackendKind,
+    /// Connection URL without a password, e.g. `postgresql://hsm@db.example:5432/hsm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// File holding the database password (surrounding whitespace is not part of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Connections of the read pool (the committer has one more). 1..256, default 8.
+    pub pool_size: u32,
+    /// CA certificate(s), PEM, of the database server: TLS (verified) when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Longest a statement may run, a lock wait included. 100..600000, default 5000.
+    pub statement_timeout_ms: u64,
+    /// This instance's name: its audit chain. Unique per running instance; default the
+    /// host name (or `default` when it is not a valid name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackendKind::Redb,
+            url: None,
+            password_file: None,
+            pool_size: 8,
+            ca_file: None,
+            statement_timeout_ms: 5000,
+            instance: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn is_default(&self) -> bool {
+        *self == StoreConfig::default()
+    }
+
+    /// Checks the section (files are checked for existence by [`Config::validate`]).
+    pub fn validate(&self) -> Result<(), String> {
+        match self.backend {
+            StoreBackendKind::Redb => {
+                let stray = [
+                    ("url", self.url.is_some()),
+                    ("password_file", self.password_file.is_some()),
+                    ("ca_file", self.ca_file.is_some()),
+                    ("instance", self.instance.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "store.{key} is set but store.backend is \"redb\" (set backend = \"postgres\")"
+                    ));
+                }
+                Ok(())
+            }
+            StoreBackendKind::Postgres => {
+                let url = self
+                    .url
+                    .as_deref()
+                    .ok_or("store.backend = \"postgres\" needs store.url")?;
+                crate::store::postgres::check_url(url)?;
+                check_bounds(&[
+                    ("store.pool_size", u64::from(self.pool_size), 1, 256),
+                    (
+                        "store.statement_timeout_ms",
+                        self.statement_timeout_ms,
+                        100,
+                        600_000,
+                    ),
+                ])?;
+                if let Some(name) = &self.instance {
+                    crate::store::postgres::check_instance(name)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The instance (audit chain) name: `instance`, else the host name when it is a
+    /// valid name, else `default`.
+    pub fn instance_name(&self) -> String {
+        if let Some(name) = &self.instance {
+            return name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let host = host.trim();
+        if crate::store::postgres::check_instance(host).is_ok() {
+            host.to_owned()
+        } else {
+            crate::store::uow::DEFAULT_CHAIN.to_owned()
+        }
+    }
+
+    /// The audit chain this instance appends to: [`crate::store::DEFAULT_CHAIN`] in the
+    /// embedded store (one instance), the instance name in PostgreSQL.
+    pub fn audit_chain(&self) -> String {
+        match self.backend {
+            StoreBackendKind::Redb => crate::store::uow::DEFAULT_CHAIN.to_owned(),
+            StoreBackendKind::Postgres => self.instance_name(),
+        }
+    }
+
+    /// The PostgreSQL options this section describes (reads the password file).
+    pub fn postgres_options(&self) -> Result<crate::store::postgres::PgOptions, String> {
+        let url = self.url.clone().ok_or("store.url is not set")?;
+        let mut o = crate::store::postgres::PgOptions::new(url, self.instance_name());
+        if let Some(file) = &self.password_file {
+            let raw = zeroize::Zeroizing::new(
+                std::fs::read_to_string(file)
+                    .map_err(|e| format!("store.password_file {}: {e}", file.display()))?,
+            );
+            let password = raw.trim();
+            if password.is_empty() {
+                return Err(format!("store.password_file {} is empty", file.display()));
+            }
+            o.password = Some(secrecy::SecretString::from(password.to_owned()));
+        }
+        o.pool_size = self.pool_size;
+        o.ca_file = self.ca_file.clone();
+        o.statement_timeout = std::time::Duration::from_millis(self.statement_timeout_ms);
+        Ok(o)
     }
 }
 
@@ -907,6 +1054,12 @@ impl Config {
         if let Some(p) = self.hsm.softhsm2_conf.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.store.password_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.store.ca_file.as_mut() {
+            fix(p);
+        }
     }
 
     /// Consistency checks that the schema cannot express.
@@ -918,6 +1071,8 @@ impl Config {
             ("hsm.module", Some(&self.hsm.module)),
             ("hsm.user_pin_file", self.hsm.user_pin_file.as_ref()),
             ("hsm.softhsm2_conf", self.hsm.softhsm2_conf.as_ref()),
+            ("store.password_file", self.store.password_file.as_ref()),
+            ("store.ca_file", self.store.ca_file.as_ref()),
         ];
         for (key, path) in files {
             if let Some(p) = path {
@@ -1025,6 +1180,7 @@ impl Config {
         }
         self.signing.validate(&self.clients)?;
         self.ceremony.validate()?;
+        self.store.validate()?;
         Ok(())
     }
 
@@ -1260,6 +1416,178 @@ mod tests {
         let err = toml::from_str::<Config>(&text.replace("max_auth_age_seconds", "max_auth_age"))
             .expect_err("unknown key");
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn store_section_defaults_and_checks() {
+        let text = include_str!("../config.example.toml");
+        let base: Config = toml::from_str(text).expect("parses");
+        assert_eq!(
+            base.store,
+            StoreConfig::default(),
+            "the reference config keeps redb"
+        );
+        assert_eq!(base.store.backend, StoreBackendKind::Redb);
+        assert!(base.store.validate().is_ok());
+
+        let pg = |c: &mut Config| {
+            c.store.backend = StoreBackendKind::Postgres;
+            c.store.url = Some("postgresql://hsm@db.example:5432/hsm".into());
+        };
+        let mut ok = base.clone();
+        pg(&mut ok);
+        assert!(ok.store.validate().is_ok());
+        ok.store.instance = Some("node-1.eu_west".into());
+        assert!(ok.store.validate().is_ok());
+        assert_eq!(ok.store.instance_name(), "node-1.eu_west");
+        ok.store.instance = None;
+        assert!(crate::store::postgres::check_instance(&ok.store.instance_name()).is_ok());
+        let o = ok.store.postgres_options().expect("options");
+        assert_eq!(o.pool_size, 8);
+        assert_eq!(o.statement_timeout, std::time::Duration::from_millis(5000));
+        assert!(o.password.is_none());
+
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.store.url = Some("postgresql://h/db".into())),
+                "store.url is set but store.backend is \"redb\"",
+            ),
+            (
+                Box::new(|c| c.store.instance = Some("a".into())),
+                "store.instance is set but",
+            ),
+            (
+                Box::new(|c| c.store.backend = StoreBackendKind::Postgres),
+                "needs store.url",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.url = Some("postgresql://hsm:hunter2@db.example/hsm".into());
+                }),
+                "must not contain a password",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.url = Some("postgresql://hsm@db.example".into());
+                }),
+                "names no database",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.url = Some("mysql://x".into());
+                }),
+                "not a PostgreSQL connection URL",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.pool_size = 0;
+                }),
+                "store.pool_size must be between 1 and 256",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.pool_size = 257;
+                }),
+                "store.pool_size",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.statement_timeout_ms = 10;
+                }),
+                "store.statement_timeout_ms must be between 100 and 600000",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.instance = Some(String::new());
+                }),
+                "store.instance must be 1 to 64",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.instance = Some("a b".into());
+                }),
+                "store.instance may contain only",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut c = base.clone();
+            mutate(&mut c);
+            let err = c.store.validate().expect_err(expected);
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+
+        // The reference config's commented postgres keys are the schema's keys.
+        let start = text.find("[store]").expect("[store]");
+        let end = text[start..].find("[ceremony]").expect("end") + start;
+        let section: String = text[start..end]
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|l| l.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .map(|l| l.replace("backend = \"redb\"", "backend = \"postgres\""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let documented: Config =
+            toml::from_str(&format!("{}{section}\n{}", &text[..start], &text[end..]))
+                .expect("the documented [store] keys parse");
+        assert_eq!(documented.store.backend, StoreBackendKind::Postgres);
+        assert_eq!(documented.store.instance.as_deref(), Some("hsm-1"));
+        assert_eq!(documented.store.pool_size, StoreConfig::default().pool_size);
+        assert_eq!(
+            documented.store.statement_timeout_ms,
+            StoreConfig::default().statement_timeout_ms
+        );
+        assert!(documented.store.validate().is_ok());
+
+        // Parsing: the backend names, an unknown key, relative files.
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{without}\n[store]\n{extra}"));
+        let c =
+            parse("backend = \"postgres\"\nurl = \"postgresql://hsm@db/hsm\"\n").expect("parses");
+        assert_eq!(c.store.backend, StoreBackendKind::Postgres);
+        let err = parse("backend = \"sqlite\"\n").expect_err("unknown backend");
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+        let err = parse("pool = 3\n").expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let mut c = parse("backend = \"postgres\"\nurl = \"postgresql://hsm@db/hsm\"\npassword_file = \"pg.pw\"\nca_file = \"pg-ca.pem\"\n")
+            .expect("parses");
+        c.resolve(Path::new("/etc/hsm"));
+        assert_eq!(c.store.password_file, Some(PathBuf::from("/etc/hsm/pg.pw")));
+        assert_eq!(c.store.ca_file, Some(PathBuf::from("/etc/hsm/pg-ca.pem")));
+        let err = c.validate().expect_err("missing files");
+        assert!(
+            err.contains("store.password_file") || err.contains("server."),
+            "{err}"
+        );
+
+        // The password file: read, trimmed, never empty.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        let mut c = ok.clone();
+        c.store.password_file = Some(file.clone());
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let o = c.store.postgres_options().expect("options");
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            o.password.as_ref().map(|p| p.expose_secret()),
+            Some("s3cret")
+        );
+        assert!(!format!("{o:?}").contains("s3cret"), "Debug redacts it");
+        std::fs::write(&file, " \n").expect("write");
+        let err = c.store.postgres_options().expect_err("empty");
+        assert!(err.contains("is empty"), "{err}");
     }
 
     #[test]

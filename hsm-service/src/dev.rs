@@ -178,6 +178,7 @@ fn dev_config(
         log: LogConfig::default(),
         credentials: CredentialsConfig::default(),
         audit: crate::config::AuditConfig::default(),
+        store: crate::config::StoreConfig::default(),
         clients: DEV_CLIENTS
             .iter()
             .map(|(cn, role)| ClientRule {

@@ -30,6 +30,11 @@ pub enum Error {
     /// tampering or corruption). The message names the object only.
     #[error("{0}")]
     Integrity(String),
+    /// A dependency (the store's database) is unreachable or the operation lost a race
+    /// with another instance and was rolled back: nothing was acknowledged, the caller
+    /// may retry. Detail goes to the log only.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug or an unexpected state; detail goes to the log only.
     #[error("{0}")]
     Internal(String),
@@ -37,3 +42,15 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A store failure as a domain error, the same everywhere: a retryable one (the database
+/// unreachable, a batch rolled back; see [`crate::store::StoreError::is_retryable`]) is
+/// [`Error::Unavailable`], anything else [`Error::Internal`]. `what` names the caller's
+/// context for the log.
+pub fn store_failure(what: &str, e: crate::store::StoreError) -> Error {
+    if e.is_retryable() {
+        Error::Unavailable(format!("{what}: {e}"))
+    } else {
+        Error::Internal(format!("{what}: {e}"))
+    }
+}

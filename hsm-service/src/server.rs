@@ -160,8 +160,9 @@ pub(crate) async fn start_with_store(
 
     let store = Arc::new(open_store(&config, store_options).await?);
     let clock = crate::common::Clock::system();
-    let audit = AuditLog::open(
+    let audit = AuditLog::open_chain(
         store.clone(),
+        &config.store.audit_chain(),
         hsm.clone(),
         config.audit.checkpoint_interval,
         clock.clone(),
@@ -244,7 +245,12 @@ pub(crate) async fn start_with_store(
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(monitor_health(hsm.clone(), health, shutdown_rx.clone()));
+    tokio::spawn(monitor_health(
+        hsm.clone(),
+        state.store.clone(),
+        health,
+        shutdown_rx.clone(),
+    ));
 
     let limits = &config.server.limits;
     let small = limits.max_request_bytes;
@@ -471,6 +477,22 @@ pub const STORE_FILE: &str = crate::store::EMBEDDED_FILE;
 /// Opens the store of `config` (the embedded one in its data directory, created if
 /// missing), off the runtime's workers.
 pub async fn open_store(config: &Config, options: StoreOptions) -> Result<Store, StartError> {
+    if config.store.backend == crate::config::StoreBackendKind::Postgres {
+        let pg = config.store.postgres_options().map_err(StartError::Store)?;
+        return tokio::task::spawn_blocking(move || {
+            let backend = crate::store::postgres::PgBackend::open(&pg)
+                .map_err(|e| StartError::Store(format!("postgres: {e}")))?;
+            tracing::info!(
+                chain = backend.chain(),
+                schema = crate::store::postgres::SCHEMA_VERSION,
+                "store: PostgreSQL opened"
+            );
+            Store::with_backend(Arc::new(backend), options)
+                .map_err(|e| StartError::Store(format!("postgres: {e}")))
+        })
+        .await
+        .map_err(|e| StartError::Other(format!("store start-up task failed: {e}")))?;
+    }
     let dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
@@ -491,22 +513,33 @@ fn hsm_start_message(e: &crate::hsm::Error) -> String {
     }
 }
 
-/// Keep the health service in step with the token: SERVING only while logged in.
+/// Keep the health service in step with the token and the store: SERVING only while
+/// the sessions are logged in and the store's engine answers (a PostgreSQL database can
+/// become unreachable; the embedded file cannot).
 async fn monitor_health(
     hsm: Hsm,
+    store: Arc<Store>,
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
     loop {
-        let status = if hsm.is_logged_in().await {
+        let logged_in = hsm.is_logged_in().await;
+        let store_up = store.healthy();
+        let status = if logged_in && store_up {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
         if last != Some(status) {
-            if status == ServingStatus::NotServing {
+            if !logged_in {
                 tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
+            }
+            if !store_up {
+                tracing::warn!(
+                    backend = store.kind(),
+                    "store unreachable: health NOT_SERVING"
+                );
             }
             health.set_service_status("", status).await;
             for name in SERVICES {

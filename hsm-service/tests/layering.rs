@@ -67,10 +67,11 @@ const TABLE: &[Rule] = &[
         may_import: &["common", "otp"],
     },
     // The domain error type; it wraps the HSM's error (`From<hsm::Error>`), so it is
-    // not a leaf: `hsm` and `store` do not use it.
+    // not a leaf: `hsm` and `store` do not use it. It names `store` for the one mapping
+    // of a store failure (`store_failure`: retryable ones are UNAVAILABLE).
     Rule {
         module: "error",
-        may_import: &["common", "hsm"],
+        may_import: &["common", "hsm", "store"],
     },
     // The audit log: records hashed, checkpoints signed with the audit key (`hsm`),
     // written through the store's unit of work.
@@ -245,6 +246,21 @@ const EXTERNAL: &[(&str, &[&str], &str)] = &[
         "redb",
         &["store"],
         "only store names the embedded engine's types",
+    ),
+    (
+        "postgres",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
+    ),
+    (
+        "tokio_postgres_rustls",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
+    ),
+    (
+        "r2d2",
+        &["store"],
+        "only store (store/postgres) names PostgreSQL types",
     ),
     (
         "hsm_proto",

@@ -30,6 +30,10 @@ impl From<Error> for Status {
                 }
                 Status::new(code, text)
             }
+            Error::Unavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable");
+                Status::unavailable("store unavailable; retry later")
+            }
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")
@@ -77,6 +81,11 @@ mod tests {
                 Error::Hsm(hsm::Error::Invalid("detail".into())),
                 Code::Internal,
                 "HSM operation failed",
+            ),
+            (
+                Error::Unavailable("store: connection to 10.0.0.5 lost".into()),
+                Code::Unavailable,
+                "store unavailable; retry later",
             ),
             (
                 Error::Internal("secret detail".into()),

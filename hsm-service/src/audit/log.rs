@@ -146,7 +146,7 @@ impl AuditLog {
         interval: u64,
         clock: Clock,
     ) -> Result<Arc<AuditLog>> {
-        let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let internal = |e: StoreError| crate::error::store_failure("audit", e);
         let chain: Arc<str> = Arc::from(chain);
         let (cka_id, public_key) = match (
             store.get_meta(KEY_ID_META).await.map_err(internal)?,
@@ -215,7 +215,7 @@ impl AuditLog {
             .store
             .write(move |txn| append_in(txn, &chain, event))
             .await
-            .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+            .map_err(|e| crate::error::store_failure("audit", e))?;
         self.appended(1);
         Ok(record)
     }
@@ -260,7 +260,7 @@ impl AuditLog {
                 Ok(())
             })
             .await
-            .map_err(|e| Error::Internal(format!("audit: refused calls: {e}")))?;
+            .map_err(|e| crate::error::store_failure("audit: refused calls", e))?;
         self.appended(n);
         Ok(n)
     }
@@ -283,7 +283,7 @@ impl AuditLog {
         // The refusals counted so far belong before the head this checkpoint signs.
         self.flush_denied().await?;
         let _one_at_a_time = self.checkpoint_lock.lock().await;
-        let internal = |e: StoreError| Error::Internal(format!("audit: {e}"));
+        let internal = |e: StoreError| crate::error::store_failure("audit", e);
         let chain = self.chain.clone();
         let last = self
             .store
@@ -384,7 +384,7 @@ impl AuditLog {
         self.store
             .read(move |txn| Ok(txn.audit_count(&chain)?))
             .await
-            .map_err(|e| Error::Internal(format!("audit: {e}")))
+            .map_err(|e| crate::error::store_failure("audit", e))
     }
 
     /// True when nothing has been recorded on this log's chain.
@@ -525,7 +525,7 @@ async fn create_key(store: &Store, hsm: &Hsm) -> Result<(Vec<u8>, Vec<u8>)> {
         })
         .await
         .and_then(|r| r)
-        .map_err(|e| Error::Internal(format!("audit: {e}")))?;
+        .map_err(|e| crate::error::store_failure("audit", e))?;
     tracing::info!(key_id = %key_name(&pair.id), "created the audit checkpoint key");
     Ok((pair.id, point))
 }

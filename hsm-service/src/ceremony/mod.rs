@@ -125,7 +125,7 @@ impl std::fmt::Debug for Ceremonies {
 }
 
 fn store_err(e: StoreError) -> Error {
-    Error::Internal(format!("ceremony store: {e}"))
+    crate::error::store_failure("ceremony store", e)
 }
 
 /// A ceremony id as given by a caller: 64 hex digits (upper case accepted).

@@ -106,6 +106,7 @@ pub(super) fn error_event(event: Event, tenant: &str, e: &Error) -> Event {
         Error::FailedPrecondition(_) => ("failed_precondition", None),
         Error::Hsm(_) => ("hsm_error", None),
         Error::Integrity(_) => ("tampered", None),
+        Error::Unavailable(_) => ("unavailable", None),
         _ => ("internal", None),
     };
     let details = base(tenant).str("result", result);

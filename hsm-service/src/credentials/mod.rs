@@ -883,7 +883,7 @@ fn not_found_or(e: StoreError, id: &str) -> Error {
 
 /// Store failures are the service's problem, not the caller's: detail to the log.
 pub(crate) fn store_error(e: StoreError) -> Error {
-    Error::Internal(format!("store: {e}"))
+    crate::error::store_failure("store", e)
 }
 
 /// Ids: 1..128 characters from `[A-Za-z0-9._:@-]`, so they are safe in logs and URIs.

@@ -94,7 +94,7 @@ impl std::fmt::Debug for Signer {
 }
 
 pub(super) fn store_err(e: StoreError) -> Error {
-    Error::Internal(format!("signing key store: {e}"))
+    crate::error::store_failure("signing key store", e)
 }
 
 pub(super) fn invalid(msg: impl Into<String>) -> Error {

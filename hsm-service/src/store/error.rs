@@ -33,6 +33,12 @@ pub enum StoreError {
     /// panicked. Nothing it did was committed; it is safe to retry.
     #[error("store operation aborted: {0}")]
     Aborted(String),
+    /// The database cannot be reached (connection refused or lost, pool exhausted by
+    /// dead connections). Nothing of the operation was acknowledged: a write in flight
+    /// may or may not have committed (exactly as [`StoreError::Backend`]), so callers
+    /// answer `UNAVAILABLE` and the client retries; the backend reconnects by itself.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The data file was written by a newer version of this service.
     #[error(
         "store schema version {found} is newer than the supported version {supported}; \
@@ -47,6 +53,16 @@ pub enum StoreError {
     /// The store has been closed, or its committer thread died.
     #[error("store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// Whether nothing was acknowledged and a retry may succeed: the database is
+    /// unreachable ([`StoreError::Unavailable`]), or the batch was rolled back because
+    /// another job of it failed or it lost a race with another instance
+    /// ([`StoreError::Aborted`]). Callers answer these `UNAVAILABLE`.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Aborted(_))
+    }
 }
 
 /// Returned (as `Err`) by a write job to say "this transaction must not

@@ -25,6 +25,7 @@ pub mod evidence;
 mod group_commit;
 mod handle;
 pub mod ops;
+pub mod postgres;
 mod record;
 pub mod redb;
 pub mod uow;
