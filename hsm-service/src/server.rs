@@ -35,6 +35,7 @@ use crate::hsm::{Hsm, HsmSettings};
 use crate::store::{Store, StoreOptions};
 
 mod accept;
+pub mod migrate;
 mod oversize;
 mod timeout;
 mod tls;

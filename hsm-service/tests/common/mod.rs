@@ -292,7 +292,10 @@ pub async fn sign_default_assertion(c: &HsmClient) -> hsm_client::proto::SignAss
 pub async fn audit_records(auditor: &HsmClient) -> Vec<hsm_service::audit::AuditRecord> {
     let mut stream = auditor
         .audit()
-        .export_audit(hsm_client::proto::ExportAuditRequest { from_seq: 1 })
+        .export_audit(hsm_client::proto::ExportAuditRequest {
+            from_seq: 1,
+            chain: String::new(),
+        })
         .await
         .expect("export")
         .into_inner();
