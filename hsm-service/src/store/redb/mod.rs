@@ -113,6 +113,16 @@ impl RedbBackend {
             );
         }
         if found != Some(SCHEMA_VERSION) {
+            // Every store holds the event head from its creation on (as PostgreSQL's
+            // migration 2 creates it), so copies between backends match row for row.
+            let mut meta = txn.open_table(def(Table::Meta))?;
+            if meta.get(crate::store::events::HEAD_KEY)?.is_none() {
+                meta.insert(
+                    crate::store::events::HEAD_KEY,
+                    0u64.to_le_bytes().as_slice(),
+                )?;
+            }
+            drop(meta);
             txn.open_table(def(Table::Meta))?
                 .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())?;
         }
