@@ -756,6 +756,7 @@ async fn ceremony_is_claimed_once(env: &Env) {
         state: CeremonyState::Proposed,
         executed_by: None,
         executed_at: 0,
+        executed_on: String::new(),
         failure: String::new(),
         transcript_json: String::new(),
     };

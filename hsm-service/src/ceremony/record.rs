@@ -71,6 +71,12 @@ pub struct CeremonyRecord {
     pub executed_by: Option<Officer>,
     /// Unix seconds when execution started (0: never).
     pub executed_at: u64,
+    /// The instance (its audit chain) that claimed the execution; empty before it was
+    /// claimed, and in records of services that did not record it. Start-up recovery
+    /// fails only the `executing` ceremonies of its own instance: another instance's may
+    /// be running right now.
+    #[serde(default)]
+    pub executed_on: String,
     /// Which step failed and why (empty unless failed).
     pub failure: String,
     /// The transcript (JSON), once executed.
