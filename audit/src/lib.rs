@@ -24,9 +24,14 @@
 //! where and how it was altered (its documentation states the attribution rules) in a
 //! [`VerifyReport`].
 //!
+//! A deployment of several instances keeps one chain per instance; [`verify_chains`]
+//! checks an export of several chains, each on its own (see the `chains` module for the
+//! format: a header line names the chain of the records after it).
+//!
 //! **No secret ever goes into a record** (see [`Details`]).
 
 mod chain;
+mod chains;
 mod error;
 
 mod record;
@@ -41,6 +46,10 @@ use std::io::{self, Write};
 pub use self::chain::{
     checkpoint_statement, verify_checkpoint_signature, Chain, CheckpointClaim, CheckpointSigner,
     Event, CHECKPOINT_STATEMENT_PREFIX, DEFAULT_CHECKPOINT_INTERVAL,
+};
+pub use self::chains::{
+    chain_header, check_chain_name, parse_chain_header, verify_chains, ChainReport, ChainsOptions,
+    ChainsReport, ChainsVerifier, DEFAULT_CHAIN, MAX_CHAIN_NAME_LEN,
 };
 pub use self::error::AuditError;
 pub use self::record::{

@@ -1633,3 +1633,166 @@ fn key_pins_and_anchors_parse_strictly() {
         assert!(bad.parse::<Head>().is_err(), "{bad}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Several chains (one per instance)
+// ---------------------------------------------------------------------------------------
+
+/// Two chains of one export: `default` first (no header: the single-chain format), then
+/// `node-2` after its header.
+fn two_chains(signer: &TestSigner) -> Vec<String> {
+    let mut lines = lines_of(&build_log(12, 5, signer));
+    lines.push(chain_header("node-2"));
+    lines.extend(lines_of(&build_log(7, 5, signer)));
+    lines
+}
+
+fn check_chains(
+    lines: &[String],
+    keys: &HashMap<String, Vec<u8>>,
+    o: ChainsOptions,
+) -> ChainsReport {
+    verify_chains(Cursor::new(text(lines)), keys, &o)
+}
+
+#[test]
+fn every_chain_of_an_export_verifies_on_its_own() {
+    let signer = TestSigner::new(KEY_ID);
+    let lines = two_chains(&signer);
+    let report = check_chains(&lines, &signer.trusted(), ChainsOptions::default());
+    assert!(report.is_ok(), "{report}");
+    let names: Vec<_> = report.chains.iter().map(|c| c.chain.as_str()).collect();
+    assert_eq!(names, ["default", "node-2"]);
+    let d = report.chain("default").unwrap();
+    let n = report.chain("node-2").unwrap();
+    assert_eq!((d.records, n.records), (12 + 3, 7 + 2));
+    assert_eq!(d.head.as_ref().unwrap().seq, 15);
+    assert_eq!(n.last_checkpoint, Some(9));
+    assert_eq!((d.uncovered_tail, n.uncovered_tail), (0, 0));
+    let shown = report.to_string();
+    assert!(shown.contains("audit chain node-2 OK: 9 records, 2 valid checkpoints, head seq 9, last checkpoint seq 9"), "{shown}");
+    assert!(
+        shown.ends_with("audit trail OK: 2 chains, 24 records\n"),
+        "{shown}"
+    );
+
+    // A file of one chain with no header is the default chain (the format before chains).
+    let single = lines_of(&build_log(12, 5, &signer));
+    let report = check_chains(&single, &signer.trusted(), ChainsOptions::default());
+    assert!(report.is_ok());
+    assert_eq!(report.chains.len(), 1);
+    assert_eq!(report.chains[0].chain, DEFAULT_CHAIN);
+}
+
+#[test]
+fn a_removed_record_is_a_gap_of_its_chain() {
+    let signer = TestSigner::new(KEY_ID);
+    let mut lines = two_chains(&signer);
+    // Line 19 is node-2's seq 3 (15 records of default, the header, then seq 1..).
+    assert_eq!(parse(&lines[18]).seq, 3);
+    lines.remove(18);
+    let report = check_chains(&lines, &signer.trusted(), ChainsOptions::default());
+    assert!(!report.is_ok());
+    assert!(report.chain("default").unwrap().is_ok());
+    let node = &report.chains[1];
+    assert_eq!(node.chain, "node-2");
+    let gaps: Vec<_> = node.gaps().map(|p| (p.line, p.message.as_str())).collect();
+    assert_eq!(
+        gaps,
+        [(19, "line 19: seq 4 follows seq 2: record 3 removed")]
+    );
+    let shown = report.to_string();
+    assert!(shown.contains("audit chain node-2 FAILED"), "{shown}");
+    assert!(
+        shown.contains("1 gap(s) in the sequence of chain node-2"),
+        "{shown}"
+    );
+    assert!(
+        shown.ends_with("audit trail FAILED: 2 chains, 23 records\n"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn a_chain_that_does_not_start_at_one_is_reported() {
+    let signer = TestSigner::new(KEY_ID);
+    let mut lines = two_chains(&signer);
+    // node-2 loses its first record: its sequence no longer starts at 1.
+    lines.remove(16);
+    let report = check_chains(&lines, &signer.trusted(), ChainsOptions::default());
+    let node = report.chain("node-2").unwrap();
+    assert_eq!(
+        node.problems_of(ProblemKind::Removed).count(),
+        1,
+        "{report}"
+    );
+    assert!(
+        node.problems[0].message.contains("expected seq 1"),
+        "{report}"
+    );
+}
+
+#[test]
+fn only_restricts_to_one_chain_and_an_absent_chain_is_a_problem() {
+    let signer = TestSigner::new(KEY_ID);
+    let mut lines = two_chains(&signer);
+    lines.remove(18); // a gap in node-2 only
+    let keys = signer.trusted();
+    let only = |c: &str| ChainsOptions {
+        only: Some(c.to_owned()),
+        ..Default::default()
+    };
+    let report = check_chains(&lines, &keys, only("default"));
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.chains.len(), 1);
+    let report = check_chains(&lines, &keys, only("node-2"));
+    assert!(!report.is_ok());
+    let report = check_chains(&lines, &keys, only("node-3"));
+    assert_eq!(report.problems.len(), 1);
+    assert_eq!(report.problems[0].kind, ProblemKind::UnexpectedChain);
+    assert!(!report.is_ok());
+}
+
+#[test]
+fn an_anchor_applies_to_one_chain() {
+    let signer = TestSigner::new(KEY_ID);
+    let lines = two_chains(&signer);
+    let keys = signer.trusted();
+    // node-2 from seq 4 on, anchored at its seq 3.
+    let third = parse(&lines[18]);
+    let mut segment = vec![chain_header("node-2")];
+    segment.extend_from_slice(&lines[19..]);
+    let anchored = ChainsOptions {
+        anchor: Some(Head::of(&third)),
+        ..Default::default()
+    };
+    assert!(check_chains(&segment, &keys, anchored.clone()).is_ok());
+    // Without naming the chain, a second chain is refused.
+    let report = check_chains(&lines, &keys, anchored.clone());
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.kind == ProblemKind::UnexpectedChain));
+    // Named, the other chain is skipped.
+    let mut mixed = lines_of(&build_log(4, 5, &signer));
+    mixed.extend(segment);
+    let named = ChainsOptions {
+        only: Some("node-2".into()),
+        ..anchored
+    };
+    assert!(check_chains(&mixed, &keys, named).is_ok());
+}
+
+#[test]
+fn header_lines_are_recognised_only_in_their_exact_form() {
+    assert_eq!(
+        parse_chain_header(chain_header("node-2").as_bytes()).as_deref(),
+        Some("node-2")
+    );
+    assert_eq!(parse_chain_header(br#"{"audit_chain":"x","seq":1}"#), None);
+    assert_eq!(parse_chain_header(br#"{"seq":1}"#), None);
+    assert!(check_chain_name("node-1.eu_west").is_ok());
+    assert!(check_chain_name("").is_err());
+    assert!(check_chain_name("a b").is_err());
+    assert!(check_chain_name(&"a".repeat(65)).is_err());
+}

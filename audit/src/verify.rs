@@ -129,6 +129,9 @@ pub enum ProblemKind {
     CheckpointWrongHead,
     /// The log ends before the expected head.
     Truncated,
+    /// A chain the verification did not expect: the chain asked for is absent, or a
+    /// second chain follows where an anchor names one (see [`crate::ChainsOptions`]).
+    UnexpectedChain,
 }
 
 /// One finding, pinned to a line of the input.
@@ -169,6 +172,8 @@ pub struct VerifyReport {
     pub covered_through: u64,
     /// Seq and stored hash of the highest-seq record read, `None` for an empty log.
     pub head: Option<Head>,
+    /// The seq of the last checkpoint record that verified, `None` if none did.
+    pub last_checkpoint: Option<u64>,
 }
 
 impl VerifyReport {
@@ -289,6 +294,25 @@ pub fn verify_with(
     options: &VerifyOptions,
 ) -> VerifyReport {
     let mut v = Verifier::new(trusted_keys, options);
+    let last_line = read_lines(&mut reader, |line, bytes, complete| {
+        v.line(line, bytes, complete)
+    });
+    match last_line {
+        Ok(n) => v.finish(n),
+        Err((n, e)) => {
+            v.unreadable(n + 1, &e);
+            v.finish(n)
+        }
+    }
+}
+
+/// Feeds each line of `reader` (1-based number, bytes without the line ending, whether
+/// it ended in a newline) to `f`; the number of lines read, or the lines read before an
+/// I/O error and the error.
+pub(crate) fn read_lines(
+    reader: &mut impl BufRead,
+    mut f: impl FnMut(u64, &[u8], bool),
+) -> Result<u64, (u64, std::io::Error)> {
     let mut buf = Vec::new();
     let mut line_no = 0u64;
     loop {
@@ -304,21 +328,13 @@ pub fn verify_with(
                         buf.pop();
                     }
                 }
-                v.line(line_no, &buf, complete);
+                f(line_no, &buf, complete);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                v.push(
-                    line_no + 1,
-                    None,
-                    ProblemKind::Unreadable,
-                    format!("line {}: read error: {e}", line_no + 1),
-                );
-                break;
-            }
+            Err(e) => return Err((line_no, e)),
         }
     }
-    v.finish(line_no)
+    Ok(line_no)
 }
 
 struct Entry {
@@ -377,7 +393,7 @@ impl Block {
     }
 }
 
-struct Verifier<'a> {
+pub(crate) struct Verifier<'a> {
     keys: &'a HashMap<String, Vec<u8>>,
     pinned: Option<KeyPin>,
     anchor_seq: u64,
@@ -392,11 +408,12 @@ struct Verifier<'a> {
     in_rewrite: bool,
     records: u64,
     checkpoints: u64,
+    last_checkpoint: Option<u64>,
     problems: Vec<Problem>,
 }
 
 impl<'a> Verifier<'a> {
-    fn new(keys: &'a HashMap<String, Vec<u8>>, options: &VerifyOptions) -> Self {
+    pub(crate) fn new(keys: &'a HashMap<String, Vec<u8>>, options: &VerifyOptions) -> Self {
         let anchor = options.anchor.clone().unwrap_or(Head {
             seq: 0,
             hash: GENESIS_PREV.to_owned(),
@@ -432,8 +449,19 @@ impl<'a> Verifier<'a> {
             in_rewrite: false,
             records: 0,
             checkpoints: 0,
+            last_checkpoint: None,
             problems: Vec::new(),
         }
+    }
+
+    /// Reports an I/O error before line `line`: verification stops there.
+    pub(crate) fn unreadable(&mut self, line: u64, e: &std::io::Error) {
+        self.push(
+            line,
+            None,
+            ProblemKind::Unreadable,
+            format!("line {line}: read error: {e}"),
+        );
     }
 
     fn push(&mut self, line: u64, seq: Option<u64>, kind: ProblemKind, message: String) {
@@ -450,7 +478,7 @@ impl<'a> Verifier<'a> {
         self.block.as_ref().is_some_and(|b| b.is_missing(seq))
     }
 
-    fn line(&mut self, line: u64, bytes: &[u8], complete: bool) {
+    pub(crate) fn line(&mut self, line: u64, bytes: &[u8], complete: bool) {
         let parsed = match std::str::from_utf8(bytes) {
             Err(_) => Err("not UTF-8".to_owned()),
             Ok(s) if s.trim().is_empty() => Err("empty line".to_owned()),
@@ -685,6 +713,7 @@ impl<'a> Verifier<'a> {
             Some(e) if e.flagged => {}
             Some(e) if e.hash == claim.head.hash => {
                 self.checkpoints += 1;
+                self.last_checkpoint = Some(self.last_checkpoint.map_or(seq, |l| l.max(seq)));
                 self.in_rewrite = false;
                 let covers = if h + 1 == seq { seq } else { h };
                 self.covered_through = self.covered_through.max(covers);
@@ -785,7 +814,7 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    fn finish(mut self, last_line: u64) -> VerifyReport {
+    pub(crate) fn finish(mut self, last_line: u64) -> VerifyReport {
         self.close_block();
         if let Some(exp) = self.expected_head.clone() {
             if exp.seq > self.tip {
@@ -827,6 +856,7 @@ impl<'a> Verifier<'a> {
                 seq: self.tip,
                 hash,
             }),
+            last_checkpoint: self.last_checkpoint,
         }
     }
 }

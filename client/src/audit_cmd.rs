@@ -14,11 +14,17 @@ use serde_json::json;
 /// Audit subcommands.
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Stream the records as JSON Lines (to stdout or --out).
+    /// Stream the records as JSON Lines (to stdout or --out): every chain (one per
+    /// service instance), each after a header line `{"audit_chain":"NAME"}`; the records
+    /// of chain `default` first without one, so a single-instance export is the plain
+    /// record stream.
     Export {
-        /// First sequence number.
+        /// First sequence number (of each chain).
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// Only this chain (an instance's name; `default` in the embedded store).
+        #[arg(long, value_parser = chain_name)]
+        chain: Option<String>,
         /// Write to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -32,13 +38,20 @@ pub enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Sign a checkpoint over the current head now.
+    /// Sign a checkpoint over the current head now (of the answering instance's chain).
     Checkpoint,
-    /// Check an export offline: chain, sequence, checkpoint signatures. Exits 0 only when
-    /// the log is intact; says exactly where a record was altered, removed or reordered.
+    /// Every audit chain (one per service instance): records, head, last checkpoint.
+    Chains,
+    /// Check an export offline, every chain on its own: hash links, sequence from 1,
+    /// checkpoint signatures. Reports per chain (records, head, last checkpoint, gaps,
+    /// records after the last checkpoint); exits 0 only when every chain is intact; says
+    /// exactly where a record was altered, removed or reordered, and in which chain.
     Verify {
         /// The exported JSON Lines file.
         file: PathBuf,
+        /// Verify only this chain.
+        #[arg(long, value_parser = chain_name)]
+        chain: Option<String>,
         /// The keys file written by `hsmctl audit keys` (not needed with --expect-key).
         #[arg(long, required_unless_present = "expect_key")]
         keys: Option<PathBuf>,
@@ -49,9 +62,14 @@ pub enum Cmd {
         expect_key: Option<hsm_audit::KeyPin>,
         /// Verify a later segment from a value kept out of band: the seq and hash of the
         /// record just before the file's first line (a previous verification prints it).
+        /// It belongs to one chain: with several chains in the file, name it (--chain).
         #[arg(long, value_name = "SEQ:HASH")]
         from_anchor: Option<hsm_audit::Head>,
     },
+}
+
+fn chain_name(s: &str) -> Result<String, String> {
+    hsm_audit::check_chain_name(s).map(|()| s.to_owned())
 }
 
 impl Cmd {
@@ -83,6 +101,7 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
     match cmd {
         Cmd::Export {
             from,
+            chain,
             out,
             checkpoint,
         } => {
@@ -92,14 +111,77 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                     .await?;
             }
             let mut stream = audit
-                .export_audit(pb::ExportAuditRequest { from_seq: *from })
+                .export_audit(pb::ExportAuditRequest {
+                    from_seq: *from,
+                    chain: chain.clone().unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             let mut all = Vec::new();
+            // Records before the first header are chain `default` (the format of one chain).
+            let mut current = hsm_audit::DEFAULT_CHAIN.to_owned();
+            let mut first = true;
             while let Some(chunk) = stream.message().await? {
+                // A service from before chains names none: its one chain is `default`.
+                let name = match chunk.chain.as_str() {
+                    "" => hsm_audit::DEFAULT_CHAIN,
+                    n => n,
+                };
+                if name != current || (first && name != hsm_audit::DEFAULT_CHAIN) {
+                    all.extend_from_slice(hsm_audit::chain_header(name).as_bytes());
+                    all.push(b'\n');
+                    current = name.to_owned();
+                }
+                first = false;
                 all.extend_from_slice(&chunk.jsonl);
             }
             output(out, &all)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Chains => {
+            let r = audit
+                .list_audit_chains(pb::ListAuditChainsRequest {})
+                .await?
+                .into_inner();
+            if json_out {
+                let chains: Vec<_> = r
+                    .chains
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "chain": c.chain,
+                            "records": c.records,
+                            "head": { "seq": c.head_seq, "hash": c.head_hash },
+                            "last_checkpoint": (c.last_checkpoint_seq > 0).then(|| json!({
+                                "seq": c.last_checkpoint_seq,
+                                "head_seq": c.last_checkpoint_head_seq,
+                            })),
+                            "after_last_checkpoint": c.head_seq.saturating_sub(c.last_checkpoint_head_seq),
+                        })
+                    })
+                    .collect();
+                println!("{}", json!({ "own_chain": r.own_chain, "chains": chains }));
+            } else {
+                for c in &r.chains {
+                    let own = if c.chain == r.own_chain {
+                        " (this instance)"
+                    } else {
+                        ""
+                    };
+                    let last = if c.last_checkpoint_seq > 0 {
+                        format!(
+                            "last checkpoint seq {} covers through seq {}",
+                            c.last_checkpoint_seq, c.last_checkpoint_head_seq
+                        )
+                    } else {
+                        "no checkpoint yet".to_owned()
+                    };
+                    println!(
+                        "{}{own}: {} records, head {}:{}, {last}",
+                        c.chain, c.records, c.head_seq, c.head_hash
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keys { out } => {
@@ -142,10 +224,12 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
     }
 }
 
-/// `hsmctl audit verify`, offline.
+/// `hsmctl audit verify`, offline: every chain of the file (or `--chain`), each with the
+/// verifier of `hsm-audit`.
 pub fn verify(cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
     let Cmd::Verify {
         file,
+        chain,
         keys,
         expect_key,
         from_anchor,
@@ -157,47 +241,72 @@ pub fn verify(cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
         Some(path) => read_keys(path, expect_key.as_ref())?,
         None => HashMap::new(),
     };
-    let options = hsm_audit::VerifyOptions {
+    let options = hsm_audit::ChainsOptions {
+        only: chain.clone(),
         anchor: from_anchor.clone(),
         pinned_key: expect_key.clone(),
-        ..Default::default()
     };
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| read_err(file, e))?);
-    let report = hsm_audit::verify_with(reader, &trusted, &options);
+    let report = hsm_audit::verify_chains(reader, &trusted, &options);
     if json_out {
-        let problems: Vec<_> = report
-            .problems
-            .iter()
-            .map(|p| json!({ "line": p.line, "seq": p.seq, "kind": format!("{:?}", p.kind), "message": p.message }))
-            .collect();
-        println!(
-            "{}",
-            json!({
-                "ok": report.is_ok(),
-                "records": report.records,
-                "checkpoints": report.checkpoints,
-                "uncovered_tail": report.uncovered_tail,
-                "head": report.head.as_ref().map(|h| json!({ "seq": h.seq, "hash": h.hash })),
-                "problems": problems,
-            })
-        );
+        println!("{}", report_json(&report));
     } else {
         print!("{report}");
-        if !format!("{report}").ends_with('\n') {
-            println!();
-        }
-        if let (true, Some(head)) = (report.is_ok(), &report.head) {
-            // What an auditor keeps to verify the next segment against.
-            println!(
-                "  head {}:{} (--from-anchor for the next segment)",
-                head.seq, head.hash
-            );
+        for c in &report.chains {
+            if let (true, Some(head)) = (c.report.is_ok(), &c.report.head) {
+                // What an auditor keeps to verify the next segment against.
+                println!(
+                    "  chain {} head {}:{} (--chain {} --from-anchor for its next segment)",
+                    c.chain, head.seq, head.hash, c.chain
+                );
+            }
         }
     }
     Ok(if report.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The report as JSON: per chain, and the totals at the top level (as before chains:
+/// `records`, `checkpoints`, `uncovered_tail`, `problems`, and `head` when the file holds
+/// one chain).
+fn report_json(report: &hsm_audit::ChainsReport) -> serde_json::Value {
+    let problem = |chain: Option<&str>, p: &hsm_audit::Problem| json!({ "chain": chain, "line": p.line, "seq": p.seq, "kind": format!("{:?}", p.kind), "message": p.message });
+    let head =
+        |h: &Option<hsm_audit::Head>| h.as_ref().map(|h| json!({ "seq": h.seq, "hash": h.hash }));
+    let chains: Vec<_> = report
+        .chains
+        .iter()
+        .map(|c| {
+            let r = &c.report;
+            json!({
+                "chain": c.chain,
+                "ok": r.is_ok(),
+                "records": r.records,
+                "checkpoints": r.checkpoints,
+                "head": head(&r.head),
+                "last_checkpoint": r.last_checkpoint,
+                "covered_through": r.covered_through,
+                "uncovered_tail": r.uncovered_tail,
+                "gaps": c.gaps().map(|p| p.message.clone()).collect::<Vec<_>>(),
+                "problems": r.problems.iter().map(|p| problem(Some(&c.chain), p)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let problems: Vec<_> = report.all_problems().map(|(c, p)| problem(c, p)).collect();
+    json!({
+        "ok": report.is_ok(),
+        "records": report.records(),
+        "checkpoints": report.chains.iter().map(|c| c.report.checkpoints).sum::<u64>(),
+        "uncovered_tail": report.chains.iter().map(|c| c.report.uncovered_tail).sum::<u64>(),
+        "head": match report.chains.as_slice() {
+            [one] => head(&one.report.head),
+            _ => None,
+        },
+        "problems": problems,
+        "chains": chains,
     })
 }
 

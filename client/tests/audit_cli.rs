@@ -355,3 +355,174 @@ async fn from_anchor_verifies_a_segment_against_a_value_kept_out_of_band() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SEQ:HASH"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_are_listed_and_exported_one_by_one() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let out = hsmctl(&env, addr, "auditor", &["audit", "checkpoint"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = hsmctl(&env, addr, "auditor", &["audit", "chains", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["own_chain"], "default", "{v}");
+    let chains = v["chains"].as_array().expect("chains");
+    assert_eq!(chains.len(), 1, "the embedded store has one chain: {v}");
+    let c = &chains[0];
+    assert_eq!(c["chain"], "default");
+    let head = c["head"]["seq"].as_u64().expect("head");
+    assert!(head >= 2 && c["records"].as_u64() == Some(head), "{v}");
+    assert_eq!(c["last_checkpoint"]["seq"].as_u64(), Some(head), "{v}");
+    assert_eq!(c["after_last_checkpoint"], 1, "the checkpoint itself: {v}");
+    let out = hsmctl(&env, addr, "auditor", &["audit", "chains"]);
+    assert!(
+        stdout(&out).starts_with("default (this instance): "),
+        "{out:?}"
+    );
+    let out = hsmctl(&env, addr, "login-service", &["audit", "chains"]);
+    assert_eq!(json_error(&out), "PermissionDenied");
+
+    // One chain's export is the plain record stream (no header): as before chains.
+    let all = hsmctl(&env, addr, "auditor", &["audit", "export"]);
+    let one = hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &["audit", "export", "--chain", "default"],
+    );
+    assert!(all.status.success() && one.status.success());
+    assert!(stdout(&all).starts_with("{\"seq\":1,"), "{}", stdout(&all));
+    assert_eq!(stdout(&all), stdout(&one));
+    let none = hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &["audit", "export", "--chain", "node-9"],
+    );
+    assert_eq!(json_error(&none), "NotFound", "{none:?}");
+    let bad = hsmctl(
+        &env,
+        addr,
+        "auditor",
+        &["audit", "export", "--chain", "a b"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chain_of_an_export_is_verified_and_a_gap_names_its_chain() {
+    let env = DevEnv::new();
+    let (log, keys) = exported(&env).await;
+    let keys = keys.display().to_string();
+    // A second instance's chain: its own sequence from 1 after its header. (The same
+    // records form a valid chain of their own: each chain starts from the genesis hash.)
+    let first = lines(&log);
+    let mut both = first.clone();
+    both.push(hsm_service::audit::chain_header("node-2"));
+    both.extend(first.iter().cloned());
+    let two = env.dir.path().join("two.jsonl");
+    write_lines(&two, &both);
+    let two_s = two.display().to_string();
+
+    let out = verify_with(&env, &[&two_s, "--keys", &keys]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v = json(&out);
+    let chains = v["chains"].as_array().expect("chains");
+    let names: Vec<_> = chains.iter().map(|c| c["chain"].as_str()).collect();
+    assert_eq!(names, [Some("default"), Some("node-2")], "{v}");
+    for c in chains {
+        assert_eq!(c["records"].as_u64(), Some(first.len() as u64), "{v}");
+        assert_eq!(c["head"]["seq"].as_u64(), Some(first.len() as u64), "{v}");
+        assert_eq!(
+            c["last_checkpoint"].as_u64(),
+            Some(first.len() as u64),
+            "{v}"
+        );
+        assert_eq!(c["uncovered_tail"], 0, "{v}");
+    }
+    let out = hsmctl(
+        &env,
+        "127.0.0.1:9".parse().expect("addr"),
+        "auditor",
+        &["audit", "verify", &two_s, "--keys", &keys],
+    );
+    let shown = stdout(&out);
+    assert!(shown.contains("audit chain default OK"), "{shown}");
+    assert!(shown.contains("audit chain node-2 OK"), "{shown}");
+    assert!(shown.contains("audit trail OK: 2 chains"), "{shown}");
+
+    // Record 2 of node-2 removed: a gap of node-2, pinned to its line; default is intact.
+    let mut cut = both.clone();
+    let at = first.len() + 2; // header, then node-2's seq 1, then seq 2 (0-based index)
+    assert!(cut[at].starts_with("{\"seq\":2,"), "{}", cut[at]);
+    cut.remove(at);
+    write_lines(&two, &cut);
+    let out = verify_with(&env, &[&two_s, "--keys", &keys]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let v = json(&out);
+    assert_eq!(v["chains"][0]["ok"], true, "{v}");
+    let node = &v["chains"][1];
+    assert_eq!(
+        (node["chain"].as_str(), node["ok"].as_bool()),
+        (Some("node-2"), Some(false))
+    );
+    assert_eq!(node["gaps"].as_array().expect("gaps").len(), 1, "{v}");
+    let p = &v["problems"][0];
+    assert_eq!(
+        (p["chain"].as_str(), p["kind"].as_str(), p["line"].as_u64()),
+        (Some("node-2"), Some("Removed"), Some(at as u64 + 1)),
+        "{v}"
+    );
+    assert!(
+        p["message"]
+            .as_str()
+            .expect("m")
+            .contains("record 2 removed"),
+        "{v}"
+    );
+    let out = hsmctl(
+        &env,
+        "127.0.0.1:9".parse().expect("addr"),
+        "auditor",
+        &["audit", "verify", &two_s, "--keys", &keys],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("audit chain node-2 FAILED"),
+        "{}",
+        stdout(&out)
+    );
+
+    // --chain restricts: the intact chain alone verifies; an absent one is a problem.
+    let out = verify_with(&env, &[&two_s, "--keys", &keys, "--chain", "default"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(json(&out)["chains"].as_array().map(Vec::len), Some(1));
+    let out = verify_with(&env, &[&two_s, "--keys", &keys, "--chain", "node-3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["problems"][0]["kind"], "UnexpectedChain");
+
+    // --from-anchor with two chains needs the chain named.
+    let third = hsm_service::audit::AuditRecord::from_json_line(&first[2]).expect("record");
+    let anchor = format!("{}:{}", third.seq, third.hash);
+    let mut seg = first[..].to_vec();
+    seg.push(hsm_service::audit::chain_header("node-2"));
+    seg.extend(first[3..].iter().cloned());
+    write_lines(&two, &seg);
+    let out = verify_with(&env, &[&two_s, "--keys", &keys, "--from-anchor", &anchor]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let out = verify_with(
+        &env,
+        &[
+            &two_s,
+            "--keys",
+            &keys,
+            "--from-anchor",
+            &anchor,
+            "--chain",
+            "node-2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stdout(&out));
+}

@@ -1875,4 +1875,91 @@ mod tests {
         c.signing.max_auth_age_seconds = u64::MAX;
         assert!(c.validate().is_err());
     }
+
+    /// `store.password_file` against a server that asks for the password: the right one
+    /// opens the store; a wrong or missing one fails with one line that says where to
+    /// look and holds neither password.
+    #[test]
+    fn the_postgres_password_file_is_used_and_a_wrong_one_fails_clearly() {
+        use crate::store::postgres::testing::TestDatabase;
+        use crate::store::postgres::PgBackend;
+
+        let Some(db) = TestDatabase::create() else {
+            return;
+        };
+        // scripts/postgres.sh makes members of this role authenticate with a password.
+        let rule = db.query_text(
+            "SELECT count(*) FROM pg_hba_file_rules \
+             WHERE '+hsm_password_login' = ANY(user_name) AND auth_method = 'scram-sha-256'",
+        );
+        if rule.as_deref() != Some("1") {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but the test cluster has no password rule (scripts/postgres.sh)"
+            );
+            eprintln!("skipping: the test cluster predates scripts/postgres.sh's password rule");
+            return;
+        }
+        let user = format!("{}_pw", db.name);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let right = format!("Right{nanos}Secret");
+        let wrong = format!("Wrong{nanos}Secret");
+        db.admin(
+            "DO $$ BEGIN CREATE ROLE hsm_password_login NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+        );
+        db.admin(&format!(
+            "CREATE ROLE {user} LOGIN PASSWORD '{right}' IN ROLE hsm_password_login"
+        ));
+        struct Role<'a>(&'a TestDatabase, String);
+        impl Drop for Role<'_> {
+            fn drop(&mut self) {
+                self.0.execute(&format!("DROP OWNED BY {}", self.1));
+                self.0.admin(&format!("DROP ROLE {}", self.1));
+            }
+        }
+        let _role = Role(&db, user.clone());
+        db.execute(&format!("GRANT CREATE ON SCHEMA public TO {user}"));
+
+        let at = db.url.find("://").expect("scheme") + 3;
+        let host = &db.url[at + db.url[at..].find('@').expect("user") + 1..];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pg-password");
+        let store = |password: Option<&str>| {
+            let password_file = password.map(|p| {
+                std::fs::write(&file, format!("{p}\n")).expect("write");
+                file.clone()
+            });
+            let cfg = StoreConfig {
+                backend: StoreBackendKind::Postgres,
+                url: Some(format!("postgresql://{user}@{host}")),
+                password_file,
+                instance: Some("pw".into()),
+                ..StoreConfig::default()
+            };
+            cfg.validate().expect("valid");
+            let o = cfg.postgres_options().expect("options");
+            assert!(
+                !format!("{o:?}").contains(password.unwrap_or("\0")),
+                "{o:?}"
+            );
+            PgBackend::open(&o).map(drop)
+        };
+
+        store(Some(&right)).expect("the right password opens the store");
+        for (password, expect) in [
+            (Some(wrong.as_str()), "store.password_file"),
+            (None, "store.password_file is not set"),
+        ] {
+            let err = store(password).expect_err("refused");
+            let text = err.to_string();
+            println!("{text}");
+            assert!(text.contains(expect), "{text}");
+            assert!(!text.contains('\n'), "one line: {text}");
+            assert!(!text.contains(&right) && !text.contains(&wrong), "{text}");
+            assert!(!format!("{err:?}").contains(&wrong), "{err:?}");
+        }
+    }
 }

@@ -53,6 +53,15 @@ pub struct DevOptions {
     /// can use only one SoftHSM configuration, so tests that run several services in
     /// one process share one, with one token each.
     pub softhsm2_conf: Option<PathBuf>,
+    /// `--postgres URL`: the data directory's store is this PostgreSQL database. Written
+    /// into `config.toml` (`[store]`) on first run; later runs use what is there.
+    pub postgres: Option<String>,
+    /// `--postgres-password-file F`: the database password, with `postgres`.
+    pub postgres_password_file: Option<PathBuf>,
+    /// `--instance NAME`: this instance's name (its audit chain) with a PostgreSQL store;
+    /// default `store.instance` of the config, else one derived from the listen address
+    /// ([`instance_from_listen`]).
+    pub instance: Option<String>,
 }
 
 impl DevOptions {
@@ -63,6 +72,9 @@ impl DevOptions {
             listen: None,
             token_label: DEFAULT_TOKEN_LABEL.to_owned(),
             softhsm2_conf: None,
+            postgres: None,
+            postgres_password_file: None,
+            instance: None,
         }
     }
 }
@@ -126,15 +138,19 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
     ensure_pki(&dir.join("pki"))?;
 
     let config_path = dir.join("config.toml");
+    let store = dev_store(opts)?;
     if !config_path.exists() {
         // The file gets the default address; --listen overrides it per run.
         let listen = DEFAULT_LISTEN.parse().expect("valid default address");
-        let config = dev_config(
+        let mut config = dev_config(
             &module_path,
             &opts.token_label,
             listen,
             opts.softhsm2_conf.is_none().then_some(conf.as_path()),
         );
+        if let Some(store) = &store {
+            config.store = store.clone();
+        }
         let text = toml::to_string_pretty(&config).map_err(|e| format!("config: {e}"))?;
         let header = "# Written by `hsm-service dev` on first run; edit freely, it is reused.\n\
                       # Every key is explained in hsm-service/config.example.toml.\n\n";
@@ -144,7 +160,88 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
     if let Some(listen) = opts.listen {
         config.server.listen = listen;
     }
+    if let Some(wanted) = &store {
+        let same = config.store.backend == wanted.backend
+            && config.store.url == wanted.url
+            && (wanted.password_file.is_none()
+                || config.store.password_file == wanted.password_file);
+        if !same {
+            return Err(format!(
+                "{} already names another store ({}); edit it, or use a fresh --data-dir \
+                 for --postgres",
+                config_path.display(),
+                config
+                    .store
+                    .url
+                    .as_deref()
+                    .unwrap_or("the embedded store.redb")
+            ));
+        }
+    }
+    if config.store.backend == crate::config::StoreBackendKind::Postgres {
+        let name = match (&opts.instance, &config.store.instance) {
+            (Some(name), _) => name.clone(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => instance_from_listen(config.server.listen),
+        };
+        crate::store::postgres::check_instance(&name).map_err(|e| format!("--instance: {e}"))?;
+        config.store.instance = Some(name);
+    } else if opts.instance.is_some() {
+        return Err(
+            "--instance names an instance of a PostgreSQL store; this data directory's store \
+             is the embedded one (one instance)"
+                .into(),
+        );
+    }
     Ok(config)
+}
+
+/// The `[store]` section `--postgres` asks for (`None`: no flag).
+fn dev_store(opts: &DevOptions) -> Result<Option<crate::config::StoreConfig>, String> {
+    let Some(url) = &opts.postgres else {
+        if opts.postgres_password_file.is_some() {
+            return Err("--postgres-password-file needs --postgres URL".into());
+        }
+        return Ok(None);
+    };
+    let password_file = match &opts.postgres_password_file {
+        Some(f) => Some(
+            f.canonicalize()
+                .map_err(|e| format!("--postgres-password-file {}: {e}", f.display()))?,
+        ),
+        None => None,
+    };
+    let store = crate::config::StoreConfig {
+        backend: crate::config::StoreBackendKind::Postgres,
+        url: Some(url.clone()),
+        password_file,
+        ..Default::default()
+    };
+    store.validate().map_err(|e| format!("--postgres: {e}"))?;
+    Ok(Some(store))
+}
+
+/// The instance name dev mode gives an instance with a PostgreSQL store when none is
+/// configured: `dev-<ip>-<port>` of its listen address (every instance of one machine
+/// listens on its own port, and a restart on the same port continues the same audit
+/// chain). Port 0 (a port chosen at start) gives no stable name: the process id is added.
+pub fn instance_from_listen(listen: SocketAddr) -> String {
+    let ip: String = listen
+        .ip()
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    match listen.port() {
+        0 => format!("dev-{ip}-0-pid{}", std::process::id()),
+        port => format!("dev-{ip}-{port}"),
+    }
 }
 
 fn dev_config(

@@ -34,6 +34,19 @@ enum Command {
         /// Listen address.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Keep the state in this PostgreSQL database (URL without a password) instead of
+        /// the embedded file: written into the data directory's config.toml on first run,
+        /// used from there afterwards. Several `dev` processes over one such data
+        /// directory, each with its own --listen, are one service.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// File holding the database password (with --postgres).
+        #[arg(long, value_name = "FILE")]
+        postgres_password_file: Option<PathBuf>,
+        /// This instance's name, its audit chain (PostgreSQL store only); default
+        /// store.instance of the config, else dev-<ip>-<port> of the listen address.
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
     },
     /// Run with a configuration file.
     Serve {
@@ -65,10 +78,35 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Offline, with the service stopped: copy every table and every audit chain of the
+    /// config's embedded store into an EMPTY PostgreSQL database (migrations applied
+    /// first; a non-empty one is refused), page by page; then verify row counts and the
+    /// audit trail on the target, and print what to change in the config.
+    MigrateStore {
+        /// The service's TOML configuration (its embedded store is the source).
+        #[arg(long)]
+        config: PathBuf,
+        /// The target database, without a password, e.g. postgresql://hsm@db:5432/hsm.
+        #[arg(long, value_name = "URL")]
+        to_postgres: String,
+        /// File holding the database password.
+        #[arg(long)]
+        password_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::MigrateStore { .. } = &cli.command {
+        return match migrate_store(&cli.command) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(message) => {
+                eprintln!("hsm-service: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::BackupKek { .. } = &cli.command {
         return match backup_kek(&cli.command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -170,15 +208,86 @@ fn backup_kek(command: &Command) -> Result<(), String> {
     Ok(())
 }
 
+/// `migrate-store`: blocking from start to end (no runtime: the PostgreSQL client runs its
+/// own); `Ok(false)` when the copy did not verify.
+fn migrate_store(command: &Command) -> Result<bool, String> {
+    use hsm_service::config::StoreBackendKind;
+    use hsm_service::server::migrate;
+    let Command::MigrateStore {
+        config,
+        to_postgres,
+        password_file,
+    } = command
+    else {
+        return Err("not migrate-store".into());
+    };
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    hsm_service::store::postgres::check_url(to_postgres)
+        .map_err(|e| format!("migrate-store: --to-postgres: {e}"))?;
+    if config.store.backend != StoreBackendKind::Redb {
+        return Err(
+            "migrate-store: the config's store is already PostgreSQL; the source is an embedded store".into(),
+        );
+    }
+    let path = config.data_dir.join(hsm_service::store::EMBEDDED_FILE);
+    if !path.is_file() {
+        return Err(format!(
+            "migrate-store: no embedded store at {}",
+            path.display()
+        ));
+    }
+    let source =
+        hsm_service::store::RedbBackend::open(&path, &Default::default()).map_err(|e| {
+            format!(
+                "migrate-store: {}: {e} (run it with the service stopped)",
+                path.display()
+            )
+        })?;
+    let mut target_config = config.store.clone();
+    target_config.backend = StoreBackendKind::Postgres;
+    target_config.url = Some(to_postgres.clone());
+    target_config.password_file = Some(password_file.clone());
+    target_config.instance = Some(hsm_service::store::DEFAULT_CHAIN.to_owned());
+    let options = target_config
+        .postgres_options()
+        .map_err(|e| format!("migrate-store: {e}"))?;
+    let target = hsm_service::store::postgres::PgBackend::open(&options)
+        .map_err(|e| format!("migrate-store: {to_postgres}: {e}"))?;
+    let summary = migrate::copy_store(&source, &target, |line| println!("{line}"))
+        .map_err(|e| format!("migrate-store: {e}"))?;
+    print!("{summary}");
+    if !summary.is_ok() {
+        println!("migrate-store: the copy does NOT verify (see above): keep the embedded store");
+        return Ok(false);
+    }
+    let chains: Vec<String> = summary.chains.iter().map(|(c, _, _)| c.clone()).collect();
+    println!("migrate-store: every table and audit chain copied and verified");
+    print!(
+        "{}",
+        migrate::config_advice(to_postgres, password_file, &chains)
+    );
+    Ok(true)
+}
+
 fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
     match &cli.command {
-        Command::Dev { data_dir, listen } => {
+        Command::Dev {
+            data_dir,
+            listen,
+            postgres,
+            postgres_password_file,
+            instance,
+        } => {
             let mut opts = DevOptions::new(data_dir);
             opts.listen = *listen;
+            opts.postgres = postgres.clone();
+            opts.postgres_password_file = postgres_password_file.clone();
+            opts.instance = instance.clone();
             let config = dev::prepare(&opts)?;
             Ok((config, Some(data_dir.clone())))
         }
         Command::BackupKek { .. } => Err("backup-kek runs without the service".into()),
+        Command::MigrateStore { .. } => Err("migrate-store runs without the service".into()),
         Command::Serve { config } => {
             let config = Config::load_for_serve(config).map_err(|e| e.to_string())?;
             if let Some(conf) = &config.hsm.softhsm2_conf {

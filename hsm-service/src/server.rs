@@ -35,6 +35,7 @@ use crate::hsm::{Hsm, HsmSettings};
 use crate::store::{Store, StoreOptions};
 
 mod accept;
+pub mod migrate;
 mod oversize;
 mod timeout;
 mod tls;
@@ -251,6 +252,14 @@ pub(crate) async fn start_with_store(
         health,
         shutdown_rx.clone(),
     ));
+    // Key versions another instance changes (a ceremony run there) reach this one
+    // within a refresh period (see signing::signer).
+    tokio::spawn(
+        state
+            .signing
+            .clone()
+            .watch(crate::signing::REFRESH_PERIOD, shutdown_rx.clone()),
+    );
 
     let limits = &config.server.limits;
     let small = limits.max_request_bytes;

@@ -331,7 +331,19 @@ impl AuditLog {
     /// Up to `limit` records of this log's chain with `seq >= from`, as JSON lines; and
     /// how many.
     pub async fn export_range(&self, from: u64, limit: usize) -> Result<(Vec<u8>, u32)> {
-        let (store, chain) = (self.store.clone(), self.chain.clone());
+        let chain = self.chain.clone();
+        self.export_chain_range(&chain, from, limit).await
+    }
+
+    /// Up to `limit` records of `chain` (any chain of the store) with `seq >= from`, as
+    /// JSON lines; and how many.
+    pub async fn export_chain_range(
+        &self,
+        chain: &ChainName,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<u8>, u32)> {
+        let (store, chain) = (self.store.clone(), chain.to_owned());
         // A chunk can be large: on tokio's blocking pool, whatever the engine.
         tokio::task::spawn_blocking(move || {
             store.read_blocking(move |txn| {
@@ -350,6 +362,22 @@ impl AuditLog {
         .map_err(|e| Error::Internal(format!("audit export: {e}")))
     }
 
+    /// Every chain of the store (one per instance that ever wrote), ascending by name.
+    pub async fn chain_names(&self) -> Result<Vec<String>> {
+        self.store
+            .read(|txn| Ok(txn.audit_chains()?))
+            .await
+            .map_err(|e| Error::Internal(format!("audit: {e}")))
+    }
+
+    /// Every chain of the store with its head and last checkpoint.
+    pub async fn chains(&self) -> Result<Vec<ChainSummary>> {
+        self.store
+            .read(chain_summaries)
+            .await
+            .map_err(|e| Error::Internal(format!("audit: {e}")))
+    }
+
     /// Number of records of this log's chain.
     pub async fn len(&self) -> Result<u64> {
         let chain = self.chain.clone();
@@ -363,6 +391,112 @@ impl AuditLog {
     pub async fn is_empty(&self) -> Result<bool> {
         Ok(self.len().await? == 0)
     }
+}
+
+/// One audit chain as `ListAuditChains` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// The chain's name (its instance's).
+    pub chain: String,
+    /// How many records it holds.
+    pub records: u64,
+    /// Its last record (`None`: empty).
+    pub head: Option<Head>,
+    /// Its last checkpoint record's seq and the head seq that checkpoint covers.
+    pub last_checkpoint: Option<(u64, u64)>,
+}
+
+/// [`ChainSummary`] of every chain in `txn`, ascending by name.
+pub fn chain_summaries(
+    txn: &mut dyn ReadTxn,
+) -> std::result::Result<Vec<ChainSummary>, StoreError> {
+    let mut out = Vec::new();
+    for chain in txn.audit_chains()? {
+        let records = txn.audit_count(&chain)?;
+        let head = txn.audit_last(&chain)?.map(|(seq, line)| Head {
+            seq,
+            hash: parse_line(&line).map(|r| r.hash).unwrap_or_default(),
+        });
+        let last_checkpoint = last_checkpoint_of(txn, &chain, head.as_ref().map(|h| h.seq))?;
+        out.push(ChainSummary {
+            chain,
+            records,
+            head,
+            last_checkpoint,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_line(line: &[u8]) -> Option<AuditRecord> {
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|l| AuditRecord::from_json_line(l).ok())
+}
+
+/// The last checkpoint record of `chain` (its seq and the head seq it covers), searched
+/// backwards from `head` a page at a time: checkpoints come every interval records, so
+/// this reads about one page.
+fn last_checkpoint_of(
+    txn: &mut dyn ReadTxn,
+    chain: &ChainName,
+    head: Option<u64>,
+) -> std::result::Result<Option<(u64, u64)>, StoreError> {
+    const PAGE: u64 = 1024;
+    let Some(mut end) = head.map(|h| h.saturating_add(1)) else {
+        return Ok(None);
+    };
+    while end > 0 {
+        let start = end.saturating_sub(PAGE);
+        let page = txn.audit_range(chain, start, PAGE as usize)?;
+        for (seq, line) in page.iter().rev().filter(|(seq, _)| *seq < end) {
+            if let Some(r) = parse_line(line).filter(AuditRecord::is_checkpoint) {
+                let covers = CheckpointClaim::parse(&r).map_or(0, |c| c.head.seq);
+                return Ok(Some((*seq, covers)));
+            }
+        }
+        end = start;
+    }
+    Ok(None)
+}
+
+/// The trusted checkpoint key the store records (key id -> public key): empty when no
+/// audit key was created yet.
+pub fn stored_keys(
+    txn: &mut dyn ReadTxn,
+) -> std::result::Result<std::collections::HashMap<String, Vec<u8>>, StoreError> {
+    let id = ops::get_meta(txn, KEY_ID_META)?;
+    let pk = ops::get_meta(txn, PUBLIC_KEY_META)?;
+    Ok(match (id, pk) {
+        (Some(id), Some(pk)) => [(key_name(&id), pk)].into_iter().collect(),
+        _ => Default::default(),
+    })
+}
+
+/// Verifies every audit chain held in `txn` with the offline verifier (the one
+/// `hsmctl audit verify` runs on an export), against `keys`, reading a page at a time.
+/// Problems name a record by its position in its chain ("line N" is the N-th record).
+pub fn verify_stored_chains(
+    txn: &mut dyn ReadTxn,
+    keys: &std::collections::HashMap<String, Vec<u8>>,
+) -> std::result::Result<super::ChainsReport, StoreError> {
+    const PAGE: usize = 4096;
+    let mut verifier = super::ChainsVerifier::new(keys, super::ChainsOptions::default());
+    for chain in txn.audit_chains()? {
+        let (mut from, mut position) = (0u64, 0u64);
+        loop {
+            let page = txn.audit_range(&chain, from, PAGE)?;
+            for (_, line) in &page {
+                position += 1;
+                verifier.record(&chain, position, line, true);
+            }
+            match page.last() {
+                Some((seq, _)) if page.len() == PAGE => from = seq + 1,
+                _ => break,
+            }
+        }
+    }
+    Ok(verifier.finish())
 }
 
 /// The name verifiers know the audit key by: `audit-` and the first 8 bytes of its
@@ -604,5 +738,112 @@ mod tests {
         let report = hsm_audit::verify(lines.as_slice(), &std::collections::HashMap::new());
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.records, 3 + 34);
+    }
+
+    /// One chain per instance: two logs with their own chains over one store (here the
+    /// in-memory test backend; redb holds only `default`) append and checkpoint
+    /// independently; the store's verifier checks each chain and reports a removed
+    /// record as a gap of the chain it was removed from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_chains_in_one_store_verify_each_and_a_gap_names_its_chain() {
+        use crate::store::test_support::MemoryBackend;
+        let env = crate::testing::DevEnv::new();
+        let settings = crate::hsm::HsmSettings {
+            module: env.config.hsm.module.clone(),
+            token: env.config.token(),
+            sessions: 2,
+            queue_capacity: 64,
+            seed_cache_capacity: 8,
+        };
+        let hsm = Hsm::open(&settings, env.config.user_pin().expect("pin")).expect("open");
+        let memory = Arc::new(MemoryBackend::default());
+        let backend: Arc<dyn crate::store::Backend> = memory.clone();
+        let store = Arc::new(
+            Store::with_backend(backend, crate::store::StoreOptions::default()).expect("store"),
+        );
+        let clock = Clock::system();
+        let one = AuditLog::open_chain(
+            store.clone(),
+            "node-1",
+            hsm.clone(),
+            u64::MAX,
+            clock.clone(),
+        )
+        .await
+        .expect("node-1");
+        let two = AuditLog::open_chain(
+            store.clone(),
+            "node-2",
+            hsm.clone(),
+            u64::MAX,
+            clock.clone(),
+        )
+        .await
+        .expect("node-2");
+        let event = |n: u64| {
+            Event::new(
+                1_700_000_000_000 + n,
+                crate::audit::Actor::service(),
+                "test.event",
+                &format!("object-{n}"),
+            )
+        };
+        for n in 0..6 {
+            one.record(event(n)).await.expect("append");
+            two.record(event(100 + n)).await.expect("append");
+        }
+        two.record(event(200)).await.expect("append");
+        one.checkpoint().await.expect("checkpoint");
+        two.checkpoint().await.expect("checkpoint");
+
+        let trusted = one.trusted_keys();
+        let report = store
+            .read(move |txn| {
+                let keys = stored_keys(txn)?;
+                assert_eq!(keys, trusted);
+                verify_stored_chains(txn, &keys)
+            })
+            .await
+            .expect("verify");
+        assert!(report.is_ok(), "{report}");
+        let names: Vec<_> = report.chains.iter().map(|c| c.chain.as_str()).collect();
+        assert_eq!(names, ["node-1", "node-2"]);
+        let (a, b) = (
+            report.chain("node-1").unwrap(),
+            report.chain("node-2").unwrap(),
+        );
+        assert_eq!((a.records, b.records), (7, 8));
+        assert_eq!((a.last_checkpoint, b.last_checkpoint), (Some(7), Some(8)));
+        assert_eq!((a.uncovered_tail, b.uncovered_tail), (0, 0));
+        assert_eq!(a.checkpoints, 1);
+
+        let summaries = one.chains().await.expect("chains");
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(summaries[1].chain, "node-2");
+        assert_eq!(summaries[1].records, 8);
+        assert_eq!(summaries[1].head.as_ref().map(|h| h.seq), Some(8));
+        assert_eq!(summaries[1].last_checkpoint, Some((8, 7)));
+
+        // A record removed from node-2 behind the store's back is a gap of node-2 only.
+        assert!(memory.remove_audit_record("node-2", 3));
+        let report = store
+            .read(|txn| {
+                let keys = stored_keys(txn)?;
+                verify_stored_chains(txn, &keys)
+            })
+            .await
+            .expect("verify");
+        assert!(!report.is_ok());
+        assert!(report.chain("node-1").unwrap().is_ok());
+        let node2 = report.chains.iter().find(|c| c.chain == "node-2").unwrap();
+        let gaps: Vec<_> = node2.gaps().map(|p| p.message.clone()).collect();
+        assert_eq!(
+            gaps,
+            ["line 3: seq 4 follows seq 2: record 3 removed"],
+            "{report}"
+        );
+        assert!(report
+            .to_string()
+            .contains("1 gap(s) in the sequence of chain node-2"));
     }
 }

@@ -28,6 +28,7 @@ pub const METHOD_ROLES: &[(&str, &[Role])] = &[
     ("hsm.v1.AuditService/ExportAudit", AUDITOR),
     ("hsm.v1.AuditService/GetAuditKeys", AUDITOR),
     ("hsm.v1.AuditService/CheckpointAudit", OFFICER_OR_AUDITOR),
+    ("hsm.v1.AuditService/ListAuditChains", AUDITOR),
     ("hsm.v1.CeremonyService/ProposeCeremony", OFFICER),
     ("hsm.v1.CeremonyService/ApproveCeremony", OFFICER),
     ("hsm.v1.CeremonyService/ExecuteCeremony", OFFICER),

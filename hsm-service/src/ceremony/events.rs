@@ -165,6 +165,14 @@ impl Trail {
 
 impl Ceremonies {
     /// Where this service's events go, for a store write job.
+    /// This instance's name in ceremony records: its audit chain (empty without one).
+    pub(super) fn instance(&self) -> String {
+        self.audit
+            .as_ref()
+            .map(|log| log.chain().to_string())
+            .unwrap_or_default()
+    }
+
     pub(super) fn trail(&self) -> Trail {
         Trail {
             chain: self.audit.as_ref().map(|log| log.chain()),

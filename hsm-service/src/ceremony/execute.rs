@@ -208,6 +208,7 @@ impl Ceremonies {
             json!({ "steps": steps }),
         )];
         let (trail, audited) = (self.trail(), events.clone());
+        let instance = self.instance();
         let claimed = self
             .store
             .write(move |txn| {
@@ -219,6 +220,7 @@ impl Ceremonies {
                         rec.state = CeremonyState::Executing;
                         rec.executed_by = Some(executor);
                         rec.executed_at = now;
+                        rec.executed_on = instance;
                         Change::Write(Box::new(rec.clone()), Some(Box::new(rec)))
                     }
                     _ => Change::Keep(None),

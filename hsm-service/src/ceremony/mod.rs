@@ -220,6 +220,9 @@ impl Ceremonies {
     }
 
     async fn context(&self) -> Result<plan::Context> {
+        // Validate against the keys every instance made (a ceremony executed on another
+        // instance a moment ago), not only those this one has loaded.
+        self.signer.refresh().await?;
         let mut existing: BTreeMap<String, Vec<plan::ExistingKey>> = BTreeMap::new();
         for k in self.signer.list(None) {
             existing

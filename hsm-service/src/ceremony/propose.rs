@@ -36,6 +36,7 @@ impl Ceremonies {
             state: CeremonyState::Proposed,
             executed_by: None,
             executed_at: 0,
+            executed_on: String::new(),
             failure: String::new(),
             transcript_json: String::new(),
         };

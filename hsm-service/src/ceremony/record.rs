@@ -71,6 +71,12 @@ pub struct CeremonyRecord {
     pub executed_by: Option<Officer>,
     /// Unix seconds when execution started (0: never).
     pub executed_at: u64,
+    /// The instance (its audit chain) that claimed the execution; empty before it was
+    /// claimed, and in records of services that did not record it. Start-up recovery
+    /// fails only the `executing` ceremonies of its own instance: another instance's may
+    /// be running right now.
+    #[serde(default)]
+    pub executed_on: String,
     /// Which step failed and why (empty unless failed).
     pub failure: String,
     /// The transcript (JSON), once executed.
@@ -98,8 +104,8 @@ fn decode(key: &str, bytes: &[u8]) -> Result<CeremonyRecord, StoreError> {
     }
 }
 
-/// One ceremony.
-pub(crate) fn load<T: ReadTxn + ?Sized>(
+/// One ceremony. (Public, like [`update`], for the store conformance suite.)
+pub fn load<T: ReadTxn + ?Sized>(
     txn: &mut T,
     id: &str,
 ) -> Result<Option<CeremonyRecord>, StoreError> {
@@ -119,7 +125,7 @@ pub(crate) fn load_all<T: ReadTxn + ?Sized>(
 }
 
 /// What an update decided.
-pub(crate) enum Change<T> {
+pub enum Change<T> {
     /// Write this record, answer `T`.
     Write(Box<CeremonyRecord>, T),
     /// Leave the table alone, answer `T`.
@@ -127,8 +133,10 @@ pub(crate) enum Change<T> {
 }
 
 /// Read-modify-write of one ceremony in this transaction (a locking read): `change`
-/// sees the current record (or `None`) and decides.
-pub(crate) fn update<T>(
+/// sees the current record (or `None`) and decides. Every state transition of a
+/// ceremony (propose, approve, claim, finish) is one such update, so two instances can
+/// never both claim one ceremony.
+pub fn update<T>(
     txn: &mut dyn Txn,
     id: &str,
     change: impl FnOnce(Option<CeremonyRecord>) -> Change<T>,

@@ -22,9 +22,13 @@ use crate::signing::KeyVersion;
 pub const INTERRUPTED: &str = "interrupted";
 
 impl Ceremonies {
-    /// Mark every ceremony found `executing` as failed ("interrupted"), with its
-    /// transcript; returns their ids. Run once at start-up, before the service serves.
+    /// Mark every ceremony found `executing` by this instance (or by a service that did
+    /// not record its instance) as failed ("interrupted"), with its transcript; returns
+    /// their ids. Run once at start-up, before the service serves. Another instance's
+    /// `executing` ceremony is left alone: it may be running right now (when that
+    /// instance died, its restart under the same name recovers it).
     pub async fn recover_interrupted(&self) -> Result<Vec<String>> {
+        let me = self.instance();
         let interrupted: Vec<CeremonyRecord> = self
             .store
             .read(|txn| record::load_all(txn))
@@ -32,6 +36,7 @@ impl Ceremonies {
             .map_err(store_err)?
             .into_iter()
             .filter(|r| r.state == CeremonyState::Executing)
+            .filter(|r| r.executed_on.is_empty() || r.executed_on == me)
             .collect();
         let mut ids = Vec::with_capacity(interrupted.len());
         for rec in interrupted {

@@ -125,8 +125,12 @@ impl Signer {
             ));
         }
         let grant = &caller.grant;
-        let name = self.granted(grant, &req.key, Usage::Signing)?;
-        let k = self.signing_version(&name, Usage::Signing)?;
+        let k = self
+            .looked_up(|s| {
+                let name = s.granted(grant, &req.key, Usage::Signing)?;
+                s.signing_version(&name, Usage::Signing)
+            })
+            .await?;
         if req.subject.is_empty() {
             return Err(invalid("subject must not be empty"));
         }

@@ -92,7 +92,7 @@ fn check_kind(k: &KeyVersion, req: &CertificateRequest) -> Result<()> {
 impl Signer {
     /// A PKCS#10 request for `key`, signed by it (DER).
     pub async fn create_csr(&self, key: &KeyRef, subject: &str) -> Result<Vec<u8>> {
-        let k = self.usable(key)?;
+        let k = self.looked_up(|s| s.usable(key)).await?;
         let tbs = pki::csr_to_sign(subject, &k.public_key()?, k.algorithm)?;
         let signature = self.hsm_sign(&k, tbs.bytes()).await?;
         Ok(tbs.assemble(&signature)?)
@@ -158,16 +158,28 @@ impl Signer {
                     .str("issuer", &format!("{}/v{}", issuer.name, issuer.version))
                     .str("ceremony", by.ceremony()),
             );
-        let copy = k.clone();
+        let before = self.get(&KeyRef::new(k.name.clone(), k.version))?;
+        let change = [(Some(before), k.clone())];
         let chain = self.audit.chain();
-        self.store
+        let written = self
+            .store
             .write(move |txn| {
-                versions::put_all(txn, std::slice::from_ref(&copy))?;
+                if let Err(changed) = versions::put_unchanged(txn, &change)? {
+                    return Ok(Err(changed));
+                }
                 append_in(txn, &chain, event)?;
-                Ok(())
+                Ok(Ok(()))
             })
             .await
             .map_err(store_err)?;
+        if let Err(changed) = written {
+            if let Err(e) = self.refresh_locked().await {
+                tracing::warn!(error = %e, "signing keys: reload after a conflict failed");
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "{changed} was changed by another instance of the service; look again and retry"
+            )));
+        }
         self.audit.appended(1);
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         keys.insert((k.name.clone(), k.version), k);
@@ -182,7 +194,7 @@ impl Signer {
         req: &CertificateRequest,
         by: &Issuance,
     ) -> Result<Vec<u8>> {
-        let k = self.usable(key)?;
+        let k = self.looked_up(|s| s.usable(key)).await?;
         by.allows(&k)?;
         check_kind(&k, req)?;
         let serial = self.serial().await?;
@@ -207,8 +219,8 @@ impl Signer {
         req: &CertificateRequest,
         by: &Issuance,
     ) -> Result<Vec<Vec<u8>>> {
-        let k = self.usable(key)?;
-        let ca = self.usable(issuer)?;
+        let k = self.looked_up(|s| s.usable(key)).await?;
+        let ca = self.looked_up(|s| s.usable(issuer)).await?;
         if ca.usage != Usage::Ca {
             return Err(Error::PermissionDenied(format!(
                 "issuer {} v{} is a {} key; only ca keys issue certificates",

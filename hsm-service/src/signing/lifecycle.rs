@@ -100,6 +100,10 @@ impl Signer {
             )));
         }
         let _c = self.creations.lock().await;
+        // The version number and the usage from the newest state of every instance (the
+        // write is a compare-and-set as well: a version another instance made meanwhile
+        // is refused, and its key pair removed again).
+        self.refresh().await?;
         if let Some(existing) = self.usage_of(name).filter(|u| *u != usage) {
             return Err(Error::FailedPrecondition(format!(
                 "key {name:?} is a {existing} key; a new version keeps its usage (not {usage})"
@@ -211,6 +215,7 @@ impl Signer {
         let public = public_key_of(&wrapped.public)
             .map_err(|e| invalid(format!("{name} v{version}: public key: {e}")))?;
         let _c = self.creations.lock().await;
+        self.refresh().await?;
         if self.read_keys().contains_key(&(name.to_owned(), version)) {
             return Err(Error::AlreadyExists(format!(
                 "{name} v{version} exists on this service; a restore never replaces a key"
@@ -250,6 +255,7 @@ impl Signer {
         change: impl FnOnce(&KeyVersion, Option<&KeyVersion>) -> Result<Vec<KeyVersion>>,
     ) -> Result<KeyVersion> {
         let _w = self.writes.lock().await;
+        self.refresh_locked().await?;
         let k = self.get(&KeyRef::new(name, version.max(1)))?;
         let active = self.active(name);
         let changed = change(&k, active.as_ref())?;
@@ -331,6 +337,9 @@ impl Signer {
     /// assertions signed by it may still be valid.
     pub async fn destroy(&self, name: &str, version: u32, force: bool) -> Result<KeyVersion> {
         let _w = self.writes.lock().await;
+        // The newest record (another instance may have raised its `last_expiry`) before
+        // the HSM objects go.
+        self.refresh_locked().await?;
         let k = self.get(&KeyRef::new(name, version.max(1)))?;
         match k.state {
             KeyState::Active => {

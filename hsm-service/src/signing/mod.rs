@@ -19,6 +19,8 @@ mod signer;
 pub mod versions;
 
 #[cfg(test)]
+mod instances_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 // Key vocabulary shared with `pki` and `config` lives in the leaf `common`; re-exported so
@@ -34,7 +36,7 @@ pub use jws::{prepare_assertion, AssertionParams, SigningInput};
 pub use lifecycle::BackedUpKey;
 pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN, RAW_SIGNATURE_ACTION};
 pub use self_test::{SelfTest, SELF_TEST_PREFIX};
-pub use signer::{Caller, Grant, KeyRef, Signer};
+pub use signer::{Caller, Grant, KeyRef, Signer, REFRESH_PERIOD};
 pub use versions::{KeyOrigin, KeyState, KeyVersion, Usage};
 
 /// The NSIS assurance levels the dev config accepts as `acr`.

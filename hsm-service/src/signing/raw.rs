@@ -58,8 +58,13 @@ impl Signer {
         input: SignInput,
         encoding: SignatureEncoding,
     ) -> Result<RawSignature> {
-        let name = self.granted(&caller.grant, name, Usage::Raw)?;
-        let k = self.signing_version(&name, Usage::Raw)?;
+        let (name, k) = self
+            .looked_up(|s| {
+                let name = s.granted(&caller.grant, name, Usage::Raw)?;
+                let k = s.signing_version(&name, Usage::Raw)?;
+                Ok((name, k))
+            })
+            .await?;
         if let Some(alg) = algorithm {
             if alg != k.algorithm {
                 return Err(invalid(format!(

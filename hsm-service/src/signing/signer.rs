@@ -3,13 +3,35 @@
 //! their own files: `lifecycle` (generate, restore, state changes, destroy),
 //! `self_test`, `assertion`, `raw`, `jwks` and `certs`.
 //!
-//! The key records live in memory (loaded once at start) and in the store, written
+//! The key records live in memory (loaded at start) and in the store, written
 //! through before memory changes. Signing never searches the token (handles are cached
 //! by CKA_ID in `hsm`) and never waits for the store, except when an assertion would
 //! expire later than the durable `last_expiry` of its key (see `assertion`).
+//!
+//! # Several instances
+//!
+//! Other instances over the same store change key versions too (a ceremony executed on
+//! one of them). Every write of a version bumps a generation counter in the store's
+//! `meta` table in the same transaction ([`versions::GENERATION_KEY`]), and
+//! [`Signer::refresh`] reloads the versions when the counter moved. It runs every
+//! [`REFRESH_PERIOD`] in the background ([`Signer::watch`]), after a lookup that failed
+//! (an unknown key, no active version: reload once and look again), and before every
+//! change of a version, whose write is moreover a compare-and-set against the record this
+//! instance based it on (`versions::put_unchanged`): a stale instance is refused, never
+//! overwrites.
+//!
+//! Why a counter and not PostgreSQL's LISTEN/NOTIFY: it is backend-neutral (the same
+//! code for redb and PostgreSQL, proved by the same tests), it commits atomically with
+//! the change it announces (it cannot be seen before the records), and a poll cannot be
+//! lost: a notification sent while an instance's listening connection was down is gone,
+//! so NOTIFY would need this poll as a fallback anyway. The cost is one read of one small
+//! row per instance every [`REFRESH_PERIOD`]; key changes are rare (ceremonies), so a
+//! reload is rare.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use super::versions::{self, KeyState, KeyVersion, Usage};
 use super::{Algorithm, PublicKey, SigningError};
@@ -21,6 +43,9 @@ use crate::error::{Error, Result};
 use crate::hsm::{Hsm, KeyPairKind, PublicKeyAttributes, SignMechanism};
 use crate::pki;
 use crate::store::{Store, StoreError};
+
+/// How often [`Signer::watch`] checks whether another instance changed a key version.
+pub const REFRESH_PERIOD: Duration = Duration::from_millis(250);
 
 /// What a caller's configuration lets it sign with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +99,8 @@ pub struct Signer {
     pub(super) store: Arc<Store>,
     pub(super) config: SigningConfig,
     pub(super) keys: RwLock<BTreeMap<(String, u32), KeyVersion>>,
+    /// The key-version generation `keys` was loaded at (see the module documentation).
+    generation: AtomicU64,
     /// Serialises record writes, so that memory follows the store in order. Held only
     /// for short steps: the signing path may wait for it to raise an expiry mark.
     pub(super) writes: tokio::sync::Mutex<()>,
@@ -179,8 +206,8 @@ impl Signer {
                 "signing key records migrated to format 3 (usage)"
             );
         }
-        let loaded = store
-            .read(|txn| versions::load_all(txn))
+        let (generation, loaded) = store
+            .read(|txn| Ok((versions::generation(txn)?, versions::load_all(txn)?)))
             .await
             .map_err(store_err)?;
         let signer = Signer {
@@ -193,6 +220,7 @@ impl Signer {
                     .map(|k| ((k.name.clone(), k.version), k))
                     .collect(),
             ),
+            generation: AtomicU64::new(generation),
             writes: tokio::sync::Mutex::new(()),
             creations: tokio::sync::Mutex::new(()),
             rng: ring::rand::SystemRandom::new(),
@@ -278,17 +306,118 @@ impl Signer {
     }
 
     /// Write `versions` through to the store, then to memory. Call with `writes` held.
+    /// Each record is written only if the store still holds what memory holds (nothing,
+    /// for a new version): FAILED_PRECONDITION when another instance changed it first
+    /// (memory is then reloaded, so a retry sees the change).
     pub(super) async fn put(&self, versions: Vec<KeyVersion>) -> Result<()> {
-        let copy = versions.clone();
-        self.store
-            .write(move |txn| versions::put_all(txn, &copy))
+        let changes: Vec<(Option<KeyVersion>, KeyVersion)> = {
+            let keys = self.read_keys();
+            versions
+                .iter()
+                .map(|k| (keys.get(&(k.name.clone(), k.version)).cloned(), k.clone()))
+                .collect()
+        };
+        let written = self
+            .store
+            .write(move |txn| versions::put_unchanged(txn, &changes))
             .await
             .map_err(store_err)?;
+        if let Err(changed) = written {
+            if let Err(e) = self.refresh_locked().await {
+                tracing::warn!(error = %e, "signing keys: reload after a conflict failed");
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "{changed} was changed by another instance of the service; look again and retry"
+            )));
+        }
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         for k in versions {
             keys.insert((k.name.clone(), k.version), k);
         }
         Ok(())
+    }
+
+    /// Reload the key versions when another instance changed them (the store's
+    /// generation moved since they were loaded); `true` when it reloaded. One small read
+    /// when nothing changed.
+    pub async fn refresh(&self) -> Result<bool> {
+        let current = self
+            .store
+            .read(|txn| versions::generation(txn))
+            .await
+            .map_err(store_err)?;
+        if current == self.generation.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let _w = self.writes.lock().await;
+        self.refresh_locked().await
+    }
+
+    /// [`Signer::refresh`] with `writes` held (so no write of this instance is between
+    /// its commit and memory while the snapshot replaces memory).
+    pub(super) async fn refresh_locked(&self) -> Result<bool> {
+        let (generation, loaded) = self
+            .store
+            .read(|txn| Ok((versions::generation(txn)?, versions::load_all(txn)?)))
+            .await
+            .map_err(store_err)?;
+        if generation == self.generation.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let fresh: BTreeMap<(String, u32), KeyVersion> = loaded
+            .into_iter()
+            .map(|k| ((k.name.clone(), k.version), k))
+            .collect();
+        let count = fresh.len();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.generation.store(generation, Ordering::Release);
+        tracing::debug!(
+            generation,
+            versions = count,
+            "signing keys reloaded (changed in the store)"
+        );
+        Ok(true)
+    }
+
+    /// `lookup`, and when it fails, once more after a [`Signer::refresh`] that found the
+    /// versions changed (another instance may have just created or activated the key).
+    pub(super) async fn looked_up<T>(&self, lookup: impl Fn(&Self) -> Result<T>) -> Result<T> {
+        match lookup(self) {
+            Ok(v) => Ok(v),
+            Err(first) => match self.refresh().await {
+                Ok(true) => lookup(self),
+                Ok(false) => Err(first),
+                Err(e) => {
+                    tracing::warn!(error = %e, "signing keys: reload after a miss failed");
+                    Err(first)
+                }
+            },
+        }
+    }
+
+    /// [`Signer::refresh`] every `period` until `stop` turns true (or its sender is
+    /// gone). Errors are logged (the store may be briefly unreachable) and retried.
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.refresh().await {
+                        tracing::debug!(error = %e, "signing keys: refresh failed; retrying");
+                    }
+                }
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// The key `name` (empty: the default key of `usage`) for a caller with `grant`:

@@ -289,6 +289,29 @@ pub(crate) fn migrate_all(txn: &mut dyn Txn) -> Result<Result<usize, StoreError>
     Ok(Ok(old.len()))
 }
 
+/// The `meta` key of the key-version generation: a counter bumped in the same
+/// transaction as every write of the `signing_keys` table, so that another instance
+/// learns with one small read that its copy of the versions is stale (see
+/// [`crate::signing::Signer::refresh`] for why a counter and not LISTEN/NOTIFY).
+pub(crate) const GENERATION_KEY: &str = "signing.generation";
+
+/// The key-version generation as `txn` sees it (0: never written).
+pub(crate) fn generation<T: ReadTxn + ?Sized>(txn: &mut T) -> Result<u64, StoreError> {
+    match txn.get(Table::Meta, GENERATION_KEY)? {
+        None => Ok(0),
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt(format!("meta {GENERATION_KEY:?}: not 8 bytes"))),
+    }
+}
+
+/// Bump the generation, in the transaction that changes a version. The read is a
+/// locking read, so two instances' bumps serialize like their record writes do.
+fn bump_generation(txn: &mut dyn Txn) -> Result<(), Rollback> {
+    let next = generation(txn)?.wrapping_add(1);
+    txn.put(Table::Meta, GENERATION_KEY, &next.to_be_bytes())
+}
+
 /// Write `versions` (insert or replace), all in this transaction.
 pub(crate) fn put_all(txn: &mut dyn Txn, versions: &[KeyVersion]) -> Result<(), Rollback> {
     for k in versions {
@@ -298,7 +321,34 @@ pub(crate) fn put_all(txn: &mut dyn Txn, versions: &[KeyVersion]) -> Result<(), 
             &encode(k)?,
         )?;
     }
+    if !versions.is_empty() {
+        bump_generation(txn)?;
+    }
     Ok(())
+}
+
+/// Write each `(before, after)` change only if the stored record is still `before`
+/// (`None`: absent, i.e. a new version), all in this transaction, or none of them:
+/// `Ok(Err(key))` names the first record another instance changed (or created) since
+/// this one read it. The reads are locking reads, so the check and the write are one
+/// compare-and-set across instances.
+pub(crate) fn put_unchanged(
+    txn: &mut dyn Txn,
+    changes: &[(Option<KeyVersion>, KeyVersion)],
+) -> Result<Result<(), String>, Rollback> {
+    for (before, after) in changes {
+        let key = store_key(&after.name, after.version);
+        let stored = txn
+            .get(Table::SigningKeys, &key)?
+            .map(|bytes| decode(&key, &bytes))
+            .transpose()?;
+        if stored != *before {
+            return Ok(Err(format!("{} v{}", after.name, after.version)));
+        }
+    }
+    let after: Vec<KeyVersion> = changes.iter().map(|(_, a)| a.clone()).collect();
+    put_all(txn, &after)?;
+    Ok(Ok(()))
 }
 
 /// Raise `last_expiry` of one version to at least `mark`, as the store sees it now.
@@ -320,6 +370,8 @@ pub(crate) fn raise_last_expiry(
     if k.last_expiry < mark {
         k.last_expiry = mark;
         txn.put(Table::SigningKeys, &key, &encode(&k)?)?;
+        // Other instances must see the higher mark before they destroy the version.
+        bump_generation(txn)?;
     }
     Ok(Ok(k))
 }

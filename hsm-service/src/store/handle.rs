@@ -268,9 +268,9 @@ impl Store {
         }
     }
 
-    /// Jobs waiting in the queue (for tests that need a batch to form).
-    #[cfg(test)]
-    pub(crate) fn queued(&self) -> usize {
+    /// Jobs waiting in the queue, not yet taken by the committer (metrics; tests that
+    /// need a batch to form, such as the conformance suite).
+    pub fn queued(&self) -> usize {
         self.sender
             .as_ref()
             .map_or(0, |s| s.max_capacity() - s.capacity())

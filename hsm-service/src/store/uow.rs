@@ -9,8 +9,9 @@
 //! wrote (the change, its audit record, later its event) or nothing, and whose reads of a
 //! row it then writes cannot be overtaken by another writer (another instance) before
 //! the commit. So the backend contract is small and is proved once, by the conformance
-//! suite, for every backend; the typed operations on top (`ops`, `evidence`, the
-//! domain modules' `load`/`put` functions) are written once for all backends.
+//! suite (`tests/store_conformance.rs`), for every backend; the typed operations on top
+//! (`ops`, `evidence`, the domain modules' `load`/`put` functions) are written once for
+//! all backends.
 //!
 //! Rules a backend must keep:
 //! * A write [`Txn`] sees its own earlier writes (and those of earlier jobs of the same

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hsm_client::{ClientConfig, HsmClient};
 
+pub mod cluster;
 pub mod pki;
 
 /// A client of `addr` presenting the dev certificate `identity` of `data_dir`.
@@ -63,7 +64,7 @@ pub fn serve_command(config: &Path) -> Command {
     c
 }
 
-fn read_listen_addr(child: &mut Child) -> SocketAddr {
+pub fn read_listen_addr(child: &mut Child) -> SocketAddr {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next();
@@ -105,7 +106,7 @@ pub fn kill(child: &mut Child) {
     wait_bounded(child, Duration::from_secs(30));
 }
 
-fn signal(child: &Child, name: &str) {
+pub fn signal(child: &Child, name: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(child.id().to_string())
@@ -291,7 +292,10 @@ pub async fn sign_default_assertion(c: &HsmClient) -> hsm_client::proto::SignAss
 pub async fn audit_records(auditor: &HsmClient) -> Vec<hsm_service::audit::AuditRecord> {
     let mut stream = auditor
         .audit()
-        .export_audit(hsm_client::proto::ExportAuditRequest { from_seq: 1 })
+        .export_audit(hsm_client::proto::ExportAuditRequest {
+            from_seq: 1,
+            chain: String::new(),
+        })
         .await
         .expect("export")
         .into_inner();

@@ -24,6 +24,8 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) struct ConnectInfo {
     config: postgres::Config,
     tls: MakeRustlsConnect,
+    /// `store.ca_file`, for the messages of a failed TLS handshake.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl ConnectInfo {
@@ -72,6 +74,7 @@ impl ConnectInfo {
         Ok(ConnectInfo {
             config,
             tls: MakeRustlsConnect::new(tls_config),
+            ca_file: opts.ca_file.clone(),
         })
     }
 
@@ -102,15 +105,57 @@ impl ConnectInfo {
 
     /// Whether [`ConnectInfo::connect`]'s sessions are usable for writes.
     pub(super) fn checked_connect(&self) -> Result<PgConn, StoreError> {
-        let conn = self
-            .connect()
-            .map_err(|e| map_err(&e, "connecting to PostgreSQL"))?;
+        let conn = self.connect().map_err(|e| self.connect_error(&e))?;
         if conn.broken {
             return Err(StoreError::Backend(
                 "PostgreSQL session refused synchronous_commit = on".into(),
             ));
         }
         Ok(conn)
+    }
+}
+
+impl ConnectInfo {
+    /// A failed connection attempt as one line: a TLS failure says what was verified
+    /// against what (`store.ca_file`), and that there is no plaintext fallback.
+    pub(super) fn connect_error(&self, e: &postgres::Error) -> StoreError {
+        const WHAT: &str = "connecting to PostgreSQL";
+        if e.as_db_error().is_none() && with_causes(e).ends_with("password missing") {
+            return StoreError::Unavailable(format!(
+                "{WHAT}: the server asks for a password and store.password_file is not set"
+            ));
+        }
+        let Some(ca) = &self.ca_file else {
+            return map_err(e, WHAT);
+        };
+        if e.as_db_error().is_some() {
+            return map_err(e, WHAT);
+        }
+        let ca = ca.display();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            let inner = c
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map_or(c, |i| i as &(dyn std::error::Error + 'static));
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return StoreError::Unavailable(match tls {
+                    rustls::Error::InvalidCertificate(why) => format!(
+                        "{WHAT} over TLS: the server's certificate did not verify against \
+                         store.ca_file {ca} and the host in store.url: {why:?}"
+                    ),
+                    other => format!("{WHAT} over TLS (store.ca_file {ca}): {other}"),
+                });
+            }
+            if inner.to_string().contains("does not support TLS") {
+                return StoreError::Unavailable(format!(
+                    "{WHAT}: the server does not offer TLS, which store.ca_file {ca} \
+                     requires (no plaintext fallback)"
+                ));
+            }
+            cause = c.source();
+        }
+        map_err(e, WHAT)
     }
 }
 
@@ -256,6 +301,14 @@ pub(super) fn map_err(e: &postgres::Error, what: &str) -> StoreError {
                 "{text}; a concurrent transaction (another instance) conflicted, nothing was written, retry"
             ));
         }
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            // The server's message names the user, never the password.
+            return StoreError::Backend(format!(
+                "{text}: check the user in store.url and the password in store.password_file"
+            ));
+        }
         if *code == SqlState::ADMIN_SHUTDOWN
             || *code == SqlState::CRASH_SHUTDOWN
             || *code == SqlState::CANNOT_CONNECT_NOW
@@ -266,8 +319,25 @@ pub(super) fn map_err(e: &postgres::Error, what: &str) -> StoreError {
         }
         return StoreError::Backend(text);
     }
-    // No server error: the connection failed or closed (I/O, TLS, timeout).
-    StoreError::Unavailable(format!("{what}: {e}"))
+    // No server error: the connection failed or closed (I/O, TLS, timeout). The
+    // client's message names the kind only ("error connecting to server"); its causes
+    // say what happened.
+    StoreError::Unavailable(format!("{what}: {}", with_causes(e)))
+}
+
+/// An error's message followed by its causes'.
+fn with_causes(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Rows of a key range scan or an audit range: bounds a `usize` to SQL's bigint.

@@ -71,9 +71,20 @@ impl RedbBackend {
     /// is rebuilt with text keys). After a crash this includes redb's repair, which
     /// scans the whole file unless `quick_repair` was on. Blocking.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<RedbBackend, StoreError> {
-        let db = Database::builder()
+        let db = match Database::builder()
             .set_cache_size(options.cache_size_bytes)
-            .create(path)?;
+            .create(path)
+        {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Backend(
+                    "in use by another hsm-service process (the embedded store serves one \
+                     instance; several instances share a PostgreSQL store: [store] backend = \
+                     \"postgres\", or `hsm-service dev --postgres URL`)"
+                        .into(),
+                ))
+            }
+            other => other?,
+        };
         let found = check_schema(&db)?;
         // Migrate, create missing tables and record the schema, durably, before any job
         // can run. One transaction: a crash leaves either schema, never a mix.
