@@ -16,6 +16,9 @@
 #   scripts/postgres.sh url DIR          prints the URL of the cluster in DIR
 #   scripts/postgres.sh running DIR      exit status 0 when the cluster in DIR is running
 #
+# PG_EXTRA_OPTS (optional) is added to the server's options on start, e.g.
+# PG_EXTRA_OPTS="-c shared_preload_libraries=pg_stat_statements" (benches/report uses it).
+#
 # Idempotent: start on a running cluster only prints the URL; stop on a stopped one does
 # nothing. PostgreSQL refuses to run as root, so as root the cluster belongs to the
 # system user `hsmpg` (created if missing); otherwise to the calling user. The URL names
@@ -153,7 +156,7 @@ start() {
     # which may not exist or belong to another cluster). fsync stays on: tests of
     # durability must not pass because the database lied about it.
     as_owner "$bin/pg_ctl" -D "$data" -l "$dir/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300" start >/dev/null \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 ${PG_EXTRA_OPTS:-}" start >/dev/null \
         || { tail -n 20 "$dir/server.log" >&2; die "the server did not start (log: $dir/server.log)"; }
     url "$dir"
 }

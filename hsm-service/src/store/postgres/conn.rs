@@ -199,6 +199,9 @@ fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, StoreErro
     Ok(roots)
 }
 
+/// A row of a store table: key and value bytes.
+pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One session and the statements prepared on it (a prepared statement lives as long as
 /// its session, so the cache is per connection: a repeated query costs one round trip).
 pub(super) struct PgConn {
@@ -392,6 +395,25 @@ impl Queries<'_> {
         let r = self.conn.query(&sql, &[&key.as_bytes()]);
         let rows = self.wrap("get", r)?;
         Ok(rows.into_iter().next().map(|row| row.get(0)))
+    }
+
+    /// Locking read of many keys in one statement: the (key, value) rows found.
+    pub(super) fn get_many_locking(
+        &mut self,
+        table: Table,
+        keys: &[&[u8]],
+    ) -> Result<Vec<KeyValue>, Rollback> {
+        // Sorted keys, as the flush writes them: two instances lock in the same order.
+        let sql = format!(
+            "SELECT k, v FROM {} WHERE k = ANY($1) ORDER BY k FOR UPDATE",
+            table.name()
+        );
+        let r = self.conn.query(&sql, &[&keys]);
+        let rows = self.wrap("get", r)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
     }
 
     pub(super) fn scan(

@@ -268,6 +268,63 @@ fn an_absent_key_inserted_by_two_batches_commits_once() {
 }
 
 #[test]
+fn get_many_is_one_locking_read_with_gets_semantics() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    let b = Arc::new(db.backend("b"));
+    write(&a, |t| t.put(Table::Credentials, "p", b"1")).expect("seed");
+    let keys: Vec<String> = ["q", "p", "p", "r"].map(str::to_owned).to_vec();
+    let mut ta = a.begin_batch().expect("begin a");
+    ta.put(Table::Credentials, "r", b"own").expect("own write");
+    assert_eq!(
+        ta.get_many(Table::Credentials, &keys).expect("get_many"),
+        [
+            None,
+            Some(b"1".to_vec()),
+            Some(b"1".to_vec()),
+            Some(b"own".to_vec())
+        ]
+    );
+    // "p" is row-locked by it: another batch's locking read waits for the commit.
+    let waiter = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let mut tb = b.begin_batch().expect("begin b");
+            let seen = tb.get(Table::Credentials, "p").expect("get");
+            tb.put(Table::Credentials, "p", b"3").expect("put");
+            tb.commit().expect("commit b");
+            (seen, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // "q" was read as absent: a plain INSERT.
+    ta.put(Table::Credentials, "q", b"2").expect("put");
+    ta.put(Table::Credentials, "p", b"2").expect("put");
+    let committed = Instant::now();
+    ta.commit().expect("commit a");
+    let (seen, at) = waiter.join().expect("thread");
+    assert_eq!(seen, Some(b"2".to_vec()), "b read after a's commit");
+    assert!(at >= committed);
+    assert_eq!(get(&a, Table::Credentials, "q"), Some(b"2".to_vec()));
+
+    // A key read absent by get_many and inserted meanwhile by another batch: this
+    // batch's plain INSERT is refused, never a silent overwrite.
+    let mut ta = a.begin_batch().expect("begin a");
+    let z = ["z".to_owned()];
+    assert_eq!(
+        ta.get_many(Table::Credentials, &z).expect("get_many"),
+        [None]
+    );
+    write(&b, |t| t.put(Table::Credentials, "z", b"b")).expect("b inserts z");
+    ta.put(Table::Credentials, "z", b"a").expect("put");
+    let err = ta.commit().expect_err("must not overwrite");
+    assert!(matches!(err, StoreError::Aborted(_)), "{err:?}");
+    assert_eq!(get(&a, Table::Credentials, "z"), Some(b"b".to_vec()));
+}
+
+#[test]
 fn a_taken_audit_seq_fails_the_batch() {
     let Some(db) = TestDatabase::create() else {
         return;
