@@ -104,6 +104,16 @@ impl CredentialBench {
             Store::open_redb(&dir.path().join(hsm_service::store::EMBEDDED_FILE), options)
                 .expect("store"),
         );
+        CredentialBench::on_store(rt, bench, dir, store)
+    }
+
+    /// The same over `store` (any backend); `dir` is kept alive with it.
+    pub fn on_store(
+        rt: &tokio::runtime::Runtime,
+        bench: Bench,
+        dir: tempfile::TempDir,
+        store: Arc<Store>,
+    ) -> CredentialBench {
         rt.block_on(credentials::ensure_master_key(
             &bench.hsm,
             store.as_ref(),
@@ -204,4 +214,143 @@ pub fn session_hmac_key(session: &Session, seed: &[u8]) -> ObjectHandle {
             Attribute::Value(seed.to_vec()),
         ])
         .expect("session HMAC key")
+}
+
+/// A private PostgreSQL cluster for one bench run, in a temporary directory
+/// (`scripts/postgres.sh start`, with `pg_stat_statements` loaded), stopped on drop.
+/// Databases on it: [`PgCluster::database`].
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    /// Superuser URL (trust authentication, loopback only).
+    pub url: String,
+}
+
+/// The repository's `scripts/postgres.sh`.
+pub const POSTGRES_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/postgres.sh");
+
+impl PgCluster {
+    /// Starts one on a free loopback port. `Err` (with the script's output) when
+    /// PostgreSQL is not installed and cannot be, or the server does not start.
+    pub fn start() -> Result<PgCluster, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("hsm-bench-pg-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("a free port: {e}"))?
+            .port();
+        let out = std::process::Command::new("bash")
+            .arg(POSTGRES_SH)
+            .arg("start")
+            .arg(dir.path())
+            .arg(port.to_string())
+            .env(
+                "PG_EXTRA_OPTS",
+                "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on",
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("{POSTGRES_SH}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{POSTGRES_SH} start failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // The test-support databases (`TestDatabase`) are made on the cluster this names.
+        std::env::set_var(hsm_service::store::postgres::testing::URL_VAR, &url);
+        Ok(PgCluster { dir, url })
+    }
+
+    /// A fresh database of its own (dropped with the value), with `pg_stat_statements`.
+    pub fn database(&self) -> hsm_service::store::postgres::testing::TestDatabase {
+        let db = hsm_service::store::postgres::testing::TestDatabase::create()
+            .expect("a database on the bench cluster");
+        db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        db
+    }
+
+    /// Process ids of the server: the postmaster and every process it started (one per
+    /// session, plus its background workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(master) = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if proc_stat(pid).is_some_and(|s| s.ppid == master) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(POSTGRES_SH)
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The fields of `/proc/PID/stat` the benches use.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    /// Parent process id.
+    pub ppid: u32,
+    /// User plus system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// `/proc/PID/stat` of a live process.
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after its last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state (3), ppid (4), ..., utime (14), stime (15).
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        ppid: u32::try_from(ticks(1)?).ok()?,
+        cpu_ticks: ticks(11)? + ticks(12)?,
+    })
+}
+
+/// CPU seconds (user + system) the processes `pids` have used so far (the live ones).
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| proc_stat(*p))
+        .map(|s| s.cpu_ticks)
+        .sum::<u64>() as f64
+        / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK` (100 on Linux unless someone built it otherwise).
+pub fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }

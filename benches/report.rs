@@ -99,9 +99,10 @@ fn hmac_op(n: u64) -> String {
 const ECDSA: &str = "ECDSA P-256 sign";
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(LOAD_CHILD) {
-        load_child(std::env::args().skip(2).collect());
-        return;
+    match std::env::args().nth(1).as_deref() {
+        Some(LOAD_CHILD) => return load_child(std::env::args().skip(2).collect()),
+        Some(SERVICE_CHILD) => return service_child(std::env::args().skip(2).collect()),
+        _ => {}
     }
     let mut quick = false;
     let mut out = PathBuf::from("target/report");
@@ -237,9 +238,9 @@ fn main() {
         });
     }
     drop(bench);
-    let e2e = end_to_end(quick);
+    let (e2e, skipped) = end_to_end(quick);
     let mut md = markdown(&rows, quick);
-    md.push_str(&e2e_markdown(&rows, &e2e));
+    md.push_str(&e2e_markdown(&rows, &e2e, skipped.as_deref()));
     print!("{md}");
     std::fs::create_dir_all(&out).expect("--out directory");
     std::fs::write(out.join("report.md"), &md).expect("write report.md");
@@ -378,6 +379,11 @@ enum Backend {
     /// redb without fsync (`DevEnv::start_without_fsync_bench_only`): bench only, the
     /// cost of durability.
     RedbNoFsync,
+    /// PostgreSQL on a private cluster of this run (`scripts/postgres.sh`, fsync and
+    /// `synchronous_commit` on), each instance a process of its own (this binary
+    /// re-executed, [`service_child`]) over one token and one database, with its own
+    /// `[store] instance` (audit chain) and listening address.
+    Postgres,
 }
 
 impl Backend {
@@ -385,6 +391,7 @@ impl Backend {
         match self {
             Backend::Redb => "redb",
             Backend::RedbNoFsync => "redb, no fsync (bench only)",
+            Backend::Postgres => "postgres",
         }
     }
 }
@@ -426,7 +433,7 @@ const fn series(
     }
 }
 
-use Backend::{Redb, RedbNoFsync};
+use Backend::{Postgres, Redb, RedbNoFsync};
 use Load::{Closed, OpenAtHalfPeak};
 use Path::{HotpAccepted, SignAssertion, TotpReplayed};
 
@@ -436,10 +443,14 @@ use Path::{HotpAccepted, SignAssertion, TotpReplayed};
 const SERIES: &[Series] = &[
     series(HotpAccepted, Redb, 1, Closed, "accepted"),
     series(HotpAccepted, RedbNoFsync, 1, Closed, "accepted"),
+    series(HotpAccepted, Postgres, 1, Closed, "accepted"),
+    series(HotpAccepted, Postgres, 2, Closed, "accepted"),
     series(HotpAccepted, Redb, 1, OpenAtHalfPeak, "accepted"),
     series(TotpReplayed, Redb, 1, Closed, "replayed"),
     series(TotpReplayed, RedbNoFsync, 1, Closed, "replayed"),
     series(SignAssertion, Redb, 1, Closed, "sign"),
+    series(SignAssertion, Postgres, 1, Closed, "sign"),
+    series(SignAssertion, Postgres, 2, Closed, "sign"),
 ];
 
 /// Closed-loop concurrencies of the end-to-end rows.
@@ -469,6 +480,15 @@ struct E2e {
     accepted_min: f64,
     /// Throughput of every run of this row, in the order run (the row is the median).
     runs_ops_per_s: Vec<f64>,
+    /// CPU of the processes during the (median) run.
+    cpu: Cpu,
+    /// PostgreSQL rows: what the database executed during the (median) run.
+    pg: Option<PgStats>,
+    /// Requests of the run, warm-up included (measured requests scaled by
+    /// (warm-up + duration) / duration).
+    requests: f64,
+    /// Wall time of the run, set-up included.
+    wall_s: f64,
 }
 
 impl E2e {
@@ -522,33 +542,177 @@ fn median(mut runs: Vec<E2e>) -> E2e {
 struct Service {
     backend: Backend,
     instances: usize,
-    env: hsm_service::testing::DevEnv,
+    /// In-process servers (redb).
     servers: Vec<hsm_service::server::RunningServer>,
+    /// Instances in processes of their own (PostgreSQL), killed on drop.
+    children: Vec<ServiceChild>,
+    /// The PostgreSQL database of the instances (dropped after them: field order).
+    db: Option<hsm_service::store::postgres::testing::TestDatabase>,
+    env: hsm_service::testing::DevEnv,
 }
 
-/// Start `instances` service instances over one store of `backend`. The sign-assertion
-/// rows measure signing itself: unbound (no VerifyCode first).
-async fn start_service(backend: Backend, instances: usize) -> Service {
+impl Service {
+    /// The instances' gRPC addresses.
+    fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.servers
+            .iter()
+            .map(|s| s.local_addr())
+            .chain(self.children.iter().map(|c| c.addr))
+            .collect()
+    }
+
+    /// Process ids of the instances (this process for in-process ones).
+    fn pids(&self) -> Vec<u32> {
+        if self.children.is_empty() {
+            vec![std::process::id()]
+        } else {
+            self.children.iter().map(|c| c.child.id()).collect()
+        }
+    }
+}
+
+/// One instance in a process of its own: this binary as [`service_child`]. Closing its
+/// standard input stops it.
+struct ServiceChild {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for ServiceChild {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_timeout(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => return None,
+        }
+    }
+}
+
+/// First argument of the report re-executed as one service instance over PostgreSQL.
+const SERVICE_CHILD: &str = "--service-child";
+
+/// `report --service-child DIR URL INSTANCE`: the dev service of the data directory DIR
+/// (its `config.toml`: token, PINs, PKI) with `[store] backend = "postgres"`, `url =
+/// URL`, `instance = INSTANCE`, on 127.0.0.1:0, `login-service` allowed unbound
+/// assertions (as [`start_service`] does in process). Prints `listening ADDR`, serves
+/// until its standard input closes.
+fn service_child(args: Vec<String>) {
+    let [dir, url, instance] = args.as_slice() else {
+        eprintln!("report: {SERVICE_CHILD} DIR URL INSTANCE");
+        std::process::exit(2);
+    };
+    let path = std::path::Path::new(dir).join("config.toml");
+    let mut config = hsm_service::config::Config::load(&path).expect("dev config.toml");
+    config.server.listen = "127.0.0.1:0".parse().expect("address");
+    config.store = hsm_service::config::StoreConfig {
+        backend: hsm_service::config::StoreBackendKind::Postgres,
+        url: Some(url.clone()),
+        instance: Some(instance.clone()),
+        ..hsm_service::config::StoreConfig::default()
+    };
+    for rule in &mut config.clients {
+        if rule.cn.as_deref() == Some("login-service") {
+            rule.unbound_assertions = true;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt
+        .block_on(hsm_service::server::start(config))
+        .expect("the service starts on PostgreSQL");
+    println!("listening {}", server.local_addr());
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    rt.block_on(server.shutdown()).expect("shutdown");
+}
+
+/// Starts instance `instance` of `env` over the database `url` (see [`service_child`]).
+fn spawn_service_child(
+    env: &hsm_service::testing::DevEnv,
+    url: &str,
+    instance: &str,
+) -> ServiceChild {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg(SERVICE_CHILD)
+        .arg(env.dir.path())
+        .arg(url)
+        .arg(instance)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start a service instance");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the instance's address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("instance {instance} did not start: {line:?}"));
+    ServiceChild { child, addr }
+}
+
+/// Start `instances` service instances over one store of `backend` (PostgreSQL: a
+/// database of its own on `cluster`). The sign-assertion rows measure signing itself:
+/// unbound (no VerifyCode first).
+async fn start_service(
+    backend: Backend,
+    instances: usize,
+    cluster: Option<&hsm_benches::PgCluster>,
+) -> Service {
     let mut env = hsm_service::testing::DevEnv::new();
     env.allow_unbound_assertions("login-service");
-    let servers = match backend {
+    let (servers, children, db) = match backend {
         Backend::Redb | Backend::RedbNoFsync => {
             assert_eq!(
                 instances, 1,
                 "a redb store is one process's file: one instance only"
             );
-            vec![if backend == Backend::Redb {
+            let server = if backend == Backend::Redb {
                 env.start().await
             } else {
                 env.start_without_fsync_bench_only().await
-            }]
+            };
+            (vec![server], Vec::new(), None)
+        }
+        Backend::Postgres => {
+            let cluster = cluster.expect("a PostgreSQL cluster for the postgres rows");
+            let db = cluster.database();
+            // One after another: the first one applies the migrations and makes what
+            // is missing; the others find it.
+            let children = (1..=instances)
+                .map(|i| spawn_service_child(&env, &db.url, &format!("bench-{i}")))
+                .collect();
+            (Vec::new(), children, Some(db))
         }
     };
     Service {
         backend,
         instances,
-        env,
         servers,
+        children,
+        db,
+        env,
     }
 }
 
@@ -559,7 +723,30 @@ async fn start_service(backend: Backend, instances: usize) -> Service {
 /// worse than `hsmctl bench` against the same service). The runs of one group are
 /// interleaved (series by series, round by round, at each concurrency), so drift of this
 /// shared machine hits both sides of a ratio alike.
-fn end_to_end(quick: bool) -> Vec<E2e> {
+fn end_to_end(quick: bool) -> (Vec<E2e>, Option<String>) {
+    // Declared first, so dropped (stopped) after every service and database on it.
+    let cluster = if SERIES.iter().any(|s| s.backend == Postgres) {
+        match hsm_benches::PgCluster::start() {
+            Ok(c) => Some(c),
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI=true: the PostgreSQL rows must run: {e}")
+            }
+            Err(e) => {
+                eprintln!("report: PostgreSQL rows skipped: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let skipped = (cluster.is_none() && SERIES.iter().any(|s| s.backend == Postgres)).then(|| {
+        "PostgreSQL rows skipped: no cluster could be started (scripts/postgres.sh install)"
+            .to_owned()
+    });
+    let series: Vec<&Series> = SERIES
+        .iter()
+        .filter(|s| s.backend != Postgres || cluster.is_some())
+        .collect();
     let service_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -572,12 +759,16 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
     let rounds = if quick { 2 } else { ROUNDS };
     let concurrencies: &[usize] = if quick { &[1, 4] } else { &CONCURRENCIES };
     let mut services: Vec<Service> = Vec::new();
-    for s in SERIES {
+    for s in &series {
         if !services
             .iter()
             .any(|v| v.backend == s.backend && v.instances == s.instances)
         {
-            services.push(service_rt.block_on(start_service(s.backend, s.instances)));
+            services.push(service_rt.block_on(start_service(
+                s.backend,
+                s.instances,
+                cluster.as_ref(),
+            )));
         }
     }
     // One run of `s`: closed loop at `concurrency` in flight, or open loop at `rate`.
@@ -609,21 +800,49 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
         ]
         .map(str::to_owned)
         .to_vec();
-        for server in &service.servers {
+        for addr in service.addrs() {
             flags.push("--addr".into());
-            flags.push(format!("https://{}", server.local_addr()));
+            flags.push(format!("https://{addr}"));
         }
+        if let Some(db) = &service.db {
+            db.execute("SELECT pg_stat_statements_reset()");
+        }
+        let pg_before = cluster
+            .as_ref()
+            .map(|c| ticks(&c.pids()))
+            .unwrap_or_default();
+        let service_before = hsm_benches::cpu_seconds(&service.pids());
+        let started = Instant::now();
         let mut r = run_one(&service.env, &flags);
+        let wall = started.elapsed().as_secs_f64();
+        r.wall_s = wall;
+        let pg = cluster.as_ref().map_or(0.0, |c| {
+            let after = ticks(&c.pids());
+            after
+                .iter()
+                .map(|(pid, t)| t - pg_before.get(pid).copied().unwrap_or(0).min(*t))
+                .sum::<u64>() as f64
+                / hsm_benches::clock_ticks_per_second()
+        });
+        r.cpu = Cpu {
+            service: (hsm_benches::cpu_seconds(&service.pids()) - service_before) / wall,
+            postgres: pg / wall,
+            load: r.cpu.load / wall,
+        };
+        if let Some(db) = &service.db {
+            r.pg = db.query_text(PG_STATS_SQL).map(|t| PgStats::parse(&t));
+        }
         (r.path, r.backend, r.instances) = (s.path, s.backend, s.instances);
         (r.concurrency, r.rate) = (concurrency, rate);
         r
     };
     let mut rows: Vec<E2e> = Vec::new();
-    let mut groups: Vec<&str> = SERIES.iter().map(|s| s.group).collect();
+    let mut groups: Vec<&str> = series.iter().map(|s| s.group).collect();
     groups.dedup();
     for group in groups {
-        let closed: Vec<&Series> = SERIES
+        let closed: Vec<&Series> = series
             .iter()
+            .copied()
             .filter(|s| s.group == group && s.load == Load::Closed)
             .collect();
         for &c in concurrencies {
@@ -635,8 +854,9 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
             }
             rows.extend(samples.into_iter().map(median));
         }
-        let open: Vec<(&Series, f64)> = SERIES
+        let open: Vec<(&Series, f64)> = series
             .iter()
+            .copied()
             .filter(|s| s.group == group && s.load == Load::OpenAtHalfPeak)
             .map(|s| {
                 let peak = rows
@@ -659,13 +879,66 @@ fn end_to_end(quick: bool) -> Vec<E2e> {
         rows.extend(samples.into_iter().map(median));
     }
     service_rt.block_on(async {
-        for service in services {
-            for server in service.servers {
+        for service in &mut services {
+            for server in service.servers.drain(..) {
                 server.shutdown().await.expect("shutdown");
             }
         }
     });
-    rows
+    drop(services);
+    drop(cluster);
+    (rows, skipped)
+}
+
+/// CPU ticks so far of each live process of `pids`.
+fn ticks(pids: &[u32]) -> std::collections::HashMap<u32, u64> {
+    pids.iter()
+        .filter_map(|p| hsm_benches::proc_stat(*p).map(|s| (*p, s.cpu_ticks)))
+        .collect()
+}
+
+/// CPU used during one run, in cores (CPU seconds per second of the run's wall time,
+/// set-up and warm-up included): the service instances together, every PostgreSQL
+/// process, the load generator. The machine has `nproc` of them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    service: f64,
+    postgres: f64,
+    load: f64,
+}
+
+/// What `pg_stat_statements` saw in the row's database during one run (set-up, warm-up
+/// and clean-up included): statements executed, COMMITs, the locking credential read, and
+/// the time the server spent executing.
+const PG_STATS_SQL: &str = "SELECT concat_ws('|', \
+       coalesce(sum(calls), 0), \
+       coalesce(sum(calls) FILTER (WHERE query = 'COMMIT'), 0), \
+       coalesce(sum(calls) FILTER (WHERE query LIKE 'SELECT v FROM %FOR UPDATE'), 0), \
+       coalesce(sum(total_exec_time) FILTER (WHERE query LIKE 'SELECT v FROM %FOR UPDATE'), 0), \
+       coalesce(sum(total_exec_time), 0)) \
+     FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PgStats {
+    statements: f64,
+    commits: f64,
+    locking_reads: f64,
+    locking_read_ms: f64,
+    exec_ms: f64,
+}
+
+impl PgStats {
+    fn parse(text: &str) -> PgStats {
+        let v: Vec<f64> = text.split('|').map(|x| x.parse().unwrap_or(0.0)).collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
+        PgStats {
+            statements: at(0),
+            commits: at(1),
+            locking_reads: at(2),
+            locking_read_ms: at(3),
+            exec_ms: at(4),
+        }
+    }
 }
 
 /// One run: this binary re-executed as the load generator, as the dev identity
@@ -702,6 +975,20 @@ fn run_one(env: &hsm_service::testing::DevEnv, flags: &[String]) -> E2e {
         accepted_share: s["accepted_share"].as_f64().unwrap_or(0.0),
         accepted_min: 0.0,
         runs_ops_per_s: Vec::new(),
+        cpu: Cpu {
+            load: s["cpu_seconds"].as_f64().unwrap_or(0.0),
+            ..Cpu::default()
+        },
+        pg: None,
+        requests: {
+            let (n, w, d) = (
+                s["requests"].as_f64().unwrap_or(0.0),
+                s["warmup_seconds"].as_f64().unwrap_or(0.0),
+                s["duration_seconds"].as_f64().unwrap_or(1.0),
+            );
+            n * (w + d) / d.max(1e-9)
+        },
+        wall_s: 0.0,
     }
 }
 
@@ -727,10 +1014,12 @@ fn load_child(args: Vec<String>) {
             .await
             .expect("load run")
     });
+    let mut summary = summary;
+    summary["cpu_seconds"] = serde_json::json!(hsm_benches::cpu_seconds(&[std::process::id()]));
     println!("{summary}");
 }
 
-fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
+fn e2e_markdown(rows: &[Row], runs: &[E2e], skipped: Option<&str>) -> String {
     let direct = |op: &str| {
         rows.iter()
             .find(|r| r.family.starts_with("SoftHSM") && r.op == op && r.threads == 2)
@@ -741,10 +1030,19 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
          Each row is the median of its runs (last column, ops/s in the order run); the\n\
          runs of rows compared with each other were interleaved. The headline VerifyCode\n\
          rows are the accepted path (in-order HOTP codes, every answer must be ACCEPTED);\n\
-         the TOTP rows send the current step's code, so almost every answer is REPLAYED.\n\n\
-         | path | backend | instances | load | ops/s | p50 ms | p99 ms | e2e / direct (2 threads) | direct limit | ACCEPTED | outcomes | runs ops/s |\n\
-         |---|---|---:|---|---:|---:|---:|---:|---|---:|---|---|\n",
+         the TOTP rows send the current step's code, so almost every answer is REPLAYED.\n\
+         Durable in every row but the no-fsync one. redb instances run in the report's\n\
+         process; PostgreSQL instances (a private cluster of this run, fsync and\n\
+         synchronous_commit on) each in a process of their own over one token and one\n\
+         database, the load generator going round robin over them. CPU: cores used during\n\
+         the median run (CPU seconds / wall seconds, set-up included) by the service\n\
+         instances together / every PostgreSQL process / the load generator.\n\n\
+         | path | backend | instances | load | ops/s | p50 ms | p99 ms | e2e / direct (2 threads) | direct limit | ACCEPTED | outcomes | CPU cores svc / pg / load | runs ops/s |\n\
+         |---|---|---:|---|---:|---:|---:|---:|---|---:|---|---|---|\n",
     );
+    if let Some(why) = skipped {
+        md = format!("\n{why}\n{md}");
+    }
     for r in runs {
         let all = r
             .runs_ops_per_s
@@ -762,7 +1060,7 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
             _ => format!("{:.2}%", 100.0 * r.accepted_share),
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1}% | {} | {accepted} | {} | {all} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1}% | {} | {accepted} | {} | {:.2} / {:.2} / {:.2} | {all} |\n",
             r.path.label(),
             r.backend.label(),
             r.instances,
@@ -772,9 +1070,13 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
             r.p99_ms,
             100.0 * r.ops_per_s / direct(&r.path.limit_op()),
             r.path.limit_op(),
-            r.outcomes
+            r.outcomes,
+            r.cpu.service,
+            r.cpu.postgres,
+            r.cpu.load,
         ));
     }
+    md.push_str(&pg_markdown(runs));
     let peak = |path: Path, backend: Backend| {
         runs.iter()
             .filter(|r| {
@@ -844,6 +1146,112 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e]) -> String {
         p99 <= 5.0,
         format!("{:.2} ms", p99 - 5.0),
     ));
+    let in_flight = target_in_flight(runs);
+    let at = |path: Path, backend: Backend, instances: usize| {
+        runs.iter()
+            .find(|r| {
+                (r.path, r.backend, r.instances, r.concurrency)
+                    == (path, backend, instances, Some(in_flight))
+            })
+            .map(|r| r.ops_per_s)
+    };
+    for path in [HotpAccepted, SignAssertion] {
+        let (Some(redb), Some(one), Some(two)) = (
+            at(path, Redb, 1),
+            at(path, Postgres, 1),
+            at(path, Postgres, 2),
+        ) else {
+            continue;
+        };
+        let pg = one / redb;
+        md.push_str(&row(
+            &format!(
+                "{}: PostgreSQL, one instance, ≥ 60% of redb at {in_flight} in flight",
+                path.label()
+            ),
+            format!("{:.1}% ({one:.0} / {redb:.0} ops/s)", 100.0 * pg),
+            pg >= 0.6,
+            format!("{:.1} points", 100.0 * (0.6 - pg)),
+        ));
+        let scale = two / one;
+        md.push_str(&row(
+            &format!(
+                "{}: PostgreSQL, two instances together not slower than one at {in_flight} in flight",
+                path.label()
+            ),
+            format!("{:.2}× ({two:.0} / {one:.0} ops/s)", scale),
+            scale >= 1.0,
+            format!("{:.1}%", 100.0 * (1.0 - scale)),
+        ));
+    }
+    md
+}
+
+/// Concurrency of the PostgreSQL targets.
+const PG_TARGET_IN_FLIGHT: usize = 64;
+
+/// [`PG_TARGET_IN_FLIGHT`], or the highest concurrency run when it was not (`--quick`).
+fn target_in_flight(runs: &[E2e]) -> usize {
+    let all = || runs.iter().filter_map(|r| r.concurrency);
+    if all().any(|c| c == PG_TARGET_IN_FLIGHT) {
+        PG_TARGET_IN_FLIGHT
+    } else {
+        all().max().unwrap_or(PG_TARGET_IN_FLIGHT)
+    }
+}
+
+/// What bounds the PostgreSQL rows: per closed-loop row at [`PG_TARGET_IN_FLIGHT`] in
+/// flight (and the redb row beside it), the CPU of each side and what the database
+/// executed.
+fn pg_markdown(runs: &[E2e]) -> String {
+    let in_flight = target_in_flight(runs);
+    let pg_rows: Vec<&E2e> = runs
+        .iter()
+        .filter(|r| r.concurrency == Some(in_flight) && r.backend != RedbNoFsync)
+        .filter(|r| r.path != TotpReplayed)
+        .collect();
+    if !pg_rows.iter().any(|r| r.pg.is_some()) {
+        return String::new();
+    }
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut md = format!(
+        "\n## What bounds the PostgreSQL rows ({in_flight} in flight)\n\n\
+         The median run of each row. CPU in cores of the {nproc} this machine has (CPU\n\
+         seconds / wall seconds of the run); the database columns are `pg_stat_statements`\n\
+         in the row's database over the whole run (its credential set-up and clean-up\n\
+         included): statements and COMMITs (of read snapshots and of write batches alike)\n\
+         per request (requests of the run, warm-up included), mean time of the locking credential\n\
+         read (pg_stat_statements does not time a COMMIT's WAL flush, so no COMMIT column), and the share of the run\n\
+         the server spent executing statements.\n\n\
+         | path | backend | instances | ops/s | CPU service | CPU postgres | CPU load | CPU total | statements / request | COMMITs / request | locking read ms | executing |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in pg_rows {
+        let total = r.cpu.service + r.cpu.postgres + r.cpu.load;
+        let db = match r.pg {
+            Some(p) => {
+                let requests = r.requests.max(1.0);
+                format!(
+                    "{:.1} | {:.1} | {:.3} | {:.0}%",
+                    p.statements / requests,
+                    p.commits / requests,
+                    p.locking_read_ms / p.locking_reads.max(1.0),
+                    100.0 * p.exec_ms / 1000.0 / r.wall_s.max(1e-9),
+                )
+            }
+            None => "- | - | - | -".to_owned(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {total:.2} | {db} |\n",
+            r.path.label(),
+            r.backend.label(),
+            r.instances,
+            r.ops_per_s,
+            r.cpu.service,
+            r.cpu.postgres,
+            r.cpu.load,
+        ));
+    }
     md
 }
 
@@ -947,6 +1355,10 @@ mod tests {
             accepted_share,
             accepted_min: 0.0,
             runs_ops_per_s: Vec::new(),
+            cpu: Cpu::default(),
+            pg: None,
+            requests: 0.0,
+            wall_s: 0.0,
         }
     }
 

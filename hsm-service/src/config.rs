@@ -147,10 +147,21 @@ pub struct ServerConfig {
     /// HTTP/2, timeouts and decode limits.
     #[serde(default)]
     pub limits: TransportLimits,
+    /// Milliseconds between two looks of the health monitor at the token and the store
+    /// (how soon health turns NOT_SERVING, and SERVING again). 100..60000.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_ms: u64,
 }
 
 fn default_grace() -> u64 {
     30
+}
+
+/// [`ServerConfig::health_interval_ms`] unless configured.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5000;
+
+fn default_health_interval() -> u64 {
+    DEFAULT_HEALTH_INTERVAL_MS
 }
 
 /// Transport limits (`[server.limits]`): what one connection or one call may hold.
@@ -414,6 +425,9 @@ pub struct StoreConfig {
     pub ca_file: Option<PathBuf>,
     /// Longest a statement may run, a lock wait included. 100..600000, default 5000.
     pub statement_timeout_ms: u64,
+    /// Longest a connection attempt, or a wait for a pooled connection, may take before
+    /// the database counts as unreachable. 100..60000, default 5000.
+    pub connect_timeout_ms: u64,
     /// This instance's name: its audit chain. Unique per running instance; default the
     /// host name (or `default` when it is not a valid name).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -429,6 +443,7 @@ impl Default for StoreConfig {
             pool_size: 8,
             ca_file: None,
             statement_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
             instance: None,
         }
     }
@@ -469,6 +484,12 @@ impl StoreConfig {
                         self.statement_timeout_ms,
                         100,
                         600_000,
+                    ),
+                    (
+                        "store.connect_timeout_ms",
+                        self.connect_timeout_ms,
+                        100,
+                        60_000,
                     ),
                 ])?;
                 if let Some(name) = &self.instance {
@@ -523,6 +544,7 @@ impl StoreConfig {
         o.pool_size = self.pool_size;
         o.ca_file = self.ca_file.clone();
         o.statement_timeout = std::time::Duration::from_millis(self.statement_timeout_ms);
+        o.connect_timeout = std::time::Duration::from_millis(self.connect_timeout_ms);
         Ok(o)
     }
 }
@@ -1199,6 +1221,12 @@ impl Config {
                 0,
                 3600,
             ),
+            (
+                "server.health_interval_ms",
+                self.server.health_interval_ms,
+                100,
+                60_000,
+            ),
         ])?;
         self.server.limits.validate()?;
         if c.totp_window > 10 {
@@ -1657,6 +1685,14 @@ mod tests {
             documented.store.statement_timeout_ms,
             StoreConfig::default().statement_timeout_ms
         );
+        assert_eq!(
+            documented.store.connect_timeout_ms,
+            StoreConfig::default().connect_timeout_ms
+        );
+        assert_eq!(
+            std::time::Duration::from_millis(documented.store.connect_timeout_ms),
+            crate::store::postgres::DEFAULT_CONNECT_TIMEOUT
+        );
         assert!(documented.store.validate().is_ok());
 
         // Parsing: the backend names, an unknown key, relative files.
@@ -1835,6 +1871,12 @@ mod tests {
                 3600,
             ),
             (
+                "server.health_interval_ms",
+                |c, v| c.server.health_interval_ms = v,
+                100,
+                60_000,
+            ),
+            (
                 "server.limits.handshake_timeout_seconds",
                 |c, v| c.server.limits.handshake_timeout_seconds = v,
                 1,
@@ -1982,5 +2024,92 @@ mod tests {
         let mut c = base.clone();
         c.signing.max_auth_age_seconds = u64::MAX;
         assert!(c.validate().is_err());
+    }
+
+    /// `store.password_file` against a server that asks for the password: the right one
+    /// opens the store; a wrong or missing one fails with one line that says where to
+    /// look and holds neither password.
+    #[test]
+    fn the_postgres_password_file_is_used_and_a_wrong_one_fails_clearly() {
+        use crate::store::postgres::testing::TestDatabase;
+        use crate::store::postgres::PgBackend;
+
+        let Some(db) = TestDatabase::create() else {
+            return;
+        };
+        // scripts/postgres.sh makes members of this role authenticate with a password.
+        let rule = db.query_text(
+            "SELECT count(*) FROM pg_hba_file_rules \
+             WHERE '+hsm_password_login' = ANY(user_name) AND auth_method = 'scram-sha-256'",
+        );
+        if rule.as_deref() != Some("1") {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but the test cluster has no password rule (scripts/postgres.sh)"
+            );
+            eprintln!("skipping: the test cluster predates scripts/postgres.sh's password rule");
+            return;
+        }
+        let user = format!("{}_pw", db.name);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let right = format!("Right{nanos}Secret");
+        let wrong = format!("Wrong{nanos}Secret");
+        db.admin(
+            "DO $$ BEGIN CREATE ROLE hsm_password_login NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+        );
+        db.admin(&format!(
+            "CREATE ROLE {user} LOGIN PASSWORD '{right}' IN ROLE hsm_password_login"
+        ));
+        struct Role<'a>(&'a TestDatabase, String);
+        impl Drop for Role<'_> {
+            fn drop(&mut self) {
+                self.0.execute(&format!("DROP OWNED BY {}", self.1));
+                self.0.admin(&format!("DROP ROLE {}", self.1));
+            }
+        }
+        let _role = Role(&db, user.clone());
+        db.execute(&format!("GRANT CREATE ON SCHEMA public TO {user}"));
+
+        let at = db.url.find("://").expect("scheme") + 3;
+        let host = &db.url[at + db.url[at..].find('@').expect("user") + 1..];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pg-password");
+        let store = |password: Option<&str>| {
+            let password_file = password.map(|p| {
+                std::fs::write(&file, format!("{p}\n")).expect("write");
+                file.clone()
+            });
+            let cfg = StoreConfig {
+                backend: StoreBackendKind::Postgres,
+                url: Some(format!("postgresql://{user}@{host}")),
+                password_file,
+                instance: Some("pw".into()),
+                ..StoreConfig::default()
+            };
+            cfg.validate().expect("valid");
+            let o = cfg.postgres_options().expect("options");
+            assert!(
+                !format!("{o:?}").contains(password.unwrap_or("\0")),
+                "{o:?}"
+            );
+            PgBackend::open(&o).map(drop)
+        };
+
+        store(Some(&right)).expect("the right password opens the store");
+        for (password, expect) in [
+            (Some(wrong.as_str()), "store.password_file"),
+            (None, "store.password_file is not set"),
+        ] {
+            let err = store(password).expect_err("refused");
+            let text = err.to_string();
+            println!("{text}");
+            assert!(text.contains(expect), "{text}");
+            assert!(!text.contains('\n'), "one line: {text}");
+            assert!(!text.contains(&right) && !text.contains(&wrong), "{text}");
+            assert!(!format!("{err:?}").contains(&wrong), "{err:?}");
+        }
     }
 }

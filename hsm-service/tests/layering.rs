@@ -240,7 +240,11 @@ const BELOW_TOP: &[&str] = &[
 const TEST_CODE_MAY_ALSO_IMPORT: &[&str] = &["testing"];
 
 /// External crates the design confines to some modules: (crate, modules that may name
-/// it, why).
+/// it, why). A module is a path: `store::redb` is `src/store/redb/` (and anything inside
+/// it). A path's first segment that is a module declared in the naming module
+/// (`pub mod redb;` in `store/mod.rs`, then `redb::RedbBackend`) is that module, not the
+/// crate (Rust resolves it so too); `::redb::X`, `use redb;` and `extern crate redb` are
+/// always the crate.
 const EXTERNAL: &[(&str, &[&str], &str)] = &[
     (
         "cryptoki",
@@ -254,23 +258,28 @@ const EXTERNAL: &[(&str, &[&str], &str)] = &[
     ),
     (
         "redb",
-        &["store"],
-        "only store names the embedded engine's types",
+        &["store::redb"],
+        "only store/redb names the embedded engine's types",
     ),
     (
         "postgres",
-        &["store"],
-        "only store (store/postgres) names PostgreSQL types",
+        &["store::postgres"],
+        "only store/postgres names PostgreSQL types",
+    ),
+    (
+        "tokio_postgres",
+        &["store::postgres"],
+        "only store/postgres names PostgreSQL types",
     ),
     (
         "tokio_postgres_rustls",
-        &["store"],
-        "only store (store/postgres) names PostgreSQL types",
+        &["store::postgres"],
+        "only store/postgres names PostgreSQL types",
     ),
     (
         "r2d2",
-        &["store"],
-        "only store (store/postgres) names PostgreSQL types",
+        &["store::postgres"],
+        "only store/postgres names PostgreSQL types (its read pool)",
     ),
     (
         "hsm_proto",
@@ -293,10 +302,15 @@ const KNOWN_UNTIL_UOW: &[(&str, &str)] = &[];
 struct Import {
     file: String,
     line: usize,
+    /// The importing top-level module.
     from: String,
+    /// The importing module's whole path (`store::postgres::conn`).
+    module: String,
     to: String,
     test_code: bool,
     external: bool,
+    /// An external crate named unambiguously (`::x::`, `use x;`, `extern crate x`).
+    explicit_crate: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -312,12 +326,16 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Violation(i, allowed) => {
-                let what = if i.external { "crate " } else { "" };
+                let (what, who) = if i.external {
+                    ("crate ", &i.module)
+                } else {
+                    ("", &i.from)
+                };
                 let test = if i.test_code { " (test code)" } else { "" };
                 write!(
                     f,
                     "{}:{}: {}{} imports {}{} ({})",
-                    i.file, i.line, i.from, test, what, i.to, allowed
+                    i.file, i.line, who, test, what, i.to, allowed
                 )
             }
             Problem::UnknownModule(m) => write!(
@@ -491,12 +509,14 @@ fn is_ident(t: &str) -> bool {
 }
 
 /// What one file imports. `test_files` are module paths declared `#[cfg(test)] mod x;`
-/// (filled by this scan for the files below).
+/// (filled by this scan for the files below); `declared` every module path a `mod x;` or
+/// `mod x { .. }` declares.
 fn scan_file(
     file: &str,
     src: &str,
     externals: &BTreeSet<&str>,
     test_files: &mut BTreeSet<Vec<String>>,
+    declared: &mut BTreeSet<Vec<String>>,
 ) -> Vec<(Import, Vec<String>)> {
     let t = tokenize(src);
     let tok = |i: usize| t.get(i).map_or("", |x| x.text.as_str());
@@ -567,6 +587,11 @@ fn scan_file(
                 }
             }
         }
+        if here == "mod" && is_ident(tok(i + 1)) && matches!(tok(i + 2), "{" | ";") {
+            let mut p = current(&scopes);
+            p.push(tok(i + 1).to_owned());
+            declared.insert(p);
+        }
         if here == "mod" && is_ident(tok(i + 1)) && tok(i + 2) == "{" {
             let parent_test = scopes.last().is_some_and(|s| s.2);
             depth += 1;
@@ -604,15 +629,32 @@ fn scan_file(
                     file: file.to_owned(),
                     line: t[i].line,
                     from: file_path.first().cloned().unwrap_or_default(),
+                    module: current(&scopes).join("::"),
                     to,
                     test_code: scopes.last().is_some_and(|s| s.2),
                     external,
+                    explicit_crate: false,
                 },
                 current(&scopes),
             )
         };
-        if path_start && externals.contains(here) {
-            found.push(at(here.to_owned(), true));
+        if externals.contains(here) {
+            let before = if i < 2 { "" } else { tok(i - 2) };
+            // `::x::..` at the start of a path (not `a::x`, `T>::x`, `f()::x`).
+            let keyword = matches!(
+                before,
+                "use" | "pub" | "return" | "let" | "in" | "as" | "dyn" | "impl" | "mut" | "ref"
+            );
+            let leading =
+                prev == "::" && (keyword || (!is_ident(before) && !matches!(before, ">" | ")")));
+            let explicit = leading
+                || (prev == "use" && matches!(tok(i + 1), ";" | "as"))
+                || (prev == "crate" && before == "extern");
+            if explicit || path_start {
+                let (mut imp, path) = at(here.to_owned(), true);
+                imp.explicit_crate = explicit;
+                found.push((imp, path));
+            }
         }
         let crate_root = here == "crate" || (is_main && here == "hsm_service");
         if path_start && (crate_root || here == "super" || here == "self") {
@@ -708,14 +750,31 @@ fn check(files: &[(String, String)], allow: &[(&str, &str)]) -> Vec<Problem> {
     }
     let externals: BTreeSet<&str> = EXTERNAL.iter().map(|e| e.0).collect();
     let mut test_files = BTreeSet::new();
+    let mut declared = BTreeSet::new();
     let mut imports = Vec::new();
     for (file, src) in files {
         if file == "lib.rs" {
             // The crate root only declares modules and re-exports.
             continue;
         }
-        imports.extend(scan_file(file, src, &externals, &mut test_files));
+        imports.extend(scan_file(
+            file,
+            src,
+            &externals,
+            &mut test_files,
+            &mut declared,
+        ));
     }
+    // A crate-named path inside a module that declares a module of that name is the
+    // module (`redb::RedbBackend` in store/mod.rs).
+    imports.retain(|(imp, path)| {
+        if !imp.external || imp.explicit_crate {
+            return true;
+        }
+        let mut local = path.clone();
+        local.push(imp.to.clone());
+        !declared.contains(&local)
+    });
     let mut used_allowances = BTreeSet::new();
     for (mut imp, path) in imports {
         if (1..=path.len()).any(|n| test_files.contains(&path[..n])) {
@@ -747,7 +806,10 @@ fn check(files: &[(String, String)], allow: &[(&str, &str)]) -> Vec<Problem> {
             allowed.extend(TEST_CODE_MAY_ALSO_IMPORT);
         }
         let ok = if imp.external {
-            allowed.contains(&imp.from.as_str())
+            allowed.iter().any(|a| {
+                let a: Vec<&str> = a.split("::").collect();
+                path.len() >= a.len() && path.iter().zip(&a).all(|(p, a)| p == a)
+            })
         } else {
             allowed.contains(&imp.to.as_str())
         };
@@ -946,14 +1008,97 @@ fn external_crates_stay_in_their_module() {
     let v = violations(&check(&with_planted("signing/x.rs", src), KNOWN_UNTIL_UOW));
     assert!(
         v.iter()
-            .any(|l| l.starts_with("signing/x.rs:1: signing imports crate cryptoki")),
+            .any(|l| l.starts_with("signing/x.rs:1: signing::x imports crate cryptoki")),
         "{v:#?}"
     );
     assert!(
         v.iter()
-            .any(|l| l.starts_with("signing/x.rs:2: signing imports crate redb")),
+            .any(|l| l.starts_with("signing/x.rs:2: signing::x imports crate redb")),
         "{v:#?}"
     );
+}
+
+/// Inside `store` each engine's crate stays in its own directory: redb in
+/// `store/redb/`, the PostgreSQL crates in `store/postgres/`.
+#[test]
+fn engine_crates_stay_in_their_engine_directory() {
+    let src = "use redb::Database;\nfn p() { let _ = postgres::Config::new(); }\nuse r2d2::Pool;\nfn q(_: tokio_postgres::Error, _: tokio_postgres_rustls::MakeRustlsConnect) {}\n";
+    let v = violations(&check(&with_planted("store/x.rs", src), KNOWN_UNTIL_UOW));
+    for want in [
+        "store/x.rs:1: store::x imports crate redb (redb may be named only in store::redb: only store/redb names the embedded engine's types)",
+        "store/x.rs:2: store::x imports crate postgres (postgres may be named only in store::postgres: only store/postgres names PostgreSQL types)",
+        "store/x.rs:3: store::x imports crate r2d2 (r2d2 may be named only in store::postgres: only store/postgres names PostgreSQL types (its read pool))",
+    ] {
+        assert!(v.contains(&want.to_owned()), "missing {want}: {v:#?}");
+    }
+    for c in ["tokio_postgres", "tokio_postgres_rustls"] {
+        assert!(
+            v.iter()
+                .any(|l| l.starts_with(&format!("store/x.rs:4: store::x imports crate {c} "))),
+            "{c}: {v:#?}"
+        );
+    }
+    // Each engine's crate in the other engine's directory.
+    let v = violations(&check(
+        &with_planted(
+            "store/postgres/x.rs",
+            "use redb::Database;\nuse postgres::Client;\n",
+        ),
+        KNOWN_UNTIL_UOW,
+    ));
+    assert!(
+        v.iter().any(|l| l
+            .starts_with("store/postgres/x.rs:1: store::postgres::x imports crate redb ")),
+        "{v:#?}"
+    );
+    assert!(
+        !v.iter().any(|l| l.starts_with("store/postgres/x.rs:2:")),
+        "{v:#?}"
+    );
+    let v = violations(&check(
+        &with_planted(
+            "store/redb/x.rs",
+            "use redb::Database;\nfn f() { let _ = postgres::Client::connect(); }\n",
+        ),
+        KNOWN_UNTIL_UOW,
+    ));
+    assert!(
+        !v.iter().any(|l| l.starts_with("store/redb/x.rs:1:")),
+        "{v:#?}"
+    );
+    assert!(
+        v.iter()
+            .any(|l| l.starts_with("store/redb/x.rs:2: store::redb::x imports crate postgres ")),
+        "{v:#?}"
+    );
+}
+
+/// A module declared with a crate's name (`pub mod redb;`) is named through that name
+/// without naming the crate; a leading `::`, `use redb;` or `extern crate` is the crate.
+#[test]
+fn a_module_named_like_a_crate_is_not_the_crate() {
+    let src = "pub mod redb;\nmod postgres {\n    pub fn f() {}\n}\npub use self::redb::X;\nfn f() { let _ = redb::Backend::open(); postgres::f(); }\nfn g() { let _ = ::redb::Database::create(); }\nmod inner {\n    fn h() { let _ = redb::Database::create(); }\n}\nuse r2d2;\nextern crate tokio_postgres;\nuse ::redb::Database;\n";
+    let v = violations(&check(&with_planted("store/y.rs", src), KNOWN_UNTIL_UOW));
+    for line in [1, 5, 6] {
+        assert!(
+            !v.iter()
+                .any(|l| l.starts_with(&format!("store/y.rs:{line}:"))),
+            "line {line}: {v:#?}"
+        );
+    }
+    for want in [
+        "store/y.rs:7: store::y imports crate redb ",
+        // `inner` declares no `redb`: there the name is the crate's.
+        "store/y.rs:9: store::y::inner imports crate redb ",
+        "store/y.rs:11: store::y imports crate r2d2 ",
+        "store/y.rs:12: store::y imports crate tokio_postgres ",
+        "store/y.rs:13: store::y imports crate redb ",
+    ] {
+        assert!(
+            v.iter().any(|l| l.starts_with(want)),
+            "missing {want}: {v:#?}"
+        );
+    }
 }
 
 #[test]

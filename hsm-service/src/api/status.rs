@@ -106,4 +106,76 @@ mod tests {
             assert_eq!(s.message(), text);
         }
     }
+
+    /// A PostgreSQL statement that outlives `store.statement_timeout_ms` (here a locking
+    /// read queued behind another instance's row lock) fails its group-commit batch, and
+    /// the caller is answered UNAVAILABLE (retry); the instance's next batch commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_statement_timeout_answers_unavailable_then_recovers() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        use crate::store::postgres::testing::TestDatabase;
+        use crate::store::postgres::PgBackend;
+        use crate::store::uow::Table;
+        use crate::store::{Store, StoreOptions};
+
+        let Some((db, holder, waiter)) = tokio::task::spawn_blocking(|| {
+            let db = TestDatabase::create()?;
+            let holder = db.store("holder");
+            let mut o = db.options("waiter");
+            o.statement_timeout = Duration::from_millis(300);
+            let backend = PgBackend::open(&o).expect("open");
+            let waiter =
+                Store::with_backend(Arc::new(backend), StoreOptions::default()).expect("store");
+            Some((db, holder, Arc::new(waiter)))
+        })
+        .await
+        .expect("set-up") else {
+            return;
+        };
+        holder.put_meta("k", b"0".to_vec()).await.expect("seed");
+
+        // The holder's batch locks the row and keeps it for 2 s.
+        let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+        let held = {
+            let holder = holder.clone();
+            tokio::spawn(async move {
+                holder
+                    .write(move |t| {
+                        t.get(Table::Meta, "k")?;
+                        let _ = locked_tx.send(());
+                        std::thread::sleep(Duration::from_secs(2));
+                        t.put(Table::Meta, "k", b"1")
+                    })
+                    .await
+            })
+        };
+        locked_rx.await.expect("locked");
+        let started = Instant::now();
+        let err = waiter
+            .write(|t| t.get(Table::Meta, "k"))
+            .await
+            .expect_err("the waiting statement times out");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(err.to_string().contains("57014"), "{err}");
+        let status = Status::from(crate::error::store_failure("verify", err));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "store unavailable; retry later");
+
+        held.await.expect("holder").expect("the holder commits");
+        let v = waiter
+            .write(|t| t.get(Table::Meta, "k"))
+            .await
+            .expect("the waiter's next batch");
+        assert_eq!(v.as_deref(), Some(&b"1"[..]));
+        drop((holder, waiter));
+        tokio::task::spawn_blocking(move || drop(db))
+            .await
+            .expect("drop");
+    }
 }

@@ -62,11 +62,14 @@ pub fn insert_many(txn: &mut dyn Txn, recs: &[CredentialRecord]) -> TxnResult<()
         }
         keys.push(k);
     }
-    // All checks before the first write, so a refusal leaves the txn clean.
-    for k in &keys {
-        if txn.get(Table::Credentials, k)?.is_some() {
-            return Ok(Err(StoreError::AlreadyExists));
-        }
+    // All checks before the first write, so a refusal leaves the txn clean. One request
+    // for all of them where the backend can (PostgreSQL: one locking read).
+    if txn
+        .get_many(Table::Credentials, &keys)?
+        .iter()
+        .any(Option::is_some)
+    {
+        return Ok(Err(StoreError::AlreadyExists));
     }
     for (r, k) in recs.iter().zip(&keys) {
         txn.put(Table::Credentials, k, &encode(r))?;

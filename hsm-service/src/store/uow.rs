@@ -149,6 +149,16 @@ pub trait ReadTxn {
     /// The value at `key`.
     fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, Rollback>;
 
+    /// The values at `keys`, in their order: [`ReadTxn::get`] of each (the default),
+    /// which a backend may do in one request (PostgreSQL: one locking read of them all).
+    fn get_many(
+        &mut self,
+        table: Table,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, Rollback> {
+        keys.iter().map(|k| self.get(table, k)).collect()
+    }
+
     /// Up to `limit` entries of `range`, ascending by key.
     fn scan(
         &mut self,

@@ -223,6 +223,49 @@ impl ReadTxn for PgBatch<'_> {
         Ok(self.slot(table, key)?.current.clone())
     }
 
+    /// The keys this batch has not seen yet in one locking read (a bulk insert's
+    /// existence check is one round trip, not one per record); each becomes a slot as
+    /// [`ReadTxn::get`] makes it.
+    fn get_many(
+        &mut self,
+        table: Table,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, Rollback> {
+        let mut unseen: Vec<&String> = keys
+            .iter()
+            .filter(|k| !self.slots.contains_key(&(table, (*k).clone())))
+            .collect();
+        unseen.sort_unstable();
+        unseen.dedup();
+        if !unseen.is_empty() {
+            let wanted: Vec<&[u8]> = unseen.iter().map(|k| k.as_bytes()).collect();
+            let mut found: HashMap<Vec<u8>, Vec<u8>> = self
+                .with(|q| q.get_many_locking(table, &wanted))?
+                .into_iter()
+                .collect();
+            for k in unseen {
+                let current = found.remove(k.as_bytes());
+                let base = if current.is_some() {
+                    Base::Present
+                } else {
+                    Base::Absent
+                };
+                self.slots.insert(
+                    (table, k.clone()),
+                    Slot {
+                        base,
+                        current,
+                        dirty: false,
+                    },
+                );
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|k| self.slots[&(table, k.clone())].current.clone())
+            .collect())
+    }
+
     fn scan(
         &mut self,
         table: Table,

@@ -15,15 +15,14 @@ use super::PgOptions;
 use crate::store::uow::{KeyRange, Table};
 use crate::store::{Rollback, StoreError};
 
-/// How long one connection attempt may take before it counts as "database unreachable".
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Everything needed to open a session: the parsed URL with the password and session
 /// settings applied, and the TLS connector (used only when `ca_file` is set; otherwise
 /// the SSL mode is `disable` and the connector is never called).
 pub(super) struct ConnectInfo {
     config: postgres::Config,
     tls: MakeRustlsConnect,
+    /// `store.ca_file`, for the messages of a failed TLS handshake.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl ConnectInfo {
@@ -45,7 +44,7 @@ impl ConnectInfo {
             timeout_ms.saturating_mul(4).max(10_000)
         ));
         config.application_name(&format!("hsm-service/{}", opts.instance));
-        config.connect_timeout(CONNECT_TIMEOUT);
+        config.connect_timeout(opts.connect_timeout);
         // A database host that vanishes without a FIN/RST (network partition) is noticed
         // within seconds rather than after the kernel's two-hour keepalive default.
         config.keepalives(true);
@@ -72,6 +71,7 @@ impl ConnectInfo {
         Ok(ConnectInfo {
             config,
             tls: MakeRustlsConnect::new(tls_config),
+            ca_file: opts.ca_file.clone(),
         })
     }
 
@@ -102,15 +102,57 @@ impl ConnectInfo {
 
     /// Whether [`ConnectInfo::connect`]'s sessions are usable for writes.
     pub(super) fn checked_connect(&self) -> Result<PgConn, StoreError> {
-        let conn = self
-            .connect()
-            .map_err(|e| map_err(&e, "connecting to PostgreSQL"))?;
+        let conn = self.connect().map_err(|e| self.connect_error(&e))?;
         if conn.broken {
             return Err(StoreError::Backend(
                 "PostgreSQL session refused synchronous_commit = on".into(),
             ));
         }
         Ok(conn)
+    }
+}
+
+impl ConnectInfo {
+    /// A failed connection attempt as one line: a TLS failure says what was verified
+    /// against what (`store.ca_file`), and that there is no plaintext fallback.
+    pub(super) fn connect_error(&self, e: &postgres::Error) -> StoreError {
+        const WHAT: &str = "connecting to PostgreSQL";
+        if e.as_db_error().is_none() && with_causes(e).ends_with("password missing") {
+            return StoreError::Unavailable(format!(
+                "{WHAT}: the server asks for a password and store.password_file is not set"
+            ));
+        }
+        let Some(ca) = &self.ca_file else {
+            return map_err(e, WHAT);
+        };
+        if e.as_db_error().is_some() {
+            return map_err(e, WHAT);
+        }
+        let ca = ca.display();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            let inner = c
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map_or(c, |i| i as &(dyn std::error::Error + 'static));
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return StoreError::Unavailable(match tls {
+                    rustls::Error::InvalidCertificate(why) => format!(
+                        "{WHAT} over TLS: the server's certificate did not verify against \
+                         store.ca_file {ca} and the host in store.url: {why:?}"
+                    ),
+                    other => format!("{WHAT} over TLS (store.ca_file {ca}): {other}"),
+                });
+            }
+            if inner.to_string().contains("does not support TLS") {
+                return StoreError::Unavailable(format!(
+                    "{WHAT}: the server does not offer TLS, which store.ca_file {ca} \
+                     requires (no plaintext fallback)"
+                ));
+            }
+            cause = c.source();
+        }
+        map_err(e, WHAT)
     }
 }
 
@@ -156,6 +198,9 @@ fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, StoreErro
     }
     Ok(roots)
 }
+
+/// A row of a store table: key and value bytes.
+pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// One session and the statements prepared on it (a prepared statement lives as long as
 /// its session, so the cache is per connection: a repeated query costs one round trip).
@@ -253,6 +298,14 @@ pub(super) fn map_err(e: &postgres::Error, what: &str) -> StoreError {
                 "{text}; a concurrent transaction (another instance) conflicted, nothing was written, retry"
             ));
         }
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            // The server's message names the user, never the password.
+            return StoreError::Backend(format!(
+                "{text}: check the user in store.url and the password in store.password_file"
+            ));
+        }
         if *code == SqlState::ADMIN_SHUTDOWN
             || *code == SqlState::CRASH_SHUTDOWN
             || *code == SqlState::CANNOT_CONNECT_NOW
@@ -263,8 +316,25 @@ pub(super) fn map_err(e: &postgres::Error, what: &str) -> StoreError {
         }
         return StoreError::Backend(text);
     }
-    // No server error: the connection failed or closed (I/O, TLS, timeout).
-    StoreError::Unavailable(format!("{what}: {e}"))
+    // No server error: the connection failed or closed (I/O, TLS, timeout). The
+    // client's message names the kind only ("error connecting to server"); its causes
+    // say what happened.
+    StoreError::Unavailable(format!("{what}: {}", with_causes(e)))
+}
+
+/// An error's message followed by its causes'.
+fn with_causes(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Rows of a key range scan or an audit range: bounds a `usize` to SQL's bigint.
@@ -325,6 +395,25 @@ impl Queries<'_> {
         let r = self.conn.query(&sql, &[&key.as_bytes()]);
         let rows = self.wrap("get", r)?;
         Ok(rows.into_iter().next().map(|row| row.get(0)))
+    }
+
+    /// Locking read of many keys in one statement: the (key, value) rows found.
+    pub(super) fn get_many_locking(
+        &mut self,
+        table: Table,
+        keys: &[&[u8]],
+    ) -> Result<Vec<KeyValue>, Rollback> {
+        // Sorted keys, as the flush writes them: two instances lock in the same order.
+        let sql = format!(
+            "SELECT k, v FROM {} WHERE k = ANY($1) ORDER BY k FOR UPDATE",
+            table.name()
+        );
+        let r = self.conn.query(&sql, &[&keys]);
+        let rows = self.wrap("get", r)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
     }
 
     pub(super) fn scan(

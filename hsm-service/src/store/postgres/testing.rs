@@ -46,6 +46,32 @@ pub fn cluster_url() -> Option<String> {
     }
 }
 
+/// The variable naming the test cluster's CA certificate (PEM), set when the cluster
+/// serves TLS (`scripts/postgres.sh start DIR PORT --tls`; `scripts/postgres.sh ca DIR`
+/// prints the path).
+pub const CA_VAR: &str = "HSM_TEST_POSTGRES_CA";
+
+/// The CA that signed the test cluster's server certificate; `None` (after printing why)
+/// when the cluster serves no TLS and this is not CI. Panics under `CI=true` without one.
+pub fn cluster_ca() -> Option<std::path::PathBuf> {
+    match std::env::var_os(CA_VAR) {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "CI=true but {CA_VAR} is not set: scripts/test.sh starts the private \
+                     PostgreSQL cluster with --tls and exports its CA"
+                );
+            }
+            eprintln!(
+                "skipping a PostgreSQL TLS test: {CA_VAR} is not set \
+                 (scripts/postgres.sh start DIR PORT --tls; scripts/postgres.sh ca DIR)"
+            );
+            None
+        }
+    }
+}
+
 /// A database of its own, dropped (with its sessions) when this is dropped.
 pub struct TestDatabase {
     admin_url: String,

@@ -269,6 +269,63 @@ fn an_absent_key_inserted_by_two_batches_commits_once() {
 }
 
 #[test]
+fn get_many_is_one_locking_read_with_gets_semantics() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    let b = Arc::new(db.backend("b"));
+    write(&a, |t| t.put(Table::Credentials, "p", b"1")).expect("seed");
+    let keys: Vec<String> = ["q", "p", "p", "r"].map(str::to_owned).to_vec();
+    let mut ta = a.begin_batch().expect("begin a");
+    ta.put(Table::Credentials, "r", b"own").expect("own write");
+    assert_eq!(
+        ta.get_many(Table::Credentials, &keys).expect("get_many"),
+        [
+            None,
+            Some(b"1".to_vec()),
+            Some(b"1".to_vec()),
+            Some(b"own".to_vec())
+        ]
+    );
+    // "p" is row-locked by it: another batch's locking read waits for the commit.
+    let waiter = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let mut tb = b.begin_batch().expect("begin b");
+            let seen = tb.get(Table::Credentials, "p").expect("get");
+            tb.put(Table::Credentials, "p", b"3").expect("put");
+            tb.commit().expect("commit b");
+            (seen, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // "q" was read as absent: a plain INSERT.
+    ta.put(Table::Credentials, "q", b"2").expect("put");
+    ta.put(Table::Credentials, "p", b"2").expect("put");
+    let committed = Instant::now();
+    ta.commit().expect("commit a");
+    let (seen, at) = waiter.join().expect("thread");
+    assert_eq!(seen, Some(b"2".to_vec()), "b read after a's commit");
+    assert!(at >= committed);
+    assert_eq!(get(&a, Table::Credentials, "q"), Some(b"2".to_vec()));
+
+    // A key read absent by get_many and inserted meanwhile by another batch: this
+    // batch's plain INSERT is refused, never a silent overwrite.
+    let mut ta = a.begin_batch().expect("begin a");
+    let z = ["z".to_owned()];
+    assert_eq!(
+        ta.get_many(Table::Credentials, &z).expect("get_many"),
+        [None]
+    );
+    write(&b, |t| t.put(Table::Credentials, "z", b"b")).expect("b inserts z");
+    ta.put(Table::Credentials, "z", b"a").expect("put");
+    let err = ta.commit().expect_err("must not overwrite");
+    assert!(matches!(err, StoreError::Aborted(_)), "{err:?}");
+    assert_eq!(get(&a, Table::Credentials, "z"), Some(b"b".to_vec()));
+}
+
+#[test]
 fn a_taken_audit_seq_fails_the_batch() {
     let Some(db) = TestDatabase::create() else {
         return;
@@ -420,6 +477,210 @@ fn a_ca_file_without_a_certificate_is_refused() {
         matches!(&err, StoreError::Invalid(m) if m.contains("store.ca_file")),
         "{err:?}"
     );
+}
+
+/// A throw-away CA certificate (PEM) that signed nothing the test cluster serves.
+fn unrelated_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "not the database's CA");
+    let cert = p.self_signed(&key).expect("self-signed");
+    let path = dir.join("other-ca.pem");
+    std::fs::write(&path, cert.pem()).expect("write CA");
+    path
+}
+
+/// With `ca_file` set every session the backend opens (committer and pool) is TLS, and
+/// the server's certificate was verified against that CA and the URL's host.
+#[test]
+fn tls_with_the_right_ca_verifies_the_server() {
+    let (Some(db), Some(ca)) = (TestDatabase::create(), super::testing::cluster_ca()) else {
+        return;
+    };
+    let mut o = db.options("tls");
+    o.ca_file = Some(ca);
+    let b = PgBackend::open(&o).expect("open over TLS");
+    write(&b, |t| t.put(Table::Meta, "k", b"over tls")).expect("batch");
+    assert_eq!(get(&b, Table::Meta, "k"), Some(b"over tls".to_vec()));
+    let sessions = |ssl: bool| {
+        db.query_text(&format!(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.datname = '{}' AND a.application_name = 'hsm-service/tls' AND s.ssl = {ssl}",
+            db.name
+        ))
+        .and_then(|n| n.parse::<u32>().ok())
+        .expect("count")
+    };
+    // The committer and at least one pooled reader.
+    assert!(sessions(true) >= 2, "TLS sessions: {}", sessions(true));
+    assert_eq!(sessions(false), 0, "a plaintext session");
+}
+
+/// A server certificate from another CA: one clear error naming `store.ca_file`, and no
+/// session reaches the database.
+#[test]
+fn tls_with_a_wrong_ca_is_refused() {
+    let (Some(db), Some(_)) = (TestDatabase::create(), super::testing::cluster_ca()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = db.options("tls");
+    o.ca_file = Some(unrelated_ca(dir.path()));
+    let err = PgBackend::open(&o).expect_err("refused");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!text.contains('\n'), "one line: {text}");
+    assert!(
+        text.contains("store.ca_file") && text.contains("certificate"),
+        "{text}"
+    );
+
+    // The right CA, but the URL names a host the certificate is not for (the address
+    // is the cluster's, through `hostaddr`): refused as well.
+    let (Some(at), Some(ca)) = (db.url.find("@127.0.0.1:"), super::testing::cluster_ca()) else {
+        panic!("the test cluster's URL names 127.0.0.1: {}", db.url);
+    };
+    let mut o = db.options("tls");
+    o.url = format!(
+        "{}@not-the-database.example:{}?hostaddr=127.0.0.1",
+        &db.url[..at],
+        &db.url[at + "@127.0.0.1:".len()..]
+    );
+    o.ca_file = Some(ca);
+    let err = PgBackend::open(&o).expect_err("refused");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(
+        text.contains("store.ca_file") && text.contains("NotValidForName"),
+        "{text}"
+    );
+
+    assert_eq!(
+        db.query_text(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+             AND application_name = 'hsm-service/tls'",
+            db.name
+        ))
+        .as_deref(),
+        Some("0")
+    );
+}
+
+/// A server that answers the TLS request "no" (as PostgreSQL with `ssl = off` does):
+/// with `ca_file` set the backend refuses it and never falls back to plaintext: after
+/// the 8-byte SSLRequest the server receives nothing (no start-up message, so no user
+/// name, no password exchange).
+#[test]
+fn tls_to_a_server_without_tls_is_refused_not_downgraded() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Every connection: what it sent after refusing TLS.
+            let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (mut s, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                };
+                s.set_nonblocking(false).expect("blocking");
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                let mut first = [0u8; 8];
+                s.read_exact(&mut first).expect("first message");
+                s.write_all(b"N").expect("refuse TLS");
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                seen.push((first.to_vec(), rest));
+            }
+            seen
+        })
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = super::PgOptions::new(format!("postgresql://hsm@127.0.0.1:{port}/hsm"), "a");
+    o.ca_file = Some(unrelated_ca(dir.path()));
+    let err = PgBackend::open(&o).expect_err("refused");
+    stop.store(true, Ordering::Relaxed);
+    let seen = server.join().expect("server");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!text.contains('\n'), "one line: {text}");
+    assert!(text.contains("TLS"), "{text}");
+    assert!(!seen.is_empty(), "the backend connected");
+    for (first, rest) in &seen {
+        assert_eq!(first, &SSL_REQUEST, "the first message asks for TLS");
+        assert!(rest.is_empty(), "plaintext after a refused TLS: {rest:?}");
+    }
+}
+
+/// A statement waiting longer than `statement_timeout` (a locking read behind another
+/// instance's row lock) fails the batch with a retryable error; the same session then
+/// serves the next batch.
+#[test]
+fn a_statement_over_the_timeout_fails_retryably_and_the_session_recovers() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let holder = db.backend("holder");
+    write(&holder, |t| t.put(Table::Meta, "k", b"0")).expect("seed");
+    let mut o = db.options("waiter");
+    o.statement_timeout = Duration::from_millis(300);
+    let waiter = PgBackend::open(&o).expect("open");
+    let pid = || {
+        db.query_text(&format!(
+            "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'hsm-service/waiter'",
+            db.name
+        ))
+    };
+    let sessions_before = pid();
+
+    let mut held = holder.begin_batch().expect("begin");
+    assert_eq!(
+        held.get(Table::Meta, "k").expect("lock"),
+        Some(b"0".to_vec())
+    );
+    let started = Instant::now();
+    let mut t = waiter.begin_batch().expect("begin");
+    let err = t.get(Table::Meta, "k").expect_err("timed out").0;
+    let waited = started.elapsed();
+    drop(t);
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::Aborted(m) if m.contains("57014")),
+        "{err:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    held.put(Table::Meta, "k", b"1").expect("buffered");
+    held.commit().expect("holder commits");
+
+    // The waiter's committer session survived the cancelled statement: no reconnect.
+    write(&waiter, |t| {
+        let v = t.get(Table::Meta, "k")?;
+        assert_eq!(v, Some(b"1".to_vec()));
+        t.put(Table::Meta, "k", b"2")
+    })
+    .expect("the next batch");
+    assert_eq!(get(&holder, Table::Meta, "k"), Some(b"2".to_vec()));
+    assert_eq!(pid(), sessions_before, "the same sessions");
 }
 
 mod store {
