@@ -3,7 +3,7 @@
 //! `store` (the [`super::Store`] handle, group commit, typed operations) is written once
 //! against these traits.
 
-use super::uow::{ReadTxn, Txn};
+use super::uow::{ReadTxn, Table, Txn};
 use super::StoreError;
 
 /// One open write transaction of the group committer. Dropping it without
@@ -34,6 +34,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         f: &mut dyn FnMut(&mut dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+
+    /// The committed value at `key`: [`Backend::read`] of one [`ReadTxn::get`] (the
+    /// default). A backend may answer it with a single statement (PostgreSQL: one
+    /// autocommit `SELECT`, which is its own consistent snapshot, instead of `BEGIN`,
+    /// `SELECT`, `COMMIT`). Blocking like [`Backend::read`]; async callers go through
+    /// [`super::Store::get_committed`].
+    fn get_committed(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut out = None;
+        self.read(&mut |txn| {
+            out = txn.get(table, key)?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
 
     /// Whether [`Backend::read`] waits on I/O (network) rather than memory-mapped pages.
     fn reads_block(&self) -> bool;

@@ -12,7 +12,7 @@ use super::backend::Backend;
 use super::evidence::{self, EvidenceRecord};
 use super::group_commit::{self, BoxedJob, Shared};
 use super::uow::{ReadTxn, Table, Txn};
-use super::{ops, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, Update};
+use super::{ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, Update};
 
 /// Options of a [`Store`]: its group committer, and (the last three) its engine.
 #[derive(Debug, Clone)]
@@ -189,6 +189,24 @@ impl Store {
         }
     }
 
+    /// The committed value at `key` ([`Backend::get_committed`]: on PostgreSQL one
+    /// statement), moved to tokio's blocking pool when the backend's reads block, as
+    /// [`Store::read`] does.
+    pub async fn get_committed(
+        &self,
+        table: Table,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let backend = self.backend.clone();
+        if backend.reads_block() {
+            tokio::task::spawn_blocking(move || backend.get_committed(table, &key))
+                .await
+                .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+        } else {
+            backend.get_committed(table, &key)
+        }
+    }
+
     /// [`Store::read`] on the calling thread, whatever the backend: for start-up and
     /// offline commands, and code already on a blocking thread. Never on a runtime
     /// worker with a network backend.
@@ -211,8 +229,8 @@ impl Store {
 
     /// Reads an evidence record (committed state).
     pub async fn get_evidence(&self, id: &str) -> Result<Option<EvidenceRecord>, StoreError> {
-        let id = id.to_owned();
-        self.read(move |txn| evidence::get_in(txn, &id)?).await
+        let bytes = self.get_committed(Table::Evidence, id.to_owned()).await?;
+        bytes.map(|b| evidence::decode(id, &b)).transpose()
     }
 
     /// Number of evidence records kept (spent and expired ones until purged).
@@ -316,8 +334,10 @@ impl CredentialStore for Store {
     }
 
     async fn get(&self, tenant: &str, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.read(move |txn| ops::get(txn, &tenant, &id)?).await
+        let bytes = self
+            .get_committed(Table::Credentials, record::key(tenant, id))
+            .await?;
+        bytes.map(|b| record::decode(tenant, id, &b)).transpose()
     }
 
     async fn list(
