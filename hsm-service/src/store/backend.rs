@@ -4,7 +4,7 @@
 //! against these traits.
 
 use super::uow::{ReadTxn, Table, Txn};
-use super::StoreError;
+use super::{Rollback, StoreError};
 
 /// One open write transaction of the group committer. Dropping it without
 /// [`BatchTxn::commit`] rolls it back.
@@ -12,6 +12,16 @@ pub trait BatchTxn: Txn {
     /// This transaction as the jobs see it (implement as `self`). Spelled out rather
     /// than left to trait upcasting, which needs Rust 1.86 (the workspace's MSRV is 1.85).
     fn as_txn(&mut self) -> &mut dyn Txn;
+
+    /// Reads `keys` of `table` ahead of the jobs that declared them, so that their
+    /// [`ReadTxn::get`]s are answered from this transaction: with the same (locking)
+    /// semantics as those gets, only all at once. Default: nothing (an engine whose
+    /// reads are memory lookups gains nothing from it). `keys` may repeat and be in any
+    /// order.
+    fn prefetch(&mut self, table: Table, keys: &[String]) -> Result<(), Rollback> {
+        let _ = (table, keys);
+        Ok(())
+    }
 
     /// Makes everything written durable (redb: fsync; PostgreSQL: COMMIT with
     /// `synchronous_commit = on`), or fails and keeps nothing.

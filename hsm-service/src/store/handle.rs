@@ -159,7 +159,24 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send + 'static,
     {
-        let (job, rx) = group_commit::job(f);
+        self.write_reading(Vec::new(), f)
+    }
+
+    /// [`Store::write`] of a job that will read the keys of `reads`: the committer reads
+    /// them for the whole batch at once before its jobs run (see `group_commit`:
+    /// PostgreSQL makes one locking read per batch of them instead of one per job).
+    /// Reading fewer or other keys is allowed; declaring one that the job does not read
+    /// only locks it needlessly until the commit.
+    pub fn write_reading<T, F>(
+        &self,
+        reads: Vec<(Table, String)>,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + '_
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send + 'static,
+    {
+        let (job, rx) = group_commit::job(reads, f);
         async move {
             let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
             sender.send(job).await.map_err(|_| StoreError::Closed)?;
@@ -363,7 +380,8 @@ impl CredentialStore for Store {
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
     {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.write(move |txn| ops::update(txn, &tenant, &id, f))
+        let reads = vec![(Table::Credentials, record::key(&tenant, &id))];
+        self.write_reading(reads, move |txn| ops::update(txn, &tenant, &id, f))
             .await
             .and_then(|r| r)
     }
@@ -381,7 +399,8 @@ impl CredentialStore for Store {
         E: FnOnce(&R, &mut dyn Txn) -> Result<(), Rollback> + Send + 'static,
     {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.write(move |txn| {
+        let reads = vec![(Table::Credentials, record::key(&tenant, &id))];
+        self.write_reading(reads, move |txn| {
             let answer = ops::update(txn, &tenant, &id, f)?;
             if let Ok(value) = &answer {
                 effects(value, txn)?;
