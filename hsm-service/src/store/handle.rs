@@ -12,7 +12,9 @@ use super::backend::Backend;
 use super::evidence::{self, EvidenceRecord};
 use super::group_commit::{self, BoxedJob, Shared};
 use super::uow::{ReadTxn, Table, Txn};
-use super::{ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, Update};
+use super::{
+    ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, Update,
+};
 
 /// Options of a [`Store`]: its group committer, and (the last three) its engine.
 #[derive(Debug, Clone)]

@@ -17,8 +17,9 @@
 //!   `INSERT ... ON CONFLICT (k) DO UPDATE`;
 //! * removed: `DELETE ... WHERE k = ANY($1)` (nothing for a key read as absent).
 //!
-//! Scans, counts and audit ranges inside a batch first flush the overlay, then ask the
-//! database, which then sees the batch's own writes.
+//! A scan inside a batch merges the database's rows with the overlay's unflushed writes
+//! in its range (no flush, no extra round trip); counts and audit ranges first flush the
+//! overlay, then ask the database, which then sees the batch's own writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::MutexGuard;
@@ -281,8 +282,46 @@ impl ReadTxn for PgBatch<'_> {
         range: &KeyRange,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, Rollback> {
-        self.flush()?;
-        self.with(|q| q.scan(table, range, limit))
+        // Not flushed first: the database's rows merged with this batch's unflushed
+        // writes in the range (an evidence insert's purge scans the expiry index in
+        // every accepted verification's job: a flush there would cost a round trip per
+        // job). `removed` more rows are asked for, so that after the batch's deletes at
+        // least `limit` remain when the database has them.
+        let unflushed: Vec<(String, Option<Vec<u8>>)> = self
+            .slots
+            .iter()
+            .filter(|((t, k), slot)| *t == table && slot.dirty && range.contains(k))
+            .map(|((_, k), slot)| (k.clone(), slot.current.clone()))
+            .collect();
+        if unflushed.is_empty() {
+            return self.with(|q| q.scan(table, range, limit));
+        }
+        let removed = unflushed.iter().filter(|(_, v)| v.is_none()).count();
+        let asked = limit.saturating_add(removed);
+        let rows = self.with(|q| q.scan(table, range, asked))?;
+        // The database may hold more keys past its last row than it returned: a key of
+        // this batch beyond that one cannot be placed, and is left out.
+        let horizon = if rows.len() >= asked {
+            rows.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        let mut merged: BTreeMap<String, Vec<u8>> = rows.into_iter().collect();
+        for (k, v) in unflushed {
+            match v {
+                Some(v) => {
+                    merged.insert(k, v);
+                }
+                None => {
+                    merged.remove(&k);
+                }
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter(|(k, _)| horizon.as_ref().is_none_or(|last| k <= last))
+            .take(limit)
+            .collect())
     }
 
     fn count(&mut self, table: Table) -> Result<u64, Rollback> {
