@@ -7,7 +7,8 @@
 #                                   127.0.0.1:50052, one data directory; waits until
 #                                   `hsmctl health` answers SERVING on both
 #   scripts/dev-cluster.sh stop     stops both instances and the database (data stays)
-#   scripts/dev-cluster.sh status   health of each instance, and the database
+#   scripts/dev-cluster.sh status   health of each instance, and the database (its URL
+#                                   when it runs, `stopped` when not); exit 1 unless all run
 #
 # Everything lives in $HSM_DEV_CLUSTER_DIR (default .hsm-dev-cluster): data/ (token,
 # PINs, dev PKI, config.toml with the [store] section), postgres/ (the cluster), logs and
@@ -121,10 +122,14 @@ status() {
             rc=1
         fi
     done
-    if [ -s "$DIR/postgres/data/PG_VERSION" ]; then
+    if [ ! -s "$DIR/postgres/data/PG_VERSION" ]; then
+        echo "database: none"
+        rc=1
+    elif scripts/postgres.sh running "$DIR/postgres"; then
         echo "database: $(scripts/postgres.sh url "$DIR/postgres")"
     else
-        echo "database: none"
+        # No URL: nothing answers there (the data stays in $DIR/postgres).
+        echo "database: stopped (start brings it up again)"
         rc=1
     fi
     return $rc

@@ -14,6 +14,7 @@
 #   scripts/postgres.sh ca DIR           prints the path of that CA's certificate (PEM)
 #   scripts/postgres.sh stop DIR         stops it (the data stays in DIR)
 #   scripts/postgres.sh url DIR          prints the URL of the cluster in DIR
+#   scripts/postgres.sh running DIR      exit status 0 when the cluster in DIR is running
 #
 # PG_EXTRA_OPTS (optional) is added to the server's options on start, e.g.
 # PG_EXTRA_OPTS="-c shared_preload_libraries=pg_stat_statements" (benches/report uses it).
@@ -170,16 +171,26 @@ stop() {
     fi
 }
 
+# Exit status 0 when the cluster in DIR is running (pg_ctl status), 1 otherwise.
+running() {
+    local dir=${1:?usage: postgres.sh running DIR}
+    [ -s "$dir/data/PG_VERSION" ] || return 1
+    local bin
+    bin=$(bindir) || return 1
+    as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
+}
+
 case "${1:-}" in
     install) install ;;
     start) shift; start "$@" ;;
     stop) shift; stop "$@" ;;
     url) shift; url "${1:?usage: postgres.sh url DIR}" ;;
+    running) shift; running "$@" ;;
     ca)
         shift
         ca_dir=$(cd "${1:?usage: postgres.sh ca DIR}" && pwd)
         [ -s "$ca_dir/tls/ca.pem" ] || die "no CA in $ca_dir/tls (start the cluster with --tls)"
         echo "$ca_dir/tls/ca.pem"
         ;;
-    *) die "usage: postgres.sh install | start DIR [PORT] [--tls] | stop DIR | url DIR | ca DIR" ;;
+    *) die "usage: postgres.sh install | start DIR [PORT] [--tls] | stop DIR | url DIR | running DIR | ca DIR" ;;
 esac

@@ -67,10 +67,21 @@ pub struct ServerConfig {
     /// HTTP/2, timeouts and decode limits.
     #[serde(default)]
     pub limits: TransportLimits,
+    /// Milliseconds between two looks of the health monitor at the token and the store
+    /// (how soon health turns NOT_SERVING, and SERVING again). 100..60000.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_ms: u64,
 }
 
 fn default_grace() -> u64 {
     30
+}
+
+/// [`ServerConfig::health_interval_ms`] unless configured.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5000;
+
+fn default_health_interval() -> u64 {
+    DEFAULT_HEALTH_INTERVAL_MS
 }
 
 /// Transport limits (`[server.limits]`): what one connection or one call may hold.
@@ -334,6 +345,9 @@ pub struct StoreConfig {
     pub ca_file: Option<PathBuf>,
     /// Longest a statement may run, a lock wait included. 100..600000, default 5000.
     pub statement_timeout_ms: u64,
+    /// Longest a connection attempt, or a wait for a pooled connection, may take before
+    /// the database counts as unreachable. 100..60000, default 5000.
+    pub connect_timeout_ms: u64,
     /// This instance's name: its audit chain. Unique per running instance; default the
     /// host name (or `default` when it is not a valid name).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -349,6 +363,7 @@ impl Default for StoreConfig {
             pool_size: 8,
             ca_file: None,
             statement_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
             instance: None,
         }
     }
@@ -389,6 +404,12 @@ impl StoreConfig {
                         self.statement_timeout_ms,
                         100,
                         600_000,
+                    ),
+                    (
+                        "store.connect_timeout_ms",
+                        self.connect_timeout_ms,
+                        100,
+                        60_000,
                     ),
                 ])?;
                 if let Some(name) = &self.instance {
@@ -443,6 +464,7 @@ impl StoreConfig {
         o.pool_size = self.pool_size;
         o.ca_file = self.ca_file.clone();
         o.statement_timeout = std::time::Duration::from_millis(self.statement_timeout_ms);
+        o.connect_timeout = std::time::Duration::from_millis(self.connect_timeout_ms);
         Ok(o)
     }
 }
@@ -1119,6 +1141,12 @@ impl Config {
                 0,
                 3600,
             ),
+            (
+                "server.health_interval_ms",
+                self.server.health_interval_ms,
+                100,
+                60_000,
+            ),
         ])?;
         self.server.limits.validate()?;
         if c.totp_window > 10 {
@@ -1549,6 +1577,14 @@ mod tests {
             documented.store.statement_timeout_ms,
             StoreConfig::default().statement_timeout_ms
         );
+        assert_eq!(
+            documented.store.connect_timeout_ms,
+            StoreConfig::default().connect_timeout_ms
+        );
+        assert_eq!(
+            std::time::Duration::from_millis(documented.store.connect_timeout_ms),
+            crate::store::postgres::DEFAULT_CONNECT_TIMEOUT
+        );
         assert!(documented.store.validate().is_ok());
 
         // Parsing: the backend names, an unknown key, relative files.
@@ -1725,6 +1761,12 @@ mod tests {
                 |c, v| c.server.shutdown_grace_seconds = v,
                 0,
                 3600,
+            ),
+            (
+                "server.health_interval_ms",
+                |c, v| c.server.health_interval_ms = v,
+                100,
+                60_000,
             ),
             (
                 "server.limits.handshake_timeout_seconds",

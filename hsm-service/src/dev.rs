@@ -260,6 +260,7 @@ fn dev_config(
             shutdown_grace_seconds: 10,
             client_crls: Vec::new(),
             limits: crate::config::TransportLimits::default(),
+            health_interval_ms: crate::config::DEFAULT_HEALTH_INTERVAL_MS,
         },
         hsm: HsmConfig {
             module: module.to_owned(),

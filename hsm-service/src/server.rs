@@ -68,9 +68,6 @@ pub enum StartError {
     Other(String),
 }
 
-/// How often the health monitor asks the token whether it is still logged in.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-
 /// A running server.
 pub struct RunningServer {
     addr: SocketAddr,
@@ -250,6 +247,7 @@ pub(crate) async fn start_with_store(
         hsm.clone(),
         state.store.clone(),
         health,
+        Duration::from_millis(config.server.health_interval_ms),
         shutdown_rx.clone(),
     ));
     // Key versions another instance changes (a ceremony run there) reach this one
@@ -524,11 +522,13 @@ fn hsm_start_message(e: &crate::hsm::Error) -> String {
 
 /// Keep the health service in step with the token and the store: SERVING only while
 /// the sessions are logged in and the store's engine answers (a PostgreSQL database can
-/// become unreachable; the embedded file cannot).
+/// become unreachable; the embedded file cannot). Looks every `interval`
+/// (`server.health_interval_ms`).
 async fn monitor_health(
     hsm: Hsm,
     store: Arc<Store>,
     health: tonic_health::server::HealthReporter,
+    interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
@@ -557,7 +557,7 @@ async fn monitor_health(
             last = Some(status);
         }
         let stopping = tokio::select! {
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => false,
+            _ = tokio::time::sleep(interval) => false,
             changed = stop.changed() => changed.is_err() || *stop.borrow_and_update(),
         };
         if stopping {

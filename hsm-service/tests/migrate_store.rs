@@ -267,6 +267,11 @@ async fn an_embedded_store_moves_to_postgres_and_answers_the_same() {
         stderr.contains("the target store is not empty (table "),
         "{stderr}"
     );
+    assert!(
+        stderr
+            .contains("name a new, empty one (CREATE DATABASE), or drop and create this one again"),
+        "says what to do: {stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
 }
 

@@ -22,6 +22,8 @@ pub mod binding;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]
+mod rotation_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,8 +39,8 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
 use crate::store::{
-    CredentialKey, CredentialRecord, CredentialStore, EvidenceRecord, Rollback, Store, StoreError,
-    Txn, Update,
+    CredentialKey, CredentialRecord, CredentialStore, EvidenceRecord, ReadTxn, Rollback, Store,
+    StoreError, Txn, TxnResult, Update,
 };
 pub use policy::{LockChange, LockState, Outcome, Policy, Verdict};
 
@@ -129,8 +131,10 @@ pub struct Credentials<S: CredentialStore> {
     hsm: Hsm,
     store: Arc<S>,
     policy: Policy,
-    /// The master key new seeds are wrapped under; a seed master key rotation moves it
-    /// on while the service runs (verification uses each record's own version).
+    /// The master key new seeds are wrapped under, as last seen: a cache of the store's
+    /// [`MASTER_KEY_VERSION_META`], which a rotation (on any instance) moves on while the
+    /// service runs; every enrolment checks it in its own unit of work and moves this on
+    /// when it was stale (verification uses each record's own version).
     master_key_version: Arc<AtomicU32>,
     clock: Clock,
     audit: Option<Arc<AuditLog>>,
@@ -172,8 +176,8 @@ impl<S: CredentialStore> Credentials<S> {
         }
     }
 
-    /// The master key version new enrolments use, shared with whoever rotates it (the
-    /// `rotate-seed-master-key` ceremony step stores the new version here).
+    /// The master key version new enrolments try first (the store's is authoritative),
+    /// shared with this instance's rotator.
     pub fn master_key_version(&self) -> Arc<AtomicU32> {
         self.master_key_version.clone()
     }
@@ -245,43 +249,21 @@ impl<S: CredentialStore> Credentials<S> {
             new.issuer
         };
 
+        // A cached guess: the unit of work that inserts the record checks it (below).
         let version = self.master_key_version.load(Ordering::SeqCst);
         let alg = new.algorithm;
-        let (wrapped_seed, provisioning_uri) = match (new.seed, new.reveal_seed) {
-            (Some(seed), _) => (
-                self.hsm
-                    .wrap_seed(version, otp::pad_seed(&seed, alg))
-                    .await?,
-                None,
-            ),
-            (None, false) => (
-                self.hsm
-                    .generate_wrapped_seed(version, alg.digest_len())
-                    .await?,
-                None,
-            ),
-            (None, true) => {
-                // The one moment a generated seed is in host memory: the enrolment reveal.
-                let seed = self.hsm.random(alg.digest_len()).await?;
-                let uri = otp::provisioning_uri(
-                    &seed,
-                    &ProvisioningParams {
-                        kind: new.kind,
-                        algorithm: alg,
-                        digits,
-                        period: period_seconds,
-                        counter: new.initial_counter,
-                        issuer: &issuer,
-                        account_name: &new.account_name,
-                    },
-                );
-                let wrapped = self
-                    .hsm
-                    .wrap_seed(version, otp::pad_seed(&seed, alg))
-                    .await?;
-                (wrapped, Some(uri))
-            }
+        let params = ProvisioningParams {
+            kind: new.kind,
+            algorithm: alg,
+            digits,
+            period: period_seconds,
+            counter: new.initial_counter,
+            issuer: &issuer,
+            account_name: &new.account_name,
         };
+        let (wrapped_seed, mut provisioning_uri) = self
+            .wrap_new_seed(version, new.seed.as_ref(), new.reveal_seed, &params)
+            .await?;
         let now = self.clock.now();
         let mut record = CredentialRecord {
             tenant: tenant.to_owned(),
@@ -309,23 +291,63 @@ impl<S: CredentialStore> Credentials<S> {
             updated_at: now,
         };
         record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
-        let inserted = match self.audit_event(actor, "credential.create", &record.id) {
-            Some((event, chain)) => {
-                let event = audit::created_event(event, &record, provisioning_uri.is_some());
-                self.store
-                    .insert_with(record.clone(), move |txn| {
-                        append_in(txn, &chain, event).map(drop)
-                    })
-                    .await
+        // The unit of work that inserts the record reads the current master key version
+        // again (a locking read of its meta row): a rotation switched meanwhile, on this
+        // instance or another, is seen there, and the seed is wrapped again under the
+        // current key. So nothing commits under a key a rotation has switched away from,
+        // and the rotation's one pass over the records misses nothing.
+        let mut moves = 0;
+        loop {
+            let expected = record.master_key_version;
+            let check = move |txn: &mut dyn Txn| {
+                Ok(master_key_version_in(txn)?.map(|v| (v != expected).then_some(v)))
+            };
+            let inserted = match self.audit_event(actor, "credential.create", &record.id) {
+                Some((event, chain)) => {
+                    let event = audit::created_event(event, &record, provisioning_uri.is_some());
+                    self.store
+                        .insert_unless(record.clone(), check, move |txn| {
+                            append_in(txn, &chain, event).map(drop)
+                        })
+                        .await
+                }
+                None => {
+                    self.store
+                        .insert_unless(record.clone(), check, |_| Ok(()))
+                        .await
+                }
+            };
+            let moved = inserted.map_err(|e| match e {
+                StoreError::AlreadyExists => {
+                    Error::AlreadyExists(format!("credential {:?} exists", record.id))
+                }
+                other => store_error(other),
+            })?;
+            let Some(current) = moved else { break };
+            moves += 1;
+            if moves > 3 {
+                return Err(Error::Unavailable(
+                    "the seed master key version kept moving during the enrolment; retry".into(),
+                ));
             }
-            None => self.store.insert(record.clone()).await,
-        };
-        inserted.map_err(|e| match e {
-            StoreError::AlreadyExists => {
-                Error::AlreadyExists(format!("credential {:?} exists", record.id))
-            }
-            other => store_error(other),
-        })?;
+            self.master_key_version.fetch_max(current, Ordering::SeqCst);
+            let params = ProvisioningParams {
+                kind: record.kind,
+                algorithm: record.algorithm,
+                digits,
+                period: record.period_seconds,
+                counter: new.initial_counter,
+                issuer: &record.issuer,
+                account_name: &record.account_name,
+            };
+            let (blob, uri) = self
+                .wrap_new_seed(current, new.seed.as_ref(), new.reveal_seed, &params)
+                .await?;
+            record.wrapped_seed = blob;
+            record.master_key_version = current;
+            record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
+            provisioning_uri = uri;
+        }
         self.audited();
         tracing::info!(tenant, credential = %record.id, kind = ?record.kind, "credential created");
         Ok(Created {
@@ -720,6 +742,42 @@ impl<S: CredentialStore> Credentials<S> {
         ))
     }
 
+    /// A new seed wrapped under master key `version`: `seed` imported, or generated in
+    /// the HSM (`reveal`: generated here and returned once, as its provisioning URI).
+    async fn wrap_new_seed(
+        &self,
+        version: u32,
+        seed: Option<&Zeroizing<Vec<u8>>>,
+        reveal: bool,
+        params: &ProvisioningParams<'_>,
+    ) -> Result<(Vec<u8>, Option<Zeroizing<String>>)> {
+        let alg = params.algorithm;
+        Ok(match (seed, reveal) {
+            (Some(seed), _) => (
+                self.hsm
+                    .wrap_seed(version, otp::pad_seed(seed, alg))
+                    .await?,
+                None,
+            ),
+            (None, false) => (
+                self.hsm
+                    .generate_wrapped_seed(version, alg.digest_len())
+                    .await?,
+                None,
+            ),
+            (None, true) => {
+                // The one moment a generated seed is in host memory: the enrolment reveal.
+                let seed = self.hsm.random(alg.digest_len()).await?;
+                let uri = otp::provisioning_uri(&seed, params);
+                let wrapped = self
+                    .hsm
+                    .wrap_seed(version, otp::pad_seed(&seed, alg))
+                    .await?;
+                (wrapped, Some(uri))
+            }
+        })
+    }
+
     /// Tell the audit log that a record was appended through the store.
     fn audited(&self) {
         if let Some(log) = &self.audit {
@@ -766,6 +824,31 @@ impl Credentials<Store> {
             self.master_key_version.clone(),
         )
     }
+}
+
+/// The seed master key version new enrolments wrap under, as `txn` sees it (inside a
+/// write transaction a locking read, so no rotation's switch can commit between it and
+/// the commit). Absent: 1, what the service records on its first start.
+pub(crate) fn master_key_version_in<T: ReadTxn + ?Sized>(txn: &mut T) -> TxnResult<u32> {
+    Ok(decode_version(
+        MASTER_KEY_VERSION_META,
+        crate::store::ops::get_meta(txn, MASTER_KEY_VERSION_META)?,
+    )
+    .map(|v| v.unwrap_or(1)))
+}
+
+/// A stored master key version (4 bytes, big-endian).
+pub(crate) fn decode_version(
+    key: &str,
+    bytes: Option<Vec<u8>>,
+) -> std::result::Result<Option<u32>, StoreError> {
+    bytes
+        .map(|b| {
+            <[u8; 4]>::try_from(b.as_slice())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt(format!("{key} is not a 4-byte version")))
+        })
+        .transpose()
 }
 
 /// Make sure the store's seed master key exists on the token, creating it on first start.

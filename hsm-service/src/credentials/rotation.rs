@@ -13,11 +13,18 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{store_error, MASTER_KEY_VERSION_META};
+use super::{decode_version, master_key_version_in, store_error, MASTER_KEY_VERSION_META};
 use crate::error::{Error, Result};
 use crate::hsm::seeds::master_key_label;
 use crate::hsm::Hsm;
-use crate::store::{CredentialRecord, CredentialStore, Store, StoreError, Update};
+use crate::store::ops::{get_meta, put_meta};
+use crate::store::{CredentialRecord, CredentialStore, Rollback, Store, StoreError, Table, Update};
+
+/// Store meta key present while a seed master key rotation runs: the version it moves
+/// records away from (4 bytes, big-endian); the version it moves them to is
+/// [`MASTER_KEY_VERSION_META`]. Written in the switch's unit of work, removed when the
+/// last record is re-wrapped.
+pub const ROTATION_META: &str = "credentials.seed_master_key_rotation";
 
 /// What a rotation did (it goes into the ceremony transcript as is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,30 +67,68 @@ impl SeedRotator {
     }
 
     /// Create seed master key N+1, point new enrolments at it, re-wrap every stored
-    /// seed under it inside the HSM, `batch` per job, and record N+1 as the store's
-    /// master key version. Each record is updated with a compare (its blob and version
-    /// unchanged), so a credential changed meanwhile is re-read and done again, and a
-    /// deleted one is skipped. Resumable: records already under N+1 are left alone.
+    /// seed under it inside the HSM, `batch` per job. Each record is updated with a
+    /// compare (its blob and version unchanged), so a credential changed meanwhile is
+    /// re-read and done again, and a deleted one is skipped.
+    ///
+    /// N is the store's current version ([`MASTER_KEY_VERSION_META`]), not this
+    /// instance's cached one: the switch to N+1 is a compare-and-set in one unit of
+    /// work that also records the rotation as running ([`ROTATION_META`]); every
+    /// instance's enrolments read the version again in the unit of work that inserts
+    /// them (see [`super::Credentials::create_by`]), so from the switch's commit on no
+    /// seed is stored under N, and one pass over the records finds every one left.
+    ///
+    /// Resumable: after an interrupted rotation (the process died, the database went
+    /// away) the next one finishes it (moves the records still under N to N+1, makes no
+    /// new key) and only then ends it; records already under N+1 are left alone.
     pub async fn rotate(&self, batch: usize) -> Result<SeedRotation> {
-        let old = self.version.load(Ordering::SeqCst);
-        let new = old
-            .checked_add(1)
-            .ok_or_else(|| Error::Internal("seed master key version overflow".into()))?;
-        // Re-wrapping needs an extractable copy of each seed; a master key with the
-        // unwrap template never makes one (that is its point: with the user PIN alone, a
-        // re-wrap under another key and an extraction are the same operation). So only
-        // a master key made before the template can be rotated away from: that is how
-        // an existing deployment moves its seeds under a key that has it.
-        if self.hsm.seed_master_key_confined(old).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "{} already confines what it unwraps (CKA_UNWRAP_TEMPLATE), so its seeds cannot be re-wrapped with the user PIN; nothing was changed",
-                master_key_label(old)
-            )));
+        let (current, running) = self
+            .store
+            .read(|txn| {
+                let current = master_key_version_in(txn)?.map_err(Rollback)?;
+                let running = get_meta(txn, ROTATION_META)?;
+                Ok((current, running))
+            })
+            .await
+            .map_err(store_error)?;
+        let running = decode_version(ROTATION_META, running).map_err(store_error)?;
+        self.version.fetch_max(current, Ordering::SeqCst);
+        let (old, new) = match running {
+            Some(from) => {
+                tracing::info!(
+                    old = %master_key_label(from),
+                    new = %master_key_label(current),
+                    "resuming an interrupted seed master key rotation"
+                );
+                (from, current)
+            }
+            None => {
+                let new = current
+                    .checked_add(1)
+                    .ok_or_else(|| Error::Internal("seed master key version overflow".into()))?;
+                (current, new)
+            }
+        };
+        if running.is_none() {
+            // Re-wrapping needs an extractable copy of each seed; a master key with the
+            // unwrap template never makes one (that is its point: with the user PIN
+            // alone, a re-wrap under another key and an extraction are the same
+            // operation). So only a master key made before the template can be rotated
+            // away from: that is how an existing deployment moves its seeds under a key
+            // that has it.
+            if self.hsm.seed_master_key_confined(old).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} already confines what it unwraps (CKA_UNWRAP_TEMPLATE), so its seeds cannot be re-wrapped with the user PIN; nothing was changed",
+                    master_key_label(old)
+                )));
+            }
+            self.hsm.ensure_seed_master_key(new).await?;
+            self.switch(old, new).await?;
         }
-        self.hsm.ensure_seed_master_key(new).await?;
-        // From now on new enrolments wrap under the new key; a rotation that fails
-        // half-way leaves records under either key, both kept and both usable.
-        self.version.store(new, Ordering::SeqCst);
+        // From now on new enrolments (of every instance) wrap under the new key; a
+        // rotation that fails half-way leaves records under either key, both kept and
+        // both usable, until the next rotation finishes it.
+        self.version.fetch_max(new, Ordering::SeqCst);
         tracing::info!(
             old = %master_key_label(old),
             new = %master_key_label(new),
@@ -91,36 +136,27 @@ impl SeedRotator {
         );
         let mut rewrapped = 0u64;
         let mut already = 0u64;
-        // Two passes: the second catches an enrolment that read the old version just
-        // before the switch and was stored behind the first pass's cursor.
-        for pass in 0..2 {
-            let mut after: Option<crate::store::CredentialKey> = None;
-            loop {
-                // Every tenant's records, in (tenant, id) order.
-                let page = self
-                    .store
-                    .list(None, after.as_ref(), batch.max(1))
-                    .await
-                    .map_err(store_error)?;
-                let Some(last) = page.last() else {
-                    break;
-                };
-                after = Some(crate::store::CredentialKey {
-                    tenant: last.tenant.clone(),
-                    id: last.id.clone(),
-                });
-                let (done, todo): (Vec<_>, Vec<_>) =
-                    page.into_iter().partition(|r| r.master_key_version == new);
-                if pass == 0 {
-                    already += done.len() as u64;
-                }
-                rewrapped += self.rewrap_batch(new, todo).await?;
-            }
+        let mut after: Option<crate::store::CredentialKey> = None;
+        loop {
+            // Every tenant's records, in (tenant, id) order.
+            let page = self
+                .store
+                .list(None, after.as_ref(), batch.max(1))
+                .await
+                .map_err(store_error)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(crate::store::CredentialKey {
+                tenant: last.tenant.clone(),
+                id: last.id.clone(),
+            });
+            let (done, todo): (Vec<_>, Vec<_>) =
+                page.into_iter().partition(|r| r.master_key_version == new);
+            already += done.len() as u64;
+            rewrapped += self.rewrap_batch(new, todo).await?;
         }
-        self.store
-            .put_meta(MASTER_KEY_VERSION_META, new.to_be_bytes().to_vec())
-            .await
-            .map_err(store_error)?;
+        self.finish(old, new).await?;
         tracing::info!(
             old = %master_key_label(old),
             new = %master_key_label(new),
@@ -133,6 +169,57 @@ impl SeedRotator {
             rewrapped,
             already_rewrapped: already,
         })
+    }
+
+    /// The switch, one unit of work: the store's version from `old` to `new` and the
+    /// rotation recorded as running, if the version is still `old` and no rotation runs
+    /// (another instance's rotation may have got there first).
+    async fn switch(&self, old: u32, new: u32) -> Result<()> {
+        let seen = self
+            .store
+            .write(move |txn| {
+                let current = match master_key_version_in(txn)? {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if current != old || get_meta(txn, ROTATION_META)?.is_some() {
+                    return Ok(Ok(Some(current)));
+                }
+                if let Err(e) = put_meta(txn, MASTER_KEY_VERSION_META, &new.to_be_bytes())? {
+                    return Ok(Err(e));
+                }
+                if let Err(e) = put_meta(txn, ROTATION_META, &old.to_be_bytes())? {
+                    return Err(Rollback(e));
+                }
+                Ok(Ok(None))
+            })
+            .await
+            .and_then(|r| r)
+            .map_err(store_error)?;
+        match seen {
+            None => Ok(()),
+            Some(current) => Err(Error::FailedPrecondition(format!(
+                "another seed master key rotation started meanwhile (the store is at {}); this one changed nothing (it may have left {} unused on the token)",
+                master_key_label(current),
+                master_key_label(new)
+            ))),
+        }
+    }
+
+    /// The end: the rotation from `old` to `new` recorded as done (if it is still the
+    /// running one).
+    async fn finish(&self, old: u32, new: u32) -> Result<()> {
+        self.store
+            .write(move |txn| {
+                let running = decode_version(ROTATION_META, get_meta(txn, ROTATION_META)?);
+                let current = master_key_version_in(txn)?;
+                if running == Ok(Some(old)) && current == Ok(new) {
+                    txn.delete(Table::Meta, ROTATION_META)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(store_error)
     }
 
     /// Re-wrap `records` (none of them under `new`) and store each with a compare;

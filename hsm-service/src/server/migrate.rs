@@ -62,14 +62,25 @@ impl std::fmt::Display for MigrateSummary {
     }
 }
 
+/// Meta key of the target while a copy into it runs: written (in a transaction of its
+/// own) before the first row, removed after the last. A target that holds it is what a
+/// run that stopped part-way left behind.
+pub const INCOMPLETE_META: &str = "migrate_store.incomplete";
+
 /// Why a migration did not happen or did not verify.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// The target holds data already: nothing was written.
     #[error(
-        "the target store is not empty ({0}): migrate-store copies only into an empty database"
+        "the target store is not empty ({0}): migrate-store copies only into an empty database; name a new, empty one (CREATE DATABASE), or drop and create this one again if nothing in it is needed"
     )]
     NotEmpty(String),
+    /// The target holds what an earlier run left when it stopped part-way: nothing was
+    /// written.
+    #[error(
+        "the target store holds a partial copy ({0}) left by an earlier migrate-store run that stopped part-way: drop the database and create it again empty (DROP DATABASE ...; CREATE DATABASE ...), then run migrate-store again; the source was not changed"
+    )]
+    Incomplete(String),
     /// Reading the source or writing the target failed.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -90,8 +101,12 @@ fn read<T>(
     out.ok_or_else(|| StoreError::Backend("the read did not run".into()))
 }
 
-/// Refuses a target that holds any row or audit record, naming the first it found.
+/// Refuses a target that holds any row or audit record, naming the first it found (and
+/// saying so when it is a partial copy of an earlier run).
 pub fn check_empty(target: &dyn Backend) -> Result<(), MigrateError> {
+    let partial = read(target, |txn| {
+        Ok(txn.get(Table::Meta, INCOMPLETE_META)?.is_some())
+    })?;
     let found = read(target, |txn| {
         for &table in Table::ALL {
             let n = txn.count(table)?;
@@ -105,6 +120,7 @@ pub fn check_empty(target: &dyn Backend) -> Result<(), MigrateError> {
             .map(|c| format!("audit chain {c} holds records")))
     })?;
     match found {
+        Some(what) if partial => Err(MigrateError::Incomplete(what)),
         Some(what) => Err(MigrateError::NotEmpty(what)),
         None => Ok(()),
     }
@@ -139,6 +155,10 @@ pub fn copy_store(
         }
         Ok(counts)
     })?;
+    let mut mark = target.begin_batch()?;
+    mark.put(Table::Meta, INCOMPLETE_META, b"")
+        .map_err(StoreError::from)?;
+    mark.commit()?;
     let mut tables = Vec::new();
     for &table in Table::ALL {
         let mut range = KeyRange::all();
@@ -192,6 +212,11 @@ pub fn copy_store(
         progress(&format!("audit chain {chain}: {n} records copied"));
         chain_counts.push((chain.clone(), n));
     }
+
+    let mut done = target.begin_batch()?;
+    done.delete(Table::Meta, INCOMPLETE_META)
+        .map_err(StoreError::from)?;
+    done.commit()?;
 
     // Verify: counts on the target, and every chain with the audit verifier.
     let (target_tables, target_chains, audit) = read(target, |txn| {
@@ -296,7 +321,80 @@ mod tests {
         let err = copy_store(&source, &target, |_| {}).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the target store is not empty (table tenant_credentials holds 2007 rows): migrate-store copies only into an empty database"
+            "the target store is not empty (table tenant_credentials holds 2007 rows): migrate-store copies only into an empty database; name a new, empty one (CREATE DATABASE), or drop and create this one again if nothing in it is needed"
         );
+    }
+
+    /// A target that fails after `batches` transactions (as a database that goes away).
+    struct FailsAfter {
+        inner: MemoryBackend,
+        batches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Backend for FailsAfter {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+
+        fn begin_batch(&self) -> Result<Box<dyn crate::store::BatchTxn + '_>, StoreError> {
+            use std::sync::atomic::Ordering;
+            if self
+                .batches
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+            {
+                return Err(StoreError::Unavailable("connection lost".into()));
+            }
+            self.inner.begin_batch()
+        }
+
+        fn read(
+            &self,
+            f: &mut dyn FnMut(&mut dyn ReadTxn) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            self.inner.read(f)
+        }
+
+        fn reads_block(&self) -> bool {
+            false
+        }
+    }
+
+    /// A copy that stops part-way leaves a partial target; the next run refuses it with
+    /// a line that says what to do, and a completed copy leaves no mark.
+    #[test]
+    fn a_partial_copy_is_refused_with_what_to_do() {
+        let source = MemoryBackend::default();
+        let mut b = source.begin_batch().unwrap();
+        for i in 0..(PAGE + 1) {
+            b.put(Table::Credentials, &format!("t\0c-{i:05}"), b"record")
+                .unwrap();
+        }
+        b.commit().unwrap();
+        // The mark and the first page commit, the second page does not.
+        let target = FailsAfter {
+            inner: MemoryBackend::default(),
+            batches: 2.into(),
+        };
+        let err = copy_store(&source, &target, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, MigrateError::Store(StoreError::Unavailable(_))),
+            "{err}"
+        );
+        target
+            .batches
+            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        let err = copy_store(&source, &target, |_| {}).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the target store holds a partial copy (table tenant_credentials holds 1000 rows) left by an earlier migrate-store run that stopped part-way: drop the database and create it again empty (DROP DATABASE ...; CREATE DATABASE ...), then run migrate-store again; the source was not changed"
+        );
+        // Into an empty one it completes, and the mark is gone.
+        let fresh = MemoryBackend::default();
+        let summary = copy_store(&source, &fresh, |_| {}).unwrap();
+        assert!(summary.is_ok(), "{summary}");
+        let mark = read(&fresh, |txn| Ok(txn.get(Table::Meta, INCOMPLETE_META)?)).unwrap();
+        assert_eq!(mark, None);
+        assert!(summary.tables.contains(&("meta", 0, 0)), "{summary}");
     }
 }

@@ -13,7 +13,8 @@ use super::evidence::{self, EvidenceRecord};
 use super::group_commit::{self, BoxedJob, Shared};
 use super::uow::{ReadTxn, Table, Txn};
 use super::{
-    ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, Update,
+    ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, TxnResult,
+    Update,
 };
 
 /// Options of a [`Store`]: its group committer, and (the last three) its engine.
@@ -428,6 +429,32 @@ impl CredentialStore for Store {
                 effects(txn)?;
             }
             Ok(inserted)
+        })
+        .await
+        .and_then(|r| r)
+    }
+
+    async fn insert_unless<X, C, E>(
+        &self,
+        rec: CredentialRecord,
+        check: C,
+        effects: E,
+    ) -> Result<Option<X>, StoreError>
+    where
+        X: Send + 'static,
+        C: FnOnce(&mut dyn Txn) -> TxnResult<Option<X>> + Send + 'static,
+        E: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static,
+    {
+        self.write(move |txn| {
+            match check(txn)? {
+                Ok(None) => {}
+                refused => return Ok(refused),
+            }
+            let inserted = ops::insert(txn, &rec)?;
+            if inserted.is_ok() {
+                effects(txn)?;
+            }
+            Ok(inserted.map(|()| None))
         })
         .await
         .and_then(|r| r)

@@ -150,6 +150,22 @@ pub trait CredentialStore: Send + Sync + 'static {
     where
         E: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static;
 
+    /// [`CredentialStore::insert_with`], after `check` (run first, inside the same
+    /// transaction, so its reads are locking reads) agreed: `Ok(Some(x))` from `check`
+    /// inserts nothing and answers `Ok(Some(x))`; `Ok(None)` inserts and answers
+    /// `Ok(None)`. For a precondition the insert must be atomic with (the seed master key
+    /// version a new record was wrapped under is still the current one).
+    fn insert_unless<X, C, E>(
+        &self,
+        rec: CredentialRecord,
+        check: C,
+        effects: E,
+    ) -> impl Future<Output = Result<Option<X>, StoreError>> + Send
+    where
+        X: Send + 'static,
+        C: FnOnce(&mut dyn Txn) -> TxnResult<Option<X>> + Send + 'static,
+        E: FnOnce(&mut dyn Txn) -> Result<(), Rollback> + Send + 'static;
+
     /// [`CredentialStore::delete`], plus what `effects` writes into the same transaction
     /// when the record existed.
     fn delete_with<E>(

@@ -64,6 +64,33 @@ impl Cluster {
         Some(Cluster { a, b, db, dir })
     }
 
+    /// [`Cluster::start`] with `tune` applied to the shared `config.toml` first (a test's
+    /// own timeouts): instance `a` writes it on a first run and is stopped (SIGTERM)
+    /// before both instances start from the tuned file.
+    pub async fn start_tuned(tune: impl FnOnce(&mut toml::Table)) -> Option<Cluster> {
+        let db = tokio::task::spawn_blocking(TestDatabase::create)
+            .await
+            .expect("set-up")?;
+        let dir = tempfile::Builder::new()
+            .prefix("hsm-test-cluster-")
+            .tempdir()
+            .expect("temporary directory");
+        let data = dir.path().join("data");
+        let mut first = spawn(&data, "a", &["--postgres", &db.url]);
+        super::terminate(&mut first.child);
+        let path = data.join("config.toml");
+        let mut config: toml::Table = std::fs::read_to_string(&path)
+            .expect("config.toml")
+            .parse()
+            .expect("config.toml parses");
+        tune(&mut config);
+        std::fs::write(&path, toml::to_string(&config).expect("serialise"))
+            .expect("write config.toml");
+        let a = spawn(&data, "a", &[]);
+        let b = spawn(&data, "b", &[]);
+        Some(Cluster { a, b, db, dir })
+    }
+
     /// The shared data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")

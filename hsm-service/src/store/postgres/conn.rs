@@ -15,9 +15,6 @@ use super::PgOptions;
 use crate::store::uow::{KeyRange, Table};
 use crate::store::{Rollback, StoreError};
 
-/// How long one connection attempt may take before it counts as "database unreachable".
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Everything needed to open a session: the parsed URL with the password and session
 /// settings applied, and the TLS connector (used only when `ca_file` is set; otherwise
 /// the SSL mode is `disable` and the connector is never called).
@@ -47,7 +44,7 @@ impl ConnectInfo {
             timeout_ms.saturating_mul(4).max(10_000)
         ));
         config.application_name(&format!("hsm-service/{}", opts.instance));
-        config.connect_timeout(CONNECT_TIMEOUT);
+        config.connect_timeout(opts.connect_timeout);
         // A database host that vanishes without a FIN/RST (network partition) is noticed
         // within seconds rather than after the kernel's two-hour keepalive default.
         config.keepalives(true);

@@ -67,7 +67,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use self::conn::{map_err, ConnectInfo, Manager, PgConn, PoolErrors, Queries, CONNECT_TIMEOUT};
+use self::conn::{map_err, ConnectInfo, Manager, PgConn, PoolErrors, Queries};
 use super::backend::{Backend, BatchTxn};
 use super::uow::{ChainName, KeyRange, ReadTxn, Table};
 use super::{Rollback, StoreError};
@@ -76,6 +76,9 @@ pub use self::migrate::SCHEMA_VERSION;
 
 /// How often the health probe asks the database whether it answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// [`PgOptions::connect_timeout`] unless configured (`store.connect_timeout_ms`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long start-up waits for the audit chain's lock before refusing.
 const CHAIN_LOCK_WAIT: Duration = Duration::from_secs(3);
@@ -96,6 +99,9 @@ pub struct PgOptions {
     pub ca_file: Option<PathBuf>,
     /// Longest a statement may run (a lock wait included) before the batch fails.
     pub statement_timeout: Duration,
+    /// Longest one connection attempt, and a wait for a pooled connection, may take
+    /// before the database counts as unreachable (the call answers UNAVAILABLE).
+    pub connect_timeout: Duration,
     /// This instance's audit chain name.
     pub instance: String,
 }
@@ -108,6 +114,7 @@ impl std::fmt::Debug for PgOptions {
             .field("pool_size", &self.pool_size)
             .field("ca_file", &self.ca_file)
             .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("instance", &self.instance)
             .finish()
     }
@@ -122,6 +129,7 @@ impl PgOptions {
             pool_size: 8,
             ca_file: None,
             statement_timeout: Duration::from_secs(5),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             instance: instance.into(),
         }
     }
@@ -199,7 +207,7 @@ impl PgBackend {
             .max_size(opts.pool_size)
             .min_idle(Some(0))
             .test_on_check_out(false)
-            .connection_timeout(CONNECT_TIMEOUT)
+            .connection_timeout(opts.connect_timeout)
             .error_handler(Box::new(PoolErrors))
             .build_unchecked(Manager(connect.clone()));
         let healthy = Arc::new(AtomicBool::new(true));
