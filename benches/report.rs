@@ -106,20 +106,31 @@ fn main() {
     }
     let mut quick = false;
     let mut out = PathBuf::from("target/report");
+    let mut only = Only::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
+            "--only" => only.group = Some(args.next().expect("--only GROUP")),
+            "--concurrency" => {
+                only.concurrency = Some(
+                    args.next()
+                        .and_then(|c| c.parse().ok())
+                        .expect("--concurrency N"),
+                )
+            }
             other => {
                 eprintln!(
-                    "report: unknown argument {other:?} (usage: report [--quick] [--out DIR])"
+                    "report: unknown argument {other:?} (usage: report [--quick] [--out DIR] \
+                     [--only accepted|replayed|sign] [--concurrency N])"
                 );
                 std::process::exit(2);
             }
         }
     }
-    let (warmup, dur) = if quick {
+    // A filtered run is about its end-to-end rows: the limits in short.
+    let (warmup, dur) = if quick || only.group.is_some() {
         (Duration::from_millis(20), Duration::from_millis(100))
     } else {
         (Duration::from_millis(500), Duration::from_secs(3))
@@ -238,7 +249,7 @@ fn main() {
         });
     }
     drop(bench);
-    let (e2e, skipped) = end_to_end(quick);
+    let (e2e, skipped) = end_to_end(quick, &only);
     let mut md = markdown(&rows, quick);
     md.push_str(&e2e_markdown(&rows, &e2e, skipped.as_deref()));
     print!("{md}");
@@ -452,6 +463,14 @@ const SERIES: &[Series] = &[
     series(SignAssertion, Postgres, 1, Closed, "sign"),
     series(SignAssertion, Postgres, 2, Closed, "sign"),
 ];
+
+/// `--only GROUP` / `--concurrency N`: a subset of the end-to-end rows (an A/B of one
+/// path), the limits measured in short.
+#[derive(Default)]
+struct Only {
+    group: Option<String>,
+    concurrency: Option<usize>,
+}
 
 /// Closed-loop concurrencies of the end-to-end rows.
 const CONCURRENCIES: [usize; 5] = [1, 4, 16, 64, 128];
@@ -723,7 +742,7 @@ async fn start_service(
 /// worse than `hsmctl bench` against the same service). The runs of one group are
 /// interleaved (series by series, round by round, at each concurrency), so drift of this
 /// shared machine hits both sides of a ratio alike.
-fn end_to_end(quick: bool) -> (Vec<E2e>, Option<String>) {
+fn end_to_end(quick: bool, only: &Only) -> (Vec<E2e>, Option<String>) {
     // Declared first, so dropped (stopped) after every service and database on it.
     let cluster = if SERIES.iter().any(|s| s.backend == Postgres) {
         match hsm_benches::PgCluster::start() {
@@ -746,6 +765,7 @@ fn end_to_end(quick: bool) -> (Vec<E2e>, Option<String>) {
     let series: Vec<&Series> = SERIES
         .iter()
         .filter(|s| s.backend != Postgres || cluster.is_some())
+        .filter(|s| only.group.as_deref().is_none_or(|g| g == s.group))
         .collect();
     let service_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -757,7 +777,11 @@ fn end_to_end(quick: bool) -> (Vec<E2e>, Option<String>) {
         ("1s", "4s")
     };
     let rounds = if quick { 2 } else { ROUNDS };
-    let concurrencies: &[usize] = if quick { &[1, 4] } else { &CONCURRENCIES };
+    let concurrencies: Vec<usize> = match only.concurrency {
+        Some(c) => vec![c],
+        None if quick => vec![1, 4],
+        None => CONCURRENCIES.to_vec(),
+    };
     let mut services: Vec<Service> = Vec::new();
     for s in &series {
         if !services
@@ -845,7 +869,7 @@ fn end_to_end(quick: bool) -> (Vec<E2e>, Option<String>) {
             .copied()
             .filter(|s| s.group == group && s.load == Load::Closed)
             .collect();
-        for &c in concurrencies {
+        for &c in &concurrencies {
             let mut samples: Vec<Vec<E2e>> = closed.iter().map(|_| Vec::new()).collect();
             for _ in 0..rounds {
                 for (i, s) in closed.iter().enumerate() {
@@ -913,8 +937,9 @@ struct Cpu {
 const PG_STATS_SQL: &str = "SELECT concat_ws('|', \
        coalesce(sum(calls), 0), \
        coalesce(sum(calls) FILTER (WHERE query = 'COMMIT'), 0), \
-       coalesce(sum(calls) FILTER (WHERE query LIKE 'SELECT v FROM %FOR UPDATE'), 0), \
-       coalesce(sum(total_exec_time) FILTER (WHERE query LIKE 'SELECT v FROM %FOR UPDATE'), 0), \
+       coalesce(sum(calls) FILTER (WHERE query = 'BEGIN'), 0), \
+       coalesce(sum(calls) FILTER (WHERE query LIKE 'SELECT %FOR UPDATE'), 0), \
+       coalesce(sum(total_exec_time) FILTER (WHERE query LIKE 'SELECT %FOR UPDATE'), 0), \
        coalesce(sum(total_exec_time), 0)) \
      FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
@@ -922,6 +947,8 @@ const PG_STATS_SQL: &str = "SELECT concat_ws('|', \
 struct PgStats {
     statements: f64,
     commits: f64,
+    /// `BEGIN` of a write batch (a read snapshot begins `BEGIN READ ONLY ...`).
+    batches: f64,
     locking_reads: f64,
     locking_read_ms: f64,
     exec_ms: f64,
@@ -934,9 +961,10 @@ impl PgStats {
         PgStats {
             statements: at(0),
             commits: at(1),
-            locking_reads: at(2),
-            locking_read_ms: at(3),
-            exec_ms: at(4),
+            batches: at(2),
+            locking_reads: at(3),
+            locking_read_ms: at(4),
+            exec_ms: at(5),
         }
     }
 }
@@ -1220,11 +1248,12 @@ fn pg_markdown(runs: &[E2e]) -> String {
          seconds / wall seconds of the run); the database columns are `pg_stat_statements`\n\
          in the row's database over the whole run (its credential set-up and clean-up\n\
          included): statements and COMMITs (of read snapshots and of write batches alike)\n\
-         per request (requests of the run, warm-up included), mean time of the locking credential\n\
+         per request (requests of the run, warm-up included), requests per write batch (a\n\
+         batch's `BEGIN`; about the group commit's jobs per commit), mean time of the locking credential\n\
          read (pg_stat_statements does not time a COMMIT's WAL flush, so no COMMIT column), and the share of the run\n\
          the server spent executing statements.\n\n\
-         | path | backend | instances | ops/s | CPU service | CPU postgres | CPU load | CPU total | statements / request | COMMITs / request | locking read ms | executing |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         | path | backend | instances | ops/s | CPU service | CPU postgres | CPU load | CPU total | statements / request | COMMITs / request | requests / batch | locking read ms | executing |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in pg_rows {
         let total = r.cpu.service + r.cpu.postgres + r.cpu.load;
@@ -1232,14 +1261,15 @@ fn pg_markdown(runs: &[E2e]) -> String {
             Some(p) => {
                 let requests = r.requests.max(1.0);
                 format!(
-                    "{:.1} | {:.1} | {:.3} | {:.0}%",
+                    "{:.1} | {:.1} | {:.1} | {:.3} | {:.0}%",
                     p.statements / requests,
                     p.commits / requests,
+                    requests / p.batches.max(1.0),
                     p.locking_read_ms / p.locking_reads.max(1.0),
                     100.0 * p.exec_ms / 1000.0 / r.wall_s.max(1e-9),
                 )
             }
-            None => "- | - | - | -".to_owned(),
+            None => "- | - | - | - | -".to_owned(),
         };
         md.push_str(&format!(
             "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {total:.2} | {db} |\n",

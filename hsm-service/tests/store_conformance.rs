@@ -1184,6 +1184,36 @@ async fn meta_reserved_prefix_is_refused(env: &Env) {
     assert_eq!(store.get_meta("conformance.none").await.unwrap(), None);
 }
 
+/// `Txn::insert_new` of a new key commits; of a taken key (committed earlier, or by
+/// another instance) it fails its batch, at once or at the commit, and nothing of the
+/// batch is written.
+async fn insert_new_of_a_taken_key_fails_its_batch(env: &Env) {
+    let store = env.store();
+    store
+        .write(|txn| txn.insert_new(Table::Meta, "conformance.new", b"1"))
+        .await
+        .expect("a new key");
+    for h in &env.handles {
+        assert_eq!(
+            h.store.get_meta("conformance.new").await.unwrap(),
+            Some(b"1".to_vec())
+        );
+    }
+    let other = env.handle(env.handles.len() - 1).store.clone();
+    let refused = other
+        .write(|txn| {
+            txn.put(Table::Meta, "conformance.beside", b"2")?;
+            txn.insert_new(Table::Meta, "conformance.new", b"3")
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        store.get_meta("conformance.new").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(store.get_meta("conformance.beside").await.unwrap(), None);
+}
+
 /// A read is one snapshot: a commit that lands while it runs is invisible to it (and
 /// does not wait for it), and readers never see half of a batch.
 async fn read_snapshot_is_consistent(env: &Env) {
@@ -1473,6 +1503,7 @@ every_backend!(
     rolled_back_batch_leaves_nothing,
     scan_order_is_bytewise_and_paging_exact,
     meta_reserved_prefix_is_refused,
+    insert_new_of_a_taken_key_fails_its_batch,
     read_snapshot_is_consistent,
     concurrent_writes_share_commits,
     event_seqs_follow_commit_order,

@@ -3,8 +3,8 @@
 //! `store` (the [`super::Store`] handle, group commit, typed operations) is written once
 //! against these traits.
 
-use super::uow::{ReadTxn, Txn};
-use super::StoreError;
+use super::uow::{ReadTxn, Table, Txn};
+use super::{Rollback, StoreError};
 
 /// One open write transaction of the group committer. Dropping it without
 /// [`BatchTxn::commit`] rolls it back.
@@ -12,6 +12,16 @@ pub trait BatchTxn: Txn {
     /// This transaction as the jobs see it (implement as `self`). Spelled out rather
     /// than left to trait upcasting, which needs Rust 1.86 (the workspace's MSRV is 1.85).
     fn as_txn(&mut self) -> &mut dyn Txn;
+
+    /// Reads `keys` of `table` ahead of the jobs that declared them, so that their
+    /// [`ReadTxn::get`]s are answered from this transaction: with the same (locking)
+    /// semantics as those gets, only all at once. Default: nothing (an engine whose
+    /// reads are memory lookups gains nothing from it). `keys` may repeat and be in any
+    /// order.
+    fn prefetch(&mut self, table: Table, keys: &[String]) -> Result<(), Rollback> {
+        let _ = (table, keys);
+        Ok(())
+    }
 
     /// Makes everything written durable (redb: fsync; PostgreSQL: COMMIT with
     /// `synchronous_commit = on`), or fails and keeps nothing.
@@ -34,6 +44,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         f: &mut dyn FnMut(&mut dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+
+    /// The committed value at `key`: [`Backend::read`] of one [`ReadTxn::get`] (the
+    /// default). A backend may answer it with a single statement (PostgreSQL: one
+    /// autocommit `SELECT`, which is its own consistent snapshot, instead of `BEGIN`,
+    /// `SELECT`, `COMMIT`). Blocking like [`Backend::read`]; async callers go through
+    /// [`super::Store::get_committed`].
+    fn get_committed(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut out = None;
+        self.read(&mut |txn| {
+            out = txn.get(table, key)?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
 
     /// Whether [`Backend::read`] waits on I/O (network) rather than memory-mapped pages.
     fn reads_block(&self) -> bool;

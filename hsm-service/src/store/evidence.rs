@@ -107,15 +107,13 @@ pub fn expiry_key(expires_at: u64, id: &str) -> String {
 }
 
 /// Inserts `e` (a fresh random id: an existing id is a broken RNG, and rolls the batch
-/// back) and purges up to [`PURGE_PER_INSERT`] records stale at `now`.
+/// back) and purges up to [`PURGE_PER_INSERT`] records stale at `now`. The id is
+/// inserted with [`Txn::insert_new`]: 128 random bits do not repeat, so no locking read
+/// checks it first (on PostgreSQL one round trip less per accepted code); a repeat
+/// still fails the batch.
 pub fn insert_in(txn: &mut dyn Txn, e: &EvidenceRecord, now: u64) -> Result<(), Rollback> {
     purge_in(txn, now, PURGE_PER_INSERT)?;
-    if txn.get(Table::Evidence, &e.id)?.is_some() {
-        return Err(Rollback(StoreError::Invalid(
-            "evidence id collision: the random number generator is broken".into(),
-        )));
-    }
-    txn.put(Table::Evidence, &e.id, &encode(e))?;
+    txn.insert_new(Table::Evidence, &e.id, &encode(e))?;
     txn.put(Table::EvidenceExpiry, &expiry_key(e.expires_at, &e.id), &[])?;
     Ok(())
 }

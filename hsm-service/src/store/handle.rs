@@ -13,7 +13,8 @@ use super::evidence::{self, EvidenceRecord};
 use super::group_commit::{self, BoxedJob, Shared};
 use super::uow::{ReadTxn, Table, Txn};
 use super::{
-    ops, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, TxnResult, Update,
+    ops, record, CredentialKey, CredentialRecord, CredentialStore, Rollback, StoreError, TxnResult,
+    Update,
 };
 
 /// Options of a [`Store`]: its group committer, and (the last three) its engine.
@@ -167,7 +168,24 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send + 'static,
     {
-        let (job, rx) = group_commit::job(f);
+        self.write_reading(Vec::new(), f)
+    }
+
+    /// [`Store::write`] of a job that will read the keys of `reads`: the committer reads
+    /// them for the whole batch at once before its jobs run (see `group_commit`:
+    /// PostgreSQL makes one locking read per batch of them instead of one per job).
+    /// Reading fewer or other keys is allowed; declaring one that the job does not read
+    /// only locks it needlessly until the commit.
+    pub fn write_reading<T, F>(
+        &self,
+        reads: Vec<(Table, String)>,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + '_
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Txn) -> Result<T, Rollback> + Send + 'static,
+    {
+        let (job, rx) = group_commit::job(reads, f);
         async move {
             let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
             sender.send(job).await.map_err(|_| StoreError::Closed)?;
@@ -197,6 +215,24 @@ impl Store {
         }
     }
 
+    /// The committed value at `key` ([`Backend::get_committed`]: on PostgreSQL one
+    /// statement), moved to tokio's blocking pool when the backend's reads block, as
+    /// [`Store::read`] does.
+    pub async fn get_committed(
+        &self,
+        table: Table,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let backend = self.backend.clone();
+        if backend.reads_block() {
+            tokio::task::spawn_blocking(move || backend.get_committed(table, &key))
+                .await
+                .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+        } else {
+            backend.get_committed(table, &key)
+        }
+    }
+
     /// [`Store::read`] on the calling thread, whatever the backend: for start-up and
     /// offline commands, and code already on a blocking thread. Never on a runtime
     /// worker with a network backend.
@@ -219,8 +255,8 @@ impl Store {
 
     /// Reads an evidence record (committed state).
     pub async fn get_evidence(&self, id: &str) -> Result<Option<EvidenceRecord>, StoreError> {
-        let id = id.to_owned();
-        self.read(move |txn| evidence::get_in(txn, &id)?).await
+        let bytes = self.get_committed(Table::Evidence, id.to_owned()).await?;
+        bytes.map(|b| evidence::decode(id, &b)).transpose()
     }
 
     /// Number of evidence records kept (spent and expired ones until purged).
@@ -324,8 +360,10 @@ impl CredentialStore for Store {
     }
 
     async fn get(&self, tenant: &str, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.read(move |txn| ops::get(txn, &tenant, &id)?).await
+        let bytes = self
+            .get_committed(Table::Credentials, record::key(tenant, id))
+            .await?;
+        bytes.map(|b| record::decode(tenant, id, &b)).transpose()
     }
 
     async fn list(
@@ -351,7 +389,8 @@ impl CredentialStore for Store {
         F: FnOnce(&mut CredentialRecord) -> Update<R> + Send + 'static,
     {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.write(move |txn| ops::update(txn, &tenant, &id, f))
+        let reads = vec![(Table::Credentials, record::key(&tenant, &id))];
+        self.write_reading(reads, move |txn| ops::update(txn, &tenant, &id, f))
             .await
             .and_then(|r| r)
     }
@@ -369,7 +408,8 @@ impl CredentialStore for Store {
         E: FnOnce(&R, &mut dyn Txn) -> Result<(), Rollback> + Send + 'static,
     {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.write(move |txn| {
+        let reads = vec![(Table::Credentials, record::key(&tenant, &id))];
+        self.write_reading(reads, move |txn| {
             let answer = ops::update(txn, &tenant, &id, f)?;
             if let Ok(value) = &answer {
                 effects(value, txn)?;

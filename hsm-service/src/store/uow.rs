@@ -193,6 +193,18 @@ pub trait Txn: ReadTxn {
     /// Sets `key` to `value`.
     fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), Rollback>;
 
+    /// Inserts `value` at a `key` the caller knows to be new (a fresh 128-bit random id):
+    /// a key that exists fails the batch, here or at the commit. Default: a locking
+    /// [`ReadTxn::get`], refusing an existing key as [`StoreError::AlreadyExists`], then
+    /// [`Txn::put`]. A backend may skip the read (PostgreSQL: a plain `INSERT` at the
+    /// flush, which the primary key refuses: [`StoreError::Aborted`]).
+    fn insert_new(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), Rollback> {
+        if self.get(table, key)?.is_some() {
+            return Err(Rollback(StoreError::AlreadyExists));
+        }
+        self.put(table, key, value)
+    }
+
     /// Removes `key`; whether it existed.
     fn delete(&mut self, table: Table, key: &str) -> Result<bool, Rollback>;
 

@@ -8,7 +8,8 @@
 //! per write.
 //!
 //! How each key is flushed depends on what the batch knows of it:
-//! * read as absent, now present: plain `INSERT`. If another instance inserted the same
+//! * read as absent (or inserted with [`Txn::insert_new`], which does not read), now
+//!   present: plain `INSERT`. If another instance inserted the same
 //!   key meanwhile, the primary key refuses it (after waiting for that transaction) and
 //!   the batch fails as [`StoreError::Aborted`]: never a silent overwrite of a row this
 //!   batch believed absent, which is what keeps "insert if absent" exactly-once;
@@ -16,8 +17,9 @@
 //!   `INSERT ... ON CONFLICT (k) DO UPDATE`;
 //! * removed: `DELETE ... WHERE k = ANY($1)` (nothing for a key read as absent).
 //!
-//! Scans, counts and audit ranges inside a batch first flush the overlay, then ask the
-//! database, which then sees the batch's own writes.
+//! A scan inside a batch merges the database's rows with the overlay's unflushed writes
+//! in its range (no flush, no extra round trip); counts and audit ranges first flush the
+//! overlay, then ask the database, which then sees the batch's own writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::MutexGuard;
@@ -208,29 +210,10 @@ impl<'a> PgBatch<'a> {
         Ok(self.slots.get_mut(&id).expect("slot just ensured"))
     }
 
-    fn tail(&mut self, chain: &str) -> Result<Option<(u64, Vec<u8>)>, Rollback> {
-        if let Some(t) = self.audit_tail.get(chain) {
-            return Ok(t.clone());
-        }
-        let t = self.with(|q| q.audit_last(chain))?;
-        self.audit_tail.insert(chain.to_owned(), t.clone());
-        Ok(t)
-    }
-}
-
-impl ReadTxn for PgBatch<'_> {
-    fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, Rollback> {
-        Ok(self.slot(table, key)?.current.clone())
-    }
-
-    /// The keys this batch has not seen yet in one locking read (a bulk insert's
-    /// existence check is one round trip, not one per record); each becomes a slot as
+    /// The keys of `keys` this batch has not seen yet, in one locking read (sorted, as
+    /// the flush writes: two instances lock in the same order); each becomes a slot as
     /// [`ReadTxn::get`] makes it.
-    fn get_many(
-        &mut self,
-        table: Table,
-        keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, Rollback> {
+    fn read_unseen(&mut self, table: Table, keys: &[String]) -> Result<(), Rollback> {
         let mut unseen: Vec<&String> = keys
             .iter()
             .filter(|k| !self.slots.contains_key(&(table, (*k).clone())))
@@ -260,6 +243,33 @@ impl ReadTxn for PgBatch<'_> {
                 );
             }
         }
+        Ok(())
+    }
+
+    fn tail(&mut self, chain: &str) -> Result<Option<(u64, Vec<u8>)>, Rollback> {
+        if let Some(t) = self.audit_tail.get(chain) {
+            return Ok(t.clone());
+        }
+        let t = self.with(|q| q.audit_last(chain))?;
+        self.audit_tail.insert(chain.to_owned(), t.clone());
+        Ok(t)
+    }
+}
+
+impl ReadTxn for PgBatch<'_> {
+    fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, Rollback> {
+        Ok(self.slot(table, key)?.current.clone())
+    }
+
+    /// The keys this batch has not seen yet in one locking read (a bulk insert's
+    /// existence check is one round trip, not one per record); each becomes a slot as
+    /// [`ReadTxn::get`] makes it.
+    fn get_many(
+        &mut self,
+        table: Table,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, Rollback> {
+        self.read_unseen(table, keys)?;
         Ok(keys
             .iter()
             .map(|k| self.slots[&(table, k.clone())].current.clone())
@@ -272,8 +282,46 @@ impl ReadTxn for PgBatch<'_> {
         range: &KeyRange,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, Rollback> {
-        self.flush()?;
-        self.with(|q| q.scan(table, range, limit))
+        // Not flushed first: the database's rows merged with this batch's unflushed
+        // writes in the range (an evidence insert's purge scans the expiry index in
+        // every accepted verification's job: a flush there would cost a round trip per
+        // job). `removed` more rows are asked for, so that after the batch's deletes at
+        // least `limit` remain when the database has them.
+        let unflushed: Vec<(String, Option<Vec<u8>>)> = self
+            .slots
+            .iter()
+            .filter(|((t, k), slot)| *t == table && slot.dirty && range.contains(k))
+            .map(|((_, k), slot)| (k.clone(), slot.current.clone()))
+            .collect();
+        if unflushed.is_empty() {
+            return self.with(|q| q.scan(table, range, limit));
+        }
+        let removed = unflushed.iter().filter(|(_, v)| v.is_none()).count();
+        let asked = limit.saturating_add(removed);
+        let rows = self.with(|q| q.scan(table, range, asked))?;
+        // The database may hold more keys past its last row than it returned: a key of
+        // this batch beyond that one cannot be placed, and is left out.
+        let horizon = if rows.len() >= asked {
+            rows.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        let mut merged: BTreeMap<String, Vec<u8>> = rows.into_iter().collect();
+        for (k, v) in unflushed {
+            match v {
+                Some(v) => {
+                    merged.insert(k, v);
+                }
+                None => {
+                    merged.remove(&k);
+                }
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter(|(k, _)| horizon.as_ref().is_none_or(|last| k <= last))
+            .take(limit)
+            .collect())
     }
 
     fn count(&mut self, table: Table) -> Result<u64, Rollback> {
@@ -323,6 +371,28 @@ impl Txn for PgBatch<'_> {
         Ok(())
     }
 
+    /// No read: a key the batch has not seen is taken as absent and flushed with a plain
+    /// `INSERT`, which the primary key refuses if it exists (the batch then fails).
+    fn insert_new(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), Rollback> {
+        if self.failed {
+            return Err(Rollback(StoreError::Aborted(
+                "an earlier statement of this batch failed".into(),
+            )));
+        }
+        let slot = self.slots.entry((table, key.to_owned())).or_insert(Slot {
+            base: Base::Absent,
+            current: None,
+            dirty: false,
+        });
+        if slot.current.is_some() {
+            self.failed = true;
+            return Err(Rollback(StoreError::AlreadyExists));
+        }
+        slot.current = Some(value.to_vec());
+        slot.dirty = true;
+        Ok(())
+    }
+
     fn delete(&mut self, table: Table, key: &str) -> Result<bool, Rollback> {
         let slot = self.slot(table, key)?;
         let existed = slot.current.is_some();
@@ -358,6 +428,11 @@ impl Txn for PgBatch<'_> {
 impl BatchTxn for PgBatch<'_> {
     fn as_txn(&mut self) -> &mut dyn Txn {
         self
+    }
+
+    /// One locking read of the keys not seen yet (see [`PgBatch::read_unseen`]).
+    fn prefetch(&mut self, table: Table, keys: &[String]) -> Result<(), Rollback> {
+        self.read_unseen(table, keys)
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

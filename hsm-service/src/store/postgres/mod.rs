@@ -421,6 +421,35 @@ impl Backend for PgBackend {
         }
     }
 
+    /// One autocommit `SELECT` on a pooled connection (a single statement is its own
+    /// consistent snapshot): one round trip, where [`Backend::read`] takes three. It
+    /// changes nothing, so one that fails on a dead pooled connection is retried on a
+    /// fresh one, as a read whose `BEGIN` failed is.
+    fn get_committed(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let pool = self.pool()?;
+        let mut attempts = pool.max_size() + 1;
+        loop {
+            attempts -= 1;
+            let mut conn = pool.get().map_err(|e| {
+                self.set_healthy(false);
+                StoreError::Unavailable(format!("no PostgreSQL connection: {e}"))
+            })?;
+            match (Queries { conn: &mut conn }).get(table, key, false) {
+                Ok(v) => return Ok(v),
+                Err(Rollback(e)) => {
+                    if conn.is_broken() && attempts > 0 {
+                        tracing::debug!(error = %e, "store: retrying a read on a fresh connection");
+                        continue;
+                    }
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.set_healthy(false);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     fn reads_block(&self) -> bool {
         true
     }

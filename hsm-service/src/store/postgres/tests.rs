@@ -253,8 +253,7 @@ fn an_absent_key_inserted_by_two_batches_commits_once() {
     let mut ta = a.begin_batch().expect("begin a");
     assert_eq!(ta.get(Table::Credentials, "k2").expect("get"), None);
     ta.put(Table::Credentials, "k2", b"a").expect("put");
-    ta.scan(Table::Credentials, &KeyRange::all(), 1)
-        .expect("flushes the insert");
+    ta.count(Table::Credentials).expect("flushes the insert");
     let waiter = std::thread::spawn(move || {
         let mut tb = b.begin_batch().expect("begin b");
         assert_eq!(tb.get(Table::Credentials, "k2").expect("get"), None);
@@ -323,6 +322,150 @@ fn get_many_is_one_locking_read_with_gets_semantics() {
     let err = ta.commit().expect_err("must not overwrite");
     assert!(matches!(err, StoreError::Aborted(_)), "{err:?}");
     assert_eq!(get(&a, Table::Credentials, "z"), Some(b"b".to_vec()));
+}
+
+#[test]
+fn prefetch_locks_like_get_and_answers_the_jobs_gets() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    let b = Arc::new(db.backend("b"));
+    write(&a, |t| t.put(Table::Credentials, "p", b"1")).expect("seed");
+    let mut ta = a.begin_batch().expect("begin a");
+    let keys: Vec<String> = ["q", "p", "p"].map(str::to_owned).to_vec();
+    ta.prefetch(Table::Credentials, &keys).expect("prefetch");
+    // "p" is row-locked since the prefetch: another batch's locking read waits.
+    let waiter = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let mut tb = b.begin_batch().expect("begin b");
+            let seen = tb.get(Table::Credentials, "p").expect("get");
+            tb.commit().expect("commit b");
+            (seen, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // Answered from the batch: the row changes behind it cannot happen (locked), and a
+    // key prefetched as absent is flushed with a plain INSERT.
+    assert_eq!(
+        ta.get(Table::Credentials, "p").expect("get"),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(ta.get(Table::Credentials, "q").expect("get"), None);
+    ta.put(Table::Credentials, "p", b"2").expect("put");
+    let committed = Instant::now();
+    ta.commit().expect("commit a");
+    let (seen, at) = waiter.join().expect("thread");
+    assert_eq!(seen, Some(b"2".to_vec()), "b read after a's commit");
+    assert!(at >= committed);
+
+    let mut ta = a.begin_batch().expect("begin a");
+    ta.prefetch(Table::Credentials, &["z".to_owned()])
+        .expect("prefetch");
+    write(&b, |t| t.put(Table::Credentials, "z", b"b")).expect("b inserts z");
+    assert_eq!(ta.get(Table::Credentials, "z").expect("get"), None);
+    ta.put(Table::Credentials, "z", b"a").expect("put");
+    let err = ta.commit().expect_err("must not overwrite");
+    assert!(matches!(err, StoreError::Aborted(_)), "{err:?}");
+    assert_eq!(get(&a, Table::Credentials, "z"), Some(b"b".to_vec()));
+}
+
+#[test]
+fn insert_new_does_not_read_and_a_taken_key_fails_the_batch() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    write(&a, |t| t.put(Table::Evidence, "taken", b"1")).expect("seed");
+    write(&a, |t| t.insert_new(Table::Evidence, "fresh", b"2")).expect("insert_new");
+    assert_eq!(get(&a, Table::Evidence, "fresh"), Some(b"2".to_vec()));
+    let mut ta = a.begin_batch().expect("begin");
+    ta.insert_new(Table::Evidence, "taken", b"3")
+        .expect("not read: refused at the flush");
+    ta.put(Table::Evidence, "other", b"4").expect("put");
+    let err = ta.commit().expect_err("the primary key refuses it");
+    assert!(matches!(err, StoreError::Aborted(_)), "{err:?}");
+    assert_eq!(get(&a, Table::Evidence, "taken"), Some(b"1".to_vec()));
+    assert_eq!(get(&a, Table::Evidence, "other"), None);
+    // A key this batch already holds is refused at once.
+    let mut ta = a.begin_batch().expect("begin");
+    ta.put(Table::Evidence, "mine", b"5").expect("put");
+    let err = ta
+        .insert_new(Table::Evidence, "mine", b"6")
+        .expect_err("held");
+    assert_eq!(err.0, StoreError::AlreadyExists);
+}
+
+#[test]
+fn a_scan_in_a_batch_merges_its_unflushed_writes() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    write(&a, |t| {
+        for k in ["b", "d", "f", "h"] {
+            t.put(Table::Meta, k, k.as_bytes())?;
+        }
+        Ok(())
+    })
+    .expect("seed");
+    let mut ta = a.begin_batch().expect("begin");
+    ta.put(Table::Meta, "a", b"new").expect("put");
+    ta.put(Table::Meta, "d", b"changed").expect("put");
+    assert!(ta.delete(Table::Meta, "b").expect("delete"));
+    ta.put(Table::Meta, "z", b"past the limit").expect("put");
+    let keys = |rows: Vec<(String, Vec<u8>)>| -> Vec<(String, String)> {
+        rows.into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v).expect("utf-8")))
+            .collect()
+    };
+    let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    assert_eq!(
+        keys(ta.scan(Table::Meta, &KeyRange::all(), 3).expect("scan")),
+        [kv("a", "new"), kv("d", "changed"), kv("f", "f")]
+    );
+    assert_eq!(
+        keys(ta.scan(Table::Meta, &KeyRange::all(), 10).expect("scan")),
+        [
+            kv("a", "new"),
+            kv("d", "changed"),
+            kv("f", "f"),
+            kv("h", "h"),
+            kv("z", "past the limit")
+        ]
+    );
+    let after_d = KeyRange {
+        start: "d".into(),
+        after: true,
+        end: Some("y".into()),
+    };
+    assert_eq!(
+        keys(ta.scan(Table::Meta, &after_d, 10).expect("scan")),
+        [kv("f", "f"), kv("h", "h")]
+    );
+    // Nothing was flushed by the scans: another session still sees the old rows.
+    assert_eq!(get(&a, Table::Meta, "a"), None);
+    ta.commit().expect("commit");
+    assert_eq!(get(&a, Table::Meta, "a"), Some(b"new".to_vec()));
+    assert_eq!(get(&a, Table::Meta, "b"), None);
+}
+
+#[test]
+fn get_committed_reads_the_committed_value() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let a = db.backend("a");
+    write(&a, |t| t.put(Table::Credentials, "k", b"v")).expect("seed");
+    assert_eq!(
+        a.get_committed(Table::Credentials, "k").expect("get"),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        a.get_committed(Table::Credentials, "none").expect("get"),
+        None
+    );
 }
 
 #[test]
