@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Rollback, Store, StoreError};
+use super::{CredentialRecord, Rollback, Store, StoreError};
+use crate::otp::{HashAlgorithm, OtpKind};
 
 /// Occupies the committer with a job that blocks until released, so that the
 /// jobs queued meanwhile deterministically form the next batch.
@@ -243,5 +244,38 @@ impl super::Backend for MemoryBackend {
 
     fn reads_block(&self) -> bool {
         false
+    }
+}
+
+/// The tenant of the records the store's tests use.
+pub(crate) const T: &str = "tenant-a";
+
+/// A plausible TOTP record of tenant [`T`] (the seed bytes are a placeholder, never
+/// unwrapped), for tests that exercise storage rather than the HSM.
+pub(crate) fn rec(id: &str) -> CredentialRecord {
+    CredentialRecord {
+        tenant: T.into(),
+        id: id.into(),
+        subject: Some(format!("subject-{id}")),
+        kind: OtpKind::Totp,
+        algorithm: HashAlgorithm::Sha256,
+        digits: 6,
+        period_seconds: 30,
+        t0: 0,
+        wrapped_seed: vec![0xA5; 40],
+        master_key_version: 1,
+        seed_binding: None,
+        issuer: "Example eID".into(),
+        account_name: format!("user-{id}"),
+        last_accepted: None,
+        next_counter: 0,
+        drift_steps: 0,
+        failures: 0,
+        failure_times: Vec::new(),
+        locked_until: 0,
+        hard_locked: false,
+        disabled: false,
+        created_at: 1_700_000_000,
+        updated_at: 1_700_000_000,
     }
 }

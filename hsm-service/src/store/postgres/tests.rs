@@ -834,39 +834,9 @@ mod store {
 
     use std::sync::Arc;
 
-    use crate::otp::{HashAlgorithm, OtpKind};
     use crate::store::postgres::testing::{test_postgres_store, TestDatabase};
-    use crate::store::{CredentialRecord, CredentialStore, Store, StoreError, Update};
-
-    const T: &str = "tenant-a";
-
-    fn rec(id: &str) -> CredentialRecord {
-        CredentialRecord {
-            tenant: T.into(),
-            id: id.into(),
-            subject: Some(format!("subject-{id}")),
-            kind: OtpKind::Totp,
-            algorithm: HashAlgorithm::Sha256,
-            digits: 6,
-            period_seconds: 30,
-            t0: 0,
-            wrapped_seed: vec![0xA5; 40],
-            master_key_version: 1,
-            seed_binding: None,
-            issuer: "Example eID".into(),
-            account_name: format!("user-{id}"),
-            last_accepted: None,
-            next_counter: 0,
-            drift_steps: 0,
-            failures: 0,
-            failure_times: Vec::new(),
-            locked_until: 0,
-            hard_locked: false,
-            disabled: false,
-            created_at: 1_700_000_000,
-            updated_at: 1_700_000_000,
-        }
-    }
+    use crate::store::test_support::{rec, T};
+    use crate::store::{CredentialStore, Store, StoreError, Update};
 
     async fn two_instances() -> Option<(Arc<Store>, Arc<Store>, TestDatabase)> {
         tokio::task::spawn_blocking(|| {
