@@ -233,6 +233,64 @@ async fn a_killed_relay_resumes_from_its_cursor_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_reconnects_when_the_service_goes_away_and_comes_back() {
+    let env = DevEnv::new();
+    let fake = Fake::start(&env).await;
+    for i in 0..3 {
+        fake.append("credential.used", &format!("citizen-{i}"));
+    }
+    let dir = env.dir.path().join("relay");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let delivered = dir.join("delivered");
+    let cursor = dir.join("cursor");
+    let cmd = format!("cat >> {}", arg(&delivered));
+    let log = dir.join("relay.log");
+    let mut child = relay(
+        &env,
+        &fake,
+        &[
+            "--follow",
+            "--cursor-file",
+            &arg(&cursor),
+            "--exec",
+            &cmd,
+            "--retry-delay",
+            "20ms",
+            "--retry-max-delay",
+            "100ms",
+            "--verbose",
+        ],
+        &log,
+    );
+    wait_for("the first events", Duration::from_secs(30), || {
+        seqs(&delivered).len() == 3
+    })
+    .await;
+    fake.stop().await;
+    // Committed while the relay cannot connect.
+    for i in 3..6 {
+        fake.append("credential.used", &format!("citizen-{i}"));
+    }
+    wait_for("failed reconnections", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("reconnecting from seq 4")
+            .count()
+            >= 2
+    })
+    .await;
+    fake.resume().await;
+    wait_for("the rest", Duration::from_secs(30), || {
+        std::fs::read_to_string(&cursor).unwrap_or_default() == "6\n"
+    })
+    .await;
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    assert_eq!(seqs(&delivered), (1..=6).collect::<Vec<_>>());
+    assert_eq!(*fake.watch_froms().last().expect("watch"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compacted_start_is_out_of_range_unless_resuming_from_the_oldest() {
     let env = DevEnv::new();
     let fake = Fake::start(&env).await;

@@ -36,6 +36,18 @@ struct State {
 pub struct Fake {
     state: Arc<Mutex<State>>,
     pub addr: SocketAddr,
+    backend: SocketAddr,
+    /// The accept loops of the TCP relay in front of the service.
+    proxy: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Aborts the relay's connections when its accept loop goes.
+struct ProxyConns(Arc<Mutex<tokio::task::JoinSet<()>>>);
+
+impl Drop for ProxyConns {
+    fn drop(&mut self) {
+        self.0.lock().expect("lock").abort_all();
+    }
 }
 
 fn matches(e: &pb::Event, kinds: &[String], subject: &str) -> bool {
@@ -52,19 +64,70 @@ impl Fake {
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(read("server.crt"), read("server.key")))
             .client_ca_root(Certificate::from_pem(read("ca.crt")));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        // The service listens on a private port; clients reach it through a TCP relay
+        // on `addr` that `stop` tears down (every connection dropped, as in a restart).
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let svc = EventServiceServer::new(Svc {
-            state: state.clone(),
-        });
-        let router = Server::builder()
-            .tls_config(tls)
-            .expect("tls")
-            .add_service(svc);
-        tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
-        Fake { state, addr }
+        let backend = inner.local_addr().expect("addr");
+        let router =
+            Server::builder()
+                .tls_config(tls)
+                .expect("tls")
+                .add_service(EventServiceServer::new(Svc {
+                    state: state.clone(),
+                }));
+        tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(inner)));
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = front.local_addr().expect("addr");
+        let fake = Fake {
+            state,
+            addr,
+            backend,
+            proxy: Arc::default(),
+        };
+        fake.proxy_from(front);
+        fake
+    }
+
+    fn proxy_from(&self, front: tokio::net::TcpListener) {
+        let backend = self.backend;
+        let mut tasks = self.proxy.lock().expect("lock");
+        let conns = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+        let accept_conns = conns.clone();
+        tasks.push(tokio::spawn(async move {
+            let _keep = ProxyConns(accept_conns.clone());
+            loop {
+                let Ok((mut client, _)) = front.accept().await else {
+                    return;
+                };
+                accept_conns.lock().expect("lock").spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+        drop(conns);
+    }
+
+    /// Stop serving: every connection dropped, nothing listening on `addr`.
+    pub async fn stop(&self) {
+        let tasks: Vec<_> = self.proxy.lock().expect("lock").drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Serve again on the same address, with the same events.
+    pub async fn resume(&self) {
+        let front = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("bind the same port");
+        self.proxy_from(front);
     }
 
     /// Append an event; its seq.
