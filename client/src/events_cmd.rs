@@ -133,7 +133,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Run an `events` subcommand.
 pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
     match cmd {
-        Cmd::Watch(args) => watch(client, args, json_out).await,
+        Cmd::Watch(args) => {
+            let cursor = open_cursor(args)?;
+            watch(client, args, cursor, json_out).await
+        }
         Cmd::List {
             from,
             limit,
@@ -343,11 +346,22 @@ fn permanent(code: Code) -> bool {
     )
 }
 
-async fn watch(client: &HsmClient, a: &WatchArgs, json_out: bool) -> Result<ExitCode, ClientError> {
-    let cursor = match &a.cursor_file {
+/// The watch's cursor file, locked and read (before connecting: a corrupt or busy
+/// cursor fails at once, whatever the service's state).
+pub fn open_cursor(a: &WatchArgs) -> Result<Option<(CursorFile, Option<u64>)>, ClientError> {
+    Ok(match &a.cursor_file {
         Some(path) => Some(CursorFile::open(path)?),
         None => None,
-    };
+    })
+}
+
+/// `events watch`, with the cursor from [`open_cursor`].
+pub async fn watch(
+    client: &HsmClient,
+    a: &WatchArgs,
+    cursor: Option<(CursorFile, Option<u64>)>,
+    json_out: bool,
+) -> Result<ExitCode, ClientError> {
     // The next seq wanted: after the cursor, else --from.
     let mut next = match &cursor {
         Some((_, Some(last))) => last.saturating_add(1),

@@ -145,6 +145,11 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         let targets = bench_cmd::connect_targets(&client_config(&cli.conn), args).await?;
         return bench_cmd::run(&targets, args, cli.json).await;
     }
+    if let Command::Events(events_cmd::Cmd::Watch(args)) = &cli.command {
+        let cursor = events_cmd::open_cursor(args)?;
+        let client = connect(&cli.conn).await?;
+        return events_cmd::watch(&client, args, cursor, cli.json).await;
+    }
     let client = connect(&cli.conn).await?;
     match &cli.command {
         Command::Sign(cmd) => signing_cmd::sign(&client, cmd, cli.json).await,

@@ -532,6 +532,20 @@ async fn a_corrupt_or_locked_cursor_file_is_an_error_never_a_restart_from_zero()
     assert!(stdout(&out).is_empty(), "{out:?}");
     assert!(fake.watch_froms().is_empty(), "no watch was started");
     assert_eq!(std::fs::read_to_string(&cursor).expect("cursor"), "12abc\n");
+    // Refused before connecting: the same answer with no service at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmctl"))
+        .args([
+            "--endpoint",
+            "https://127.0.0.1:1",
+            "events",
+            "watch",
+            "--cursor-file",
+        ])
+        .arg(&cursor)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("is corrupt"), "{out:?}");
 
     // Two relays on one cursor file.
     std::fs::write(&cursor, "0\n").expect("write");
