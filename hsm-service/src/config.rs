@@ -43,6 +43,86 @@ pub struct Config {
     /// Key ceremonies: the officer quorum, approval expiry, validity cap, transcripts.
     #[serde(default)]
     pub ceremony: CeremonyConfig,
+    /// The citizen-notification event stream: retention, watchers, heartbeats.
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// `[events]`: the event outbox's retention and its readers' limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events older than this many days are compacted away. Default 30.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
+    /// At most this many events are kept (the oldest go first). Default 10,000,000.
+    #[serde(default = "default_max_events")]
+    pub max_events: u64,
+    /// Open WatchEvents streams allowed at once; beyond: RESOURCE_EXHAUSTED. Default 1024.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: u64,
+    /// A following watch sends a heartbeat (a batch without events) at least this often.
+    /// Default 15.
+    #[serde(default = "default_heartbeat_seconds")]
+    pub heartbeat_seconds: u64,
+    /// How often (milliseconds) a following watch polls the head for commits of other
+    /// instances (local commits wake it at once). Default 250.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// How often (seconds) the background compaction runs. Default 60.
+    #[serde(default = "default_compact_interval_seconds")]
+    pub compact_interval_seconds: u64,
+}
+
+fn default_retention_days() -> u64 {
+    30
+}
+fn default_max_events() -> u64 {
+    10_000_000
+}
+fn default_max_watchers() -> u64 {
+    1024
+}
+fn default_heartbeat_seconds() -> u64 {
+    15
+}
+fn default_poll_ms() -> u64 {
+    250
+}
+fn default_compact_interval_seconds() -> u64 {
+    60
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            retention_days: default_retention_days(),
+            max_events: default_max_events(),
+            max_watchers: default_max_watchers(),
+            heartbeat_seconds: default_heartbeat_seconds(),
+            poll_ms: default_poll_ms(),
+            compact_interval_seconds: default_compact_interval_seconds(),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// Bounds of every setting of `[events]`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_bounds(&[
+            ("events.retention_days", self.retention_days, 1, 3650),
+            ("events.max_events", self.max_events, 1, 1 << 40),
+            ("events.max_watchers", self.max_watchers, 1, 100_000),
+            ("events.heartbeat_seconds", self.heartbeat_seconds, 1, 3600),
+            ("events.poll_ms", self.poll_ms, 10, 60_000),
+            (
+                "events.compact_interval_seconds",
+                self.compact_interval_seconds,
+                1,
+                DAY,
+            ),
+        ])
+    }
 }
 
 /// Listener and TLS.
@@ -1181,6 +1261,7 @@ impl Config {
         self.signing.validate(&self.clients)?;
         self.ceremony.validate()?;
         self.store.validate()?;
+        self.events.validate()?;
         Ok(())
     }
 
@@ -1218,6 +1299,33 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[events]`: the reference values are the defaults, unknown keys and out-of-range
+    /// values are refused with the key's name.
+    #[test]
+    fn events_section_is_strict_and_bounded() {
+        let text = include_str!("../config.example.toml");
+        let config: Config = toml::from_str(text).expect("config.example.toml parses");
+        assert_eq!(config.events, EventsConfig::default());
+        assert_eq!(config.events.retention_days, 30);
+        assert!(toml::from_str::<EventsConfig>("retention = 3").is_err());
+        let parsed: EventsConfig = toml::from_str("max_watchers = 2").expect("parses");
+        assert_eq!(parsed.max_watchers, 2);
+        assert_eq!(parsed.heartbeat_seconds, 15);
+        for (key, bad) in [
+            ("retention_days", 0),
+            ("max_events", 0),
+            ("max_watchers", 0),
+            ("heartbeat_seconds", 0),
+            ("poll_ms", 1),
+            ("compact_interval_seconds", 0),
+        ] {
+            let c: EventsConfig = toml::from_str(&format!("{key} = {bad}")).expect("parses");
+            let err = c.validate().expect_err(key);
+            assert!(err.contains(&format!("events.{key}")), "{err}");
+        }
+        assert_eq!(EventsConfig::default().validate(), Ok(()));
+    }
 
     /// The reference config parses with the same schema the service uses, so a key added
     /// to one and not the other fails here.

@@ -24,13 +24,14 @@ use crate::hsm::{module, TokenSelector};
 
 /// Client certificates the dev PKI issues, and the role each maps to. The two login
 /// services are two tenants (each its cn), so tenant separation can be tried by hand.
-pub const DEV_CLIENTS: [(&str, Role); 6] = [
+pub const DEV_CLIENTS: [(&str, Role); 7] = [
     ("login-service", Role::LoginService),
     ("login-service-b", Role::LoginService),
     ("officer-1", Role::Officer),
     ("officer-2", Role::Officer),
     ("officer-3", Role::Officer),
     ("auditor", Role::Auditor),
+    ("notifier", Role::Notifier),
 ];
 
 /// Default data directory of dev mode.
@@ -290,6 +291,7 @@ fn dev_config(
             })
             .collect(),
         signing: crate::signing::dev_config(),
+        events: crate::config::EventsConfig::default(),
         ceremony: crate::config::CeremonyConfig {
             officers: DEV_CLIENTS
                 .iter()
@@ -376,6 +378,11 @@ fn ensure_pki(dir: &Path) -> Result<(), String> {
         if !dir.join("login-service-b.crt").exists() {
             tracing::warn!(
                 "this dev directory predates pki/login-service-b.*: delete it to get the second tenant"
+            );
+        }
+        if !dir.join("notifier.crt").exists() {
+            tracing::warn!(
+                "this dev directory predates pki/notifier.*: delete it to get the notifier"
             );
         }
         return Ok(());

@@ -23,6 +23,13 @@ pub enum Error {
     /// The object is in a state that forbids the operation.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A position outside what is kept (an event seq compacted away); the message names
+    /// the valid range.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A bounded resource (open event watches) is used up; retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] hsm::Error),

@@ -2,8 +2,8 @@
 //! logins. It keeps authenticator seeds and signing keys in a PKCS#11 token, verifies
 //! one-time codes, signs assertions, and runs key ceremonies under an officer quorum.
 //!
-//! Data flows one way: `api -> {credentials, signing, ceremony} -> {otp, store, audit,
-//! hsm}`, plus the leaf `common` every module may use. Domain modules never see proto
+//! Data flows one way: `api -> {credentials, signing, ceremony, events} -> {otp, store,
+//! audit, hsm}`, plus the leaf `common` every module may use. Domain modules never see proto
 //! types; `hsm` never sees proto or store types; `store` never imports a domain module or
 //! `audit`. `tests/layering.rs` holds the full table and checks every import against it.
 //! See the README's design section for why things are the way they are.
@@ -18,6 +18,7 @@ pub mod config;
 pub mod credentials;
 pub mod dev;
 pub mod error;
+pub mod events;
 pub mod hsm;
 pub mod logging;
 pub mod otp;

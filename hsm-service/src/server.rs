@@ -15,6 +15,7 @@ use hsm_proto::v1::admin_service_server::AdminServiceServer;
 use hsm_proto::v1::audit_service_server::AuditServiceServer;
 use hsm_proto::v1::ceremony_service_server::CeremonyServiceServer;
 use hsm_proto::v1::credential_service_server::CredentialServiceServer;
+use hsm_proto::v1::event_service_server::EventServiceServer;
 use hsm_proto::v1::key_service_server::KeyServiceServer;
 use hsm_proto::v1::signing_service_server::SigningServiceServer;
 use tokio::net::TcpListener;
@@ -209,6 +210,8 @@ pub(crate) async fn start_with_store(
         .local_addr()
         .map_err(|e| StartError::Other(format!("local address: {e}")))?;
 
+    let events = crate::events::Events::new(store.clone(), config.events.clone(), clock.clone());
+    let _compaction = events.spawn_compaction();
     let state: State = Arc::new(AppState {
         hsm: hsm.clone(),
         store,
@@ -219,6 +222,7 @@ pub(crate) async fn start_with_store(
         started: Instant::now(),
         signing,
         ceremonies,
+        events: events.clone(),
     });
 
     let start_event = Event::new(
@@ -288,6 +292,10 @@ pub(crate) async fn start_with_store(
         )
         .add_service(
             KeyServiceServer::new(Keys::new(state.clone())).max_decoding_message_size(signing_size),
+        )
+        .add_service(
+            EventServiceServer::new(crate::api::events::EventApi::new(state.clone()))
+                .max_decoding_message_size(small),
         )
         .add_service(
             CeremonyServiceServer::new(CeremonyApi::new(state.clone()))

@@ -125,8 +125,14 @@ const TABLE: &[Rule] = &[
             "store",
         ],
     },
-    // (Planned by other issues; add their rows when the modules appear: `devices` like
-    // `credentials`; `events` like `credentials` without `hsm` and `otp`.)
+    // The event stream's reader side (list, watch, retention, preferences); events are
+    // written by the domain modules through `store::events`.
+    Rule {
+        module: "events",
+        may_import: &["audit", "common", "config", "error", "store"],
+    },
+    // (Planned by other issues; add its row when the module appears: `devices` like
+    // `credentials`.)
     //
     // tonic services: proto <-> domain, errors -> Status. Never imported by the domain.
     Rule {
@@ -138,6 +144,7 @@ const TABLE: &[Rule] = &[
             "common",
             "credentials",
             "error",
+            "events",
             "hsm",
             "otp",
             "pki",
@@ -183,6 +190,7 @@ const BELOW_SERVER: &[&str] = &[
     "config",
     "credentials",
     "error",
+    "events",
     "hsm",
     "otp",
     "pki",
@@ -198,6 +206,7 @@ const BELOW_DEV: &[&str] = &[
     "config",
     "credentials",
     "error",
+    "events",
     "hsm",
     "logging",
     "otp",
@@ -216,6 +225,7 @@ const BELOW_TOP: &[&str] = &[
     "credentials",
     "dev",
     "error",
+    "events",
     "hsm",
     "logging",
     "otp",

@@ -31,6 +31,7 @@ use hsm_service::ceremony::shares::{self, KekRecord};
 use hsm_service::common::AuthMethod;
 use hsm_service::credentials::policy::{self, Policy, Verdict};
 use hsm_service::otp::{HashAlgorithm, OtpKind};
+use hsm_service::store::events;
 use hsm_service::store::evidence::{self, Spend, PURGE_GRACE_SECONDS};
 use hsm_service::store::{
     ops, CredentialRecord, CredentialStore, EvidenceRecord, KeyRange, ReadTxn, Rollback, Store,
@@ -1311,6 +1312,129 @@ async fn concurrent_writes_share_commits(env: &Env) {
     }
 }
 
+fn new_event(object: &str) -> events::NewEvent {
+    events::NewEvent {
+        time_ms: NOW * 1000,
+        kind: "credential.used".into(),
+        tenant: TENANT.into(),
+        subject: "citizen-1".into(),
+        object_id: object.into(),
+        critical: false,
+        notify: false,
+        details_json: "{}".into(),
+    }
+}
+
+/// Event seqs follow commit order without holes, whatever the concurrency (on
+/// PostgreSQL: two instances): concurrent appends get `head+1 ..= head+n`, each exactly
+/// once; a reader polling snapshots meanwhile never sees a hole below the head it read;
+/// a rolled-back append frees its seq; a slow transaction holding seq `n` makes every
+/// other instance's append wait, so nothing commits `n + 1` before `n`.
+async fn event_seqs_follow_commit_order(env: &Env) {
+    const N: usize = 48;
+    let start = env
+        .store()
+        .read(|txn| Ok(events::head(txn)?))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop) = (env.store().clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = start;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (head, got) = store
+                    .read(move |txn| {
+                        let head = events::head(txn)?;
+                        Ok((head, events::range(txn, seen + 1, usize::MAX)?))
+                    })
+                    .await
+                    .unwrap();
+                let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+                let want: Vec<u64> = (seen + 1..=head).collect();
+                assert_eq!(seqs, want, "a snapshot holds every seq up to its head");
+                seen = head;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            seen
+        })
+    };
+    let seqs = concurrently(env, N, |i| {
+        let store = env.handle(i).store.clone();
+        async move {
+            retrying(|| {
+                let store = store.clone();
+                async move {
+                    store
+                        .write(move |txn| events::append_in(txn, &new_event(&format!("e{i}"))))
+                        .await
+                }
+            })
+            .await
+            .expect("append")
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
+    let got: BTreeSet<u64> = seqs.iter().copied().collect();
+    let want: BTreeSet<u64> = (start + 1..=start + N as u64).collect();
+    assert_eq!(got, want, "each seq exactly once");
+    let stored = env
+        .store()
+        .read(move |txn| Ok(events::range(txn, start + 1, usize::MAX)?))
+        .await
+        .unwrap();
+    for e in &stored {
+        let i = seqs.iter().position(|s| *s == e.seq).unwrap();
+        assert_eq!(e.event.object_id, format!("e{i}"), "seq {}", e.seq);
+    }
+
+    // A rolled-back append frees its seq.
+    let failed = env
+        .store()
+        .write(|txn| {
+            events::append_in(txn, &new_event("rolled-back"))?;
+            Err::<(), _>(Rollback(StoreError::Invalid("planted".into())))
+        })
+        .await;
+    assert!(failed.is_err());
+    let next = env
+        .store()
+        .write(|txn| events::append_in(txn, &new_event("after")))
+        .await
+        .unwrap();
+    assert_eq!(next, start + N as u64 + 1);
+
+    // A slow transaction holds its seq; the other instance's append waits for it.
+    let last = env.handles.len() - 1;
+    let slow = {
+        let store = env.handles[0].store.clone();
+        tokio::spawn(async move {
+            let seq = store
+                .write(|txn| {
+                    let seq = events::append_in(txn, &new_event("slow"))?;
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(seq)
+                })
+                .await
+                .unwrap();
+            (seq, std::time::Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast = env.handles[last]
+        .store
+        .write(|txn| events::append_in(txn, &new_event("fast")))
+        .await
+        .unwrap();
+    let fast_done = std::time::Instant::now();
+    let (slow_seq, slow_done) = slow.await.unwrap();
+    assert_eq!(slow_seq, next + 1);
+    assert_eq!(fast, next + 2, "the later transaction gets the later seq");
+    assert!(fast_done >= slow_done, "and commits after the slow one");
+}
+
 // ---------------------------------------------------------------------------------------
 // Instantiation per backend
 // ---------------------------------------------------------------------------------------
@@ -1351,4 +1475,5 @@ every_backend!(
     meta_reserved_prefix_is_refused,
     read_snapshot_is_consistent,
     concurrent_writes_share_commits,
+    event_seqs_follow_commit_order,
 );

@@ -270,6 +270,7 @@ impl CredentialService for CredentialApi {
             .credentials
             .update_state_by(
                 Some(&caller.actor()),
+                caller.role.as_str(),
                 &tenant,
                 &request.get_ref().credential_id,
                 action,

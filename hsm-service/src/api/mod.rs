@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audit;
 pub mod ceremony;
 pub mod credentials;
+pub mod events;
 pub mod signing;
 pub mod status;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub signing: Arc<crate::signing::Signer>,
     /// Key ceremonies.
     pub ceremonies: Arc<crate::ceremony::Ceremonies>,
+    /// The citizen-notification event stream.
+    pub events: Arc<crate::events::Events>,
 }
 
 /// Shared handle to the state.

@@ -17,6 +17,8 @@ impl From<Error> for Status {
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::OutOfRange(m) => Status::out_of_range(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Hsm(e) => {
                 let (code, text) = match e.kind() {
                     ErrorKind::Busy => (Code::ResourceExhausted, "HSM is busy; retry later"),

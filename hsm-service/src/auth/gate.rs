@@ -20,6 +20,7 @@ const AUDITOR: &[Role] = &[Role::Auditor];
 const LOGIN_OR_OFFICER: &[Role] = &[Role::LoginService, Role::Officer];
 const OFFICER_OR_AUDITOR: &[Role] = &[Role::Officer, Role::Auditor];
 const ANYONE: &[Role] = &[Role::LoginService, Role::Officer, Role::Auditor];
+const EVENT_READERS: &[Role] = &[Role::LoginService, Role::Notifier, Role::Auditor];
 
 /// Every hsm.v1 method and the roles that may call it (the union, where a handler
 /// narrows it further by the request, as UpdateCredentialState UNLOCK does).
@@ -55,6 +56,10 @@ pub const METHOD_ROLES: &[(&str, &[Role])] = &[
     ("hsm.v1.KeyService/CreateCsr", OFFICER),
     ("hsm.v1.KeyService/SelfSignCertificate", OFFICER),
     ("hsm.v1.KeyService/IssueCertificate", OFFICER),
+    ("hsm.v1.EventService/WatchEvents", EVENT_READERS),
+    ("hsm.v1.EventService/ListEvents", EVENT_READERS),
+    ("hsm.v1.EventService/SetNotificationPreference", LOGIN),
+    ("hsm.v1.EventService/GetNotificationPreference", LOGIN),
 ];
 
 /// The package whose methods need a role; health and reflection answer any client the
@@ -172,6 +177,7 @@ mod tests {
             include_str!("../../../proto/hsm/v1/audit.proto"),
             include_str!("../../../proto/hsm/v1/ceremony.proto"),
             include_str!("../../../proto/hsm/v1/credentials.proto"),
+            include_str!("../../../proto/hsm/v1/events.proto"),
             include_str!("../../../proto/hsm/v1/signing.proto"),
         ];
         let mut declared = Vec::new();

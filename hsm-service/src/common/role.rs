@@ -12,6 +12,8 @@ pub enum Role {
     Officer,
     /// An auditor: reads and verifies the audit trail.
     Auditor,
+    /// A notification relay: reads every tenant's events, changes nothing.
+    Notifier,
 }
 
 impl Role {
@@ -21,6 +23,7 @@ impl Role {
             Role::LoginService => "login-service",
             Role::Officer => "officer",
             Role::Auditor => "auditor",
+            Role::Notifier => "notifier",
         }
     }
 }

@@ -31,11 +31,12 @@ use zeroize::Zeroizing;
 
 use crate::audit::log::{append_in, AuditLog};
 use crate::audit::{Actor, Event};
-use crate::common::AuthMethod;
 pub use crate::common::Clock;
+use crate::common::{AuthMethod, EventKind};
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::otp::{self, Digits, HashAlgorithm, OtpKind, ProvisioningParams};
+use crate::store::events;
 use crate::store::{
     CredentialKey, CredentialRecord, CredentialStore, EvidenceRecord, Rollback, Store, StoreError,
     Txn, Update,
@@ -309,17 +310,25 @@ impl<S: CredentialStore> Credentials<S> {
             updated_at: now,
         };
         record.seed_binding = Some(binding::compute(&self.hsm, &record).await?);
-        let inserted = match self.audit_event(actor, "credential.create", &record.id) {
-            Some((event, chain)) => {
-                let event = audit::created_event(event, &record, provisioning_uri.is_some());
-                self.store
-                    .insert_with(record.clone(), move |txn| {
-                        append_in(txn, &chain, event).map(drop)
-                    })
-                    .await
-            }
-            None => self.store.insert(record.clone()).await,
-        };
+        let audit = self
+            .audit_event(actor, "credential.create", &record.id)
+            .map(|(e, chain)| {
+                (
+                    audit::created_event(e, &record, provisioning_uri.is_some()),
+                    chain,
+                )
+            });
+        let notice = Notice::of(&record, self.clock.now_ms());
+        let details = format!(r#"{{"kind":"{}"}}"#, record.kind.uri_name());
+        let inserted = self
+            .store
+            .insert_with(record.clone(), move |txn| {
+                if let Some((event, chain)) = audit {
+                    append_in(txn, &chain, event)?;
+                }
+                notice.emit(txn, EventKind::CredentialCreated, details)
+            })
+            .await;
         inserted.map_err(|e| match e {
             StoreError::AlreadyExists => {
                 Error::AlreadyExists(format!("credential {:?} exists", record.id))
@@ -419,8 +428,9 @@ impl<S: CredentialStore> Credentials<S> {
         let evidence = self.evidence_of(&rec, now)?;
         let evidence_id = evidence.as_ref().map(|e| e.id.clone());
         let audit_tenant = tenant.to_owned();
+        let notice = Notice::of(&rec, self.clock.now_ms());
         let seed = rec.wrapped_seed;
-        let (outcome, lock) = self
+        let (outcome, lock, _) = self
             .store
             .update_with(
                 tenant,
@@ -431,18 +441,22 @@ impl<S: CredentialStore> Credentials<S> {
                     }
                     let before = LockState::of(r);
                     match policy::apply_verify(r, matched, now, &policy) {
-                        Update::Write(o) => Update::Write(Some((o, before.change(r)))),
-                        Update::Keep(o) => Update::Keep(Some((o, None))),
-                        Update::Delete(o) => Update::Delete(Some((o, None))),
+                        Update::Write(o) => Update::Write(Some((o, before.change(r), r.failures))),
+                        Update::Keep(o) => Update::Keep(Some((o, None, r.failures))),
+                        Update::Delete(o) => Update::Delete(Some((o, None, r.failures))),
                     }
                 },
-                move |d: &Option<(Outcome, Option<LockChange>)>, txn: &mut dyn Txn| {
-                    let accepted = d.is_some_and(|(o, _)| o.verdict == Verdict::Accepted);
+                move |d: &Option<(Outcome, Option<LockChange>, u32)>, txn: &mut dyn Txn| {
+                    let decided = d.map(|(o, l, _)| (o, l));
+                    let accepted = decided.is_some_and(|(o, _)| o.verdict == Verdict::Accepted);
                     let evidence = evidence.filter(|_| accepted);
                     let evidence_id = evidence.as_ref().map(|e| e.id.as_str());
-                    record_decision(txn, event, &audit_tenant, d.as_ref(), evidence_id)?;
+                    record_decision(txn, event, &audit_tenant, decided.as_ref(), evidence_id)?;
                     if let Some(e) = evidence {
                         crate::store::evidence::insert_in(txn, &e, e.auth_time)?;
+                    }
+                    if let Some((o, lock, failures)) = d {
+                        notice.decision(txn, o.verdict, *lock, *failures)?;
                     }
                     Ok(())
                 },
@@ -563,6 +577,7 @@ impl<S: CredentialStore> Credentials<S> {
         let matched = ct_to_option(otp::find_consecutive(c1, c2, &codes))
             .map(|i| window.start() + u64::from(i) + 1);
         let policy = self.policy.clone();
+        let notice = Notice::of(&rec, self.clock.now_ms());
         let seed = rec.wrapped_seed;
         let audit_tenant = tenant.to_owned();
         self.store
@@ -586,7 +601,12 @@ impl<S: CredentialStore> Credentials<S> {
                 move |r: &Option<(Outcome, Option<LockChange>, CredentialRecord)>,
                       txn: &mut dyn Txn| {
                     let decided = r.as_ref().map(|(o, l, _)| (*o, *l));
-                    record_decision(txn, event, &audit_tenant, decided.as_ref(), None)
+                    record_decision(txn, event, &audit_tenant, decided.as_ref(), None)?;
+                    if let Some((_, Some(_), _)) = r {
+                        let reason = r#"{"reason":"failures"}"#.into();
+                        notice.emit(txn, EventKind::CredentialLocked, reason)?;
+                    }
+                    Ok(())
                 },
             )
             .await
@@ -629,14 +649,16 @@ impl<S: CredentialStore> Credentials<S> {
         id: &str,
         action: Action,
     ) -> Result<CredentialRecord> {
-        self.update_state_by(None, tenant, id, action).await
+        self.update_state_by(None, "service", tenant, id, action)
+            .await
     }
 
-    /// Enable, disable or unlock `tenant`'s credential for `actor`, recorded in the same
-    /// commit as the change.
+    /// Enable, disable or unlock `tenant`'s credential for `actor` (whose role is `by`,
+    /// named in the event), recorded in the same commit as the change.
     pub async fn update_state_by(
         &self,
         actor: Option<&Actor>,
+        by: &str,
         tenant: &str,
         id: &str,
         action: Action,
@@ -645,6 +667,12 @@ impl<S: CredentialStore> Credentials<S> {
         check_tenant(tenant)?;
         let now = self.clock.now();
         let event = self.audit_event(actor, audit::state_action(action), id);
+        let (time_ms, details) = (self.clock.now_ms(), format!(r#"{{"by":"{by}"}}"#));
+        let kind = match action {
+            Action::Enable => EventKind::CredentialEnabled,
+            Action::Disable => EventKind::CredentialDisabled,
+            Action::Unlock => EventKind::CredentialUnlocked,
+        };
         let rec = self
             .store
             .update_with(
@@ -659,9 +687,11 @@ impl<S: CredentialStore> Credentials<S> {
                     r.updated_at = now;
                     Update::Write(r.clone())
                 },
-                move |r: &CredentialRecord, txn: &mut dyn Txn| match event {
-                    Some((e, chain)) => append_in(txn, &chain, audit::state_event(e, r)).map(drop),
-                    None => Ok(()),
+                move |r: &CredentialRecord, txn: &mut dyn Txn| {
+                    if let Some((e, chain)) = event {
+                        append_in(txn, &chain, audit::state_event(e, r))?;
+                    }
+                    Notice::of(r, time_ms).emit(txn, kind, details)
                 },
             )
             .await
@@ -682,18 +712,24 @@ impl<S: CredentialStore> Credentials<S> {
     pub async fn delete_by(&self, actor: Option<&Actor>, tenant: &str, id: &str) -> Result<()> {
         check_id(id)?;
         check_tenant(tenant)?;
-        let existed = match self.audit_event(actor, "credential.delete", id) {
-            Some((event, chain)) => {
-                let event = event.with_details(crate::audit::Details::new().str("tenant", tenant));
-                self.store
-                    .delete_with(tenant, id, move |txn| {
-                        append_in(txn, &chain, event).map(drop)
-                    })
-                    .await
-            }
-            None => self.store.delete(tenant, id).await,
-        }
-        .map_err(store_error)?;
+        // The subject for the event (it never changes, so reading it first is exact).
+        let notice = Notice::of(&self.get(tenant, id).await?, self.clock.now_ms());
+        let audit = self
+            .audit_event(actor, "credential.delete", id)
+            .map(|(e, chain)| {
+                let tenant = crate::audit::Details::new().str("tenant", tenant);
+                (e.with_details(tenant), chain)
+            });
+        let existed = self
+            .store
+            .delete_with(tenant, id, move |txn| {
+                if let Some((event, chain)) = audit {
+                    append_in(txn, &chain, event)?;
+                }
+                notice.emit(txn, EventKind::CredentialDeleted, "{}".into())
+            })
+            .await
+            .map_err(store_error)?;
         if existed {
             self.audited();
             tracing::info!(tenant, credential = id, "credential deleted");
@@ -797,6 +833,74 @@ pub async fn ensure_master_key<S: CredentialStore>(
         );
     }
     Ok(())
+}
+
+/// The citizen-notification events of one credential (see `store::events`), written in
+/// the transaction of the change they report.
+struct Notice {
+    time_ms: u64,
+    tenant: String,
+    subject: String,
+    id: String,
+}
+
+impl Notice {
+    fn of(rec: &CredentialRecord, time_ms: u64) -> Notice {
+        Notice {
+            time_ms,
+            tenant: rec.tenant.clone(),
+            subject: rec.subject.clone().unwrap_or_default(),
+            id: rec.id.clone(),
+        }
+    }
+
+    fn emit(
+        &self,
+        txn: &mut dyn Txn,
+        kind: EventKind,
+        details_json: String,
+    ) -> std::result::Result<(), Rollback> {
+        let n = &self;
+        events::emit_in(
+            txn,
+            n.time_ms,
+            kind,
+            &n.tenant,
+            &n.subject,
+            &n.id,
+            details_json,
+        )
+        .map(drop)
+    }
+
+    /// A verification's (or resync's) decision: `credential.used` for an accepted code,
+    /// `credential.rejected` for a rejected or replayed one, then `credential.locked`
+    /// when the decision set a lock.
+    fn decision(
+        &self,
+        txn: &mut dyn Txn,
+        verdict: Verdict,
+        lock: Option<LockChange>,
+        failures: u32,
+    ) -> std::result::Result<(), Rollback> {
+        match verdict {
+            Verdict::Accepted => self.emit(txn, EventKind::CredentialUsed, "{}".into())?,
+            Verdict::Rejected | Verdict::Replayed => self.emit(
+                txn,
+                EventKind::CredentialRejected,
+                format!(r#"{{"failures":{failures}}}"#),
+            )?,
+            Verdict::Locked | Verdict::Disabled => {}
+        }
+        if lock.is_some() {
+            self.emit(
+                txn,
+                EventKind::CredentialLocked,
+                r#"{"reason":"failures"}"#.into(),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The record of a decision made in the store update: the verdict, or (`None`) that the

@@ -1386,7 +1386,7 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
     }
     f.now.fetch_add(3600, Ordering::SeqCst);
     f.service
-        .update_state_by(Some(&officer), T, "a", Action::Disable)
+        .update_state_by(Some(&officer), "officer", T, "a", Action::Disable)
         .await
         .expect("disable");
     let before = jobs();
@@ -1400,7 +1400,7 @@ async fn every_verification_outcome_and_lifecycle_change_is_recorded_once() {
     );
     assert_eq!(jobs() - before, 1);
     f.service
-        .update_state_by(Some(&officer), T, "a", Action::Unlock)
+        .update_state_by(Some(&officer), "officer", T, "a", Action::Unlock)
         .await
         .expect("unlock");
     f.service

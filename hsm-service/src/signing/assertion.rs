@@ -13,7 +13,9 @@ use super::versions::{self, KeyVersion, Usage};
 use super::{prepare_assertion, AssertionParams};
 use crate::audit::log::append_in;
 use crate::audit::{Details, Event};
+use crate::common::EventKind;
 use crate::error::{Error, Result};
+use crate::store::events;
 
 /// Audit action of a signed assertion (object: its `jti`).
 pub const ASSERTION_ACTION: &str = "assertion.sign";
@@ -206,8 +208,17 @@ impl Signer {
             }),
             Basis::Unbound => None,
         };
+        let details = serde_json::json!({"acr": &req.acr, "aud": &req.audience, "kid": &k.kid});
+        let notice = (
+            self.clock.now_ms(),
+            grant.tenant.clone(),
+            req.subject.clone(),
+            k.name.clone(),
+            details.to_string(),
+        );
         // Released only to the one request that spent the evidence.
-        self.commit_assertion(&k, expires_at, spend, event).await?;
+        self.commit_assertion(&k, expires_at, spend, event, notice)
+            .await?;
         Ok(SignedAssertion {
             jws: input.finish(&signature),
             kid: k.kid,
@@ -217,13 +228,15 @@ impl Signer {
 
     /// The one write job of an assertion: spend its evidence (decided on the committer;
     /// a refusal writes nothing), raise the durable `last_expiry` of `k` when it does
-    /// not cover `exp` yet, and append the assertion's audit record.
+    /// not cover `exp` yet, and append the assertion's audit record and its
+    /// `assertion.signed` event (`notice`: time, tenant, subject, key name, details).
     async fn commit_assertion(
         &self,
         k: &KeyVersion,
         exp: u64,
         spend: Option<Spend>,
         event: Event,
+        notice: (u64, String, String, String, String),
     ) -> Result<()> {
         let current = self
             .read_keys()
@@ -261,6 +274,9 @@ impl Signer {
                     }
                 }
                 append_in(txn, &chain, event)?;
+                let (time_ms, tenant, subject, key, details) = notice;
+                let kind = EventKind::AssertionSigned;
+                events::emit_in(txn, time_ms, kind, &tenant, &subject, &key, details)?;
                 Ok(Ok((updated, Ok(()))))
             })
             .await

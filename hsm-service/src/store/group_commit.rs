@@ -38,12 +38,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, BatchTxn};
-use super::uow::Txn;
+use super::uow::{ChainName, KeyRange, ReadTxn, Table, Txn};
 use super::{Rollback, StoreError};
 
 /// Counters shared between the committer and the store handle.
-#[derive(Default)]
 pub(super) struct Shared {
+    /// Bumped after every commit that wrote to [`Table::Events`]: wakes local event
+    /// watchers (commits of other instances are seen by their poll of the head).
+    pub(super) event_commits: tokio::sync::watch::Sender<u64>,
     pub(super) commits: AtomicU64,
     pub(super) committed_jobs: AtomicU64,
     pub(super) failed_batches: AtomicU64,
@@ -52,6 +54,72 @@ pub(super) struct Shared {
     /// real commit fail on demand).
     #[cfg(test)]
     pub(super) fail_next_commits: std::sync::atomic::AtomicU32,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            event_commits: tokio::sync::watch::Sender::new(0),
+            commits: AtomicU64::new(0),
+            committed_jobs: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_commits: Default::default(),
+        }
+    }
+}
+
+/// The batch transaction as the jobs see it, noting whether any job wrote an event.
+struct Tracking<'a> {
+    inner: &'a mut dyn Txn,
+    wrote_events: bool,
+}
+
+impl ReadTxn for Tracking<'_> {
+    fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, Rollback> {
+        self.inner.get(table, key)
+    }
+    fn scan(
+        &mut self,
+        table: Table,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, Rollback> {
+        self.inner.scan(table, range, limit)
+    }
+    fn count(&mut self, table: Table) -> Result<u64, Rollback> {
+        self.inner.count(table)
+    }
+    fn audit_last(&mut self, chain: &ChainName) -> Result<Option<(u64, Vec<u8>)>, Rollback> {
+        self.inner.audit_last(chain)
+    }
+    fn audit_range(
+        &mut self,
+        chain: &ChainName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Rollback> {
+        self.inner.audit_range(chain, from, limit)
+    }
+    fn audit_count(&mut self, chain: &ChainName) -> Result<u64, Rollback> {
+        self.inner.audit_count(chain)
+    }
+    fn audit_chains(&mut self) -> Result<Vec<String>, Rollback> {
+        self.inner.audit_chains()
+    }
+}
+
+impl Txn for Tracking<'_> {
+    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), Rollback> {
+        self.wrote_events |= table == Table::Events;
+        self.inner.put(table, key, value)
+    }
+    fn delete(&mut self, table: Table, key: &str) -> Result<bool, Rollback> {
+        self.inner.delete(table, key)
+    }
+    fn audit_put(&mut self, chain: &ChainName, seq: u64, line: &[u8]) -> Result<(), Rollback> {
+        self.inner.audit_put(chain, seq, line)
+    }
 }
 
 /// A type-erased write job.
@@ -202,11 +270,18 @@ fn commit_batch(
     };
 
     let mut done: Vec<BoxedJob> = Vec::with_capacity(n);
+    let mut wrote_events = false;
     for _ in 0..n {
         let Some(mut j) = pending.pop_front() else {
             break;
         };
-        if let Err(e) = j.run(txn.as_txn()) {
+        let mut tracking = Tracking {
+            inner: txn.as_txn(),
+            wrote_events: false,
+        };
+        let ran = j.run(&mut tracking);
+        wrote_events |= tracking.wrote_events;
+        if let Err(e) = ran {
             // Roll back everything this batch did (dropping the transaction); the
             // jobs after `j` never ran and stay at the front of `pending` for the
             // next batch.
@@ -247,6 +322,9 @@ fn commit_batch(
             shared
                 .committed_jobs
                 .fetch_add(done.len() as u64, Ordering::Relaxed);
+            if wrote_events {
+                shared.event_commits.send_modify(|n| *n = n.wrapping_add(1));
+            }
             for d in done {
                 d.finish(Ok(()));
             }

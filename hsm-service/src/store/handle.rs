@@ -129,6 +129,12 @@ impl Store {
         })
     }
 
+    /// Changes after every local commit that wrote events (see `store::events`); other
+    /// instances' commits are not signalled here (poll [`events::head`](super::events::head)).
+    pub fn event_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.event_commits.subscribe()
+    }
+
     /// The engine's name (`redb`, `postgres`).
     pub fn kind(&self) -> &'static str {
         self.backend.kind()

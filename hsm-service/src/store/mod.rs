@@ -21,6 +21,7 @@ use std::future::Future;
 
 pub mod backend;
 mod error;
+pub mod events;
 pub mod evidence;
 mod group_commit;
 mod handle;

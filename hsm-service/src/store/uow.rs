@@ -49,6 +49,10 @@ pub enum Table {
     Ceremonies,
     /// `name/version (10 digits)` -> id of the ceremony that created that key version.
     CeremonyKeys,
+    /// seq (20 digits) -> `store::events` encoding of an event (the outbox).
+    Events,
+    /// `tenant NUL subject` -> `store::events` encoding of a notification preference.
+    NotificationPrefs,
 }
 
 impl Table {
@@ -61,6 +65,8 @@ impl Table {
         Table::SigningKeys,
         Table::Ceremonies,
         Table::CeremonyKeys,
+        Table::Events,
+        Table::NotificationPrefs,
     ];
 
     /// The table's name in every backend (redb table name, PostgreSQL table name).
@@ -73,6 +79,8 @@ impl Table {
             Table::SigningKeys => "signing_keys",
             Table::Ceremonies => "ceremonies",
             Table::CeremonyKeys => "ceremony_keys",
+            Table::Events => "events",
+            Table::NotificationPrefs => "notification_prefs",
         }
     }
 }

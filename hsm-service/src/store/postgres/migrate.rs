@@ -10,7 +10,10 @@ use super::conn::map_err;
 use crate::store::StoreError;
 
 /// Every migration, in order: (version, SQL).
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_tables.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("migrations/0001_tables.sql")),
+    (2, include_str!("migrations/0002_events.sql")),
+];
 
 /// The newest schema this binary knows.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -69,12 +72,12 @@ mod tests {
     }
 
     #[test]
-    fn schema_one_creates_every_table() {
-        let sql = MIGRATIONS[0].1;
+    fn the_migrations_create_every_table() {
+        let sql: String = MIGRATIONS.iter().map(|(_, s)| *s).collect();
         for t in crate::store::uow::Table::ALL {
             assert!(
                 sql.contains(&format!("CREATE TABLE {} (", t.name())),
-                "migration 1 lacks table {}",
+                "no migration creates table {}",
                 t.name()
             );
         }

@@ -90,7 +90,8 @@ impl RedbBackend {
         // can run. One transaction: a crash leaves either schema, never a mix.
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(options.quick_repair);
-        let old = found.filter(|&v| v < SCHEMA_VERSION);
+        // Schema 3 -> 4 only adds tables (the event outbox), which `create_all` creates.
+        let old = found.filter(|&v| v < 3);
         if old.is_some() {
             // Its key type changed; the new one is created (same name) by `create_all`.
             txn.delete_table(LEGACY_EVIDENCE_EXPIRY)?;
@@ -108,7 +109,7 @@ impl RedbBackend {
             let indexed = rebuild_evidence_expiry(&txn)?;
             tracing::info!(
                 evidence = indexed,
-                "store schema {v} -> {SCHEMA_VERSION}: evidence expiry index rebuilt"
+                "store schema {v} -> 3: evidence expiry index rebuilt"
             );
         }
         if found != Some(SCHEMA_VERSION) {

@@ -37,8 +37,10 @@ pub(super) const SCHEMA_VERSION_KEY: &str = "store.schema_version";
 ///
 /// 1: first release. 2: credentials keyed by tenant and id, evidence tables.
 /// 3: the evidence expiry index keyed by text (`expires_at` in 20 digits, NUL, id), like
-/// every other table of the unit of work.
-pub(super) const SCHEMA_VERSION: u32 = 3;
+/// every other table of the unit of work. 4: the event outbox (`events`,
+/// `notification_prefs`); bumped so that an older build, which would commit changes
+/// without their events, refuses the file.
+pub(super) const SCHEMA_VERSION: u32 = 4;
 
 /// Creates every table in `txn` (redb creates a table on first write-open),
 /// so read transactions never see "table does not exist".

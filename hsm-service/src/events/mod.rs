@@ -1,0 +1,433 @@
+//! The outbox's reader side: list and watch the event stream, retention (compaction),
+//! and the citizens' notification preferences.
+//!
+//! Events are *written* by the domain modules inside the unit of work of the change
+//! they report (`store::events::emit_in`, next to the audit record); the module doc of
+//! `store::events` explains the sequencing that makes seqs increase in commit order with
+//! no hole a reader could skip. This module only reads, at each reader's own pace:
+//!
+//! * a watch never buffers more than one page: it reads a page from the store, sends it
+//!   (waiting while the client is slow: the channel holds one batch), and reads the
+//!   next; a watcher far behind is served from the store, never from memory, and never
+//!   slows a verification (readers take snapshots, writers never wait for them);
+//! * a caught-up follower sleeps on the *head* (one shared task per process reads the
+//!   head after each local commit that carried events and every `poll_ms`, so commits
+//!   of other instances are seen too) and wakes only when it moved;
+//! * open watches are bounded (`[events] max_watchers`, then RESOURCE_EXHAUSTED);
+//! * a `from_seq` older than the oldest retained seq is OUT_OF_RANGE naming that seq
+//!   (never a silent jump); compaction removes the oldest events in the background.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::common::{Clock, EventKind};
+use crate::config::EventsConfig;
+use crate::error::{store_failure, Error, Result};
+use crate::store::events::{self as outbox, NotificationPref, StoredEvent};
+use crate::store::{Store, StoreError};
+
+pub use crate::store::events::{NewEvent, StoredEvent as Event};
+
+/// Most events one ListEvents page returns.
+pub const MAX_LIMIT: u32 = 1000;
+/// Events per page when the request names no limit.
+pub const DEFAULT_LIMIT: u32 = 100;
+/// Longest subject a filter or a preference may name.
+pub const MAX_SUBJECT_LEN: usize = 128;
+/// Events a watch reads from the store per batch.
+const WATCH_PAGE: usize = 256;
+/// Most stored events one page examines when filtering (bounds a page's work).
+const MAX_EXAMINED: usize = 10_000;
+/// Events one compaction transaction deletes at most.
+const COMPACT_CHUNK: usize = 2048;
+
+/// Whose events a caller sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A login service: its own tenant's.
+    Tenant(String),
+    /// A notifier or an auditor: every tenant's.
+    All,
+}
+
+/// Which events a list or a watch returns.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    scope: Scope,
+    kinds: Vec<EventKind>,
+    subject: Option<String>,
+}
+
+impl Filter {
+    /// A filter from a request's fields: `kinds` must all be known, `subject` a valid
+    /// subject or empty (then: all).
+    pub fn new(scope: Scope, kinds: &[String], subject: &str) -> Result<Filter> {
+        let kinds = kinds
+            .iter()
+            .map(|k| {
+                EventKind::parse(k).ok_or_else(|| {
+                    let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                    Error::InvalidArgument(format!(
+                        "kinds: unknown kind {:?} (known: {})",
+                        k.chars().take(64).collect::<String>(),
+                        known.join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let subject = if subject.is_empty() {
+            None
+        } else {
+            check_subject(subject)?;
+            Some(subject.to_owned())
+        };
+        Ok(Filter {
+            scope,
+            kinds,
+            subject,
+        })
+    }
+
+    /// Whether `e` passes.
+    pub fn matches(&self, e: &NewEvent) -> bool {
+        let tenant = match &self.scope {
+            Scope::All => true,
+            Scope::Tenant(t) => *t == e.tenant,
+        };
+        tenant
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| k.as_str() == e.kind))
+            && self.subject.as_deref().is_none_or(|s| s == e.subject)
+    }
+}
+
+/// A subject's pseudonym as preferences and filters take it: 1 to 128 of
+/// `A-Z a-z 0-9 . _ : @ -` (the credential subject rule).
+pub fn check_subject(subject: &str) -> Result<()> {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "subject must be 1 to {MAX_SUBJECT_LEN} characters"
+        )));
+    }
+    if !subject
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err(Error::InvalidArgument(
+            "subject may contain only A-Z a-z 0-9 . _ : @ -".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// One page of events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The events that passed the filter, in seq order.
+    pub events: Vec<StoredEvent>,
+    /// Where the next page starts: the last seq examined + 1.
+    pub next_seq: u64,
+    /// The newest committed seq when the page was read.
+    pub head_seq: u64,
+}
+
+/// The event stream of one store.
+pub struct Events {
+    store: Arc<Store>,
+    config: EventsConfig,
+    clock: Clock,
+    watchers: Arc<Semaphore>,
+    head: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// The stream of `store`; starts the head poller (needs a tokio runtime). The
+    /// poller stops when the returned handle's last clone is dropped.
+    pub fn new(store: Arc<Store>, config: EventsConfig, clock: Clock) -> Arc<Events> {
+        let (tx, head) = watch::channel(0);
+        let events = Arc::new(Events {
+            watchers: Arc::new(Semaphore::new(
+                usize::try_from(config.max_watchers).unwrap_or(usize::MAX),
+            )),
+            store: store.clone(),
+            config: config.clone(),
+            clock,
+            head,
+        });
+        let weak = Arc::downgrade(&events);
+        let mut commits = store.event_commits();
+        let poll = Duration::from_millis(config.poll_ms);
+        tokio::spawn(async move {
+            loop {
+                let Some(store) = weak.upgrade().map(|e| e.store.clone()) else {
+                    return;
+                };
+                match store.read(|txn| Ok(outbox::head(txn)?)).await {
+                    Ok(h) => {
+                        tx.send_if_modified(|old| {
+                            let moved = h > *old;
+                            *old = (*old).max(h);
+                            moved
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the event head failed"),
+                }
+                drop(store);
+                tokio::select! {
+                    changed = commits.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(poll) => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        events
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EventsConfig {
+        &self.config
+    }
+
+    /// One page: up to `limit` (0: [`DEFAULT_LIMIT`]; at most [`MAX_LIMIT`]) events
+    /// from `from_seq` (0: the oldest retained) that pass `filter`.
+    pub async fn list(&self, filter: &Filter, from_seq: u64, limit: u32) -> Result<Page> {
+        let limit = match limit {
+            0 => DEFAULT_LIMIT,
+            l if l > MAX_LIMIT => {
+                return Err(Error::InvalidArgument(format!(
+                    "limit must be at most {MAX_LIMIT} (is {l})"
+                )))
+            }
+            l => l,
+        };
+        read_page(&self.store, filter.clone(), from_seq, limit as usize).await
+    }
+
+    /// Events from `from_seq` (0: the oldest retained) that pass `filter`, as batches
+    /// on a channel; with `follow`, the channel stays open with new events as they
+    /// commit and a heartbeat (no events) at least every `heartbeat_seconds`. Refused
+    /// with RESOURCE_EXHAUSTED beyond `max_watchers` open watches; the first batch's
+    /// OUT_OF_RANGE comes as the first item.
+    pub fn watch(
+        self: &Arc<Self>,
+        filter: Filter,
+        from_seq: u64,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<Result<Page>>> {
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "too many open event watches (events.max_watchers = {}); retry later",
+                self.config.max_watchers
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        tokio::spawn(async move { this.run_watch(permit, tx, filter, from_seq, follow).await });
+        Ok(rx)
+    }
+
+    async fn run_watch(
+        self: Arc<Self>,
+        _permit: OwnedSemaphorePermit,
+        tx: mpsc::Sender<Result<Page>>,
+        filter: Filter,
+        from_seq: u64,
+        follow: bool,
+    ) {
+        let heartbeat = Duration::from_secs(self.config.heartbeat_seconds);
+        let mut head = self.head.clone();
+        let mut next = from_seq;
+        let mut last_sent = Instant::now();
+        let mut sent_any = false;
+        loop {
+            let page = match read_page(&self.store, filter.clone(), next, WATCH_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            // From here on, 0 no longer means "the oldest": resume where this page ended.
+            next = page.next_seq;
+            let caught_up = page.next_seq > page.head_seq;
+            let (empty, head_seq) = (page.events.is_empty(), page.head_seq);
+            if !empty && tx.send(Ok(page)).await.is_err() {
+                return;
+            }
+            if !empty {
+                last_sent = Instant::now();
+                sent_any = true;
+            }
+            if !caught_up {
+                continue;
+            }
+            if !follow {
+                if !sent_any {
+                    // Nothing matched: still tell the caller where the head is.
+                    let _ = tx.send(Ok(heartbeat_page(next, head_seq))).await;
+                }
+                return;
+            }
+            // Caught up: sleep until the head moves past what we read, a heartbeat is
+            // due, or the client goes away.
+            let due = last_sent + heartbeat;
+            loop {
+                if *head.borrow_and_update() >= next {
+                    break;
+                }
+                tokio::select! {
+                    changed = head.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep_until(due.into()) => {
+                        let h = head_seq.max(*head.borrow());
+                        if tx.send(Ok(heartbeat_page(next, h))).await.is_err() {
+                            return;
+                        }
+                        last_sent = Instant::now();
+                        break;
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        }
+    }
+
+    /// `tenant`'s `subject`'s preference (`every_use` false, `updated_at` 0 if never set).
+    pub async fn preference(&self, tenant: &str, subject: &str) -> Result<NotificationPref> {
+        check_subject(subject)?;
+        let (t, s) = (tenant.to_owned(), subject.to_owned());
+        let pref = self
+            .store
+            .read(move |txn| Ok(outbox::get_pref(txn, &t, &s)?))
+            .await
+            .map_err(|e| store_failure("reading a notification preference", e))?;
+        Ok(pref.unwrap_or(NotificationPref {
+            every_use: false,
+            updated_at: 0,
+        }))
+    }
+
+    /// Sets `tenant`'s `subject`'s preference; the next use reads it in its own
+    /// transaction.
+    pub async fn set_preference(
+        &self,
+        tenant: &str,
+        subject: &str,
+        every_use: bool,
+    ) -> Result<NotificationPref> {
+        check_subject(subject)?;
+        let pref = NotificationPref {
+            every_use,
+            updated_at: self.clock.now(),
+        };
+        let (t, s) = (tenant.to_owned(), subject.to_owned());
+        self.store
+            .write(move |txn| outbox::set_pref_in(txn, &t, &s, pref))
+            .await
+            .map_err(|e| store_failure("writing a notification preference", e))?;
+        Ok(pref)
+    }
+
+    /// One compaction pass: deletes the events older than `retention_days` and those
+    /// beyond `max_events`, in chunks; how many were deleted.
+    pub async fn compact(&self) -> Result<u64> {
+        let before_ms = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.config.retention_days.saturating_mul(86_400_000));
+        let max = self.config.max_events;
+        let mut total = 0u64;
+        loop {
+            let deleted = self
+                .store
+                .write(move |txn| {
+                    let head = outbox::head(txn)?;
+                    let before_seq = (head + 1).saturating_sub(max);
+                    outbox::compact_in(txn, before_seq, Some(before_ms), COMPACT_CHUNK)
+                })
+                .await
+                .map_err(|e| store_failure("compacting events", e))?;
+            total += deleted as u64;
+            if deleted < COMPACT_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs [`Events::compact`] every `compact_interval_seconds` until the handle is
+    /// dropped.
+    pub fn spawn_compaction(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let every = Duration::from_secs(self.config.compact_interval_seconds);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(events) = weak.upgrade() else { return };
+                match events.compact().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "events compacted"),
+                    Err(e) => tracing::warn!(error = %e, "event compaction failed"),
+                }
+            }
+        })
+    }
+}
+
+fn heartbeat_page(next_seq: u64, head_seq: u64) -> Page {
+    Page {
+        events: Vec::new(),
+        next_seq,
+        head_seq,
+    }
+}
+
+/// Up to `limit` events of `filter` from `from_seq`, read from one snapshot.
+async fn read_page(store: &Store, filter: Filter, from_seq: u64, limit: usize) -> Result<Page> {
+    store
+        .read(move |txn| {
+            let head = outbox::head(txn)?;
+            let oldest = outbox::oldest(txn)?;
+            let mut next = if from_seq == 0 { oldest } else { from_seq };
+            if next < oldest {
+                return Ok(Err(Error::OutOfRange(format!(
+                    "from_seq {from_seq} was compacted away; the oldest retained seq is {oldest}"
+                ))));
+            }
+            let mut events = Vec::new();
+            let mut examined = 0;
+            'pages: while next <= head && examined < MAX_EXAMINED {
+                let chunk = outbox::range(txn, next, WATCH_PAGE.min(MAX_EXAMINED - examined))?;
+                if chunk.is_empty() {
+                    break;
+                }
+                for e in chunk {
+                    if e.seq > head {
+                        break 'pages;
+                    }
+                    examined += 1;
+                    next = e.seq + 1;
+                    if filter.matches(&e.event) {
+                        events.push(e);
+                        if events.len() == limit {
+                            break 'pages;
+                        }
+                    }
+                }
+            }
+            Ok(Ok(Page {
+                events,
+                next_seq: next,
+                head_seq: head,
+            }))
+        })
+        .await
+        .map_err(|e: StoreError| store_failure("reading events", e))?
+}
