@@ -82,6 +82,17 @@ fn list(env: &DevEnv, addr: SocketAddr, who: &str) -> Vec<Value> {
     json(&out)["events"].as_array().expect("events").clone()
 }
 
+async fn wait_for(what: &str, ok: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn seqs_in(path: &Path) -> Vec<u64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -349,5 +360,71 @@ async fn out_of_range_after_compaction() {
     assert!(!got.is_empty() && got.len() <= 2, "{got:?}");
     assert_eq!(*got.last().expect("seq"), 5, "{got:?}");
     assert_eq!(std::fs::read_to_string(&cursor).expect("cursor"), "5\n");
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_resumes_from_its_cursor_against_the_service() {
+    let mut env = DevEnv::new();
+    env.config.events.heartbeat_seconds = 1;
+    let server = env.start().await;
+    let addr = server.local_addr();
+    enrol(&env, addr, "tok-1", "citizen-1");
+    for c in 0..7 {
+        assert!(verify(&env, addr, "tok-1", &hotp(c)));
+    }
+    // seq 1 credential.created, 2..=8 credential.used
+    let dir = env.dir.path().join("relay");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let delivered = dir.join("delivered");
+    let cursor = dir.join("cursor");
+    let cmd = format!("cat >> {}; sleep 0.1", arg(&delivered));
+    let c = arg(&cursor);
+    let args = [
+        "events",
+        "watch",
+        "--follow",
+        "--cursor-file",
+        &c,
+        "--exec",
+        &cmd,
+        "--idle-timeout",
+        "5s",
+    ];
+    let spawn = || {
+        common::command(&env, addr, "notifier")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut child = spawn();
+    wait_for("three events", || seqs_in(&delivered).len() >= 3).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let at_kill: u64 = std::fs::read_to_string(&cursor)
+        .expect("cursor")
+        .trim()
+        .parse()
+        .expect("a seq");
+    let mut child = spawn();
+    // Committed while the second relay follows.
+    assert!(verify(&env, addr, "tok-1", &hotp(7)));
+    wait_for("every event", || {
+        std::fs::read_to_string(&cursor).unwrap_or_default() == "9\n"
+    })
+    .await;
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let got = seqs_in(&delivered);
+    let mut dedup = got.clone();
+    dedup.dedup();
+    assert_eq!(dedup, (1..=9).collect::<Vec<_>>(), "{got:?}");
+    assert!(got.len() <= 10, "{got:?}");
+    if got.len() == 10 {
+        assert_eq!(got[at_kill as usize], at_kill + 1, "{got:?}");
+    }
     server.shutdown().await.expect("shutdown");
 }
