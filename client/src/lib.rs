@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use hsm_proto::v1 as proto;
 
+pub mod cursor;
 pub mod load;
 use proto::admin_service_client::AdminServiceClient;
 use proto::key_service_client::KeyServiceClient;
@@ -68,6 +69,12 @@ pub enum ClientError {
     /// The service answered with an error status.
     #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// A relay's cursor file cannot be read or written.
+    #[error(transparent)]
+    Cursor(#[from] cursor::CursorError),
+    /// Writing the command's output failed.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
 }
 
 impl ClientConfig {
@@ -187,6 +194,11 @@ impl HsmClient {
     /// `hsm.v1.CeremonyService`: key ceremonies (officers; auditors read).
     pub fn ceremonies(&self) -> proto::ceremony_service_client::CeremonyServiceClient<Channel> {
         proto::ceremony_service_client::CeremonyServiceClient::new(self.channel.clone())
+    }
+
+    /// `hsm.v1.EventService`: the event stream and notification preferences.
+    pub fn events(&self) -> proto::event_service_client::EventServiceClient<Channel> {
+        proto::event_service_client::EventServiceClient::new(self.channel.clone())
     }
 
     /// `grpc.health.v1.Health/Check` for the whole server.

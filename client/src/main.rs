@@ -13,6 +13,7 @@ mod audit_cmd;
 mod bench_cmd;
 mod ceremony_cmd;
 mod credential_cmd;
+mod events_cmd;
 
 use clap::{Args, Parser, Subcommand};
 use hsm_client::proto::GetStatusRequest;
@@ -89,6 +90,10 @@ enum Command {
     /// Key ceremonies: propose a plan, approve, execute, show, list (role officer).
     #[command(subcommand)]
     Ceremony(ceremony_cmd::Cmd),
+    /// The event stream (watch, list; the notification relay) and notification
+    /// preferences.
+    #[command(subcommand)]
+    Events(events_cmd::Cmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -100,6 +105,8 @@ async fn main() -> ExitCode {
             if cli.json {
                 let code = match &e {
                     ClientError::Status(s) => format!("{:?}", s.code()),
+                    ClientError::Cursor(_) => "Cursor".to_owned(),
+                    ClientError::Output(_) => "Output".to_owned(),
                     _ => "Unavailable".to_owned(),
                 };
                 println!(
@@ -138,11 +145,17 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         let targets = bench_cmd::connect_targets(&client_config(&cli.conn), args).await?;
         return bench_cmd::run(&targets, args, cli.json).await;
     }
+    if let Command::Events(events_cmd::Cmd::Watch(args)) = &cli.command {
+        let cursor = events_cmd::open_cursor(args)?;
+        let client = connect(&cli.conn).await?;
+        return events_cmd::watch(&client, args, cursor, cli.json).await;
+    }
     let client = connect(&cli.conn).await?;
     match &cli.command {
         Command::Sign(cmd) => signing_cmd::sign(&client, cmd, cli.json).await,
         Command::Keys(cmd) => signing_cmd::keys(&client, cmd, cli.json).await,
         Command::Ceremony(cmd) => ceremony_cmd::run(&client, cmd, cli.json).await,
+        Command::Events(cmd) => events_cmd::run(&client, cmd, cli.json).await,
         Command::Health { service } => {
             let status = client.health_of(service).await?;
             let name = status.as_str_name();
