@@ -7,7 +7,9 @@
 //! VerifyCode rows on the accepted path (in-order HOTP codes over 2,000 credentials,
 //! every answer ACCEPTED, checked: a row with fewer fails the report), the old
 //! TOTP rows (almost all REPLAYED, labelled so), SignAssertion ES256, at 1 to 128 in
-//! flight, durable and without fsync, an open loop at half the accepted peak; and the
+//! flight, durable and without fsync, an open loop at half the accepted peak; the
+//! accepted path at 64 in flight with WatchEvents streams open (one follower, whose
+//! commit-to-delivery lag is measured, or 1,000 idle watchers; group `events`); and the
 //! targets as ratios measured in this run.
 //!
 //! The end-to-end rows are the table [`SERIES`]: one line per backend, instance count
@@ -102,6 +104,7 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some(LOAD_CHILD) => return load_child(std::env::args().skip(2).collect()),
         Some(SERVICE_CHILD) => return service_child(std::env::args().skip(2).collect()),
+        Some(WATCH_CHILD) => return watch_child(std::env::args().skip(2).collect()),
         _ => {}
     }
     let mut quick = false;
@@ -123,7 +126,7 @@ fn main() {
             other => {
                 eprintln!(
                     "report: unknown argument {other:?} (usage: report [--quick] [--out DIR] \
-                     [--only accepted|replayed|sign] [--concurrency N])"
+                     [--only accepted|replayed|sign|events] [--concurrency N])"
                 );
                 std::process::exit(2);
             }
@@ -426,6 +429,39 @@ struct Series {
     instances: usize,
     load: Load,
     group: &'static str,
+    watch: Watch,
+}
+
+/// WatchEvents streams open on the service during a run (group `events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watch {
+    /// None: the same run as the accepted rows, for the ratio.
+    Unwatched,
+    /// One follower of every event from the head on (`follow = true`, no filter),
+    /// measuring the lag from each event's `time_ms` to its receipt.
+    Follower,
+    /// [`IDLE_WATCHERS`] followers of a subject that has no events (from the head on).
+    Idle,
+}
+
+/// Idle watchers of the `events` group (`--quick`: 20); the default `max_watchers` is
+/// 1,024 (the follower and these fit).
+const IDLE_WATCHERS: usize = 1000;
+
+impl Watch {
+    fn label(self) -> &'static str {
+        match self {
+            Watch::Unwatched => "no watcher",
+            Watch::Follower => "1 follower (lag measured)",
+            Watch::Idle => "idle watchers",
+        }
+    }
+}
+
+/// `s` with `watch` streams open during its runs.
+const fn watched(mut s: Series, watch: Watch) -> Series {
+    s.watch = watch;
+    s
 }
 
 const fn series(
@@ -441,6 +477,7 @@ const fn series(
         instances,
         load,
         group,
+        watch: Watch::Unwatched,
     }
 }
 
@@ -462,7 +499,23 @@ const SERIES: &[Series] = &[
     series(SignAssertion, Redb, 1, Closed, "sign"),
     series(SignAssertion, Postgres, 1, Closed, "sign"),
     series(SignAssertion, Postgres, 2, Closed, "sign"),
+    // Issue 12: VerifyCode with the event stream read while it runs, at 64 in flight
+    // (`--quick`: 4); a section of its own in the report.
+    series(HotpAccepted, Redb, 1, Closed, "events"),
+    watched(
+        series(HotpAccepted, Redb, 1, Closed, "events"),
+        Watch::Follower,
+    ),
+    watched(series(HotpAccepted, Redb, 1, Closed, "events"), Watch::Idle),
+    series(HotpAccepted, Postgres, 1, Closed, "events"),
+    watched(
+        series(HotpAccepted, Postgres, 1, Closed, "events"),
+        Watch::Follower,
+    ),
 ];
+
+/// In flight of the `events` group (unless `--concurrency`).
+const EVENTS_IN_FLIGHT: usize = 64;
 
 /// `--only GROUP` / `--concurrency N`: a subset of the end-to-end rows (an A/B of one
 /// path), the limits measured in short.
@@ -508,6 +561,24 @@ struct E2e {
     requests: f64,
     /// Wall time of the run, set-up included.
     wall_s: f64,
+    /// The row's group and the watch streams open during its runs.
+    group: &'static str,
+    watch: Watch,
+    /// Streams the watch child held open (idle watchers: [`IDLE_WATCHERS`]).
+    streams: u64,
+    /// Follower rows: commit-to-delivery lag (event `time_ms` to receipt) of the
+    /// (median) run.
+    lag: Option<Lag>,
+    /// p99 of every run of this row, in the order run.
+    runs_p99_ms: Vec<f64>,
+}
+
+/// What the watch child saw during one run.
+#[derive(Clone, Copy, Debug, Default)]
+struct Lag {
+    p50_ms: f64,
+    p99_ms: f64,
+    events: u64,
 }
 
 impl E2e {
@@ -539,6 +610,7 @@ impl E2e {
 /// every run's throughput and the lowest ACCEPTED share attached.
 fn median(mut runs: Vec<E2e>) -> E2e {
     let all: Vec<f64> = runs.iter().map(|r| r.ops_per_s).collect();
+    let p99s: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
     let accepted_min = runs
         .iter()
         .map(|r| r.accepted_share)
@@ -553,6 +625,7 @@ fn median(mut runs: Vec<E2e>) -> E2e {
     runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let mut m = runs.swap_remove(runs.len() / 2);
     m.runs_ops_per_s = all;
+    m.runs_p99_ms = p99s;
     m.accepted_min = accepted_min;
     m
 }
@@ -836,9 +909,17 @@ fn end_to_end(quick: bool, only: &Only) -> (Vec<E2e>, Option<String>) {
             .map(|c| ticks(&c.pids()))
             .unwrap_or_default();
         let service_before = hsm_benches::cpu_seconds(&service.pids());
+        let watcher = (s.watch != Watch::Unwatched).then(|| {
+            let idle = if quick { 20 } else { IDLE_WATCHERS };
+            spawn_watch_child(&service.env, service.addrs()[0], s.watch, idle)
+        });
         let started = Instant::now();
         let mut r = run_one(&service.env, &flags);
         let wall = started.elapsed().as_secs_f64();
+        if let Some((lag, streams)) = watcher.map(finish_watch_child) {
+            (r.lag, r.streams) = (Some(lag), streams);
+        }
+        (r.group, r.watch) = (s.group, s.watch);
         r.wall_s = wall;
         let pg = cluster.as_ref().map_or(0.0, |c| {
             let after = ticks(&c.pids());
@@ -869,7 +950,11 @@ fn end_to_end(quick: bool, only: &Only) -> (Vec<E2e>, Option<String>) {
             .copied()
             .filter(|s| s.group == group && s.load == Load::Closed)
             .collect();
-        for &c in &concurrencies {
+        let in_group = match (group, only.concurrency) {
+            ("events", None) => vec![if quick { 4 } else { EVENTS_IN_FLIGHT }],
+            _ => concurrencies.clone(),
+        };
+        for &c in &in_group {
             let mut samples: Vec<Vec<E2e>> = closed.iter().map(|_| Vec::new()).collect();
             for _ in 0..rounds {
                 for (i, s) in closed.iter().enumerate() {
@@ -1017,6 +1102,11 @@ fn run_one(env: &hsm_service::testing::DevEnv, flags: &[String]) -> E2e {
             n * (w + d) / d.max(1e-9)
         },
         wall_s: 0.0,
+        group: "",
+        watch: Watch::Unwatched,
+        lag: None,
+        streams: 0,
+        runs_p99_ms: Vec::new(),
     }
 }
 
@@ -1047,7 +1137,225 @@ fn load_child(args: Vec<String>) {
     println!("{summary}");
 }
 
-fn e2e_markdown(rows: &[Row], runs: &[E2e], skipped: Option<&str>) -> String {
+impl E2e {
+    /// A copy of the row (the figures; `Cpu`/`PgStats`/`Lag` are `Copy`).
+    fn clone_row(&self) -> E2e {
+        E2e {
+            outcomes: self.outcomes.clone(),
+            runs_ops_per_s: self.runs_ops_per_s.clone(),
+            runs_p99_ms: self.runs_p99_ms.clone(),
+            ..*self
+        }
+    }
+}
+
+/// `report --watch-child DIR ADDR WATCH IDLE`: WatchEvents streams as `notifier` of the
+/// dev directory DIR against ADDR, from the head on: `follower` (one stream of every
+/// event) or `idle` (IDLE streams of a subject without events, over 10 connections).
+/// Prints `ready` once every stream is open, then, when its standard input closes, one
+/// JSON line: the lag from each event's `time_ms` to its receipt (p50, p99 in ms), the
+/// events received and the streams still open.
+fn watch_child(args: Vec<String>) {
+    let [dir, addr, watch, idle] = args.as_slice() else {
+        eprintln!("report: {WATCH_CHILD} DIR ADDR follower|idle IDLE");
+        std::process::exit(2);
+    };
+    let idle: usize = idle.parse().expect("IDLE");
+    let follower = watch == "follower";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let out = rt.block_on(async move {
+        let base = hsm_client::ClientConfig::dev(std::path::Path::new(dir), "notifier")
+            .with_endpoint(addr.clone());
+        let first = base.connect().await.expect("connect");
+        let head = first
+            .events()
+            .list_events(hsm_client::proto::ListEventsRequest {
+                from_seq: 0,
+                limit: 1,
+                kinds: Vec::new(),
+                subject: String::new(),
+            })
+            .await
+            .expect("ListEvents")
+            .into_inner()
+            .head_seq;
+        let from_seq = head + 1;
+        let (streams, subject) = if follower {
+            (1, String::new())
+        } else {
+            (idle, "bench-subject-without-events".to_owned())
+        };
+        let mut channels = vec![first];
+        let connections = if follower { 1 } else { 10 };
+        while channels.len() < connections {
+            channels.push(base.connect().await.expect("connect"));
+        }
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let lags = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+        for i in 0..streams {
+            let mut stream = channels[i % connections]
+                .events()
+                .watch_events(hsm_client::proto::WatchEventsRequest {
+                    from_seq,
+                    follow: true,
+                    kinds: Vec::new(),
+                    subject: subject.clone(),
+                })
+                .await
+                .expect("WatchEvents")
+                .into_inner();
+            let (open, lags) = (open.clone(), lags.clone());
+            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                while let Ok(Some(batch)) = stream.message().await {
+                    if batch.events.is_empty() {
+                        continue;
+                    }
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .expect("clock after 1970")
+                        .as_secs_f64()
+                        * 1000.0;
+                    let mut l = lags.lock().expect("lags");
+                    l.extend(batch.events.iter().map(|e| now_ms - e.time_ms as f64));
+                }
+                open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        println!("ready");
+        // Until the parent closes our standard input.
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        })
+        .await
+        .expect("stdin");
+        let mut l = std::mem::take(&mut *lags.lock().expect("lags"));
+        l.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        serde_json::json!({
+            "lag_p50_ms": at(0.5),
+            "lag_p99_ms": at(0.99),
+            "events": l.len(),
+            "open": open.load(std::sync::atomic::Ordering::SeqCst),
+            "streams": streams,
+        })
+    });
+    println!("{out}");
+    // The streams' tasks are still reading: do not wait for them.
+    rt.shutdown_background();
+}
+
+const WATCH_CHILD: &str = "--watch-child";
+
+/// Start the watch child for a run of `watch` against `addr`; returns once its streams
+/// are open.
+fn spawn_watch_child(
+    env: &hsm_service::testing::DevEnv,
+    addr: std::net::SocketAddr,
+    watch: Watch,
+    idle: usize,
+) -> std::process::Child {
+    use std::io::BufRead;
+    let kind = if watch == Watch::Follower {
+        "follower"
+    } else {
+        "idle"
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg(WATCH_CHILD)
+        .arg(env.dir.path())
+        .arg(format!("https://{addr}"))
+        .arg(kind)
+        .arg(idle.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the watch child");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("watch child ready");
+    assert_eq!(line.trim(), "ready", "watch child did not start");
+    child
+}
+
+/// Close the watch child's standard input and read what it saw.
+fn finish_watch_child(mut child: std::process::Child) -> (Lag, u64) {
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("watch child");
+    assert!(out.status.success(), "watch child failed");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("watch child JSON");
+    assert_eq!(
+        s["open"], s["streams"],
+        "a watch stream ended during the run: {s}"
+    );
+    let lag = Lag {
+        p50_ms: s["lag_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        p99_ms: s["lag_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        events: s["events"].as_u64().unwrap_or(0),
+    };
+    (lag, s["streams"].as_u64().unwrap_or(0))
+}
+
+/// The `events` group: VerifyCode (accepted) with and without WatchEvents streams open,
+/// interleaved run by run.
+fn events_markdown(runs: &[&E2e]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## Event stream (issue 12): VerifyCode accepted (HOTP) while WatchEvents streams are open\n\n\
+         The runs of these rows were interleaved. Lag: from an event's `time_ms` (set by the\n\
+         service when the verification's unit of work is built) to its receipt by a follower\n\
+         (`follow = true`, from the head, its own process, same machine clock), over every\n\
+         event of the median run. Idle watchers follow a subject without events.\n\n\
+         | backend | instances | load | watchers | ops/s | p50 ms | p99 ms | lag p50 / p99 ms (events) | ACCEPTED | runs ops/s | runs p99 ms |\n\
+         |---|---:|---|---|---:|---:|---:|---|---:|---|---|\n",
+    );
+    let join = |v: &[f64], digits: usize| {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    for r in runs {
+        let lag = r.lag.filter(|_| r.watch == Watch::Follower);
+        let lag = lag.map_or("-".to_owned(), |l| {
+            format!("{:.1} / {:.1} ({})", l.p50_ms, l.p99_ms, l.events)
+        });
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {lag} | {:.2}% | {} | {} |\n",
+            r.backend.label(),
+            r.instances,
+            r.load(),
+            match r.watch {
+                Watch::Idle => format!("{} {}", r.streams, r.watch.label()),
+                w => w.label().to_owned(),
+            },
+            r.ops_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            100.0 * r.accepted_min,
+            join(&r.runs_ops_per_s, 0),
+            join(&r.runs_p99_ms, 2),
+        ));
+    }
+    md
+}
+
+fn e2e_markdown(rows: &[Row], all_runs: &[E2e], skipped: Option<&str>) -> String {
+    let (events, runs): (Vec<&E2e>, Vec<&E2e>) = all_runs.iter().partition(|r| r.group == "events");
+    let runs: Vec<E2e> = runs.into_iter().map(E2e::clone_row).collect();
+    let runs = runs.as_slice();
     let direct = |op: &str| {
         rows.iter()
             .find(|r| r.family.starts_with("SoftHSM") && r.op == op && r.threads == 2)
@@ -1105,6 +1413,7 @@ fn e2e_markdown(rows: &[Row], runs: &[E2e], skipped: Option<&str>) -> String {
         ));
     }
     md.push_str(&pg_markdown(runs));
+    md.push_str(&events_markdown(&events));
     let peak = |path: Path, backend: Backend| {
         runs.iter()
             .filter(|r| {
@@ -1389,6 +1698,11 @@ mod tests {
             pg: None,
             requests: 0.0,
             wall_s: 0.0,
+            group: "accepted",
+            watch: Watch::Unwatched,
+            lag: None,
+            streams: 0,
+            runs_p99_ms: Vec::new(),
         }
     }
 

@@ -74,7 +74,30 @@ fn quick_report_writes_every_row() {
     ] {
         assert!(md.contains(needle), "missing {needle:?}: {md}");
     }
+    // The event stream's rows: VerifyCode without watchers, with a follower (its lag
+    // measured: numbers, not "-") and with idle watchers, every answer ACCEPTED.
+    assert!(md.contains("## Event stream (issue 12)"), "{md}");
+    for watchers in ["no watcher", "20 idle watchers"] {
+        let row = format!("| redb | 1 | closed, 4 in flight | {watchers} | ");
+        assert!(md.contains(&row), "missing {row:?}: {md}");
+    }
+    let follower = md
+        .lines()
+        .find(|l| l.starts_with("| redb | 1 | closed, 4 in flight | 1 follower (lag measured) | "))
+        .expect("the follower row");
+    assert!(follower.contains(" | 100.00% | "), "{follower}");
+    let lag = follower.split(" | ").nth(7).expect("lag column");
+    assert!(
+        lag.split(" / ")
+            .next()
+            .is_some_and(|p50| p50.parse::<f64>().is_ok()),
+        "{follower}"
+    );
     if postgres {
+        assert!(
+            md.contains("| postgres | 1 | closed, 4 in flight | 1 follower (lag measured) | "),
+            "{md}"
+        );
         for needle in [
             "| VerifyCode, accepted (HOTP in order) | postgres | 1 | closed, 4 in flight |",
             "| VerifyCode, accepted (HOTP in order) | postgres | 2 | closed, 1 in flight |",
