@@ -14,6 +14,7 @@ pub use hsm_proto::v1 as proto;
 
 pub mod cursor;
 pub mod load;
+pub mod qr;
 use proto::admin_service_client::AdminServiceClient;
 use proto::key_service_client::KeyServiceClient;
 use proto::signing_service_client::SigningServiceClient;
@@ -72,6 +73,9 @@ pub enum ClientError {
     /// A relay's cursor file cannot be read or written.
     #[error(transparent)]
     Cursor(#[from] cursor::CursorError),
+    /// A QR code could not be made or written.
+    #[error(transparent)]
+    Qr(#[from] qr::QrError),
     /// Writing the command's output failed.
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
