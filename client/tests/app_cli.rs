@@ -139,3 +139,65 @@ async fn credential_create_reveal_qr_terminal_and_png() {
     );
     assert_eq!(json(&out)["credentials"].as_array().expect("list").len(), 2);
 }
+
+/// `hsmctl sign verify`: a relying party's check of an assertion against the JWKS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_verify_checks_an_assertion_against_the_jwks() {
+    let mut env = DevEnv::new();
+    env.allow_unbound_assertions("login-service");
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "assertion",
+            "--subject",
+            "citizen-1",
+            "--aud",
+            "https://rp.example",
+            "--acr",
+            "https://data.gov.dk/concept/core/nsis/Substantial",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let jws = stdout(&out).trim().to_owned();
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &[
+            "sign",
+            "verify",
+            &jws,
+            "--aud",
+            "https://rp.example",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_eq!(
+        (v["valid"].as_bool(), v["claims"]["sub"].as_str()),
+        (Some(true), Some("citizen-1"))
+    );
+    // Another audience, and a signature of another payload: exit 1, with the reason.
+    let out = hsmctl(
+        &env,
+        addr,
+        "login-service",
+        &["sign", "verify", &jws, "--aud", "https://other.example"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout(&out).starts_with("INVALID: aud"), "{out:?}");
+    let parts: Vec<&str> = jws.split('.').collect();
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0], "eyJzdWIiOiJtYWxsb3J5IiwiZXhwIjo0MTAyNDQ0ODAwfQ", parts[2]
+    );
+    let out = hsmctl(&env, addr, "login-service", &["sign", "verify", &forged]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout(&out).contains("does not verify"), "{out:?}");
+}
