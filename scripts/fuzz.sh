@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
-all=(config plan share backup audit requests)
+all=(config plan share backup audit pskc requests)
 targets=("${@:-${all[@]}}")
 dir=fuzz/libfuzzer
 nice_level=${FUZZ_NICE:-19}

@@ -20,7 +20,9 @@ pub mod requests;
 
 /// The names of the targets, as directories of `fuzz/corpus/` and binaries of
 /// `fuzz/libfuzzer/`.
-pub const TARGETS: &[&str] = &["config", "plan", "share", "backup", "audit", "requests"];
+pub const TARGETS: &[&str] = &[
+    "config", "plan", "share", "backup", "audit", "pskc", "requests",
+];
 
 /// Run target `name` on `data`. Panics on an unknown name.
 pub fn run(name: &str, data: &[u8]) {
@@ -30,6 +32,7 @@ pub fn run(name: &str, data: &[u8]) {
         "share" => share(data),
         "backup" => backup(data),
         "audit" => audit(data),
+        "pskc" => pskc(data),
         "requests" => requests::requests(data),
         _ => panic!("no fuzz target {name:?}"),
     }
@@ -221,3 +224,51 @@ pub fn audit(data: &[u8]) {
 }
 
 pub mod seeds;
+
+/// The pre-shared key of RFC 6030's figure 6 (and the seeds made from it).
+const PSKC_PSK: [u8; 16] = [
+    0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0x78, 0x90, 0x12,
+];
+
+/// Entries read at most from one input.
+const PSKC_MAX_ENTRIES: usize = 256;
+
+/// A PSKC file (RFC 6030; `hsmctl credential import`): the streaming reader with its
+/// default limits, then for every entry the policy checks and, with figure 6's
+/// pre-shared key or figure 7's password ("qwerty"), the MAC check and decryption of its
+/// secret and integers.
+pub fn pskc(data: &[u8]) {
+    use pskc::crypto::Decryptor;
+    let Ok(mut reader) = pskc::Reader::new(data) else {
+        return;
+    };
+    let decryptor = Decryptor::from_psk(reader.header(), pskc::SecretBytes::new(PSKC_PSK.to_vec()))
+        .or_else(|_| Decryptor::from_password(reader.header(), b"qwerty"))
+        .ok();
+    for _ in 0..PSKC_MAX_ENTRIES {
+        let Ok(Some(entry)) = reader.next_entry() else {
+            break;
+        };
+        let Ok(package) = entry else {
+            continue;
+        };
+        let key = &package.key;
+        let _ = key.unsupported();
+        let _ = key.policy.refusals();
+        let Some(decryptor) = &decryptor else {
+            continue;
+        };
+        if let Some(secret) = &key.data.secret {
+            let _ = decryptor.secret(secret);
+        }
+        let d = &key.data;
+        for value in [&d.counter, &d.time, &d.time_interval, &d.time_drift]
+            .into_iter()
+            .flatten()
+        {
+            let _ = decryptor.int(value);
+        }
+    }
+    let _ = reader.trailer();
+    let _ = reader.entries_read();
+}

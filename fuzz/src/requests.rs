@@ -63,6 +63,20 @@ pub const METHODS: &[&str] = &[
     "hsm.v1.KeyService/IssueCertificate",
 ];
 
+/// RPCs of the proto files that the service does not serve yet (no handler, not in the
+/// role gate's table): nothing to fuzz. A test fails as soon as one of them is in the
+/// gate's table, so a newly served RPC cannot be left out of [`METHODS`].
+pub const NOT_SERVED: &[&str] = &[
+    "hsm.v1.DeviceService/BeginActivation",
+    "hsm.v1.DeviceService/CompleteActivation",
+    "hsm.v1.DeviceService/ListDevices",
+    "hsm.v1.DeviceService/RevokeDevice",
+    "hsm.v1.ApprovalService/CreateChallenge",
+    "hsm.v1.ApprovalService/GetChallenge",
+    "hsm.v1.ApprovalService/ListPendingChallenges",
+    "hsm.v1.ApprovalService/AnswerChallenge",
+];
+
 /// The dev identities a request can come from (byte 1 of an input).
 pub const CALLERS: &[&str] = &[
     "login-service",

@@ -41,6 +41,10 @@ pub fn all() -> Vec<Seed> {
     ] {
         seeds.push(file("plan", plan, &format!("ceremonies/{plan}.toml")));
     }
+    for n in 2..=10 {
+        let name = format!("figure{n}");
+        seeds.push(file("pskc", &name, &format!("pskc/tests/data/{name}.xml")));
+    }
     seeds.extend(shares());
     seeds.extend(backups());
     seeds.extend(audit_logs());
