@@ -355,7 +355,7 @@ pub(crate) fn b64(text: &str) -> Result<Vec<u8>, String> {
     );
     base64::engine::general_purpose::STANDARD
         .decode(&compact[..])
-        .map_err(|e| format!("not base64 ({e})"))
+        .map_err(|_| "not valid base64".to_string())
 }
 
 fn int<T: std::str::FromStr>(node: &Node, what: &str) -> Result<T, E> {
