@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
         .collect::<Result<Vec<u8>, _>>()?;
     let t = Instant::now();
-    let mut r = Reader::new(BufReader::with_capacity(1 << 16, std::fs::File::open(file)?))?;
+    let mut r = Reader::new(BufReader::with_capacity(
+        1 << 16,
+        std::fs::File::open(file)?,
+    ))?;
     let dec = Decryptor::from_psk(r.header(), SecretBytes::new(key))?;
     let (mut ok, mut refused) = (0u64, 0u64);
     while let Some(e) = r.next_entry()? {
