@@ -213,7 +213,7 @@ async fn a_non_idempotent_operation_fails_unavailable_and_loses_nothing() {
     }
     // A session closed under the worker: the real CKR_SESSION_HANDLE_INVALID path, on an
     // imported seed (C_CreateObject + C_WrapKey).
-    hsm.faults().close_sessions(1);
+    hsm.faults().close_sessions_of(Ops::NonIdempotent, 1);
     let err = create(&c, "imported", Some(common::EVIDENCE_SEED))
         .await
         .expect_err("unavailable");

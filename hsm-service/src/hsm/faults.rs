@@ -46,8 +46,8 @@
 //! # The injection layer
 //!
 //! [`Faults`] hangs off the pool (`Hsm::faults`). Its hook, [`Faults::before_call`],
-//! is called in `Worker::call`, the one place where an operation gets its session, just
-//! before the operation's PKCS#11 calls. It can
+//! is called in `Worker::call`, the one place where an operation gets its session (after
+//! a missing session was opened), just before the operation's PKCS#11 calls. It can
 //!
 //! - fail the next N operations with a given CKR, reported as a given PKCS#11 function
 //!   ([`Faults::fail_next`]; [`Faults::fail_next_of`] limits it to idempotent (retried)
@@ -64,7 +64,9 @@
 //!   is gone too) and get CKR_SESSION_HANDLE_INVALID, as a stale handle would;
 //! - remove the token ([`Faults::remove_token`]) until [`Faults::reinsert_token`]:
 //!   every operation fails; a worker holding a session has it closed for real and gets
-//!   CKR_DEVICE_REMOVED, one without gets `C_OpenSession failed: CKR_TOKEN_NOT_PRESENT`.
+//!   CKR_DEVICE_REMOVED, one that had to open a session gets it closed again and
+//!   `C_OpenSession failed: CKR_TOKEN_NOT_PRESENT` (SoftHSM itself cannot be unplugged:
+//!   the sessions are really opened, logged in and closed, so recovery really logs in).
 //!
 //! # Kept out of release builds
 //!
@@ -134,10 +136,10 @@ impl Ops {
     }
 }
 
+/// One armed fault: fail with `(function, rv)`, or (`None`) close the session.
 struct Failure {
     ops: Ops,
-    function: Function,
-    rv: RvError,
+    fail: Option<(Function, RvError)>,
     remaining: u32,
 }
 
@@ -145,7 +147,6 @@ struct Failure {
 struct Plan {
     failures: Vec<Failure>,
     delay: Option<Duration>,
-    close_next: u32,
     removed: bool,
 }
 
@@ -169,7 +170,7 @@ impl std::fmt::Debug for Faults {
 enum Action {
     None,
     Fail(Function, RvError),
-    Close(RvError),
+    Close,
     Removed,
 }
 
@@ -186,11 +187,14 @@ impl Faults {
     /// Fail the next `times` operations of kind `ops` with `ckr`, reported as coming
     /// from `function`. Failures armed earlier are used up first.
     pub fn fail_next_of(&self, ops: Ops, function: Function, ckr: Ckr, times: u32) {
+        self.arm(ops, Some((function, ckr.rv())), times);
+    }
+
+    fn arm(&self, ops: Ops, fail: Option<(Function, RvError)>, times: u32) {
         if times > 0 {
             self.plan().failures.push(Failure {
                 ops,
-                function,
-                rv: ckr.rv(),
+                fail,
                 remaining: times,
             });
         }
@@ -202,9 +206,15 @@ impl Faults {
         self.plan().delay = delay;
     }
 
-    /// Close the session under the workers of the next `times` operations.
+    /// Close the session under the workers of the next `times` operations (that have a
+    /// session to close).
     pub fn close_sessions(&self, times: u32) {
-        self.plan().close_next += times;
+        self.close_sessions_of(Ops::Any, times);
+    }
+
+    /// The same for operations of kind `ops` only.
+    pub fn close_sessions_of(&self, ops: Ops, times: u32) {
+        self.arm(ops, None, times);
     }
 
     /// Take the token away until [`Faults::reinsert_token`].
@@ -232,31 +242,36 @@ impl Faults {
         self.sessions_closed.load(Ordering::Relaxed)
     }
 
-    /// The hook, called on the worker thread before an operation gets `session`.
-    /// `idempotent`: the pool retries the operation on a new session.
+    /// The hook, called on the worker thread when an operation has its `session`
+    /// (`reopened`: opened just now, the worker had none), before the operation's first
+    /// PKCS#11 call. `idempotent`: the pool retries the operation on a new session.
     pub(crate) fn before_call(
         &self,
         session: &mut Option<Session>,
+        reopened: bool,
         idempotent: bool,
     ) -> Result<(), Error> {
         let (delay, action) = {
             let mut plan = self.plan();
-            let action = if plan.removed {
-                Action::Removed
-            } else if plan.close_next > 0 && session.is_some() {
-                plan.close_next -= 1;
-                Action::Close(RvError::SessionHandleInvalid)
-            } else if let Some(i) = plan.failures.iter().position(|f| f.ops.matches(idempotent)) {
-                let f = &mut plan.failures[i];
-                f.remaining -= 1;
-                let action = Action::Fail(f.function, f.rv);
-                if f.remaining == 0 {
-                    plan.failures.remove(i);
-                }
-                action
-            } else {
-                Action::None
-            };
+            let action =
+                if plan.removed {
+                    Action::Removed
+                } else if let Some(i) = plan.failures.iter().position(|f| {
+                    f.ops.matches(idempotent) && (f.fail.is_some() || session.is_some())
+                }) {
+                    let f = &mut plan.failures[i];
+                    f.remaining -= 1;
+                    let action = match f.fail {
+                        Some((function, rv)) => Action::Fail(function, rv),
+                        None => Action::Close,
+                    };
+                    if f.remaining == 0 {
+                        plan.failures.remove(i);
+                    }
+                    action
+                } else {
+                    Action::None
+                };
             (plan.delay, action)
         };
         if let Some(d) = delay {
@@ -265,15 +280,20 @@ impl Faults {
         let (function, rv) = match action {
             Action::None => return Ok(()),
             Action::Fail(function, rv) => (function, rv),
-            Action::Close(rv) => {
+            Action::Close => {
                 self.close(session);
-                (Function::GetSessionInfo, rv)
+                (Function::GetSessionInfo, RvError::SessionHandleInvalid)
             }
-            Action::Removed if session.is_some() => {
+            // The session the worker just opened could not have been opened on a removed
+            // token: close it again and say what C_OpenSession would have said.
+            Action::Removed if reopened => {
+                self.close(session);
+                (Function::OpenSession, RvError::TokenNotPresent)
+            }
+            Action::Removed => {
                 self.close(session);
                 (Function::GetSessionInfo, RvError::DeviceRemoved)
             }
-            Action::Removed => (Function::OpenSession, RvError::TokenNotPresent),
         };
         self.injected.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(function = ?function, rv = ?rv, "injected HSM fault");

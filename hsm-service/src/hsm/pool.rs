@@ -87,10 +87,13 @@ impl Worker {
         op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
         #[cfg(feature = "fault-injection")]
-        self.faults.before_call(&mut self.session, idempotent)?;
+        let reopened = self.session.is_none();
+        self.open()?;
+        #[cfg(feature = "fault-injection")]
+        self.faults
+            .before_call(&mut self.session, reopened, idempotent)?;
         #[cfg(not(feature = "fault-injection"))]
         let _ = idempotent;
-        self.open()?;
         match &self.session {
             Some(session) => op(session, &mut self.seeds),
             None => Err(Error::ShutDown),
