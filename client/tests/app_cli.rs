@@ -422,11 +422,12 @@ async fn full_login_with_the_app() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
-    // A wrong binding code cancels (fail closed); deny; not-me reports.
-    for (decision, expect) in [
-        ("approve", "CANCELLED"),
-        ("deny", "DENIED"),
-        ("not-me", "REPORTED"),
+    // A wrong binding code cancels (fail closed: exit 1); deny and not-me take effect
+    // (exit 0).
+    for (decision, expect, exit) in [
+        ("approve", "CANCELLED", 1),
+        ("deny", "DENIED", 0),
+        ("not-me", "REPORTED", 0),
     ] {
         let out = h(&[
             "approval",
@@ -449,7 +450,7 @@ async fn full_login_with_the_app() {
             args.extend(["--binding", &wrong]);
         }
         let out = h(&args);
-        assert_eq!(out.status.code(), Some(1), "{decision}: {out:?}");
+        assert_eq!(out.status.code(), Some(exit), "{decision}: {out:?}");
         assert_eq!(json(&out)["state"], expect, "{decision}: {out:?}");
         let out = h(&["approval", "wait", &id, "--timeout", "5"]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -540,4 +541,167 @@ async fn check_server_signature(env: &DevEnv, addr: std::net::SocketAddr, challe
     vk.verify(&c.payload, &sig)
         .expect("the server signature verifies");
     assert!(c.payload.starts_with(b"hsm.v1.challenge.v1\0"));
+}
+
+/// Activate a device for `subject` with the CLI: its state file and device id.
+fn activate(
+    env: &DevEnv,
+    addr: std::net::SocketAddr,
+    subject: &str,
+    extra: &[&str],
+    name: &str,
+) -> (String, String) {
+    let mut args = vec!["device", "begin", "--subject", subject, "--json"];
+    args.extend_from_slice(extra);
+    let out = hsmctl(env, addr, "login-service", &args);
+    assert!(out.status.success(), "{out:?}");
+    let begun = json(&out);
+    let state = env.dir.path().join(name).display().to_string();
+    // The link carries the code: no --code needed.
+    let out = hsmctl(
+        env,
+        addr,
+        "login-service",
+        &[
+            "app",
+            "activate",
+            "--subject",
+            subject,
+            "--activation",
+            begun["activation_link"].as_str().expect("link"),
+            "--state",
+            &state,
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    (
+        state,
+        json(&out)["device_id"].as_str().expect("id").to_owned(),
+    )
+}
+
+/// A second phone needs a challenge of purpose activate-device approved on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_device_is_approved_on_the_first() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let addr = server.local_addr();
+    let h = |args: &[&str]| hsmctl(&env, addr, "login-service", args);
+    let (first, _) = activate(&env, addr, "citizen-9", &[], "first.json");
+
+    // An activation for someone else's subject is refused by the app itself.
+    let out = h(&["device", "begin", "--subject", "citizen-10", "--json"]);
+    let link = json(&out)["activation_link"]
+        .as_str()
+        .expect("link")
+        .to_owned();
+    let other = env.dir.path().join("other.json").display().to_string();
+    let out = h(&[
+        "app",
+        "activate",
+        "--subject",
+        "citizen-9",
+        "--activation",
+        &link,
+        "--state",
+        &other,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is for subject"),
+        "{out:?}"
+    );
+    assert!(!std::path::Path::new(&other).exists());
+
+    // Without an approving challenge: refused, saying why.
+    let out = h(&["device", "begin", "--subject", "citizen-9"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
+        "{out:?}"
+    );
+
+    let out = h(&[
+        "approval",
+        "create",
+        "--subject",
+        "citizen-9",
+        "--text",
+        "Add a new phone",
+        "--purpose",
+        "activate-device",
+        "--json",
+    ]);
+    let c = json(&out);
+    let id = c["challenge_id"].as_str().expect("id").to_owned();
+    let binding = c["binding_code"].as_str().expect("binding").to_owned();
+    let out = h(&[
+        "app",
+        "approve",
+        &id,
+        "--binding",
+        &binding,
+        "--state",
+        &first,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let (_, second) = activate(
+        &env,
+        addr,
+        "citizen-9",
+        &["--authorized-by", &id],
+        "second.json",
+    );
+    let out = h(&["device", "list", "--subject", "citizen-9", "--json"]);
+    let list = json(&out);
+    let devices = list["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 2, "{list}");
+    assert_eq!(devices[1]["device_id"], second.as_str());
+    // The approving challenge is used up.
+    let out = h(&[
+        "device",
+        "begin",
+        "--subject",
+        "citizen-9",
+        "--authorized-by",
+        &id,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// `hsmctl bench --scenario approve`: every login APPROVED, the devices revoked after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_approve_scenario() {
+    let mut env = DevEnv::new();
+    // Push-fatigue limit per subject: not what the bench measures.
+    env.config.devices.max_challenges_per_minute = 1000;
+    let server = env.start().await;
+    let out = hsmctl(
+        &env,
+        server.local_addr(),
+        "login-service",
+        &[
+            "bench",
+            "--scenario",
+            "approve",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--concurrency",
+            "2",
+            "--credentials",
+            "3",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["scenario"], "approve");
+    let requests = v["requests"].as_u64().expect("requests");
+    assert!(requests > 0, "{v}");
+    assert_eq!(v["outcomes"]["APPROVED"].as_u64(), Some(requests), "{v}");
+    assert_eq!(v["accepted_share"].as_f64(), Some(1.0), "{v}");
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
 }
