@@ -552,7 +552,9 @@ fn hsm_start_message(e: &crate::hsm::Error) -> String {
 /// Keep the health service in step with the token and the store: SERVING only while
 /// the sessions are logged in and the store's engine answers (a PostgreSQL database can
 /// become unreachable; the embedded file cannot). Looks every `interval`
-/// (`server.health_interval_ms`).
+/// (`server.health_interval_ms`); a token that does not answer within `interval` counts
+/// as lost (see hsm/faults.rs, design note), so a hung HSM turns health NOT_SERVING
+/// within two intervals.
 async fn monitor_health(
     hsm: Hsm,
     store: Arc<Store>,
@@ -561,8 +563,10 @@ async fn monitor_health(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
+    let mut completed = hsm.completed();
     loop {
-        let logged_in = hsm.is_logged_in().await;
+        let logged_in = hsm.serving(interval, completed).await;
+        completed = hsm.completed();
         let store_up = store.healthy();
         let status = if logged_in && store_up {
             ServingStatus::Serving
