@@ -6,6 +6,7 @@ pub mod audit;
 pub mod ceremony;
 pub mod credentials;
 pub mod events;
+pub mod import;
 pub mod signing;
 pub mod status;
 

@@ -48,6 +48,7 @@ pub const METHOD_ROLES: &[(&str, &[Role])] = &[
         "hsm.v1.CredentialService/DeleteCredential",
         LOGIN_OR_OFFICER,
     ),
+    ("hsm.v1.CredentialService/ImportCredentials", LOGIN),
     ("hsm.v1.SigningService/SignAssertion", LOGIN),
     ("hsm.v1.SigningService/Sign", LOGIN),
     ("hsm.v1.SigningService/GetJwks", ANYONE),

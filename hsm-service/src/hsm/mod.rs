@@ -12,6 +12,7 @@
 pub mod backup;
 pub mod binding;
 pub mod error;
+pub mod import;
 pub mod module;
 pub mod objects;
 mod pool;
