@@ -316,13 +316,13 @@ impl<'s> Objects<'s> {
 
     /// The method's mechanism and data for `C_UnwrapKey` / `C_Decrypt`, if `transport`
     /// can decrypt it.
-    fn mechanism<'a>(
+    fn mechanism(
         transport: TransportKey,
         method: Encryption,
-        cipher_value: &'a [u8],
+        cipher_value: &[u8],
         allow_rsa_1_5: bool,
         pad: bool,
-    ) -> std::result::Result<(ObjectHandle, Mechanism<'static>, &'a [u8]), String> {
+    ) -> std::result::Result<(ObjectHandle, Mechanism<'static>, &[u8]), String> {
         match (transport, method) {
             (TransportKey::Aes { handle, len }, Encryption::AesCbc(n)) => {
                 if n != len {
@@ -717,7 +717,7 @@ impl Hsm {
         let h = self
             .find_object(ObjectClass::PUBLIC_KEY, &label)
             .await?
-            .ok_or_else(|| Error::ObjectNotFound(label))?;
+            .ok_or(Error::ObjectNotFound(label))?;
         self.inner
             .pool
             .submit(move |w| w.run(true, |s, _| transport_public(s, h)))

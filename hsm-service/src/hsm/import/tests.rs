@@ -346,7 +346,7 @@ async fn kw_aes_and_rsa_oaep_decrypt_inside_the_hsm() {
         })
         .await
     {
-        Err(BatchRefused::Transport(m)) => assert!(m.contains("nobody"), "{m}"),
+        Err(BatchRefused::NoTransportKey(m)) => assert!(m.contains("nobody"), "{m}"),
         other => panic!("{other:?}"),
     }
 }
