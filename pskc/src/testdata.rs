@@ -127,16 +127,26 @@ fn iv(i: u64, label: &[u8]) -> [u8; 16] {
 
 /// Writes the file. `w` should be buffered.
 pub fn write_encrypted<W: Write>(mut w: W, spec: &Spec) -> io::Result<()> {
+    write_header(&mut w, spec)?;
+    for i in 0..spec.entries {
+        write_entry(&mut w, spec, i)?;
+    }
+    write_footer(&mut w)?;
+    w.flush()
+}
+
+fn encrypt(spec: &Spec, i: u64, label: &[u8], pt: &[u8]) -> io::Result<Vec<u8>> {
     if !spec.algorithm.is_cbc() {
         return Err(io::Error::other("testdata: only AES-CBC is generated"));
     }
+    encrypt_cbc(&spec.algorithm, &spec.transport_key(), &iv(i, label), pt).map_err(io::Error::other)
+}
+
+/// Writes the container start, `EncryptionKey` and `MACMethod` (for streaming
+/// generators: then [`write_entry`] for each entry and [`write_footer`]).
+pub fn write_header<W: Write>(mut w: W, spec: &Spec) -> io::Result<()> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let key = spec.transport_key();
-    let alg = spec.algorithm.uri();
-    let enc = |i: u64, label: &[u8], pt: &[u8]| {
-        encrypt_cbc(&spec.algorithm, &key, &iv(i, label), pt).map_err(io::Error::other)
-    };
-    let mac_key = enc(u64::MAX, b"pskc testdata mac key iv", &MAC_KEY)?;
+    let mac_key = encrypt(spec, u64::MAX, b"pskc testdata mac key iv", &MAC_KEY)?;
     write!(
         w,
         r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -147,39 +157,43 @@ pub fn write_encrypted<W: Write>(mut w: W, spec: &Spec) -> io::Result<()> {
   <EncryptionKey><ds:KeyName>testdata-transport-key</ds:KeyName></EncryptionKey>
   <MACMethod Algorithm="{}">
     <MACKey>
-      <xenc:EncryptionMethod Algorithm="{alg}"/>
+      <xenc:EncryptionMethod Algorithm="{}"/>
       <xenc:CipherData><xenc:CipherValue>{}</xenc:CipherValue></xenc:CipherData>
     </MACKey>
   </MACMethod>
 "#,
         spec.mac.uri(),
+        spec.algorithm.uri(),
         b64.encode(mac_key)
-    )?;
-    for i in 0..spec.entries {
-        let s = seed(i);
-        let cv = enc(i, b"pskc testdata seed iv", &s)?;
-        let vm = if spec.with_value_mac {
-            format!(
-                "\n          <ValueMAC>{}</ValueMAC>",
-                b64.encode(mac(spec.mac, &MAC_KEY, &cv))
-            )
-        } else {
-            String::new()
-        };
-        let (algo, extra) = if spec.is_totp(i) {
-            (
-                "totp",
-                "\n        <Time><PlainValue>0</PlainValue></Time>\n        <TimeInterval><PlainValue>30</PlainValue></TimeInterval>",
-            )
-        } else {
-            (
-                "hotp",
-                "\n        <Counter><PlainValue>0</PlainValue></Counter>",
-            )
-        };
-        write!(
-            w,
-            r#"  <KeyPackage>
+    )
+}
+
+/// Writes KeyPackage `i`.
+pub fn write_entry<W: Write>(mut w: W, spec: &Spec, i: u64) -> io::Result<()> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cv = encrypt(spec, i, b"pskc testdata seed iv", &seed(i))?;
+    let vm = if spec.with_value_mac {
+        format!(
+            "\n          <ValueMAC>{}</ValueMAC>",
+            b64.encode(mac(spec.mac, &MAC_KEY, &cv))
+        )
+    } else {
+        String::new()
+    };
+    let (algo, extra) = if spec.is_totp(i) {
+        (
+            "totp",
+            "\n        <Time><PlainValue>0</PlainValue></Time>\n        <TimeInterval><PlainValue>30</PlainValue></TimeInterval>",
+        )
+    } else {
+        (
+            "hotp",
+            "\n        <Counter><PlainValue>0</PlainValue></Counter>",
+        )
+    };
+    write!(
+        w,
+        r#"  <KeyPackage>
     <DeviceInfo><Manufacturer>TestVendor</Manufacturer><SerialNo>{serial}</SerialNo></DeviceInfo>
     <Key Id="{id}" Algorithm="urn:ietf:params:xml:ns:keyprov:pskc:{algo}">
       <Issuer>TestIssuer</Issuer>
@@ -195,11 +209,14 @@ pub fn write_encrypted<W: Write>(mut w: W, spec: &Spec) -> io::Result<()> {
     </Key>
   </KeyPackage>
 "#,
-            serial = serial_no(i),
-            id = key_id(&spec.id_prefix, i),
-            cv = b64.encode(cv),
-        )?;
-    }
-    w.write_all(b"</KeyContainer>\n")?;
-    w.flush()
+        serial = serial_no(i),
+        id = key_id(&spec.id_prefix, i),
+        alg = spec.algorithm.uri(),
+        cv = b64.encode(cv),
+    )
+}
+
+/// Writes the end of the container.
+pub fn write_footer<W: Write>(mut w: W) -> io::Result<()> {
+    w.write_all(b"</KeyContainer>\n")
 }
