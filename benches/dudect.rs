@@ -118,7 +118,10 @@ fn measure<I>(
     // In chunks: the prepared inputs of a chunk fit in memory, and the interleaving
     // stays random within and across chunks.
     for chunk in classes.chunks(10_000) {
-        let inputs: Vec<I> = chunk.iter().map(|c| prepare(usize::from(*c), rng)).collect();
+        let inputs: Vec<I> = chunk
+            .iter()
+            .map(|c| prepare(usize::from(*c), rng))
+            .collect();
         for (c, input) in chunk.iter().zip(&inputs) {
             let start = Instant::now();
             op(input);
@@ -194,7 +197,10 @@ fn compare_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
     const REPS: usize = 64;
     let run = |submitted: &u32| {
         for _ in 0..REPS {
-            black_box(otp::find_match(black_box(*submitted), black_box(&candidates)));
+            black_box(otp::find_match(
+                black_box(*submitted),
+                black_box(&candidates),
+            ));
         }
     };
     // A wrong code: one digit of a random candidate changed, and no other candidate.
@@ -215,7 +221,13 @@ fn compare_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
     // A right code: the first candidate (the window's edge) or the middle one, each a
     // code no other candidate shares.
     let (edge, centre) = (candidates[0], candidates[n / 2]);
-    assert!(candidates.iter().filter(|c| **c == edge || **c == centre).count() == 2);
+    assert!(
+        candidates
+            .iter()
+            .filter(|c| **c == edge || **c == centre)
+            .count()
+            == 2
+    );
     let place_report = measure(
         "compare: right at the window's edge vs right in the centre",
         per_class,
@@ -296,7 +308,13 @@ fn verify_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
         verify,
     );
     let (edge, centre) = (codes[n - 1], codes[n / 2]);
-    assert!(codes.iter().filter(|c| **c == edge || **c == centre).count() == 2);
+    assert!(
+        codes
+            .iter()
+            .filter(|c| **c == edge || **c == centre)
+            .count()
+            == 2
+    );
     let place_report = measure(
         "verify: right at the window's edge vs right in the centre",
         per_class,
