@@ -512,6 +512,10 @@ const SERIES: &[Series] = &[
         series(HotpAccepted, Postgres, 1, Closed, "events"),
         Watch::Follower,
     ),
+    watched(
+        series(HotpAccepted, Postgres, 1, Closed, "events"),
+        Watch::Idle,
+    ),
 ];
 
 /// In flight of the `events` group (unless `--concurrency`).

@@ -19,7 +19,7 @@
 //! * a jump larger than the ring (a bulk import) drops every follower back to the store
 //!   instead of reading the range into memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -55,7 +55,72 @@ struct Inner {
     ring_start: u64,
     ring_len: usize,
     parked: HashMap<u64, Parked>,
+    /// Parked followers by the subject their filter names, so a chunk costs one lookup
+    /// per event rather than one filter per follower.
+    by_subject: HashMap<String, HashSet<u64>>,
+    /// Parked followers whose filter names no subject.
+    any_subject: HashSet<u64>,
     next_id: u64,
+}
+
+impl Inner {
+    fn insert(&mut self, id: u64, parked: Parked) {
+        match parked.filter.subject() {
+            Some(s) => {
+                self.by_subject.entry(s.to_owned()).or_default().insert(id);
+            }
+            None => {
+                self.any_subject.insert(id);
+            }
+        }
+        self.parked.insert(id, parked);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(parked) = self.parked.remove(&id) else {
+            return;
+        };
+        match parked.filter.subject() {
+            Some(s) => {
+                if let Some(ids) = self.by_subject.get_mut(s) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_subject.remove(s);
+                    }
+                }
+            }
+            None => {
+                self.any_subject.remove(&id);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.parked.clear();
+        self.by_subject.clear();
+        self.any_subject.clear();
+    }
+
+    /// The parked followers `chunk` has at least one event for.
+    fn wanting(&self, chunk: &[StoredEvent]) -> BTreeSet<u64> {
+        let wants = |id: &u64, e: &StoredEvent| {
+            self.parked
+                .get(id)
+                .is_some_and(|p| e.seq >= p.from && p.filter.matches(&e.event))
+        };
+        let mut out = BTreeSet::new();
+        for e in chunk {
+            if let Some(ids) = self.by_subject.get(e.event.subject.as_str()) {
+                out.extend(ids.iter().filter(|id| wants(id, e)));
+            }
+        }
+        out.extend(
+            self.any_subject
+                .iter()
+                .filter(|id| chunk.iter().any(|e| wants(id, e))),
+        );
+        out
+    }
 }
 
 #[derive(Debug)]
@@ -77,7 +142,7 @@ pub(super) struct Parking {
 
 impl Drop for Parking {
     fn drop(&mut self) {
-        self.hub.lock().parked.remove(&self.id);
+        self.hub.lock().remove(self.id);
     }
 }
 
@@ -91,6 +156,8 @@ impl Hub {
                 ring_start: head + 1,
                 ring_len: 0,
                 parked: HashMap::new(),
+                by_subject: HashMap::new(),
+                any_subject: HashSet::new(),
                 next_id: 0,
             }),
             published: AtomicU64::new(head),
@@ -138,7 +205,7 @@ impl Hub {
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.parked.insert(
+        inner.insert(
             id,
             Parked {
                 filter: filter.clone(),
@@ -161,13 +228,16 @@ impl Hub {
             return;
         }
         let chunk: Chunk = Arc::new(chunk);
-        inner.parked.retain(|_, p| {
-            let wanted = chunk
-                .iter()
-                .any(|e| e.seq >= p.from && p.filter.matches(&e.event));
-            // A full queue: the client is slow; it catches up from the store.
-            !wanted || p.tx.try_send(chunk.clone()).is_ok()
-        });
+        for id in inner.wanting(&chunk) {
+            let sent = inner
+                .parked
+                .get(&id)
+                .is_some_and(|p| p.tx.try_send(chunk.clone()).is_ok());
+            if !sent {
+                // A full queue: the client is slow; it catches up from the store.
+                inner.remove(id);
+            }
+        }
         if !chunk.is_empty() {
             inner.ring_len += chunk.len();
             inner.ring.push_back(chunk);
@@ -191,7 +261,7 @@ impl Hub {
         if upto < inner.tail_next {
             return;
         }
-        inner.parked.clear();
+        inner.clear();
         inner.ring.clear();
         inner.ring_len = 0;
         inner.tail_next = upto + 1;
@@ -243,6 +313,21 @@ mod tests {
         assert!(b.rx.try_recv().is_err(), "bob's filter matched nothing");
         assert_eq!(hub.published(), 2);
         assert_eq!(hub.tail_next(), 3);
+    }
+
+    #[test]
+    fn followers_without_a_subject_get_every_chunk_and_leaving_cleans_the_index() {
+        let hub = Arc::new(Hub::new(0));
+        let all = Filter::new(Scope::All, &[], "").unwrap();
+        let mut a = hub.park(&all, 1).unwrap();
+        let b = hub.park(&only("bob"), 1).unwrap();
+        hub.publish(vec![ev(1, "carol")], 1);
+        assert_eq!(a.rx.try_recv().unwrap()[0].seq, 1);
+        drop(b);
+        assert!(hub.lock().by_subject.is_empty());
+        drop(a);
+        assert!(hub.lock().any_subject.is_empty());
+        assert_eq!(hub.parked(), 0);
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl Filter {
         })
     }
 
+    /// The one subject it passes, if it names one.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
     /// Whether `e` passes.
     pub fn matches(&self, e: &NewEvent) -> bool {
         let tenant = match &self.scope {
