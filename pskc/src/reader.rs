@@ -205,7 +205,7 @@ impl<R: BufRead> Reader<R> {
                 }
                 Ev::Eof => {
                     return Err(Error::Xml {
-                        position: 0,
+                        position: self.xml.position(),
                         detail: "unexpected end of file (truncated document)".into(),
                     })
                 }
