@@ -209,6 +209,14 @@ pub(crate) async fn start_with_store(
 
     let events = crate::events::Events::new(store.clone(), config.events.clone(), clock.clone());
     let _compaction = events.spawn_compaction();
+    let devices = Arc::new(crate::devices::Devices::new(
+        hsm.clone(),
+        store.clone(),
+        signing.clone(),
+        config.devices.clone(),
+        clock.clone(),
+        audit.clone(),
+    ));
     let state: State = Arc::new(AppState {
         hsm: hsm.clone(),
         store,
@@ -220,6 +228,7 @@ pub(crate) async fn start_with_store(
         signing,
         ceremonies,
         events: events.clone(),
+        devices,
     });
 
     let start_event = Event::new(
@@ -290,6 +299,18 @@ pub(crate) async fn start_with_store(
         )
         .add_service(
             KeyServiceServer::new(Keys::new(state.clone())).max_decoding_message_size(signing_size),
+        )
+        .add_service(
+            hsm_proto::v1::device_service_server::DeviceServiceServer::new(
+                crate::api::devices::DeviceApi::new(state.clone()),
+            )
+            .max_decoding_message_size(small),
+        )
+        .add_service(
+            hsm_proto::v1::approval_service_server::ApprovalServiceServer::new(
+                crate::api::devices::ApprovalApi::new(state.clone()),
+            )
+            .max_decoding_message_size(small),
         )
         .add_service(
             EventServiceServer::new(crate::api::events::EventApi::new(state.clone()))
