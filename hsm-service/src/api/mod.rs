@@ -41,6 +41,8 @@ pub struct AppState {
     pub ceremonies: Arc<crate::ceremony::Ceremonies>,
     /// The citizen-notification event stream.
     pub events: Arc<crate::events::Events>,
+    /// The metrics endpoint's bound address (`None`: off), for GetStatus.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Shared handle to the state.
