@@ -307,16 +307,7 @@ impl Decryptor {
                 d.iteration_count
             )));
         }
-        let len = d
-            .key_length
-            .or_else(|| {
-                header
-                    .mac_method
-                    .as_ref()
-                    .and_then(|m| m.mac_key.as_ref())
-                    .and_then(|k| k.algorithm.aes_key_len())
-            })
-            .unwrap_or(16);
+        let len = header.pbkdf2_key_length().unwrap_or(16);
         let key = pbkdf2(d.prf, password, &d.salt, d.iteration_count, len);
         Self::with_key(header, key)
     }
@@ -343,6 +334,20 @@ impl Decryptor {
             allow_unmaced: false,
             secret_len: DEFAULT_SECRET_LEN,
         })
+    }
+
+    /// From keys obtained elsewhere (e.g. a transport key or MAC key that an HSM
+    /// decrypted with RSA, §6.3): no header checks.
+    pub fn from_parts(
+        transport_key: SecretBytes,
+        mac: Option<(MacAlgorithm, SecretBytes)>,
+    ) -> Self {
+        Decryptor {
+            key: transport_key,
+            mac,
+            allow_unmaced: false,
+            secret_len: DEFAULT_SECRET_LEN,
+        }
     }
 
     /// Accept encrypted values without `ValueMAC` (`--allow-unmaced`).

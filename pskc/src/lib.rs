@@ -38,6 +38,11 @@
 //! - Policy: see [`Policy::refusals`] and [`Key::unsupported`] for what is
 //!   refused and what is recorded.
 //! - `Signature` (RFC 6030 §7) is recorded in [`Trailer::signature`], not verified.
+//! - For HSM-side decryption: [`EncryptedValue::cbc_parts`] gives IV and ciphertext
+//!   (`CKM_AES_CBC_PAD` expects PKCS#7 padding; XML Encryption allows arbitrary pad
+//!   bytes before the length byte, which [`crypto::decrypt_raw`] accepts), RSA
+//!   values carry `oaep_digest`/`oaep_params`, and [`crypto::Decryptor::from_parts`]
+//!   takes keys obtained elsewhere.
 //! - Secrets are [`SecretBytes`] (zeroized, `Debug` redacted); errors never
 //!   contain secret bytes. MACs are compared in constant time before decryption.
 
@@ -50,6 +55,6 @@ mod types;
 mod xml;
 
 pub use error::{CryptoError, EntryError, EntryErrorKind, Error};
-pub use reader::{Limits, Options, Reader};
+pub use reader::{parse_all, Document, Limits, Options, Reader};
 pub use time::parse_datetime;
 pub use types::*;

@@ -205,7 +205,7 @@ impl<R: BufRead> Reader<R> {
                 }
                 Ev::Eof => {
                     return Err(Error::Xml {
-                        position: 0,
+                        position: self.xml.position(),
                         detail: "unexpected end of file (truncated document)".into(),
                     })
                 }
@@ -613,6 +613,8 @@ fn parse_raw_value<'a>(
 pub(crate) fn parse_encrypted_value(node: &Node) -> Result<EncryptedValue, String> {
     let mut algorithm = None;
     let mut cipher = None;
+    let mut oaep_digest = None;
+    let mut oaep_params = None;
     for c in &node.children {
         if c.is(Ns::Xenc, "EncryptionMethod") {
             if algorithm.is_some() {
@@ -622,6 +624,16 @@ pub(crate) fn parse_encrypted_value(node: &Node) -> Result<EncryptedValue, Strin
                 .attr("Algorithm")
                 .ok_or("EncryptionMethod has no Algorithm")?;
             algorithm = Some(EncryptionAlgorithm::from_uri(uri.trim()));
+            for m in &c.children {
+                if m.is(Ns::Ds, "DigestMethod") {
+                    oaep_digest = m.attr("Algorithm").map(|a| a.trim().to_owned());
+                } else if m.is(Ns::Xenc, "OAEPparams") {
+                    oaep_params = Some(b64(m.text()).map_err(|e| format!("OAEPparams {e}"))?);
+                } else if m.is(Ns::Xenc, "KeySize") || m.is_ignorable() {
+                } else {
+                    return Err(format!("unknown element {} in EncryptionMethod", m.qname()));
+                }
+            }
         } else if c.is(Ns::Xenc, "CipherData") {
             for cc in &c.children {
                 if cc.is(Ns::Xenc, "CipherValue") {
@@ -648,6 +660,8 @@ pub(crate) fn parse_encrypted_value(node: &Node) -> Result<EncryptedValue, Strin
         id: node.attr("Id").map(str::to_owned),
         algorithm: algorithm.ok_or("no EncryptionMethod")?,
         cipher_value: cipher.ok_or("no CipherData/CipherValue")?,
+        oaep_digest,
+        oaep_params,
     })
 }
 
@@ -941,4 +955,31 @@ fn parse_mac_method(node: &Node) -> Result<MacMethod, Error> {
         }
     }
     Ok(MacMethod { algorithm, mac_key })
+}
+
+/// A whole document read at once ([`parse_all`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Document {
+    /// The header.
+    pub header: Header,
+    /// Every package, in file order.
+    pub entries: Vec<Result<KeyPackage, EntryError>>,
+    /// What followed the packages.
+    pub trailer: Trailer,
+}
+
+/// Reads a whole document into memory (for small files, tests and fuzzing; the
+/// streaming [`Reader`] is for real imports).
+pub fn parse_all<R: BufRead>(input: R, options: Options) -> Result<Document, Error> {
+    let mut r = Reader::with_options(input, options)?;
+    let mut entries = Vec::new();
+    while let Some(e) = r.next_entry()? {
+        entries.push(e);
+    }
+    Ok(Document {
+        header: r.header.clone(),
+        entries,
+        trailer: r.trailer.clone(),
+    })
 }

@@ -129,6 +129,38 @@ pub enum Prf {
     HmacSha256,
 }
 
+impl Prf {
+    /// The PRF's URI (as `PBKDF2-params/PRF/@Algorithm` would name it).
+    pub fn uri(self) -> &'static str {
+        match self {
+            Prf::HmacSha1 => "http://www.w3.org/2000/09/xmldsig#hmac-sha1",
+            Prf::HmacSha256 => "http://www.w3.org/2001/04/xmldsig-more#hmac-sha256",
+        }
+    }
+}
+
+impl Header {
+    /// For a password-protected file (§6.2): the PBKDF2 output length, as
+    /// [`crate::crypto::Decryptor::from_password`] uses it: `KeyLength` when
+    /// given, else the AES key length of the `MACKey`'s algorithm, else 16.
+    /// `None` when the file has no `DerivedKey`.
+    pub fn pbkdf2_key_length(&self) -> Option<usize> {
+        let EncryptionKey::DerivedKey(d) = self.encryption_key.as_ref()? else {
+            return None;
+        };
+        Some(
+            d.key_length
+                .or_else(|| {
+                    self.mac_method
+                        .as_ref()
+                        .and_then(|m| m.mac_key.as_ref())
+                        .and_then(|k| k.algorithm.aes_key_len())
+                })
+                .unwrap_or(16),
+        )
+    }
+}
+
 /// `MACMethod`: the MAC algorithm and its key for the `ValueMAC`s (RFC 6030 §6.1.1).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -286,6 +318,11 @@ pub struct EncryptedValue {
     /// The base64-decoded `xenc:CipherData/xenc:CipherValue`: for AES-CBC the IV
     /// (16 bytes) followed by the ciphertext; the bytes the `ValueMAC` is over.
     pub cipher_value: Vec<u8>,
+    /// For RSA-OAEP: `EncryptionMethod/ds:DigestMethod/@Algorithm` when given
+    /// (absent: SHA-1, the `rsa-oaep-mgf1p` default).
+    pub oaep_digest: Option<String>,
+    /// For RSA-OAEP: `EncryptionMethod/xenc:OAEPparams` (the label), when given.
+    pub oaep_params: Option<Vec<u8>>,
 }
 
 impl EncryptedValue {
@@ -295,6 +332,8 @@ impl EncryptedValue {
             id: None,
             algorithm,
             cipher_value,
+            oaep_digest: None,
+            oaep_params: None,
         }
     }
 
@@ -446,6 +485,36 @@ pub struct ResponseFormat {
     pub check_digits: bool,
 }
 
+/// The HMAC hash of an HOTP/TOTP key (`AlgorithmParameters/Suite`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OtpHash {
+    /// HMAC-SHA1 (the default when `Suite` is absent).
+    Sha1,
+    /// HMAC-SHA256.
+    Sha256,
+    /// HMAC-SHA512.
+    Sha512,
+}
+
+impl OtpHash {
+    /// Parses a `Suite` value: `HMAC-SHA1`, `HMAC-SHA256`, `HMAC-SHA512` (case and
+    /// the dashes ignored, the `HMAC-` prefix optional).
+    pub fn from_suite(suite: &str) -> Option<Self> {
+        let n: String = suite
+            .chars()
+            .filter(|c| *c != '-' && *c != '_' && !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_uppercase();
+        match n.strip_prefix("HMAC").unwrap_or(&n) {
+            "SHA1" => Some(OtpHash::Sha1),
+            "SHA256" => Some(OtpHash::Sha256),
+            "SHA512" => Some(OtpHash::Sha512),
+            _ => None,
+        }
+    }
+}
+
 /// `Key/AlgorithmParameters`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -591,6 +660,8 @@ pub enum Unsupported {
     ResponseFormat(String),
     /// No `Secret` (e.g. figure 4, a key to derive from a master key).
     NoSecret,
+    /// `AlgorithmParameters/Suite` names no HMAC hash we know.
+    Suite(String),
 }
 
 impl fmt::Display for Unsupported {
@@ -613,6 +684,7 @@ impl fmt::Display for Unsupported {
             }
             Unsupported::ResponseFormat(d) => write!(f, "unsupported ResponseFormat: {d}"),
             Unsupported::NoSecret => write!(f, "no Secret in the key's Data"),
+            Unsupported::Suite(s) => write!(f, "unsupported Suite {s:?}"),
         }
     }
 }
@@ -708,8 +780,16 @@ pub struct Key {
 }
 
 impl Key {
+    /// The HMAC hash: from `Suite`, HMAC-SHA1 when absent.
+    pub fn otp_hash(&self) -> Result<OtpHash, Unsupported> {
+        match &self.algorithm_parameters.suite {
+            None => Ok(OtpHash::Sha1),
+            Some(s) => OtpHash::from_suite(s).ok_or_else(|| Unsupported::Suite(s.clone())),
+        }
+    }
+
     /// Everything about this key that an HOTP/TOTP verifier cannot honour: the
-    /// algorithm, challenge-response, the response format, a missing secret, and
+    /// algorithm, challenge-response, the response format, the Suite, a missing secret, and
     /// [`Policy::refusals`]. Empty: importable.
     pub fn unsupported(&self) -> Vec<Unsupported> {
         let mut out = Vec::new();
@@ -728,6 +808,9 @@ impl Key {
             } else if !(6..=10).contains(&rf.length) {
                 out.push(Unsupported::ResponseFormat(format!("Length {}", rf.length)));
             }
+        }
+        if let Err(u) = self.otp_hash() {
+            out.push(u);
         }
         if self.data.secret.is_none() {
             out.push(Unsupported::NoSecret);

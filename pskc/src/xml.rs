@@ -330,7 +330,7 @@ impl<R: BufRead> Xml<R> {
         }
     }
 
-    fn position(&self) -> u64 {
+    pub fn position(&self) -> u64 {
         self.reader.buffer_position()
     }
 
