@@ -525,11 +525,17 @@ mod tests {
             "hsm_rpc_duration_seconds_bucket{method=\"hsm.v1.CredentialService/VerifyCode\",status=\"OK\",le=\"0.005\"}",
             "hsm_verify_results_total{result=\"accepted\"}",
             "hsm_pkcs11_errors_total{function=\"C_Sign\",rv=\"CKR_DEVICE_ERROR\"}",
-            "hsm_event_watches_open 1",
+            "\nhsm_event_watches_open ",
             "hsm_store_commit_duration_seconds_count",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+        // Other tests of this process move the same registry: at least ours.
+        let open = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hsm_event_watches_open "))
+            .and_then(|v| v.parse::<i64>().ok());
+        assert!(open >= Some(1), "{open:?}");
         assert!(summary().rpc_requests >= 1);
     }
 
