@@ -315,6 +315,7 @@ fn dev_config(
             .collect(),
         signing: crate::signing::dev_config(),
         events: crate::config::EventsConfig::default(),
+        devices: crate::config::DevicesConfig::default(),
         metrics: crate::config::MetricsConfig::default(),
         ceremony: crate::config::CeremonyConfig {
             officers: DEV_CLIENTS

@@ -139,9 +139,15 @@ const TABLE: &[Rule] = &[
         module: "events",
         may_import: &["audit", "common", "config", "error", "metrics", "store"],
     },
-    // (Planned by other issues; add its row when the module appears: `devices` like
-    // `credentials`.)
-    //
+    // Domain: the app authenticator (devices, activations, challenges). Like
+    // `credentials`, plus `signing` for the challenge signature (a key of usage
+    // `challenge`) made in the HSM, and `metrics` (challenges by state).
+    Rule {
+        module: "devices",
+        may_import: &[
+            "audit", "common", "config", "error", "hsm", "metrics", "signing", "store",
+        ],
+    },
     // tonic services: proto <-> domain, errors -> Status. Never imported by the domain.
     Rule {
         module: "api",
@@ -151,6 +157,7 @@ const TABLE: &[Rule] = &[
             "ceremony",
             "common",
             "credentials",
+            "devices",
             "error",
             "events",
             "hsm",
@@ -198,6 +205,7 @@ const BELOW_SERVER: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "error",
     "events",
     "hsm",
@@ -215,6 +223,7 @@ const BELOW_DEV: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "error",
     "events",
     "hsm",
@@ -234,6 +243,7 @@ const BELOW_TOP: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "dev",
     "error",
     "events",

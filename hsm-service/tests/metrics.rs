@@ -1,6 +1,6 @@
 //! The metrics endpoint (issue 15 §1): a dev service's `GET /metrics` before and after a
 //! short load (create a credential, verify codes, sign an assertion, watch events, a
-//! checkpoint, a device hiccup), every family the issue names present and moving; no
+//! checkpoint, app approvals, a device hiccup), every family the issue names present and moving; no
 //! label carrying a credential id, subject or code; `[metrics]` config validation;
 //! `hsm-service dev --metrics-listen`.
 
@@ -106,6 +106,33 @@ async fn every_family_is_exposed_and_moves_under_load() {
     assert_ne!(wrong.result, pb::VerifyResult::Unspecified as i32);
     let signed = common::sign_default_assertion(&login).await;
     assert!(!signed.jws.is_empty());
+    // An app approval: a challenge made (pending), one superseded by the next
+    // (cancelled), that one approved, and one denied.
+    let phone = common::app::activate(&login, subject).await;
+    let login_purpose = pb::ChallengePurpose::Login;
+    common::app::challenge(&login, subject, login_purpose, "Log in to Test Bank", 0)
+        .await
+        .expect("challenge");
+    let ch = common::app::challenge(&login, subject, login_purpose, "Log in to Test Bank", 0)
+        .await
+        .expect("challenge");
+    let approved = common::app::answer(
+        &login,
+        &phone,
+        &ch,
+        pb::ChallengeDecision::Approve,
+        &ch.binding_code,
+    )
+    .await
+    .expect("approve");
+    assert_eq!(approved.state, pb::ChallengeState::Approved as i32);
+    let ch = common::app::challenge(&login, subject, login_purpose, "Log in again", 0)
+        .await
+        .expect("challenge");
+    let denied = common::app::answer(&login, &phone, &ch, pb::ChallengeDecision::Deny, "")
+        .await
+        .expect("deny");
+    assert_eq!(denied.state, pb::ChallengeState::Denied as i32);
     let mut watch = notifier
         .events()
         .watch_events(pb::WatchEventsRequest {
@@ -204,6 +231,9 @@ async fn every_family_is_exposed_and_moves_under_load() {
     moved("hsm_audit_checkpoints_total", &[]);
     moved("hsm_event_lag_seconds_count", &[]);
     moved("hsm_events_delivered_total", &[]);
+    for state in ["pending", "cancelled", "approved", "denied"] {
+        moved("hsm_challenges_total", &[&format!("state=\"{state}\"")]);
+    }
     // Gauges and counters that a healthy short load need not move: present.
     for family in [
         "hsm_pool_queue_depth",
@@ -217,7 +247,8 @@ async fn every_family_is_exposed_and_moves_under_load() {
             "{family} missing:\n{text}"
         );
     }
-    // Every verdict and challenge state has its series from the start.
+    // Every verdict and challenge state has its series from the start (expired and
+    // reported too).
     for state in hsm_service::metrics::CHALLENGE_STATES {
         let series = format!("hsm_challenges_total{{state=\"{state}\"}}");
         assert!(after.contains_key(&series), "{series} missing:\n{text}");
@@ -227,14 +258,18 @@ async fn every_family_is_exposed_and_moves_under_load() {
         assert!(after.contains_key(&series), "{series} missing:\n{text}");
     }
 
-    // Nothing the load named reaches a label.
-    for secret in [
-        id,
-        subject,
-        "citizen-1",
-        &common::hotp(common::EVIDENCE_SEED, 0),
-    ] {
-        assert!(!text.contains(secret), "{secret:?} appears in the scrape");
+    // Nothing the load named reaches a label (ids, subjects, codes, the binding code).
+    let labels: Vec<&str> = after
+        .keys()
+        .filter_map(|series| series.split_once('{').map(|(_, l)| l))
+        .collect();
+    let code = common::hotp(common::EVIDENCE_SEED, 0);
+    let binding = format!("\"{}\"", ch.binding_code);
+    for secret in [id, subject, "citizen-1", &phone.device_id, &code, &binding] {
+        assert!(
+            labels.iter().all(|l| !l.contains(secret)),
+            "{secret:?} appears in a label:\n{text}"
+        );
     }
 
     // GetStatus carries the same figures (what `hsmctl status` prints).

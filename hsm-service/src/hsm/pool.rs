@@ -35,6 +35,9 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
+    /// Device-level losses (device error, removed or unrecognized token): cached object
+    /// handles are searched for again after one (see faults.rs, design note).
+    pub token_losses: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -43,6 +46,8 @@ pub(crate) struct Pool {
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
     pub(crate) stats: Arc<PoolStats>,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) faults: Arc<super::faults::Faults>,
 }
 
 /// What a worker thread owns.
@@ -54,6 +59,8 @@ pub(crate) struct Worker {
     /// Unwrapped seeds: objects of this worker's session.
     seeds: WorkerSeeds,
     stats: Arc<PoolStats>,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<super::faults::Faults>,
 }
 
 impl Worker {
@@ -73,19 +80,25 @@ impl Worker {
     }
 
     /// Open a session if there is none, then call `op` with it and this worker's seeds.
-    /// A PKCS#11 failure is counted (`hsm_pkcs11_errors_total`), a retried one too.
+    /// The one place where an operation meets its session, so the fault-injection hook
+    /// (test builds only) sits here.
     fn call<T>(
         &mut self,
+        idempotent: bool,
         op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
-        let out = self.open().and_then(|()| match &self.session {
+        #[cfg(feature = "fault-injection")]
+        let reopened = self.session.is_none();
+        self.open()?;
+        #[cfg(feature = "fault-injection")]
+        self.faults
+            .before_call(&mut self.session, reopened, idempotent)?;
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = idempotent;
+        match &self.session {
             Some(session) => op(session, &mut self.seeds),
             None => Err(Error::ShutDown),
-        });
-        if let Err(Error::Pkcs11 { function, rv }) = &out {
-            crate::metrics::pkcs11_error(function_name(*function), rv_name(*rv));
         }
-        out
     }
 
     /// Run `op` on this worker's session. On a session or device error the session is
@@ -96,20 +109,33 @@ impl Worker {
         retry: bool,
         mut op: impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
-        let first = self.call(&mut op);
+        let first = self.call(retry, &mut op);
+        count_pkcs11_error(&first);
         match first {
             Err(e) if e.is_session_lost() => {
                 tracing::warn!(error = %e, "HSM session lost; opening a new one");
                 self.session = None;
                 self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::hsm_session_replaced();
+                if e.is_token_lost() {
+                    self.stats.token_losses.fetch_add(1, Ordering::Relaxed);
+                }
                 if !retry {
                     return Err(e);
                 }
-                self.call(&mut op)
+                let second = self.call(retry, &mut op);
+                count_pkcs11_error(&second);
+                second
             }
             other => other,
         }
+    }
+}
+
+/// Counts a failed PKCS#11 call (`hsm_pkcs11_errors_total`, by function and return value).
+fn count_pkcs11_error<T>(out: &Result<T>) {
+    if let Err(Error::Pkcs11 { function, rv }) = out {
+        crate::metrics::pkcs11_error(function_name(*function), rv_name(*rv));
     }
 }
 
@@ -154,6 +180,8 @@ impl Pool {
             threads: Vec::with_capacity(sessions),
             capacity,
             stats: stats.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: Arc::default(),
         };
         for i in 0..sessions {
             let mut worker = Worker {
@@ -163,6 +191,8 @@ impl Pool {
                 session: None,
                 seeds: WorkerSeeds::new(seeds.1, seeds.0.clone()),
                 stats: stats.clone(),
+                #[cfg(feature = "fault-injection")]
+                faults: pool.faults.clone(),
             };
             let rx: Receiver<Job> = rx.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
