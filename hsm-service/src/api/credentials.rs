@@ -99,6 +99,17 @@ fn parse_page_token(scope: Option<&str>, token: &str) -> Result<Option<Credentia
 
 #[tonic::async_trait]
 impl CredentialService for CredentialApi {
+    async fn import_credentials(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportCredentialsRequest>>,
+    ) -> Result<Response<pb::ImportCredentialsResponse>, Status> {
+        let caller = authorize(&self.state.authorizer, &request, LOGIN)?;
+        let stream = request.into_inner();
+        super::import::run(&self.state, &caller, stream)
+            .await
+            .map(Response::new)
+    }
+
     async fn create_credential(
         &self,
         request: Request<pb::CreateCredentialRequest>,

@@ -7,6 +7,7 @@ pub mod ceremony;
 pub mod credentials;
 pub mod devices;
 pub mod events;
+pub mod import;
 pub mod signing;
 pub mod status;
 
