@@ -35,9 +35,6 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
-    /// Device-level losses (device error, removed or unrecognized token): cached object
-    /// handles are searched for again after one (see faults.rs, design note).
-    pub token_losses: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -117,9 +114,6 @@ impl Worker {
                 self.session = None;
                 self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::hsm_session_replaced();
-                if e.is_token_lost() {
-                    self.stats.token_losses.fetch_add(1, Ordering::Relaxed);
-                }
                 if !retry {
                     return Err(e);
                 }
