@@ -214,7 +214,15 @@ impl Devices {
             }
             s.pending = c.id.clone();
             records::put(txn, Table::DeviceSubjects, &sk, &s)?;
-            records::insert(txn, Table::Challenges, &key(&c.tenant, &c.id), &c)?;
+            records::insert_expiring(
+                txn,
+                records::Expiring::Challenge,
+                &c.tenant,
+                &c.id,
+                c.expires_at,
+                now,
+                &c,
+            )?;
             audit.append(
                 txn,
                 Details::new()
@@ -288,11 +296,12 @@ impl Devices {
         let dk = key(tenant, device_id);
         let time_ms = self.clock.now_ms();
         let tenant = tenant.to_owned();
+        let id = device_id.to_owned();
         let out = self
             .store
             .write(move |txn| {
                 let Some(mut d) = records::get::<DeviceRecord, _>(txn, Table::Devices, &dk)? else {
-                    return Ok(Err(registry::not_found("")));
+                    return Ok(Err(registry::not_found(&id)));
                 };
                 if !d.active() {
                     return Ok(Err(precondition("the device is revoked")));

@@ -25,19 +25,23 @@
 //!   `ErrorKind::Unavailable` (gRPC `UNAVAILABLE`, api/status.rs) before anything was
 //!   written to the store, so the caller retries the whole request.
 //! - **Handles.** Token object handles (master keys, binding key, signing keys) are
-//!   cached in `objects::HandleCache`. A device-level loss (CKR_DEVICE_ERROR,
-//!   CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_TOKEN_NOT_RECOGNIZED,
-//!   CKR_CRYPTOKI_NOT_INITIALIZED) counts in `PoolStats::token_losses`; the next lookup
-//!   sees the count moved and empties the cache, so every handle is searched for again
-//!   on the token that came back (a re-inserted or rebooted token may number its objects
-//!   differently: exactly what broke privacyIDEA). A stale handle seen on use
-//!   (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID) is searched again as before.
+//!   cached in `objects::HandleCache`. They do not outlive the sessions: SoftHSM drops
+//!   every handle of the application when its last session closes (so with one session,
+//!   or after a device error that took all of them, every cached handle is stale:
+//!   exactly what broke privacyIDEA), and a token that was removed or rebooted may
+//!   number its objects anew. So every session replacement
+//!   (`PoolStats::sessions_replaced`) empties the cache at the next lookup and each
+//!   handle is searched for again; an operation in flight when it happened that meets a
+//!   stale handle (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID) searches again,
+//!   once (signing: that key; seed HMACs: master and binding key). Found with this
+//!   layer: before, a service with `hsm.sessions = 1` answered every VerifyCode with
+//!   INTERNAL after one lost session, until it was restarted.
 //! - **Seed cache.** Unwrapped seeds are session objects: they die with their session.
 //!   A worker forgets its cache whenever it opens a new session, and the next HMAC
 //!   unwraps the seed again (after the binding check) into the new session.
 //! - **Health.** The health monitor (server.rs) asks a session whether it is logged in,
-//!   with a deadline; a token that fails or hangs turns health NOT_SERVING within
-//!   `server.health_interval_ms` plus that deadline, and SERVING again once a session
+//!   with a deadline (the interval); a token that fails or hangs turns health
+//!   NOT_SERVING within two `server.health_interval_ms`, and SERVING again once a session
 //!   has logged in anew.
 //! - **A slow HSM.** Requests wait in one bounded queue (`hsm.queue_capacity`) in front
 //!   of the sessions; a full queue answers `RESOURCE_EXHAUSTED` at once, so a slow or

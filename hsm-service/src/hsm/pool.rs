@@ -34,9 +34,6 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
-    /// Device-level losses (device error, removed or unrecognized token): cached object
-    /// handles are searched for again after one (see faults.rs, design note).
-    pub token_losses: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -114,9 +111,6 @@ impl Worker {
                 tracing::warn!(error = %e, "HSM session lost; opening a new one");
                 self.session = None;
                 self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
-                if e.is_token_lost() {
-                    self.stats.token_losses.fetch_add(1, Ordering::Relaxed);
-                }
                 if !retry {
                     return Err(e);
                 }

@@ -387,8 +387,33 @@ impl Hsm {
     /// The seed is unwrapped into a cached session object on first use, after the HSM
     /// checked `binding` (see [`SeedKey`]; [`Error::BindingMismatch`] when it does not
     /// match, and nothing is unwrapped). Returns the MACs concatenated
-    /// (`alg.digest_len()` bytes each), zeroized on drop.
+    /// (`alg.digest_len()` bytes each), zeroized on drop. A master or binding key handle
+    /// that went stale (the token dropped its handles with its last session) is searched
+    /// again, once.
     pub async fn seed_macs(
+        &self,
+        version: u32,
+        wrapped: Arc<[u8]>,
+        binding: SeedBinding,
+        alg: HashAlgorithm,
+        factors: Vec<[u8; 8]>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let again = (wrapped.clone(), binding.clone(), factors.clone());
+        match self
+            .seed_macs_once(version, wrapped, binding, alg, factors)
+            .await
+        {
+            Err(e) if e.is_stale_handle() => {
+                tracing::warn!(error = %e, "stale key handle; searching the keys again");
+                self.forget_all_objects();
+                self.seed_macs_once(version, again.0, again.1, alg, again.2)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn seed_macs_once(
         &self,
         version: u32,
         wrapped: Arc<[u8]>,
