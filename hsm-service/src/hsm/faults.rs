@@ -315,3 +315,95 @@ impl Faults {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::hsm::tests::open;
+    use crate::hsm::ErrorKind;
+    use crate::testing::DevEnv;
+
+    #[tokio::test]
+    async fn a_failure_hits_only_the_operations_it_names_and_clear_disarms() {
+        let env = DevEnv::new();
+        let hsm = open(&env, 1, 8);
+        let f = hsm.faults();
+        f.fail_next_of(
+            Ops::NonIdempotent,
+            Function::GenerateKey,
+            Ckr::DeviceError,
+            1,
+        );
+        // Idempotent operations pass by it.
+        hsm.random(8).await.expect("random");
+        assert_eq!(f.injected(), 0);
+        // The first non-idempotent one takes it, reported as the function named.
+        let e = hsm.inner.pool.submit(|w| w.run(false, |_, _| Ok(()))).await;
+        let e = e.expect_err("injected");
+        assert_eq!(e.to_string(), "C_GenerateKey failed: CKR_DEVICE_ERROR");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(f.injected(), 1);
+        hsm.inner
+            .pool
+            .submit(|w| w.run(false, |_, _| Ok(())))
+            .await
+            .expect("used up");
+
+        // CKR_GENERAL_ERROR is not a lost session: the session stays.
+        let replaced = hsm.stats().sessions_replaced.load(Ordering::Relaxed);
+        f.fail_next(Function::Sign, Ckr::GeneralError, 1);
+        let e = hsm.random(8).await.expect_err("injected");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(
+            hsm.stats().sessions_replaced.load(Ordering::Relaxed),
+            replaced
+        );
+
+        f.remove_token();
+        f.fail_next(Function::Sign, Ckr::DeviceError, 5);
+        f.delay_calls(Some(Duration::from_secs(5)));
+        f.clear();
+        let t = Instant::now();
+        hsm.random(8).await.expect("nothing armed");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_probe_a_full_queue_is_healthy_only_while_operations_complete() {
+        let env = DevEnv::new();
+        let hsm = open(&env, 1, 1);
+        assert!(hsm.serving(Duration::from_secs(5), hsm.completed()).await);
+        hsm.faults().delay_calls(Some(Duration::from_millis(400)));
+        let running = tokio::spawn({
+            let hsm = hsm.clone();
+            async move { hsm.random(8).await.map(|r| r.len()) }
+        });
+        while hsm.queued() > 0 || hsm.completed() < 1 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = tokio::spawn({
+            let hsm = hsm.clone();
+            async move { hsm.random(8).await.map(|r| r.len()) }
+        });
+        while hsm.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let done = hsm.completed();
+        // Full queue, nothing completed since the last look: counted as hung.
+        assert!(!hsm.serving(Duration::from_secs(5), done).await);
+        // Full queue, but operations completed since: busy, not lost.
+        assert!(hsm.serving(Duration::from_secs(5), done - 1).await);
+        // Answering, but slower than the deadline: not serving.
+        assert_eq!(running.await.expect("join").expect("random"), 8);
+        assert_eq!(queued.await.expect("join").expect("random"), 8);
+        assert!(
+            !hsm.serving(Duration::from_millis(100), hsm.completed())
+                .await
+        );
+        hsm.faults().delay_calls(None);
+        assert!(hsm.serving(Duration::from_secs(5), hsm.completed()).await);
+    }
+}
