@@ -274,9 +274,19 @@ impl Devices {
         // A right code with a signature that does not verify changes nothing: the
         // caller does not hold the key it presents.
         if code_ok && !device_key.verifies(&payload_of(&current), &sig) {
-            return Err(Error::PermissionDenied(
-                "signature does not verify with public_key over the activation payload".into(),
-            ));
+            let why = "signature does not verify with public_key over the activation payload";
+            self.record_refusal(
+                caller,
+                "device.activation.complete",
+                &current.id,
+                Details::new()
+                    .str("subject", &current.subject)
+                    .str("public_key_sha256", &sha256_hex(&req.public_key))
+                    .str("result", "REFUSED")
+                    .str("reason", why),
+            )
+            .await?;
+            return Err(Error::PermissionDenied(why.into()));
         }
         let device_id = self.new_id().await?;
         let max = self.config.max_devices_per_subject;
