@@ -22,6 +22,9 @@
 //!   policy's decision on a copy of the record. The store read and commit, the same for
 //!   both classes of a pair, are left out.
 //!
+//! A positive control runs too: an early-exit search (`Iterator::position`) on the edge
+//! vs centre pair, which must show a large |t| (else the set-up could not see a leak).
+//!
 //! Not a CI gate: `cargo bench -p hsm-benches --bench dudect [-- MEASUREMENTS]`
 //! (default 1,000,000 per class). Results: benches/README.md.
 
@@ -235,7 +238,25 @@ fn compare_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
         |class, _| if class == 0 { edge } else { centre },
         run,
     );
-    vec![digits_report, place_report]
+    // The positive control: an early-exit search (`position`), which stops at the
+    // match, must show the edge/centre difference the constant-time one does not.
+    let leaky = |submitted: &u32| {
+        for _ in 0..REPS {
+            black_box(
+                black_box(&candidates)
+                    .iter()
+                    .position(|c| *c == black_box(*submitted)),
+            );
+        }
+    };
+    let control = measure(
+        "control (leaky on purpose): early-exit search, right at the edge vs in the centre",
+        per_class,
+        rng,
+        |class, _| if class == 0 { edge } else { centre },
+        leaky,
+    );
+    vec![digits_report, place_report, control]
 }
 
 fn verify_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
