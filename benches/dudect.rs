@@ -103,7 +103,7 @@ fn measure<I>(
     mut op: impl FnMut(&I),
 ) -> Report {
     // Warm-up: caches, branch predictors, frequency.
-    for i in 0..20_000 {
+    for i in 0..per_class.min(20_000) {
         let input = prepare(i % 2, rng);
         op(&input);
     }
@@ -347,11 +347,19 @@ fn verify_subject(per_class: usize, rng: &mut Rng) -> Vec<Report> {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a number is the measurements per class.
-    let per_class = std::env::args()
-        .skip(1)
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this without it,
+    // as a quick smoke run (it keeps building and running, its |t| means nothing). A
+    // number is the measurements per class.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let default = if args.iter().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        2_000
+    };
+    let per_class = args
+        .iter()
         .find_map(|a| a.replace('_', "").parse::<usize>().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(default);
     let mut rng = Rng(0x853c_49e6_748f_ea9b);
     let started = Instant::now();
     let mut reports = compare_subject(per_class, &mut rng);
