@@ -50,6 +50,7 @@ fn software(alg: Algorithm, sign: &dyn Fn(&[u8]) -> Vec<u8>) -> String {
         ttl_seconds: r.ttl_seconds,
         jti,
         extra_claims_json: &r.extra_claims_json,
+        txn_text_sha256: None,
     };
     let input = prepare_assertion(alg, KID, &params).expect("prepare");
     let signature = sign(input.bytes());

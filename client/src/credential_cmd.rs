@@ -35,6 +35,14 @@ pub enum Cmd {
         /// Print the otpauth:// provisioning URI (generated seeds only; shown once).
         #[arg(long)]
         reveal: bool,
+        /// With --reveal: also print the URI as a QR code for an authenticator app to
+        /// scan (Unicode half blocks for a dark-background terminal).
+        #[arg(long, requires = "reveal")]
+        qr: bool,
+        /// With --reveal: also write the URI as a QR code PNG to this file (mode 0600:
+        /// it holds the seed).
+        #[arg(long, requires = "reveal", value_name = "FILE")]
+        qr_png: Option<PathBuf>,
         /// Issuer shown in authenticator apps.
         #[arg(long, default_value = "")]
         issuer: String,
@@ -160,6 +168,8 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
             period,
             seed_file,
             reveal,
+            qr,
+            qr_png,
             issuer,
             account,
             counter,
@@ -193,16 +203,42 @@ pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCo
                 .await?
                 .into_inner();
             let cred = r.credential.unwrap_or_default();
+            let uri = &r.provisioning_uri;
+            if (*qr || qr_png.is_some()) && uri.is_empty() {
+                return Err(ClientError::Status(tonic::Status::failed_precondition(
+                    "the service returned no provisioning URI to draw (imported seeds are never revealed)",
+                )));
+            }
+            if let Some(path) = qr_png {
+                hsm_client::qr::write_png(uri, path)?;
+            }
+            let picture = if *qr {
+                Some(hsm_client::qr::terminal(uri)?)
+            } else {
+                None
+            };
             if json_out {
                 let mut v = credential_json(&cred);
-                if !r.provisioning_uri.is_empty() {
-                    v["provisioning_uri"] = json!(r.provisioning_uri);
+                if !uri.is_empty() {
+                    v["provisioning_uri"] = json!(uri);
+                }
+                if let Some(p) = &picture {
+                    v["qr"] = json!(p);
+                }
+                if let Some(path) = qr_png {
+                    v["qr_png"] = json!(path.display().to_string());
                 }
                 println!("{v}");
             } else {
                 print_credential(&cred);
-                if !r.provisioning_uri.is_empty() {
-                    println!("provisioning URI (shown once): {}", r.provisioning_uri);
+                if !uri.is_empty() {
+                    println!("provisioning URI (shown once): {uri}");
+                }
+                if let Some(p) = &picture {
+                    print!("{p}");
+                }
+                if let Some(path) = qr_png {
+                    println!("QR code written to {}", path.display());
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 
 pub use hsm_proto::v1 as proto;
 
+pub mod app;
 pub mod cursor;
+pub mod jws;
 pub mod load;
+pub mod qr;
 use proto::admin_service_client::AdminServiceClient;
 use proto::key_service_client::KeyServiceClient;
 use proto::signing_service_client::SigningServiceClient;
@@ -72,6 +75,12 @@ pub enum ClientError {
     /// A relay's cursor file cannot be read or written.
     #[error(transparent)]
     Cursor(#[from] cursor::CursorError),
+    /// The reference app refused (an untrusted challenge, a bad state file or link).
+    #[error(transparent)]
+    App(app::AppError),
+    /// A QR code could not be made or written.
+    #[error(transparent)]
+    Qr(#[from] qr::QrError),
     /// Writing the command's output failed.
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
@@ -199,6 +208,16 @@ impl HsmClient {
     /// `hsm.v1.EventService`: the event stream and notification preferences.
     pub fn events(&self) -> proto::event_service_client::EventServiceClient<Channel> {
         proto::event_service_client::EventServiceClient::new(self.channel.clone())
+    }
+
+    /// `hsm.v1.DeviceService`: device activation, listing, revocation.
+    pub fn devices(&self) -> proto::device_service_client::DeviceServiceClient<Channel> {
+        proto::device_service_client::DeviceServiceClient::new(self.channel.clone())
+    }
+
+    /// `hsm.v1.ApprovalService`: challenges and the app's answers.
+    pub fn approvals(&self) -> proto::approval_service_client::ApprovalServiceClient<Channel> {
+        proto::approval_service_client::ApprovalServiceClient::new(self.channel.clone())
     }
 
     /// `grpc.health.v1.Health/Check` for the whole server.

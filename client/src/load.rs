@@ -17,6 +17,17 @@
 //! requests of one credential in flight at once (a caller skips to a credential that is
 //! free), so with at least as many credentials as requests in flight every answer is
 //! ACCEPTED: the summary's `accepted_share` says whether it was.
+//!
+//! `approve` (issue 13) plays a login with the app authenticator: up front it activates
+//! `--credentials` devices (one per subject, each a P-256 key the generator holds, as a
+//! phone would); each request then creates a LOGIN challenge for a subject with no
+//! request in flight (one pending challenge per subject), answers it APPROVE with the
+//! binding code and the device's signature over the payload, and signs an assertion
+//! citing the evidence of the approval: latency of the three calls. The app's check of
+//! the server signature runs on the phone and is not part of it. Its `accepted_share` is
+//! the share of APPROVED logins. The devices are revoked at the end. The service's
+//! `[devices] max_challenges_per_minute` (default 10 per subject) bounds it: at most
+//! `credentials x max / 60` approvals per second.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -57,7 +68,8 @@ pub struct BenchArgs {
     /// Warm-up before measuring; its requests are not counted.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     warmup: Duration,
-    /// Credentials created up front (verify scenarios); deleted at the end.
+    /// Credentials created up front (verify scenarios), or devices activated up front
+    /// (approve, one subject each); deleted or revoked at the end.
     #[arg(long, default_value_t = 100)]
     credentials: usize,
     /// How requests pick a credential.
@@ -117,6 +129,10 @@ pub enum Scenario {
     /// VerifyCode (TOTP) then, for an ACCEPTED code, SignAssertion citing its evidence,
     /// as one login does; latency of the pair.
     Mixed,
+    /// A login with the app: CreateChallenge, AnswerChallenge (APPROVE, signed with a
+    /// generator-held device key), SignAssertion citing the approval's evidence; latency
+    /// of the three.
+    Approve,
 }
 
 /// How a credential is chosen.
@@ -152,6 +168,15 @@ struct Cred {
     seed: Vec<u8>,
     hotp_counter: AtomicU64,
     /// A verify-hotp request of this credential is in flight.
+    busy: AtomicBool,
+}
+
+/// One activated device the generator holds the key of (`approve`).
+struct BenchDevice {
+    subject: String,
+    device_id: String,
+    key: crate::app::DeviceKey,
+    /// A login of this subject is in flight (one pending challenge per subject).
     busy: AtomicBool,
 }
 
@@ -193,6 +218,7 @@ struct Workload {
     next_target: AtomicUsize,
     args: BenchArgs,
     creds: Vec<Cred>,
+    devices: Vec<BenchDevice>,
     rng: AtomicU64,
 }
 
@@ -239,12 +265,17 @@ pub async fn measure(
     if args.concurrency == 0 || args.credentials == 0 {
         return Err(usage("--concurrency and --credentials must be at least 1"));
     }
-    let creds = setup(&first.client, args).await?;
+    let (creds, devices) = if args.scenario == Scenario::Approve {
+        (Vec::new(), setup_devices(&first.client, args).await?)
+    } else {
+        (setup(&first.client, args).await?, Vec::new())
+    };
     let workload = Arc::new(Workload {
         targets: targets.to_vec(),
         next_target: AtomicUsize::new(0),
         args: args.clone(),
         creds,
+        devices,
         rng: AtomicU64::new(seed_u64()),
     });
     let progress = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
@@ -322,8 +353,76 @@ async fn setup(client: &HsmClient, args: &BenchArgs) -> Result<Vec<Cred>, Client
     Ok(creds)
 }
 
-/// Delete the credentials again (32 at a time, through the first target).
+/// Activate `--credentials` devices, one per new subject, each with a key made here.
+async fn setup_devices(
+    client: &HsmClient,
+    args: &BenchArgs,
+) -> Result<Vec<BenchDevice>, ClientError> {
+    let run = format!("{:x}", seed_u64() & 0xffff_ffff);
+    let mut devices = Vec::with_capacity(args.credentials);
+    let mut pending = tokio::task::JoinSet::new();
+    let activate = |pending: &mut tokio::task::JoinSet<_>, i: usize| {
+        let subject = format!("bench-{run}-app-{i}");
+        let mut d = client.devices();
+        pending.spawn(async move {
+            let begun = d
+                .begin_activation(pb::BeginActivationRequest {
+                    subject: subject.clone(),
+                    display_name: "bench phone".into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let key = crate::app::DeviceKey::generate();
+            let device = d
+                .complete_activation(pb::CompleteActivationRequest {
+                    activation_id: begun.activation_id,
+                    activation_code: begun.activation_code,
+                    public_key: key.public_sec1(),
+                    signature: key.sign(&begun.payload),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>(BenchDevice {
+                subject,
+                device_id: device.device_id,
+                key,
+                busy: AtomicBool::new(false),
+            })
+        });
+    };
+    for i in 0..args.credentials {
+        activate(&mut pending, i);
+        if pending.len() >= 32 {
+            if let Some(r) = pending.join_next().await {
+                devices.push(r.expect("join")?);
+            }
+        }
+    }
+    while let Some(r) = pending.join_next().await {
+        devices.push(r.expect("join")?);
+    }
+    Ok(devices)
+}
+
+/// Delete the credentials again (32 at a time, through the first target), and revoke
+/// the devices.
 async fn cleanup(w: &Workload) {
+    let mut pending = tokio::task::JoinSet::new();
+    for dev in &w.devices {
+        let mut client = w.targets[0].client.devices();
+        let req = pb::RevokeDeviceRequest {
+            device_id: dev.device_id.clone(),
+            tenant: String::new(),
+        };
+        pending.spawn(async move {
+            let _ = client.revoke_device(req).await;
+        });
+        if pending.len() >= 32 {
+            let _ = pending.join_next().await;
+        }
+    }
+    while pending.join_next().await.is_some() {}
     let mut pending = tokio::task::JoinSet::new();
     for c in &w.creds {
         let mut client = w.targets[0].client.credentials();
@@ -393,6 +492,7 @@ impl Workload {
         let outcome = match self.args.scenario {
             Scenario::VerifyTotp | Scenario::VerifyHotp => self.verify(client).await.0,
             Scenario::SignAssertion => self.sign(client, None).await,
+            Scenario::Approve => self.approve(client).await,
             Scenario::Mixed => 'mixed: {
                 // As a login does: an accepted code, then an assertion citing its evidence.
                 let (v, evidence) = self.verify(client).await;
@@ -449,6 +549,79 @@ impl Workload {
                 (name, evidence)
             }
             Err(s) => (format!("{:?}", s.code()), None),
+        }
+    }
+
+    /// approve: a device of a subject without a login in flight (or, when all are busy,
+    /// the picked one: its older challenge is then cancelled, which the outcomes show).
+    fn pick_device(&self) -> (&BenchDevice, Option<BusyGuard<'_>>) {
+        let n = self.devices.len();
+        let start = ((self.unit() * n as f64) as usize).min(n - 1);
+        for k in 0..n {
+            let d = &self.devices[(start + k) % n];
+            if d.busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return (d, Some(BusyGuard(&d.busy)));
+            }
+        }
+        (&self.devices[start], None)
+    }
+
+    /// One login with the app: challenge, signed approval, assertion. The outcome:
+    /// APPROVED when all three succeeded, else the step and what it answered.
+    async fn approve(&self, client: &HsmClient) -> String {
+        let (dev, _busy) = self.pick_device();
+        let mut approvals = client.approvals();
+        let c = match approvals
+            .create_challenge(pb::CreateChallengeRequest {
+                subject: dev.subject.clone(),
+                text: "Log in to bench.example".into(),
+                service_provider: "bench.example".into(),
+                purpose: pb::ChallengePurpose::Login as i32,
+                ttl_seconds: 0,
+            })
+            .await
+        {
+            Ok(c) => c.into_inner(),
+            Err(s) => return format!("create {:?}", s.code()),
+        };
+        // The login page's two digits (the citizen picks them in the app).
+        let binding = if c.binding_code.is_empty() {
+            match approvals
+                .get_challenge(pb::GetChallengeRequest {
+                    challenge_id: c.challenge_id.clone(),
+                })
+                .await
+            {
+                Ok(g) => g.into_inner().binding_code,
+                Err(s) => return format!("get {:?}", s.code()),
+            }
+        } else {
+            c.binding_code.clone()
+        };
+        let answered = match approvals
+            .answer_challenge(crate::app::answer_request(
+                &dev.key,
+                &dev.device_id,
+                &c.challenge_id,
+                &c.payload,
+                pb::ChallengeDecision::Approve,
+                &binding,
+            ))
+            .await
+        {
+            Ok(a) => a.into_inner(),
+            Err(s) => return format!("answer {:?}", s.code()),
+        };
+        if answered.state != pb::ChallengeState::Approved as i32 {
+            return crate::app::state_name(answered.state);
+        }
+        let evidence = (answered.evidence_id, dev.subject.clone());
+        match self.sign(client, Some(&evidence)).await.as_str() {
+            "OK" => "APPROVED".into(),
+            other => format!("sign {other}"),
         }
     }
 
@@ -682,6 +855,9 @@ impl Report {
         let accepted_share = match args.scenario {
             Scenario::SignAssertion => Value::Null,
             _ if requests == 0 => Value::Null,
+            Scenario::Approve => {
+                json!(outcomes.get("APPROVED").copied().unwrap_or(0) as f64 / requests as f64)
+            }
             _ => json!(outcomes.get("ACCEPTED").copied().unwrap_or(0) as f64 / requests as f64),
         };
         let per_target: Vec<Value> = targets

@@ -9,6 +9,7 @@ mod signing_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod app_cmd;
 mod audit_cmd;
 mod bench_cmd;
 mod ceremony_cmd;
@@ -94,6 +95,16 @@ enum Command {
     /// preferences.
     #[command(subcommand)]
     Events(events_cmd::Cmd),
+    /// App devices: begin an activation, list, revoke (role login-service; officers).
+    #[command(subcommand)]
+    Device(app_cmd::DeviceCmd),
+    /// Approval challenges as the login service asks them: create, get, wait.
+    #[command(subcommand)]
+    Approval(app_cmd::ApprovalCmd),
+    /// The reference app (plays the citizen's phone): activate, pending, approve, deny,
+    /// not-me.
+    #[command(subcommand)]
+    App(app_cmd::AppCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -107,6 +118,8 @@ async fn main() -> ExitCode {
                     ClientError::Status(s) => format!("{:?}", s.code()),
                     ClientError::Cursor(_) => "Cursor".to_owned(),
                     ClientError::Output(_) => "Output".to_owned(),
+                    ClientError::App(_) => "App".to_owned(),
+                    ClientError::Qr(_) => "Qr".to_owned(),
                     _ => "Unavailable".to_owned(),
                 };
                 println!(
@@ -156,6 +169,9 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Keys(cmd) => signing_cmd::keys(&client, cmd, cli.json).await,
         Command::Ceremony(cmd) => ceremony_cmd::run(&client, cmd, cli.json).await,
         Command::Events(cmd) => events_cmd::run(&client, cmd, cli.json).await,
+        Command::Device(cmd) => app_cmd::device(&client, cmd, cli.json).await,
+        Command::Approval(cmd) => app_cmd::approval(&client, cmd, cli.json).await,
+        Command::App(cmd) => app_cmd::app(&client, cmd, cli.json).await,
         Command::Health { service } => {
             let status = client.health_of(service).await?;
             let name = status.as_str_name();

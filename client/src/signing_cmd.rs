@@ -22,6 +22,16 @@ pub enum SignCommand {
     Assertion(AssertionArgs),
     /// Sign a message or a digest; prints the signature in base64 (role login-service).
     Raw(RawArgs),
+    /// Verify an assertion as a relying party does: against the service's JWKS (usage
+    /// signing), then exp/nbf and, with --aud, the audience; prints its claims; exits 0
+    /// only when valid.
+    Verify {
+        /// The compact JWS (`-` reads it from stdin).
+        jws: String,
+        /// The audience that must be in `aud`.
+        #[arg(long = "aud")]
+        audience: Option<String>,
+    },
 }
 
 /// Arguments of `hsmctl sign assertion`.
@@ -235,6 +245,62 @@ pub async fn sign(
     as_json: bool,
 ) -> Result<ExitCode, ClientError> {
     match cmd {
+        SignCommand::Verify { jws, audience } => {
+            let jws = if jws == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|source| {
+                    ClientError::Read {
+                        path: PathBuf::from("-"),
+                        source,
+                    }
+                })?;
+                s
+            } else {
+                jws.clone()
+            };
+            let jwks = client
+                .signing()
+                .get_jwks(GetJwksRequest {
+                    usage: "signing".into(),
+                })
+                .await?
+                .into_inner()
+                .jwks_json;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            return Ok(
+                match hsm_client::jws::verify(&jws, &jwks, audience.as_deref(), now) {
+                    Ok((header, claims)) => {
+                        if as_json {
+                            println!(
+                                "{}",
+                                json!({ "valid": true, "header": header, "claims": claims })
+                            );
+                        } else {
+                            println!(
+                                "VALID ({} kid {})",
+                                header["alg"].as_str().unwrap_or(""),
+                                header["kid"].as_str().unwrap_or("")
+                            );
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&claims).unwrap_or_default()
+                            );
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        if as_json {
+                            println!("{}", json!({ "valid": false, "reason": e.0 }));
+                        } else {
+                            println!("INVALID: {}", e.0);
+                        }
+                        ExitCode::FAILURE
+                    }
+                },
+            );
+        }
         SignCommand::Assertion(a) => {
             let r = client
                 .signing()

@@ -46,6 +46,121 @@ pub struct Config {
     /// The citizen-notification event stream: retention, watchers, heartbeats.
     #[serde(default)]
     pub events: EventsConfig,
+    /// The app authenticator: activations, devices, challenges.
+    #[serde(default)]
+    pub devices: DevicesConfig,
+}
+
+/// `[devices]`: the app authenticator (DeviceService, ApprovalService).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// Seconds an activation code (and an approving ACTIVATE_DEVICE challenge) is good
+    /// for, 60..=3600. Default 600.
+    #[serde(default = "default_activation_ttl_seconds")]
+    pub activation_ttl_seconds: u64,
+    /// Active devices one subject may have, 1..=50. Default 5.
+    #[serde(default = "default_max_devices_per_subject")]
+    pub max_devices_per_subject: u32,
+    /// Challenges one subject may be sent per minute (push fatigue), 1..=1000.
+    /// Default 10.
+    #[serde(default = "default_max_challenges_per_minute")]
+    pub max_challenges_per_minute: u32,
+    /// A NOT_ME answer suspends the subject's approvals for `report_suspend_seconds`.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub suspend_on_report: bool,
+    /// Seconds of that suspension, 1..=86400. Default 900.
+    #[serde(default = "default_report_suspend_seconds")]
+    pub report_suspend_seconds: u64,
+    /// Wrong binding codes (each cancels its challenge) within `binding_lockout_seconds`
+    /// after which the subject's approvals are locked for `binding_lockout_seconds`,
+    /// 1..=100. Default 5.
+    #[serde(default = "default_max_binding_failures")]
+    pub max_binding_failures: u32,
+    /// The window and the lock of `max_binding_failures`, 1..=86400. Default 900.
+    #[serde(default = "default_binding_lockout_seconds")]
+    pub binding_lockout_seconds: u64,
+}
+
+fn default_activation_ttl_seconds() -> u64 {
+    600
+}
+fn default_max_devices_per_subject() -> u32 {
+    5
+}
+fn default_max_challenges_per_minute() -> u32 {
+    10
+}
+fn default_true() -> bool {
+    true
+}
+fn default_report_suspend_seconds() -> u64 {
+    900
+}
+fn default_max_binding_failures() -> u32 {
+    5
+}
+fn default_binding_lockout_seconds() -> u64 {
+    900
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            activation_ttl_seconds: default_activation_ttl_seconds(),
+            max_devices_per_subject: default_max_devices_per_subject(),
+            max_challenges_per_minute: default_max_challenges_per_minute(),
+            suspend_on_report: true,
+            report_suspend_seconds: default_report_suspend_seconds(),
+            max_binding_failures: default_max_binding_failures(),
+            binding_lockout_seconds: default_binding_lockout_seconds(),
+        }
+    }
+}
+
+impl DevicesConfig {
+    /// Bounds of every setting of `[devices]`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_bounds(&[
+            (
+                "devices.activation_ttl_seconds",
+                self.activation_ttl_seconds,
+                60,
+                3600,
+            ),
+            (
+                "devices.max_devices_per_subject",
+                u64::from(self.max_devices_per_subject),
+                1,
+                50,
+            ),
+            (
+                "devices.max_challenges_per_minute",
+                u64::from(self.max_challenges_per_minute),
+                1,
+                1000,
+            ),
+            (
+                "devices.report_suspend_seconds",
+                self.report_suspend_seconds,
+                1,
+                DAY,
+            ),
+            (
+                "devices.max_binding_failures",
+                u64::from(self.max_binding_failures),
+                1,
+                100,
+            ),
+            (
+                "devices.binding_lockout_seconds",
+                self.binding_lockout_seconds,
+                1,
+                DAY,
+            ),
+        ])
+    }
 }
 
 /// `[events]`: the event outbox's retention and its readers' limits.
@@ -724,6 +839,9 @@ pub struct SigningConfig {
     /// Key used when a Sign request names none (usage `raw`).
     #[serde(default = "default_raw_key")]
     pub default_raw_key: String,
+    /// Key that signs app challenges (usage `challenge`, ES256). Default "challenges".
+    #[serde(default = "default_challenge_key")]
+    pub default_challenge_key: String,
     /// Lifetime of an assertion whose request gives none, in seconds.
     #[serde(default = "default_ttl")]
     pub default_ttl_seconds: u32,
@@ -743,9 +861,9 @@ pub struct SigningConfig {
     /// Oldest `auth_time` accepted, in seconds before now.
     #[serde(default = "default_max_auth_age")]
     pub max_auth_age_seconds: u64,
-    /// Dev and tests: create `default_key` (ES256, usage `signing`) and
-    /// `default_raw_key` (ES256, usage `raw`) and make them active at start when they
-    /// have no version yet. Production keys come from key ceremonies.
+    /// Dev and tests: create `default_key` (ES256, usage `signing`),
+    /// `default_raw_key` (ES256, usage `raw`) and `default_challenge_key` (ES256, usage
+    /// `challenge`) and make them active at start when they have no version yet. Production keys come from key ceremonies.
     #[serde(default)]
     pub bootstrap_default_key: bool,
 }
@@ -756,6 +874,10 @@ fn default_signing_key() -> String {
 
 fn default_raw_key() -> String {
     "documents".to_owned()
+}
+
+fn default_challenge_key() -> String {
+    "challenges".to_owned()
 }
 
 fn default_ttl() -> u32 {
@@ -783,6 +905,7 @@ impl Default for SigningConfig {
             issuer: String::new(),
             default_key: default_signing_key(),
             default_raw_key: default_raw_key(),
+            default_challenge_key: default_challenge_key(),
             default_ttl_seconds: default_ttl(),
             max_ttl_seconds: default_max_ttl(),
             acr_values: Vec::new(),
@@ -833,6 +956,21 @@ impl SigningConfig {
                 "signing.default_raw_key {:?}: {}",
                 self.default_raw_key,
                 crate::common::KEY_NAME_RULE
+            ));
+        }
+        if !crate::common::valid_key_name(&self.default_challenge_key) {
+            return Err(format!(
+                "signing.default_challenge_key {:?}: {}",
+                self.default_challenge_key,
+                crate::common::KEY_NAME_RULE
+            ));
+        }
+        if self.default_challenge_key == self.default_key
+            || self.default_challenge_key == self.default_raw_key
+        {
+            return Err(format!(
+                "signing.default_challenge_key {:?} is another default key: a key signs for one usage only",
+                self.default_challenge_key
             ));
         }
         if self.default_raw_key == self.default_key {
@@ -1103,7 +1241,13 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::parse(&text, path)
+    }
+
+    /// Parse, resolve relative paths and validate the text of the config file at `path`
+    /// (which only names the file in errors and anchors its relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             line: e
                 .span()
@@ -1297,6 +1441,7 @@ impl Config {
         self.ceremony.validate()?;
         self.store.validate()?;
         self.events.validate()?;
+        self.devices.validate()?;
         Ok(())
     }
 
@@ -1539,7 +1684,7 @@ mod tests {
             ),
             (
                 Box::new(|c| c.signing.acr[0].evidence = vec!["sms".into()]),
-                "not an evidence method (known: otp)",
+                "not an evidence method (known: otp, app)",
             ),
             (
                 Box::new(|c| c.signing.evidence_ttl_seconds = 0),

@@ -371,6 +371,7 @@ fn dev_config(
             .collect(),
         signing: crate::signing::dev_config(),
         events: crate::config::EventsConfig::default(),
+        devices: crate::config::DevicesConfig::default(),
         ceremony: crate::config::CeremonyConfig {
             officers: DEV_CLIENTS
                 .iter()

@@ -17,6 +17,7 @@ pub mod common;
 pub mod config;
 pub mod credentials;
 pub mod dev;
+pub mod devices;
 pub mod error;
 pub mod events;
 pub mod hsm;

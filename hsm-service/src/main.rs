@@ -129,6 +129,11 @@ fn main() -> ExitCode {
         cli.log_format.unwrap_or(config.log.format),
         config.log.filter.as_deref(),
     );
+    #[cfg(feature = "fault-injection")]
+    tracing::warn!(
+        "this binary was built with the test-only feature fault-injection; \
+         never deploy it (see hsm-service/src/hsm/faults.rs)"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -209,6 +209,14 @@ pub(crate) async fn start_with_store(
 
     let events = crate::events::Events::new(store.clone(), config.events.clone(), clock.clone());
     let _compaction = events.spawn_compaction();
+    let devices = Arc::new(crate::devices::Devices::new(
+        hsm.clone(),
+        store.clone(),
+        signing.clone(),
+        config.devices.clone(),
+        clock.clone(),
+        audit.clone(),
+    ));
     let state: State = Arc::new(AppState {
         hsm: hsm.clone(),
         store,
@@ -220,6 +228,7 @@ pub(crate) async fn start_with_store(
         signing,
         ceremonies,
         events: events.clone(),
+        devices,
     });
 
     let start_event = Event::new(
@@ -290,6 +299,18 @@ pub(crate) async fn start_with_store(
         )
         .add_service(
             KeyServiceServer::new(Keys::new(state.clone())).max_decoding_message_size(signing_size),
+        )
+        .add_service(
+            hsm_proto::v1::device_service_server::DeviceServiceServer::new(
+                crate::api::devices::DeviceApi::new(state.clone()),
+            )
+            .max_decoding_message_size(small),
+        )
+        .add_service(
+            hsm_proto::v1::approval_service_server::ApprovalServiceServer::new(
+                crate::api::devices::ApprovalApi::new(state.clone()),
+            )
+            .max_decoding_message_size(small),
         )
         .add_service(
             EventServiceServer::new(crate::api::events::EventApi::new(state.clone()))
@@ -531,7 +552,9 @@ fn hsm_start_message(e: &crate::hsm::Error) -> String {
 /// Keep the health service in step with the token and the store: SERVING only while
 /// the sessions are logged in and the store's engine answers (a PostgreSQL database can
 /// become unreachable; the embedded file cannot). Looks every `interval`
-/// (`server.health_interval_ms`).
+/// (`server.health_interval_ms`); a token that does not answer within `interval` counts
+/// as lost (see hsm/faults.rs, design note), so a hung HSM turns health NOT_SERVING
+/// within two intervals.
 async fn monitor_health(
     hsm: Hsm,
     store: Arc<Store>,
@@ -540,8 +563,10 @@ async fn monitor_health(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
+    let mut completed = hsm.completed();
     loop {
-        let logged_in = hsm.is_logged_in().await;
+        let logged_in = hsm.serving(interval, completed).await;
+        completed = hsm.completed();
         let store_up = store.healthy();
         let status = if logged_in && store_up {
             ServingStatus::Serving

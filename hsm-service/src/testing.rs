@@ -151,3 +151,18 @@ impl Default for DevEnv {
         DevEnv::new()
     }
 }
+
+/// `message` as a handler receives it once the role gate has let `identity` call
+/// `method` (`service/method`): for driving the API handlers in process (the fuzz
+/// targets), without a TLS connection. The handler still makes its own role check.
+pub fn gated_request<T>(
+    message: T,
+    identity: crate::auth::Identity,
+    method: &'static str,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .extensions_mut()
+        .insert(crate::auth::GatedCaller { identity, method });
+    request
+}

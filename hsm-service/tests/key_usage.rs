@@ -262,7 +262,11 @@ async fn each_key_signs_for_its_own_usage_only() {
         kids(&key_set(&client, "raw").await.expect("raw")),
         vec![kid("documents")]
     );
-    for usage in ["ca", "challenge", "RAW", " raw"] {
+    assert_eq!(
+        kids(&key_set(&client, "challenge").await.expect("challenge")),
+        vec![kid("challenges")]
+    );
+    for usage in ["ca", "challenges", "RAW", " raw"] {
         let err = key_set(&client, usage).await.expect_err(usage);
         assert_eq!(err.code(), Code::InvalidArgument, "{usage}: {err:?}");
     }
@@ -292,6 +296,7 @@ async fn each_key_signs_for_its_own_usage_only() {
         listed,
         vec![
             ("assertion".into(), "signing".into()),
+            ("challenges".into(), "challenge".into()),
             ("documents".into(), "raw".into()),
             ("root-ca".into(), "ca".into()),
         ]

@@ -131,9 +131,15 @@ const TABLE: &[Rule] = &[
         module: "events",
         may_import: &["audit", "common", "config", "error", "store"],
     },
-    // (Planned by other issues; add its row when the module appears: `devices` like
-    // `credentials`.)
-    //
+    // Domain: the app authenticator (devices, activations, challenges). Like
+    // `credentials`, plus `signing` for the challenge signature (a key of usage
+    // `challenge`) made in the HSM.
+    Rule {
+        module: "devices",
+        may_import: &[
+            "audit", "common", "config", "error", "hsm", "signing", "store",
+        ],
+    },
     // tonic services: proto <-> domain, errors -> Status. Never imported by the domain.
     Rule {
         module: "api",
@@ -143,6 +149,7 @@ const TABLE: &[Rule] = &[
             "ceremony",
             "common",
             "credentials",
+            "devices",
             "error",
             "events",
             "hsm",
@@ -189,6 +196,7 @@ const BELOW_SERVER: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "error",
     "events",
     "hsm",
@@ -205,6 +213,7 @@ const BELOW_DEV: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "error",
     "events",
     "hsm",
@@ -223,6 +232,7 @@ const BELOW_TOP: &[&str] = &[
     "common",
     "config",
     "credentials",
+    "devices",
     "dev",
     "error",
     "events",

@@ -664,9 +664,10 @@ async fn keys_survive_a_restart_and_dev_bootstrap_runs_once() {
         made,
         vec![
             ("assertion", KeyState::Active, Usage::Signing),
+            ("challenges", KeyState::Active, Usage::Challenge),
             ("documents", KeyState::Active, Usage::Raw)
         ],
-        "dev mode created the default assertion key and the default raw key"
+        "dev mode created the default assertion, challenge and raw keys"
     );
     for k in &before {
         let facts = server

@@ -258,6 +258,7 @@ fn evidence_record(id: &str, expires_at: u64) -> EvidenceRecord {
         auth_time: expires_at.saturating_sub(300),
         expires_at,
         spent_at: None,
+        txn_text_sha256: None,
     }
 }
 

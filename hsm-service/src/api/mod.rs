@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audit;
 pub mod ceremony;
 pub mod credentials;
+pub mod devices;
 pub mod events;
 pub mod signing;
 pub mod status;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub ceremonies: Arc<crate::ceremony::Ceremonies>,
     /// The citizen-notification event stream.
     pub events: Arc<crate::events::Events>,
+    /// The app authenticator.
+    pub devices: Arc<crate::devices::Devices>,
 }
 
 /// Shared handle to the state.

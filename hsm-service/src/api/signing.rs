@@ -67,7 +67,7 @@ fn jwks_usage(usage: &str) -> Result<Usage, Error> {
         "" => Ok(Usage::Signing),
         u => u.parse().map_err(|_| {
             Error::InvalidArgument(format!(
-                "usage {u:?} is not a key set (expected empty, \"signing\" or \"raw\")"
+                "usage {u:?} is not a key set (expected empty, \"signing\", \"raw\" or \"challenge\")"
             ))
         }),
     }

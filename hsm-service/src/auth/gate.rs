@@ -48,6 +48,15 @@ pub const METHOD_ROLES: &[(&str, &[Role])] = &[
         "hsm.v1.CredentialService/DeleteCredential",
         LOGIN_OR_OFFICER,
     ),
+    ("hsm.v1.DeviceService/BeginActivation", LOGIN_OR_OFFICER),
+    ("hsm.v1.DeviceService/CompleteActivation", LOGIN),
+    ("hsm.v1.DeviceService/ListDevices", LOGIN_OR_OFFICER),
+    ("hsm.v1.DeviceService/RevokeDevice", LOGIN_OR_OFFICER),
+    // The app's calls are relayed by the login service; the device signature proves them.
+    ("hsm.v1.ApprovalService/CreateChallenge", LOGIN),
+    ("hsm.v1.ApprovalService/GetChallenge", LOGIN),
+    ("hsm.v1.ApprovalService/ListPendingChallenges", LOGIN),
+    ("hsm.v1.ApprovalService/AnswerChallenge", LOGIN),
     ("hsm.v1.SigningService/SignAssertion", LOGIN),
     ("hsm.v1.SigningService/Sign", LOGIN),
     ("hsm.v1.SigningService/GetJwks", ANYONE),
@@ -177,6 +186,7 @@ mod tests {
             include_str!("../../../proto/hsm/v1/audit.proto"),
             include_str!("../../../proto/hsm/v1/ceremony.proto"),
             include_str!("../../../proto/hsm/v1/credentials.proto"),
+            include_str!("../../../proto/hsm/v1/devices.proto"),
             include_str!("../../../proto/hsm/v1/events.proto"),
             include_str!("../../../proto/hsm/v1/signing.proto"),
         ];

@@ -464,7 +464,7 @@ mod tests {
         let e = BackupFile::parse(&text.replacen("{", "{\"extra\": 1,", 1)).expect_err("unknown");
         assert!(e.to_string().contains("unknown field"), "{e}");
         assert!(BackupFile::parse("not json").is_err());
-        let e = BackupFile::parse(&text.replacen("\"raw\"", "\"challenge\"", 1))
+        let e = BackupFile::parse(&text.replacen("\"raw\"", "\"challenges\"", 1))
             .expect_err("unknown usage");
         assert!(e.to_string().contains("unknown variant"), "{e}");
         assert!(BackupFile::parse(&" ".repeat(MAX_BACKUP_LEN + 1)).is_err());

@@ -8,16 +8,20 @@
 pub enum AuthMethod {
     /// A one-time code (HOTP/TOTP) this service verified.
     Otp,
+    /// An approval in the app (`ApprovalService.AnswerChallenge`): a signature with a
+    /// device key this service activated, after the citizen picked the binding code.
+    App,
 }
 
 impl AuthMethod {
     /// Every method, for config checks and messages.
-    pub const ALL: [AuthMethod; 1] = [AuthMethod::Otp];
+    pub const ALL: [AuthMethod; 2] = [AuthMethod::Otp, AuthMethod::App];
 
     /// The config name.
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::Otp => "otp",
+            AuthMethod::App => "app",
         }
     }
 
@@ -30,6 +34,9 @@ impl AuthMethod {
     pub fn amr(self) -> &'static [&'static str] {
         match self {
             AuthMethod::Otp => &["otp"],
+            // RFC 8176: proof of possession of the device key, and user presence (the
+            // citizen swiped and picked the binding code).
+            AuthMethod::App => &["pop", "user"],
         }
     }
 
@@ -37,6 +44,7 @@ impl AuthMethod {
     pub fn code(self) -> u8 {
         match self {
             AuthMethod::Otp => 1,
+            AuthMethod::App => 2,
         }
     }
 

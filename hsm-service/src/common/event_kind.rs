@@ -22,6 +22,22 @@ pub enum EventKind {
     CredentialDeleted,
     /// An assertion was signed.
     AssertionSigned,
+    /// An activation of a new device was begun.
+    DeviceActivationStarted,
+    /// A new device was activated (critical).
+    DeviceActivated,
+    /// A device was revoked (critical).
+    DeviceRevoked,
+    /// A challenge was sent to the app.
+    ChallengeCreated,
+    /// A challenge was approved (a use).
+    ChallengeApproved,
+    /// A challenge was denied.
+    ChallengeDenied,
+    /// A challenge was reported as not initiated by the citizen (critical).
+    ChallengeReported,
+    /// A challenge expired unanswered.
+    ChallengeExpired,
 }
 
 impl EventKind {
@@ -36,6 +52,14 @@ impl EventKind {
         EventKind::CredentialEnabled,
         EventKind::CredentialDeleted,
         EventKind::AssertionSigned,
+        EventKind::DeviceActivationStarted,
+        EventKind::DeviceActivated,
+        EventKind::DeviceRevoked,
+        EventKind::ChallengeCreated,
+        EventKind::ChallengeApproved,
+        EventKind::ChallengeDenied,
+        EventKind::ChallengeReported,
+        EventKind::ChallengeExpired,
     ];
 
     /// The wire name (`credential.created` ...).
@@ -50,6 +74,14 @@ impl EventKind {
             EventKind::CredentialEnabled => "credential.enabled",
             EventKind::CredentialDeleted => "credential.deleted",
             EventKind::AssertionSigned => "assertion.signed",
+            EventKind::DeviceActivationStarted => "device.activation_started",
+            EventKind::DeviceActivated => "device.activated",
+            EventKind::DeviceRevoked => "device.revoked",
+            EventKind::ChallengeCreated => "challenge.created",
+            EventKind::ChallengeApproved => "challenge.approved",
+            EventKind::ChallengeDenied => "challenge.denied",
+            EventKind::ChallengeReported => "challenge.reported",
+            EventKind::ChallengeExpired => "challenge.expired",
         }
     }
 
@@ -65,12 +97,18 @@ impl EventKind {
             EventKind::CredentialCreated
                 | EventKind::CredentialLocked
                 | EventKind::CredentialDeleted
+                | EventKind::DeviceActivated
+                | EventKind::DeviceRevoked
+                | EventKind::ChallengeReported
         )
     }
 
     /// A use of an authenticator: notified when the subject asked for every use.
     pub fn is_use(self) -> bool {
-        matches!(self, EventKind::CredentialUsed)
+        matches!(
+            self,
+            EventKind::CredentialUsed | EventKind::ChallengeApproved
+        )
     }
 
     /// `notify = critical || (every_use && use)`.

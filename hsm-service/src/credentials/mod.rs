@@ -417,6 +417,7 @@ impl<S: CredentialStore> Credentials<S> {
             auth_time: now,
             expires_at: now.saturating_add(self.evidence_ttl_seconds),
             spent_at: None,
+            txn_text_sha256: None,
         }))
     }
 

@@ -1158,6 +1158,7 @@ async fn accepted_codes_of_credentials_with_a_subject_leave_evidence() {
             auth_time: now,
             expires_at: now + DEFAULT_EVIDENCE_TTL_SECONDS,
             spent_at: None,
+            txn_text_sha256: None,
         }
     );
     let replayed = f

@@ -12,6 +12,8 @@
 pub mod backup;
 pub mod binding;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod mechanisms;
 pub mod module;
 pub mod objects;
@@ -167,6 +169,12 @@ impl Hsm {
         &self.inner.pool.stats
     }
 
+    /// The fault-injection layer of this token's pool (test builds only; see faults.rs).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> &faults::Faults {
+        &self.inner.pool.faults
+    }
+
     /// Sessions in the pool.
     pub fn sessions(&self) -> usize {
         self.inner.pool.sessions()
@@ -189,6 +197,12 @@ impl Hsm {
 
     /// True when a session of the pool reports the user logged in (`C_GetSessionInfo`).
     pub async fn is_logged_in(&self) -> bool {
+        self.logged_in().await.unwrap_or(false)
+    }
+
+    /// Whether a session of the pool reports the user logged in; the error when the
+    /// token could not be asked (lost, or the queue full).
+    pub async fn logged_in(&self) -> Result<bool> {
         self.inner
             .pool
             .submit(|w| {
@@ -198,7 +212,18 @@ impl Hsm {
                 })
             })
             .await
-            .unwrap_or(false)
+    }
+
+    /// The health monitor's look at the token: a logged-in session answers within
+    /// `deadline`. A full queue counts as healthy only while operations keep completing
+    /// (`completed_before`: [`Hsm::completed`] at the previous look): busy sessions are
+    /// not lost ones, but a token that hangs fills the queue too.
+    pub async fn serving(&self, deadline: std::time::Duration, completed_before: u64) -> bool {
+        match tokio::time::timeout(deadline, self.logged_in()).await {
+            Ok(Ok(logged_in)) => logged_in,
+            Ok(Err(e)) if e.kind() == ErrorKind::Busy => self.completed() != completed_before,
+            Ok(Err(_)) | Err(_) => false,
+        }
     }
 }
 

@@ -21,6 +21,22 @@ pub(crate) struct HandleCache {
     by_id: RwLock<HashMap<(u64, Vec<u8>), ObjectHandle>>,
     /// Searches that reached the token; the cache's tests and benches read it.
     pub(crate) searches: AtomicU64,
+    /// `PoolStats::token_losses` when the cache was last known good.
+    losses_seen: AtomicU64,
+}
+
+impl HandleCache {
+    /// Forget every handle if the token was lost since the last look (`losses` is
+    /// `PoolStats::token_losses`): a token that comes back may number its objects anew.
+    fn sync(&self, losses: u64) {
+        if self.losses_seen.swap(losses, Ordering::Relaxed) != losses {
+            self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+            self.by_id
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+    }
 }
 
 impl HandleCache {
@@ -107,6 +123,7 @@ impl Hsm {
         class: ObjectClass,
         id: &[u8],
     ) -> Result<Option<ObjectHandle>> {
+        self.sync_handles();
         if let Some(h) = self.inner.handles.get_by_id(class, id) {
             return Ok(Some(h));
         }
@@ -123,6 +140,11 @@ impl Hsm {
         Ok(found)
     }
 
+    fn sync_handles(&self) {
+        let losses = self.stats().token_losses.load(Ordering::Relaxed);
+        self.inner.handles.sync(losses);
+    }
+
     /// Drop a handle cached by CKA_ID (stale, or the object was destroyed).
     pub fn forget_object_by_id(&self, class: ObjectClass, id: &[u8]) {
         self.inner.handles.forget_by_id(class, id);
@@ -135,6 +157,7 @@ impl Hsm {
         class: ObjectClass,
         label: &str,
     ) -> Result<Option<ObjectHandle>> {
+        self.sync_handles();
         if let Some(h) = self.inner.handles.get(class, label) {
             return Ok(Some(h));
         }

@@ -34,6 +34,9 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
+    /// Device-level losses (device error, removed or unrecognized token): cached object
+    /// handles are searched for again after one (see faults.rs, design note).
+    pub token_losses: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -42,6 +45,8 @@ pub(crate) struct Pool {
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
     pub(crate) stats: Arc<PoolStats>,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) faults: Arc<super::faults::Faults>,
 }
 
 /// What a worker thread owns.
@@ -53,6 +58,8 @@ pub(crate) struct Worker {
     /// Unwrapped seeds: objects of this worker's session.
     seeds: WorkerSeeds,
     stats: Arc<PoolStats>,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<super::faults::Faults>,
 }
 
 impl Worker {
@@ -72,11 +79,21 @@ impl Worker {
     }
 
     /// Open a session if there is none, then call `op` with it and this worker's seeds.
+    /// The one place where an operation meets its session, so the fault-injection hook
+    /// (test builds only) sits here.
     fn call<T>(
         &mut self,
+        idempotent: bool,
         op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
+        #[cfg(feature = "fault-injection")]
+        let reopened = self.session.is_none();
         self.open()?;
+        #[cfg(feature = "fault-injection")]
+        self.faults
+            .before_call(&mut self.session, reopened, idempotent)?;
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = idempotent;
         match &self.session {
             Some(session) => op(session, &mut self.seeds),
             None => Err(Error::ShutDown),
@@ -91,16 +108,19 @@ impl Worker {
         retry: bool,
         mut op: impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
-        let first = self.call(&mut op);
+        let first = self.call(retry, &mut op);
         match first {
             Err(e) if e.is_session_lost() => {
                 tracing::warn!(error = %e, "HSM session lost; opening a new one");
                 self.session = None;
                 self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
+                if e.is_token_lost() {
+                    self.stats.token_losses.fetch_add(1, Ordering::Relaxed);
+                }
                 if !retry {
                     return Err(e);
                 }
-                self.call(&mut op)
+                self.call(retry, &mut op)
             }
             other => other,
         }
@@ -148,6 +168,8 @@ impl Pool {
             threads: Vec::with_capacity(sessions),
             capacity,
             stats: stats.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: Arc::default(),
         };
         for i in 0..sessions {
             let mut worker = Worker {
@@ -157,6 +179,8 @@ impl Pool {
                 session: None,
                 seeds: WorkerSeeds::new(seeds.1, seeds.0.clone()),
                 stats: stats.clone(),
+                #[cfg(feature = "fault-injection")]
+                faults: pool.faults.clone(),
             };
             let rx: Receiver<Job> = rx.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();

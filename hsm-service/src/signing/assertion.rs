@@ -182,6 +182,7 @@ impl Signer {
             ttl_seconds: ttl,
             jti: &jti,
             extra_claims_json: &req.extra_claims_json,
+            txn_text_sha256: claims.txn_text_sha256.as_deref(),
         };
         let input = prepare_assertion(k.algorithm, &k.kid, &params)?;
         let expires_at = input.expires_at();

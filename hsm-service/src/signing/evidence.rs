@@ -35,6 +35,8 @@ pub(super) struct Claims {
     pub amr: Vec<String>,
     /// `auth_time` (0: now, for unbound assertions that give none).
     pub auth_time: u64,
+    /// `txn_text_sha256` (lower-case hex): app evidence of a TRANSACTION challenge.
+    pub txn_text_sha256: Option<String>,
 }
 
 fn check_id(id: &str) -> Result<()> {
@@ -141,6 +143,7 @@ fn claims_from(e: &EvidenceRecord, req: &AssertionRequest) -> Result<Claims> {
     Ok(Claims {
         amr,
         auth_time: e.auth_time,
+        txn_text_sha256: e.txn_text_sha256.map(|h| crate::common::hex(&h)),
     })
 }
 
@@ -214,6 +217,7 @@ impl Signer {
             Basis::Unbound => Ok(Claims {
                 amr: req.amr.clone(),
                 auth_time: req.auth_time,
+                txn_text_sha256: None,
             }),
         }
     }
@@ -234,6 +238,7 @@ mod tests {
             auth_time: 1_000,
             expires_at: 1_120,
             spent_at: None,
+            txn_text_sha256: None,
         }
     }
 
@@ -326,6 +331,7 @@ mod tests {
         let want = Claims {
             amr: vec!["otp".into()],
             auth_time: 1_000,
+            txn_text_sha256: None,
         };
         assert_eq!(claims_from(&e, &req(&[], 0)).unwrap(), want);
         assert_eq!(claims_from(&e, &req(&["otp"], 1_000)).unwrap(), want);

@@ -10,8 +10,13 @@ use super::{Algorithm, SigningError};
 const MAX_EXTRA_CLAIMS_LEN: usize = 16 * 1024;
 /// Deep enough for OIDC `verified_claims`, shallow enough to be sane.
 const MAX_EXTRA_DEPTH: usize = 16;
+/// The claim of an assertion on app evidence of a TRANSACTION challenge: the SHA-256 of
+/// the text the citizen approved (its UTF-8 bytes, exactly as shown), lower-case hex. A
+/// relying party compares it with the hash of the transaction it asked to have approved.
+pub const TXN_TEXT_SHA256_CLAIM: &str = "txn_text_sha256";
+
 /// Claims this module sets itself; callers must not be able to override them.
-const RESERVED_CLAIMS: [&str; 11] = [
+const RESERVED_CLAIMS: [&str; 12] = [
     "iss",
     "sub",
     "aud",
@@ -23,6 +28,7 @@ const RESERVED_CLAIMS: [&str; 11] = [
     "acr",
     "amr",
     "auth_time",
+    TXN_TEXT_SHA256_CLAIM,
 ];
 
 /// Inputs of one assertion. Times are Unix seconds supplied by the caller.
@@ -50,8 +56,10 @@ pub struct AssertionParams<'a> {
     pub jti: &'a str,
     /// Additional claims as a JSON object text, or empty for none. Must not
     /// contain any claim this module sets (iss, sub, aud, iat, nbf, exp, jti,
-    /// nonce, acr, amr, auth_time).
+    /// nonce, acr, amr, auth_time, txn_text_sha256).
     pub extra_claims_json: &'a str,
+    /// [`TXN_TEXT_SHA256_CLAIM`] (lower-case hex), from app evidence of a transaction.
+    pub txn_text_sha256: Option<&'a str>,
 }
 
 /// The JWS signing input `BASE64URL(header) "." BASE64URL(payload)`,
@@ -121,6 +129,8 @@ struct Claims<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     amr: &'a [String],
     auth_time: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    txn_text_sha256: Option<&'a str>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     extra: Option<&'a Map<String, Value>>,
 }
@@ -165,6 +175,7 @@ pub fn prepare_assertion(
         acr: p.acr,
         amr: p.amr,
         auth_time: p.auth_time,
+        txn_text_sha256: p.txn_text_sha256,
         extra: extra.as_ref(),
     };
     let header = Header {
@@ -187,7 +198,8 @@ pub fn prepare_assertion(
                 .chain(p.amr)
                 .map(|s| s.len() + 3)
                 .sum::<usize>()
-            + p.extra_claims_json.len(),
+            + p.extra_claims_json.len()
+            + p.txn_text_sha256.map_or(0, |h| h.len() + 20),
     );
     serde_json::to_writer(&mut json, &header).map_err(json_err)?;
     let header_len = json.len();

@@ -9,6 +9,7 @@
 
 mod assertion;
 mod certs;
+mod challenge;
 mod evidence;
 mod jwks;
 mod jws;
@@ -31,8 +32,9 @@ pub use crate::common::{
 };
 pub use assertion::{AssertionRequest, SignedAssertion, ASSERTION_ACTION, EXPIRY_MARK_STEP};
 pub use certs::{CertificateRequest, Issuance, CERTIFICATE_ACTION};
+pub use challenge::ChallengeSignature;
 pub use evidence::EVIDENCE_ID_LEN;
-pub use jws::{prepare_assertion, AssertionParams, SigningInput};
+pub use jws::{prepare_assertion, AssertionParams, SigningInput, TXN_TEXT_SHA256_CLAIM};
 pub use lifecycle::BackedUpKey;
 pub use raw::{RawSignature, SignInput, SignatureEncoding, MAX_MESSAGE_LEN, RAW_SIGNATURE_ACTION};
 pub use self_test::{SelfTest, SELF_TEST_PREFIX};
@@ -46,19 +48,22 @@ pub const NSIS_ACR_VALUES: [&str; 2] = [
 ];
 
 /// The `[signing]` section dev mode writes: a local issuer, the NSIS levels (Substantial
-/// reached by OTP evidence, High by nothing yet), and a default key created at first
-/// start.
+/// reached by OTP or app evidence, High by app evidence), and the default keys created
+/// at first start.
 pub fn dev_config() -> crate::config::SigningConfig {
     crate::config::SigningConfig {
         issuer: "https://hsm-service.dev.local".to_owned(),
         acr: vec![
             crate::config::AcrRule {
                 value: NSIS_ACR_VALUES[0].to_owned(),
-                evidence: vec![crate::common::AuthMethod::Otp.as_str().to_owned()],
+                evidence: vec![
+                    crate::common::AuthMethod::Otp.as_str().to_owned(),
+                    crate::common::AuthMethod::App.as_str().to_owned(),
+                ],
             },
             crate::config::AcrRule {
                 value: NSIS_ACR_VALUES[1].to_owned(),
-                evidence: Vec::new(),
+                evidence: vec![crate::common::AuthMethod::App.as_str().to_owned()],
             },
         ],
         bootstrap_default_key: true,

@@ -186,7 +186,8 @@ impl Signer {
     /// Load the key records from the store (records written before usages were stored
     /// are rewritten once with the usage they were made for). With
     /// `config.bootstrap_default_key`, create the default assertion key (ES256,
-    /// `signing`) and the default raw key (ES256, `raw`), publish and activate each when
+    /// `signing`), the default raw key (ES256, `raw`) and the default challenge key
+    /// (ES256, `challenge`), publish and activate each when
     /// it has no version yet.
     pub async fn open(
         hsm: Hsm,
@@ -231,6 +232,10 @@ impl Signer {
             let defaults = [
                 (signer.config.default_key.clone(), Usage::Signing),
                 (signer.config.default_raw_key.clone(), Usage::Raw),
+                (
+                    signer.config.default_challenge_key.clone(),
+                    Usage::Challenge,
+                ),
             ];
             for (name, usage) in defaults {
                 if signer.list(Some(&name)).is_empty() {
@@ -458,6 +463,7 @@ impl Signer {
             if k.usage != usage {
                 let rpc = match usage {
                     Usage::Raw => "Sign signs with raw keys only",
+                    Usage::Challenge => "app challenges are signed with challenge keys only",
                     _ => "SignAssertion signs with signing keys only",
                 };
                 return Err(Error::PermissionDenied(format!(

@@ -71,6 +71,7 @@ fn params<'a>(aud: &'a [String], amr: &'a [String], extra: &'a str) -> Assertion
         ttl_seconds: 300,
         jti: "c2f8a1e0-jti",
         extra_claims_json: extra,
+        txn_text_sha256: None,
     }
 }
 

@@ -98,6 +98,9 @@ pub enum Usage {
     /// Caller bytes: signs only through the `Sign` RPC; in the raw keys' JWKS
     /// (`GetJwks` with usage `raw`), never in the assertion JWKS.
     Raw,
+    /// App challenges: signs only challenge payloads (`ApprovalService.CreateChallenge`,
+    /// ECDSA P-256, DER); in the challenge JWKS (`GetJwks` with usage `challenge`).
+    Challenge,
 }
 
 impl Usage {
@@ -107,6 +110,7 @@ impl Usage {
             Usage::Signing => "signing",
             Usage::Ca => "ca",
             Usage::Raw => "raw",
+            Usage::Challenge => "challenge",
         }
     }
 }
@@ -125,8 +129,9 @@ impl std::str::FromStr for Usage {
             "signing" => Ok(Usage::Signing),
             "ca" => Ok(Usage::Ca),
             "raw" => Ok(Usage::Raw),
+            "challenge" => Ok(Usage::Challenge),
             _ => Err(super::SigningError::InvalidArgument(format!(
-                "unknown key usage {s:?} (expected signing, ca or raw)"
+                "unknown key usage {s:?} (expected signing, ca, raw or challenge)"
             ))),
         }
     }
@@ -493,10 +498,10 @@ mod tests {
 
     #[test]
     fn usage_names_round_trip_and_unknown_is_invalid() {
-        for u in [Usage::Signing, Usage::Ca, Usage::Raw] {
+        for u in [Usage::Signing, Usage::Ca, Usage::Raw, Usage::Challenge] {
             assert_eq!(u.as_str().parse::<Usage>().unwrap(), u);
         }
-        assert!("challenge".parse::<Usage>().is_err());
+        assert!("challenges".parse::<Usage>().is_err());
         assert!("".parse::<Usage>().is_err());
     }
 

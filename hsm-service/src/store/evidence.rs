@@ -9,7 +9,9 @@
 //! first (through the expiry index), so the table holds about one TTL plus the grace of
 //! accepted codes and never grows with time.
 //!
-//! Encoding: one format byte, then postcard of a private struct; the id is the key. The
+//! Encoding: one format byte, then postcard of a private struct; the id is the key
+//! (format 1; format 2 adds the SHA-256 of an approved transaction text, and is written
+//! only for evidence that has one). The
 //! expiry index ([`Table::EvidenceExpiry`]) is keyed by [`expiry_key`], so that key
 //! order is expiry order.
 
@@ -26,6 +28,7 @@ pub const PURGE_GRACE_SECONDS: u64 = 600;
 pub const PURGE_PER_INSERT: usize = 4;
 
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 
 /// One successful authentication, as an assertion may cite it once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +49,9 @@ pub struct EvidenceRecord {
     pub expires_at: u64,
     /// When an assertion cited it (Unix seconds); `None` while unspent.
     pub spent_at: Option<u64>,
+    /// App evidence of a TRANSACTION challenge: SHA-256 of the approved text (UTF-8), for
+    /// the assertion's `txn_text_sha256` claim.
+    pub txn_text_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -62,6 +68,13 @@ struct EvidenceV1<'a> {
     spent_at: Option<u64>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct EvidenceV2<'a> {
+    #[serde(borrow)]
+    v1: EvidenceV1<'a>,
+    txn_text_sha256: [u8; 32],
+}
+
 pub(super) fn encode(e: &EvidenceRecord) -> Vec<u8> {
     let v = EvidenceV1 {
         tenant: &e.tenant,
@@ -72,18 +85,37 @@ pub(super) fn encode(e: &EvidenceRecord) -> Vec<u8> {
         expires_at: e.expires_at,
         spent_at: e.spent_at,
     };
-    postcard::to_extend(&v, vec![FORMAT_V1]).expect("postcard encoding into a Vec is infallible")
+    match e.txn_text_sha256 {
+        None => postcard::to_extend(&v, vec![FORMAT_V1]),
+        Some(h) => postcard::to_extend(
+            &EvidenceV2 {
+                v1: v,
+                txn_text_sha256: h,
+            },
+            vec![FORMAT_V2],
+        ),
+    }
+    .expect("postcard encoding into a Vec is infallible")
 }
 
 /// Decodes the value stored under `id`; errors name the id and the defect.
 pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<EvidenceRecord, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("evidence {id:?}: {what}"));
     let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty value"))?;
-    if version != FORMAT_V1 {
-        return Err(corrupt(&format!("unknown format version {version}")));
-    }
-    let (v, rest): (EvidenceV1<'_>, _) =
-        postcard::take_from_bytes(body).map_err(|e| corrupt(&format!("undecodable: {e}")))?;
+    let undecodable = |e: postcard::Error| corrupt(&format!("undecodable: {e}"));
+    let (v, txn_text_sha256, rest) = match version {
+        FORMAT_V1 => {
+            let (v, rest): (EvidenceV1<'_>, _) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            (v, None, rest)
+        }
+        FORMAT_V2 => {
+            let (v, rest): (EvidenceV2<'_>, _) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            (v.v1, Some(v.txn_text_sha256), rest)
+        }
+        _ => return Err(corrupt(&format!("unknown format version {version}"))),
+    };
     if !rest.is_empty() {
         return Err(corrupt("trailing bytes"));
     }
@@ -97,6 +129,7 @@ pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<EvidenceRecord, StoreErro
         auth_time: v.auth_time,
         expires_at: v.expires_at,
         spent_at: v.spent_at,
+        txn_text_sha256,
     })
 }
 

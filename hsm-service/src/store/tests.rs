@@ -1015,6 +1015,7 @@ fn evidence_rec(id: &str, now: u64) -> EvidenceRecord {
         auth_time: now,
         expires_at: now + 120,
         spent_at: None,
+        txn_text_sha256: None,
     }
 }
 

@@ -53,6 +53,16 @@ pub enum Table {
     Events,
     /// `tenant NUL subject` -> `store::events` encoding of a notification preference.
     NotificationPrefs,
+    /// `tenant NUL device id` -> `devices::records` encoding of an app device.
+    Devices,
+    /// `tenant NUL subject` -> `devices::records` encoding of a subject's app state (its
+    /// devices, pending challenge, throttles, suspension): the row every change of the
+    /// subject's devices and challenges locks.
+    DeviceSubjects,
+    /// `tenant NUL activation id` -> `devices::records` encoding of a device activation.
+    Activations,
+    /// `tenant NUL challenge id` -> `devices::records` encoding of an approval challenge.
+    Challenges,
 }
 
 impl Table {
@@ -67,6 +77,10 @@ impl Table {
         Table::CeremonyKeys,
         Table::Events,
         Table::NotificationPrefs,
+        Table::Devices,
+        Table::DeviceSubjects,
+        Table::Activations,
+        Table::Challenges,
     ];
 
     /// The table's name in every backend (redb table name, PostgreSQL table name).
@@ -81,6 +95,10 @@ impl Table {
             Table::CeremonyKeys => "ceremony_keys",
             Table::Events => "events",
             Table::NotificationPrefs => "notification_prefs",
+            Table::Devices => "devices",
+            Table::DeviceSubjects => "device_subjects",
+            Table::Activations => "device_activations",
+            Table::Challenges => "challenges",
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hsm_client::{ClientConfig, HsmClient};
 
+pub mod app;
 pub mod cluster;
 pub mod pki;
 

@@ -13,6 +13,7 @@ use crate::store::StoreError;
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_tables.sql")),
     (2, include_str!("migrations/0002_events.sql")),
+    (3, include_str!("migrations/0003_devices.sql")),
 ];
 
 /// The newest schema this binary knows.

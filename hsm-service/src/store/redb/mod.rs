@@ -90,7 +90,8 @@ impl RedbBackend {
         // can run. One transaction: a crash leaves either schema, never a mix.
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(options.quick_repair);
-        // Schema 3 -> 4 only adds tables (the event outbox), which `create_all` creates.
+        // Schema 3 -> 4 -> 5 only add tables (the event outbox; the app authenticator),
+        // which `create_all` creates.
         let old = found.filter(|&v| v < 3);
         if old.is_some() {
             // Its key type changed; the new one is created (same name) by `create_all`.

@@ -39,8 +39,11 @@ pub(super) const SCHEMA_VERSION_KEY: &str = "store.schema_version";
 /// 3: the evidence expiry index keyed by text (`expires_at` in 20 digits, NUL, id), like
 /// every other table of the unit of work. 4: the event outbox (`events`,
 /// `notification_prefs`); bumped so that an older build, which would commit changes
-/// without their events, refuses the file.
-pub(super) const SCHEMA_VERSION: u32 = 4;
+/// without their events, refuses the file. 5: the app authenticator (`devices`,
+/// `device_subjects`, `device_activations`, `challenges`) and evidence format 2 (the
+/// approved text's hash); bumped so that an older build, which cannot read app evidence,
+/// refuses the file.
+pub(super) const SCHEMA_VERSION: u32 = 5;
 
 /// Creates every table in `txn` (redb creates a table on first write-open),
 /// so read transactions never see "table does not exist".

@@ -176,6 +176,7 @@ fn evidence(id: &str, expires_at: u64) -> EvidenceRecord {
         auth_time: expires_at - 120,
         expires_at,
         spent_at: None,
+        txn_text_sha256: None,
     }
 }
 
