@@ -21,11 +21,9 @@ const KNOWN: [CK_MECHANISM_TYPE; 1] = [CKM_AES_KEY_WRAP_KWP];
 /// The `MechanismType` of `val`: cryptoki's own when it knows it, else one of [`KNOWN`];
 /// `None` for anything else (this is not a way around cryptoki's checks in general).
 pub fn mechanism_type(val: CK_MECHANISM_TYPE) -> Option<MechanismType> {
-    if let Ok(known) = MechanismType::try_from(val) {
-        return Some(known);
-    }
     if !KNOWN.contains(&val) {
-        return None;
+        // (cryptoki logs an ERROR for a type it does not know: ask it only about others.)
+        return MechanismType::try_from(val).ok();
     }
     // SAFETY: `MechanismType` is `#[repr(transparent)]` over its one field, a
     // `CK_MECHANISM_TYPE` (cryptoki relies on that layout itself, to read a
