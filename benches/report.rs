@@ -9,7 +9,10 @@
 //! TOTP rows (almost all REPLAYED, labelled so), SignAssertion ES256, at 1 to 128 in
 //! flight, durable and without fsync, an open loop at half the accepted peak; the
 //! accepted path at 64 in flight with WatchEvents streams open (one follower, whose
-//! commit-to-delivery lag is measured, or 1,000 idle watchers; group `events`); and the
+//! commit-to-delivery lag is measured, or 1,000 idle watchers; group `events`); logins
+//! with the app authenticator (challenge, signed approval, assertion; group `approve`)
+//! against SoftHSM-direct ECDSA P-256 signing (the challenge and assertion signatures)
+//! and software ECDSA P-256 verification (`p256`, the device signature); and the
 //! targets as ratios measured in this run.
 //!
 //! The end-to-end rows are the table [`SERIES`]: one line per backend, instance count
@@ -99,6 +102,8 @@ fn hmac_op(n: u64) -> String {
 }
 
 const ECDSA: &str = "ECDSA P-256 sign";
+/// Software only: the service's check of a device signature (`p256`).
+const ECDSA_VERIFY: &str = "ECDSA P-256 verify";
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
@@ -126,7 +131,7 @@ fn main() {
             other => {
                 eprintln!(
                     "report: unknown argument {other:?} (usage: report [--quick] [--out DIR] \
-                     [--only accepted|replayed|sign|events] [--concurrency N])"
+                     [--only accepted|replayed|sign|events|approve] [--concurrency N])"
                 );
                 std::process::exit(2);
             }
@@ -180,6 +185,33 @@ fn main() {
                 },
                 |(key, rng), i| {
                     std::hint::black_box(key.sign(rng, &i.to_be_bytes()).expect("sign"));
+                },
+            ),
+        });
+        rows.push(Row {
+            family: "software (p256)",
+            op: ECDSA_VERIFY.into(),
+            threads,
+            ops_per_s: measure(
+                threads,
+                warmup,
+                dur,
+                || {
+                    // A device's key and one of its answers (an approval's payload size).
+                    let key = hsm_client::app::DeviceKey::generate();
+                    let msg = vec![0x5a; 300];
+                    let sig = key.sign(&msg);
+                    let public = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_sec1())
+                        .expect("point");
+                    (public, msg, sig)
+                },
+                |(public, msg, sig), _| {
+                    use p256::ecdsa::signature::Verifier;
+                    // As the service does: parse the DER strictly, then verify.
+                    let sig = p256::ecdsa::Signature::from_der(sig).expect("DER");
+                    public
+                        .verify(std::hint::black_box(msg), &sig)
+                        .expect("verifies");
                 },
             ),
         });
@@ -318,7 +350,10 @@ fn markdown(rows: &[Row], quick: bool) -> String {
         "| operation | threads | software ops/s | SoftHSM-direct ops/s | direct / software |\n",
     );
     md.push_str("|---|---:|---:|---:|---:|\n");
-    for sw in rows.iter().filter(|r| r.family.starts_with("software")) {
+    for sw in rows
+        .iter()
+        .filter(|r| r.family.starts_with("software") && r.op != ECDSA_VERIFY)
+    {
         let direct = rows
             .iter()
             .find(|r| r.family.starts_with("SoftHSM") && r.op == sw.op && r.threads == sw.threads)
@@ -330,6 +365,12 @@ fn markdown(rows: &[Row], quick: bool) -> String {
             sw.ops_per_s,
             direct,
             100.0 * direct / sw.ops_per_s
+        ));
+    }
+    for r in rows.iter().filter(|r| r.op == ECDSA_VERIFY) {
+        md.push_str(&format!(
+            "| {} ({}) | {} | {:.0} | - (public-key operation, in software) | - |\n",
+            r.op, r.family, r.threads, r.ops_per_s
         ));
     }
     md
@@ -346,6 +387,11 @@ enum Path {
     TotpReplayed,
     /// SignAssertion ES256, unbound (`--scenario sign-assertion`).
     SignAssertion,
+    /// A login with the app (`--scenario approve`): CreateChallenge (signed in the HSM),
+    /// AnswerChallenge APPROVE (device signature verified in software), GetChallenge
+    /// (the evidence id), SignAssertion citing the approval's evidence (bound: the
+    /// generator refuses an approval without evidence). Every login must be APPROVED.
+    Approve,
 }
 
 impl Path {
@@ -354,6 +400,7 @@ impl Path {
             Path::HotpAccepted => "VerifyCode, accepted (HOTP in order)",
             Path::TotpReplayed => "VerifyCode, mostly REPLAYED (TOTP current step)",
             Path::SignAssertion => "SignAssertion ES256",
+            Path::Approve => "App login (challenge, approve, assertion)",
         }
     }
 
@@ -363,6 +410,7 @@ impl Path {
             Path::HotpAccepted => "verify-hotp",
             Path::TotpReplayed => "verify-totp",
             Path::SignAssertion => "sign-assertion",
+            Path::Approve => "approve",
         }
     }
 
@@ -371,6 +419,8 @@ impl Path {
         match (self, quick) {
             (Path::HotpAccepted, false) => 2000,
             (Path::HotpAccepted, true) => 50,
+            // Devices (one subject each), activated per run.
+            (Path::Approve, true) => 20,
             _ => 200,
         }
     }
@@ -380,7 +430,16 @@ impl Path {
         match self {
             Path::HotpAccepted => hmac_op(hotp_hmacs()),
             Path::TotpReplayed => hmac_op(totp_hmacs()),
-            Path::SignAssertion => ECDSA.to_owned(),
+            Path::SignAssertion | Path::Approve => ECDSA.to_owned(),
+        }
+    }
+
+    /// SoftHSM signatures per call: an app login has two (the challenge's and the
+    /// assertion's).
+    fn hsm_ops(self) -> f64 {
+        match self {
+            Path::Approve => 2.0,
+            _ => 1.0,
         }
     }
 }
@@ -483,7 +542,7 @@ const fn series(
 
 use Backend::{Postgres, Redb, RedbNoFsync};
 use Load::{Closed, OpenAtHalfPeak};
-use Path::{HotpAccepted, SignAssertion, TotpReplayed};
+use Path::{Approve, HotpAccepted, SignAssertion, TotpReplayed};
 
 /// The end-to-end rows, in the order run (groups run one after another). Adding a backend
 /// or an instance count is one line here (and, for a new backend, its arm in
@@ -512,7 +571,19 @@ const SERIES: &[Series] = &[
         series(HotpAccepted, Postgres, 1, Closed, "events"),
         Watch::Follower,
     ),
+    watched(
+        series(HotpAccepted, Postgres, 1, Closed, "events"),
+        Watch::Idle,
+    ),
+    // Issue 13: a login with the app authenticator; a section of its own in the report.
+    series(Approve, Redb, 1, Closed, "approve"),
+    series(Approve, Postgres, 1, Closed, "approve"),
 ];
+
+/// `[devices] max_challenges_per_minute` of the bench's services (the most the config
+/// allows; the default 10 per subject would bound the app logins at 200 devices to 33/s:
+/// the push-fatigue limit, not the service, is not what the `approve` rows measure).
+const APPROVE_CHALLENGES_PER_MINUTE: u32 = 1000;
 
 /// In flight of the `events` group (unless `--concurrency`).
 const EVENTS_IN_FLIGHT: usize = 64;
@@ -600,9 +671,11 @@ impl E2e {
         )
     }
 
-    /// False for an accepted-path row with a run below [`ACCEPTED_MIN`].
+    /// False for an accepted-path (or app login) row with a run below [`ACCEPTED_MIN`]
+    /// (ACCEPTED, or APPROVED).
     fn accepted_ok(&self) -> bool {
-        self.path != Path::HotpAccepted || self.accepted_min >= ACCEPTED_MIN
+        !matches!(self.path, Path::HotpAccepted | Path::Approve)
+            || self.accepted_min >= ACCEPTED_MIN
     }
 }
 
@@ -721,6 +794,7 @@ fn service_child(args: Vec<String>) {
             rule.unbound_assertions = true;
         }
     }
+    config.devices.max_challenges_per_minute = APPROVE_CHALLENGES_PER_MINUTE;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -774,6 +848,7 @@ async fn start_service(
 ) -> Service {
     let mut env = hsm_service::testing::DevEnv::new();
     env.allow_unbound_assertions("login-service");
+    env.config.devices.max_challenges_per_minute = APPROVE_CHALLENGES_PER_MINUTE;
     let (servers, children, db) = match backend {
         Backend::Redb | Backend::RedbNoFsync => {
             assert_eq!(
@@ -1352,8 +1427,66 @@ fn events_markdown(runs: &[&E2e]) -> String {
     md
 }
 
+/// The `approve` group: app logins against the HSM and software limits of their work.
+fn approve_markdown(rows: &[Row], runs: &[&E2e]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let limit = |family: &str, op: &str| {
+        rows.iter()
+            .find(|r| r.family.starts_with(family) && r.op == op && r.threads == 2)
+            .map_or(f64::NAN, |r| r.ops_per_s)
+    };
+    let sign = limit("SoftHSM", ECDSA);
+    let verify = limit("software (p256)", ECDSA_VERIFY);
+    let mut md = format!(
+        "\n## App authenticator (issue 13): a login with the app\n\n\
+         Each call of these rows is one login: CreateChallenge (the payload signed in the\n\
+         HSM, ECDSA P-256), AnswerChallenge APPROVE with the binding code, signed by a device\n\
+         key the generator holds (the service verifies it in software, `p256`), GetChallenge\n\
+         for the approval's evidence id, and SignAssertion ES256 citing that evidence (bound,\n\
+         though this run's login service may sign unbound); a row fails unless every login\n\
+         was APPROVED. Limits of the same work measured in this run on 2 threads:\n\
+         SoftHSM-direct {ECDSA} {sign:.0}/s (two per login: {:.0} logins/s), software\n\
+         {ECDSA_VERIFY} (`p256`) {verify:.0}/s.\n\n\
+         | backend | instances | load | logins/s | p50 ms | p99 ms | e2e / (SoftHSM-direct ECDSA ÷ 2) | e2e / p256 verify | APPROVED | outcomes | CPU cores svc / pg / load | runs logins/s |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|\n",
+        sign / Approve.hsm_ops()
+    );
+    for r in runs {
+        let all = r
+            .runs_ops_per_s
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        let approved = if r.accepted_ok() {
+            format!("{:.2}%", 100.0 * r.accepted_min)
+        } else {
+            format!("{:.2}% FAIL", 100.0 * r.accepted_min)
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1}% | {:.1}% | {approved} | {} | {:.2} / {:.2} / {:.2} | {all} |\n",
+            r.backend.label(),
+            r.instances,
+            r.load(),
+            r.ops_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            100.0 * r.ops_per_s * Approve.hsm_ops() / sign,
+            100.0 * r.ops_per_s / verify,
+            r.outcomes,
+            r.cpu.service,
+            r.cpu.postgres,
+            r.cpu.load,
+        ));
+    }
+    md
+}
+
 fn e2e_markdown(rows: &[Row], all_runs: &[E2e], skipped: Option<&str>) -> String {
     let (events, runs): (Vec<&E2e>, Vec<&E2e>) = all_runs.iter().partition(|r| r.group == "events");
+    let (approve, runs): (Vec<&E2e>, Vec<&E2e>) = runs.into_iter().partition(|r| r.path == Approve);
     let runs: Vec<E2e> = runs.into_iter().map(E2e::clone_row).collect();
     let runs = runs.as_slice();
     let direct = |op: &str| {
@@ -1414,6 +1547,7 @@ fn e2e_markdown(rows: &[Row], all_runs: &[E2e], skipped: Option<&str>) -> String
     }
     md.push_str(&pg_markdown(runs));
     md.push_str(&events_markdown(&events));
+    md.push_str(&approve_markdown(rows, &approve));
     let peak = |path: Path, backend: Backend| {
         runs.iter()
             .filter(|r| {

@@ -129,3 +129,61 @@ fn quick_report_writes_every_row() {
         }
     }
 }
+
+/// `report --quick --only approve`: the app-login rows (issue 13) beside their limits,
+/// every login APPROVED, measured in the same run.
+#[test]
+fn quick_approve_group_has_its_rows_and_limits() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_report"))
+        .args(["--quick", "--only", "approve", "--out"])
+        .arg(out.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run report");
+    assert!(status.success());
+    let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    assert!(
+        md.contains("## App authenticator (issue 13): a login with the app"),
+        "{md}"
+    );
+    // The limits of the same run: SoftHSM-direct signing and software verification.
+    for threads in [1, 2] {
+        assert!(
+            md.contains(&format!("| ECDSA P-256 sign | {threads} |")),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| ECDSA P-256 verify (software (p256)) | {threads} |"
+            )),
+            "{md}"
+        );
+    }
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| {
+            l.starts_with("| redb | 1 | closed, ") || l.starts_with("| postgres | 1 | closed, ")
+        })
+        .collect();
+    assert!(rows.len() >= 2, "{md}");
+    for row in &rows {
+        assert!(row.contains(" | 100.00% | APPROVED "), "{row}");
+        assert!(!row.contains("FAIL"), "{row}");
+        // Ratios against both limits are numbers.
+        let cols: Vec<&str> = row.split(" | ").collect();
+        for c in [&cols[6], &cols[7]] {
+            assert!(
+                c.trim_end_matches('%')
+                    .parse::<f64>()
+                    .is_ok_and(|x| x > 0.0),
+                "{row}"
+            );
+        }
+    }
+    // The other groups did not run.
+    assert!(
+        !md.contains("| VerifyCode, accepted (HOTP in order) | redb |"),
+        "{md}"
+    );
+}

@@ -434,9 +434,39 @@ pub struct DeviceState {
     pub display_name: String,
     /// The device key.
     pub key: DeviceKey,
+    /// Timestamp of the last signed ListPendingChallenges: the service refuses one that
+    /// is not later than the device's previous (replay protection), so two listings in
+    /// one second need the second one's timestamp moved on.
+    pub last_list_timestamp: u64,
 }
 
 impl DeviceState {
+    /// The timestamp for the next listing, at Unix time `now`: `now`, or one past the
+    /// last one when that is not earlier (the service accepts ±60 s).
+    pub fn next_list_timestamp(&self, now: u64) -> Result<u64, AppError> {
+        let ts = now.max(self.last_list_timestamp + 1);
+        if ts > now + 30 {
+            return Err(AppError::Usage(
+                "too many listings in the last seconds: wait a little".into(),
+            ));
+        }
+        Ok(ts)
+    }
+
+    /// Rewrite the state file at `path` (a new file of mode 0600 renamed over it).
+    pub fn save(&self, path: &Path) -> Result<(), AppError> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = DeviceState::create_file(&tmp)?;
+        self.write(&mut f, &tmp)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| AppError::State {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
     /// Create `path` (it must not exist: a device key is never overwritten) with mode
     /// 0600, empty; [`DeviceState::write`] fills it.
     pub fn create_file(path: &Path) -> Result<std::fs::File, AppError> {
@@ -462,6 +492,7 @@ impl DeviceState {
                 "display_name": self.display_name,
                 "public_key_sha256": self.key.public_key_sha256(),
                 "private_key_p256_hex": secret.as_str(),
+                "last_list_timestamp": self.last_list_timestamp,
             })
             .to_string(),
         );
@@ -518,6 +549,7 @@ impl DeviceState {
             tenant: field("tenant")?,
             display_name: field("display_name")?,
             key,
+            last_list_timestamp: v["last_list_timestamp"].as_u64().unwrap_or(0),
         })
     }
 }
@@ -713,6 +745,7 @@ mod tests {
             tenant: "t".into(),
             display_name: "phone".into(),
             key: k,
+            last_list_timestamp: 0,
         };
         let mut f = DeviceState::create_file(&path).unwrap();
         s.write(&mut f, &path).unwrap();
@@ -720,8 +753,15 @@ mod tests {
             DeviceState::create_file(&path).is_err(),
             "never overwritten"
         );
-        let back = DeviceState::load(&path).unwrap();
+        let mut back = DeviceState::load(&path).unwrap();
         assert_eq!(back.key.public_sec1(), s.key.public_sec1());
+        // Listings in one second get increasing timestamps, kept across runs.
+        assert_eq!(back.next_list_timestamp(100).unwrap(), 100);
+        back.last_list_timestamp = 100;
+        back.save(&path).unwrap();
+        let back = DeviceState::load(&path).unwrap();
+        assert_eq!(back.next_list_timestamp(100).unwrap(), 101);
+        assert_eq!(back.next_list_timestamp(200).unwrap(), 200);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -444,8 +444,8 @@ pub async fn app(
             .await
         }
         AppCmd::Pending { state } => {
-            let st = DeviceState::load(state)?;
-            let (keys, pending) = pending(client, &st).await?;
+            let mut st = DeviceState::load(state)?;
+            let (keys, pending) = pending(client, &mut st, state).await?;
             let mut shown = Vec::new();
             for c in &pending {
                 let p = keys.verify(c)?;
@@ -601,6 +601,7 @@ async fn activate(
         tenant: dev.tenant.clone(),
         display_name: dev.display_name.clone(),
         key,
+        last_list_timestamp: 0,
     }
     .write(&mut file, state)?;
     if json_out {
@@ -614,19 +615,20 @@ async fn activate(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The challenge keys and the subject's pending challenges (a signed request).
+/// The challenge keys and the subject's pending challenges (a signed request; its
+/// timestamp kept in the state file at `path`).
 async fn pending(
     client: &HsmClient,
-    st: &DeviceState,
+    st: &mut DeviceState,
+    path: &Path,
 ) -> Result<(ChallengeKeys, Vec<pb::Challenge>), ClientError> {
     let keys = ChallengeKeys::fetch(client).await?;
+    let timestamp = st.next_list_timestamp(now_secs())?;
+    st.last_list_timestamp = timestamp;
+    st.save(path)?;
     let r = client
         .approvals()
-        .list_pending_challenges(app::list_pending_request(
-            &st.key,
-            &st.device_id,
-            now_secs(),
-        ))
+        .list_pending_challenges(app::list_pending_request(&st.key, &st.device_id, timestamp))
         .await?
         .into_inner();
     Ok((keys, r.challenges))
@@ -640,8 +642,8 @@ async fn answer(
     binding: &str,
     json_out: bool,
 ) -> Result<ExitCode, ClientError> {
-    let st = DeviceState::load(state)?;
-    let (keys, pending) = pending(client, &st).await?;
+    let mut st = DeviceState::load(state)?;
+    let (keys, pending) = pending(client, &mut st, state).await?;
     let c = pending
         .iter()
         .find(|c| c.challenge_id == challenge_id)

@@ -22,8 +22,10 @@
 //! `--credentials` devices (one per subject, each a P-256 key the generator holds, as a
 //! phone would); each request then creates a LOGIN challenge for a subject with no
 //! request in flight (one pending challenge per subject), answers it APPROVE with the
-//! binding code and the device's signature over the payload, and signs an assertion
-//! citing the evidence of the approval: latency of the three calls. The app's check of
+//! binding code and the device's signature over the payload, reads the approval's
+//! evidence id from the challenge (GetChallenge, as the login service does; the answer
+//! to the device does not carry it) and signs an assertion citing it: latency of the
+//! four calls. The app's check of
 //! the server signature runs on the phone and is not part of it. Its `accepted_share` is
 //! the share of APPROVED logins. The devices are revoked at the end. The service's
 //! `[devices] max_challenges_per_minute` (default 10 per subject) bounds it: at most
@@ -130,8 +132,8 @@ pub enum Scenario {
     /// as one login does; latency of the pair.
     Mixed,
     /// A login with the app: CreateChallenge, AnswerChallenge (APPROVE, signed with a
-    /// generator-held device key), SignAssertion citing the approval's evidence; latency
-    /// of the three.
+    /// generator-held device key), GetChallenge (its evidence id), SignAssertion citing
+    /// the approval's evidence; latency of the four.
     Approve,
 }
 
@@ -618,7 +620,21 @@ impl Workload {
         if answered.state != pb::ChallengeState::Approved as i32 {
             return crate::app::state_name(answered.state);
         }
-        let evidence = (answered.evidence_id, dev.subject.clone());
+        // The answer goes back to the device, without the evidence: the login service
+        // reads it from the challenge (as `hsmctl approval wait` does).
+        let evidence_id = match approvals
+            .get_challenge(pb::GetChallengeRequest {
+                challenge_id: c.challenge_id.clone(),
+            })
+            .await
+        {
+            Ok(g) => g.into_inner().evidence_id,
+            Err(s) => return format!("get {:?}", s.code()),
+        };
+        if evidence_id.is_empty() {
+            return "approved without evidence".into();
+        }
+        let evidence = (evidence_id, dev.subject.clone());
         match self.sign(client, Some(&evidence)).await.as_str() {
             "OK" => "APPROVED".into(),
             other => format!("sign {other}"),

@@ -13,8 +13,11 @@ use hsm_client::proto::{
     SignAssertionRequest,
 };
 use hsm_client::HsmClient;
+use hsm_service::config::{StoreBackendKind, StoreConfig};
 use hsm_service::server::RunningServer;
 use hsm_service::signing::NSIS_ACR_VALUES;
+use hsm_service::store::postgres::testing::TestDatabase;
+use hsm_service::store::{KeyRange, Table};
 use hsm_service::testing::DevEnv;
 use p256::ecdsa::signature::Verifier;
 use tonic::Code;
@@ -383,6 +386,61 @@ async fn a_second_device_needs_an_approval_on_the_first() {
         .into_inner();
     let (_, d) = app::complete(&a, &by_officer).await.expect("completed");
     assert!(d.activated_by_officer);
+
+    // Officers list and revoke (naming the tenant); another tenant's login service sees
+    // neither the devices nor the ids.
+    let listed = app::devices(&officer)
+        .list_devices(ListDevicesRequest {
+            subject: "citizen-4".into(),
+            tenant: "login-service".into(),
+        })
+        .await
+        .expect("officer lists")
+        .into_inner()
+        .devices;
+    assert_eq!(listed.len(), 3);
+    let b = common::client(env.dir.path(), "login-service-b", server.local_addr()).await;
+    let none = app::devices(&b)
+        .list_devices(ListDevicesRequest {
+            subject: "citizen-4".into(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("tenant b lists")
+        .into_inner()
+        .devices;
+    assert!(none.is_empty());
+    let foreign = app::devices(&b)
+        .revoke_device(RevokeDeviceRequest {
+            device_id: d.device_id.clone(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("other tenant");
+    assert_eq!(foreign.code(), Code::NotFound);
+    let revoked = app::devices(&officer)
+        .revoke_device(RevokeDeviceRequest {
+            device_id: d.device_id.clone(),
+            tenant: "login-service".into(),
+        })
+        .await
+        .expect("officer revokes")
+        .into_inner();
+    assert_eq!(
+        revoked.state,
+        hsm_client::proto::DeviceState::Revoked as i32
+    );
+    assert!(revoked.revoked_at > 0);
+    // Officers do not send challenges; auditors touch nothing here.
+    let denied = app::challenge(&officer, "citizen-4", Purpose::Login, "Log in", 0)
+        .await
+        .expect_err("officer");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let denied = app::begin(&auditor, "citizen-4", "")
+        .await
+        .expect_err("auditor");
+    assert_eq!(denied.code(), Code::PermissionDenied);
     server.shutdown().await.expect("shutdown");
 }
 
@@ -428,7 +486,35 @@ async fn not_me_reports_and_suspends_approvals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_answers_one_wins_and_one_pending_per_subject() {
-    let env = DevEnv::new();
+    one_answer_wins(DevEnv::new()).await;
+}
+
+/// The same on PostgreSQL (where the exactly-once rests on locking reads of the
+/// challenge and subject rows); skipped without HSM_TEST_POSTGRES_URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_one_wins_on_postgres() {
+    let Some(db) = tokio::task::spawn_blocking(TestDatabase::create)
+        .await
+        .expect("set-up")
+    else {
+        return;
+    };
+    let mut env = DevEnv::new();
+    env.config.store = StoreConfig {
+        backend: StoreBackendKind::Postgres,
+        url: Some(db.url.clone()),
+        instance: Some("app-1".into()),
+        pool_size: 4,
+        ..StoreConfig::default()
+    };
+    one_answer_wins(env).await;
+    assert_eq!(
+        db.query_text("SELECT count(*) FROM challenges").as_deref(),
+        Some("2")
+    );
+}
+
+async fn one_answer_wins(env: DevEnv) {
     let (server, a, _b) = start(&env).await;
     let phone = app::activate(&a, "citizen-6").await;
 
@@ -571,6 +657,14 @@ async fn malformed_input_is_refused_without_a_state_change() {
         assert_eq!(e.code(), code, "{e:?}");
     }
     assert_eq!(get(&a, &ch.challenge_id).await.state, State::Pending as i32);
+    // The forged answers are on the record (and the audit trail never holds a code).
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let records = common::audit_records(&auditor).await;
+    let refused = records
+        .iter()
+        .filter(|r| r.action == "challenge.answer" && common::detail(r, "result") == "REFUSED")
+        .count();
+    assert_eq!(refused, 2);
 
     // Creation limits.
     for (text, sp, ttl) in [
@@ -664,6 +758,15 @@ async fn malformed_input_is_refused_without_a_state_change() {
         .await
         .expect_err("cancelled after five wrong codes");
     assert!(e.message().contains("cancelled"), "{e:?}");
+    let lines: Vec<String> = common::audit_records(&auditor)
+        .await
+        .iter()
+        .map(|r| r.to_json_line())
+        .collect();
+    assert!(lines.iter().all(|l| !l.contains(&begun.activation_code)));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("device.activation.complete") && l.contains("REFUSED")));
 
     // Listing: a replayed listing, a stale timestamp, a foreign key.
     let now = hsm_service::common::Clock::system().now();
@@ -701,5 +804,92 @@ async fn malformed_input_is_refused_without_a_state_change() {
         .await
         .expect_err("tenant for officers");
     assert_eq!(e.code(), Code::InvalidArgument);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttles_limits_and_no_code_at_rest() {
+    let mut env = DevEnv::new();
+    env.config.devices.max_challenges_per_minute = 3;
+    env.config.devices.max_binding_failures = 2;
+    env.config.devices.max_devices_per_subject = 1;
+    let (server, a, _b) = start(&env).await;
+
+    // The activation code is nowhere in the store, in any case.
+    let begun = app::begin(&a, "citizen-10", "").await.unwrap();
+    let code = begun.activation_code.clone();
+    let rows = server
+        .state()
+        .store
+        .read(|txn| {
+            let mut all = Vec::new();
+            for &t in Table::ALL {
+                for (k, v) in txn.scan(t, &KeyRange::all(), 100_000).map_err(|r| r.0)? {
+                    all.push(k.into_bytes());
+                    all.push(v);
+                }
+            }
+            Ok(all)
+        })
+        .await
+        .expect("scan");
+    for needle in [code.to_uppercase(), code.to_lowercase()] {
+        assert!(
+            !rows
+                .iter()
+                .any(|r| r.windows(needle.len()).any(|w| w == needle.as_bytes())),
+            "activation code stored in plaintext"
+        );
+    }
+    let (phone, _) = app::complete(&a, &begun).await.unwrap();
+    // A completed activation cannot be completed again.
+    let again = app::complete(&a, &begun).await.err().expect("used");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+
+    // max_devices_per_subject = 1: even an officer cannot add a second.
+    let officer = common::client(env.dir.path(), "officer-1", server.local_addr()).await;
+    let full = app::devices(&officer)
+        .begin_activation(hsm_client::proto::BeginActivationRequest {
+            subject: "citizen-10".into(),
+            display_name: "Tablet".into(),
+            authorized_by_challenge_id: String::new(),
+            tenant: "login-service".into(),
+        })
+        .await
+        .expect_err("limit");
+    assert_eq!(full.code(), Code::FailedPrecondition);
+    assert!(
+        full.message().contains("max_devices_per_subject"),
+        "{full:?}"
+    );
+
+    // Two wrong binding codes lock approvals.
+    for _ in 0..2 {
+        let ch = app::challenge(&a, "citizen-10", Purpose::Login, "Log in", 0)
+            .await
+            .unwrap();
+        let wrong = format!(
+            "{:02}",
+            (ch.binding_code.parse::<u32>().unwrap() + 50) % 100
+        );
+        let r = app::answer(&a, &phone, &ch, Decision::Approve, &wrong)
+            .await
+            .unwrap();
+        assert_eq!(r.state, State::Cancelled as i32);
+    }
+    let ch = app::challenge(&a, "citizen-10", Purpose::Login, "Log in", 0)
+        .await
+        .unwrap();
+    let locked = app::answer(&a, &phone, &ch, Decision::Approve, &ch.binding_code)
+        .await
+        .expect_err("locked");
+    assert_eq!(locked.code(), Code::FailedPrecondition);
+    assert!(locked.message().contains("locked"), "{locked:?}");
+
+    // The fourth challenge within a minute is refused (push fatigue).
+    let e = app::challenge(&a, "citizen-10", Purpose::Login, "Log in", 0)
+        .await
+        .expect_err("throttled");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     server.shutdown().await.expect("shutdown");
 }

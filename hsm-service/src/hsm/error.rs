@@ -109,22 +109,6 @@ impl Error {
         )
     }
 
-    /// True when the device itself went away or failed (not just one session), so that
-    /// object handles cached from before may no longer be valid.
-    pub(crate) fn is_token_lost(&self) -> bool {
-        matches!(
-            self,
-            Error::Pkcs11 { rv, .. } if matches!(
-                rv,
-                RvError::DeviceError
-                    | RvError::DeviceRemoved
-                    | RvError::TokenNotPresent
-                    | RvError::TokenNotRecognized
-                    | RvError::CryptokiNotInitialized
-            )
-        )
-    }
-
     /// True when a cached object handle is no longer valid.
     pub fn is_stale_handle(&self) -> bool {
         matches!(
@@ -233,21 +217,6 @@ mod tests {
             let e = Error::from(CkError::Pkcs11(rv, Function::Sign));
             assert_eq!(e.kind(), kind, "{rv}");
             assert_eq!(e.is_session_lost(), lost, "{rv}");
-        }
-    }
-
-    #[test]
-    fn device_level_losses_are_token_losses() {
-        for (rv, lost) in [
-            (RvError::DeviceError, true),
-            (RvError::DeviceRemoved, true),
-            (RvError::TokenNotPresent, true),
-            (RvError::SessionHandleInvalid, false),
-            (RvError::UserNotLoggedIn, false),
-            (RvError::GeneralError, false),
-        ] {
-            let e = Error::from(CkError::Pkcs11(rv, Function::Sign));
-            assert_eq!(e.is_token_lost(), lost, "{rv}");
         }
     }
 

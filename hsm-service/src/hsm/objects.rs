@@ -21,21 +21,27 @@ pub(crate) struct HandleCache {
     by_id: RwLock<HashMap<(u64, Vec<u8>), ObjectHandle>>,
     /// Searches that reached the token; the cache's tests and benches read it.
     pub(crate) searches: AtomicU64,
-    /// `PoolStats::token_losses` when the cache was last known good.
-    losses_seen: AtomicU64,
+    /// `PoolStats::sessions_replaced` when the cache was last known good.
+    replaced_seen: AtomicU64,
 }
 
 impl HandleCache {
-    /// Forget every handle if the token was lost since the last look (`losses` is
-    /// `PoolStats::token_losses`): a token that comes back may number its objects anew.
-    fn sync(&self, losses: u64) {
-        if self.losses_seen.swap(losses, Ordering::Relaxed) != losses {
-            self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
-            self.by_id
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+    /// Forget every handle if a session was lost since the last look (`replaced` is
+    /// `PoolStats::sessions_replaced`): a token drops its object handles with the
+    /// application's last session (SoftHSM does), and one that comes back after a
+    /// device error or removal may number its objects anew (faults.rs, design note).
+    fn sync(&self, replaced: u64) {
+        if self.replaced_seen.swap(replaced, Ordering::Relaxed) != replaced {
+            self.clear();
         }
+    }
+
+    fn clear(&self) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -141,8 +147,13 @@ impl Hsm {
     }
 
     fn sync_handles(&self) {
-        let losses = self.stats().token_losses.load(Ordering::Relaxed);
-        self.inner.handles.sync(losses);
+        let replaced = self.stats().sessions_replaced.load(Ordering::Relaxed);
+        self.inner.handles.sync(replaced);
+    }
+
+    /// Forget every cached handle (one was found stale), so that each is searched again.
+    pub(crate) fn forget_all_objects(&self) {
+        self.inner.handles.clear();
     }
 
     /// Drop a handle cached by CKA_ID (stale, or the object was destroyed).
