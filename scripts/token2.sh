@@ -114,7 +114,10 @@ case "${1:-}" in
     # The HSM-facing subset, built already by the main suite (same flags): the PKCS#11
     # boundary, the key ceremonies' wrap/unwrap, the audit signer, then OTP verification
     # and assertion signing end to end through the real binary.
-    cargo test --locked --workspace --lib -- hsm:: ceremony::backup_restore audit::log signing:: credentials::
+    # (hsm::import is left out: kryoptic answers a corrupted RSA-OAEP transport ciphertext
+    # with CKR_DEVICE_ERROR, and unwraps AES-CBC inside the token; see the README table.)
+    cargo test --locked --workspace --lib -- hsm:: ceremony::backup_restore audit::log signing:: credentials:: \
+      --skip hsm::import
     cargo test --locked --workspace --test credentials --test audit --test token2
     # signing.rs less the four tests that make EdDSA keys: kryoptic built on OpenSSL 3.0
     # has no EdDSA, and refuses such keys naming CKM_EDDSA (hsm/mechanisms.rs tests it).
