@@ -494,9 +494,11 @@ fn unwrapped(
 ) -> Result<ObjectHandle> {
     if let Some(h) = seeds.map.get(key) {
         seeds.shared.hits.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::seed_cache_hit();
         return Ok(*h);
     }
     seeds.shared.misses.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::seed_cache_miss();
     binding::check(session, keys.bind, &key.wrapped, &key.binding)?;
     let handle = session.unwrap_key(
         &Mechanism::AesKeyWrapPad,
@@ -509,6 +511,7 @@ fn unwrapped(
         // The least recently used seed of this worker: nobody else holds its handle.
         let _ = session.destroy_object(evicted);
         seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::seed_cache_eviction();
     }
     Ok(handle)
 }
