@@ -17,7 +17,7 @@ pub enum ErrorKind {
     Busy,
     /// The token rejected the input (length, size, mechanism parameters).
     InvalidInput,
-    /// An object that should exist does not (or its handle went stale).
+    /// An object that should exist does not.
     NotFound,
     /// The PIN was wrong or is locked.
     Authentication,
@@ -174,7 +174,11 @@ fn kind_of(rv: RvError) -> ErrorKind {
         | WrappedKeyLenRange
         | MechanismParamInvalid
         | ArgumentsBad => ErrorKind::InvalidInput,
-        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::NotFound,
+        // A handle that went stale under an operation in flight when its session was lost
+        // (the token dropped its handles with the last session): the cache is emptied
+        // and the next attempt searches again, so it is worth a retry (faults.rs). An
+        // object really missing is `Error::ObjectNotFound`, from the search.
+        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::Unavailable,
         PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked => {
             ErrorKind::Authentication
         }
@@ -210,7 +214,7 @@ mod tests {
             (RvError::UserNotLoggedIn, ErrorKind::Unavailable, true),
             (RvError::KeySizeRange, ErrorKind::InvalidInput, false),
             (RvError::PinIncorrect, ErrorKind::Authentication, false),
-            (RvError::KeyHandleInvalid, ErrorKind::NotFound, false),
+            (RvError::KeyHandleInvalid, ErrorKind::Unavailable, false),
             (RvError::MechanismInvalid, ErrorKind::Internal, false),
         ];
         for (rv, kind, lost) in cases {
