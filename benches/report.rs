@@ -571,6 +571,10 @@ const SERIES: &[Series] = &[
         series(HotpAccepted, Postgres, 1, Closed, "events"),
         Watch::Follower,
     ),
+    watched(
+        series(HotpAccepted, Postgres, 1, Closed, "events"),
+        Watch::Idle,
+    ),
     // Issue 13: a login with the app authenticator; a section of its own in the report.
     series(Approve, Redb, 1, Closed, "approve"),
     series(Approve, Postgres, 1, Closed, "approve"),

@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     protos.sort();
     tonic_prost_build::configure()
+        // Decode errors as INVALID_ARGUMENT rather than INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out.join("hsm_v1_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from(".")])?;
     println!("cargo:rerun-if-changed=hsm");

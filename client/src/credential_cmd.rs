@@ -134,6 +134,43 @@ pub enum Cmd {
         #[arg(long, default_value = "")]
         tenant: String,
     },
+    /// Import a token vendor's PSKC (RFC 6030) seed file: parsed here, streamed to the
+    /// service with every secret still encrypted, decrypted inside the HSM. Credential id
+    /// = Key/@Id. Exit 0 when every entry was imported or skipped as identical, 1 when
+    /// some were refused or in conflict, 2 when the whole file was refused.
+    #[command(group(clap::ArgGroup::new("transport").required(true).args(["psk_file", "password_file", "transport_key"])))]
+    Import {
+        /// The PSKC file.
+        file: PathBuf,
+        /// File holding the pre-shared transport key as hex (section 6.1).
+        #[arg(long, value_name = "F")]
+        psk_file: Option<PathBuf>,
+        /// File holding the password of a PBKDF2 file (section 6.2); one trailing
+        /// newline is ignored.
+        #[arg(long, value_name = "F")]
+        password_file: Option<PathBuf>,
+        /// The HSM transport key pair the secrets are encrypted to (section 6.3; made
+        /// with `hsm-service pskc-transport-key NAME`).
+        #[arg(long, value_name = "NAME")]
+        transport_key: Option<String>,
+        /// CSV `serial,subject` (serial = DeviceInfo/SerialNo): the credential's subject
+        /// (else the file's UserId).
+        #[arg(long, value_name = "CSV")]
+        mapping: Option<PathBuf>,
+        /// Parse, check MACs, decrypt in the HSM and compare; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write one JSON line per entry (index, credential_id, serial, result, reason).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Accept entries without a ValueMAC and PlainValue secrets (logged and
+        /// recorded by the service).
+        #[arg(long)]
+        allow_unmaced: bool,
+        /// Accept rsa-1_5 (PKCS#1 v1.5) encrypted secrets: Bleichenbacher-prone.
+        #[arg(long)]
+        allow_rsa_1_5: bool,
+    },
 }
 
 /// `--kind`.
@@ -160,6 +197,7 @@ pub enum Algorithm {
 pub async fn run(client: &HsmClient, cmd: &Cmd, json_out: bool) -> Result<ExitCode, ClientError> {
     let mut c = client.credentials();
     match cmd {
+        Cmd::Import { .. } => Ok(import(client, cmd, json_out).await),
         Cmd::Create {
             kind,
             id,
@@ -532,4 +570,119 @@ fn print_credential(c: &pb::Credential) {
         },
         c.tenant
     );
+}
+
+/// `credential import`: progress on stderr, the summary on stdout, exit 0/1/2.
+async fn import(client: &HsmClient, cmd: &Cmd, json_out: bool) -> ExitCode {
+    use hsm_client::import::{self as imp, ImportError, ImportOptions, TransportArg};
+    let Cmd::Import {
+        file,
+        psk_file,
+        password_file,
+        transport_key,
+        mapping,
+        dry_run,
+        report,
+        allow_unmaced,
+        allow_rsa_1_5,
+    } = cmd
+    else {
+        return ExitCode::from(2);
+    };
+    let refused = |m: String| {
+        eprintln!("hsmctl: {m}");
+        ExitCode::from(2)
+    };
+    let transport = match (psk_file, password_file, transport_key) {
+        (Some(f), _, _) => match imp::read_psk_file(f) {
+            Ok(k) => TransportArg::Psk(k),
+            Err(m) => return refused(m),
+        },
+        (_, Some(f), _) => match imp::read_password_file(f) {
+            Ok(p) => TransportArg::Password(p),
+            Err(m) => return refused(m),
+        },
+        (_, _, Some(name)) => TransportArg::Key(name.clone()),
+        _ => return refused("one of --psk-file, --password-file, --transport-key".into()),
+    };
+    let mapping = match mapping {
+        Some(p) => match imp::read_mapping(p) {
+            Ok(m) => Some(m),
+            Err(m) => return refused(m),
+        },
+        None => None,
+    };
+    let options = ImportOptions {
+        transport,
+        mapping,
+        dry_run: *dry_run,
+        allow_unmaced: *allow_unmaced,
+        allow_rsa_1_5: *allow_rsa_1_5,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} entries, {per_sec}, ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress_bar = bar.clone();
+    let progress = Box::new(move |done: u64, total: u64| {
+        progress_bar.set_length(total);
+        progress_bar.set_position(done);
+    });
+    let started = std::time::Instant::now();
+    let result = imp::import_file(client, file, options, report.as_deref(), progress).await;
+    bar.finish_and_clear();
+    let s = match result {
+        Ok(s) => s,
+        Err(e @ (ImportError::File(_) | ImportError::Service(_) | ImportError::Io(_))) => {
+            if json_out {
+                println!("{}", json!({ "refused": e.to_string() }));
+            }
+            return refused(e.to_string());
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "entries": s.entries, "imported": s.imported, "skipped": s.skipped,
+                "conflicts": s.conflicts, "refused": s.refused, "unmaced": s.unmaced,
+                "decrypted_in_hsm": s.decrypted_in_hsm, "decrypted_in_host": s.decrypted_in_host,
+                "batches": s.batches, "dry_run": s.dry_run, "file_sha256": s.file_sha256,
+                "signed": s.signed, "results_truncated": s.truncated, "seconds": secs,
+            })
+        );
+    } else {
+        let what = if s.dry_run {
+            "dry run (nothing stored)"
+        } else {
+            "import"
+        };
+        println!(
+            "{what} of {} (sha256 {}): {} entries in {secs:.1} s ({:.0}/s): {} imported, {} skipped (identical), {} conflicts, {} refused",
+            file.display(),
+            s.file_sha256,
+            s.entries,
+            s.entries as f64 / secs.max(1e-9),
+            s.imported,
+            s.skipped,
+            s.conflicts,
+            s.refused,
+        );
+        println!(
+            "secrets decrypted inside the HSM: {}, in a zeroized service buffer: {}; unmaced: {}; batches committed: {}",
+            s.decrypted_in_hsm, s.decrypted_in_host, s.unmaced, s.batches
+        );
+        if s.signed {
+            println!("the file carries a Signature (recorded, not verified)");
+        }
+        if s.truncated {
+            println!("more entries were not imported than the service lists: the report marks the rest unknown");
+        }
+    }
+    ExitCode::from(s.exit_code() as u8)
 }

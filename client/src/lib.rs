@@ -14,6 +14,7 @@ pub use hsm_proto::v1 as proto;
 
 pub mod app;
 pub mod cursor;
+pub mod import;
 pub mod jws;
 pub mod load;
 pub mod qr;

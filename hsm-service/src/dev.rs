@@ -63,6 +63,9 @@ pub struct DevOptions {
     /// default `store.instance` of the config, else one derived from the listen address
     /// ([`instance_from_listen`]).
     pub instance: Option<String>,
+    /// `--metrics-listen ADDR`: the metrics endpoint's address (default
+    /// [`crate::config::DEV_METRICS_LISTEN`], or the config's `[metrics] listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl DevOptions {
@@ -76,6 +79,7 @@ impl DevOptions {
             postgres: None,
             postgres_password_file: None,
             instance: None,
+            metrics_listen: None,
         }
     }
 }
@@ -161,6 +165,24 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
     if let Some(listen) = opts.listen {
         config.server.listen = listen;
     }
+    // Metrics are on in dev mode: where asked, else where the config says, else on the
+    // default address, which may be taken by another dev instance (then: a warning).
+    match (opts.metrics_listen, config.metrics.listen) {
+        (Some(addr), _) => config.metrics.listen = Some(addr),
+        (None, Some(_)) => {}
+        (None, None) => {
+            config.metrics.listen = Some(
+                crate::config::DEV_METRICS_LISTEN
+                    .parse()
+                    .expect("valid default address"),
+            );
+            config.metrics.best_effort = true;
+        }
+    }
+    config
+        .metrics
+        .validate(&config.server)
+        .map_err(|e| format!("--metrics-listen: {e}"))?;
     if let Some(wanted) = &store {
         let same = config.store.backend == wanted.backend
             && config.store.url == wanted.url
@@ -294,6 +316,7 @@ fn dev_config(
         signing: crate::signing::dev_config(),
         events: crate::config::EventsConfig::default(),
         devices: crate::config::DevicesConfig::default(),
+        metrics: crate::config::MetricsConfig::default(),
         ceremony: crate::config::CeremonyConfig {
             officers: DEV_CLIENTS
                 .iter()

@@ -47,6 +47,10 @@ enum Command {
         /// store.instance of the config, else dev-<ip>-<port> of the listen address.
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
+        /// Address of the Prometheus metrics endpoint (plain HTTP, GET /metrics); default
+        /// `[metrics] listen` of the config, else 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run with a configuration file.
     Serve {
@@ -78,6 +82,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Offline, with the service stopped: create the RSA-3072 key pair PSKC vendors
+    /// encrypt seeds to (RFC 6030 section 6.3), label `pskc-transport-NAME` (private key
+    /// sensitive, never extractable, decrypt/unwrap only), and print its public key
+    /// (PEM) for the vendor. With --show, print the existing one's.
+    PskcTransportKey {
+        /// The service's TOML configuration (which token).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the public key of an existing transport key instead of creating one.
+        #[arg(long)]
+        show: bool,
+        /// The key's name (as `hsmctl credential import --transport-key NAME` gives it).
+        name: String,
+    },
     /// Offline, with the service stopped: copy every table and every audit chain of the
     /// config's embedded store into an EMPTY PostgreSQL database (migrations applied
     /// first; a non-empty one is refused), page by page; then verify row counts and the
@@ -101,6 +119,15 @@ fn main() -> ExitCode {
         return match migrate_store(&cli.command) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
+            Err(message) => {
+                eprintln!("hsm-service: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::PskcTransportKey { .. } = &cli.command {
+        return match pskc_transport_key(&cli.command) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("hsm-service: {message}");
                 ExitCode::FAILURE
@@ -146,8 +173,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let signal = shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        server::run(config, signal, |addr| {
+        server::run(config, signal, |addr, metrics| {
         println!("hsm-service listening on {addr} (gRPC, mutual TLS)");
+        if let Some(m) = metrics {
+            println!("hsm-service metrics on http://{m}/metrics");
+        }
         if let Some(dir) = &dev_dir {
             let pki = dir.join("pki");
             println!("dev PKI: {} (ca.crt; login-service, officer-1..3, auditor .crt/.key)", pki.display());
@@ -210,6 +240,65 @@ fn backup_kek(command: &Command) -> Result<(), String> {
         println!("{}", p.display());
     }
     println!("recorded in the service's store, with an audit record; plans may now name it");
+    Ok(())
+}
+
+/// `pskc-transport-key`: the key pair on the token (no store change), its public key as
+/// a PEM SubjectPublicKeyInfo on stdout. No CSR: the private key may not sign (its one
+/// usage is decrypting what vendors encrypt to it).
+fn pskc_transport_key(command: &Command) -> Result<(), String> {
+    use base64::Engine as _;
+    let Command::PskcTransportKey { config, show, name } = command else {
+        return Err("not pskc-transport-key".into());
+    };
+    if !hsm_service::common::valid_key_name(name) {
+        return Err(format!(
+            "pskc-transport-key: {}",
+            hsm_service::common::KEY_NAME_RULE
+        ));
+    }
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    if let Some(conf) = &config.hsm.softhsm2_conf {
+        dev::point_softhsm_at(conf)?;
+    }
+    let settings = hsm_service::hsm::HsmSettings {
+        module: config.hsm.module.clone(),
+        token: config.token(),
+        sessions: 1,
+        queue_capacity: 1,
+        seed_cache_capacity: 1,
+    };
+    let pin = config.user_pin()?;
+    let hsm = hsm_service::hsm::Hsm::open(&settings, pin)
+        .map_err(|e| format!("pskc-transport-key: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("pskc-transport-key: runtime: {e}"))?;
+    let (n, e) = runtime
+        .block_on(async {
+            if *show {
+                hsm.transport_public_key(name).await
+            } else {
+                hsm.create_transport_key(name).await
+            }
+        })
+        .map_err(|e| format!("pskc-transport-key: {e}"))?;
+    let der = hsm_service::common::PublicKey::from_rsa_components(&n, &e)
+        .and_then(|k| k.to_spki_der())
+        .map_err(|e| format!("pskc-transport-key: {e}"))?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    if !*show {
+        eprintln!(
+            "transport key {name:?} created on the token (label {}); give the vendor this public key:",
+            hsm_service::hsm::import::transport_label(name)
+        );
+    }
+    println!("-----BEGIN PUBLIC KEY-----");
+    for line in b64.as_bytes().chunks(64) {
+        println!("{}", String::from_utf8_lossy(line));
+    }
+    println!("-----END PUBLIC KEY-----");
     Ok(())
 }
 
@@ -282,8 +371,10 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             postgres,
             postgres_password_file,
             instance,
+            metrics_listen,
         } => {
             let mut opts = DevOptions::new(data_dir);
+            opts.metrics_listen = *metrics_listen;
             opts.listen = *listen;
             opts.postgres = postgres.clone();
             opts.postgres_password_file = postgres_password_file.clone();
@@ -292,6 +383,9 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             Ok((config, Some(data_dir.clone())))
         }
         Command::BackupKek { .. } => Err("backup-kek runs without the service".into()),
+        Command::PskcTransportKey { .. } => {
+            Err("pskc-transport-key runs without the service".into())
+        }
         Command::MigrateStore { .. } => Err("migrate-store runs without the service".into()),
         Command::Serve { config } => {
             let config = Config::load_for_serve(config).map_err(|e| e.to_string())?;

@@ -44,7 +44,8 @@ fn shared_softhsm() -> &'static SharedSoftHsm {
 pub struct DevEnv {
     /// Keeps the directory alive.
     pub dir: tempfile::TempDir,
-    /// The config `hsm-service dev` would run with (listening on 127.0.0.1:0).
+    /// The config `hsm-service dev` would run with (listening on 127.0.0.1:0, metrics on
+    /// another 127.0.0.1:0).
     pub config: Config,
 }
 
@@ -66,6 +67,8 @@ impl DevEnv {
         opts.listen = Some("127.0.0.1:0".parse().expect("address"));
         opts.token_label = label;
         opts.softhsm2_conf = Some(shared.conf.clone());
+        // Each test server gets a metrics endpoint of its own, on a free port.
+        opts.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
         let config = dev::prepare(&opts).expect("dev bootstrap");
         DevEnv { dir, config }
     }

@@ -386,6 +386,61 @@ async fn a_second_device_needs_an_approval_on_the_first() {
         .into_inner();
     let (_, d) = app::complete(&a, &by_officer).await.expect("completed");
     assert!(d.activated_by_officer);
+
+    // Officers list and revoke (naming the tenant); another tenant's login service sees
+    // neither the devices nor the ids.
+    let listed = app::devices(&officer)
+        .list_devices(ListDevicesRequest {
+            subject: "citizen-4".into(),
+            tenant: "login-service".into(),
+        })
+        .await
+        .expect("officer lists")
+        .into_inner()
+        .devices;
+    assert_eq!(listed.len(), 3);
+    let b = common::client(env.dir.path(), "login-service-b", server.local_addr()).await;
+    let none = app::devices(&b)
+        .list_devices(ListDevicesRequest {
+            subject: "citizen-4".into(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("tenant b lists")
+        .into_inner()
+        .devices;
+    assert!(none.is_empty());
+    let foreign = app::devices(&b)
+        .revoke_device(RevokeDeviceRequest {
+            device_id: d.device_id.clone(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("other tenant");
+    assert_eq!(foreign.code(), Code::NotFound);
+    let revoked = app::devices(&officer)
+        .revoke_device(RevokeDeviceRequest {
+            device_id: d.device_id.clone(),
+            tenant: "login-service".into(),
+        })
+        .await
+        .expect("officer revokes")
+        .into_inner();
+    assert_eq!(
+        revoked.state,
+        hsm_client::proto::DeviceState::Revoked as i32
+    );
+    assert!(revoked.revoked_at > 0);
+    // Officers do not send challenges; auditors touch nothing here.
+    let denied = app::challenge(&officer, "citizen-4", Purpose::Login, "Log in", 0)
+        .await
+        .expect_err("officer");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let denied = app::begin(&auditor, "citizen-4", "")
+        .await
+        .expect_err("auditor");
+    assert_eq!(denied.code(), Code::PermissionDenied);
     server.shutdown().await.expect("shutdown");
 }
 
@@ -602,6 +657,14 @@ async fn malformed_input_is_refused_without_a_state_change() {
         assert_eq!(e.code(), code, "{e:?}");
     }
     assert_eq!(get(&a, &ch.challenge_id).await.state, State::Pending as i32);
+    // The forged answers are on the record (and the audit trail never holds a code).
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let records = common::audit_records(&auditor).await;
+    let refused = records
+        .iter()
+        .filter(|r| r.action == "challenge.answer" && common::detail(r, "result") == "REFUSED")
+        .count();
+    assert_eq!(refused, 2);
 
     // Creation limits.
     for (text, sp, ttl) in [
@@ -695,6 +758,15 @@ async fn malformed_input_is_refused_without_a_state_change() {
         .await
         .expect_err("cancelled after five wrong codes");
     assert!(e.message().contains("cancelled"), "{e:?}");
+    let lines: Vec<String> = common::audit_records(&auditor)
+        .await
+        .iter()
+        .map(|r| r.to_json_line())
+        .collect();
+    assert!(lines.iter().all(|l| !l.contains(&begun.activation_code)));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("device.activation.complete") && l.contains("REFUSED")));
 
     // Listing: a replayed listing, a stale timestamp, a foreign key.
     let now = hsm_service::common::Clock::system().now();

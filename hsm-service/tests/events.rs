@@ -469,6 +469,113 @@ async fn a_follower_from_zero_sees_a_concurrent_workload_in_order_without_gaps()
     }
 }
 
+/// A following watch of `subject`'s events from 0 (all when empty), collecting `count`;
+/// waits `stall` before reading the first batch (a slow client).
+async fn follow_count(
+    c: &HsmClient,
+    subject: &str,
+    count: usize,
+    stall: Duration,
+) -> Vec<pb::Event> {
+    let mut stream = events(c)
+        .watch_events(pb::WatchEventsRequest {
+            follow: true,
+            subject: subject.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::sleep(stall).await;
+    let mut out: Vec<pb::Event> = Vec::new();
+    while out.len() < count {
+        let batch = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("a batch within 20 s")
+            .expect("stream ok")
+            .expect("stream open");
+        out.extend(batch.events);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_followers_see_exactly_their_subjects_events_and_a_stalled_one_catches_up() {
+    let env = DevEnv::new();
+    let server = env.start().await;
+    let dir = env.dir.path();
+    let addr = server.local_addr();
+    let login = common::client(dir, "login-service", addr).await;
+    let notifier = common::client(dir, "notifier", addr).await;
+    // One follower per subject, 50 idle ones, and one that stalls for 3 s while every
+    // event is committed (its parked queue overflows: it goes back to the store).
+    let per_subject: Vec<_> = (0..8)
+        .map(|i| {
+            let n = notifier.clone();
+            tokio::spawn(async move {
+                follow_count(&n, &format!("citizen-{i}"), 13, Duration::ZERO).await
+            })
+        })
+        .collect();
+    let idle: Vec<_> = (0..50)
+        .map(|i| {
+            let n = notifier.clone();
+            tokio::spawn(async move {
+                follow_count(&n, &format!("nobody-{i}"), 1, Duration::ZERO).await
+            })
+        })
+        .collect();
+    let stalled = {
+        let n = notifier.clone();
+        tokio::spawn(async move { follow_count(&n, "", 8 * 13, Duration::from_secs(3)).await })
+    };
+    let work = (0..8).map(|i| {
+        let c = login.clone();
+        tokio::spawn(async move {
+            let id = format!("p{i}");
+            common::enrol(&c, &id, &format!("citizen-{i}")).await;
+            for n in 0..10 {
+                common::verify_hotp(&c, &id, n).await;
+                if n % 5 == 0 {
+                    common::verify_hotp(&c, &id, 5000).await;
+                }
+            }
+        })
+    });
+    for w in work {
+        w.await.expect("workload");
+    }
+    let all = list_all(&notifier, 0).await;
+    assert_eq!(all.len(), 8 * 13);
+    for (i, f) in per_subject.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("follower done")
+            .expect("follower");
+        let subject = format!("citizen-{i}");
+        let want: Vec<_> = all
+            .iter()
+            .filter(|e| e.subject == subject)
+            .cloned()
+            .collect();
+        assert_eq!(seen, want, "{subject}: exactly its events, in seq order");
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), stalled)
+        .await
+        .expect("stalled follower done")
+        .expect("stalled follower");
+    assert_eq!(seen, all, "the stalled follower misses and repeats nothing");
+    for f in &idle {
+        assert!(
+            !f.is_finished(),
+            "an idle follower got an event of another subject"
+        );
+    }
+    for f in idle {
+        f.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compacted_cursors_are_out_of_range_and_watches_are_bounded() {
     let mut env = DevEnv::new();

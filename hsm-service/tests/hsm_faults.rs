@@ -185,6 +185,37 @@ async fn a_lost_session_is_replaced_and_idempotent_calls_succeed_on_the_retry() 
     server.shutdown().await.expect("shutdown");
 }
 
+/// SoftHSM, like other tokens, invalidates every object handle of the application when
+/// its last session closes: with one session, a lost session means lost handles (the
+/// privacyIDEA failure). The handles are searched again; no call fails for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_session_lost_takes_the_handles_along_and_they_are_found_again() {
+    let (_env, server, c) = start(|env| env.config.hsm.sessions = 1, 60_000).await;
+    let hsm = hsm(&server);
+    common::enrol(&c, "last-session", "").await;
+    assert_eq!(
+        verify(&c, "last-session", 0).await.expect("verify"),
+        ACCEPTED
+    );
+    let evidence = common::evidence_for(&c, "citizen-1").await;
+    for (counter, ckr) in [(1, None), (2, Some(Ckr::SessionHandleInvalid))] {
+        let searches = hsm.object_searches();
+        match ckr {
+            None => hsm.faults().close_sessions(1),
+            Some(ckr) => hsm.faults().fail_next(Function::Sign, ckr, 1),
+        }
+        assert_eq!(
+            verify(&c, "last-session", counter).await.expect("verify"),
+            ACCEPTED,
+            "{ckr:?}"
+        );
+        assert!(hsm.object_searches() > searches, "{ckr:?}: searched again");
+    }
+    hsm.faults().close_sessions(1);
+    sign(&c, &evidence).await.expect("sign");
+    server.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_idempotent_operation_fails_unavailable_and_loses_nothing() {
     let (_env, server, c) = start(|_| {}, 60_000).await;
@@ -233,6 +264,99 @@ async fn a_non_idempotent_operation_fails_unavailable_and_loses_nothing() {
         .await
         .expect("retry of the imported one");
     assert_eq!(verify(&c, "imported", 0).await.expect("verify"), ACCEPTED);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_ceremony_whose_key_generation_fails_records_no_key_and_leaves_no_orphan() {
+    let (env, server, _c) = start(|_| {}, 60_000).await;
+    let hsm = hsm(&server);
+    let dir = env.dir.path();
+    let addr = server.local_addr();
+    let o1 = common::client(dir, "officer-1", addr).await;
+    let o2 = common::client(dir, "officer-2", addr).await;
+    let plan = |n: u32| {
+        format!(
+            "version = 1\ndescription = \"faults {n}\"\n\n[[step]]\nkind = \"generate-key\"\n\
+             name = \"faulty\"\nalgorithm = \"ES256\"\nusage = \"signing\"\n"
+        )
+    };
+    let run = |n: u32| {
+        let (o1, o2, plan) = (o1.clone(), o2.clone(), plan(n));
+        async move {
+            let id = common::propose(&o1, &plan).await.expect("propose");
+            common::approve_with_share(&o1, &id, "")
+                .await
+                .expect("approve");
+            common::approve_with_share(&o2, &id, "")
+                .await
+                .expect("approve");
+            common::execute(&o2, &id)
+                .await
+                .expect("execute")
+                .ceremony
+                .expect("ceremony")
+        }
+    };
+    let faulty = |o: HsmClient| async move {
+        o.keys()
+            .list_keys(hsm_client::proto::ListKeysRequest {})
+            .await
+            .expect("list keys")
+            .into_inner()
+            .keys
+            .into_iter()
+            .filter(|k| k.name == "faulty")
+            .map(|k| k.version)
+            .collect::<Vec<_>>()
+    };
+
+    hsm.faults().fail_next_of(
+        Ops::NonIdempotent,
+        Function::GenerateKeyPair,
+        Ckr::DeviceError,
+        1,
+    );
+    let info = run(1).await;
+    assert_eq!(info.state, "failed", "{info:?}");
+    assert!(
+        info.failure.contains("CKR_DEVICE_ERROR"),
+        "{}",
+        info.failure
+    );
+    assert_eq!(hsm.faults().injected(), 1);
+    assert!(
+        faulty(o1.clone()).await.is_empty(),
+        "no key version recorded"
+    );
+    let orphan = hsm
+        .find_object(
+            hsm_service::hsm::objects::ObjectClass::PRIVATE_KEY,
+            "sig/faulty/v1",
+        )
+        .await
+        .expect("search");
+    assert!(orphan.is_none(), "no key pair left on the token");
+
+    // Another ceremony makes the key: version 1, nothing half-made in its way.
+    let info = run(2).await;
+    assert_eq!(info.state, "succeeded", "{}", info.failure);
+    assert_eq!(faulty(o1.clone()).await, vec![1]);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_hsm_turns_health_not_serving_and_back() {
+    let (_env, server, c) = start(|env| env.config.hsm.sessions = 1, 100).await;
+    let hsm = hsm(&server);
+    health_becomes(&c, ServingStatus::Serving, Duration::from_secs(10)).await;
+    // Every call now takes a second: longer than the health interval.
+    hsm.faults().delay_calls(Some(Duration::from_secs(1)));
+    let took = health_becomes(&c, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    eprintln!("NOT_SERVING {took:?} after the token hung");
+    hsm.faults().delay_calls(None);
+    let took = health_becomes(&c, ServingStatus::Serving, Duration::from_secs(10)).await;
+    eprintln!("SERVING {took:?} after it answered again");
     server.shutdown().await.expect("shutdown");
 }
 

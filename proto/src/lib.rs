@@ -4,6 +4,8 @@
 //! rename nothing.
 #![allow(missing_docs, clippy::all)]
 
+pub mod codec;
+
 /// Package `hsm.v1`.
 pub mod v1 {
     tonic::include_proto!("hsm.v1");

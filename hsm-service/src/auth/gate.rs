@@ -48,6 +48,7 @@ pub const METHOD_ROLES: &[(&str, &[Role])] = &[
         "hsm.v1.CredentialService/DeleteCredential",
         LOGIN_OR_OFFICER,
     ),
+    ("hsm.v1.CredentialService/ImportCredentials", LOGIN),
     ("hsm.v1.DeviceService/BeginActivation", LOGIN_OR_OFFICER),
     ("hsm.v1.DeviceService/CompleteActivation", LOGIN),
     ("hsm.v1.DeviceService/ListDevices", LOGIN_OR_OFFICER),

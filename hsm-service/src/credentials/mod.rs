@@ -19,6 +19,7 @@
 
 mod audit;
 pub mod binding;
+pub mod import;
 pub mod policy;
 pub mod rotation;
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::audit::{sha256_hex, Details};
 use crate::common::EventKind;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
-use crate::store::Table;
+use crate::store::{Rollback, Table};
 
 /// The activation code alphabet: no 0/O, 1/I/L.
 pub const CODE_ALPHABET: &[u8] = b"23456789ABCDEFGHJKMNPQRSTUVWXYZ";
@@ -208,7 +208,15 @@ impl Devices {
                 records::put(txn, Table::Challenges, &ck, &c)?;
             }
             rec.by_officer = officer;
-            records::insert(txn, Table::Activations, &key(&rec.tenant, &rec.id), &rec)?;
+            records::insert_expiring(
+                txn,
+                records::Expiring::Activation,
+                &rec.tenant,
+                &rec.id,
+                rec.expires_at,
+                now,
+                &rec,
+            )?;
             audit.append(
                 txn,
                 Details::new()
@@ -266,9 +274,19 @@ impl Devices {
         // A right code with a signature that does not verify changes nothing: the
         // caller does not hold the key it presents.
         if code_ok && !device_key.verifies(&payload_of(&current), &sig) {
-            return Err(Error::PermissionDenied(
-                "signature does not verify with public_key over the activation payload".into(),
-            ));
+            let why = "signature does not verify with public_key over the activation payload";
+            self.record_refusal(
+                caller,
+                "device.activation.complete",
+                &current.id,
+                Details::new()
+                    .str("subject", &current.subject)
+                    .str("public_key_sha256", &sha256_hex(&req.public_key))
+                    .str("result", "REFUSED")
+                    .str("reason", why),
+            )
+            .await?;
+            return Err(Error::PermissionDenied(why.into()));
         }
         let device_id = self.new_id().await?;
         let max = self.config.max_devices_per_subject;
@@ -280,7 +298,6 @@ impl Devices {
             .str("subject", &current.subject)
             .str("public_key_sha256", &fingerprint)
             .bool("code_ok", code_ok);
-        let expected_mac = current.code_mac;
         self.write(move |txn| {
             let Some(mut rec) = records::get::<ActivationRecord, _>(txn, Table::Activations, &ak)?
             else {
@@ -289,9 +306,6 @@ impl Devices {
             // The record may have moved since the snapshot (a concurrent attempt).
             if let Err(e) = check_usable(&rec, now) {
                 return Ok(Err(e));
-            }
-            if rec.code_mac != expected_mac {
-                return Ok(Err(Error::Internal("activation record changed".into())));
             }
             if !code_ok {
                 rec.failures += 1;
@@ -373,8 +387,6 @@ fn check_usable(rec: &ActivationRecord, now: u64) -> Result<()> {
         ActivationState::Pending => Ok(()),
     }
 }
-
-use crate::store::Rollback;
 
 #[cfg(test)]
 mod tests {

@@ -126,7 +126,22 @@ fn expire_in(
         &c.id,
         json!({"purpose": c.purpose.as_str()}),
     )?;
+    crate::metrics::challenge_state(metric_label(c.state));
     Ok(true)
+}
+
+/// The `state` label of `hsm_challenges_total` (counted in the transaction that makes the
+/// change, after its writes: only a batch that then fails to commit, itself counted in
+/// `hsm_store_failed_batches_total`, leaves a count without its change).
+fn metric_label(state: ChallengeState) -> &'static str {
+    match state {
+        ChallengeState::Pending => "pending",
+        ChallengeState::Approved => "approved",
+        ChallengeState::Denied => "denied",
+        ChallengeState::Reported => "reported",
+        ChallengeState::Expired => "expired",
+        ChallengeState::Cancelled => "cancelled",
+    }
 }
 
 impl Devices {
@@ -214,7 +229,15 @@ impl Devices {
             }
             s.pending = c.id.clone();
             records::put(txn, Table::DeviceSubjects, &sk, &s)?;
-            records::insert(txn, Table::Challenges, &key(&c.tenant, &c.id), &c)?;
+            records::insert_expiring(
+                txn,
+                records::Expiring::Challenge,
+                &c.tenant,
+                &c.id,
+                c.expires_at,
+                now,
+                &c,
+            )?;
             audit.append(
                 txn,
                 Details::new()
@@ -238,6 +261,10 @@ impl Devices {
                     "expires_at": c.expires_at,
                 }),
             )?;
+            if !cancelled.is_empty() {
+                crate::metrics::challenge_state(metric_label(ChallengeState::Cancelled));
+            }
+            crate::metrics::challenge_state(metric_label(c.state));
             Ok(Ok(c))
         })
         .await
@@ -288,11 +315,12 @@ impl Devices {
         let dk = key(tenant, device_id);
         let time_ms = self.clock.now_ms();
         let tenant = tenant.to_owned();
+        let id = device_id.to_owned();
         let out = self
             .store
             .write(move |txn| {
                 let Some(mut d) = records::get::<DeviceRecord, _>(txn, Table::Devices, &dk)? else {
-                    return Ok(Err(registry::not_found("")));
+                    return Ok(Err(registry::not_found(&id)));
                 };
                 if !d.active() {
                     return Ok(Err(precondition("the device is revoked")));
@@ -346,16 +374,29 @@ impl Devices {
         let sig = DeviceSignature::parse("signature", &a.signature)?;
         let c = self.get_challenge(&caller.tenant, &a.challenge_id).await?;
         let d = self.device(&caller.tenant, &a.device_id).await?;
-        if d.subject != c.subject {
-            return Err(Error::PermissionDenied(
-                "the device is not a device of the challenge's subject".into(),
-            ));
-        }
-        let message = payload::answer(&payload_of(&c), a.decision.as_str(), &a.binding_code);
-        if !super::signature::DeviceKey::parse(&d.public_key)?.verifies(&message, &sig) {
-            return Err(Error::PermissionDenied(
-                "signature does not verify with the device key over the payload, the decision and the binding code".into(),
-            ));
+        let refusal = if d.subject != c.subject {
+            Some("the device is not a device of the challenge's subject")
+        } else {
+            let message = payload::answer(&payload_of(&c), a.decision.as_str(), &a.binding_code);
+            (!super::signature::DeviceKey::parse(&d.public_key)?.verifies(&message, &sig)).then_some(
+                "signature does not verify with the device key over the payload, the decision and the binding code",
+            )
+        };
+        if let Some(why) = refusal {
+            // Nothing changes, but a forged or misdirected answer is on the record.
+            self.record_refusal(
+                caller,
+                "challenge.answer",
+                &c.id,
+                Details::new()
+                    .str("subject", &c.subject)
+                    .str("device_id", &d.id)
+                    .str("decision", a.decision.as_str())
+                    .str("result", "REFUSED")
+                    .str("reason", why),
+            )
+            .await?;
+            return Err(Error::PermissionDenied(why.into()));
         }
         let evidence_id = if a.decision == Decision::Approve && c.purpose.gives_evidence() {
             self.new_id().await?
@@ -472,6 +513,7 @@ impl Devices {
                 ev["reason"] = json!("wrong_binding_code");
             }
             emit(txn, time_ms, kind, &c.tenant, &c.subject, &c.id, ev)?;
+            crate::metrics::challenge_state(metric_label(state));
             Ok(Ok(c))
         });
         out.await

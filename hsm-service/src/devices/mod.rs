@@ -116,6 +116,23 @@ impl Devices {
         }
     }
 
+    /// An audit-only write: a refused request that changed nothing (a signature that
+    /// does not verify, a device of another subject).
+    async fn record_refusal(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        object: &str,
+        details: Details,
+    ) -> Result<()> {
+        let audit = self.audit_event(caller, action, object);
+        self.write(move |txn| {
+            audit.append(txn, details)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
     /// Runs `job` in one store write; `Ok(Err(e))` from the job is a refusal that still
     /// commits what the job wrote (a counted failure, an expiry).
     async fn write<T, F>(&self, job: F) -> Result<T>

@@ -10,9 +10,89 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::store::{ReadTxn, Rollback, StoreError, Table, Txn};
+use crate::store::{KeyRange, ReadTxn, Rollback, StoreError, Table, Txn};
 
 const FORMAT_V1: u8 = 1;
+
+/// How long an activation or a challenge is kept after its expiry, in seconds: GetChallenge
+/// and a late CompleteActivation answer "expired" (not "unknown") for a day; the audit
+/// trail keeps what happened for good.
+pub const PURGE_GRACE_SECONDS: u64 = 86_400;
+
+/// Most stale activations and challenges one insert purges (more than one, so a backlog
+/// drains), so the tables hold about a day of them and never grow with time.
+pub const PURGE_PER_INSERT: usize = 4;
+
+/// What a purge index entry points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiring {
+    /// [`Table::Activations`].
+    Activation,
+    /// [`Table::Challenges`].
+    Challenge,
+}
+
+impl Expiring {
+    fn tag(self) -> &'static str {
+        match self {
+            Expiring::Activation => "a",
+            Expiring::Challenge => "c",
+        }
+    }
+
+    fn table(self) -> Table {
+        match self {
+            Expiring::Activation => Table::Activations,
+            Expiring::Challenge => Table::Challenges,
+        }
+    }
+}
+
+/// Inserts `v` (a fresh random id) into `what`'s table with its purge index entry
+/// (`expires_at + PURGE_GRACE_SECONDS`), after purging up to [`PURGE_PER_INSERT`]
+/// records stale at `now`.
+pub fn insert_expiring<T: Serialize>(
+    txn: &mut dyn Txn,
+    what: Expiring,
+    tenant: &str,
+    id: &str,
+    expires_at: u64,
+    now: u64,
+    v: &T,
+) -> Result<(), Rollback> {
+    purge_in(txn, now, PURGE_PER_INSERT)?;
+    insert(txn, what.table(), &key(tenant, id), v)?;
+    let purge_at = expires_at.saturating_add(PURGE_GRACE_SECONDS);
+    txn.put(
+        Table::DeviceExpiry,
+        &format!("{purge_at:020}\0{}\0{tenant}\0{id}", what.tag()),
+        &[],
+    )
+}
+
+/// Deletes up to `limit` activations and challenges whose purge time is before `now`,
+/// oldest first; how many.
+pub fn purge_in(txn: &mut dyn Txn, now: u64, limit: usize) -> Result<usize, Rollback> {
+    let range = KeyRange {
+        end: Some(format!("{now:020}")),
+        ..KeyRange::all()
+    };
+    let stale = txn.scan(Table::DeviceExpiry, &range, limit)?;
+    for (k, _) in &stale {
+        let bad = || Rollback(StoreError::Corrupt(format!("device expiry key {k:?}")));
+        let (head, id) = k.rsplit_once('\0').ok_or_else(bad)?;
+        let mut parts = head.splitn(3, '\0');
+        let (_, tag, tenant) = (parts.next(), parts.next(), parts.next().ok_or_else(bad)?);
+        let table = match tag {
+            Some("a") => Table::Activations,
+            Some("c") => Table::Challenges,
+            _ => return Err(bad()),
+        };
+        txn.delete(Table::DeviceExpiry, k)?;
+        txn.delete(table, &key(tenant, id))?;
+    }
+    Ok(stale.len())
+}
 
 /// `tenant NUL id`.
 pub fn key(tenant: &str, id: &str) -> String {
@@ -303,6 +383,44 @@ pub fn devices_of<R: ReadTxn + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stale_activations_and_challenges_are_purged_by_later_inserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open_redb(&dir.path().join("s.redb"), Default::default()).unwrap();
+        // Ten challenges expiring at 100, one activation at 5000.
+        for i in 0..10u32 {
+            store
+                .write(move |txn| {
+                    insert_expiring(txn, Expiring::Challenge, "t", &format!("c{i}"), 100, 50, &i)
+                })
+                .await
+                .unwrap();
+        }
+        store
+            .write(|txn| insert_expiring(txn, Expiring::Activation, "t", "a1", 5000, 60, &1u32))
+            .await
+            .unwrap();
+        let count = |table| store.read(move |txn| txn.count(table).map_err(|Rollback(e)| e));
+        assert_eq!(count(Table::Challenges).await.unwrap(), 10);
+        // Within the grace nothing goes; after it, each insert purges up to four.
+        let late = 100 + PURGE_GRACE_SECONDS + 1;
+        store
+            .write(move |txn| {
+                insert_expiring(txn, Expiring::Challenge, "t", "n1", late + 100, late, &0u32)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count(Table::Challenges).await.unwrap(), 7);
+        store
+            .write(move |txn| purge_in(txn, late, 100))
+            .await
+            .unwrap();
+        assert_eq!(count(Table::Challenges).await.unwrap(), 1);
+        assert_eq!(count(Table::Activations).await.unwrap(), 1);
+        assert_eq!(count(Table::DeviceExpiry).await.unwrap(), 2);
+    }
 
     #[test]
     fn records_round_trip_and_refuse_garbage() {

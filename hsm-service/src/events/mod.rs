@@ -10,17 +10,22 @@
 //!   (waiting while the client is slow: the channel holds one batch), and reads the
 //!   next; a watcher far behind is served from the store, never from memory, and never
 //!   slows a verification (readers take snapshots, writers never wait for them);
-//! * a caught-up follower sleeps on the *head* (one shared task per process reads the
-//!   head after each local commit that carried events and every `poll_ms`, so commits
-//!   of other instances are seen too) and wakes only when it moved;
+//! * a caught-up follower parks in the process's fan-out hub (`fanout`): one tail task
+//!   per process reads each newly committed range once (after each local commit that
+//!   carried events and every `poll_ms`, so commits of other instances are seen too)
+//!   and wakes only the followers whose filter matches one of its events;
 //! * open watches are bounded (`[events] max_watchers`, then RESOURCE_EXHAUSTED);
 //! * a `from_seq` older than the oldest retained seq is OUT_OF_RANGE naming that seq
 //!   (never a silent jump); compaction removes the oldest events in the background.
 
-use std::sync::Arc;
+mod fanout;
+
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use fanout::{Hub, CHUNK_EVENTS, RING_EVENTS};
 
 use crate::common::{Clock, EventKind};
 use crate::config::EventsConfig;
@@ -37,7 +42,7 @@ pub const DEFAULT_LIMIT: u32 = 100;
 /// Longest subject a filter or a preference may name.
 pub const MAX_SUBJECT_LEN: usize = 128;
 /// Events a watch reads from the store per batch.
-const WATCH_PAGE: usize = 256;
+const WATCH_PAGE: usize = CHUNK_EVENTS;
 /// Most stored events one page examines when filtering (bounds a page's work).
 const MAX_EXAMINED: usize = 10_000;
 /// Events one compaction transaction deletes at most.
@@ -90,6 +95,11 @@ impl Filter {
         })
     }
 
+    /// The one subject it passes, if it names one.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
     /// Whether `e` passes.
     pub fn matches(&self, e: &NewEvent) -> bool {
         let tenant = match &self.scope {
@@ -138,7 +148,7 @@ pub struct Events {
     config: EventsConfig,
     clock: Clock,
     watchers: Arc<Semaphore>,
-    head: watch::Receiver<u64>,
+    hub: Arc<Hub>,
 }
 
 impl std::fmt::Debug for Events {
@@ -150,10 +160,9 @@ impl std::fmt::Debug for Events {
 }
 
 impl Events {
-    /// The stream of `store`; starts the head poller (needs a tokio runtime). The
-    /// poller stops when the returned handle's last clone is dropped.
+    /// The stream of `store`; starts the tail task (needs a tokio runtime), which
+    /// stops when the returned handle's last clone is dropped.
     pub fn new(store: Arc<Store>, config: EventsConfig, clock: Clock) -> Arc<Events> {
-        let (tx, head) = watch::channel(0);
         let events = Arc::new(Events {
             watchers: Arc::new(Semaphore::new(
                 usize::try_from(config.max_watchers).unwrap_or(usize::MAX),
@@ -161,35 +170,20 @@ impl Events {
             store: store.clone(),
             config: config.clone(),
             clock,
-            head,
+            hub: Arc::new(Hub::new(0)),
         });
-        let weak = Arc::downgrade(&events);
-        let mut commits = store.event_commits();
-        let poll = Duration::from_millis(config.poll_ms);
-        tokio::spawn(async move {
-            loop {
-                let Some(store) = weak.upgrade().map(|e| e.store.clone()) else {
-                    return;
-                };
-                match store.read(|txn| Ok(outbox::head(txn)?)).await {
-                    Ok(h) => {
-                        tx.send_if_modified(|old| {
-                            let moved = h > *old;
-                            *old = (*old).max(h);
-                            moved
-                        });
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reading the event head failed"),
-                }
-                drop(store);
-                tokio::select! {
-                    changed = commits.changed() => if changed.is_err() { return },
-                    () = tokio::time::sleep(poll) => {}
-                    () = tx.closed() => return,
-                }
-            }
-        });
+        tokio::spawn(run_tail(
+            Arc::downgrade(&events),
+            store.event_commits(),
+            Duration::from_millis(config.poll_ms),
+        ));
         events
+    }
+
+    /// Whether any watch is open (then the tail task reads what commits).
+    fn watching(&self) -> bool {
+        let max = usize::try_from(self.config.max_watchers).unwrap_or(usize::MAX);
+        self.watchers.available_permits() < max
     }
 
     /// The settings.
@@ -243,8 +237,8 @@ impl Events {
         from_seq: u64,
         follow: bool,
     ) {
+        let _open = crate::metrics::OpenWatch::new();
         let heartbeat = Duration::from_secs(self.config.heartbeat_seconds);
-        let mut head = self.head.clone();
         let mut next = from_seq;
         let mut last_sent = Instant::now();
         let mut sent_any = false;
@@ -260,8 +254,13 @@ impl Events {
             next = page.next_seq;
             let caught_up = page.next_seq > page.head_seq;
             let (empty, head_seq) = (page.events.is_empty(), page.head_seq);
+            let created: Vec<u64> = page.events.iter().map(|e| e.event.time_ms).collect();
             if !empty && tx.send(Ok(page)).await.is_err() {
                 return;
+            }
+            let now_ms = self.clock.now_ms();
+            for ms in created {
+                crate::metrics::event_delivered(ms, now_ms);
             }
             if !empty {
                 last_sent = Instant::now();
@@ -277,22 +276,52 @@ impl Events {
                 }
                 return;
             }
-            // Caught up: sleep until the head moves past what we read, a heartbeat is
-            // due, or the client goes away.
-            let due = last_sent + heartbeat;
+            // Caught up: park until the hub has events for us, a heartbeat is due, or
+            // the client goes away. Unparked (the hub dropped us, or we are older than
+            // its ring): read the store again from `next`.
+            let Some(mut parking) = self.hub.park(&filter, next) else {
+                continue;
+            };
             loop {
-                if *head.borrow_and_update() >= next {
-                    break;
-                }
+                let due = last_sent + heartbeat;
                 tokio::select! {
-                    changed = head.changed() => if changed.is_err() { return },
-                    () = tokio::time::sleep_until(due.into()) => {
-                        let h = head_seq.max(*head.borrow());
-                        if tx.send(Ok(heartbeat_page(next, h))).await.is_err() {
+                    chunk = parking.rx.recv() => {
+                        let Some(chunk) = chunk else { break };
+                        let Some(page) = parked_page(&chunk, &filter, &mut next, &self.hub) else {
+                            continue;
+                        };
+                        if tx.send(Ok(page)).await.is_err() {
                             return;
                         }
                         last_sent = Instant::now();
-                        break;
+                    }
+                    () = tokio::time::sleep_until(due.into()) => {
+                        // Read the published seq before draining: everything up to
+                        // it is in our queue unless the hub dropped us.
+                        let published = self.hub.published();
+                        let mut pages = Vec::new();
+                        let dropped = loop {
+                            match parking.rx.try_recv() {
+                                Ok(chunk) => pages.extend(parked_page(&chunk, &filter, &mut next, &self.hub)),
+                                Err(mpsc::error::TryRecvError::Empty) => break false,
+                                Err(mpsc::error::TryRecvError::Disconnected) => break true,
+                            }
+                        };
+                        if !dropped {
+                            next = next.max(published + 1);
+                        }
+                        if pages.is_empty() {
+                            pages.push(heartbeat_page(next, published.max(head_seq)));
+                        }
+                        for page in pages {
+                            if tx.send(Ok(page)).await.is_err() {
+                                return;
+                            }
+                        }
+                        last_sent = Instant::now();
+                        if dropped {
+                            break;
+                        }
                     }
                     () = tx.closed() => return,
                 }
@@ -379,6 +408,89 @@ impl Events {
             }
         })
     }
+}
+
+/// The tail task: after each local commit with events and every `poll`, reads the new
+/// range once and publishes it to the hub (or skips it when nobody watches).
+async fn run_tail(
+    events: Weak<Events>,
+    mut commits: tokio::sync::watch::Receiver<u64>,
+    poll: Duration,
+) {
+    loop {
+        let Some(this) = events.upgrade() else { return };
+        let (store, hub, open) = (this.store.clone(), this.hub.clone(), this.watching());
+        drop(this);
+        let from = hub.tail_next();
+        let read = store
+            .read(move |txn| {
+                let head = outbox::head(txn)?;
+                // Nobody to tell, or more than the ring holds: followers read the store.
+                if !open || head < from || head - from >= RING_EVENTS as u64 {
+                    return Ok((head, None));
+                }
+                let mut events = Vec::new();
+                let mut next = from;
+                'read: loop {
+                    let chunk = outbox::range(txn, next, CHUNK_EVENTS)?;
+                    let full = chunk.len() == CHUNK_EVENTS;
+                    for e in chunk {
+                        if e.seq > head {
+                            break 'read;
+                        }
+                        next = e.seq + 1;
+                        events.push(e);
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                Ok((head, Some(events)))
+            })
+            .await;
+        match read {
+            Ok((head, None)) => hub.skip_to(head),
+            Ok((head, Some(events))) => publish(&hub, events, head),
+            Err(e) => tracing::warn!(error = %e, "reading new events failed"),
+        }
+        drop(store);
+        tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Publishes `events` (everything committed up to `head` after the hub's tail) in chunks.
+fn publish(hub: &Hub, events: Vec<StoredEvent>, head: u64) {
+    let mut chunks = events.chunks(CHUNK_EVENTS).peekable();
+    if chunks.peek().is_none() {
+        hub.publish(Vec::new(), head);
+    }
+    while let Some(chunk) = chunks.next() {
+        let upto = match chunks.peek() {
+            Some(_) => chunk.last().map_or(head, |e| e.seq),
+            None => head,
+        };
+        hub.publish(chunk.to_vec(), upto);
+    }
+}
+
+/// The page a parked follower sends for `chunk`: its events from `next` that pass
+/// `filter`; moves `next` past them.
+fn parked_page(chunk: &[StoredEvent], filter: &Filter, next: &mut u64, hub: &Hub) -> Option<Page> {
+    let events: Vec<StoredEvent> = chunk
+        .iter()
+        .filter(|e| e.seq >= *next && filter.matches(&e.event))
+        .cloned()
+        .collect();
+    let last = events.last()?.seq;
+    *next = last + 1;
+    Some(Page {
+        events,
+        next_seq: *next,
+        head_seq: hub.published().max(last),
+    })
 }
 
 fn heartbeat_page(next_seq: u64, head_seq: u64) -> Page {

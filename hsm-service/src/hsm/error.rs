@@ -17,7 +17,7 @@ pub enum ErrorKind {
     Busy,
     /// The token rejected the input (length, size, mechanism parameters).
     InvalidInput,
-    /// An object that should exist does not (or its handle went stale).
+    /// An object that should exist does not.
     NotFound,
     /// The PIN was wrong or is locked.
     Authentication,
@@ -101,22 +101,6 @@ impl Error {
         )
     }
 
-    /// True when the device itself went away or failed (not just one session), so that
-    /// object handles cached from before may no longer be valid.
-    pub(crate) fn is_token_lost(&self) -> bool {
-        matches!(
-            self,
-            Error::Pkcs11 { rv, .. } if matches!(
-                rv,
-                RvError::DeviceError
-                    | RvError::DeviceRemoved
-                    | RvError::TokenNotPresent
-                    | RvError::TokenNotRecognized
-                    | RvError::CryptokiNotInitialized
-            )
-        )
-    }
-
     /// True when a cached object handle is no longer valid.
     pub fn is_stale_handle(&self) -> bool {
         matches!(
@@ -182,7 +166,11 @@ fn kind_of(rv: RvError) -> ErrorKind {
         | WrappedKeyLenRange
         | MechanismParamInvalid
         | ArgumentsBad => ErrorKind::InvalidInput,
-        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::NotFound,
+        // A handle that went stale under an operation in flight when its session was lost
+        // (the token dropped its handles with the last session): the cache is emptied
+        // and the next attempt searches again, so it is worth a retry (faults.rs). An
+        // object really missing is `Error::ObjectNotFound`, from the search.
+        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::Unavailable,
         PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked => {
             ErrorKind::Authentication
         }
@@ -218,28 +206,13 @@ mod tests {
             (RvError::UserNotLoggedIn, ErrorKind::Unavailable, true),
             (RvError::KeySizeRange, ErrorKind::InvalidInput, false),
             (RvError::PinIncorrect, ErrorKind::Authentication, false),
-            (RvError::KeyHandleInvalid, ErrorKind::NotFound, false),
+            (RvError::KeyHandleInvalid, ErrorKind::Unavailable, false),
             (RvError::MechanismInvalid, ErrorKind::Internal, false),
         ];
         for (rv, kind, lost) in cases {
             let e = Error::from(CkError::Pkcs11(rv, Function::Sign));
             assert_eq!(e.kind(), kind, "{rv}");
             assert_eq!(e.is_session_lost(), lost, "{rv}");
-        }
-    }
-
-    #[test]
-    fn device_level_losses_are_token_losses() {
-        for (rv, lost) in [
-            (RvError::DeviceError, true),
-            (RvError::DeviceRemoved, true),
-            (RvError::TokenNotPresent, true),
-            (RvError::SessionHandleInvalid, false),
-            (RvError::UserNotLoggedIn, false),
-            (RvError::GeneralError, false),
-        ] {
-            let e = Error::from(CkError::Pkcs11(rv, Function::Sign));
-            assert_eq!(e.is_token_lost(), lost, "{rv}");
         }
     }
 

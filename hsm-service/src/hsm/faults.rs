@@ -25,19 +25,25 @@
 //!   `ErrorKind::Unavailable` (gRPC `UNAVAILABLE`, api/status.rs) before anything was
 //!   written to the store, so the caller retries the whole request.
 //! - **Handles.** Token object handles (master keys, binding key, signing keys) are
-//!   cached in `objects::HandleCache`. A device-level loss (CKR_DEVICE_ERROR,
-//!   CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_TOKEN_NOT_RECOGNIZED,
-//!   CKR_CRYPTOKI_NOT_INITIALIZED) counts in `PoolStats::token_losses`; the next lookup
-//!   sees the count moved and empties the cache, so every handle is searched for again
-//!   on the token that came back (a re-inserted or rebooted token may number its objects
-//!   differently: exactly what broke privacyIDEA). A stale handle seen on use
-//!   (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID) is searched again as before.
+//!   cached in `objects::HandleCache`. They do not outlive the sessions: SoftHSM drops
+//!   every handle of the application when its last session closes (so with one session,
+//!   or after a device error that took all of them, every cached handle is stale:
+//!   exactly what broke privacyIDEA), and a token that was removed or rebooted may
+//!   number its objects anew. So every session replacement
+//!   (`PoolStats::sessions_replaced`) and every stale handle met
+//!   (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID, `PoolStats::stale_handles`)
+//!   empties the cache at the next lookup and each handle is searched for again. An
+//!   operation in flight at that moment that meets a stale handle searches again, once
+//!   (signing: that key; seed HMACs: master and binding key), or fails `UNAVAILABLE`
+//!   (retry: the next attempt searches). Found with this
+//!   layer: before, a service with `hsm.sessions = 1` answered every VerifyCode with
+//!   INTERNAL after one lost session, until it was restarted.
 //! - **Seed cache.** Unwrapped seeds are session objects: they die with their session.
 //!   A worker forgets its cache whenever it opens a new session, and the next HMAC
 //!   unwraps the seed again (after the binding check) into the new session.
 //! - **Health.** The health monitor (server.rs) asks a session whether it is logged in,
-//!   with a deadline; a token that fails or hangs turns health NOT_SERVING within
-//!   `server.health_interval_ms` plus that deadline, and SERVING again once a session
+//!   with a deadline (the interval); a token that fails or hangs turns health
+//!   NOT_SERVING within two `server.health_interval_ms`, and SERVING again once a session
 //!   has logged in anew.
 //! - **A slow HSM.** Requests wait in one bounded queue (`hsm.queue_capacity`) in front
 //!   of the sessions; a full queue answers `RESOURCE_EXHAUSTED` at once, so a slow or
@@ -309,5 +315,151 @@ impl Faults {
             }
             self.sessions_closed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::hsm::tests::open;
+    use crate::hsm::ErrorKind;
+    use crate::testing::DevEnv;
+
+    #[tokio::test]
+    async fn a_failure_hits_only_the_operations_it_names_and_clear_disarms() {
+        let env = DevEnv::new();
+        let hsm = open(&env, 1, 8);
+        let f = hsm.faults();
+        f.fail_next_of(
+            Ops::NonIdempotent,
+            Function::GenerateKey,
+            Ckr::DeviceError,
+            1,
+        );
+        // Idempotent operations pass by it.
+        hsm.random(8).await.expect("random");
+        assert_eq!(f.injected(), 0);
+        // The first non-idempotent one takes it, reported as the function named.
+        let e = hsm.inner.pool.submit(|w| w.run(false, |_, _| Ok(()))).await;
+        let e = e.expect_err("injected");
+        assert_eq!(e.to_string(), "C_GenerateKey failed: CKR_DEVICE_ERROR");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(f.injected(), 1);
+        hsm.inner
+            .pool
+            .submit(|w| w.run(false, |_, _| Ok(())))
+            .await
+            .expect("used up");
+
+        // CKR_GENERAL_ERROR is not a lost session: the session stays.
+        let replaced = hsm.stats().sessions_replaced.load(Ordering::Relaxed);
+        f.fail_next(Function::Sign, Ckr::GeneralError, 1);
+        let e = hsm.random(8).await.expect_err("injected");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(
+            hsm.stats().sessions_replaced.load(Ordering::Relaxed),
+            replaced
+        );
+
+        f.remove_token();
+        f.fail_next(Function::Sign, Ckr::DeviceError, 5);
+        f.delay_calls(Some(Duration::from_secs(5)));
+        f.clear();
+        let t = Instant::now();
+        hsm.random(8).await.expect("nothing armed");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    /// An object removed and made again under the service: the cached handle is stale;
+    /// the operation that meets it fails UNAVAILABLE (worth a retry) and the next lookup
+    /// searches again, with no session lost.
+    #[tokio::test]
+    async fn a_stale_handle_empties_the_handle_cache() {
+        use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+        let env = DevEnv::new();
+        let hsm = open(&env, 2, 8);
+        let make = |value: u8| {
+            hsm.inner.pool.submit(move |w| {
+                w.run(false, move |s, _| {
+                    Ok(s.create_object(&[
+                        Attribute::Class(ObjectClass::DATA),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Label(b"remade".to_vec()),
+                        Attribute::Value(vec![value]),
+                    ])?)
+                })
+            })
+        };
+        let read = |h| {
+            hsm.inner.pool.submit(move |w| {
+                w.run(true, move |s, _| {
+                    Ok(s.get_attributes(h, &[AttributeType::Value])?)
+                })
+            })
+        };
+        let old = make(1).await.expect("create");
+        let cached = hsm
+            .find_object(ObjectClass::DATA, "remade")
+            .await
+            .expect("find");
+        assert_eq!(cached, Some(old));
+        hsm.inner
+            .pool
+            .submit(move |w| w.run(false, move |s, _| Ok(s.destroy_object(old)?)))
+            .await
+            .expect("destroy");
+        let new = make(2).await.expect("create again");
+        let e = read(old).await.expect_err("stale");
+        assert!(e.is_stale_handle(), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        let searches = hsm.object_searches();
+        let found = hsm
+            .find_object(ObjectClass::DATA, "remade")
+            .await
+            .expect("find");
+        assert_eq!(found, Some(new));
+        assert_eq!(hsm.object_searches(), searches + 1);
+        assert_eq!(hsm.stats().sessions_replaced.load(Ordering::Relaxed), 0);
+        read(new).await.expect("the new handle works");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_probe_a_full_queue_is_healthy_only_while_operations_complete() {
+        let env = DevEnv::new();
+        let hsm = open(&env, 1, 1);
+        assert!(hsm.serving(Duration::from_secs(5), hsm.completed()).await);
+        hsm.faults().delay_calls(Some(Duration::from_millis(400)));
+        let running = tokio::spawn({
+            let hsm = hsm.clone();
+            async move { hsm.random(8).await.map(|r| r.len()) }
+        });
+        while hsm.queued() > 0 || hsm.completed() < 1 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = tokio::spawn({
+            let hsm = hsm.clone();
+            async move { hsm.random(8).await.map(|r| r.len()) }
+        });
+        while hsm.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let done = hsm.completed();
+        // Full queue, nothing completed since the last look: counted as hung.
+        assert!(!hsm.serving(Duration::from_secs(5), done).await);
+        // Full queue, but operations completed since: busy, not lost.
+        assert!(hsm.serving(Duration::from_secs(5), done - 1).await);
+        // Answering, but slower than the deadline: not serving.
+        assert_eq!(running.await.expect("join").expect("random"), 8);
+        assert_eq!(queued.await.expect("join").expect("random"), 8);
+        assert!(
+            !hsm.serving(Duration::from_millis(100), hsm.completed())
+                .await
+        );
+        hsm.faults().delay_calls(None);
+        assert!(hsm.serving(Duration::from_secs(5), hsm.completed()).await);
     }
 }

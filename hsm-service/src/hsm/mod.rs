@@ -14,6 +14,7 @@ pub mod binding;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod import;
 pub mod module;
 pub mod objects;
 mod pool;

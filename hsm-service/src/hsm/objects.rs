@@ -21,21 +21,28 @@ pub(crate) struct HandleCache {
     by_id: RwLock<HashMap<(u64, Vec<u8>), ObjectHandle>>,
     /// Searches that reached the token; the cache's tests and benches read it.
     pub(crate) searches: AtomicU64,
-    /// `PoolStats::token_losses` when the cache was last known good.
+    /// `PoolStats::sessions_replaced + stale_handles` when the cache was last known good.
     losses_seen: AtomicU64,
 }
 
 impl HandleCache {
-    /// Forget every handle if the token was lost since the last look (`losses` is
-    /// `PoolStats::token_losses`): a token that comes back may number its objects anew.
+    /// Forget every handle if a session was lost or a handle found stale since the last
+    /// look (`losses`: `PoolStats::sessions_replaced + stale_handles`): a token drops its
+    /// object handles with the application's last session (SoftHSM does), one that comes
+    /// back after a device error or removal may number its objects anew, and an object
+    /// may have been removed and made again (faults.rs, design note).
     fn sync(&self, losses: u64) {
         if self.losses_seen.swap(losses, Ordering::Relaxed) != losses {
-            self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
-            self.by_id
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            self.clear();
         }
+    }
+
+    fn clear(&self) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -141,8 +148,15 @@ impl Hsm {
     }
 
     fn sync_handles(&self) {
-        let losses = self.stats().token_losses.load(Ordering::Relaxed);
+        let stats = self.stats();
+        let losses = stats.sessions_replaced.load(Ordering::Relaxed)
+            + stats.stale_handles.load(Ordering::Relaxed);
         self.inner.handles.sync(losses);
+    }
+
+    /// Forget every cached handle (one was found stale), so that each is searched again.
+    pub(crate) fn forget_all_objects(&self) {
+        self.inner.handles.clear();
     }
 
     /// Drop a handle cached by CKA_ID (stale, or the object was destroyed).

@@ -387,8 +387,33 @@ impl Hsm {
     /// The seed is unwrapped into a cached session object on first use, after the HSM
     /// checked `binding` (see [`SeedKey`]; [`Error::BindingMismatch`] when it does not
     /// match, and nothing is unwrapped). Returns the MACs concatenated
-    /// (`alg.digest_len()` bytes each), zeroized on drop.
+    /// (`alg.digest_len()` bytes each), zeroized on drop. A master or binding key handle
+    /// that went stale (the token dropped its handles with its last session) is searched
+    /// again, once.
     pub async fn seed_macs(
+        &self,
+        version: u32,
+        wrapped: Arc<[u8]>,
+        binding: SeedBinding,
+        alg: HashAlgorithm,
+        factors: Vec<[u8; 8]>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let again = (wrapped.clone(), binding.clone(), factors.clone());
+        match self
+            .seed_macs_once(version, wrapped, binding, alg, factors)
+            .await
+        {
+            Err(e) if e.is_stale_handle() => {
+                tracing::warn!(error = %e, "stale key handle; searching the keys again");
+                self.forget_all_objects();
+                self.seed_macs_once(version, again.0, again.1, alg, again.2)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn seed_macs_once(
         &self,
         version: u32,
         wrapped: Arc<[u8]>,
@@ -469,9 +494,11 @@ fn unwrapped(
 ) -> Result<ObjectHandle> {
     if let Some(h) = seeds.map.get(key) {
         seeds.shared.hits.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::seed_cache_hit();
         return Ok(*h);
     }
     seeds.shared.misses.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::seed_cache_miss();
     binding::check(session, keys.bind, &key.wrapped, &key.binding)?;
     let handle = session.unwrap_key(
         &Mechanism::AesKeyWrapPad,
@@ -484,6 +511,7 @@ fn unwrapped(
         // The least recently used seed of this worker: nobody else holds its handle.
         let _ = session.destroy_object(evicted);
         seeds.shared.entries.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::seed_cache_eviction();
     }
     Ok(handle)
 }

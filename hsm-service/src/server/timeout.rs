@@ -1,8 +1,11 @@
 //! The request timeout (`server.limits.request_timeout_seconds`): a call whose answer
 //! takes longer is DEADLINE_EXCEEDED and its handler is dropped. ExecuteCeremony is
 //! exempt: dropping an execution half-way would leave it `executing` with some of its
-//! keys made; an officer's ceremony is bounded by its plan, not by a timer. (A client's
-//! own `grpc-timeout` still applies to every call, through tonic.)
+//! keys made; an officer's ceremony is bounded by its plan, not by a timer. So is
+//! ImportCredentials: a five-million-entry stream takes far longer than any request
+//! timeout, commits batch by batch, and has its own per-message idle limit instead (see
+//! `api::import`). (A client's own `grpc-timeout` still applies to every call, through
+//! tonic.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +15,10 @@ use std::time::Duration;
 use tonic::codegen::{http, Service};
 
 /// Methods (`/service/method`) the timeout does not apply to.
-const EXEMPT: &[&str] = &["/hsm.v1.CeremonyService/ExecuteCeremony"];
+const EXEMPT: &[&str] = &[
+    "/hsm.v1.CeremonyService/ExecuteCeremony",
+    "/hsm.v1.CredentialService/ImportCredentials",
+];
 
 /// Adds [`RequestTimeout`] in front of a service.
 #[derive(Clone, Copy)]

@@ -63,6 +63,9 @@ pub enum Table {
     Activations,
     /// `tenant NUL challenge id` -> `devices::records` encoding of an approval challenge.
     Challenges,
+    /// `purge_at (20 digits) NUL kind NUL tenant NUL id` -> empty: the purge index of
+    /// [`Table::Activations`] (kind `a`) and [`Table::Challenges`] (kind `c`).
+    DeviceExpiry,
 }
 
 impl Table {
@@ -81,6 +84,7 @@ impl Table {
         Table::DeviceSubjects,
         Table::Activations,
         Table::Challenges,
+        Table::DeviceExpiry,
     ];
 
     /// The table's name in every backend (redb table name, PostgreSQL table name).
@@ -99,6 +103,7 @@ impl Table {
             Table::DeviceSubjects => "device_subjects",
             Table::Activations => "device_activations",
             Table::Challenges => "challenges",
+            Table::DeviceExpiry => "device_expiry",
         }
     }
 }

@@ -40,7 +40,7 @@ pub(super) const SCHEMA_VERSION_KEY: &str = "store.schema_version";
 /// every other table of the unit of work. 4: the event outbox (`events`,
 /// `notification_prefs`); bumped so that an older build, which would commit changes
 /// without their events, refuses the file. 5: the app authenticator (`devices`,
-/// `device_subjects`, `device_activations`, `challenges`) and evidence format 2 (the
+/// `device_subjects`, `device_activations`, `challenges`, `device_expiry`) and evidence format 2 (the
 /// approved text's hash); bumped so that an older build, which cannot read app evidence,
 /// refuses the file.
 pub(super) const SCHEMA_VERSION: u32 = 5;
