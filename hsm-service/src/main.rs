@@ -216,6 +216,9 @@ fn backup_kek(command: &Command) -> Result<(), String> {
     if let Some(conf) = &config.hsm.softhsm2_conf {
         dev::point_softhsm_at(conf)?;
     }
+    if let Some(conf) = &config.hsm.kryoptic_conf {
+        dev::SoftToken::Kryoptic.point_at(conf)?;
+    }
     let pin = zeroize::Zeroizing::new(
         std::fs::read_to_string(so_pin_file)
             .map_err(|e| format!("SO PIN file {}: {e}", so_pin_file.display()))?,
@@ -391,6 +394,9 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             let config = Config::load_for_serve(config).map_err(|e| e.to_string())?;
             if let Some(conf) = &config.hsm.softhsm2_conf {
                 dev::point_softhsm_at(conf)?;
+            }
+            if let Some(conf) = &config.hsm.kryoptic_conf {
+                dev::SoftToken::Kryoptic.point_at(conf)?;
             }
             Ok((config, None))
         }

@@ -21,7 +21,10 @@ pub enum ErrorKind {
     NotFound,
     /// The PIN was wrong or is locked.
     Authentication,
-    /// Anything else: a bug, an unsupported mechanism, a misconfigured token.
+    /// The token lacks a mechanism this needs (named in the message, which is safe to
+    /// show: mechanism names only).
+    Unsupported,
+    /// Anything else: a bug, a misconfigured token.
     Internal,
 }
 
@@ -63,6 +66,10 @@ pub enum Error {
     /// cryptoki failed outside a PKCS#11 call (conversion, missing symbol).
     #[error("PKCS#11 binding error: {0}")]
     Binding(String),
+    /// The token lacks (or has a different) mechanism the service needs; the message
+    /// names it (see `hsm::mechanisms`).
+    #[error("{0}")]
+    Unsupported(String),
     /// A wrapped seed's binding MAC does not match its record: it was not unwrapped.
     #[error("the wrapped seed is not bound to its record (binding MAC mismatch)")]
     BindingMismatch,
@@ -77,6 +84,7 @@ impl Error {
             Error::ShutDown => ErrorKind::Unavailable,
             Error::ObjectNotFound(_) | Error::TokenNotFound(_) => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::InvalidInput,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Load { .. } | Error::Binding(_) | Error::BindingMismatch => ErrorKind::Internal,
         }
     }
