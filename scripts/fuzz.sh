@@ -27,6 +27,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1 CARGO_INCREMENTAL=0
 nice -n "$nice_level" cargo fuzz build --fuzz-dir "$dir" -s none
+bin_dir=$dir/target/$(rustc -vV | sed -n 's/^host: //p')/release
 
 run_one() {
     local t=$1 log
@@ -35,8 +36,9 @@ run_one() {
     local seeds=(fuzz/corpus/"$t")
     [ -d fuzz/regressions/"$t" ] && seeds+=(fuzz/regressions/"$t")
     local rc=0
-    nice -n "$nice_level" cargo fuzz run --fuzz-dir "$dir" -s none "$t" \
-        "$dir/corpus/$t" "${seeds[@]}" -- \
+    # The binary built above, run directly: an edit of the sources during a long
+    # campaign must not make each run rebuild first.
+    nice -n "$nice_level" "$bin_dir/$t" "$dir/corpus/$t" "${seeds[@]}" \
         -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 \
         -artifact_prefix="$dir/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1 || rc=$?
     local execs corpus

@@ -134,6 +134,49 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The metrics lines of `hsmctl status`.
+fn print_metrics(m: &hsm_client::proto::MetricsSummary) {
+    let ratio = |part: u64, whole: u64| {
+        if whole == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+        }
+    };
+    let endpoint = if m.endpoint.is_empty() {
+        "off ([metrics] listen)"
+    } else {
+        &m.endpoint
+    };
+    println!("metrics: {endpoint}");
+    println!("rpc:     {} calls, {} not OK", m.rpc_requests, m.rpc_failed);
+    println!(
+        "verify:  {} accepted, {} not accepted",
+        m.verify_accepted, m.verify_not_accepted
+    );
+    println!(
+        "seeds:   cache {} hits, {} misses ({} hit rate), {} evictions; {} PKCS#11 errors",
+        m.seed_cache_hits,
+        m.seed_cache_misses,
+        ratio(m.seed_cache_hits, m.seed_cache_hits + m.seed_cache_misses),
+        m.seed_cache_evictions,
+        m.hsm_errors
+    );
+    let per_commit = if m.commits == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1}", m.committed_jobs as f64 / m.commits as f64)
+    };
+    println!(
+        "store:   {} commits, {} writes ({per_commit} per commit)",
+        m.commits, m.committed_jobs
+    );
+    println!(
+        "audit:   {} records, {} checkpoints; {} open event watches",
+        m.audit_records, m.audit_checkpoints, m.event_watches_open
+    );
+}
+
 fn client_config(conn: &Connection) -> ClientConfig {
     ClientConfig {
         endpoint: conn.endpoint.clone(),
@@ -197,6 +240,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 .into_inner();
             let token = s.token.unwrap_or_default();
             let pool = s.pool.unwrap_or_default();
+            let m = s.metrics.unwrap_or_default();
             if cli.json {
                 println!(
                     "{}",
@@ -213,6 +257,17 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                             "sessions": pool.sessions, "queue_capacity": pool.queue_capacity,
                             "queued": pool.queued, "completed": pool.completed,
                             "rejected_busy": pool.rejected_busy, "sessions_replaced": pool.sessions_replaced,
+                        },
+                        "metrics": {
+                            "endpoint": m.endpoint,
+                            "rpc_requests": m.rpc_requests, "rpc_failed": m.rpc_failed,
+                            "verify_accepted": m.verify_accepted, "verify_not_accepted": m.verify_not_accepted,
+                            "hsm_errors": m.hsm_errors,
+                            "seed_cache_hits": m.seed_cache_hits, "seed_cache_misses": m.seed_cache_misses,
+                            "seed_cache_evictions": m.seed_cache_evictions,
+                            "commits": m.commits, "committed_jobs": m.committed_jobs,
+                            "audit_records": m.audit_records, "audit_checkpoints": m.audit_checkpoints,
+                            "event_watches_open": m.event_watches_open,
                         },
                     })
                 );
@@ -232,6 +287,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                     "pool:    {} sessions, queue {}/{}, {} done, {} refused busy, {} sessions replaced",
                     pool.sessions, pool.queued, pool.queue_capacity, pool.completed, pool.rejected_busy, pool.sessions_replaced
                 );
+                print_metrics(&m);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -43,8 +43,29 @@ async fn status_for_officer_and_refusal_for_login_service() {
     assert_eq!(v["caller"]["role"], "officer");
     assert_eq!(v["token"]["logged_in"], true);
     assert_eq!(v["pool"]["sessions"], 4);
+    let metrics = server.metrics_addr().expect("dev mode serves metrics");
+    assert_eq!(
+        v["metrics"]["endpoint"],
+        format!("http://{metrics}/metrics")
+    );
+    assert!(v["metrics"]["rpc_requests"].as_u64().is_some(), "{v}");
+    assert!(v["metrics"]["audit_records"].as_u64() >= Some(1), "{v}");
     let out = hsmctl(&env, addr, "officer-1", &["status"]);
-    assert!(stdout(&out).contains("logged in: true"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("logged in: true"), "{text}");
+    assert!(
+        text.contains(&format!("metrics: http://{metrics}/metrics")),
+        "{text}"
+    );
+    for line in [
+        "rpc:     ",
+        "verify:  ",
+        "seeds:   cache ",
+        "store:   ",
+        "audit:   ",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {text}");
+    }
 
     let out = hsmctl(&env, addr, "login-service", &["status", "--json"]);
     assert_eq!(out.status.code(), Some(2));

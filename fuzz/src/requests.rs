@@ -4,7 +4,10 @@
 //! them a request.
 //!
 //! Input: byte 0 picks the method ([`METHODS`]), byte 1 the caller (a dev identity), the
-//! rest is the request message's protobuf encoding. An undecodable message is the
+//! rest is the request message's protobuf encoding; for the client-streaming
+//! `ImportCredentials`, a sequence of messages, each a 2-byte little-endian length and
+//! that many bytes, which reach the handler as a gRPC request stream (a message there
+//! that does not decode is the handler's to answer). An undecodable message is the
 //! codec's business (tonic refuses it before any handler), so it is skipped; a caller
 //! whose role the gate refuses for that method never reaches the handler, so it is
 //! skipped too. What reaches a handler must come back as a response or as a status
@@ -51,6 +54,7 @@ pub const METHODS: &[&str] = &[
     "hsm.v1.CredentialService/ListCredentials",
     "hsm.v1.CredentialService/UpdateCredentialState",
     "hsm.v1.CredentialService/DeleteCredential",
+    "hsm.v1.CredentialService/ImportCredentials",
     "hsm.v1.EventService/WatchEvents",
     "hsm.v1.EventService/ListEvents",
     "hsm.v1.EventService/SetNotificationPreference",
@@ -396,7 +400,45 @@ async fn call(
             answer_challenge,
             pb::AnswerChallengeRequest
         ),
+        "hsm.v1.CredentialService/ImportCredentials" => {
+            let stream =
+                request_stream::<pb::ImportCredentialsResponse, pb::ImportCredentialsRequest>(body);
+            let request = gated_request(stream, caller, method);
+            api::credentials::CredentialApi::new(s())
+                .import_credentials(request)
+                .await
+                .map(|_| ())
+        }
         other => unreachable!("method {other} is in METHODS but has no handler call"),
     };
     Some(result)
+}
+
+/// Messages of a client-streaming request read from `body` (see the module
+/// documentation): at most this many.
+const STREAM_MESSAGES: usize = 64;
+
+/// `body` split into length-prefixed messages, framed as gRPC frames and decoded by the
+/// service's own codec, as the generated server hands them to the handler.
+fn request_stream<Resp, Req>(mut body: &[u8]) -> tonic::Streaming<Req>
+where
+    Resp: Message + Send + 'static,
+    Req: Message + Default + Send + 'static,
+{
+    use tonic::codec::Codec as _;
+    let mut framed = Vec::new();
+    for _ in 0..STREAM_MESSAGES {
+        let [a, b, rest @ ..] = body else {
+            break;
+        };
+        let len = usize::from(u16::from_le_bytes([*a, *b])).min(rest.len());
+        let (message, rest) = rest.split_at(len);
+        framed.push(0u8);
+        framed.extend_from_slice(&u32::try_from(len).expect("u16").to_be_bytes());
+        framed.extend_from_slice(message);
+        body = rest;
+    }
+    let decoder = hsm_proto::codec::Codec::<Resp, Req>::default().decoder();
+    let body = http_body_util::Full::new(bytes::Bytes::from(framed));
+    tonic::Streaming::new_request(decoder, body, None, None)
 }

@@ -299,6 +299,45 @@ fn requests() -> Vec<Seed> {
         from_seq: 1,
         chain: "default".into(),
     };
+    let frames = |messages: &[pb::ImportCredentialsRequest]| {
+        let mut bytes = vec![
+            index("hsm.v1.CredentialService/ImportCredentials"),
+            caller("login-service"),
+        ];
+        for m in messages {
+            let encoded = m.encode_to_vec();
+            bytes.extend_from_slice(&u16::try_from(encoded.len()).expect("short").to_le_bytes());
+            bytes.extend_from_slice(&encoded);
+        }
+        bytes
+    };
+    use pb::import_credentials_request::Message as Part;
+    let header = pb::ImportCredentialsRequest {
+        message: Some(Part::Header(pb::ImportHeader {
+            transport: Some(pb::import_header::Transport::Psk(vec![0x12; 16])),
+            mac_method: "http://www.w3.org/2000/09/xmldsig#hmac-sha1".into(),
+            dry_run: true,
+            ..Default::default()
+        })),
+    };
+    let batch = pb::ImportCredentialsRequest {
+        message: Some(Part::Batch(pb::ImportBatch {
+            entries: vec![pb::ImportEntry {
+                credential_id: "imported-1".into(),
+                serial: "987654321".into(),
+                kind: pb::OtpKind::Hotp as i32,
+                digits: 6,
+                plain_secret: b"12345678901234567890".to_vec(),
+                ..Default::default()
+            }],
+        })),
+    };
+    seeds.push((
+        "requests",
+        "import".into(),
+        frames(&[header.clone(), batch.clone()]),
+    ));
+    seeds.push(("requests", "import-header-only".into(), frames(&[header])));
     let named = [
         (
             "create-hotp",

@@ -122,6 +122,10 @@ fn every_target_runs_its_corpus_its_regressions_and_mutations_of_them() {
             eprintln!("{target}: {}", path.display());
             run(target, bytes);
         }
+        for (_, name, bytes) in seeds::all().into_iter().filter(|s| s.0 == *target) {
+            eprintln!("{target}: current seed {name}");
+            run(target, &bytes);
+        }
         let seed = 0x9e37_79b9_7f4a_7c15 ^ target.len() as u64;
         let mut rng = Rng(seed);
         let (start, mut runs) = (Instant::now(), 0u64);
@@ -207,21 +211,17 @@ fn audit_keys() -> std::collections::HashMap<String, Vec<u8>> {
     .into()
 }
 
-/// The committed corpora hold every seed [`seeds::all`] makes (rewrite them after a
-/// change: `cargo test -p hsm-fuzz --test corpus -- --ignored write_seeds`).
+/// The committed corpora hold a file for every seed [`seeds::all`] makes (write them
+/// after adding one: `cargo test -p hsm-fuzz --test corpus -- --ignored write_seeds`).
+/// Their contents may lag behind the files they were made from (e.g. the config
+/// example): the replay test runs the current seeds too.
 #[test]
-fn the_corpora_hold_the_current_seeds() {
-    for (target, name, bytes) in seeds::all() {
+fn the_corpora_hold_a_file_for_every_seed() {
+    for (target, name, _) in seeds::all() {
         let path = dir("corpus", target).join(&name);
-        let on_disk = std::fs::read(&path).ok();
-        // Shares and checkpoint signatures are random: only their presence is checked.
-        let fresh = match target {
-            "share" | "audit" => on_disk.is_some(),
-            _ => on_disk.as_deref() == Some(&bytes[..]),
-        };
         assert!(
-            fresh,
-            "{} is missing or stale: run --ignored write_seeds",
+            path.is_file(),
+            "{} is missing: run --ignored write_seeds",
             path.display()
         );
     }

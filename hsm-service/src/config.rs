@@ -49,6 +49,63 @@ pub struct Config {
     /// The app authenticator: activations, devices, challenges.
     #[serde(default)]
     pub devices: DevicesConfig,
+    /// The Prometheus metrics endpoint (off unless `listen` is set; dev mode turns it
+    /// on). Not written out when off.
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
+    pub metrics: MetricsConfig,
+}
+
+/// Dev mode's metrics address (`hsm-service dev --metrics-listen` moves it).
+pub const DEV_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// `[metrics]`: the Prometheus endpoint, `GET /metrics` on a listener of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address (IP and port) of the plain-HTTP listener; absent: no endpoint (the
+    /// default of `hsm-service serve`). Nothing served there is secret, but keep it on
+    /// loopback or a monitoring network.
+    #[serde(
+        default,
+        deserialize_with = "metrics_listen",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// Set by dev mode for its default address only: when that port is taken the service
+    /// starts anyway, without metrics, and says so (several dev instances on one
+    /// machine). Never from the file: a configured address that cannot be bound stops
+    /// the start.
+    #[serde(skip)]
+    pub best_effort: bool,
+}
+
+impl MetricsConfig {
+    fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
+
+    /// Rules the schema cannot express: not the gRPC listener's address.
+    pub fn validate(&self, server: &ServerConfig) -> Result<(), String> {
+        match self.listen {
+            Some(addr) if addr.port() != 0 && addr == server.listen => Err(format!(
+                "metrics.listen ({addr}) must differ from server.listen: the metrics \
+                 endpoint is plain HTTP on a listener of its own"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `metrics.listen`: an IP address and a port, with a message that says so.
+fn metrics_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "metrics.listen: {:?} is not an IP address and port (e.g. \"{DEV_METRICS_LISTEN}\"; \
+             host names are not resolved)",
+            text.chars().take(64).collect::<String>()
+        ))
+    })
 }
 
 /// `[devices]`: the app authenticator (DeviceService, ApprovalService).
@@ -480,6 +537,9 @@ pub struct HsmConfig {
     /// SoftHSM only: the softhsm2.conf to use (sets SOFTHSM2_CONF before loading).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
+    /// kryoptic only: the kryoptic.conf to use (sets KRYOPTIC_CONF before loading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kryoptic_conf: Option<PathBuf>,
 }
 
 fn default_sessions() -> usize {
@@ -1300,6 +1360,9 @@ impl Config {
         if let Some(p) = self.hsm.softhsm2_conf.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.hsm.kryoptic_conf.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.store.password_file.as_mut() {
             fix(p);
         }
@@ -1317,6 +1380,7 @@ impl Config {
             ("hsm.module", Some(&self.hsm.module)),
             ("hsm.user_pin_file", self.hsm.user_pin_file.as_ref()),
             ("hsm.softhsm2_conf", self.hsm.softhsm2_conf.as_ref()),
+            ("hsm.kryoptic_conf", self.hsm.kryoptic_conf.as_ref()),
             ("store.password_file", self.store.password_file.as_ref()),
             ("store.ca_file", self.store.ca_file.as_ref()),
         ];
@@ -1434,6 +1498,7 @@ impl Config {
         self.ceremony.validate()?;
         self.store.validate()?;
         self.events.validate()?;
+        self.metrics.validate(&self.server)?;
         self.devices.validate()?;
         Ok(())
     }
@@ -1498,6 +1563,32 @@ mod tests {
             assert!(err.contains(&format!("events.{key}")), "{err}");
         }
         assert_eq!(EventsConfig::default().validate(), Ok(()));
+    }
+
+    /// `[metrics]`: off in the reference config, its commented address parses, a bad one
+    /// names the key.
+    #[test]
+    fn metrics_section_is_off_by_default_and_strict() {
+        let text = include_str!("../config.example.toml");
+        let config: Config = toml::from_str(text).expect("config.example.toml parses");
+        assert_eq!(config.metrics, MetricsConfig::default());
+        let on = text.replace(
+            "#listen = \"127.0.0.1:9464\"",
+            "listen = \"127.0.0.1:9464\"",
+        );
+        let config: Config = toml::from_str(&on).expect("parses");
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(!config.metrics.best_effort, "never from the file");
+        let err = toml::from_str::<MetricsConfig>("listen = \"[::1]\"").expect_err("no port");
+        assert!(
+            err.to_string()
+                .contains("metrics.listen: \"[::1]\" is not an IP address and port"),
+            "{err}"
+        );
+        assert!(toml::from_str::<MetricsConfig>("best_effort = true").is_err());
     }
 
     /// The reference config parses with the same schema the service uses, so a key added

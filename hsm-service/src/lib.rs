@@ -22,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod hsm;
 pub mod logging;
+pub mod metrics;
 pub mod otp;
 pub mod pki;
 pub mod server;

@@ -47,6 +47,10 @@ enum Command {
         /// store.instance of the config, else dev-<ip>-<port> of the listen address.
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
+        /// Address of the Prometheus metrics endpoint (plain HTTP, GET /metrics); default
+        /// `[metrics] listen` of the config, else 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run with a configuration file.
     Serve {
@@ -169,8 +173,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let signal = shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        server::run(config, signal, |addr| {
+        server::run(config, signal, |addr, metrics| {
         println!("hsm-service listening on {addr} (gRPC, mutual TLS)");
+        if let Some(m) = metrics {
+            println!("hsm-service metrics on http://{m}/metrics");
+        }
         if let Some(dir) = &dev_dir {
             let pki = dir.join("pki");
             println!("dev PKI: {} (ca.crt; login-service, officer-1..3, auditor .crt/.key)", pki.display());
@@ -208,6 +215,9 @@ fn backup_kek(command: &Command) -> Result<(), String> {
     let config = Config::load(config).map_err(|e| e.to_string())?;
     if let Some(conf) = &config.hsm.softhsm2_conf {
         dev::point_softhsm_at(conf)?;
+    }
+    if let Some(conf) = &config.hsm.kryoptic_conf {
+        dev::SoftToken::Kryoptic.point_at(conf)?;
     }
     let pin = zeroize::Zeroizing::new(
         std::fs::read_to_string(so_pin_file)
@@ -364,8 +374,10 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             postgres,
             postgres_password_file,
             instance,
+            metrics_listen,
         } => {
             let mut opts = DevOptions::new(data_dir);
+            opts.metrics_listen = *metrics_listen;
             opts.listen = *listen;
             opts.postgres = postgres.clone();
             opts.postgres_password_file = postgres_password_file.clone();
@@ -382,6 +394,9 @@ fn prepare(cli: &Cli) -> Result<(Config, Option<PathBuf>), String> {
             let config = Config::load_for_serve(config).map_err(|e| e.to_string())?;
             if let Some(conf) = &config.hsm.softhsm2_conf {
                 dev::point_softhsm_at(conf)?;
+            }
+            if let Some(conf) = &config.hsm.kryoptic_conf {
+                dev::SoftToken::Kryoptic.point_at(conf)?;
             }
             Ok((config, None))
         }

@@ -36,8 +36,10 @@ use crate::hsm::{Hsm, HsmSettings};
 use crate::store::{Store, StoreOptions};
 
 mod accept;
+mod metrics_http;
 pub mod migrate;
 mod oversize;
+mod rpc_metrics;
 mod timeout;
 mod tls;
 
@@ -64,6 +66,14 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The metrics listener (`metrics.listen`) could not be bound.
+    #[error("cannot listen on {addr} (metrics.listen): {source}")]
+    MetricsBind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Anything else at start.
     #[error("{0}")]
     Other(String),
@@ -72,6 +82,7 @@ pub enum StartError {
 /// A running server.
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     grace: Duration,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -83,6 +94,11 @@ impl RunningServer {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The metrics endpoint's bound address (`None`: no endpoint).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The shared state, for tests and benches in the same process.
@@ -207,6 +223,15 @@ pub(crate) async fn start_with_store(
         .local_addr()
         .map_err(|e| StartError::Other(format!("local address: {e}")))?;
 
+    let metrics_listener = bind_metrics(&config).await?;
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(|e| StartError::Other(format!("metrics local address: {e}")))?,
+        ),
+        None => None,
+    };
+
     let events = crate::events::Events::new(store.clone(), config.events.clone(), clock.clone());
     let _compaction = events.spawn_compaction();
     let devices = Arc::new(crate::devices::Devices::new(
@@ -229,6 +254,7 @@ pub(crate) async fn start_with_store(
         ceremonies,
         events: events.clone(),
         devices,
+        metrics_addr,
     });
 
     let start_event = Event::new(
@@ -276,6 +302,7 @@ pub(crate) async fn start_with_store(
     let small = limits.max_request_bytes;
     let signing_size = limits.max_signing_request_bytes;
     let router = transport(limits)
+        .layer(rpc_metrics::RpcMetricsLayer)
         .layer(oversize::OversizeStatusLayer)
         .layer(timeout::RequestTimeoutLayer::new(Duration::from_secs(
             limits.request_timeout_seconds,
@@ -330,6 +357,9 @@ pub(crate) async fn start_with_store(
             max_pending: limits.max_pending_handshakes,
         },
     );
+    if let Some(listener) = metrics_listener {
+        metrics_http::spawn(listener, shutdown_rx.clone());
+    }
     let task = tokio::spawn(async move {
         let mut rx = shutdown_rx;
         let signal = async move {
@@ -363,14 +393,39 @@ pub(crate) async fn start_with_store(
         result
     });
     tracing::info!(%addr, "serving gRPC over mutual TLS");
+    if let Some(m) = metrics_addr {
+        tracing::info!(addr = %m, "serving metrics at http://{m}{}", crate::metrics::PATH);
+    }
     Ok(RunningServer {
         addr,
+        metrics_addr,
         grace,
         shutdown: shutdown_tx,
         task,
         state,
         tls,
     })
+}
+
+/// The metrics listener of `metrics.listen`, if any. Dev mode's default address is
+/// best effort: taken (another dev instance has it), the service starts without it.
+async fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, StartError> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the metrics endpoint is plain HTTP without authentication on a non-loopback address: restrict who can reach it");
+            }
+            Ok(Some(l))
+        }
+        Err(source) if config.metrics.best_effort => {
+            tracing::warn!(%addr, error = %source, "dev mode: no metrics endpoint (its default address is taken; --metrics-listen moves it)");
+            Ok(None)
+        }
+        Err(source) => Err(StartError::MetricsBind { addr, source }),
+    }
 }
 
 /// The HTTP/2 server with the config's limits: tonic's defaults leave streams per
@@ -407,10 +462,10 @@ fn reload_crls(tls: &TlsConfigSource) -> Result<usize, String> {
 pub async fn run(
     config: Config,
     signal: impl Future<Output = ()>,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), String> {
     let server = start(config).await.map_err(|e| e.to_string())?;
-    on_ready(server.local_addr());
+    on_ready(server.local_addr(), server.metrics_addr());
     let stop = server.shutdown_handle();
     let grace = server.grace;
     spawn_reload_on_sighup(server.tls.clone(), stop.subscribe())

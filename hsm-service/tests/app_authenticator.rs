@@ -182,11 +182,12 @@ async fn a_third_party_app_activates_approves_and_the_assertion_verifies() {
         .expect_err("reserved claim");
     assert_eq!(forged.code(), Code::InvalidArgument);
 
-    let kinds: Vec<(String, bool)> = events(&a, "citizen-1")
-        .await
-        .into_iter()
-        .map(|e| (e.kind, e.critical))
-        .collect();
+    let evs = events(&a, "citizen-1").await;
+    assert!(
+        evs.iter().all(|e| !e.details_json.contains("Test phone")),
+        "events never carry the display name"
+    );
+    let kinds: Vec<(String, bool)> = evs.into_iter().map(|e| (e.kind, e.critical)).collect();
     for (kind, critical) in [
         ("device.activation_started", false),
         ("device.activated", true),

@@ -1,7 +1,7 @@
 //! `hsm.v1.AdminService`.
 
 use hsm_proto::v1::admin_service_server::AdminService;
-use hsm_proto::v1::{GetStatusRequest, GetStatusResponse, PoolInfo, TokenInfo};
+use hsm_proto::v1::{GetStatusRequest, GetStatusResponse, MetricsSummary, PoolInfo, TokenInfo};
 use tonic::{Request, Response, Status};
 
 use super::State;
@@ -16,6 +16,29 @@ impl Admin {
     /// A handler over the shared state.
     pub fn new(state: State) -> Admin {
         Admin { state }
+    }
+}
+
+/// The registry's main figures (see `crate::metrics::summary`).
+fn metrics_summary(endpoint: Option<std::net::SocketAddr>) -> MetricsSummary {
+    let m = crate::metrics::summary();
+    MetricsSummary {
+        endpoint: endpoint.map_or_else(String::new, |a| {
+            format!("http://{a}{}", crate::metrics::PATH)
+        }),
+        rpc_requests: m.rpc_requests,
+        rpc_failed: m.rpc_failed,
+        verify_accepted: m.verify_accepted,
+        verify_not_accepted: m.verify_not_accepted,
+        hsm_errors: m.hsm_errors,
+        seed_cache_hits: m.seed_cache_hits,
+        seed_cache_misses: m.seed_cache_misses,
+        seed_cache_evictions: m.seed_cache_evictions,
+        commits: m.commits,
+        committed_jobs: m.committed_jobs,
+        audit_records: m.audit_records,
+        audit_checkpoints: m.audit_checkpoints,
+        event_watches_open: m.event_watches_open,
     }
 }
 
@@ -55,6 +78,7 @@ impl AdminService for Admin {
             }),
             caller_role: caller.role.as_str().to_owned(),
             caller_subject: caller.subject,
+            metrics: Some(metrics_summary(self.state.metrics_addr)),
         }))
     }
 }

@@ -178,6 +178,7 @@ impl CredentialService for CredentialApi {
                 &code,
             )
             .await?;
+        crate::metrics::verify_result(verdict_label(v.outcome.verdict));
         Ok(Response::new(pb::VerifyCodeResponse {
             result: verdict(v.outcome.verdict) as i32,
             remaining_attempts: v.outcome.remaining_attempts,
@@ -302,6 +303,17 @@ impl CredentialService for CredentialApi {
             .delete_by(Some(&caller.actor()), &tenant, id)
             .await?;
         Ok(Response::new(pb::DeleteCredentialResponse {}))
+    }
+}
+
+/// The `result` label of `hsm_verify_results_total`.
+fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Accepted => "accepted",
+        Verdict::Rejected => "rejected",
+        Verdict::Replayed => "replayed",
+        Verdict::Locked => "locked",
+        Verdict::Disabled => "disabled",
     }
 }
 

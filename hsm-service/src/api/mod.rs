@@ -45,6 +45,8 @@ pub struct AppState {
     pub events: Arc<crate::events::Events>,
     /// The app authenticator.
     pub devices: Arc<crate::devices::Devices>,
+    /// The metrics endpoint's bound address (`None`: off), for GetStatus.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Shared handle to the state.

@@ -324,6 +324,7 @@ impl AuditLog {
             .map_err(internal)?
             .map_err(|e| Error::Internal(format!("audit checkpoint: {e}")))?;
         self.since_checkpoint.store(0, Ordering::Relaxed);
+        crate::metrics::audit_checkpoint();
         tracing::debug!(head = appended, "audit checkpoint signed");
         Ok(Some(record))
     }

@@ -58,7 +58,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
-/// What a key is for: `ca`, `signing` or `raw` (the key's stored, immutable usage).
+/// What a key is for: `ca`, `signing`, `raw` or `challenge` (the key's stored, immutable
+/// usage).
 pub use crate::signing::Usage;
 
 /// One step of a plan.
@@ -72,7 +73,7 @@ pub enum Step {
         name: String,
         /// `ES256`, `ES384`, `EdDSA` or `PS256`.
         algorithm: String,
-        /// `ca`, `signing` or `raw`.
+        /// `ca`, `signing`, `raw` or `challenge` (ES256 only).
         usage: Usage,
         /// Allowed to add a version to a key name that exists already (rotation).
         #[serde(default)]

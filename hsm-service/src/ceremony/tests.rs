@@ -82,6 +82,7 @@ fn validation_refusals_name_the_step_and_reason() {
     let cases: Vec<(String, &str)> = vec![
         (step("kind = \"generate-key\"\nname = \"Bad Name\"\nalgorithm = \"ES256\"\nusage = \"ca\""), "key name is 1 to 64"),
         (step("kind = \"generate-key\"\nname = \"k\"\nalgorithm = \"HS256\"\nusage = \"ca\""), "unsupported algorithm"),
+        (step("kind = \"generate-key\"\nname = \"c\"\nalgorithm = \"ES384\"\nusage = \"challenge\""), "algorithm must be ES256"),
         (format!("{}[[step]]\n{gen_ca}\n", step(gen_ca)), "duplicate key name"),
         (step(&format!("{gen_ca}\nextractable = true")), "non-extractable"),
         (step("kind = \"generate-key\"\nname = \"assertion\"\nalgorithm = \"ES256\"\nusage = \"signing\""), "exists already"),

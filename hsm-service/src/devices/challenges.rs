@@ -126,7 +126,22 @@ fn expire_in(
         &c.id,
         json!({"purpose": c.purpose.as_str()}),
     )?;
+    crate::metrics::challenge_state(metric_label(c.state));
     Ok(true)
+}
+
+/// The `state` label of `hsm_challenges_total` (counted in the transaction that makes the
+/// change, after its writes: only a batch that then fails to commit, itself counted in
+/// `hsm_store_failed_batches_total`, leaves a count without its change).
+fn metric_label(state: ChallengeState) -> &'static str {
+    match state {
+        ChallengeState::Pending => "pending",
+        ChallengeState::Approved => "approved",
+        ChallengeState::Denied => "denied",
+        ChallengeState::Reported => "reported",
+        ChallengeState::Expired => "expired",
+        ChallengeState::Cancelled => "cancelled",
+    }
 }
 
 impl Devices {
@@ -246,6 +261,10 @@ impl Devices {
                     "expires_at": c.expires_at,
                 }),
             )?;
+            if !cancelled.is_empty() {
+                crate::metrics::challenge_state(metric_label(ChallengeState::Cancelled));
+            }
+            crate::metrics::challenge_state(metric_label(c.state));
             Ok(Ok(c))
         })
         .await
@@ -494,6 +513,7 @@ impl Devices {
                 ev["reason"] = json!("wrong_binding_code");
             }
             emit(txn, time_ms, kind, &c.tenant, &c.subject, &c.id, ev)?;
+            crate::metrics::challenge_state(metric_label(state));
             Ok(Ok(c))
         });
         out.await

@@ -237,6 +237,7 @@ impl Events {
         from_seq: u64,
         follow: bool,
     ) {
+        let _open = crate::metrics::OpenWatch::new();
         let heartbeat = Duration::from_secs(self.config.heartbeat_seconds);
         let mut next = from_seq;
         let mut last_sent = Instant::now();
@@ -253,8 +254,13 @@ impl Events {
             next = page.next_seq;
             let caught_up = page.next_seq > page.head_seq;
             let (empty, head_seq) = (page.events.is_empty(), page.head_seq);
+            let created: Vec<u64> = page.events.iter().map(|e| e.event.time_ms).collect();
             if !empty && tx.send(Ok(page)).await.is_err() {
                 return;
+            }
+            let now_ms = self.clock.now_ms();
+            for ms in created {
+                crate::metrics::event_delivered(ms, now_ms);
             }
             if !empty {
                 last_sent = Instant::now();

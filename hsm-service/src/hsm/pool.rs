@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use cryptoki::context::Pkcs11;
@@ -20,7 +21,7 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use tokio::sync::oneshot;
 
-use super::error::{Error, Result};
+use super::error::{function_name, rv_name, Error, Result};
 use super::seeds::{SeedCacheShared, WorkerSeeds};
 
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
@@ -34,6 +35,8 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
+    /// Operations that met a stale object handle: the handle cache is emptied after one.
+    pub stale_handles: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -99,25 +102,49 @@ impl Worker {
 
     /// Run `op` on this worker's session. On a session or device error the session is
     /// dropped (a new one is opened for the next operation) and, when `retry` is set,
-    /// `op` runs once more on the new session.
+    /// `op` runs once more on the new session. Both, and an operation that met a stale
+    /// object handle, make the handle cache search again (objects.rs).
     pub(crate) fn run<T>(
         &mut self,
         retry: bool,
         mut op: impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
-        let first = self.call(retry, &mut op);
+        let out = self.run_once_more_if_lost(retry, &mut op);
+        if out.as_ref().is_err_and(Error::is_stale_handle) {
+            self.stats.stale_handles.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn run_once_more_if_lost<T>(
+        &mut self,
+        retry: bool,
+        op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
+    ) -> Result<T> {
+        let first = self.call(retry, op);
+        count_pkcs11_error(&first);
         match first {
             Err(e) if e.is_session_lost() => {
                 tracing::warn!(error = %e, "HSM session lost; opening a new one");
                 self.session = None;
                 self.stats.sessions_replaced.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::hsm_session_replaced();
                 if !retry {
                     return Err(e);
                 }
-                self.call(retry, &mut op)
+                let second = self.call(retry, op);
+                count_pkcs11_error(&second);
+                second
             }
             other => other,
         }
+    }
+}
+
+/// Counts a failed PKCS#11 call (`hsm_pkcs11_errors_total`, by function and return value).
+fn count_pkcs11_error<T>(out: &Result<T>) {
+    if let Err(Error::Pkcs11 { function, rv }) = out {
+        crate::metrics::pkcs11_error(function_name(*function), rv_name(*rv));
     }
 }
 
@@ -208,20 +235,31 @@ impl Pool {
     ) -> Result<T> {
         let (reply_tx, reply_rx) = oneshot::channel();
         let stats = self.stats.clone();
+        let queued = Instant::now();
         let boxed: Job = Box::new(move |worker: &mut Worker| {
+            let started = Instant::now();
+            crate::metrics::hsm_job_started(started - queued);
             let out = job(worker);
+            crate::metrics::hsm_job_finished(started.elapsed());
             stats.completed.fetch_add(1, Ordering::Relaxed);
             // The caller may have gone away (cancelled RPC): nothing to do then.
             let _ = reply_tx.send(out);
         });
         let tx = self.tx.as_ref().ok_or(Error::ShutDown)?;
+        // Counted before the send: a worker may take the job before try_send returns.
+        crate::metrics::hsm_job_queued();
         match tx.try_send(boxed) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
+                crate::metrics::hsm_job_not_queued();
                 self.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::hsm_rejected_busy();
                 return Err(Error::Busy);
             }
-            Err(TrySendError::Disconnected(_)) => return Err(Error::ShutDown),
+            Err(TrySendError::Disconnected(_)) => {
+                crate::metrics::hsm_job_not_queued();
+                return Err(Error::ShutDown);
+            }
         }
         reply_rx.await.map_err(|_| Error::ShutDown)?
     }

@@ -83,6 +83,8 @@ impl Default for Shared {
 struct Tracking<'a> {
     inner: &'a mut dyn Txn,
     wrote_events: bool,
+    /// Audit records written (counted once their batch commits).
+    audit_records: u64,
 }
 
 impl ReadTxn for Tracking<'_> {
@@ -139,6 +141,7 @@ impl Txn for Tracking<'_> {
         self.inner.delete(table, key)
     }
     fn audit_put(&mut self, chain: &ChainName, seq: u64, line: &[u8]) -> Result<(), Rollback> {
+        self.audit_records += 1;
         self.inner.audit_put(chain, seq, line)
     }
 }
@@ -293,6 +296,7 @@ fn commit_batch(
 ) {
     let fail_all = |pending: &mut VecDeque<BoxedJob>, e: StoreError| {
         shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::store_batch_failed();
         tracing::error!(error = %e, jobs = n, "store batch failed");
         for j in pending.drain(..n) {
             j.finish(Err(e.clone()));
@@ -320,6 +324,7 @@ fn commit_batch(
 
     let mut done: Vec<BoxedJob> = Vec::with_capacity(n);
     let mut wrote_events = false;
+    let mut audit_records = 0;
     for _ in 0..n {
         let Some(mut j) = pending.pop_front() else {
             break;
@@ -327,15 +332,18 @@ fn commit_batch(
         let mut tracking = Tracking {
             inner: txn.as_txn(),
             wrote_events: false,
+            audit_records: 0,
         };
         let ran = j.run(&mut tracking);
         wrote_events |= tracking.wrote_events;
+        audit_records += tracking.audit_records;
         if let Err(e) = ran {
             // Roll back everything this batch did (dropping the transaction); the
             // jobs after `j` never ran and stay at the front of `pending` for the
             // next batch.
             drop(txn);
             shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::store_batch_failed();
             tracing::warn!(error = %e, rolled_back = done.len(), "store write job failed; batch rolled back");
             j.finish(Err(e));
             for d in done {
@@ -365,8 +373,11 @@ fn commit_batch(
         }
     }
 
+    let committing = Instant::now();
     match BatchTxn::commit(txn) {
         Ok(()) => {
+            crate::metrics::store_committed(done.len(), committing.elapsed());
+            crate::metrics::audit_records(audit_records);
             shared.commits.fetch_add(1, Ordering::Relaxed);
             shared
                 .committed_jobs
@@ -380,6 +391,7 @@ fn commit_batch(
         }
         Err(e) => {
             shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::store_batch_failed();
             tracing::error!(error = %e, jobs = done.len(), "store commit failed");
             for d in done {
                 d.finish(Err(e.clone()));

@@ -36,6 +36,7 @@ pub fn spawn_dev_with(data_dir: &Path, flags: &[&str]) -> (Child, SocketAddr) {
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("SOFTHSM2_CONF")
+        .env_remove("KRYOPTIC_CONF")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -43,6 +44,43 @@ pub fn spawn_dev_with(data_dir: &Path, flags: &[&str]) -> (Child, SocketAddr) {
         .expect("spawn hsm-service");
     let addr = read_listen_addr(&mut child);
     (child, addr)
+}
+
+/// `hsm-service dev` with `dev_flags` after `dev` (e.g. `--metrics-listen ADDR`); returns
+/// it, its gRPC address and the metrics address it prints (`None`: it printed none).
+pub fn spawn_dev_metrics(
+    data_dir: &Path,
+    dev_flags: &[&str],
+) -> (Child, SocketAddr, Option<SocketAddr>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-service"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .args(dev_flags)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("SOFTHSM2_CONF")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hsm-service");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut addr_after = |prefix: &str| {
+        let line = lines.next()?.ok()?;
+        line.strip_prefix(prefix)?
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .next()?
+            .parse::<SocketAddr>()
+            .ok()
+    };
+    let Some(grpc) = addr_after("hsm-service listening on ") else {
+        let status = child.wait().expect("wait");
+        panic!("hsm-service dev did not start ({status})");
+    };
+    let metrics = addr_after("hsm-service metrics on http://");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, grpc, metrics)
 }
 
 /// `hsm-service serve --config FILE` as a child process.
@@ -61,6 +99,7 @@ pub fn serve_command(config: &Path) -> Command {
     c.args(["serve", "--config"])
         .arg(config)
         .env_remove("SOFTHSM2_CONF")
+        .env_remove("KRYOPTIC_CONF")
         .stdin(Stdio::null());
     c
 }

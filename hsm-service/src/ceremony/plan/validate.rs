@@ -233,7 +233,12 @@ impl Validation<'_> {
         if !valid_key_name(name) {
             return Err(at.bad(format!("name {name:?}: {KEY_NAME_RULE}")));
         }
-        Algorithm::from_str(algorithm).map_err(|e| at.bad(e))?;
+        let alg = Algorithm::from_str(algorithm).map_err(|e| at.bad(e))?;
+        if usage == Usage::Challenge && alg != Algorithm::Es256 {
+            return Err(at.bad(format!(
+                "{name:?}: a challenge key signs app challenges with ECDSA P-256: algorithm must be ES256"
+            )));
+        }
         if extractable {
             return Err(at.bad(format!(
                 "{name:?}: long-term keys are generated non-extractable; extractable = true is refused"
