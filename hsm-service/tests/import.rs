@@ -738,5 +738,16 @@ async fn pskc_transport_key_creates_a_token_key_pair_and_prints_its_public_key()
     .await
     .expect("fig 8");
     assert_eq!((s.imported, s.refused), (0, 1), "{s:?}");
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let records = common::audit_records(&auditor).await;
+    let made = records
+        .iter()
+        .find(|r| r.action == "pskc-transport-key.create")
+        .expect("the creation is audited");
+    assert_eq!(made.object, "vendor-x");
+    assert_eq!(
+        common::detail(made, "spki_sha256"),
+        hsm_service::audit::sha256_hex(&der)
+    );
     server.shutdown().await.expect("shutdown");
 }
