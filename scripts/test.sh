@@ -22,3 +22,6 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets
 cargo test --locked --workspace --doc
+# The HSM-facing subset again on a second, independent PKCS#11 token (kryoptic, built
+# once into /var/cache/hsm-token2; opencryptoki 3.8 for the refusal test): issue 15 §6.
+scripts/token2.sh test

@@ -537,6 +537,9 @@ pub struct HsmConfig {
     /// SoftHSM only: the softhsm2.conf to use (sets SOFTHSM2_CONF before loading).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
+    /// kryoptic only: the kryoptic.conf to use (sets KRYOPTIC_CONF before loading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kryoptic_conf: Option<PathBuf>,
 }
 
 fn default_sessions() -> usize {
@@ -1357,6 +1360,9 @@ impl Config {
         if let Some(p) = self.hsm.softhsm2_conf.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.hsm.kryoptic_conf.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.store.password_file.as_mut() {
             fix(p);
         }
@@ -1374,6 +1380,7 @@ impl Config {
             ("hsm.module", Some(&self.hsm.module)),
             ("hsm.user_pin_file", self.hsm.user_pin_file.as_ref()),
             ("hsm.softhsm2_conf", self.hsm.softhsm2_conf.as_ref()),
+            ("hsm.kryoptic_conf", self.hsm.kryoptic_conf.as_ref()),
             ("store.password_file", self.store.password_file.as_ref()),
             ("store.ca_file", self.store.ca_file.as_ref()),
         ];

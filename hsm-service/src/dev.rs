@@ -50,9 +50,10 @@ pub struct DevOptions {
     pub listen: Option<SocketAddr>,
     /// Token label.
     pub token_label: String,
-    /// Use this softhsm2.conf instead of writing one into the data directory. A process
-    /// can use only one SoftHSM configuration, so tests that run several services in
-    /// one process share one, with one token each.
+    /// Use this token configuration (`softhsm2.conf`, or `kryoptic.conf` with kryoptic's
+    /// module, see [`SoftToken`]) instead of writing one into the data directory. A
+    /// process can use only one configuration of a module, so tests that run several
+    /// services in one process share one, with one token each.
     pub softhsm2_conf: Option<PathBuf>,
     /// `--postgres URL`: the data directory's store is this PostgreSQL database. Written
     /// into `config.toml` (`[store]`) on first run; later runs use what is there.
@@ -84,8 +85,9 @@ impl DevOptions {
     }
 }
 
-/// Where SoftHSM's PKCS#11 library is: `HSM_PKCS11_MODULE` if set, else the usual
-/// Debian, Ubuntu and Fedora locations.
+/// Where the PKCS#11 library of dev mode (and the tests) is: `HSM_PKCS11_MODULE` if set
+/// (e.g. kryoptic's, the second token of the test suite: `scripts/token2.sh env`), else
+/// SoftHSM's in the usual Debian, Ubuntu and Fedora locations.
 pub fn softhsm_module() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("HSM_PKCS11_MODULE") {
         return Ok(PathBuf::from(p));
@@ -112,11 +114,83 @@ pub fn softhsm_module() -> Result<PathBuf, String> {
 /// initialized, and before other threads read the environment: `main` calls it before
 /// the runtime starts; tests call it once per process through `testing`.
 pub fn point_softhsm_at(conf: &Path) -> Result<(), String> {
-    match std::env::var_os("SOFTHSM2_CONF") {
-        Some(current) if Path::new(&current) == conf => Ok(()),
-        _ => {
-            std::env::set_var("SOFTHSM2_CONF", conf);
-            Ok(())
+    SoftToken::SoftHsm.point_at(conf)
+}
+
+/// The software tokens that dev mode and the tests can give a token directory of their
+/// own (inside the data directory, never the system's), told apart by the module's file
+/// name. Any other module is treated as SoftHSM-like: dev mode writes a `softhsm2.conf`
+/// that it ignores, and needs a slot with an uninitialized token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoftToken {
+    /// SoftHSM v2: `softhsm2.conf` (`SOFTHSM2_CONF`); it always offers one more free slot.
+    SoftHsm,
+    /// kryoptic: `kryoptic.conf` (`KRYOPTIC_CONF`): a fixed list of slots, one sqlite
+    /// file each, every one uninitialized until a token is made on it.
+    Kryoptic,
+}
+
+/// Slots of the `kryoptic.conf` dev mode writes (one token each; dev mode needs one).
+pub const DEV_KRYOPTIC_SLOTS: usize = 4;
+
+impl SoftToken {
+    /// Which one `module` is (by its file name).
+    pub fn of_module(module: &Path) -> SoftToken {
+        match module.file_name().and_then(|n| n.to_str()) {
+            Some(name) if name.contains("kryoptic") => SoftToken::Kryoptic,
+            _ => SoftToken::SoftHsm,
+        }
+    }
+
+    /// File name of its configuration.
+    pub fn conf_name(self) -> &'static str {
+        match self {
+            SoftToken::SoftHsm => "softhsm2.conf",
+            SoftToken::Kryoptic => "kryoptic.conf",
+        }
+    }
+
+    /// The environment variable that names its configuration.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            SoftToken::SoftHsm => "SOFTHSM2_CONF",
+            SoftToken::Kryoptic => "KRYOPTIC_CONF",
+        }
+    }
+
+    /// Set [`SoftToken::env_var`] to `conf` (see [`point_softhsm_at`] for when).
+    pub fn point_at(self, conf: &Path) -> Result<(), String> {
+        match std::env::var_os(self.env_var()) {
+            Some(current) if Path::new(&current) == conf => Ok(()),
+            _ => {
+                std::env::set_var(self.env_var(), conf);
+                Ok(())
+            }
+        }
+    }
+
+    /// The text of a configuration whose tokens live in `tokens` (kryoptic: `slots`
+    /// slots, numbered from 1).
+    pub fn conf_text(self, tokens: &Path, slots: usize) -> String {
+        match self {
+            SoftToken::SoftHsm => {
+                let template = include_str!("../../softhsm-config/softhsm2.conf.template");
+                template.replace("@TOKEN_DIR@", &tokens.display().to_string())
+            }
+            SoftToken::Kryoptic => {
+                let mut text = String::from(
+                    "# kryoptic configuration written by hsm-service (dev mode and tests).\n\
+                     # Tokens live under the service's data directory, one sqlite file each.\n",
+                );
+                for n in 1..=slots.max(1) {
+                    let db = tokens.join(format!("token-{n}.sql"));
+                    text.push_str(&format!(
+                        "\n[[slots]]\nslot = {n}\ndbtype = \"sqlite\"\ndbargs = {}\n",
+                        toml::Value::String(db.display().to_string())
+                    ));
+                }
+                text
+            }
         }
     }
 }
@@ -130,12 +204,13 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
         .canonicalize()
         .map_err(|e| format!("data directory {}: {e}", dir.display()))?;
 
+    let module_path = softhsm_module()?;
+    let kind = SoftToken::of_module(&module_path);
     let conf = match &opts.softhsm2_conf {
         Some(shared) => shared.clone(),
-        None => write_softhsm_conf(&dir)?,
+        None => write_token_conf(&dir, kind)?,
     };
-    point_softhsm_at(&conf)?;
-    let module_path = softhsm_module()?;
+    kind.point_at(&conf)?;
 
     let so_pin = pin_file(&dir.join("so.pin"))?;
     let user_pin = pin_file(&dir.join("user.pin"))?;
@@ -151,7 +226,7 @@ pub fn prepare(opts: &DevOptions) -> Result<Config, String> {
             &module_path,
             &opts.token_label,
             listen,
-            opts.softhsm2_conf.is_none().then_some(conf.as_path()),
+            opts.softhsm2_conf.is_none().then_some(kind),
         );
         if let Some(store) = &store {
             config.store = store.clone();
@@ -271,7 +346,7 @@ fn dev_config(
     module: &Path,
     label: &str,
     listen: SocketAddr,
-    softhsm_conf: Option<&Path>,
+    own_conf: Option<SoftToken>,
 ) -> Config {
     Config {
         data_dir: PathBuf::from("."),
@@ -294,7 +369,10 @@ fn dev_config(
             sessions: 4,
             queue_capacity: 4096,
             seed_cache_capacity: 100_000,
-            softhsm2_conf: softhsm_conf.map(|_| PathBuf::from("softhsm2.conf")),
+            softhsm2_conf: (own_conf == Some(SoftToken::SoftHsm))
+                .then(|| PathBuf::from(SoftToken::SoftHsm.conf_name())),
+            kryoptic_conf: (own_conf == Some(SoftToken::Kryoptic))
+                .then(|| PathBuf::from(SoftToken::Kryoptic.conf_name())),
         },
         log: LogConfig::default(),
         credentials: CredentialsConfig::default(),
@@ -350,14 +428,13 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// A softhsm2.conf whose tokens live in `<dir>/tokens`.
-fn write_softhsm_conf(dir: &Path) -> Result<PathBuf, String> {
-    let conf = dir.join("softhsm2.conf");
+/// A softhsm2.conf (or kryoptic.conf) whose tokens live in `<dir>/tokens`.
+fn write_token_conf(dir: &Path, kind: SoftToken) -> Result<PathBuf, String> {
+    let conf = dir.join(kind.conf_name());
     let tokens = dir.join("tokens");
     create_private_dir(&tokens)?;
     if !conf.exists() {
-        let template = include_str!("../../softhsm-config/softhsm2.conf.template");
-        let text = template.replace("@TOKEN_DIR@", &tokens.display().to_string());
+        let text = kind.conf_text(&tokens, DEV_KRYOPTIC_SLOTS);
         write_file(&conf, text.as_bytes(), 0o600)?;
     }
     Ok(conf)
@@ -389,7 +466,7 @@ fn ensure_token(
         Ok(_) => Ok(()),
         Err(crate::hsm::Error::TokenNotFound(_)) => {
             module::init_token(&ctx, label, so_pin, user_pin).map_err(|e| e.to_string())?;
-            tracing::info!(label, "initialized a new SoftHSM token");
+            tracing::info!(label, "initialized a new software token");
             Ok(())
         }
         Err(e) => Err(e.to_string()),

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use crate::config::Config;
+/// Which software token the tests run on (SoftHSM, or kryoptic: `HSM_PKCS11_MODULE`).
+pub use crate::dev::SoftToken;
 use crate::dev::{self, DevOptions};
 use crate::server::{self, RunningServer};
 use crate::store::StoreOptions;
@@ -17,6 +19,16 @@ use crate::store::StoreOptions;
 struct SharedSoftHsm {
     _dir: tempfile::TempDir,
     conf: PathBuf,
+}
+
+/// Slots of the shared `kryoptic.conf` of a test process (`HSM_TEST_KRYOPTIC_SLOTS`,
+/// default 96): kryoptic's slots are fixed when the library is initialized, and every
+/// [`DevEnv`] of the process takes one.
+fn kryoptic_slots() -> usize {
+    std::env::var("HSM_TEST_KRYOPTIC_SLOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
 }
 
 fn shared_softhsm() -> &'static SharedSoftHsm {
@@ -28,14 +40,14 @@ fn shared_softhsm() -> &'static SharedSoftHsm {
             .expect("temporary directory");
         let tokens = dir.path().join("tokens");
         std::fs::create_dir_all(&tokens).expect("token directory");
-        let conf = dir.path().join("softhsm2.conf");
-        let template = include_str!("../../softhsm-config/softhsm2.conf.template");
-        std::fs::write(
-            &conf,
-            template.replace("@TOKEN_DIR@", &tokens.display().to_string()),
-        )
-        .expect("softhsm2.conf");
-        dev::point_softhsm_at(&conf).expect("SOFTHSM2_CONF");
+        // SoftHSM's, or kryoptic's when HSM_PKCS11_MODULE names it (the second token).
+        let kind = dev::softhsm_module()
+            .map(|m| dev::SoftToken::of_module(&m))
+            .unwrap_or(dev::SoftToken::SoftHsm);
+        let conf = dir.path().join(kind.conf_name());
+        std::fs::write(&conf, kind.conf_text(&tokens, kryoptic_slots()))
+            .expect("token configuration");
+        kind.point_at(&conf).expect("token configuration variable");
         SharedSoftHsm { _dir: dir, conf }
     })
 }
@@ -116,6 +128,14 @@ impl DevEnv {
     /// Start the service on 127.0.0.1:0.
     pub async fn start(&self) -> RunningServer {
         server::start(self.config.clone())
+            .await
+            .expect("server starts")
+    }
+
+    /// Start the service on `clock` (a [`crate::common::Clock::manual`] one moves time for
+    /// expiry tests; TLS certificate checks keep the system clock).
+    pub async fn start_with_clock(&self, clock: crate::common::Clock) -> RunningServer {
+        server::start_with(self.config.clone(), StoreOptions::default(), clock)
             .await
             .expect("server starts")
     }

@@ -325,6 +325,11 @@ async fn a_key_ceremony_whose_key_generation_fails_records_no_key_and_leaves_no_
         info.failure
     );
     assert_eq!(hsm.faults().injected(), 1);
+    // Operators see it: the metric of PKCS#11 errors names the function and the CKR
+    // (no other test of this process injects this pair).
+    let metrics = hsm_service::metrics::encode();
+    let line = "hsm_pkcs11_errors_total{function=\"C_GenerateKeyPair\",rv=\"CKR_DEVICE_ERROR\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
     assert!(
         faulty(o1.clone()).await.is_empty(),
         "no key version recorded"
@@ -410,6 +415,9 @@ async fn a_removed_token_is_not_serving_and_unavailable_then_the_service_recover
         hsm.faults().sessions_closed() >= 1,
         "the session went with the token"
     );
+    let metrics = hsm_service::metrics::encode();
+    let line = "hsm_pkcs11_errors_total{function=\"C_OpenSession\",rv=\"CKR_TOKEN_NOT_PRESENT\"}";
+    assert!(metrics.contains(line), "{metrics}");
 
     // Back: no restart, no operator. Health returns, the session logs in again, the
     // handles are searched again, the seed is unwrapped again, and the code refused

@@ -279,6 +279,11 @@ const EXTERNAL: &[(&str, &[&str], &str)] = &[
         "hsm is the only module that imports cryptoki",
     ),
     (
+        "hsm_cryptoki_ext",
+        &["hsm"],
+        "hsm is the only module that imports cryptoki",
+    ),
+    (
         "redb",
         &["store::redb"],
         "only store/redb names the embedded engine's types",

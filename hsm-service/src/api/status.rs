@@ -19,6 +19,12 @@ impl From<Error> for Status {
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::OutOfRange(m) => Status::out_of_range(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            // Which mechanism the token lacks (e.g. an EdDSA key on a token without
+            // CKM_EDDSA): the caller can act on it, and it names no secret.
+            Error::Hsm(e) if e.kind() == ErrorKind::Unsupported => {
+                tracing::warn!(error = %e, "HSM lacks a mechanism");
+                Status::failed_precondition(e.to_string())
+            }
             Error::Hsm(e) => {
                 let (code, text) = match e.kind() {
                     ErrorKind::Busy => (Code::ResourceExhausted, "HSM is busy; retry later"),
@@ -83,6 +89,13 @@ mod tests {
                 Error::Hsm(hsm::Error::Invalid("detail".into())),
                 Code::Internal,
                 "HSM operation failed",
+            ),
+            (
+                Error::Hsm(hsm::Error::Unsupported(
+                    "the token lacks CKM_EDDSA, which EdDSA (Ed25519) keys need".into(),
+                )),
+                Code::FailedPrecondition,
+                "the token lacks CKM_EDDSA, which EdDSA (Ed25519) keys need",
             ),
             (
                 Error::Unavailable("store: connection to 10.0.0.5 lost".into()),

@@ -231,7 +231,7 @@ impl Devices {
                 &rec.tenant,
                 &rec.subject,
                 &rec.id,
-                json!({"display_name": rec.display_name, "by_officer": rec.by_officer}),
+                json!({"by_officer": rec.by_officer}),
             )?;
             Ok(Ok(()))
         })
@@ -362,7 +362,6 @@ impl Devices {
                 &rec.subject,
                 &device_id,
                 json!({
-                    "display_name": device.display_name,
                     "public_key_sha256": fingerprint,
                     "by_officer": device.activated_by_officer,
                 }),

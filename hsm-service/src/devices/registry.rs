@@ -61,7 +61,7 @@ impl Devices {
                 &d.tenant,
                 &d.subject,
                 &d.id,
-                json!({"display_name": d.display_name}),
+                json!({}),
             )?;
             Ok(Ok(d))
         })

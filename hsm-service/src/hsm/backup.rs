@@ -15,7 +15,6 @@
 //! marks a key generated with CKA_EXTRACTABLE = true as CKA_NEVER_EXTRACTABLE = false for
 //! ever: a backup key is recognisable as such on the token.
 
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 use secrecy::SecretString;
@@ -110,8 +109,26 @@ fn create_kek_object(
             v.zeroize();
         }
     }
-    created?;
-    Ok(())
+    match created {
+        // kryoptic 1.5 does not implement CKA_TRUSTED, not even for the SO: no key can
+        // then be wrapped for backup, and nothing weaker is put in the KEK's place.
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::AttributeTypeInvalid, _)) => {
+            Err(no_trusted_keks())
+        }
+        other => {
+            other?;
+            Ok(())
+        }
+    }
+}
+
+/// The refusal of a token without CKA_TRUSTED (see the README's compatibility table).
+pub fn no_trusted_keks() -> Error {
+    Error::Unsupported(
+        "the token does not accept CKA_TRUSTED (C_CreateObject: CKR_ATTRIBUTE_TYPE_INVALID): \
+         key backup needs a trusted KEK, so it is unavailable on this token"
+            .into(),
+    )
 }
 
 /// A private key wrapped for backup, with what is needed to put the pair back.
@@ -123,7 +140,8 @@ pub struct WrappedKeyPair {
     pub id: Vec<u8>,
     /// The public key's attributes.
     pub public: PublicKeyAttributes,
-    /// The private key wrapped under the KEK (`CKM_AES_KEY_WRAP_PAD`, PKCS#8 inside).
+    /// The private key wrapped under the KEK (RFC 5649: `CKM_AES_KEY_WRAP_PAD` or
+    /// `CKM_AES_KEY_WRAP_KWP`, see [`super::KeyWrap`]; PKCS#8 inside).
     pub wrapped_private_key: Vec<u8>,
 }
 
@@ -144,6 +162,7 @@ impl Hsm {
         kind: KeyPairKind,
         label: &str,
     ) -> Result<GeneratedKeyPair> {
+        self.inner.mechanisms.require(kind)?;
         let label = label.to_owned();
         self.inner
             .pool
@@ -160,6 +179,7 @@ impl Hsm {
         kek_label: &str,
     ) -> Result<WrappedKeyPair> {
         let public = self.public_key_attributes(key_id, kind).await?;
+        let wrap = self.key_wrap();
         let id = key_id.to_vec();
         let label = kek_label.to_owned();
         let wrapped = self
@@ -172,7 +192,7 @@ impl Hsm {
                     let key = objects::search_by_id(s, ObjectClass::PRIVATE_KEY, &id)?.ok_or_else(
                         || Error::ObjectNotFound("private key with that CKA_ID".into()),
                     )?;
-                    Ok(s.wrap_key(&Mechanism::AesKeyWrapPad, kek, key)?)
+                    Ok(s.wrap_key(&wrap.mechanism(), kek, key)?)
                 })
             })
             .await?;
@@ -199,6 +219,7 @@ impl Hsm {
         if kek.len() != KEK_LEN {
             return Err(Error::Invalid(format!("a backup KEK is {KEK_LEN} bytes")));
         }
+        let wrap = self.key_wrap();
         let b = backup.clone();
         let label = label.as_bytes().to_vec();
         self.inner
@@ -227,7 +248,7 @@ impl Hsm {
                     }
                     let kek = s.create_object(&kek_template)?;
                     let private = s.unwrap_key(
-                        &Mechanism::AesKeyWrapPad,
+                        &wrap.mechanism(),
                         kek,
                         &b.wrapped_private_key,
                         &[

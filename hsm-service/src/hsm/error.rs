@@ -17,11 +17,14 @@ pub enum ErrorKind {
     Busy,
     /// The token rejected the input (length, size, mechanism parameters).
     InvalidInput,
-    /// An object that should exist does not (or its handle went stale).
+    /// An object that should exist does not.
     NotFound,
     /// The PIN was wrong or is locked.
     Authentication,
-    /// Anything else: a bug, an unsupported mechanism, a misconfigured token.
+    /// The token lacks a mechanism this needs (named in the message, which is safe to
+    /// show: mechanism names only).
+    Unsupported,
+    /// Anything else: a bug, a misconfigured token.
     Internal,
 }
 
@@ -63,6 +66,10 @@ pub enum Error {
     /// cryptoki failed outside a PKCS#11 call (conversion, missing symbol).
     #[error("PKCS#11 binding error: {0}")]
     Binding(String),
+    /// The token lacks (or has a different) mechanism the service needs; the message
+    /// names it (see `hsm::mechanisms`).
+    #[error("{0}")]
+    Unsupported(String),
     /// A wrapped seed's binding MAC does not match its record: it was not unwrapped.
     #[error("the wrapped seed is not bound to its record (binding MAC mismatch)")]
     BindingMismatch,
@@ -77,6 +84,7 @@ impl Error {
             Error::ShutDown => ErrorKind::Unavailable,
             Error::ObjectNotFound(_) | Error::TokenNotFound(_) => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::InvalidInput,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Load { .. } | Error::Binding(_) | Error::BindingMismatch => ErrorKind::Internal,
         }
     }
@@ -166,7 +174,11 @@ fn kind_of(rv: RvError) -> ErrorKind {
         | WrappedKeyLenRange
         | MechanismParamInvalid
         | ArgumentsBad => ErrorKind::InvalidInput,
-        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::NotFound,
+        // A handle that went stale under an operation in flight when its session was lost
+        // (the token dropped its handles with the last session): the cache is emptied
+        // and the next attempt searches again, so it is worth a retry (faults.rs). An
+        // object really missing is `Error::ObjectNotFound`, from the search.
+        ObjectHandleInvalid | KeyHandleInvalid => ErrorKind::Unavailable,
         PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked => {
             ErrorKind::Authentication
         }
@@ -202,7 +214,7 @@ mod tests {
             (RvError::UserNotLoggedIn, ErrorKind::Unavailable, true),
             (RvError::KeySizeRange, ErrorKind::InvalidInput, false),
             (RvError::PinIncorrect, ErrorKind::Authentication, false),
-            (RvError::KeyHandleInvalid, ErrorKind::NotFound, false),
+            (RvError::KeyHandleInvalid, ErrorKind::Unavailable, false),
             (RvError::MechanismInvalid, ErrorKind::Internal, false),
         ];
         for (rv, kind, lost) in cases {

@@ -30,10 +30,12 @@
 //!   or after a device error that took all of them, every cached handle is stale:
 //!   exactly what broke privacyIDEA), and a token that was removed or rebooted may
 //!   number its objects anew. So every session replacement
-//!   (`PoolStats::sessions_replaced`) empties the cache at the next lookup and each
-//!   handle is searched for again; an operation in flight when it happened that meets a
-//!   stale handle (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID) searches again,
-//!   once (signing: that key; seed HMACs: master and binding key). Found with this
+//!   (`PoolStats::sessions_replaced`) and every stale handle met
+//!   (CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID, `PoolStats::stale_handles`)
+//!   empties the cache at the next lookup and each handle is searched for again. An
+//!   operation in flight at that moment that meets a stale handle searches again, once
+//!   (signing: that key; seed HMACs: master and binding key), or fails `UNAVAILABLE`
+//!   (retry: the next attempt searches). Found with this
 //!   layer: before, a service with `hsm.sessions = 1` answered every VerifyCode with
 //!   INTERNAL after one lost session, until it was restarted.
 //! - **Seed cache.** Unwrapped seeds are session objects: they die with their session.
@@ -368,6 +370,60 @@ mod tests {
         let t = Instant::now();
         hsm.random(8).await.expect("nothing armed");
         assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    /// An object removed and made again under the service: the cached handle is stale;
+    /// the operation that meets it fails UNAVAILABLE (worth a retry) and the next lookup
+    /// searches again, with no session lost.
+    #[tokio::test]
+    async fn a_stale_handle_empties_the_handle_cache() {
+        use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+        let env = DevEnv::new();
+        let hsm = open(&env, 2, 8);
+        let make = |value: u8| {
+            hsm.inner.pool.submit(move |w| {
+                w.run(false, move |s, _| {
+                    Ok(s.create_object(&[
+                        Attribute::Class(ObjectClass::DATA),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Label(b"remade".to_vec()),
+                        Attribute::Value(vec![value]),
+                    ])?)
+                })
+            })
+        };
+        let read = |h| {
+            hsm.inner.pool.submit(move |w| {
+                w.run(true, move |s, _| {
+                    Ok(s.get_attributes(h, &[AttributeType::Value])?)
+                })
+            })
+        };
+        let old = make(1).await.expect("create");
+        let cached = hsm
+            .find_object(ObjectClass::DATA, "remade")
+            .await
+            .expect("find");
+        assert_eq!(cached, Some(old));
+        hsm.inner
+            .pool
+            .submit(move |w| w.run(false, move |s, _| Ok(s.destroy_object(old)?)))
+            .await
+            .expect("destroy");
+        let new = make(2).await.expect("create again");
+        let e = read(old).await.expect_err("stale");
+        assert!(e.is_stale_handle(), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        let searches = hsm.object_searches();
+        let found = hsm
+            .find_object(ObjectClass::DATA, "remade")
+            .await
+            .expect("find");
+        assert_eq!(found, Some(new));
+        assert_eq!(hsm.object_searches(), searches + 1);
+        assert_eq!(hsm.stats().sessions_replaced.load(Ordering::Relaxed), 0);
+        read(new).await.expect("the new handle works");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -602,6 +602,8 @@ struct Handles {
     masters: HashMap<u32, ObjectHandle>,
     bind: ObjectHandle,
     rsa: Option<ObjectHandle>,
+    /// The token's RFC 5649 key wrap (see `mechanisms::KeyWrap`).
+    wrap: super::KeyWrap,
 }
 
 impl Hsm {
@@ -649,6 +651,7 @@ impl Hsm {
             masters,
             bind: self.binding_key().await?,
             rsa,
+            wrap: self.key_wrap(),
         };
         self.inner
             .pool
@@ -888,7 +891,7 @@ fn one_item(
             // AES key wrap with padding (RFC 5649) is deterministic: the same seed under
             // the same master key is the same blob.
             Some(m) => {
-                let w = s.wrap_key(&Mechanism::AesKeyWrapPad, *m, key);
+                let w = s.wrap_key(&handles.wrap.mechanism(), *m, key);
                 match w {
                     Ok(w) if bool::from(w.ct_eq(blob)) => Outcome::Same { in_hsm },
                     Ok(_) => Outcome::Different { in_hsm },
@@ -904,7 +907,7 @@ fn one_item(
             )),
         },
         None => {
-            let w = s.wrap_key(&Mechanism::AesKeyWrapPad, master, key);
+            let w = s.wrap_key(&handles.wrap.mechanism(), master, key);
             match w {
                 // An RSA-decrypted key's length shows only in its blob (RFC 5649: 8 bytes
                 // plus the value rounded up to 8).

@@ -15,6 +15,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod import;
+pub mod mechanisms;
 pub mod module;
 pub mod objects;
 mod pool;
@@ -32,6 +33,7 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 
 pub use error::{Error, ErrorKind, Result};
+pub use mechanisms::{KeyWrap, Mechanisms};
 pub use module::TokenSelector;
 pub use pool::PoolStats;
 pub use sign::{GeneratedKeyPair, KeyPairKind, PublicKeyAttributes, SignMechanism};
@@ -81,6 +83,7 @@ struct Inner {
     seeds: Arc<seeds::SeedCacheShared>,
     handles: HandleCache,
     facts: TokenFacts,
+    mechanisms: Mechanisms,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -103,6 +106,25 @@ impl Hsm {
         let ctx = module::load(&settings.module)?;
         let slot = module::find_token(&ctx, &settings.token)?;
         let facts = token_facts(&ctx, slot)?;
+        // Refuse a token that cannot serve the service, naming what it lacks, before
+        // anything else; then make sure its key wrap is the RFC 5649 one.
+        let mechanisms = mechanisms::check(&ctx, slot)?;
+        let answer = mechanisms::known_answer(&ctx, slot, &user_pin, mechanisms.key_wrap)?;
+        if answer == mechanisms::KeyWrapAnswer::NotChecked {
+            tracing::warn!(
+                mechanism = mechanisms.key_wrap.name(),
+                "the token refused the public test keys of the RFC 5649 known-answer check; \
+                 trusting its key wrap"
+            );
+        }
+        tracing::info!(
+            key_wrap = mechanisms.key_wrap.name(),
+            eddsa = mechanisms.eddsa,
+            rsa_pss = mechanisms.rsa_pss,
+            ec_p384 = mechanisms.ec_p384,
+            key_wrap_answer = ?answer,
+            "token mechanisms"
+        );
         let seed_counters = Arc::new(seeds::SeedCacheShared::default());
         // Each session caches its own unwrapped seeds (see seeds::WorkerSeeds).
         let per_session = settings
@@ -123,6 +145,7 @@ impl Hsm {
                 seeds: seed_counters,
                 handles: HandleCache::default(),
                 facts,
+                mechanisms,
             }),
         })
     }
@@ -130,6 +153,16 @@ impl Hsm {
     /// Token facts read at start.
     pub fn facts(&self) -> &TokenFacts {
         &self.inner.facts
+    }
+
+    /// What the token offers of the mechanisms the service uses (checked at open).
+    pub fn mechanisms(&self) -> Mechanisms {
+        self.inner.mechanisms
+    }
+
+    /// The RFC 5649 key wrap, by the name the token offers it.
+    pub(crate) fn key_wrap(&self) -> KeyWrap {
+        self.inner.mechanisms.key_wrap
     }
 
     /// Pool counters.

@@ -64,8 +64,19 @@ pub fn load(path: &Path) -> Result<Pkcs11> {
 
 /// The slot holding the initialized token that `selector` names.
 pub fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
-    for slot in ctx.get_slots_with_initialized_token()? {
-        let info = ctx.get_token_info(slot)?;
+    // Slots whose CK_TOKEN_INFO cryptoki cannot parse (opencryptoki 3.8 writes utcTime as
+    // "HH:MM:SS", not the 16 digits PKCS#11 requires): named if no other slot matches.
+    let mut unreadable = Vec::new();
+    for slot in ctx.get_slots_with_token()? {
+        let info = match ctx.get_token_info(slot) {
+            Ok(info) if info.token_initialized() => info,
+            Ok(_) => continue,
+            Err(e @ CkError::Pkcs11(..)) => return Err(e.into()),
+            Err(e) => {
+                unreadable.push(format!("slot {}: {e}", slot.id()));
+                continue;
+            }
+        };
         let matches = match selector {
             TokenSelector::Label(l) => info.label().trim_end() == l,
             TokenSelector::Serial(s) => info.serial_number().trim_end() == s,
@@ -74,7 +85,13 @@ pub fn find_token(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
             return Ok(slot);
         }
     }
-    Err(Error::TokenNotFound(selector.to_string()))
+    if unreadable.is_empty() {
+        return Err(Error::TokenNotFound(selector.to_string()));
+    }
+    Err(Error::TokenNotFound(format!(
+        "{selector}; C_GetTokenInfo gave a CK_TOKEN_INFO that cannot be read for {}",
+        unreadable.join(", ")
+    )))
 }
 
 /// Initialize a fresh token called `label` on a free slot and set its user PIN. For dev

@@ -21,17 +21,18 @@ pub(crate) struct HandleCache {
     by_id: RwLock<HashMap<(u64, Vec<u8>), ObjectHandle>>,
     /// Searches that reached the token; the cache's tests and benches read it.
     pub(crate) searches: AtomicU64,
-    /// `PoolStats::sessions_replaced` when the cache was last known good.
-    replaced_seen: AtomicU64,
+    /// `PoolStats::sessions_replaced + stale_handles` when the cache was last known good.
+    losses_seen: AtomicU64,
 }
 
 impl HandleCache {
-    /// Forget every handle if a session was lost since the last look (`replaced` is
-    /// `PoolStats::sessions_replaced`): a token drops its object handles with the
-    /// application's last session (SoftHSM does), and one that comes back after a
-    /// device error or removal may number its objects anew (faults.rs, design note).
-    fn sync(&self, replaced: u64) {
-        if self.replaced_seen.swap(replaced, Ordering::Relaxed) != replaced {
+    /// Forget every handle if a session was lost or a handle found stale since the last
+    /// look (`losses`: `PoolStats::sessions_replaced + stale_handles`): a token drops its
+    /// object handles with the application's last session (SoftHSM does), one that comes
+    /// back after a device error or removal may number its objects anew, and an object
+    /// may have been removed and made again (faults.rs, design note).
+    fn sync(&self, losses: u64) {
+        if self.losses_seen.swap(losses, Ordering::Relaxed) != losses {
             self.clear();
         }
     }
@@ -147,8 +148,10 @@ impl Hsm {
     }
 
     fn sync_handles(&self) {
-        let replaced = self.stats().sessions_replaced.load(Ordering::Relaxed);
-        self.inner.handles.sync(replaced);
+        let stats = self.stats();
+        let losses = stats.sessions_replaced.load(Ordering::Relaxed)
+            + stats.stale_handles.load(Ordering::Relaxed);
+        self.inner.handles.sync(losses);
     }
 
     /// Forget every cached handle (one was found stale), so that each is searched again.

@@ -35,6 +35,8 @@ pub struct PoolStats {
     pub rejected_busy: AtomicU64,
     /// Sessions dropped and reopened after a session or device error.
     pub sessions_replaced: AtomicU64,
+    /// Operations that met a stale object handle: the handle cache is emptied after one.
+    pub stale_handles: AtomicU64,
 }
 
 /// The queue and the threads behind it.
@@ -100,13 +102,26 @@ impl Worker {
 
     /// Run `op` on this worker's session. On a session or device error the session is
     /// dropped (a new one is opened for the next operation) and, when `retry` is set,
-    /// `op` runs once more on the new session.
+    /// `op` runs once more on the new session. Both, and an operation that met a stale
+    /// object handle, make the handle cache search again (objects.rs).
     pub(crate) fn run<T>(
         &mut self,
         retry: bool,
         mut op: impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
     ) -> Result<T> {
-        let first = self.call(retry, &mut op);
+        let out = self.run_once_more_if_lost(retry, &mut op);
+        if out.as_ref().is_err_and(Error::is_stale_handle) {
+            self.stats.stale_handles.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn run_once_more_if_lost<T>(
+        &mut self,
+        retry: bool,
+        op: &mut impl FnMut(&Session, &mut WorkerSeeds) -> Result<T>,
+    ) -> Result<T> {
+        let first = self.call(retry, op);
         count_pkcs11_error(&first);
         match first {
             Err(e) if e.is_session_lost() => {
@@ -117,7 +132,7 @@ impl Worker {
                 if !retry {
                     return Err(e);
                 }
-                let second = self.call(retry, &mut op);
+                let second = self.call(retry, op);
                 count_pkcs11_error(&second);
                 second
             }

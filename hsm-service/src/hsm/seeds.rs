@@ -29,7 +29,7 @@ use cryptoki::session::Session;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::binding::{self, SeedBinding, BINDING_LEN};
-use super::{objects, Error, Hsm, Result};
+use super::{objects, Error, Hsm, KeyWrap, Result};
 use crate::otp::HashAlgorithm;
 
 /// Token label of master key `version`.
@@ -195,9 +195,15 @@ fn has_unwrap_template(session: &Session, handle: ObjectHandle) -> Result<bool> 
     Ok(matches!(info.first(), Some(AttributeInfo::Available(n)) if *n > 0))
 }
 
-/// Wrap `key` under the master key and destroy it, whatever happens.
-fn wrap_and_destroy(session: &Session, master: ObjectHandle, key: ObjectHandle) -> Result<Vec<u8>> {
-    let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, master, key);
+/// Wrap `key` under the master key (RFC 5649, by the name the token offers it: `wrap`)
+/// and destroy it, whatever happens.
+fn wrap_and_destroy(
+    session: &Session,
+    wrap: KeyWrap,
+    master: ObjectHandle,
+    key: ObjectHandle,
+) -> Result<Vec<u8>> {
+    let wrapped = session.wrap_key(&wrap.mechanism(), master, key);
     let destroyed = session.destroy_object(key);
     let wrapped = wrapped?;
     destroyed?;
@@ -295,6 +301,7 @@ impl Hsm {
     /// Generate a seed of `len` bytes inside the HSM and return it wrapped under master
     /// key `version`. The plaintext never leaves the HSM.
     pub async fn generate_wrapped_seed(&self, version: u32, len: usize) -> Result<Vec<u8>> {
+        let wrap = self.key_wrap();
         let master = self.master_key(version).await?;
         self.inner
             .pool
@@ -303,7 +310,7 @@ impl Hsm {
                     let mut template = transient_seed_template();
                     template.push(Attribute::ValueLen((len as u64).into()));
                     let key = s.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
-                    wrap_and_destroy(s, master, key)
+                    wrap_and_destroy(s, wrap, master, key)
                 })
             })
             .await
@@ -312,6 +319,7 @@ impl Hsm {
     /// Wrap an imported (or revealed) plaintext seed under master key `version`. The
     /// plaintext is zeroized, in the caller's buffer and in the object template.
     pub async fn wrap_seed(&self, version: u32, seed: Zeroizing<Vec<u8>>) -> Result<Vec<u8>> {
+        let wrap = self.key_wrap();
         let master = self.master_key(version).await?;
         self.inner
             .pool
@@ -320,7 +328,7 @@ impl Hsm {
                 template.push(Attribute::Value(seed.to_vec()));
                 let out = w.run(false, |s, _| {
                     let key = s.create_object(&template)?;
-                    wrap_and_destroy(s, master, key)
+                    wrap_and_destroy(s, wrap, master, key)
                 });
                 for attr in &mut template {
                     if let Attribute::Value(v) = attr {
@@ -353,6 +361,7 @@ impl Hsm {
                 "re-wrap from master key version {old} to itself"
             )));
         }
+        let wrap = self.key_wrap();
         let from = self.master_key(old).await?;
         let to = self.master_key(new).await?;
         let bind = self.binding_key().await?;
@@ -371,9 +380,8 @@ impl Hsm {
                                 Err(Error::BindingMismatch) => return Ok(None),
                                 other => other?,
                             }
-                            let key =
-                                s.unwrap_key(&Mechanism::AesKeyWrapPad, from, blob, &template)?;
-                            let wrapped = wrap_and_destroy(s, to, key)?;
+                            let key = s.unwrap_key(&wrap.mechanism(), from, blob, &template)?;
+                            let wrapped = wrap_and_destroy(s, wrap, to, key)?;
                             let mac = binding::compute(s, bind, &b.context, &wrapped)?;
                             Ok(Some((wrapped, mac)))
                         })
@@ -421,6 +429,7 @@ impl Hsm {
         alg: HashAlgorithm,
         factors: Vec<[u8; 8]>,
     ) -> Result<Zeroizing<Vec<u8>>> {
+        let wrap = self.key_wrap();
         let master = self.master_key(version).await?;
         let bind = self.binding_key().await?;
         let key = SeedKey { wrapped, binding };
@@ -428,7 +437,7 @@ impl Hsm {
             .pool
             .submit(move |w| {
                 let mechanism = hmac_mechanism(alg);
-                let keys = KeysOf { master, bind };
+                let keys = KeysOf { master, bind, wrap };
                 w.run(true, |s, seeds| {
                     let epoch = seeds.shared.epoch.load(Ordering::Relaxed);
                     if seeds.epoch != epoch {
@@ -482,6 +491,7 @@ pub(crate) fn confined_key(version: u32) -> Error {
 struct KeysOf {
     master: ObjectHandle,
     bind: ObjectHandle,
+    wrap: KeyWrap,
 }
 
 /// The unwrapped handle for `key`, from this worker's cache or, once its binding is
@@ -501,7 +511,7 @@ fn unwrapped(
     crate::metrics::seed_cache_miss();
     binding::check(session, keys.bind, &key.wrapped, &key.binding)?;
     let handle = session.unwrap_key(
-        &Mechanism::AesKeyWrapPad,
+        &keys.wrap.mechanism(),
         keys.master,
         &key.wrapped,
         &verification_seed_template(),

@@ -211,3 +211,39 @@ pub fn spend_in<R>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_evidence_round_trips_and_otp_evidence_keeps_format_1() {
+        let otp = EvidenceRecord {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            tenant: "t".into(),
+            credential_id: "c".into(),
+            subject: "s".into(),
+            method: AuthMethod::Otp,
+            auth_time: 1,
+            expires_at: 2,
+            spent_at: None,
+            txn_text_sha256: None,
+        };
+        let b = encode(&otp);
+        assert_eq!(b[0], FORMAT_V1);
+        assert_eq!(decode(&otp.id, &b).unwrap(), otp);
+        let app = EvidenceRecord {
+            method: AuthMethod::App,
+            txn_text_sha256: Some([7; 32]),
+            spent_at: Some(3),
+            ..otp.clone()
+        };
+        let b = encode(&app);
+        assert_eq!(b[0], FORMAT_V2);
+        assert_eq!(decode(&app.id, &b).unwrap(), app);
+        let mut trailing = b.clone();
+        trailing.push(0);
+        assert!(decode(&app.id, &trailing).is_err());
+        assert!(decode(&app.id, &[3, 0]).is_err());
+    }
+}

@@ -36,6 +36,7 @@ pub fn spawn_dev_with(data_dir: &Path, flags: &[&str]) -> (Child, SocketAddr) {
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("SOFTHSM2_CONF")
+        .env_remove("KRYOPTIC_CONF")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -98,6 +99,7 @@ pub fn serve_command(config: &Path) -> Command {
     c.args(["serve", "--config"])
         .arg(config)
         .env_remove("SOFTHSM2_CONF")
+        .env_remove("KRYOPTIC_CONF")
         .stdin(Stdio::null());
     c
 }
