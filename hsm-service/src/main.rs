@@ -290,13 +290,49 @@ fn pskc_transport_key(command: &Command) -> Result<(), String> {
     let der = hsm_service::common::PublicKey::from_rsa_components(&n, &e)
         .and_then(|k| k.to_spki_der())
         .map_err(|e| format!("pskc-transport-key: {e}"))?;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let fingerprint = hsm_service::audit::sha256_hex(&der);
     if !*show {
+        // Recorded like the backup KEK: an audit record in the service's store.
+        let event = hsm_service::audit::Event::new(
+            hsm_service::common::Clock::system().now_ms(),
+            hsm_service::audit::Actor::new("operator (offline pskc-transport-key)", ""),
+            "pskc-transport-key.create",
+            name,
+        )
+        .with_details(
+            hsm_service::audit::Details::new()
+                .str("label", &hsm_service::hsm::import::transport_label(name))
+                .str("spki_sha256", &fingerprint)
+                .u64("modulus_bits", hsm_service::hsm::import::TRANSPORT_RSA_BITS),
+        );
+        runtime
+            .block_on(async {
+                let store = hsm_service::server::open_store(&config, Default::default())
+                    .await
+                    .map_err(|e| {
+                        format!("{e} (pskc-transport-key runs with the service stopped)")
+                    })?;
+                store
+                    .write(move |txn| {
+                        hsm_service::audit::log::append_in(
+                            txn,
+                            hsm_service::store::DEFAULT_CHAIN,
+                            event,
+                        )
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                store.close().map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                format!("pskc-transport-key: the key pair was made, but recording it failed: {e}")
+            })?;
         eprintln!(
-            "transport key {name:?} created on the token (label {}); give the vendor this public key:",
+            "transport key {name:?} created on the token (label {}, SPKI SHA-256 {fingerprint}); recorded in the audit trail; give the vendor this public key:",
             hsm_service::hsm::import::transport_label(name)
         );
     }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     println!("-----BEGIN PUBLIC KEY-----");
     for line in b64.as_bytes().chunks(64) {
         println!("{}", String::from_utf8_lossy(line));

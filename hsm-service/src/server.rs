@@ -145,6 +145,16 @@ pub(crate) async fn start_with_store(
     config: Config,
     store_options: StoreOptions,
 ) -> Result<RunningServer, StartError> {
+    start_with(config, store_options, crate::common::Clock::system()).await
+}
+
+/// [`start_with_store`] on `clock` (tests that move time: expiries). Crate-private, like
+/// the store options: only [`crate::testing::DevEnv`] reaches it.
+pub(crate) async fn start_with(
+    config: Config,
+    store_options: StoreOptions,
+    clock: crate::common::Clock,
+) -> Result<RunningServer, StartError> {
     let tls = Arc::new(TlsConfigSource::load(&config)?);
     let client_cas: Vec<Vec<u8>> = TlsConfigSource::client_cas(&config)?
         .iter()
@@ -174,7 +184,6 @@ pub(crate) async fn start_with_store(
     );
 
     let store = Arc::new(open_store(&config, store_options).await?);
-    let clock = crate::common::Clock::system();
     let audit = AuditLog::open_chain(
         store.clone(),
         &config.store.audit_chain(),

@@ -132,6 +132,14 @@ impl DevEnv {
             .expect("server starts")
     }
 
+    /// Start the service on `clock` (a [`crate::common::Clock::manual`] one moves time for
+    /// expiry tests; TLS certificate checks keep the system clock).
+    pub async fn start_with_clock(&self, clock: crate::common::Clock) -> RunningServer {
+        server::start_with(self.config.clone(), StoreOptions::default(), clock)
+            .await
+            .expect("server starts")
+    }
+
     /// Start the service with a credential store that does **not** fsync its
     /// commits. Benchmark only (measures the cost of durable group commit):
     /// a "successful" update can vanish on a crash, which re-opens replay of

@@ -894,3 +894,52 @@ async fn throttles_limits_and_no_code_at_rest() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     server.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_and_challenges_expire_on_the_service_clock() {
+    let env = DevEnv::new();
+    let start = hsm_service::common::Clock::system().now();
+    let (clock, time) = hsm_service::common::Clock::manual(start);
+    let server = env.start_with_clock(clock).await;
+    let a = common::client(env.dir.path(), "login-service", server.local_addr()).await;
+
+    // An activation is good for activation_ttl_seconds (600), not a second more.
+    let begun = app::begin(&a, "citizen-clock", "").await.expect("begin");
+    assert_eq!(begun.expires_at, start + 600);
+    time.advance(600);
+    let Err(e) = app::complete(&a, &begun).await else {
+        panic!("an expired activation completed");
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("expired"), "{e:?}");
+    assert!(app::complete(&a, &begun).await.is_err(), "still refused");
+    let devices = app::devices(&a)
+        .list_devices(ListDevicesRequest {
+            subject: "citizen-clock".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .devices;
+    assert!(devices.is_empty(), "an expired activation made no device");
+
+    // A fresh one completes at once; a challenge to it expires after its ttl.
+    let begun = app::begin(&a, "citizen-clock", "").await.expect("begin");
+    let (phone, _) = app::complete(&a, &begun).await.expect("complete");
+    let ch = app::challenge(&a, "citizen-clock", Purpose::Login, "Log in", 30)
+        .await
+        .expect("challenge");
+    assert_eq!(ch.expires_at, ch.created_at + 30);
+    time.advance(30);
+    let e = app::answer(&a, &phone, &ch, Decision::Approve, &ch.binding_code)
+        .await
+        .expect_err("expired");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(get(&a, &ch.challenge_id).await.state, State::Expired as i32);
+    assert!(events(&a, "citizen-clock")
+        .await
+        .iter()
+        .any(|e| e.kind == "challenge.expired" && e.object_id == ch.challenge_id));
+    drop(server);
+}

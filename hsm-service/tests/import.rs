@@ -678,3 +678,76 @@ async fn malformed_import_streams_are_invalid_argument() {
     assert_eq!(e.code(), Code::PermissionDenied);
     server.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pskc_transport_key_creates_a_token_key_pair_and_prints_its_public_key() {
+    use base64::Engine;
+    let env = DevEnv::new();
+    let config = env.dir.path().join("config.toml");
+    let cmd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hsm-service"))
+            .arg("pskc-transport-key")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("run hsm-service")
+    };
+    let created = cmd(&["vendor-x"]);
+    assert!(created.status.success(), "{created:?}");
+    let pem = String::from_utf8(created.stdout).expect("utf-8");
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+    assert!(
+        pem.trim_end().ends_with("-----END PUBLIC KEY-----"),
+        "{pem}"
+    );
+    let again = cmd(&["vendor-x"]);
+    assert!(!again.status.success(), "a name is created once: {again:?}");
+    let shown = cmd(&["--show", "vendor-x"]);
+    assert!(shown.status.success(), "{shown:?}");
+    assert_eq!(String::from_utf8_lossy(&shown.stdout), pem);
+    let bad = cmd(&["Not A Name"]);
+    assert!(!bad.status.success());
+
+    // The running service finds it: the PEM is its public key, and a file encrypted to
+    // another key (figure 8, the RFC's certificate) is refused entry by entry.
+    let server = env.start().await;
+    let (n, e) = server
+        .state()
+        .hsm
+        .transport_public_key("vendor-x")
+        .await
+        .expect("on the token");
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64");
+    let expected = hsm_service::common::PublicKey::from_rsa_components(&n, &e)
+        .and_then(|k| k.to_spki_der())
+        .expect("spki");
+    assert_eq!(der, expected);
+    let c = common::client(env.dir.path(), "login-service", server.local_addr()).await;
+    let s = run(
+        &c,
+        &figure(8),
+        ImportOptions {
+            allow_rsa_1_5: true,
+            ..options(TransportArg::Key("vendor-x".into()))
+        },
+    )
+    .await
+    .expect("fig 8");
+    assert_eq!((s.imported, s.refused), (0, 1), "{s:?}");
+    let auditor = common::client(env.dir.path(), "auditor", server.local_addr()).await;
+    let records = common::audit_records(&auditor).await;
+    let made = records
+        .iter()
+        .find(|r| r.action == "pskc-transport-key.create")
+        .expect("the creation is audited");
+    assert_eq!(made.object, "vendor-x");
+    assert_eq!(
+        common::detail(made, "spki_sha256"),
+        hsm_service::audit::sha256_hex(&der)
+    );
+    server.shutdown().await.expect("shutdown");
+}
