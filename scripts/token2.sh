@@ -118,7 +118,7 @@ case "${1:-}" in
     # with CKR_DEVICE_ERROR, and unwraps AES-CBC inside the token; see the README table.)
     cargo test --locked --workspace --lib -- hsm:: ceremony::backup_restore audit::log signing:: credentials:: \
       --skip hsm::import
-    cargo test --locked --workspace --test credentials --test audit --test token2
+    cargo test --locked --workspace --test credentials --test audit --test token2 --test sigkill
     # signing.rs less the four tests that make EdDSA keys: kryoptic built on OpenSSL 3.0
     # has no EdDSA, and refuses such keys naming CKM_EDDSA (hsm/mechanisms.rs tests it).
     cargo test --locked --workspace --test signing -- \
