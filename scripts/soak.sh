@@ -25,8 +25,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# SOAK_POSTGRES_URL: the store on that PostgreSQL database instead of the embedded one
+# (tells the service's own memory apart from redb's page cache, which counts as heap).
+store_args=()
+if [ -n "${SOAK_POSTGRES_URL:-}" ]; then store_args=(--postgres "$SOAK_POSTGRES_URL"); fi
 env -u SOFTHSM2_CONF -u KRYOPTIC_CONF RUST_LOG=warn "$bin/hsm-service" dev --listen 127.0.0.1:0 \
-  --data-dir "$dir/data" > "$dir/out" 2> "$dir/err" &
+  --data-dir "$dir/data" "${store_args[@]}" > "$dir/out" 2> "$dir/err" &
 svc_pid=$!
 for _ in $(seq 1 300); do
   grep -q "listening on" "$dir/out" 2>/dev/null && break
@@ -40,8 +44,8 @@ bench() {
     --key "$pki/login-service.key" --json bench "$@"
 }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$svc_pid/status"; }
-# The heap's share of it (the rest is mapped files: redb maps its store file, which grows
-# with every audit record).
+# The heap's share of it (redb's page cache, up to 512 MiB, is heap too; SOAK_POSTGRES_URL
+# leaves it out).
 anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$svc_pid/status"; }
 jq_num() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
 
