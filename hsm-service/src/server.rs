@@ -291,12 +291,18 @@ pub(crate) async fn start_with(
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The first probe before the listener answers: a health check right after start
+    // must see a status, not "service not registered".
+    let health_interval = Duration::from_millis(config.server.health_interval_ms);
+    let first = probe_health(&hsm, &state.store, health_interval, hsm.completed()).await;
+    publish_health(&health, &state.store, first).await;
     tokio::spawn(monitor_health(
         hsm.clone(),
         state.store.clone(),
         health,
-        Duration::from_millis(config.server.health_interval_ms),
+        health_interval,
         shutdown_rx.clone(),
+        first.0,
     ));
     // Key versions another instance changes (a ceremony run there) reach this one
     // within a refresh period (see signing::signer).
@@ -625,34 +631,11 @@ async fn monitor_health(
     health: tonic_health::server::HealthReporter,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
+    first: ServingStatus,
 ) {
-    let mut last = None;
+    let mut last = first;
     let mut completed = hsm.completed();
     loop {
-        let logged_in = hsm.serving(interval, completed).await;
-        completed = hsm.completed();
-        let store_up = store.healthy();
-        let status = if logged_in && store_up {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        if last != Some(status) {
-            if !logged_in {
-                tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
-            }
-            if !store_up {
-                tracing::warn!(
-                    backend = store.kind(),
-                    "store unreachable: health NOT_SERVING"
-                );
-            }
-            health.set_service_status("", status).await;
-            for name in SERVICES {
-                health.set_service_status(name, status).await;
-            }
-            last = Some(status);
-        }
         let stopping = tokio::select! {
             _ = tokio::time::sleep(interval) => false,
             changed = stop.changed() => changed.is_err() || *stop.borrow_and_update(),
@@ -663,5 +646,49 @@ async fn monitor_health(
                 .await;
             return;
         }
+        let probe = probe_health(&hsm, &store, interval, completed).await;
+        completed = hsm.completed();
+        if last != probe.0 {
+            publish_health(&health, &store, probe).await;
+            last = probe.0;
+        }
+    }
+}
+
+/// One health probe: the HSM answers within `interval` and the store is reachable.
+async fn probe_health(
+    hsm: &Hsm,
+    store: &Store,
+    interval: Duration,
+    completed: u64,
+) -> (ServingStatus, bool, bool) {
+    let logged_in = hsm.serving(interval, completed).await;
+    let store_up = store.healthy();
+    let status = if logged_in && store_up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    (status, logged_in, store_up)
+}
+
+/// Sets every service's status, saying why when it is NOT_SERVING.
+async fn publish_health(
+    health: &tonic_health::server::HealthReporter,
+    store: &Store,
+    (status, logged_in, store_up): (ServingStatus, bool, bool),
+) {
+    if !logged_in {
+        tracing::warn!("HSM sessions are not logged in: health NOT_SERVING");
+    }
+    if !store_up {
+        tracing::warn!(
+            backend = store.kind(),
+            "store unreachable: health NOT_SERVING"
+        );
+    }
+    health.set_service_status("", status).await;
+    for name in SERVICES {
+        health.set_service_status(name, status).await;
     }
 }
