@@ -228,35 +228,18 @@ enum TransportKey {
     Rsa(ObjectHandle),
 }
 
-/// Template of a MAC key: a sensitive, non-extractable, sign-only session key.
+/// Template of a MAC key: a sensitive, non-extractable, sign-only session key (the
+/// shape of a verification seed).
 fn mac_key_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-    ]
+    super::seeds::verification_seed_template()
 }
 
-/// Template of a decrypted seed: sensitive, extractable only so that `C_WrapKey` can
-/// wrap it under the master key (destroyed right after), no other use.
+/// Template of a decrypted seed: the transient seed shape (extractable only so that
+/// `C_WrapKey` can wrap it under the master key, destroyed right after), no derive.
 fn seed_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-    ]
+    let mut template = super::seeds::transient_seed_template();
+    template.push(Attribute::Derive(false));
+    template
 }
 
 fn oaep() -> Mechanism<'static> {

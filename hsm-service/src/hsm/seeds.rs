@@ -122,7 +122,7 @@ fn hmac_mechanism(alg: HashAlgorithm) -> Mechanism<'static> {
 }
 
 /// Template of a transient, wrappable copy of a seed (import and generation only).
-fn transient_seed_template() -> Vec<Attribute> {
+pub(super) fn transient_seed_template() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -139,7 +139,7 @@ fn transient_seed_template() -> Vec<Attribute> {
 /// Template of an unwrapped seed used for verification: a session object, sensitive,
 /// never extractable, sign-only (no verify, no derive). New master keys carry exactly
 /// this as their `CKA_UNWRAP_TEMPLATE`, so it is the only shape they unwrap into.
-fn verification_seed_template() -> Vec<Attribute> {
+pub(super) fn verification_seed_template() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
