@@ -23,7 +23,13 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
     let (date, rest) = s.split_once('T')?;
     let mut dp = date.splitn(3, '-');
     let (y, mo, d) = (num(dp.next()?)?, num(dp.next()?)?, num(dp.next()?)?);
-    if date.len() < 10 || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+    // Years of four digits (xs:dateTime allows more; no key file needs them, and a
+    // bounded year keeps the arithmetic below from overflowing: found by fuzzing).
+    if date.len() < 10
+        || !(1..=9999).contains(&y)
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&d)
+    {
         return None;
     }
     let (time, offset) = if let Some(t) = rest.strip_suffix('Z') {
@@ -76,5 +82,13 @@ mod tests {
         assert_eq!(parse_datetime("2006-13-01T00:00:00Z"), None);
         assert_eq!(parse_datetime("2006-05-01"), None);
         assert_eq!(parse_datetime("yesterday"), None);
+        assert_eq!(
+            parse_datetime("9999-12-31T23:59:59Z"),
+            Some(253_402_300_799)
+        );
+        // A year this long overflowed the day count (a panic with overflow checks on).
+        assert_eq!(parse_datetime("2006999999999999-05-31T00:00:00Z"), None);
+        assert_eq!(parse_datetime("99999-05-31T00:00:00Z"), None);
+        assert_eq!(parse_datetime("0000-05-31T00:00:00Z"), None);
     }
 }
