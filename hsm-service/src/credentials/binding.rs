@@ -62,6 +62,15 @@ pub(super) fn expected(rec: &CredentialRecord) -> Result<SeedBinding> {
     })
 }
 
+/// The binding `rec`'s unwrapped seed is cached under, if it has one (no check, no log:
+/// for dropping the cached copy).
+pub(super) fn cached_under(rec: &CredentialRecord) -> Option<SeedBinding> {
+    rec.seed_binding.map(|mac| SeedBinding {
+        context: context(&rec.tenant, rec),
+        mac,
+    })
+}
+
 /// Compute `rec`'s binding (its blob as it is now) in the HSM.
 pub(super) async fn compute(hsm: &Hsm, rec: &CredentialRecord) -> Result<[u8; BINDING_LEN]> {
     let mut macs = macs(hsm, std::slice::from_ref(rec)).await?;

@@ -733,7 +733,8 @@ impl<S: CredentialStore> Credentials<S> {
         check_id(id)?;
         check_tenant(tenant)?;
         // The subject for the event (it never changes, so reading it first is exact).
-        let notice = Notice::of(&self.get(tenant, id).await?, self.clock.now_ms());
+        let rec = self.get(tenant, id).await?;
+        let notice = Notice::of(&rec, self.clock.now_ms());
         let audit = self
             .audit_event(actor, "credential.delete", id)
             .map(|(e, chain)| {
@@ -752,6 +753,12 @@ impl<S: CredentialStore> Credentials<S> {
             .map_err(store_error)?;
         if existed {
             self.audited();
+            // Its unwrapped seed goes from the HSM's session objects too. (A blob is its
+            // credential's own: a re-created id gets a new one.)
+            if let Some(bound) = binding::cached_under(&rec) {
+                self.hsm
+                    .forget_seed(Arc::from(rec.wrapped_seed.as_slice()), bound);
+            }
             tracing::info!(tenant, credential = id, "credential deleted");
             Ok(())
         } else {

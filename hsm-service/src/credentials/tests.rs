@@ -595,6 +595,39 @@ fn soft_code(seed: &[u8], alg: HashAlgorithm, factor: u64, digits: u32) -> Strin
     )
 }
 
+/// Deleting a credential destroys its unwrapped seed in every worker's cache (before
+/// that worker's next operation), instead of leaving it in the HSM until evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_destroys_the_cached_seed() {
+    let f = fixture(Policy::default()).await;
+    let seed = rfc_vectors::RFC4226_SEED;
+    f.service
+        .create(T, import("d", OtpKind::Hotp, HashAlgorithm::Sha1, 6, seed))
+        .await
+        .expect("create");
+    let code = soft_code(seed, HashAlgorithm::Sha1, 0, 6);
+    let o = f.service.verify(T, "d", &code).await.expect("verify");
+    assert_eq!(o.verdict, Verdict::Accepted);
+    let cached = f.hsm.seed_cache_stats().2;
+    assert!(cached >= 1, "cached after the verification");
+    f.service.delete(T, "d").await.expect("delete");
+    // Keep both workers busy until each has run once more.
+    for _ in 0..100 {
+        if f.hsm.seed_cache_stats().2 < cached {
+            break;
+        }
+        let mut ops = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let hsm = f.hsm.clone();
+            ops.spawn(async move { hsm.random(8).await.map(|_| ()) });
+        }
+        while let Some(r) = ops.join_next().await {
+            r.expect("join").expect("random");
+        }
+    }
+    assert_eq!(f.hsm.seed_cache_stats().2, cached - 1);
+}
+
 #[tokio::test]
 async fn rfc4226_vectors_through_the_hsm() {
     let f = fixture(Policy::default()).await;

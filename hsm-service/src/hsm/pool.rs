@@ -95,7 +95,10 @@ impl Worker {
         #[cfg(not(feature = "fault-injection"))]
         let _ = idempotent;
         match &self.session {
-            Some(session) => op(session, &mut self.seeds),
+            Some(session) => {
+                self.seeds.drop_forgotten(session);
+                op(session, &mut self.seeds)
+            }
             None => Err(Error::ShutDown),
         }
     }

@@ -17,9 +17,10 @@
 //! attribute at creation: a master key made before has none, and the seed master key
 //! rotation is how a deployment moves its seeds under one that has it.
 
+use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{
@@ -48,7 +49,16 @@ pub(crate) struct SeedCacheShared {
     pub(crate) entries: AtomicI64,
     /// Bumped to make every worker destroy its cached seeds.
     pub(crate) epoch: AtomicU64,
+    /// Seeds of deleted credentials, numbered from 1, the last [`FORGOTTEN_RING`] of
+    /// them: every worker destroys its copy before its next operation.
+    forgotten: Mutex<VecDeque<(u64, SeedKey)>>,
+    /// The number of the last one pushed (read without the lock on every operation).
+    forgotten_head: AtomicU64,
 }
+
+/// Deleted credentials' seeds remembered for workers that have not run since: one that
+/// falls further behind destroys its whole cache instead.
+pub(crate) const FORGOTTEN_RING: usize = 4096;
 
 /// One worker's unwrapped seeds: session objects of that worker's own session.
 ///
@@ -62,6 +72,8 @@ pub(crate) struct SeedCacheShared {
 pub(crate) struct WorkerSeeds {
     map: lru::LruCache<SeedKey, ObjectHandle>,
     epoch: u64,
+    /// The last forgotten seed (`SeedCacheShared::forgotten`) this worker has dropped.
+    forgotten_seen: u64,
     shared: Arc<SeedCacheShared>,
 }
 
@@ -70,8 +82,43 @@ impl WorkerSeeds {
         WorkerSeeds {
             map: lru::LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             epoch: 0,
+            forgotten_seen: shared.forgotten_head.load(Ordering::Acquire),
             shared,
         }
+    }
+
+    /// Destroy this worker's copies of the seeds forgotten since its last operation
+    /// (deleted credentials): an unwrapped seed must not outlive its credential in the
+    /// HSM, and would otherwise hold token memory until the LRU reached it. One atomic
+    /// load when there is nothing new.
+    pub(crate) fn drop_forgotten(&mut self, session: &Session) {
+        if self.shared.forgotten_head.load(Ordering::Acquire) == self.forgotten_seen {
+            return;
+        }
+        let ring = self
+            .shared
+            .forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(&(last, _)) = ring.back() else {
+            return;
+        };
+        if ring
+            .front()
+            .is_some_and(|(first, _)| *first > self.forgotten_seen + 1)
+        {
+            // Some went by unseen: drop everything rather than keep one of them.
+            drop(ring);
+            self.destroy_all(session);
+        } else {
+            for (_, key) in ring.iter().filter(|(n, _)| *n > self.forgotten_seen) {
+                if let Some(h) = self.map.pop(key) {
+                    let _ = session.destroy_object(h);
+                    self.shared.entries.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.forgotten_seen = last;
     }
 
     /// The session these objects belonged to is gone, and the objects with it.
@@ -469,6 +516,19 @@ impl Hsm {
             c.misses.load(Ordering::Relaxed),
             usize::try_from(c.entries.load(Ordering::Relaxed)).unwrap_or(0),
         )
+    }
+
+    /// Make every worker destroy its cached copy of the seed `wrapped` (checked against
+    /// `binding`) before its next operation: its credential was deleted.
+    pub fn forget_seed(&self, wrapped: Arc<[u8]>, binding: SeedBinding) {
+        let shared = &self.inner.seeds;
+        let mut ring = shared.forgotten.lock().unwrap_or_else(|p| p.into_inner());
+        let n = ring.back().map_or(0, |(n, _)| *n) + 1;
+        ring.push_back((n, SeedKey { wrapped, binding }));
+        if ring.len() > FORGOTTEN_RING {
+            ring.pop_front();
+        }
+        shared.forgotten_head.store(n, Ordering::Release);
     }
 
     /// Make every worker destroy its cached unwrapped seeds before its next HMAC

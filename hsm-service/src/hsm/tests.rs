@@ -341,6 +341,66 @@ async fn stale_unwrapped_seed_is_unwrapped_again() {
     );
 }
 
+/// Session secret keys on the token, as the one worker's session sees them.
+async fn session_secret_keys(hsm: &Hsm) -> usize {
+    hsm.inner
+        .pool
+        .submit(|w| {
+            w.run(false, |s, _| {
+                Ok(s.find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Token(false),
+                ])?
+                .len())
+            })
+        })
+        .await
+        .expect("find")
+}
+
+/// A deleted credential's seed (`forget_seed`) is destroyed on the token before the
+/// worker's next operation, whatever it is; the other seeds stay cached. A worker that
+/// fell behind the ring of forgotten seeds destroys its whole cache.
+#[tokio::test]
+async fn forgotten_seeds_are_destroyed_before_the_next_operation() {
+    let env = DevEnv::new();
+    let hsm = open(&env, 1, 16);
+    let sha1 = crate::otp::HashAlgorithm::Sha1;
+    let factors = || vec![crate::otp::moving_factor(0)];
+    let a = wrapped_seed(&hsm, crate::otp::rfc_vectors::RFC4226_SEED).await;
+    let b = wrapped_seed(&hsm, b"another seed of twenty").await;
+    let (bound_a, bound_b) = (bound(&hsm, &a).await, bound(&hsm, &b).await);
+    for (blob, binding) in [(&a, &bound_a), (&b, &bound_b)] {
+        hsm.seed_macs(1, blob.clone(), binding.clone(), sha1, factors())
+            .await
+            .expect("macs");
+    }
+    assert_eq!(hsm.seed_cache_stats().2, 2);
+    let on_token = session_secret_keys(&hsm).await;
+
+    hsm.forget_seed(a.clone(), bound_a.clone());
+    hsm.random(8).await.expect("any operation");
+    assert_eq!(hsm.seed_cache_stats().2, 1, "a's copy dropped");
+    assert_eq!(
+        session_secret_keys(&hsm).await,
+        on_token - 1,
+        "and destroyed"
+    );
+    let hits = hsm.seed_cache_stats().0;
+    hsm.seed_macs(1, b.clone(), bound_b.clone(), sha1, factors())
+        .await
+        .expect("b");
+    assert_eq!(hsm.seed_cache_stats().0, hits + 1, "b still cached");
+
+    // More forgotten than the ring holds since the worker last ran: it drops them all.
+    for _ in 0..=super::seeds::FORGOTTEN_RING {
+        hsm.forget_seed(std::sync::Arc::from(&b"not cached"[..]), bound_a.clone());
+    }
+    hsm.random(8).await.expect("any operation");
+    assert_eq!(hsm.seed_cache_stats().2, 0);
+    assert_eq!(session_secret_keys(&hsm).await, on_token - 2);
+}
+
 /// Many concurrent HMACs of one seed (identical credentials have identical wrapped
 /// blobs) and of others, with a cache small enough to evict all the time: every MAC
 /// must be the right one. A cache shared between sessions failed this: a handle one
