@@ -581,12 +581,16 @@ pub enum StoreBackendKind {
     Postgres,
 }
 
-/// `[store]`: where durable state lives. Every key but `backend` is for PostgreSQL only.
+/// `[store]`: where durable state lives. `cache_mib` is for the embedded store only; every
+/// other key but `backend` is for PostgreSQL only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `redb` (default) or `postgres`.
     pub backend: StoreBackendKind,
+    /// Embedded store only: its page cache in MiB (heap; it fills up to this and stays
+    /// there). 16..65536, default 512: more than the whole file at a million credentials.
+    pub cache_mib: u32,
     /// Connection URL without a password, e.g. `postgresql://hsm@db.example:5432/hsm`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -613,6 +617,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             backend: StoreBackendKind::Redb,
+            cache_mib: DEFAULT_STORE_CACHE_MIB,
             url: None,
             password_file: None,
             pool_size: 8,
@@ -624,7 +629,16 @@ impl Default for StoreConfig {
     }
 }
 
+/// `store.cache_mib` unless set: [`crate::store::StoreOptions`]'s default page cache.
+const DEFAULT_STORE_CACHE_MIB: u32 = 512;
+
 impl StoreConfig {
+    /// `options` with this section's embedded-store settings applied.
+    pub fn apply(&self, mut options: crate::store::StoreOptions) -> crate::store::StoreOptions {
+        options.cache_size_bytes = (self.cache_mib as usize) << 20;
+        options
+    }
+
     fn is_default(&self) -> bool {
         *self == StoreConfig::default()
     }
@@ -644,7 +658,7 @@ impl StoreConfig {
                         "store.{key} is set but store.backend is \"redb\" (set backend = \"postgres\")"
                     ));
                 }
-                Ok(())
+                check_bounds(&[("store.cache_mib", u64::from(self.cache_mib), 16, 65_536)])
             }
             StoreBackendKind::Postgres => {
                 let url = self
@@ -652,6 +666,11 @@ impl StoreConfig {
                     .as_deref()
                     .ok_or("store.backend = \"postgres\" needs store.url")?;
                 crate::store::postgres::check_url(url)?;
+                if self.cache_mib != DEFAULT_STORE_CACHE_MIB {
+                    return Err(
+                        "store.cache_mib is for the embedded store (backend = \"redb\"); PostgreSQL caches in the database server".into(),
+                    );
+                }
                 check_bounds(&[
                     ("store.pool_size", u64::from(self.pool_size), 1, 256),
                     (
@@ -1828,6 +1847,17 @@ mod tests {
             (
                 Box::new(|c| c.store.instance = Some("a".into())),
                 "store.instance is set but",
+            ),
+            (
+                Box::new(|c| c.store.cache_mib = 8),
+                "store.cache_mib must be between 16 and 65536 (is 8)",
+            ),
+            (
+                Box::new(move |c| {
+                    pg(c);
+                    c.store.cache_mib = 64;
+                }),
+                "store.cache_mib is for the embedded store",
             ),
             (
                 Box::new(|c| c.store.backend = StoreBackendKind::Postgres),

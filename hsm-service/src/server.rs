@@ -600,6 +600,7 @@ pub async fn open_store(config: &Config, options: StoreOptions) -> Result<Store,
         .map_err(|e| StartError::Other(format!("store start-up task failed: {e}")))?;
     }
     let dir = config.data_dir.clone();
+    let options = config.store.apply(options);
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StartError::Store(format!("data_dir {}: {e}", dir.display())))?;
