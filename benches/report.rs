@@ -294,7 +294,7 @@ fn main() {
     let failed: Vec<String> = e2e
         .iter()
         .filter(|r| !r.accepted_ok())
-        .map(E2e::name)
+        .map(|r| format!("{} (worst run: {})", r.name(), r.worst_outcomes))
         .collect();
     if !failed.is_empty() {
         eprintln!(
@@ -621,6 +621,8 @@ struct E2e {
     accepted_share: f64,
     /// The lowest share of ACCEPTED answers over the row's runs.
     accepted_min: f64,
+    /// The outcomes of the run with that lowest share (what a failed row names).
+    worst_outcomes: String,
     /// Throughput of every run of this row, in the order run (the row is the median).
     runs_ops_per_s: Vec<f64>,
     /// CPU of the processes during the (median) run.
@@ -684,10 +686,11 @@ impl E2e {
 fn median(mut runs: Vec<E2e>) -> E2e {
     let all: Vec<f64> = runs.iter().map(|r| r.ops_per_s).collect();
     let p99s: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
-    let accepted_min = runs
+    let worst = runs
         .iter()
-        .map(|r| r.accepted_share)
-        .fold(f64::INFINITY, f64::min);
+        .min_by(|a, b| a.accepted_share.total_cmp(&b.accepted_share));
+    let accepted_min = worst.map_or(f64::INFINITY, |r| r.accepted_share);
+    let worst_outcomes = worst.map(|r| r.outcomes.clone()).unwrap_or_default();
     let key = |r: &E2e| {
         if r.rate.is_some() {
             r.p99_ms
@@ -700,6 +703,7 @@ fn median(mut runs: Vec<E2e>) -> E2e {
     m.runs_ops_per_s = all;
     m.runs_p99_ms = p99s;
     m.accepted_min = accepted_min;
+    m.worst_outcomes = worst_outcomes;
     m
 }
 
@@ -1162,6 +1166,7 @@ fn run_one(env: &hsm_service::testing::DevEnv, flags: &[String]) -> E2e {
             .join(", "),
         accepted_share: s["accepted_share"].as_f64().unwrap_or(0.0),
         accepted_min: 0.0,
+        worst_outcomes: String::new(),
         runs_ops_per_s: Vec::new(),
         cpu: Cpu {
             load: s["cpu_seconds"].as_f64().unwrap_or(0.0),
@@ -1217,6 +1222,7 @@ impl E2e {
     fn clone_row(&self) -> E2e {
         E2e {
             outcomes: self.outcomes.clone(),
+            worst_outcomes: self.worst_outcomes.clone(),
             runs_ops_per_s: self.runs_ops_per_s.clone(),
             runs_p99_ms: self.runs_p99_ms.clone(),
             ..*self
@@ -1827,6 +1833,7 @@ mod tests {
             outcomes: String::new(),
             accepted_share,
             accepted_min: 0.0,
+            worst_outcomes: String::new(),
             runs_ops_per_s: Vec::new(),
             cpu: Cpu::default(),
             pg: None,
