@@ -8,7 +8,8 @@
 # RSS at start, max and end, total errors, p99 of the first and last slice.
 #
 #   scripts/soak.sh [MINUTES]      default 10; PROFILE=debug uses the debug binaries
-#                                  (default release: cargo build --release first)
+#                                  (default release: cargo build --release first);
+#                                  SOAK_CACHE_MIB, SOAK_POSTGRES_URL: below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-10}
@@ -27,15 +28,27 @@ trap cleanup EXIT
 
 # SOAK_POSTGRES_URL: the store on that PostgreSQL database instead of the embedded one
 # (tells the service's own memory apart from redb's page cache, which counts as heap).
+# SOAK_CACHE_MIB (embedded store only; default: the service's, 512): store.cache_mib,
+# the page cache the heap grows into until it is full (in the first minutes at this
+# load); the heap's slope after that is the finding.
 store_args=()
 if [ -n "${SOAK_POSTGRES_URL:-}" ]; then store_args=(--postgres "$SOAK_POSTGRES_URL"); fi
-env -u SOFTHSM2_CONF -u KRYOPTIC_CONF RUST_LOG=warn "$bin/hsm-service" dev --listen 127.0.0.1:0 \
-  --data-dir "$dir/data" "${store_args[@]}" > "$dir/out" 2> "$dir/err" &
-svc_pid=$!
-for _ in $(seq 1 300); do
-  grep -q "listening on" "$dir/out" 2>/dev/null && break
-  sleep 0.1
-done
+start_service() {
+  env -u SOFTHSM2_CONF -u KRYOPTIC_CONF RUST_LOG=warn "$bin/hsm-service" dev --listen 127.0.0.1:0 \
+    --data-dir "$dir/data" "${store_args[@]}" > "$dir/out" 2> "$dir/err" &
+  svc_pid=$!
+  for _ in $(seq 1 300); do
+    grep -q "listening on" "$dir/out" 2>/dev/null && break
+    sleep 0.1
+  done
+}
+start_service
+if [ -z "${SOAK_POSTGRES_URL:-}" ] && [ -n "${SOAK_CACHE_MIB:-}" ]; then
+  # The first start wrote the data directory's config; restart with the cache size in it.
+  kill "$svc_pid"; wait "$svc_pid" 2>/dev/null || true
+  printf '\n[store]\ncache_mib = %s\n' "$SOAK_CACHE_MIB" >> "$dir/data/config.toml"
+  start_service
+fi
 addr=$(sed -n 's/^hsm-service listening on \([^ ]*\).*/\1/p' "$dir/out" | head -1)
 [ -n "$addr" ] || { cat "$dir/err" >&2; exit 1; }
 pki=$dir/data/pki
@@ -80,6 +93,7 @@ EOF
   errors=$((errors + e))
   [ -n "$first_p99" ] || first_p99=$vp99
   last_p99=$vp99
+  echo "$anon" >> "$dir/anon_by_minute"
   echo "min $m: verify ${vt}/s p50 ${vp50} p99 ${vp99} ms (accepted ${share}); logins ${mt}/s p99 ${mp99} ms; errors $e; RSS $((rss / 1024)) MiB (anon $((anon / 1024)) MiB)"
 done
 kill "$sampler" 2>/dev/null || true
@@ -87,4 +101,9 @@ for r in $(cat "$dir/rss"); do [ "$r" -gt "$rss_max" ] && rss_max=$r; done
 for r in $(cat "$dir/anon"); do [ "$r" -gt "$anon_max" ] && anon_max=$r; done
 rss_end=$(rss_kb); anon_end=$(anon_kb)
 store=$(du -m "$dir/data/store.redb" 2>/dev/null | cut -f1 || echo "?")
+# The heap's slope over the second half (caches full by then): MiB per minute.
+half=$(( (minutes + 1) / 2 ))
+anon_half=$(sed -n "${half}p" "$dir/anon_by_minute")
+slope=$(python3 -c "print(f'{($anon_end - $anon_half) / 1024 / max(1, $minutes - $half):+.2f}')")
+echo "heap slope from minute $half to $minutes: $slope MiB/min"
 echo "summary: RSS start $((rss_start / 1024)) MiB, max $((rss_max / 1024)) MiB, end $((rss_end / 1024)) MiB; of it anonymous (heap) start $((anon_start / 1024)), max $((anon_max / 1024)), end $((anon_end / 1024)) MiB (sampled every 10 s); store file ${store} MiB; errors $errors; VerifyCode p99 first minute ${first_p99} ms, last ${last_p99} ms"
