@@ -519,7 +519,9 @@ impl Hsm {
     }
 
     /// Make every worker destroy its cached copy of the seed `wrapped` (checked against
-    /// `binding`) before its next operation: its credential was deleted.
+    /// `binding`) before its next operation: its credential was deleted. (A verification
+    /// that read the record before the delete may still unwrap it once more; that copy
+    /// leaves with the LRU, as every copy did before.)
     pub fn forget_seed(&self, wrapped: Arc<[u8]>, binding: SeedBinding) {
         let shared = &self.inner.seeds;
         let mut ring = shared.forgotten.lock().unwrap_or_else(|p| p.into_inner());
