@@ -16,7 +16,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hsm_client::proto::{SignAssertionRequest, VerifyCodeRequest, VerifyResult};
@@ -37,27 +37,6 @@ fn random_below(n: u64) -> u64 {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("rng");
     u64::from_le_bytes(b) % n
-}
-
-/// `hsm-service dev` on `data` (its logs drained, warnings only), once it listens.
-fn spawn(data: &Path, extra: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-service"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .env_remove("SOFTHSM2_CONF")
-        .env_remove("KRYOPTIC_CONF")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hsm-service");
-    let addr = common::read_listen_addr(&mut child);
-    if let Some(mut err) = child.stderr.take() {
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()).ok());
-    }
-    (child, addr)
 }
 
 async fn serving(c: &HsmClient) {
@@ -279,7 +258,7 @@ async fn kill_loop(first: &[&str], later: &[&str]) {
         .tempdir()
         .expect("tempdir");
     let data = dir.path().join("data");
-    let (mut child, mut addr) = spawn(&data, first);
+    let (mut child, mut addr) = common::spawn_dev_quiet(&data, first);
     let mut creds: Vec<Cred> = (0..CLIENTS)
         .map(|i| Cred {
             id: format!("sk-{i}"),
@@ -319,7 +298,7 @@ async fn kill_loop(first: &[&str], later: &[&str]) {
         accepted_before = accepted;
 
         // Restart: the store opens cleanly, and nothing acknowledged is lost.
-        (child, addr) = spawn(&data, later);
+        (child, addr) = common::spawn_dev_quiet(&data, later);
         let c = common::client(&data, "login-service", addr).await;
         serving(&c).await;
         check_after_restart(&c, &mut creds).await;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use hsm_client::HsmClient;
 use hsm_service::store::postgres::testing::TestDatabase;
@@ -100,33 +100,8 @@ impl Cluster {
 /// `hsm-service dev --data-dir DATA --listen 127.0.0.1:0 --instance NAME EXTRA..`, once it
 /// listens.
 pub fn spawn(data: &Path, name: &str, extra: &[&str]) -> Instance {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-service"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--instance",
-            name,
-            "--data-dir",
-        ])
-        .arg(data)
-        .args(extra)
-        .env_remove("SOFTHSM2_CONF")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hsm-service");
-    let addr = super::read_listen_addr(&mut child);
-    // Keep draining stderr too (logs), so the child never blocks on a full pipe.
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut sink = std::io::sink();
-            let mut err = err;
-            std::io::copy(&mut err, &mut sink).ok();
-        });
-    }
+    let flags: Vec<&str> = ["--instance", name].iter().chain(extra).copied().collect();
+    let (child, addr) = super::spawn_dev_quiet(data, &flags);
     Instance {
         child,
         addr,

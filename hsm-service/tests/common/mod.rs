@@ -46,6 +46,30 @@ pub fn spawn_dev_with(data_dir: &Path, flags: &[&str]) -> (Child, SocketAddr) {
     (child, addr)
 }
 
+/// `hsm-service dev` with `dev_flags` after `dev` (e.g. `--instance NAME`, `--postgres
+/// URL`), logging warnings only, its stderr drained so that a long run never blocks on a
+/// full pipe; returns it and its address once it listens.
+pub fn spawn_dev_quiet(data_dir: &Path, dev_flags: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-service"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(dev_flags)
+        .env_remove("SOFTHSM2_CONF")
+        .env_remove("KRYOPTIC_CONF")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hsm-service");
+    // Reads stderr itself if the child fails to start, so it is drained only after.
+    let addr = read_listen_addr(&mut child);
+    if let Some(mut err) = child.stderr.take() {
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()).ok());
+    }
+    (child, addr)
+}
+
 /// `hsm-service dev` with `dev_flags` after `dev` (e.g. `--metrics-listen ADDR`); returns
 /// it, its gRPC address and the metrics address it prints (`None`: it printed none).
 pub fn spawn_dev_metrics(
