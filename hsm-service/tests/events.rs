@@ -424,22 +424,7 @@ async fn a_follower_from_zero_sees_a_concurrent_workload_in_order_without_gaps()
             follow_until(&n, 0, 8 * 13).await
         })
     };
-    let work = (0..8).map(|i| {
-        let c = login.clone();
-        tokio::spawn(async move {
-            let id = format!("w{i}");
-            common::enrol(&c, &id, &format!("citizen-{i}")).await;
-            for n in 0..10 {
-                common::verify_hotp(&c, &id, n).await;
-                if n % 5 == 0 {
-                    common::verify_hotp(&c, &id, 5000).await;
-                }
-            }
-        })
-    });
-    for w in work {
-        w.await.expect("workload");
-    }
+    eight_credentials_at_work(&login, "w").await;
     let seen = tokio::time::timeout(Duration::from_secs(30), follower)
         .await
         .expect("follower done")
@@ -529,22 +514,7 @@ async fn parked_followers_see_exactly_their_subjects_events_and_a_stalled_one_ca
         let n = notifier.clone();
         tokio::spawn(async move { follow_count(&n, "", 8 * 13, Duration::from_secs(3)).await })
     };
-    let work = (0..8).map(|i| {
-        let c = login.clone();
-        tokio::spawn(async move {
-            let id = format!("p{i}");
-            common::enrol(&c, &id, &format!("citizen-{i}")).await;
-            for n in 0..10 {
-                common::verify_hotp(&c, &id, n).await;
-                if n % 5 == 0 {
-                    common::verify_hotp(&c, &id, 5000).await;
-                }
-            }
-        })
-    });
-    for w in work {
-        w.await.expect("workload");
-    }
+    eight_credentials_at_work(&login, "p").await;
     let all = list_all(&notifier, 0).await;
     assert_eq!(all.len(), 8 * 13);
     for (i, f) in per_subject.into_iter().enumerate() {
@@ -825,5 +795,26 @@ async fn with_postgres_a_follower_on_one_instance_sees_both_instances_events_in_
             .map(|e| e.kind.as_str())
             .collect();
         assert_eq!(kinds, ["credential.created", "credential.used"], "{id}");
+    }
+}
+
+/// 8 credentials `PREFIX0..7` (subjects citizen-0..7) enrolled at once, each used 10
+/// times and rejected twice: 8 x 13 events.
+async fn eight_credentials_at_work(login: &HsmClient, prefix: &str) {
+    let work = (0..8).map(|i| {
+        let c = login.clone();
+        let id = format!("{prefix}{i}");
+        tokio::spawn(async move {
+            common::enrol(&c, &id, &format!("citizen-{i}")).await;
+            for n in 0..10 {
+                common::verify_hotp(&c, &id, n).await;
+                if n % 5 == 0 {
+                    common::verify_hotp(&c, &id, 5000).await;
+                }
+            }
+        })
+    });
+    for w in work {
+        w.await.expect("workload");
     }
 }
